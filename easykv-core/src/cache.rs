@@ -1,0 +1,60 @@
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::Result;
+
+/// The key/value cache a model writes to and attends over.
+///
+/// One forward pass over a chunk of `s` new tokens calls, for every layer in order,
+/// [`append`](Self::append) and then (when [`wants_attention`](Self::wants_attention))
+/// [`observe`](Self::observe); after the last layer it calls [`end_chunk`](Self::end_chunk),
+/// where an evicting cache may drop slots. The new tokens are always the last `s` slots of
+/// what `append` returns, so a model builds its causal mask from the lengths alone.
+pub trait KvCache<B: Backend> {
+    /// Stores this chunk's keys and values of `layer`; returns every cached key and value of it.
+    ///
+    /// # Shapes
+    /// - `keys`, `values`: `[batch, kv_heads, s, head_dim]`
+    /// - returned: `[batch, kv_heads, slots, head_dim]`, the new entries last
+    fn append(
+        &mut self,
+        layer: usize,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+    /// Whether this cache uses attention probabilities of `layer` (computing them has a cost).
+    fn wants_attention(&self, _layer: usize) -> bool {
+        false
+    }
+
+    /// Attention of this chunk's queries over the slots `append` returned, averaged over the
+    /// query heads that share each KV head.
+    ///
+    /// # Shapes
+    /// - `probs`: `[batch, kv_heads, s, slots]`
+    fn observe(&mut self, _layer: usize, _probs: Tensor<B, 4>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called once after a chunk went through every layer; an evicting cache evicts here.
+    fn end_chunk(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The position given to the next token (RoPE). Absolute by default: the tokens seen so far.
+    fn next_position(&self) -> usize {
+        self.tokens_seen()
+    }
+
+    /// Tokens appended since the cache was created or cleared.
+    fn tokens_seen(&self) -> usize;
+
+    /// Slots currently held per (layer, KV head) in `layer`.
+    fn slots(&self, layer: usize) -> usize;
+
+    /// Bytes of keys and values held over all layers.
+    fn bytes(&self) -> u64;
+
+    /// Forgets everything, keeping the configuration.
+    fn clear(&mut self);
+}

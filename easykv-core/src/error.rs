@@ -1,0 +1,12 @@
+/// The one error type of easykv-core.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum Error {
+    #[error("layer {layer} is out of range: the cache has {layers} layers")]
+    LayerOutOfRange { layer: usize, layers: usize },
+    #[error("invalid budget: {0}")]
+    InvalidBudget(String),
+    #[error("the cache would hold {needed} tokens, more than the model's context of {context}")]
+    ContextExceeded { needed: usize, context: usize },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

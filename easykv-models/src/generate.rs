@@ -1,0 +1,200 @@
+//! Chunked prefill, the decode loop, and perplexity scoring.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::TensorData;
+
+use easykv_core::KvCache;
+
+use crate::error::{Error, Result};
+use crate::llama::{Llama, Logits};
+use crate::sampling::{Sampler, SamplingConfig};
+
+/// Settings of one generation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerateConfig {
+    pub max_new_tokens: usize,
+    /// Prompt tokens per prefill forward pass; a policy can act between chunks.
+    pub chunk_size: usize,
+    pub sampling: SamplingConfig,
+    /// Ids that end generation (not included in the output).
+    pub stop_ids: Vec<u32>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    StopToken,
+    MaxTokens,
+    ContextFull,
+    Cancelled,
+}
+
+/// What a generation produced, with its timings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generation {
+    pub ids: Vec<u32>,
+    pub stop: StopReason,
+    pub prompt_tokens: usize,
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
+fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+    let data: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
+}
+
+fn row(logits: Tensor<impl Backend, 3>) -> Result<Vec<f32>> {
+    logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))
+}
+
+fn check_ids<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Result<()> {
+    let vocab = model.embed.weight.dims()[0];
+    match ids.iter().find(|&&i| i as usize >= vocab) {
+        Some(bad) => Err(Error::InvalidInput(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Feeds `prompt` in chunks of `chunk_size` and returns the logits of its last position.
+pub fn prefill<B: Backend, C: KvCache<B>>(
+    model: &Llama<B>,
+    cache: &mut C,
+    prompt: &[u32],
+    chunk_size: usize,
+) -> Result<Vec<f32>> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidInput("the prompt is empty".into()));
+    }
+    if chunk_size == 0 {
+        return Err(Error::InvalidInput("chunk size must be ≥ 1".into()));
+    }
+    check_ids(model, prompt)?;
+    let device = model.embed.weight.device();
+    let mut last = None;
+    for chunk in prompt.chunks(chunk_size) {
+        last = Some(model.forward(token_tensor::<B>(chunk, &device), cache, Logits::Last)?);
+    }
+    row(last.ok_or_else(|| Error::InvalidInput("the prompt is empty".into()))?)
+}
+
+/// Generates a continuation of `prompt`, calling `on_token` with each new id as it is chosen;
+/// `on_token` may stop early with `ControlFlow::Break`.
+pub fn generate<B: Backend, C: KvCache<B>>(
+    model: &Llama<B>,
+    cache: &mut C,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let context = model.rope.max_positions();
+    if prompt.len() > context {
+        return Err(Error::InvalidInput(format!(
+            "the prompt has {} tokens, more than the model's context of {context}",
+            prompt.len()
+        )));
+    }
+    let mut sampler = Sampler::new(cfg.sampling.clone())?;
+    let device = model.embed.weight.device();
+    let t0 = Instant::now();
+    let mut logits = prefill(model, cache, prompt, cfg.chunk_size)?;
+    let prefill_time = t0.elapsed();
+    let t1 = Instant::now();
+    let mut ids = Vec::new();
+    let stop = loop {
+        if ids.len() >= cfg.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        let next = sampler.sample(&logits);
+        if cfg.stop_ids.contains(&next) {
+            break StopReason::StopToken;
+        }
+        ids.push(next);
+        if on_token(next).is_break() {
+            break StopReason::Cancelled;
+        }
+        if ids.len() >= cfg.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        if cache.next_position() >= context {
+            break StopReason::ContextFull;
+        }
+        logits = row(model.forward(token_tensor::<B>(&[next], &device), cache, Logits::Last)?)?;
+    };
+    Ok(Generation {
+        ids,
+        stop,
+        prompt_tokens: prompt.len(),
+        prefill: prefill_time,
+        decode: t1.elapsed(),
+    })
+}
+
+/// Per-token negative log-likelihood of a text.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Score {
+    /// NLL (natural log) of token i+1 given tokens 0..=i.
+    pub nll: Vec<f32>,
+    pub mean_nll: f64,
+    pub perplexity: f64,
+}
+
+/// Scores `ids` (teacher forcing), feeding chunks of `chunk_size` through `cache`.
+pub fn score<B: Backend, C: KvCache<B>>(
+    model: &Llama<B>,
+    cache: &mut C,
+    ids: &[u32],
+    chunk_size: usize,
+) -> Result<Score> {
+    if ids.len() < 2 {
+        return Err(Error::InvalidInput(format!(
+            "scoring needs at least 2 tokens, got {}",
+            ids.len()
+        )));
+    }
+    if chunk_size == 0 {
+        return Err(Error::InvalidInput("chunk size must be ≥ 1".into()));
+    }
+    let context = model.rope.max_positions();
+    if ids.len() > context {
+        return Err(Error::InvalidInput(format!(
+            "the text has {} tokens, more than the model's context of {context}",
+            ids.len()
+        )));
+    }
+    check_ids(model, ids)?;
+    let device = model.embed.weight.device();
+    let mut nll = Vec::with_capacity(ids.len() - 1);
+    let mut start = 0;
+    while start < ids.len() - 1 {
+        let end = (start + chunk_size).min(ids.len() - 1);
+        let logits = model.forward(
+            token_tensor::<B>(&ids[start..end], &device),
+            cache,
+            Logits::All,
+        )?;
+        let targets: Vec<i32> = ids[start + 1..end + 1].iter().map(|&i| i as i32).collect();
+        let targets =
+            Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, end - start, 1]), &device);
+        let picked = log_softmax(logits, 2).gather(2, targets);
+        nll.extend(row(picked)?.into_iter().map(|lp| -lp));
+        start = end;
+    }
+    let mean_nll = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
+    Ok(Score {
+        nll,
+        mean_nll,
+        perplexity: mean_nll.exp(),
+    })
+}

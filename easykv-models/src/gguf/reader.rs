@@ -1,0 +1,422 @@
+//! GGUF v2/v3 container: header, metadata, tensor infos and the aligned data section.
+//!
+//! Every count, length and offset read from the file is checked against the bytes that are
+//! actually there before anything is allocated, so a forged or truncated file is an error
+//! naming the offset or tensor, never a panic or a huge allocation.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::quant::GgmlType;
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Tensors of more dimensions than this do not exist in GGUF (ggml's GGML_MAX_DIMS).
+const MAX_DIMS: u32 = 4;
+
+/// One metadata value. Arrays keep their element type implicitly through the variants.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<MetaValue>),
+}
+
+impl MetaValue {
+    /// The value as an unsigned integer, if it is any non-negative integer type.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            MetaValue::U8(v) => Some(v.into()),
+            MetaValue::U16(v) => Some(v.into()),
+            MetaValue::U32(v) => Some(v.into()),
+            MetaValue::U64(v) => Some(v),
+            MetaValue::I8(v) => u64::try_from(v).ok(),
+            MetaValue::I16(v) => u64::try_from(v).ok(),
+            MetaValue::I32(v) => u64::try_from(v).ok(),
+            MetaValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a float, if it is any numeric type.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            MetaValue::F32(v) => Some(v.into()),
+            MetaValue::F64(v) => Some(v),
+            MetaValue::I8(v) => Some(v.into()),
+            MetaValue::I16(v) => Some(v.into()),
+            MetaValue::I32(v) => Some(v.into()),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MetaValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetaValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Where a tensor lives in the data section and how it is encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` is the fastest-varying (row length).
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+    /// Number of bytes the encoded tensor occupies.
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// A parsed GGUF file with its bytes held in memory.
+#[derive(Debug)]
+pub struct GgufFile {
+    pub version: u32,
+    pub metadata: BTreeMap<String, MetaValue>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: usize,
+    bytes: Vec<u8>,
+}
+
+impl GgufFile {
+    /// Reads and parses a GGUF file from disk.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(bytes)
+    }
+
+    /// Parses GGUF bytes.
+    pub fn parse(bytes: Vec<u8>) -> Result<Self> {
+        let mut cur = Cursor {
+            bytes: &bytes,
+            pos: 0,
+        };
+        let magic = cur.take(4, "magic")?;
+        if magic != MAGIC {
+            return Err(Error::gguf(0, "not a GGUF file (bad magic)"));
+        }
+        let version = cur.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(Error::gguf(
+                4,
+                format!("unsupported GGUF version {version} (need 2 or 3)"),
+            ));
+        }
+        let n_tensors = cur.u64("tensor count")?;
+        let n_kv = cur.u64("metadata count")?;
+        // Each metadata entry needs at least a key length (8), a type (4) and one byte of value;
+        // each tensor info at least 8 + 4 + 8 + 4 + 8 bytes. Reject forged counts before looping.
+        cur.ensure_room(n_kv, 13, "metadata count")?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = cur.string("metadata key")?;
+            let ty = cur.u32("metadata type")?;
+            let value = cur.value(ty, &key, 0)?;
+            metadata.insert(key, value);
+        }
+        cur.ensure_room(n_tensors, 32, "tensor count")?;
+        let mut infos = Vec::new();
+        for _ in 0..n_tensors {
+            let at = cur.pos;
+            let name = cur.string("tensor name")?;
+            let n_dims = cur.u32("tensor dims")?;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(Error::gguf(
+                    at,
+                    format!("tensor '{name}' has {n_dims} dimensions"),
+                ));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(cur.u64("tensor dim")?);
+            }
+            let type_id = cur.u32("tensor type")?;
+            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
+                Error::gguf(
+                    at,
+                    format!("tensor '{name}' has unsupported ggml type {type_id}"),
+                )
+            })?;
+            let offset = cur.u64("tensor offset")?;
+            let n_elements = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| {
+                    Error::gguf(at, format!("tensor '{name}' element count overflows"))
+                })?;
+            if dims[0] % ggml_type.block_len() as u64 != 0 {
+                return Err(Error::gguf(
+                    at,
+                    format!("tensor '{name}' row length {} is not a multiple of the {ggml_type:?} block", dims[0]),
+                ));
+            }
+            let n_bytes = (n_elements / ggml_type.block_len() as u64)
+                .checked_mul(ggml_type.block_bytes() as u64)
+                .ok_or_else(|| Error::gguf(at, format!("tensor '{name}' byte size overflows")))?;
+            infos.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                n_bytes,
+            });
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some(v) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() => a,
+                _ => {
+                    return Err(Error::gguf(
+                        cur.pos,
+                        "general.alignment is not a power of two",
+                    ))
+                }
+            },
+        };
+        let data_start = (cur.pos as u64).div_ceil(alignment) * alignment;
+        let data_len = (bytes.len() as u64).saturating_sub(data_start);
+        for t in &infos {
+            if t.offset % alignment != 0 {
+                return Err(Error::gguf(
+                    data_start,
+                    format!("tensor '{}' offset {} is not aligned", t.name, t.offset),
+                ));
+            }
+            match t.offset.checked_add(t.n_bytes) {
+                Some(end) if end <= data_len => {}
+                _ => {
+                    return Err(Error::gguf(
+                        data_start.saturating_add(t.offset),
+                        format!(
+                            "tensor '{}' ({} bytes at offset {}) runs past the end of the file",
+                            t.name, t.n_bytes, t.offset
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(Self {
+            version,
+            metadata,
+            tensors: infos,
+            data_start: data_start as usize,
+            bytes,
+        })
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+
+    /// A required integer metadata value.
+    pub fn meta_u64(&self, key: &str) -> Result<u64> {
+        self.meta(key)
+            .and_then(MetaValue::as_u64)
+            .ok_or_else(|| Error::MissingMetadata(key.to_string()))
+    }
+
+    /// A required float metadata value.
+    pub fn meta_f64(&self, key: &str) -> Result<f64> {
+        self.meta(key)
+            .and_then(MetaValue::as_f64)
+            .ok_or_else(|| Error::MissingMetadata(key.to_string()))
+    }
+
+    /// A required string metadata value.
+    pub fn meta_str(&self, key: &str) -> Result<&str> {
+        self.meta(key)
+            .and_then(MetaValue::as_str)
+            .ok_or_else(|| Error::MissingMetadata(key.to_string()))
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The raw encoded bytes of a tensor (bounds were checked at parse time).
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        let start = self.data_start + info.offset as usize;
+        &self.bytes[start..start + info.n_bytes as usize]
+    }
+
+    /// Dequantizes a tensor to f32, row-major with `dims[0]` fastest.
+    pub fn dequantize(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        let data = super::quant::dequantize(
+            info.ggml_type,
+            self.tensor_bytes(info),
+            info.n_elements() as usize,
+        )
+        .map_err(|msg| {
+            Error::gguf(
+                self.data_start as u64 + info.offset,
+                format!("tensor '{name}': {msg}"),
+            )
+        })?;
+        Ok((data, info.dims.iter().map(|&d| d as usize).collect()))
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+/// Nesting deeper than this is not something a real writer produces.
+const MAX_ARRAY_NESTING: usize = 4;
+
+impl<'a> Cursor<'a> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            return Err(Error::gguf(
+                self.pos as u64,
+                format!(
+                    "truncated file while reading {what} ({n} bytes needed, {} left)",
+                    self.remaining()
+                ),
+            ));
+        }
+        let s = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn ensure_room(&self, count: u64, min_each: u64, what: &str) -> Result<()> {
+        if count.saturating_mul(min_each) > self.remaining() as u64 {
+            return Err(Error::gguf(
+                self.pos as u64,
+                format!("{what} {count} is larger than the file can hold"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let at = self.pos;
+        let len = self.u64(what)?;
+        if len > self.remaining() as u64 {
+            return Err(Error::gguf(
+                at as u64,
+                format!("{what} length {len} runs past the end of the file"),
+            ));
+        }
+        let raw = self.take(len as usize, what)?;
+        String::from_utf8(raw.to_vec())
+            .map_err(|_| Error::gguf(at as u64, format!("{what} is not valid UTF-8")))
+    }
+
+    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<MetaValue> {
+        let at = self.pos as u64;
+        Ok(match ty {
+            0 => MetaValue::U8(u8::from_le_bytes(self.array(key)?)),
+            1 => MetaValue::I8(i8::from_le_bytes(self.array(key)?)),
+            2 => MetaValue::U16(u16::from_le_bytes(self.array(key)?)),
+            3 => MetaValue::I16(i16::from_le_bytes(self.array(key)?)),
+            4 => MetaValue::U32(self.u32(key)?),
+            5 => MetaValue::I32(i32::from_le_bytes(self.array(key)?)),
+            6 => MetaValue::F32(f32::from_le_bytes(self.array(key)?)),
+            7 => match self.array::<1>(key)?[0] {
+                0 => MetaValue::Bool(false),
+                1 => MetaValue::Bool(true),
+                b => {
+                    return Err(Error::gguf(
+                        at,
+                        format!("metadata '{key}' has bool byte {b}"),
+                    ))
+                }
+            },
+            8 => MetaValue::String(self.string(key)?),
+            9 => {
+                if depth >= MAX_ARRAY_NESTING {
+                    return Err(Error::gguf(
+                        at,
+                        format!("metadata '{key}' nests arrays too deeply"),
+                    ));
+                }
+                let elem_ty = self.u32(key)?;
+                let count = self.u64(key)?;
+                let min_size = match elem_ty {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4 | 5 | 6 => 4,
+                    10..=12 | 8 | 9 => 8,
+                    _ => {
+                        return Err(Error::gguf(
+                            at,
+                            format!("metadata '{key}' has unknown array element type {elem_ty}"),
+                        ))
+                    }
+                };
+                self.ensure_room(count, min_size, &format!("metadata '{key}' array length"))?;
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    items.push(self.value(elem_ty, key, depth + 1)?);
+                }
+                MetaValue::Array(items)
+            }
+            10 => MetaValue::U64(self.u64(key)?),
+            11 => MetaValue::I64(i64::from_le_bytes(self.array(key)?)),
+            12 => MetaValue::F64(f64::from_le_bytes(self.array(key)?)),
+            _ => {
+                return Err(Error::gguf(
+                    at,
+                    format!("metadata '{key}' has unknown value type {ty}"),
+                ))
+            }
+        })
+    }
+}

@@ -1,0 +1,22 @@
+//! easykv-models: GGUF loading, tokenizer, chat template, backend-generic Llama-family models,
+//! sampling and generation. Models receive their KV cache as `&mut impl KvCache<B>`.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod gguf;
+pub mod llama;
+pub mod loader;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{Architecture, ModelConfig, RopeLayout};
+pub use error::{Error, Result};
+pub use generate::{generate, prefill, score, GenerateConfig, Generation, Score, StopReason};
+pub use llama::{Llama, Logits, WeightSource};
+pub use loader::LoadedModel;
+pub use sampling::{Sampler, SamplingConfig};
+pub use tokenizer::TextTokenizer;

@@ -1,0 +1,226 @@
+use super::*;
+use crate::config::Architecture;
+use burn::backend::Flex;
+use easykv_core::FullCache;
+use std::collections::HashMap;
+
+/// Random weights of a tiny Llama, named as in GGUF.
+struct RandomWeights(HashMap<String, (Vec<f32>, Vec<usize>)>);
+
+impl WeightSource for RandomWeights {
+    fn tensor(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        self.0
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::MissingTensor(name.into()))
+    }
+    fn has(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+}
+
+fn tiny_config() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Llama,
+        vocab_size: 50,
+        hidden_size: 32,
+        intermediate_size: 48,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10_000.0,
+        rope_layout: RopeLayout::Interleaved,
+        rms_eps: 1e-5,
+        context_length: 64,
+        qkv_bias: false,
+    }
+}
+
+fn tiny_weights(cfg: &ModelConfig, seed: u64) -> RandomWeights {
+    let mut state = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    let mut rand = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    };
+    let (h, kv) = (cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim);
+    let mut m = HashMap::new();
+    let mut put = |name: String,
+                   rows: usize,
+                   cols: usize,
+                   scale: f32,
+                   rand: &mut dyn FnMut(usize, f32) -> Vec<f32>| {
+        let dims = if rows == 1 {
+            vec![cols]
+        } else {
+            vec![rows, cols]
+        };
+        m.insert(name, (rand(rows * cols, scale), dims));
+    };
+    put(
+        "token_embd.weight".into(),
+        cfg.vocab_size,
+        h,
+        2.0,
+        &mut rand,
+    );
+    put("output_norm.weight".into(), 1, h, 1.0, &mut |n, _| {
+        vec![1.0; n]
+    });
+    for i in 0..cfg.n_layers {
+        put(
+            format!("blk.{i}.attn_norm.weight"),
+            1,
+            h,
+            1.0,
+            &mut |n, _| vec![1.0; n],
+        );
+        put(
+            format!("blk.{i}.ffn_norm.weight"),
+            1,
+            h,
+            1.0,
+            &mut |n, _| vec![1.0; n],
+        );
+        put(format!("blk.{i}.attn_q.weight"), h, h, 0.8, &mut rand);
+        put(format!("blk.{i}.attn_k.weight"), kv, h, 0.8, &mut rand);
+        put(format!("blk.{i}.attn_v.weight"), kv, h, 0.8, &mut rand);
+        put(format!("blk.{i}.attn_output.weight"), h, h, 0.5, &mut rand);
+        put(
+            format!("blk.{i}.ffn_gate.weight"),
+            cfg.intermediate_size,
+            h,
+            0.5,
+            &mut rand,
+        );
+        put(
+            format!("blk.{i}.ffn_up.weight"),
+            cfg.intermediate_size,
+            h,
+            0.5,
+            &mut rand,
+        );
+        put(
+            format!("blk.{i}.ffn_down.weight"),
+            h,
+            cfg.intermediate_size,
+            0.5,
+            &mut rand,
+        );
+    }
+    RandomWeights(m)
+}
+
+fn tokens(ids: &[i32]) -> Tensor<Flex, 2, Int> {
+    Tensor::from_data(
+        TensorData::new(ids.to_vec(), [1, ids.len()]),
+        &Default::default(),
+    )
+}
+
+fn to_vec(t: Tensor<Flex, 3>) -> Vec<f32> {
+    t.into_data().into_vec::<f32>().unwrap()
+}
+
+#[test]
+fn chunked_prefill_and_decode_match_one_full_pass() {
+    let cfg = tiny_config();
+    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 1), &Default::default()).unwrap();
+    let ids = [3, 17, 42, 5, 9, 33, 0, 12, 49, 21];
+    let mut full = FullCache::new(cfg.n_layers);
+    let all = to_vec(model.forward(tokens(&ids), &mut full, Logits::All).unwrap());
+    assert_eq!(all.len(), ids.len() * cfg.vocab_size);
+
+    // Chunks of 3, then one token at a time: each position's logits must agree.
+    let mut cache = FullCache::new(cfg.n_layers);
+    let mut got = Vec::new();
+    for chunk in ids[..6].chunks(3) {
+        got.extend(to_vec(
+            model
+                .forward(tokens(chunk), &mut cache, Logits::All)
+                .unwrap(),
+        ));
+    }
+    for id in &ids[6..] {
+        got.extend(to_vec(
+            model
+                .forward(tokens(&[*id]), &mut cache, Logits::Last)
+                .unwrap(),
+        ));
+    }
+    assert_eq!(cache.tokens_seen(), ids.len());
+    for (i, (a, b)) in all.iter().zip(&got).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "position {} logit {}: {a} vs {b}",
+            i / cfg.vocab_size,
+            i % cfg.vocab_size
+        );
+    }
+}
+
+#[test]
+fn causal_mask_hides_only_future_tokens() {
+    let m: Vec<f32> = causal_mask::<Flex>(2, 5, &Default::default())
+        .into_data()
+        .into_vec()
+        .unwrap();
+    let inf = f32::NEG_INFINITY;
+    assert_eq!(m, vec![0.0, 0.0, 0.0, 0.0, inf, 0.0, 0.0, 0.0, 0.0, 0.0]);
+}
+
+#[test]
+fn deinterleave_keeps_scores_and_rope_matches_interleaved_rotation() {
+    // A rotation of interleaved pairs, computed by hand, equals rotate-half on the
+    // de-interleaved vector, re-ordered the same way.
+    let d = 8;
+    let x: Vec<f32> = (0..d).map(|i| i as f32 * 0.37 - 1.0).collect();
+    let rope = Rope::<Flex>::new(d, 10_000.0, 16, &Default::default());
+    let pos = 5;
+    let mut expect = vec![0f32; d];
+    for i in 0..d / 2 {
+        let a = pos as f32 / 10_000f32.powf(2.0 * i as f32 / d as f32);
+        expect[2 * i] = x[2 * i] * a.cos() - x[2 * i + 1] * a.sin();
+        expect[2 * i + 1] = x[2 * i] * a.sin() + x[2 * i + 1] * a.cos();
+    }
+    let de = deinterleave_rows(&x, 1, d, 1);
+    let t = Tensor::<Flex, 4>::from_data(TensorData::new(de, [1, 1, 1, d]), &Default::default());
+    let got: Vec<f32> = rope.apply(t, pos).into_data().into_vec().unwrap();
+    assert_eq!(deinterleave_rows(&expect, 1, d, 1).len(), got.len());
+    for (a, b) in deinterleave_rows(&expect, 1, d, 1).iter().zip(&got) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn wrong_shapes_and_missing_tensors_are_errors() {
+    let cfg = tiny_config();
+    let mut w = tiny_weights(&cfg, 2);
+    w.0.insert("blk.1.attn_k.weight".into(), (vec![0.0; 10], vec![2, 5]));
+    let err = Llama::<Flex>::load(&cfg, &w, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("blk.1.attn_k.weight"), "{err}");
+    w.0.remove("blk.0.ffn_up.weight");
+    let err = Llama::<Flex>::load(&cfg, &w, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("blk.0.ffn_up.weight"), "{err}");
+}
+
+#[test]
+fn positions_past_the_context_are_an_error() {
+    let cfg = tiny_config();
+    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 3), &Default::default()).unwrap();
+    let mut cache = FullCache::new(cfg.n_layers);
+    let ids: Vec<i32> = (0..65).map(|i| i % 50).collect();
+    assert!(model
+        .forward(tokens(&ids), &mut cache, Logits::Last)
+        .is_err());
+}

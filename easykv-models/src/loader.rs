@@ -1,0 +1,67 @@
+//! A model ready to run: weights on a device, its tokenizer and chat template.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+
+use crate::chat::ChatTemplate;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::gguf::{GgufFile, MetaValue};
+use crate::llama::Llama;
+use crate::tokenizer::TextTokenizer;
+
+/// Everything loaded from one model file.
+#[derive(Debug)]
+pub struct LoadedModel<B: Backend> {
+    pub model: Llama<B>,
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub path: PathBuf,
+    pub name: String,
+}
+
+impl<B: Backend> LoadedModel<B> {
+    /// Loads a GGUF file onto `device`.
+    pub fn from_gguf(path: &Path, device: &B::Device) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let tokenizer = TextTokenizer::from_gguf(&file)?;
+        let token_text = |key: &str| {
+            file.meta(key)
+                .and_then(MetaValue::as_u64)
+                .and_then(|id| {
+                    file.meta("tokenizer.ggml.tokens")?
+                        .as_array()?
+                        .get(id as usize)?
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default()
+        };
+        let chat_template = file
+            .meta("tokenizer.chat_template")
+            .and_then(MetaValue::as_str)
+            .map(|t| {
+                ChatTemplate::new(
+                    t,
+                    token_text("tokenizer.ggml.bos_token_id"),
+                    token_text("tokenizer.ggml.eos_token_id"),
+                )
+            });
+        let model = Llama::load(&config, &file, device)?;
+        let name = file
+            .meta("general.name")
+            .and_then(MetaValue::as_str)
+            .map_or_else(|| path.display().to_string(), str::to_owned);
+        Ok(Self {
+            model,
+            config,
+            tokenizer,
+            chat_template,
+            path: path.to_path_buf(),
+            name,
+        })
+    }
+}

@@ -1,0 +1,225 @@
+//! Tokenizer and chat template, both built from GGUF metadata.
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, MetaValue};
+
+/// llama.cpp's pre-tokenizer regexes, by the value of `tokenizer.ggml.pre`.
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The `tokenizer.ggml.pre` values this build understands.
+pub const SUPPORTED_PRE: &[&str] = &["default", "gpt2", "smollm", "qwen2", "llama-bpe", "llama3"];
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// Text ↔ token ids for one model, with the ids that end a reply.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Ids that stop generation (EOS and end-of-turn tokens).
+    pub stop_ids: Vec<u32>,
+    pub bos_id: Option<u32>,
+    pub add_bos: bool,
+    pub vocab_size: usize,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.vocab_size)
+            .field("stop_ids", &self.stop_ids)
+            .finish()
+    }
+}
+
+fn string_array(file: &GgufFile, key: &str) -> Result<Vec<String>> {
+    let arr = file
+        .meta(key)
+        .and_then(MetaValue::as_array)
+        .ok_or_else(|| Error::MissingMetadata(key.into()))?;
+    arr.iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| Error::Tokenizer(format!("{key} holds a non-string")))
+        })
+        .collect()
+}
+
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+    let split = |regex: &str| -> Result<PreTokenizerWrapper> {
+        let split = Split::new(
+            SplitPattern::Regex(regex.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(Sequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into())
+    };
+    match pre {
+        "default" | "gpt2" => Ok(ByteLevel::new(false, true, true).into()),
+        // SmolLM: every digit on its own, then GPT-2's byte-level split.
+        "smollm" => Ok(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into()),
+        "qwen2" => split(QWEN2_REGEX),
+        "llama-bpe" | "llama3" => split(LLAMA3_REGEX),
+        other => Err(Error::Unsupported(format!(
+            "tokenizer pre-tokenizer '{other}' (supported: {})",
+            SUPPORTED_PRE.join(", ")
+        ))),
+    }
+}
+
+impl TextTokenizer {
+    /// Builds the byte-level BPE tokenizer described by a GGUF file's `tokenizer.ggml.*` keys.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let model = file.meta_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(Error::Unsupported(format!(
+                "tokenizer model '{model}' (only byte-level BPE, 'gpt2', is supported)"
+            )));
+        }
+        let tokens = string_array(file, "tokenizer.ggml.tokens")?;
+        let merges = string_array(file, "tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| Error::Tokenizer(format!("merge '{m}' has no space")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let types: Vec<i64> = match file
+            .meta("tokenizer.ggml.token_type")
+            .and_then(MetaValue::as_array)
+        {
+            Some(arr) => arr
+                .iter()
+                .map(|v| v.as_f64().map_or(1, |x| x as i64))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let pre = file
+            .meta("tokenizer.ggml.pre")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("default");
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == TOKEN_TYPE_CONTROL))
+            .collect();
+        inner.add_special_tokens(&added);
+
+        let id_of = |key: &str| file.meta(key).and_then(MetaValue::as_u64).map(|v| v as u32);
+        let mut stop_ids: Vec<u32> = id_of("tokenizer.ggml.eos_token_id").into_iter().collect();
+        for end_of_turn in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"] {
+            if let Some(id) = inner.token_to_id(end_of_turn) {
+                if !stop_ids.contains(&id) {
+                    stop_ids.push(id);
+                }
+            }
+        }
+        Ok(Self {
+            vocab_size: tokens.len(),
+            inner,
+            stop_ids,
+            bos_id: id_of("tokenizer.ggml.bos_token_id"),
+            add_bos: file
+                .meta("tokenizer.ggml.add_bos_token")
+                .and_then(MetaValue::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    /// Token ids of `text`; control tokens written in the text (`<|im_start|>`) are recognized.
+    /// A BOS is prepended only when the model asks for one.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`; special tokens are dropped when `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The id of a token written out, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// A streaming decoder: feed ids one at a time, get text as soon as it is whole UTF-8.
+    pub fn stream(&self, skip_special: bool) -> TextStream<'_> {
+        TextStream {
+            tokenizer: self,
+            ids: Vec::new(),
+            emitted: 0,
+            skip_special,
+        }
+    }
+}
+
+/// Incremental detokenization that never splits a multi-byte character.
+pub struct TextStream<'a> {
+    tokenizer: &'a TextTokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+    skip_special: bool,
+}
+
+impl TextStream<'_> {
+    /// Adds one id; returns the new text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids, self.skip_special)?;
+        // A trailing replacement character means the last token ended inside a UTF-8 sequence.
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
+            return Ok(None);
+        }
+        let new = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        Ok(Some(new))
+    }
+}
