@@ -67,7 +67,12 @@ impl Sampler {
             return argmax(logits);
         }
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        // Ties go to the lower id, as in greedy decoding.
+        order.sort_unstable_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         if let Some(k) = self.cfg.top_k {
             order.truncate(k.max(1));
         }

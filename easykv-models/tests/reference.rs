@@ -1,0 +1,154 @@
+//! The real SmolLM2-135M-Instruct against outputs of HF transformers (f32, eager attention) on
+//! the same GGUF weights: `../shared/reference/smollm2-135m-q4_1.json`.
+//!
+//! The model is fetched on first use into `$EASYKV_HOME` (as `easykv` does) and cached.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use burn::backend::Flex;
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use easykv_core::FullCache;
+use easykv_models::fetch::{easykv_home, fetch_model, known_model};
+use easykv_models::{
+    generate, prefill, score, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig,
+};
+use serde_json::Value;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn reference() -> &'static Value {
+    static REF: OnceLock<Value> = OnceLock::new();
+    REF.get_or_init(|| {
+        let path = repo_root().join("../shared/reference/smollm2-135m-q4_1.json");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+fn model() -> &'static LoadedModel<Flex> {
+    static MODEL: OnceLock<LoadedModel<Flex>> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let known = known_model("smollm2").unwrap();
+        let path = fetch_model(known, &easykv_home(), &mut |m| eprintln!("{m}")).unwrap();
+        LoadedModel::from_gguf(&path, &Default::default()).unwrap()
+    })
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn tokenizer_ids_match_hf() {
+    let tok = &model().tokenizer;
+    let cases = reference()["tokenizer"].as_array().unwrap();
+    assert!(cases.len() >= 9);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(text).unwrap(),
+            ids(&case["ids"]),
+            "text {text:?}"
+        );
+        // Byte-level BPE round-trips exactly.
+        assert_eq!(tok.decode(&ids(&case["ids"]), false).unwrap(), text);
+    }
+}
+
+#[test]
+fn chat_template_renders_the_reference_prompts() {
+    let m = model();
+    let template = m
+        .chat_template
+        .as_ref()
+        .expect("SmolLM2 ships a chat template");
+    for case in reference()["chat"].as_array().unwrap() {
+        let text = template
+            .render(
+                &[ChatMessage::new("user", case["user"].as_str().unwrap())],
+                true,
+            )
+            .unwrap();
+        assert!(text.starts_with(reference()["chat_prefix"].as_str().unwrap()));
+        assert_eq!(m.tokenizer.encode(&text).unwrap(), ids(&case["prompt_ids"]));
+    }
+}
+
+#[test]
+fn greedy_ids_and_top10_logprobs_match_hf() {
+    let m = model();
+    for case in reference()["chat"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = ids(&case["greedy_ids_full_cache"]);
+
+        // Top-10 log-probabilities at the last prompt position.
+        let mut cache = FullCache::new(m.config.n_layers);
+        let logits = prefill(&m.model, &mut cache, &prompt, 512).unwrap();
+        let n = logits.len();
+        let lp: Vec<f32> = log_softmax(
+            Tensor::<Flex, 1>::from_data(TensorData::new(logits, [n]), &Default::default()),
+            0,
+        )
+        .into_data()
+        .into_vec()
+        .unwrap();
+        for pair in case["top10_last"].as_array().unwrap() {
+            let (id, want_lp) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap() as f32,
+            );
+            assert!(
+                (lp[id] - want_lp).abs() < 2e-3,
+                "token {id}: {} vs {want_lp}",
+                lp[id]
+            );
+        }
+
+        // Greedy continuation; the reference ends with EOS when the model stopped.
+        let cfg = GenerateConfig {
+            max_new_tokens: want.len(),
+            chunk_size: 16,
+            sampling: SamplingConfig::default(),
+            stop_ids: m.tokenizer.stop_ids.clone(),
+        };
+        let mut cache = FullCache::new(m.config.n_layers);
+        let out = generate(&m.model, &mut cache, &prompt, &cfg, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        let want_tokens: Vec<u32> = want
+            .iter()
+            .copied()
+            .take_while(|id| !m.tokenizer.stop_ids.contains(id))
+            .collect();
+        assert_eq!(out.ids, want_tokens, "prompt {:?}", case["user"]);
+    }
+}
+
+#[test]
+fn perplexity_of_512_tokens_within_half_a_percent() {
+    let m = model();
+    let r = &reference()["perplexity"];
+    let text = std::fs::read_to_string(repo_root().join("../shared/data/last_of_the_mohicans.txt"))
+        .unwrap();
+    let mut ids = m.tokenizer.encode(&text).unwrap();
+    ids.truncate(r["first_tokens"].as_u64().unwrap() as usize);
+    let mut cache = FullCache::new(m.config.n_layers);
+    let s = score(&m.model, &mut cache, &ids, 200).unwrap();
+    assert_eq!(s.nll.len() as u64, r["n_scored"].as_u64().unwrap());
+    let want = r["ppl"].as_f64().unwrap();
+    assert!(
+        (s.perplexity / want - 1.0).abs() < 0.005,
+        "perplexity {} vs {want}",
+        s.perplexity
+    );
+}
