@@ -58,7 +58,7 @@ fn row(logits: Tensor<impl Backend, 3>) -> Result<Vec<f32>> {
 }
 
 fn check_ids<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Result<()> {
-    let vocab = model.embed.weight.dims()[0];
+    let vocab = model.embed.vocab_size();
     match ids.iter().find(|&&i| i as usize >= vocab) {
         Some(bad) => Err(Error::InvalidInput(format!(
             "token id {bad} is outside the vocabulary of {vocab}"

@@ -4,7 +4,7 @@
 //! handed to the [`KvCache`], which is what eviction policies score.
 
 use burn::module::Param;
-use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::nn::RmsNorm;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::TensorData;
@@ -13,6 +13,7 @@ use easykv_core::KvCache;
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
+use crate::linear::{EmbeddingTable, Linear, WeightDType};
 
 /// Where weights come from: a GGUF file, a safetensors directory, or a random generator.
 ///
@@ -97,7 +98,8 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// # Shapes
-    /// - `x`: `[batch, s, hidden]`; `mask`: `[s, slots]` additive (0 or −∞), `None` when s = 1
+    /// - `x`: `[batch, s, hidden]`; `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞),
+    ///   `None` when s = 1
     /// - returns `[batch, s, hidden]`
     fn forward<C: KvCache<B>>(
         &self,
@@ -105,7 +107,7 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         start: usize,
-        mask: Option<&Tensor<B, 2>>,
+        mask: Option<&Tensor<B, 4>>,
         cache: &mut C,
     ) -> Result<Tensor<B, 3>> {
         let [b, s, _] = x.dims();
@@ -123,15 +125,17 @@ impl<B: Backend> Attention<B> {
         let scores = q
             .matmul(keys.swap_dims(2, 3))
             .mul_scalar((d as f64).powf(-0.5));
+        // The mask has the scores' full shape: flex adds equal shapes far faster than it broadcasts.
         let scores = match mask {
-            Some(m) => scores.reshape([b, hkv, g, s, n]) + m.clone().reshape([1, 1, 1, s, n]),
-            None => scores.reshape([b, hkv, g, s, n]),
+            Some(m) => scores + m.clone(),
+            None => scores,
         };
-        let probs = softmax(scores, 4);
+        let probs = softmax(scores, 3);
         if cache.wants_attention(layer) {
-            cache.observe(layer, probs.clone().mean_dim(2).reshape([b, hkv, s, n]))?;
+            let grouped = probs.clone().reshape([b, hkv, g, s, n]).mean_dim(2);
+            cache.observe(layer, grouped.reshape([b, hkv, s, n]))?;
         }
-        let out = probs.reshape([b, hkv, g * s, n]).matmul(values);
+        let out = probs.matmul(values);
         let out = out
             .reshape([b, hq, s, d])
             .swap_dims(1, 2)
@@ -175,10 +179,11 @@ pub enum Logits {
 /// A decoder-only transformer of the Llama family.
 #[derive(Module, Debug)]
 pub struct Llama<B: Backend> {
-    pub embed: Embedding<B>,
+    pub embed: EmbeddingTable<B>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
-    pub lm_head: Linear<B>,
+    /// The output projection; `None` when tied to the embedding.
+    pub lm_head: Option<EmbeddingTable<B>>,
     pub rope: Rope<B>,
 }
 
@@ -204,9 +209,16 @@ impl<B: Backend> Llama<B> {
             )));
         }
         let device = tokens.device();
-        let mut x = self.embed.forward(tokens);
+        let mut x = self.embed.embed(tokens);
         // Every layer holds the same number of slots before this chunk, so one mask serves all.
-        let mask = (s > 1).then(|| causal_mask::<B>(s, cache.slots(0) + s, &device));
+        let mask = (s > 1).then(|| {
+            let rows = self.layers.first().map_or(1, |l| l.attn.n_heads);
+            let heads = self.layers.first().map_or(1, |l| l.attn.n_kv_heads);
+            causal_mask::<B>(s, cache.slots(0) + s, &device)
+                .reshape([1, 1, s, cache.slots(0) + s])
+                .repeat(&[b, rows, 1, 1])
+                .reshape([b, heads, rows / heads * s, cache.slots(0) + s])
+        });
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn.forward(
                 l,
@@ -224,29 +236,33 @@ impl<B: Backend> Llama<B> {
             Logits::All => x,
             Logits::Last => x.slice([0..b, s - 1..s]),
         };
-        Ok(self.lm_head.forward(self.norm.forward(x)))
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(head.logits(self.norm.forward(x)))
     }
 
-    /// Loads weights named as in GGUF from `source`, laid out for [`Llama::forward`].
-    pub fn load(cfg: &ModelConfig, source: &impl WeightSource, device: &B::Device) -> Result<Self> {
+    /// Loads weights named as in GGUF from `source`, laid out for [`Llama::forward`], with
+    /// matrices stored in `dtype`.
+    pub fn load(
+        cfg: &ModelConfig,
+        source: &impl WeightSource,
+        dtype: WeightDType,
+        device: &B::Device,
+    ) -> Result<Self> {
         cfg.validate()?;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        let embed_w = matrix(source, "token_embd.weight", cfg.vocab_size, h)?;
-        let lm_head_w = if source.has("output.weight") {
-            matrix(source, "output.weight", cfg.vocab_size, h)?
-        } else {
-            embed_w.clone()
-        };
-        let embed = Embedding {
-            weight: Param::from_tensor(tensor2(embed_w, cfg.vocab_size, h, device)),
-        };
-        let lm_head = linear(
-            transpose(&lm_head_w, cfg.vocab_size, h),
-            h,
+        let embed = EmbeddingTable::new(
+            matrix(source, "token_embd.weight", cfg.vocab_size, h)?,
             cfg.vocab_size,
-            None,
+            h,
+            dtype,
             device,
         );
+        let lm_head = if source.has("output.weight") {
+            let w = matrix(source, "output.weight", cfg.vocab_size, h)?;
+            Some(EmbeddingTable::new(w, cfg.vocab_size, h, dtype, device))
+        } else {
+            None
+        };
         let norm = rms_norm(source, "output_norm.weight", h, cfg.rms_eps, device)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
@@ -265,7 +281,14 @@ impl<B: Backend> Llama<B> {
                         w = deinterleave_rows(&w, heads, d, inp);
                         bias = bias.map(|b| deinterleave_rows(&b, heads, d, 1));
                     }
-                    Ok(linear(transpose(&w, out, inp), inp, out, bias, device))
+                    Ok(Linear::new(
+                        transpose(&w, out, inp),
+                        inp,
+                        out,
+                        bias,
+                        dtype,
+                        device,
+                    ))
                 };
             let attn = Attention {
                 q: proj("attn_q", cfg.n_heads * d, h, Some(cfg.n_heads))?,
@@ -350,30 +373,6 @@ fn deinterleave_rows(w: &[f32], heads: usize, head_dim: usize, cols: usize) -> V
         }
     }
     out
-}
-
-fn tensor2<B: Backend>(
-    data: Vec<f32>,
-    rows: usize,
-    cols: usize,
-    device: &B::Device,
-) -> Tensor<B, 2> {
-    Tensor::from_data(TensorData::new(data, [rows, cols]), device)
-}
-
-/// A linear layer from a row-major `[in, out]` weight.
-fn linear<B: Backend>(
-    w_in_out: Vec<f32>,
-    inp: usize,
-    out: usize,
-    bias: Option<Vec<f32>>,
-    device: &B::Device,
-) -> Linear<B> {
-    Linear {
-        weight: Param::from_tensor(tensor2(w_in_out, inp, out, device)),
-        bias: bias
-            .map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device))),
-    }
 }
 
 fn rms_norm<B: Backend>(

@@ -8,6 +8,7 @@ use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::gguf::{GgufFile, MetaValue};
+use crate::linear::WeightDType;
 use crate::llama::Llama;
 use crate::tokenizer::TextTokenizer;
 
@@ -23,8 +24,8 @@ pub struct LoadedModel<B: Backend> {
 }
 
 impl<B: Backend> LoadedModel<B> {
-    /// Loads a GGUF file onto `device`.
-    pub fn from_gguf(path: &Path, device: &B::Device) -> Result<Self> {
+    /// Loads a GGUF file onto `device`, matrices stored in `dtype`.
+    pub fn from_gguf(path: &Path, dtype: WeightDType, device: &B::Device) -> Result<Self> {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
         let tokenizer = TextTokenizer::from_gguf(&file)?;
@@ -50,7 +51,7 @@ impl<B: Backend> LoadedModel<B> {
                     token_text("tokenizer.ggml.eos_token_id"),
                 )
             });
-        let model = Llama::load(&config, &file, device)?;
+        let model = Llama::load(&config, &file, dtype, device)?;
         let name = file
             .meta("general.name")
             .and_then(MetaValue::as_str)

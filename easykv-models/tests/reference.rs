@@ -12,7 +12,7 @@ use burn::tensor::activation::log_softmax;
 use easykv_core::FullCache;
 use easykv_models::fetch::{easykv_home, fetch_model, known_model};
 use easykv_models::{
-    generate, prefill, score, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig,
+    generate, prefill, score, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig, WeightDType,
 };
 use serde_json::Value;
 
@@ -35,7 +35,7 @@ fn model() -> &'static LoadedModel<Flex> {
     MODEL.get_or_init(|| {
         let known = known_model("smollm2").unwrap();
         let path = fetch_model(known, &easykv_home(), &mut |m| eprintln!("{m}")).unwrap();
-        LoadedModel::from_gguf(&path, &Default::default()).unwrap()
+        LoadedModel::from_gguf(&path, WeightDType::F32, &Default::default()).unwrap()
     })
 }
 

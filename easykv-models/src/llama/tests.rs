@@ -131,7 +131,13 @@ fn to_vec(t: Tensor<Flex, 3>) -> Vec<f32> {
 #[test]
 fn chunked_prefill_and_decode_match_one_full_pass() {
     let cfg = tiny_config();
-    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 1), &Default::default()).unwrap();
+    let model = Llama::<Flex>::load(
+        &cfg,
+        &tiny_weights(&cfg, 1),
+        WeightDType::F32,
+        &Default::default(),
+    )
+    .unwrap();
     let ids = [3, 17, 42, 5, 9, 33, 0, 12, 49, 21];
     let mut full = FullCache::new(cfg.n_layers);
     let all = to_vec(model.forward(tokens(&ids), &mut full, Logits::All).unwrap());
@@ -203,12 +209,12 @@ fn wrong_shapes_and_missing_tensors_are_errors() {
     let cfg = tiny_config();
     let mut w = tiny_weights(&cfg, 2);
     w.0.insert("blk.1.attn_k.weight".into(), (vec![0.0; 10], vec![2, 5]));
-    let err = Llama::<Flex>::load(&cfg, &w, &Default::default())
+    let err = Llama::<Flex>::load(&cfg, &w, WeightDType::F32, &Default::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("blk.1.attn_k.weight"), "{err}");
     w.0.remove("blk.0.ffn_up.weight");
-    let err = Llama::<Flex>::load(&cfg, &w, &Default::default())
+    let err = Llama::<Flex>::load(&cfg, &w, WeightDType::F32, &Default::default())
         .unwrap_err()
         .to_string();
     assert!(err.contains("blk.0.ffn_up.weight"), "{err}");
@@ -217,7 +223,13 @@ fn wrong_shapes_and_missing_tensors_are_errors() {
 #[test]
 fn positions_past_the_context_are_an_error() {
     let cfg = tiny_config();
-    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 3), &Default::default()).unwrap();
+    let model = Llama::<Flex>::load(
+        &cfg,
+        &tiny_weights(&cfg, 3),
+        WeightDType::F32,
+        &Default::default(),
+    )
+    .unwrap();
     let mut cache = FullCache::new(cfg.n_layers);
     let ids: Vec<i32> = (0..65).map(|i| i % 50).collect();
     assert!(model
