@@ -136,7 +136,9 @@ pub fn fetch_model(model: &KnownModel, home: &Path, log: &mut dyn FnMut(&str)) -
         log(&format!("{} is corrupt; fetching it again", dest.display()));
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let work = dir.join(format!(".{}.download", model.alias));
+    // One work folder per process: concurrent first uses each download, and the last atomic
+    // rename wins with identical bytes.
+    let work = dir.join(format!(".{}.download.{}", model.alias, std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
     let result = download_and_assemble(model, &work, &dest, log);

@@ -152,3 +152,26 @@ fn perplexity_of_512_tokens_within_half_a_percent() {
         s.perplexity
     );
 }
+
+#[test]
+fn f16_weights_stay_close_to_the_reference() {
+    let known = known_model("smollm2").unwrap();
+    let path = fetch_model(known, &easykv_home(), &mut |m| eprintln!("{m}")).unwrap();
+    let m = LoadedModel::<Flex>::from_gguf(&path, WeightDType::F16, &Default::default()).unwrap();
+    let mut worst = 0f32;
+    for case in reference()["chat"].as_array().unwrap() {
+        let mut cache = FullCache::new(m.config.n_layers);
+        let logits = prefill(&m.model, &mut cache, &ids(&case["prompt_ids"]), 512).unwrap();
+        let n = logits.len();
+        let lp: Vec<f32> = log_softmax(Tensor::<Flex, 1>::from_data(TensorData::new(logits, [n]), &Default::default()), 0)
+            .into_data()
+            .into_vec()
+            .unwrap();
+        for pair in case["top10_last"].as_array().unwrap() {
+            let (id, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+            worst = worst.max((lp[id] - want).abs());
+        }
+    }
+    eprintln!("f16: largest top-10 log-prob deviation {worst}");
+    assert!(worst < 0.05, "f16 top-10 log-probs deviate by {worst}");
+}
