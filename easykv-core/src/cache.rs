@@ -41,9 +41,20 @@ pub trait KvCache<B: Backend> {
         Ok(())
     }
 
+    /// How to split a prompt of `prompt_len` tokens into prefill chunks. Evicting caches
+    /// dictate their own strides; the default is chunks of `chunk_size`.
+    fn prefill_chunks(&self, prompt_len: usize, chunk_size: usize) -> Vec<usize> {
+        uniform_chunks(prompt_len, chunk_size)
+    }
+
     /// The position given to the next token (RoPE). Absolute by default: the tokens seen so far.
     fn next_position(&self) -> usize {
         self.tokens_seen()
+    }
+
+    /// Slots evicted per (layer, KV head) so far.
+    fn evicted(&self) -> usize {
+        0
     }
 
     /// Tokens appended since the cache was created or cleared.
@@ -57,4 +68,14 @@ pub trait KvCache<B: Backend> {
 
     /// Forgets everything, keeping the configuration.
     fn clear(&mut self);
+}
+
+/// `len` split into chunks of `chunk` (the last one shorter).
+pub fn uniform_chunks(len: usize, chunk: usize) -> Vec<usize> {
+    let chunk = chunk.max(1);
+    let mut v = vec![chunk; len / chunk];
+    if len % chunk != 0 {
+        v.push(len % chunk);
+    }
+    v
 }

@@ -2,13 +2,21 @@
 //!
 //! A model computes attention explicitly and talks to its cache through [`KvCache`]: it appends
 //! each layer's new keys and values, attends over what the cache returns, and hands the
-//! attention probabilities back through [`KvCache::observe`] so that an evicting cache can keep
-//! per-slot statistics. Caches decide what to keep; models never do.
+//! attention probabilities back through [`KvCache::observe`] so that an [`EvictingCache`] can
+//! keep per-slot statistics ([`SlotStats`]) and let an [`EvictionPolicy`] choose what to drop.
 
+mod budget;
 mod cache;
 mod error;
+mod evicting;
 mod full;
+mod policy;
 
-pub use cache::KvCache;
+pub use budget::{
+    Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL,
+};
+pub use cache::{uniform_chunks, KvCache};
 pub use error::{Error, Result};
+pub use evicting::EvictingCache;
 pub use full::FullCache;
+pub use policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};

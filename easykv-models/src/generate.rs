@@ -68,7 +68,7 @@ fn check_ids<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Result<()> {
 }
 
 /// Feeds `prompt` in chunks of `chunk_size` and returns the logits of its last position.
-pub fn prefill<B: Backend, C: KvCache<B>>(
+pub fn prefill<B: Backend, C: KvCache<B> + ?Sized>(
     model: &Llama<B>,
     cache: &mut C,
     prompt: &[u32],
@@ -83,7 +83,10 @@ pub fn prefill<B: Backend, C: KvCache<B>>(
     check_ids(model, prompt)?;
     let device = model.embed.weight.device();
     let mut last = None;
-    for chunk in prompt.chunks(chunk_size) {
+    let mut start = 0;
+    for len in cache.prefill_chunks(prompt.len(), chunk_size) {
+        let chunk = &prompt[start..start + len];
+        start += len;
         last = Some(model.forward(token_tensor::<B>(chunk, &device), cache, Logits::Last)?);
     }
     row(last.ok_or_else(|| Error::InvalidInput("the prompt is empty".into()))?)
@@ -91,7 +94,7 @@ pub fn prefill<B: Backend, C: KvCache<B>>(
 
 /// Generates a continuation of `prompt`, calling `on_token` with each new id as it is chosen;
 /// `on_token` may stop early with `ControlFlow::Break`.
-pub fn generate<B: Backend, C: KvCache<B>>(
+pub fn generate<B: Backend, C: KvCache<B> + ?Sized>(
     model: &Llama<B>,
     cache: &mut C,
     prompt: &[u32],
@@ -151,7 +154,7 @@ pub struct Score {
 }
 
 /// Scores `ids` (teacher forcing), feeding chunks of `chunk_size` through `cache`.
-pub fn score<B: Backend, C: KvCache<B>>(
+pub fn score<B: Backend, C: KvCache<B> + ?Sized>(
     model: &Llama<B>,
     cache: &mut C,
     ids: &[u32],
@@ -177,8 +180,8 @@ pub fn score<B: Backend, C: KvCache<B>>(
     let device = model.embed.weight.device();
     let mut nll = Vec::with_capacity(ids.len() - 1);
     let mut start = 0;
-    while start < ids.len() - 1 {
-        let end = (start + chunk_size).min(ids.len() - 1);
+    for len in cache.prefill_chunks(ids.len() - 1, chunk_size) {
+        let end = start + len;
         let logits = model.forward(
             token_tensor::<B>(&ids[start..end], &device),
             cache,

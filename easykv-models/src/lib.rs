@@ -1,6 +1,7 @@
 //! easykv-models: GGUF loading, tokenizer, chat template, backend-generic Llama-family models,
 //! sampling and generation. Models receive their KV cache as `&mut impl KvCache<B>`.
 
+pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod error;

@@ -101,7 +101,7 @@ impl<B: Backend> Attention<B> {
     /// - `x`: `[batch, s, hidden]`; `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞),
     ///   `None` when s = 1
     /// - returns `[batch, s, hidden]`
-    fn forward<C: KvCache<B>>(
+    fn forward<C: KvCache<B> + ?Sized>(
         &self,
         layer: usize,
         x: Tensor<B, 3>,
@@ -193,7 +193,7 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     /// - `tokens`: `[batch, s]`
     /// - returns `[batch, s, vocab]` for [`Logits::All`], `[batch, 1, vocab]` for [`Logits::Last`]
-    pub fn forward<C: KvCache<B>>(
+    pub fn forward<C: KvCache<B> + ?Sized>(
         &self,
         tokens: Tensor<B, 2, Int>,
         cache: &mut C,

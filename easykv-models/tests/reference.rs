@@ -163,12 +163,18 @@ fn f16_weights_stay_close_to_the_reference() {
         let mut cache = FullCache::new(m.config.n_layers);
         let logits = prefill(&m.model, &mut cache, &ids(&case["prompt_ids"]), 512).unwrap();
         let n = logits.len();
-        let lp: Vec<f32> = log_softmax(Tensor::<Flex, 1>::from_data(TensorData::new(logits, [n]), &Default::default()), 0)
-            .into_data()
-            .into_vec()
-            .unwrap();
+        let lp: Vec<f32> = log_softmax(
+            Tensor::<Flex, 1>::from_data(TensorData::new(logits, [n]), &Default::default()),
+            0,
+        )
+        .into_data()
+        .into_vec()
+        .unwrap();
         for pair in case["top10_last"].as_array().unwrap() {
-            let (id, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+            let (id, want) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap() as f32,
+            );
             worst = worst.max((lp[id] - want).abs());
         }
     }

@@ -1,0 +1,68 @@
+//! What an eviction policy sees and answers.
+
+use burn::tensor::{backend::Backend, Int, Tensor};
+
+/// Per-slot statistics of one layer, kept on the device next to the keys and values.
+///
+/// # Shapes
+/// Every tensor is `[batch, kv_heads, slots]`.
+#[derive(Debug, Clone)]
+pub struct SlotStats<B: Backend> {
+    /// S: attention received, summed over the queries recorded since the slot entered.
+    pub sum: Tensor<B, 3>,
+    /// Q: the sum of squares of that attention.
+    pub sum_sq: Tensor<B, 3>,
+    /// C: how many recorded queries attended the slot.
+    pub count: Tensor<B, 3>,
+    /// Attention from the most recent query row.
+    pub last: Tensor<B, 3>,
+    /// Absolute token position held by each slot.
+    pub positions: Tensor<B, 3, Int>,
+}
+
+/// Whether the cache is taking in the prompt or generated tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Prefill,
+    Decode,
+}
+
+/// The facts of one eviction step.
+#[derive(Debug, Clone)]
+pub struct EvictionContext {
+    pub layer: usize,
+    pub phase: Phase,
+    /// Slots held now (before eviction).
+    pub slots: usize,
+    /// Slots to evict in every (batch, head).
+    pub n_evict: usize,
+    /// Leading slots never evicted.
+    pub sinks: usize,
+    /// Trailing slots never evicted.
+    pub recent: usize,
+    /// Size of the robust-σ candidate set (RoCo).
+    pub robust_k: usize,
+    /// Slots whose position is below this are never evicted.
+    pub protected_positions: usize,
+    /// Policies that draw random numbers derive them from this.
+    pub seed: u64,
+    /// Counts eviction steps, so random draws differ from step to step.
+    pub step: u64,
+}
+
+/// Chooses which slots to drop. Implementations live in `easykv-policies`.
+pub trait EvictionPolicy<B: Backend>: Send {
+    /// The name users select it by.
+    fn name(&self) -> &str;
+
+    /// Whether the policy reads attention statistics (recency and random do not).
+    fn uses_attention(&self) -> bool {
+        true
+    }
+
+    /// Slot indices to evict, `ctx.n_evict` of them per (batch, head), all distinct.
+    ///
+    /// # Shapes
+    /// - returns `[batch, kv_heads, n_evict]`
+    fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Int>;
+}

@@ -1,0 +1,154 @@
+//! Eviction decisions against the original EasyKV on SmolLM2 (`summarize` in
+//! `../shared/reference/smollm2-135m-q4_1.json`): encoding mode, budget 0.5, stride 8, 4 sinks,
+//! recent ratio 0.1, greedy, 32 new tokens.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use burn::backend::Flex;
+use easykv_core::{EvictingCache, EvictionConfig, KvCache};
+use easykv_models::fetch::{easykv_home, fetch_model, known_model};
+use easykv_models::{
+    generate, GenerateConfig, LoadedModel, SamplingConfig, StopReason, WeightDType,
+};
+use easykv_policies::policy_by_name;
+use serde_json::Value;
+
+fn reference() -> &'static Value {
+    static REF: OnceLock<Value> = OnceLock::new();
+    REF.get_or_init(|| {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/reference/smollm2-135m-q4_1.json");
+        serde_json::from_str(
+            &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        )
+        .unwrap()
+    })
+}
+
+fn model() -> &'static LoadedModel<Flex> {
+    static MODEL: OnceLock<LoadedModel<Flex>> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = fetch_model(known_model("smollm2").unwrap(), &easykv_home(), &mut |m| {
+            eprintln!("{m}")
+        })
+        .unwrap();
+        LoadedModel::from_gguf(&path, WeightDType::F32, &Default::default()).unwrap()
+    })
+}
+
+/// Runs one EasyKV case; returns (text, kept positions [layer][head]).
+fn run(policy: &str) -> (String, Vec<Vec<Vec<usize>>>) {
+    let m = model();
+    let r = &reference()["summarize"];
+    let prompt: Vec<u32> = r["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let cfg = EvictionConfig::default();
+    let schedule = cfg
+        .schedule(prompt.len(), 512, m.config.kv_bytes_per_token(4))
+        .unwrap();
+    let mut cache = EvictingCache::<Flex>::new(
+        m.config.n_layers,
+        policy_by_name(policy).unwrap().unwrap(),
+        schedule,
+    );
+    let gen = GenerateConfig {
+        max_new_tokens: 32,
+        chunk_size: 512,
+        sampling: SamplingConfig::default(),
+        stop_ids: vec![2],
+    };
+    let out = generate(&m.model, &mut cache, &prompt, &gen, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    let text = m
+        .tokenizer
+        .decode(&out.ids, true)
+        .unwrap()
+        .trim()
+        .to_string();
+    // Positions after generation: generated tokens were appended after the prompt (encoding
+    // mode never evicts while decoding), so filter them out.
+    let n = prompt.len();
+    let kept = (0..m.config.n_layers)
+        .map(|l| {
+            cache
+                .kept_positions(l)
+                .into_iter()
+                .map(|v| v.into_iter().filter(|&p| p < n).collect())
+                .collect()
+        })
+        .collect();
+    // Encoding mode: the prompt is cut to the capacity, then every fed token is appended.
+    let fed = if out.stop == StopReason::MaxTokens {
+        out.ids.len() - 1
+    } else {
+        out.ids.len()
+    };
+    assert_eq!(
+        cache.slots(0),
+        cache.schedule().prefill_capacity.unwrap() + fed
+    );
+    (text, kept)
+}
+
+/// Kept sets must be identical to EasyKV's in every (layer, KV head), and the greedy text too.
+/// (The specification allows differences where two scores tie within float noise; on this
+/// case there are none, so the test demands exact equality.)
+fn check(policy: &str) {
+    let r = &reference()["summarize"];
+    let case = r["easykv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["policy"] == policy)
+        .unwrap();
+    assert_eq!(
+        (
+            case["mode"].as_str(),
+            case["budget"].as_f64(),
+            case["stride"].as_u64()
+        ),
+        (Some("encoding"), Some(0.5), Some(8))
+    );
+    let (text, kept) = run(policy);
+    let want = r["kept_positions"][policy].as_array().unwrap();
+    assert_eq!(want.len(), kept.len());
+    for (l, heads) in want.iter().enumerate() {
+        for (h, pos) in heads.as_array().unwrap().iter().enumerate() {
+            let want: Vec<usize> = pos
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(kept[l][h], want, "{policy}: layer {l} head {h}");
+        }
+    }
+    assert_eq!(text, case["text"].as_str().unwrap(), "{policy}");
+}
+
+#[test]
+fn roco_matches_easykv() {
+    check("roco");
+}
+
+#[test]
+fn h2o_matches_easykv() {
+    check("h2o_head");
+}
+
+#[test]
+fn tova_matches_easykv() {
+    check("tova");
+}
+
+#[test]
+fn recency_matches_easykv() {
+    check("recency");
+}

@@ -1,0 +1,63 @@
+//! RoCo (Ren & Zhu, 2024): mean attention as the score, within a robust scope of the slots
+//! whose attention has been most stable (smallest standard deviation).
+
+use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Tensor};
+use easykv_core::{EvictionContext, SlotStats, ROBUST_PROTECTED_TAIL};
+
+use crate::compose::{ScopeBuilder, ScoreCalculator, ScoredPolicy, NEVER};
+use crate::scope::{protected, slot_index};
+
+/// μ = S / C: the mean attention a slot received since it entered (slots never observed score
+/// as never-evict).
+pub struct MeanAttention;
+
+impl<B: Backend> ScoreCalculator<B> for MeanAttention {
+    fn score(&self, stats: &SlotStats<B>, _ctx: &EvictionContext) -> Tensor<B, 3> {
+        let unseen = stats.count.clone().lower_equal_elem(0.0);
+        (stats.sum.clone() / stats.count.clone().clamp_min(1.0)).mask_fill(unseen, NEVER)
+    }
+}
+
+/// The `robust_k` slots of smallest σ = sqrt(max(0, Q/C − μ²)), never the sinks, protected
+/// positions, or the last [`ROBUST_PROTECTED_TAIL`] slots.
+pub struct RobustStdScope;
+
+impl RobustStdScope {
+    /// σ per slot, with excluded slots at [`NEVER`].
+    pub fn std<B: Backend>(stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3> {
+        let c = stats.count.clone().clamp_min(1.0);
+        let mean = stats.sum.clone() / c.clone();
+        // EasyKV takes sqrt of a difference that float noise can push below zero (NaN): clamp.
+        let std = (stats.sum_sq.clone() / c - mean.square())
+            .clamp_min(0.0)
+            .sqrt();
+        let tail = slot_index(stats)
+            .greater_equal_elem(ctx.slots.saturating_sub(ROBUST_PROTECTED_TAIL) as i64);
+        let excluded = protected(stats, ctx)
+            .bool_or(tail)
+            .bool_or(stats.count.clone().lower_equal_elem(0.0));
+        std.mask_fill(excluded, NEVER)
+    }
+}
+
+impl<B: Backend> ScopeBuilder<B> for RobustStdScope {
+    fn eligible(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
+        let [b, h, n] = stats.sum.dims();
+        let k = ctx.robust_k.clamp(ctx.n_evict, n);
+        let candidates = Self::std(stats, ctx).argsort(2).slice_dim(2, 0..k);
+        let device = stats.sum.device();
+        burn::tensor::Tensor::<B, 3, burn::tensor::Int>::zeros([b, h, n], &device)
+            .scatter(
+                2,
+                candidates,
+                burn::tensor::Tensor::ones([b, h, k], &device),
+                IndexingUpdateOp::Add,
+            )
+            .greater_elem(0)
+    }
+}
+
+/// The RoCo preset.
+pub fn roco<B: Backend>() -> ScoredPolicy<B> {
+    ScoredPolicy::new("roco", MeanAttention, RobustStdScope)
+}
