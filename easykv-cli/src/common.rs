@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use burn::prelude::Backend;
 use clap::Args;
-use easykv_models::{fetch, LoadedModel, WeightDType};
+use easykv_core::{Budget, EvictionConfig, KvCache, Mode};
+use easykv_models::{build_cache, fetch, LoadedModel, ModelConfig, WeightDType};
 
 /// The error every subcommand returns: printed as one line, exit code 2.
 #[derive(Debug)]
@@ -82,4 +83,86 @@ pub fn print_json(value: &serde_json::Value) -> CliResult {
     let text = serde_json::to_string_pretty(value).map_err(|e| CliError(e.to_string()))?;
     println!("{text}");
     Ok(())
+}
+
+/// Which eviction policy, under which budget.
+#[derive(Args, Debug, Clone)]
+pub struct EvictionArgs {
+    /// Eviction policy: roco, h2o, tova, recency, random, or full (no eviction).
+    #[arg(long, default_value = "full")]
+    pub policy: String,
+    /// KV budget: a ratio of the prompt (0.5), tokens (512) or bytes (64MiB).
+    #[arg(long, default_value = "0.5")]
+    pub budget: String,
+    /// encoding (evict while prefilling), decoding (budget bounds generated tokens) or auto
+    /// (budget bounds prompt + generation).
+    #[arg(long, default_value = "encoding")]
+    pub mode: String,
+    /// Prefill stride once eviction starts (tokens per chunk = slots evicted per chunk).
+    #[arg(long, default_value_t = 8)]
+    pub stride: usize,
+    /// Attention-sink slots at the start that are never evicted.
+    #[arg(long, default_value_t = 4)]
+    pub sinks: usize,
+    /// Share of the budget kept as a recent window during prefill.
+    #[arg(long, default_value_t = 0.1)]
+    pub recent_ratio: f64,
+    /// Also score the attention of the prompt prefix prefilled before eviction starts.
+    #[arg(long)]
+    pub keep_attention: bool,
+    /// Seed of the random policy.
+    #[arg(long, default_value_t = 0)]
+    pub policy_seed: u64,
+}
+
+impl EvictionArgs {
+    pub fn config(&self) -> CliResult<EvictionConfig> {
+        Ok(EvictionConfig {
+            budget: self.budget.parse::<Budget>()?,
+            mode: self.mode.parse::<Mode>()?,
+            stride: self.stride,
+            sinks: self.sinks,
+            recent_ratio: self.recent_ratio,
+            keep_attention: self.keep_attention,
+            seed: self.policy_seed,
+        })
+    }
+
+    /// Checks the flags before a model is loaded, so bad input fails fast.
+    pub fn validate(&self) -> CliResult {
+        let cfg = self.config()?;
+        if !easykv_policies::POLICY_NAMES.contains(&self.policy.as_str()) && self.policy != "h2o_head" {
+            return Err(CliError(format!(
+                "unknown policy '{}' (valid: {})",
+                self.policy,
+                easykv_policies::POLICY_NAMES.join(", ")
+            )));
+        }
+        if !(0.0..1.0).contains(&cfg.recent_ratio) {
+            return Err(CliError(format!(
+                "--recent-ratio must be in [0, 1), got {}",
+                cfg.recent_ratio
+            )));
+        }
+        if cfg.stride == 0 {
+            return Err(CliError("--stride must be ≥ 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The cache for a prompt of `prompt_len` tokens.
+    pub fn cache<B: Backend>(
+        &self,
+        model: &ModelConfig,
+        prompt_len: usize,
+        chunk_size: usize,
+    ) -> CliResult<Box<dyn KvCache<B>>> {
+        Ok(build_cache::<B>(
+            &self.policy,
+            &self.config()?,
+            model,
+            prompt_len,
+            chunk_size,
+        )?)
+    }
 }

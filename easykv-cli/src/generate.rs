@@ -6,12 +6,11 @@ use std::path::PathBuf;
 
 use burn::prelude::Backend;
 use clap::Args;
-use easykv_core::{FullCache, KvCache};
 use easykv_models::{generate, ChatMessage, GenerateConfig, SamplingConfig};
 use serde_json::json;
 
 use crate::backend::with_backend;
-use crate::common::{print_json, CliError, CliResult, ModelArgs};
+use crate::common::{print_json, CliError, CliResult, EvictionArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -43,6 +42,14 @@ pub struct GenerateArgs {
     /// Prompt tokens per prefill pass.
     #[arg(long, default_value_t = 512)]
     pub chunk_size: usize,
+    /// Read the prompt as token ids from a JSON array file (exact reproduction).
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_file", "chat"])]
+    pub prompt_ids_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub eviction: EvictionArgs,
+    /// Print cache statistics at the end (prompt tokens, slots per layer, evicted, KV bytes).
+    #[arg(long)]
+    pub stats: bool,
     /// Print one JSON document (text, ids, timings) instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -56,14 +63,8 @@ pub fn run(args: GenerateArgs) -> CliResult {
 fn prompt_text(args: &GenerateArgs) -> CliResult<String> {
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => {
-            std::fs::read_to_string(f).map_err(|e| CliError(format!("{}: {e}", f.display())))?
-        }
-        (None, None) => {
-            return Err(CliError(
-                "give a prompt with --prompt or --prompt-file".into(),
-            ))
-        }
+        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| CliError(format!("{}: {e}", f.display())))?,
+        (None, None) => return Err(CliError("give a prompt with --prompt or --prompt-file".into())),
     };
     if text.trim().is_empty() {
         return Err(CliError("the prompt is empty".into()));
@@ -71,8 +72,24 @@ fn prompt_text(args: &GenerateArgs) -> CliResult<String> {
     Ok(text)
 }
 
+fn prompt_ids_file(path: &std::path::Path) -> CliResult<Vec<u32>> {
+    let text = std::fs::read_to_string(path).map_err(|e| CliError(format!("{}: {e}", path.display())))?;
+    let ids: Vec<u32> = serde_json::from_str(&text)
+        .map_err(|e| CliError(format!("{}: not a JSON array of token ids: {e}", path.display())))?;
+    if ids.is_empty() {
+        return Err(CliError(format!("{}: the prompt is empty", path.display())));
+    }
+    Ok(ids)
+}
+
 fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
-    let text = prompt_text(args)?;
+    args.eviction.validate()?;
+    let given_ids = args.prompt_ids_file.as_deref().map(prompt_ids_file).transpose()?;
+    let text = if given_ids.is_some() {
+        String::new()
+    } else {
+        prompt_text(args)?
+    };
     if args.max_new_tokens == 0 {
         return Err(CliError("--max-new-tokens must be ≥ 1".into()));
     }
@@ -98,27 +115,27 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
     } else {
         text
     };
-    let ids = loaded.tokenizer.encode(&prompt)?;
+    let ids = match given_ids {
+        Some(ids) => ids,
+        None => loaded.tokenizer.encode(&prompt)?,
+    };
     let cfg = GenerateConfig {
         max_new_tokens: args.max_new_tokens,
         chunk_size: args.chunk_size,
         sampling,
         stop_ids: loaded.tokenizer.stop_ids.clone(),
     };
-    let mut cache = FullCache::<B>::new(loaded.config.n_layers);
+    let mut cache = args.eviction.cache::<B>(&loaded.config, ids.len(), args.chunk_size)?;
     let mut stream = loaded.tokenizer.stream(true);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
-    let out = generate(&loaded.model, &mut cache, &ids, &cfg, |id| {
+    let out = generate(&loaded.model, cache.as_mut(), &ids, &cfg, |id| {
         if args.json {
             return ControlFlow::Continue(());
         }
         match stream.push(id) {
             Ok(Some(piece)) => {
-                if let Err(e) = stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|()| stdout.flush())
-                {
+                if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
                     write_error = Some(e);
                     return ControlFlow::Break(());
                 }
@@ -153,9 +170,29 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
             "prefill_tokens_per_second": prefill_tps,
             "decode_tokens_per_second": decode_tps,
             "kv_cache_bytes": cache.bytes(),
+            "policy": args.eviction.policy,
+            "slots_per_layer": (0..loaded.config.n_layers).map(|l| cache.slots(l)).collect::<Vec<_>>(),
+            "evicted_per_head": cache.evicted(),
         }))?;
     } else {
         let _ = writeln!(stdout);
+        if args.stats {
+            let slots: Vec<usize> = (0..loaded.config.n_layers).map(|l| cache.slots(l)).collect();
+            let (lo, hi) = (
+                slots.iter().min().copied().unwrap_or(0),
+                slots.iter().max().copied().unwrap_or(0),
+            );
+            eprintln!(
+                "[cache: policy {}, prompt {} tokens, slots per (layer, head) {}, evicted {} per (layer, head), KV held {} bytes ({:.2} MiB) over {} layers]",
+                args.eviction.policy,
+                out.prompt_tokens,
+                if lo == hi { lo.to_string() } else { format!("{lo}..{hi}") },
+                cache.evicted(),
+                cache.bytes(),
+                cache.bytes() as f64 / (1 << 20) as f64,
+                slots.len()
+            );
+        }
         args.model.log(&format!(
             "[{} prompt tokens, prefill {:.1} tok/s; {} new tokens, decode {:.1} tok/s; stop: {:?}; KV cache {:.1} MiB]",
             out.prompt_tokens,

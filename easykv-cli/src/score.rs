@@ -4,12 +4,11 @@ use std::path::PathBuf;
 
 use burn::prelude::Backend;
 use clap::Args;
-use easykv_core::FullCache;
 use easykv_models::score;
 use serde_json::json;
 
 use crate::backend::with_backend;
-use crate::common::{print_json, CliError, CliResult, ModelArgs};
+use crate::common::{print_json, CliError, CliResult, EvictionArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -24,6 +23,8 @@ pub struct ScoreArgs {
     /// Tokens per forward pass.
     #[arg(long, default_value_t = 512)]
     pub chunk_size: usize,
+    #[command(flatten)]
+    pub eviction: EvictionArgs,
     /// Print one JSON document with every token's NLL.
     #[arg(long)]
     pub json: bool,
@@ -35,26 +36,38 @@ pub fn run(args: ScoreArgs) -> CliResult {
 }
 
 fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> CliResult {
-    let text = std::fs::read_to_string(&args.text_file)
-        .map_err(|e| CliError(format!("{}: {e}", args.text_file.display())))?;
+    let text =
+        std::fs::read_to_string(&args.text_file).map_err(|e| CliError(format!("{}: {e}", args.text_file.display())))?;
     if text.trim().is_empty() {
         return Err(CliError(format!("{} is empty", args.text_file.display())));
     }
     if args.max_tokens.is_some_and(|n| n < 2) {
         return Err(CliError("--max-tokens must be ≥ 2".into()));
     }
+    args.eviction.validate()?;
     let loaded = args.model.load::<B>(device)?;
     let mut ids = loaded.tokenizer.encode(&text)?;
     if let Some(n) = args.max_tokens {
         ids.truncate(n);
     }
-    let mut cache = FullCache::<B>::new(loaded.config.n_layers);
-    let s = score(&loaded.model, &mut cache, &ids, args.chunk_size)?;
+    if ids.len() < 2 {
+        return Err(CliError(format!(
+            "{} has fewer than 2 tokens",
+            args.text_file.display()
+        )));
+    }
+    // The last token is only predicted, never fed: the schedule covers the tokens fed.
+    let mut cache = args
+        .eviction
+        .cache::<B>(&loaded.config, ids.len() - 1, args.chunk_size)?;
+    let s = score(&loaded.model, cache.as_mut(), &ids, args.chunk_size)?;
     if args.json {
         print_json(&json!({
             "model": loaded.name,
             "tokens": ids.len(),
             "scored": s.nll.len(),
+            "policy": args.eviction.policy,
+            "budget": args.eviction.budget,
             "mean_nll": s.mean_nll,
             "perplexity": s.perplexity,
             "nll": s.nll,

@@ -36,10 +36,7 @@ fn help_shows_examples() {
     let o = easykv(&["--help"]);
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        out.contains("Examples:") && out.contains("easykv generate"),
-        "{out}"
-    );
+    assert!(out.contains("Examples:") && out.contains("easykv generate"), "{out}");
     let o = easykv(&["generate", "--help"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("--max-new-tokens"));
 }
@@ -53,13 +50,7 @@ fn bad_input_is_a_one_line_error_with_exit_code_2() {
         "unknown model",
     );
     assert_one_line_error(
-        &easykv(&[
-            "generate",
-            "--model",
-            "/no/such/file.gguf",
-            "--prompt",
-            "hi",
-        ]),
+        &easykv(&["generate", "--model", "/no/such/file.gguf", "--prompt", "hi"]),
         "does not exist",
     );
     assert_one_line_error(
@@ -70,21 +61,13 @@ fn bad_input_is_a_one_line_error_with_exit_code_2() {
         &easykv(&["generate", "--temperature=-1", "--prompt", "hi"]),
         "temperature",
     );
-    assert_one_line_error(
-        &easykv(&["generate", "--top-p", "2", "--prompt", "hi"]),
-        "top-p",
-    );
+    assert_one_line_error(&easykv(&["generate", "--top-p", "2", "--prompt", "hi"]), "top-p");
     assert_one_line_error(
         &easykv(&["score", "--text-file", "/no/such/text.txt"]),
         "/no/such/text.txt",
     );
     // clap's own usage errors also exit with 2.
-    assert_eq!(
-        easykv(&["generate", "--max-new-tokens", "many"])
-            .status
-            .code(),
-        Some(2)
-    );
+    assert_eq!(easykv(&["generate", "--max-new-tokens", "many"]).status.code(), Some(2));
     assert_eq!(easykv(&["frobnicate"]).status.code(), Some(2));
 }
 
@@ -93,30 +76,14 @@ fn corrupt_model_file_is_a_clear_error() {
     let dir = std::env::temp_dir().join(format!("easykv-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.gguf");
-    std::fs::write(
-        &bad,
-        b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff",
-    )
-    .unwrap();
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
     assert_one_line_error(
-        &easykv(&[
-            "generate",
-            "--model",
-            bad.to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ]),
+        &easykv(&["generate", "--model", bad.to_str().unwrap(), "--prompt", "hi"]),
         "corrupt GGUF",
     );
     std::fs::write(&bad, b"not a model").unwrap();
     assert_one_line_error(
-        &easykv(&[
-            "generate",
-            "--model",
-            bad.to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ]),
+        &easykv(&["generate", "--model", bad.to_str().unwrap(), "--prompt", "hi"]),
         "bad magic",
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -148,23 +115,12 @@ fn chat_generation_answers_on_stdout_and_stats_on_stderr() {
 fn json_output_and_control_tokens_in_a_raw_prompt() {
     // The same chat prompt written out by hand: control tokens must be recognized.
     let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
-    let o = easykv(&[
-        "generate",
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        "12",
-        "--json",
-        "-q",
-    ]);
+    let o = easykv(&["generate", "--prompt", prompt, "--max-new-tokens", "12", "--json", "-q"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(o.stderr.is_empty(), "-q keeps stderr empty: {}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["prompt_tokens"], 37);
-    assert_eq!(
-        v["ids"],
-        serde_json::json!([504, 3575, 282, 4649, 314, 7042, 30])
-    );
+    assert_eq!(v["ids"], serde_json::json!([504, 3575, 282, 4649, 314, 7042, 30]));
     assert_eq!(v["stop_reason"], "stop_token");
 }
 

@@ -48,9 +48,7 @@ impl FromStr for Budget {
         }
         if let Ok(n) = t.parse::<usize>() {
             if n == 0 {
-                return Err(Error::InvalidBudget(
-                    "a budget of 0 tokens holds nothing".into(),
-                ));
+                return Err(Error::InvalidBudget("a budget of 0 tokens holds nothing".into()));
             }
             return Ok(Budget::Tokens(n));
         }
@@ -168,12 +166,7 @@ pub struct Schedule {
 impl EvictionConfig {
     /// Resolves the schedule for a prompt of `prompt_len` tokens; `chunk_size` splits the part
     /// of the prompt that is prefilled before eviction starts.
-    pub fn schedule(
-        &self,
-        prompt_len: usize,
-        chunk_size: usize,
-        kv_bytes_per_token: u64,
-    ) -> Result<Schedule> {
+    pub fn schedule(&self, prompt_len: usize, chunk_size: usize, kv_bytes_per_token: u64) -> Result<Schedule> {
         let s = self.stride;
         if s == 0 {
             return Err(Error::InvalidBudget("stride must be ≥ 1".into()));
@@ -247,18 +240,9 @@ impl EvictionConfig {
     }
 
     /// EasyKV's strided prefill: final size `idx` ≤ `b` with `(n − idx) % s == 0`.
-    fn encoding_prefill(
-        &self,
-        sched: &mut Schedule,
-        b: usize,
-        auto: bool,
-        chunk_size: usize,
-    ) -> Result<()> {
+    fn encoding_prefill(&self, sched: &mut Schedule, b: usize, auto: bool, chunk_size: usize) -> Result<()> {
         let (n, s) = (sched.prompt_len, self.stride);
-        let idx = (0..=b.min(n))
-            .rev()
-            .find(|&i| (n - i) % s == 0)
-            .unwrap_or(0);
+        let idx = (0..=b.min(n)).rev().find(|&i| (n - i) % s == 0).unwrap_or(0);
         let min = self.sinks + s + 1;
         if idx < min {
             return Err(Error::InvalidBudget(format!(
@@ -314,10 +298,7 @@ mod tests {
         assert_eq!("0.5".parse::<Budget>().unwrap(), Budget::Ratio(0.5));
         assert_eq!("512".parse::<Budget>().unwrap(), Budget::Tokens(512));
         assert_eq!("64MiB".parse::<Budget>().unwrap(), Budget::Bytes(64 << 20));
-        assert_eq!(
-            "1.5GB".parse::<Budget>().unwrap(),
-            Budget::Bytes(1_500_000_000)
-        );
+        assert_eq!("1.5GB".parse::<Budget>().unwrap(), Budget::Bytes(1_500_000_000));
         for bad in ["", "abc", "-1", "0", "0.0", "NaN", "-2MiB", "inf"] {
             assert!(bad.parse::<Budget>().is_err(), "{bad}");
         }
@@ -357,11 +338,7 @@ mod tests {
             budget: Budget::Tokens(3),
             ..Default::default()
         };
-        assert!(cfg
-            .schedule(1000, 64, 1)
-            .unwrap_err()
-            .to_string()
-            .contains("at least"));
+        assert!(cfg.schedule(1000, 64, 1).unwrap_err().to_string().contains("at least"));
         let cfg = EvictionConfig {
             mode: Mode::Decoding,
             ..Default::default()

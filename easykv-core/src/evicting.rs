@@ -82,8 +82,7 @@ impl<B: Backend> EvictingCache<B> {
         match self.phase() {
             Phase::Prefill => {
                 self.schedule.prefill_capacity.is_some()
-                    && (self.schedule.keep_attention
-                        || self.schedule.prefill_capacity.is_some_and(|c| slots > c))
+                    && (self.schedule.keep_attention || self.schedule.prefill_capacity.is_some_and(|c| slots > c))
             }
             Phase::Decode => self.schedule.decode_capacity.is_some(),
         }
@@ -105,10 +104,7 @@ impl<B: Backend> EvictingCache<B> {
             .unwrap_or_default();
         (0..b * h)
             .map(|row| {
-                let mut v: Vec<usize> = flat[row * n..(row + 1) * n]
-                    .iter()
-                    .map(|&p| p as usize)
-                    .collect();
+                let mut v: Vec<usize> = flat[row * n..(row + 1) * n].iter().map(|&p| p as usize).collect();
                 v.sort_unstable();
                 v
             })
@@ -152,29 +148,41 @@ impl<B: Backend> EvictingCache<B> {
         };
         let evict = self.policy.select(&l.stats, &ctx);
         let keep = keep_indices(evict, [b, h, n], capacity);
+        // Row indices into the flattened [b·h·n] slots: whole rows of d values are copied,
+        // which is far cheaper than an element-wise gather.
+        let device = keep.device();
+        let offsets = Tensor::<B, 1, Int>::arange_step(0..(b * h * n) as i64, n, &device).reshape([b, h, 1]);
+        let offsets = offsets.cast(keep.dtype());
+        let rows = (keep + offsets).reshape([b * h * capacity]);
         let Some(Some(l)) = self.layers.get_mut(layer) else {
             return Ok(());
         };
         let d = l.keys.dims()[3];
-        let keep4 = keep.clone().unsqueeze_dim::<4>(3).repeat_dim(3, d);
-        l.keys = l.keys.clone().gather(2, keep4.clone());
-        l.values = l.values.clone().gather(2, keep4);
+        let pick4 = |t: Tensor<B, 4>| {
+            t.reshape([b * h * n, d])
+                .select(0, rows.clone())
+                .reshape([b, h, capacity, d])
+        };
+        l.keys = pick4(l.keys.clone());
+        l.values = pick4(l.values.clone());
+        let pick = |t: Tensor<B, 3>| t.reshape([b * h * n]).select(0, rows.clone()).reshape([b, h, capacity]);
         let s = &mut l.stats;
-        s.sum = s.sum.clone().gather(2, keep.clone());
-        s.sum_sq = s.sum_sq.clone().gather(2, keep.clone());
-        s.count = s.count.clone().gather(2, keep.clone());
-        s.last = s.last.clone().gather(2, keep.clone());
-        s.positions = s.positions.clone().gather(2, keep);
+        s.sum = pick(s.sum.clone());
+        s.sum_sq = pick(s.sum_sq.clone());
+        s.count = pick(s.count.clone());
+        s.last = pick(s.last.clone());
+        s.positions = s
+            .positions
+            .clone()
+            .reshape([b * h * n])
+            .select(0, rows)
+            .reshape([b, h, capacity]);
         Ok(())
     }
 }
 
 /// The slots not in `evict`, in ascending order: sort `evicted·n + index` and keep the head.
-fn keep_indices<B: Backend>(
-    evict: Tensor<B, 3, Int>,
-    [b, h, n]: [usize; 3],
-    keep: usize,
-) -> Tensor<B, 3, Int> {
+fn keep_indices<B: Backend>(evict: Tensor<B, 3, Int>, [b, h, n]: [usize; 3], keep: usize) -> Tensor<B, 3, Int> {
     let device = evict.device();
     let n_evict = evict.dims()[2];
     let marks = Tensor::<B, 3, Int>::zeros([b, h, n], &device).scatter(
@@ -273,8 +281,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         let seen: Vec<f32> = (0..n)
             .map(|j| if j + s < n { s as f32 } else { (n - j) as f32 })
             .collect();
-        let seen =
-            Tensor::<B, 1>::from_data(TensorData::new(seen, [n]), &device).reshape([1, 1, n]);
+        let seen = Tensor::<B, 1>::from_data(TensorData::new(seen, [n]), &device).reshape([1, 1, n]);
         st.count = st.count.clone() + seen;
         Ok(())
     }

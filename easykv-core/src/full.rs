@@ -40,10 +40,7 @@ impl<B: Backend> KvCache<B> for FullCache<B> {
         }
         let (k, v) = match entry.take() {
             None => (keys, values),
-            Some((k, v)) => (
-                Tensor::cat(vec![k, keys], 2),
-                Tensor::cat(vec![v, values], 2),
-            ),
+            Some((k, v)) => (Tensor::cat(vec![k, keys], 2), Tensor::cat(vec![v, values], 2)),
         };
         *entry = Some((k.clone(), v.clone()));
         Ok((k, v))
@@ -95,16 +92,9 @@ mod tests {
         assert_eq!(cache.slots(1), 12);
         assert_eq!(cache.bytes(), 2 * 2 * (2 * 12 * 8 * 4));
         assert!(cache
-            .append(
-                2,
-                Tensor::zeros([1, 2, 1, 8], &dev),
-                Tensor::zeros([1, 2, 1, 8], &dev)
-            )
+            .append(2, Tensor::zeros([1, 2, 1, 8], &dev), Tensor::zeros([1, 2, 1, 8], &dev))
             .is_err());
         cache.clear();
-        assert_eq!(
-            (cache.tokens_seen(), cache.slots(0), cache.bytes()),
-            (0, 0, 0)
-        );
+        assert_eq!((cache.tokens_seen(), cache.slots(0), cache.bytes()), (0, 0, 0));
     }
 }

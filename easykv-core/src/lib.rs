@@ -12,9 +12,7 @@ mod evicting;
 mod full;
 mod policy;
 
-pub use budget::{
-    Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL,
-};
+pub use budget::{Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL};
 pub use cache::{uniform_chunks, KvCache};
 pub use error::{Error, Result};
 pub use evicting::EvictingCache;

@@ -19,13 +19,11 @@ pub fn build_cache<B: Backend>(
     prompt_len: usize,
     chunk_size: usize,
 ) -> Result<Box<dyn KvCache<B>>> {
-    let schedule = eviction.schedule(
-        prompt_len,
-        chunk_size,
-        model.kv_bytes_per_token(KV_ELEMENT_BYTES),
-    )?;
     match policy_by_name::<B>(policy).map_err(|e| Error::InvalidInput(e.to_string()))? {
         None => Ok(Box::new(FullCache::new(model.n_layers))),
-        Some(p) => Ok(Box::new(EvictingCache::new(model.n_layers, p, schedule))),
+        Some(p) => {
+            let schedule = eviction.schedule(prompt_len, chunk_size, model.kv_bytes_per_token(KV_ELEMENT_BYTES))?;
+            Ok(Box::new(EvictingCache::new(model.n_layers, p, schedule)))
+        }
     }
 }

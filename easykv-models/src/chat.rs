@@ -30,11 +30,7 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    pub fn new(
-        source: impl Into<String>,
-        bos_token: impl Into<String>,
-        eos_token: impl Into<String>,
-    ) -> Self {
+    pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Self {
         Self {
             source: source.into(),
             bos_token: bos_token.into(),
@@ -50,10 +46,7 @@ impl ChatTemplate {
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
+                Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
             },
         );
         env.add_template("chat", &self.source)
@@ -87,10 +80,7 @@ mod tests {
         );
         let out = t
             .render(
-                &[
-                    ChatMessage::new("system", "Be brief."),
-                    ChatMessage::new("user", "Hi"),
-                ],
+                &[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")],
                 false,
             )
             .unwrap();
@@ -103,13 +93,7 @@ mod tests {
     #[test]
     fn python_string_methods_and_bad_templates() {
         let t = ChatTemplate::new("{{ messages[0].content.strip() }}", "", "");
-        assert_eq!(
-            t.render(&[ChatMessage::new("user", "  x  ")], false)
-                .unwrap(),
-            "x"
-        );
-        assert!(ChatTemplate::new("{% for %}", "", "")
-            .render(&[], false)
-            .is_err());
+        assert_eq!(t.render(&[ChatMessage::new("user", "  x  ")], false).unwrap(), "x");
+        assert!(ChatTemplate::new("{% for %}", "", "").render(&[], false).is_err());
     }
 }

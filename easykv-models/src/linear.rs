@@ -35,37 +35,48 @@ impl std::str::FromStr for WeightDType {
     }
 }
 
-/// `y = x·W + b` with `W` stored `[in, out]` in any float dtype.
+/// Up to this many rows, `W·xᵀ` beats `x·Wᵀ` (measured with flex on 2 cores: 75 vs 116 ms
+/// over SmolLM2's layer weights at 8 rows); above it the plain product wins.
+const SMALL_ROWS: usize = 32;
+
+/// `y = x·Wᵀ + b` with `W` stored `[out, in]` (the file's layout) in any float dtype.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
+    /// `[out, in]`
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> Linear<B> {
-    /// From a row-major `[in, out]` matrix.
+    /// From a row-major `[out, in]` matrix.
     pub fn new(
-        w_in_out: Vec<f32>,
-        inp: usize,
+        w_out_in: Vec<f32>,
         out: usize,
+        inp: usize,
         bias: Option<Vec<f32>>,
         dtype: WeightDType,
         device: &B::Device,
     ) -> Self {
-        let weight = Tensor::<B, 2>::from_data(TensorData::new(w_in_out, [inp, out]), device)
-            .cast(dtype.dtype());
+        let weight = Tensor::<B, 2>::from_data(TensorData::new(w_out_in, [out, inp]), device).cast(dtype.dtype());
         Self {
             weight: Param::from_tensor(weight),
-            bias: bias
-                .map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device))),
+            bias: bias.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device))),
         }
     }
 
     /// # Shapes
     /// - `x`: `[batch, s, in]` (f32) → `[batch, s, out]` (f32)
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, inp] = x.dims();
         let w = self.weight.val();
-        let y = x.cast(w.dtype()).matmul(w.unsqueeze()).cast(DType::F32);
+        let out = w.dims()[0];
+        let x = x.reshape([b * s, inp]).cast(w.dtype());
+        let y = if b * s <= SMALL_ROWS {
+            w.matmul(x.transpose()).transpose()
+        } else {
+            x.matmul(w.transpose())
+        };
+        let y = y.cast(DType::F32).reshape([b, s, out]);
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
@@ -81,15 +92,8 @@ pub struct EmbeddingTable<B: Backend> {
 }
 
 impl<B: Backend> EmbeddingTable<B> {
-    pub fn new(
-        w: Vec<f32>,
-        vocab: usize,
-        hidden: usize,
-        dtype: WeightDType,
-        device: &B::Device,
-    ) -> Self {
-        let weight = Tensor::<B, 2>::from_data(TensorData::new(w, [vocab, hidden]), device)
-            .cast(dtype.dtype());
+    pub fn new(w: Vec<f32>, vocab: usize, hidden: usize, dtype: WeightDType, device: &B::Device) -> Self {
+        let weight = Tensor::<B, 2>::from_data(TensorData::new(w, [vocab, hidden]), device).cast(dtype.dtype());
         Self {
             weight: Param::from_tensor(weight),
         }
@@ -121,9 +125,6 @@ impl<B: Backend> EmbeddingTable<B> {
         let w = self.weight.val();
         let vocab = w.dims()[0];
         let xt = x.reshape([b * s, hidden]).cast(w.dtype()).transpose();
-        w.matmul(xt)
-            .cast(DType::F32)
-            .transpose()
-            .reshape([b, s, vocab])
+        w.matmul(xt).cast(DType::F32).transpose().reshape([b, s, vocab])
     }
 }

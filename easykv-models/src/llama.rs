@@ -49,8 +49,7 @@ impl<B: Backend> Rope<B> {
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let t =
-            |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [max_positions, head_dim]), device);
+        let t = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [max_positions, head_dim]), device);
         Self {
             cos: t(cos),
             sin: t(sin),
@@ -63,16 +62,8 @@ impl<B: Backend> Rope<B> {
     /// - `x`: `[batch, heads, s, head_dim]`
     pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
         let [_, _, s, d] = x.dims();
-        let cos = self
-            .cos
-            .clone()
-            .slice([start..start + s])
-            .reshape([1, 1, s, d]);
-        let sin = self
-            .sin
-            .clone()
-            .slice([start..start + s])
-            .reshape([1, 1, s, d]);
+        let cos = self.cos.clone().slice([start..start + s]).reshape([1, 1, s, d]);
+        let sin = self.sin.clone().slice([start..start + s]).reshape([1, 1, s, d]);
         let x1 = x.clone().slice_dim(3, 0..d / 2);
         let x2 = x.clone().slice_dim(3, d / 2..d);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
@@ -122,9 +113,7 @@ impl<B: Backend> Attention<B> {
         // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
         // repeating K and V.
         let q = q.reshape([b, hkv, g * s, d]);
-        let scores = q
-            .matmul(keys.swap_dims(2, 3))
-            .mul_scalar((d as f64).powf(-0.5));
+        let scores = q.matmul(keys.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
         // The mask has the scores' full shape: flex adds equal shapes far faster than it broadcasts.
         let scores = match mask {
             Some(m) => scores + m.clone(),
@@ -136,10 +125,7 @@ impl<B: Backend> Attention<B> {
             cache.observe(layer, grouped.reshape([b, hkv, s, n]))?;
         }
         let out = probs.matmul(values);
-        let out = out
-            .reshape([b, hq, s, d])
-            .swap_dims(1, 2)
-            .reshape([b, s, hq * d]);
+        let out = out.reshape([b, hq, s, d]).swap_dims(1, 2).reshape([b, s, hq * d]);
         Ok(self.o.forward(out))
     }
 }
@@ -242,12 +228,7 @@ impl<B: Backend> Llama<B> {
 
     /// Loads weights named as in GGUF from `source`, laid out for [`Llama::forward`], with
     /// matrices stored in `dtype`.
-    pub fn load(
-        cfg: &ModelConfig,
-        source: &impl WeightSource,
-        dtype: WeightDType,
-        device: &B::Device,
-    ) -> Result<Self> {
+    pub fn load(cfg: &ModelConfig, source: &impl WeightSource, dtype: WeightDType, device: &B::Device) -> Result<Self> {
         cfg.validate()?;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let embed = EmbeddingTable::new(
@@ -267,29 +248,21 @@ impl<B: Backend> Llama<B> {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let name = |t: &str| format!("blk.{i}.{t}");
-            let proj =
-                |t: &str, out: usize, inp: usize, rope_heads: Option<usize>| -> Result<Linear<B>> {
-                    let mut w = matrix(source, &name(&format!("{t}.weight")), out, inp)?;
-                    let mut bias = if cfg.qkv_bias && source.has(&name(&format!("{t}.bias"))) {
-                        Some(vector(source, &name(&format!("{t}.bias")), out)?)
-                    } else {
-                        None
-                    };
-                    if let (Some(heads), RopeLayout::Interleaved) = (rope_heads, cfg.rope_layout) {
-                        // Reorder each head's rows from interleaved pairs to rotate-half pairs; the
-                        // same permutation on Q and K leaves every QKᵀ score unchanged.
-                        w = deinterleave_rows(&w, heads, d, inp);
-                        bias = bias.map(|b| deinterleave_rows(&b, heads, d, 1));
-                    }
-                    Ok(Linear::new(
-                        transpose(&w, out, inp),
-                        inp,
-                        out,
-                        bias,
-                        dtype,
-                        device,
-                    ))
+            let proj = |t: &str, out: usize, inp: usize, rope_heads: Option<usize>| -> Result<Linear<B>> {
+                let mut w = matrix(source, &name(&format!("{t}.weight")), out, inp)?;
+                let mut bias = if cfg.qkv_bias && source.has(&name(&format!("{t}.bias"))) {
+                    Some(vector(source, &name(&format!("{t}.bias")), out)?)
+                } else {
+                    None
                 };
+                if let (Some(heads), RopeLayout::Interleaved) = (rope_heads, cfg.rope_layout) {
+                    // Reorder each head's rows from interleaved pairs to rotate-half pairs; the
+                    // same permutation on Q and K leaves every QKᵀ score unchanged.
+                    w = deinterleave_rows(&w, heads, d, inp);
+                    bias = bias.map(|b| deinterleave_rows(&b, heads, d, 1));
+                }
+                Ok(Linear::new(w, out, inp, bias, dtype, device))
+            };
             let attn = Attention {
                 q: proj("attn_q", cfg.n_heads * d, h, Some(cfg.n_heads))?,
                 k: proj("attn_k", cfg.n_kv_heads * d, h, Some(cfg.n_kv_heads))?,
@@ -348,16 +321,6 @@ fn matrix(source: &impl WeightSource, name: &str, rows: usize, cols: usize) -> R
 
 fn vector(source: &impl WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
     matrix(source, name, 1, len)
-}
-
-fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; w.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = w[r * cols + c];
-        }
-    }
-    t
 }
 
 /// Within each head, rows `0,2,4,…` then `1,3,5,…`: interleaved RoPE pairs → rotate-half pairs.

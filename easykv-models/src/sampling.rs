@@ -38,9 +38,7 @@ impl SamplingConfig {
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(Error::InvalidInput(format!(
-                    "top-p must be in (0, 1], got {p}"
-                )));
+                return Err(Error::InvalidInput(format!("top-p must be in (0, 1], got {p}")));
             }
         }
         Ok(())
@@ -68,11 +66,7 @@ impl Sampler {
         }
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         // Ties go to the lower id, as in greedy decoding.
-        order.sort_unstable_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
+        order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
         if let Some(k) = self.cfg.top_k {
             order.truncate(k.max(1));
         }

@@ -14,7 +14,8 @@ use crate::gguf::{GgufFile, MetaValue};
 
 /// llama.cpp's pre-tokenizer regexes, by the value of `tokenizer.ggml.pre`.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// The `tokenizer.ggml.pre` values this build understands.
 pub const SUPPORTED_PRE: &[&str] = &["default", "gpt2", "smollm", "qwen2", "llama-bpe", "llama3"];
 
@@ -64,20 +65,12 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
             false,
         )
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Sequence::new(vec![
-            split.into(),
-            ByteLevel::new(false, true, false).into(),
-        ])
-        .into())
+        Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
     };
     match pre {
         "default" | "gpt2" => Ok(ByteLevel::new(false, true, true).into()),
         // SmolLM: every digit on its own, then GPT-2's byte-level split.
-        "smollm" => Ok(Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into()),
+        "smollm" => Ok(Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()),
         "qwen2" => split(QWEN2_REGEX),
         "llama-bpe" | "llama3" => split(LLAMA3_REGEX),
         other => Err(Error::Unsupported(format!(
@@ -105,21 +98,11 @@ impl TextTokenizer {
                     .ok_or_else(|| Error::Tokenizer(format!("merge '{m}' has no space")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let types: Vec<i64> = match file
-            .meta("tokenizer.ggml.token_type")
-            .and_then(MetaValue::as_array)
-        {
-            Some(arr) => arr
-                .iter()
-                .map(|v| v.as_f64().map_or(1, |x| x as i64))
-                .collect(),
+        let types: Vec<i64> = match file.meta("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
+            Some(arr) => arr.iter().map(|v| v.as_f64().map_or(1, |x| x as i64)).collect(),
             None => vec![1; tokens.len()],
         };
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -212,10 +195,7 @@ impl TextStream<'_> {
         self.ids.push(id);
         let text = self.tokenizer.decode(&self.ids, self.skip_special)?;
         // A trailing replacement character means the last token ended inside a UTF-8 sequence.
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
             return Ok(None);
         }
         let new = text[self.emitted..].to_string();

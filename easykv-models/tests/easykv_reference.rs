@@ -8,21 +8,16 @@ use std::sync::OnceLock;
 use burn::backend::Flex;
 use easykv_core::{EvictingCache, EvictionConfig, KvCache};
 use easykv_models::fetch::{easykv_home, fetch_model, known_model};
-use easykv_models::{
-    generate, GenerateConfig, LoadedModel, SamplingConfig, StopReason, WeightDType,
-};
+use easykv_models::{generate, GenerateConfig, LoadedModel, SamplingConfig, StopReason, WeightDType};
 use easykv_policies::policy_by_name;
 use serde_json::Value;
 
 fn reference() -> &'static Value {
     static REF: OnceLock<Value> = OnceLock::new();
     REF.get_or_init(|| {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/reference/smollm2-135m-q4_1.json");
-        serde_json::from_str(
-            &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        )
-        .unwrap()
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/smollm2-135m-q4_1.json");
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+            .unwrap()
     })
 }
 
@@ -48,14 +43,8 @@ fn run(policy: &str) -> (String, Vec<Vec<Vec<usize>>>) {
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
     let cfg = EvictionConfig::default();
-    let schedule = cfg
-        .schedule(prompt.len(), 512, m.config.kv_bytes_per_token(4))
-        .unwrap();
-    let mut cache = EvictingCache::<Flex>::new(
-        m.config.n_layers,
-        policy_by_name(policy).unwrap().unwrap(),
-        schedule,
-    );
+    let schedule = cfg.schedule(prompt.len(), 512, m.config.kv_bytes_per_token(4)).unwrap();
+    let mut cache = EvictingCache::<Flex>::new(m.config.n_layers, policy_by_name(policy).unwrap().unwrap(), schedule);
     let gen = GenerateConfig {
         max_new_tokens: 32,
         chunk_size: 512,
@@ -66,12 +55,7 @@ fn run(policy: &str) -> (String, Vec<Vec<Vec<usize>>>) {
         std::ops::ControlFlow::Continue(())
     })
     .unwrap();
-    let text = m
-        .tokenizer
-        .decode(&out.ids, true)
-        .unwrap()
-        .trim()
-        .to_string();
+    let text = m.tokenizer.decode(&out.ids, true).unwrap().trim().to_string();
     // Positions after generation: generated tokens were appended after the prompt (encoding
     // mode never evicts while decoding), so filter them out.
     let n = prompt.len();
@@ -90,10 +74,7 @@ fn run(policy: &str) -> (String, Vec<Vec<Vec<usize>>>) {
     } else {
         out.ids.len()
     };
-    assert_eq!(
-        cache.slots(0),
-        cache.schedule().prefill_capacity.unwrap() + fed
-    );
+    assert_eq!(cache.slots(0), cache.schedule().prefill_capacity.unwrap() + fed);
     (text, kept)
 }
 
@@ -109,11 +90,7 @@ fn check(policy: &str) {
         .find(|c| c["policy"] == policy)
         .unwrap();
     assert_eq!(
-        (
-            case["mode"].as_str(),
-            case["budget"].as_f64(),
-            case["stride"].as_u64()
-        ),
+        (case["mode"].as_str(), case["budget"].as_f64(), case["stride"].as_u64()),
         (Some("encoding"), Some(0.5), Some(8))
     );
     let (text, kept) = run(policy);

@@ -11,9 +11,7 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use easykv_core::FullCache;
 use easykv_models::fetch::{easykv_home, fetch_model, known_model};
-use easykv_models::{
-    generate, prefill, score, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig, WeightDType,
-};
+use easykv_models::{generate, prefill, score, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig, WeightDType};
 use serde_json::Value;
 
 fn repo_root() -> PathBuf {
@@ -24,8 +22,7 @@ fn reference() -> &'static Value {
     static REF: OnceLock<Value> = OnceLock::new();
     REF.get_or_init(|| {
         let path = repo_root().join("../shared/reference/smollm2-135m-q4_1.json");
-        let text =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         serde_json::from_str(&text).unwrap()
     })
 }
@@ -54,11 +51,7 @@ fn tokenizer_ids_match_hf() {
     assert!(cases.len() >= 9);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(
-            tok.encode(text).unwrap(),
-            ids(&case["ids"]),
-            "text {text:?}"
-        );
+        assert_eq!(tok.encode(text).unwrap(), ids(&case["ids"]), "text {text:?}");
         // Byte-level BPE round-trips exactly.
         assert_eq!(tok.decode(&ids(&case["ids"]), false).unwrap(), text);
     }
@@ -67,16 +60,10 @@ fn tokenizer_ids_match_hf() {
 #[test]
 fn chat_template_renders_the_reference_prompts() {
     let m = model();
-    let template = m
-        .chat_template
-        .as_ref()
-        .expect("SmolLM2 ships a chat template");
+    let template = m.chat_template.as_ref().expect("SmolLM2 ships a chat template");
     for case in reference()["chat"].as_array().unwrap() {
         let text = template
-            .render(
-                &[ChatMessage::new("user", case["user"].as_str().unwrap())],
-                true,
-            )
+            .render(&[ChatMessage::new("user", case["user"].as_str().unwrap())], true)
             .unwrap();
         assert!(text.starts_with(reference()["chat_prefix"].as_str().unwrap()));
         assert_eq!(m.tokenizer.encode(&text).unwrap(), ids(&case["prompt_ids"]));
@@ -102,15 +89,8 @@ fn greedy_ids_and_top10_logprobs_match_hf() {
         .into_vec()
         .unwrap();
         for pair in case["top10_last"].as_array().unwrap() {
-            let (id, want_lp) = (
-                pair[0].as_u64().unwrap() as usize,
-                pair[1].as_f64().unwrap() as f32,
-            );
-            assert!(
-                (lp[id] - want_lp).abs() < 2e-3,
-                "token {id}: {} vs {want_lp}",
-                lp[id]
-            );
+            let (id, want_lp) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+            assert!((lp[id] - want_lp).abs() < 2e-3, "token {id}: {} vs {want_lp}", lp[id]);
         }
 
         // Greedy continuation; the reference ends with EOS when the model stopped.
@@ -138,8 +118,7 @@ fn greedy_ids_and_top10_logprobs_match_hf() {
 fn perplexity_of_512_tokens_within_half_a_percent() {
     let m = model();
     let r = &reference()["perplexity"];
-    let text = std::fs::read_to_string(repo_root().join("../shared/data/last_of_the_mohicans.txt"))
-        .unwrap();
+    let text = std::fs::read_to_string(repo_root().join("../shared/data/last_of_the_mohicans.txt")).unwrap();
     let mut ids = m.tokenizer.encode(&text).unwrap();
     ids.truncate(r["first_tokens"].as_u64().unwrap() as usize);
     let mut cache = FullCache::new(m.config.n_layers);
@@ -171,10 +150,7 @@ fn f16_weights_stay_close_to_the_reference() {
         .into_vec()
         .unwrap();
         for pair in case["top10_last"].as_array().unwrap() {
-            let (id, want) = (
-                pair[0].as_u64().unwrap() as usize,
-                pair[1].as_f64().unwrap() as f32,
-            );
+            let (id, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
             worst = worst.max((lp[id] - want).abs());
         }
     }

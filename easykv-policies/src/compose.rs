@@ -31,11 +31,7 @@ pub struct ScoredPolicy<B: Backend> {
 }
 
 impl<B: Backend> ScoredPolicy<B> {
-    pub fn new(
-        name: &str,
-        score: impl ScoreCalculator<B> + 'static,
-        scope: impl ScopeBuilder<B> + 'static,
-    ) -> Self {
+    pub fn new(name: &str, score: impl ScoreCalculator<B> + 'static, scope: impl ScopeBuilder<B> + 'static) -> Self {
         Self {
             name: name.into(),
             score: Box::new(score),
@@ -56,10 +52,7 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
     fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Int> {
         let score = self.score.score(stats, ctx);
         // NaN or huge scores must not outrank real ones.
-        let score = score
-            .clone()
-            .mask_fill(score.is_nan(), NEVER)
-            .clamp(-NEVER, NEVER);
+        let score = score.clone().mask_fill(score.is_nan(), NEVER).clamp(-NEVER, NEVER);
         let eligible = self.scope.eligible(stats, ctx);
         score
             .mask_fill(eligible.bool_not(), NEVER)

@@ -17,11 +17,5 @@ impl<B: Backend> ScoreCalculator<B> for SumAttention {
 
 /// The H2O preset (EasyKV's `h2o_head`).
 pub fn h2o<B: Backend>() -> ScoredPolicy<B> {
-    ScoredPolicy::new(
-        "h2o",
-        SumAttention,
-        SinksAndRecent {
-            recent_in_decode: true,
-        },
-    )
+    ScoredPolicy::new("h2o", SumAttention, SinksAndRecent { recent_in_decode: true })
 }

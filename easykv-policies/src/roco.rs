@@ -28,11 +28,8 @@ impl RobustStdScope {
         let c = stats.count.clone().clamp_min(1.0);
         let mean = stats.sum.clone() / c.clone();
         // EasyKV takes sqrt of a difference that float noise can push below zero (NaN): clamp.
-        let std = (stats.sum_sq.clone() / c - mean.square())
-            .clamp_min(0.0)
-            .sqrt();
-        let tail = slot_index(stats)
-            .greater_equal_elem(ctx.slots.saturating_sub(ROBUST_PROTECTED_TAIL) as i64);
+        let std = (stats.sum_sq.clone() / c - mean.square()).clamp_min(0.0).sqrt();
+        let tail = slot_index(stats).greater_equal_elem(ctx.slots.saturating_sub(ROBUST_PROTECTED_TAIL) as i64);
         let excluded = protected(stats, ctx)
             .bool_or(tail)
             .bool_or(stats.count.clone().lower_equal_elem(0.0));

@@ -13,17 +13,10 @@ pub fn slot_index<B: Backend>(stats: &SlotStats<B>) -> Tensor<B, 3, Int> {
 
 /// Slots that no policy may evict: the sinks, and positions the schedule protects (the
 /// prompt, in decoding mode).
-pub(crate) fn protected<B: Backend>(
-    stats: &SlotStats<B>,
-    ctx: &EvictionContext,
-) -> Tensor<B, 3, Bool> {
+pub(crate) fn protected<B: Backend>(stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
     let idx = slot_index(stats);
-    idx.lower_elem(ctx.sinks as i64).bool_or(
-        stats
-            .positions
-            .clone()
-            .lower_elem(ctx.protected_positions as i64),
-    )
+    idx.lower_elem(ctx.sinks as i64)
+        .bool_or(stats.positions.clone().lower_elem(ctx.protected_positions as i64))
 }
 
 /// Everything but the sinks, protected positions and the `recent` newest slots (H2O, TOVA).

@@ -9,12 +9,7 @@ const USAGE: &str = "usage: cargo xtask fetch-model <NAME>   (names: see `cargo 
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["fetch-model", name] => fetch(name),
         ["list-models"] => {
             for m in KNOWN_MODELS {
@@ -38,8 +33,7 @@ fn fetch(name: &str) -> Result<(), String> {
         let names: Vec<_> = KNOWN_MODELS.iter().map(|m| m.alias).collect();
         format!("unknown model '{name}' (known: {})", names.join(", "))
     })?;
-    let path =
-        fetch_model(model, &easykv_home(), &mut |m| eprintln!("{m}")).map_err(|e| e.to_string())?;
+    let path = fetch_model(model, &easykv_home(), &mut |m| eprintln!("{m}")).map_err(|e| e.to_string())?;
     println!("{}", path.display());
     Ok(())
 }

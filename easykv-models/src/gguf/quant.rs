@@ -73,9 +73,7 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 /// Dequantizes `n` elements of `ty` from `bytes`.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
     if n % ty.block_len() != 0 {
-        return Err(format!(
-            "{n} elements is not a whole number of {ty:?} blocks"
-        ));
+        return Err(format!("{n} elements is not a whole number of {ty:?} blocks"));
     }
     let n_blocks = n / ty.block_len();
     let need = n_blocks * ty.block_bytes();
@@ -121,10 +119,7 @@ fn block_q4_1(b: &[u8], y: &mut [f32]) {
 
 /// The fifth bits of a Q5 block: bit j of `qh` belongs to element j.
 fn q5_high(qh: u32, j: usize) -> (u8, u8) {
-    (
-        (((qh >> j) << 4) & 0x10) as u8,
-        ((qh >> (j + 12)) & 0x10) as u8,
-    )
+    ((((qh >> j) << 4) & 0x10) as u8, ((qh >> (j + 12)) & 0x10) as u8)
 }
 
 fn block_q5_0(b: &[u8], y: &mut [f32]) {

@@ -121,10 +121,7 @@ impl GgufFile {
 
     /// Parses GGUF bytes.
     pub fn parse(bytes: Vec<u8>) -> Result<Self> {
-        let mut cur = Cursor {
-            bytes: &bytes,
-            pos: 0,
-        };
+        let mut cur = Cursor { bytes: &bytes, pos: 0 };
         let magic = cur.take(4, "magic")?;
         if magic != MAGIC {
             return Err(Error::gguf(0, "not a GGUF file (bad magic)"));
@@ -155,33 +152,27 @@ impl GgufFile {
             let name = cur.string("tensor name")?;
             let n_dims = cur.u32("tensor dims")?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(Error::gguf(
-                    at,
-                    format!("tensor '{name}' has {n_dims} dimensions"),
-                ));
+                return Err(Error::gguf(at, format!("tensor '{name}' has {n_dims} dimensions")));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 dims.push(cur.u64("tensor dim")?);
             }
             let type_id = cur.u32("tensor type")?;
-            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-                Error::gguf(
-                    at,
-                    format!("tensor '{name}' has unsupported ggml type {type_id}"),
-                )
-            })?;
+            let ggml_type = GgmlType::from_id(type_id)
+                .ok_or_else(|| Error::gguf(at, format!("tensor '{name}' has unsupported ggml type {type_id}")))?;
             let offset = cur.u64("tensor offset")?;
             let n_elements = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| {
-                    Error::gguf(at, format!("tensor '{name}' element count overflows"))
-                })?;
+                .ok_or_else(|| Error::gguf(at, format!("tensor '{name}' element count overflows")))?;
             if dims[0] % ggml_type.block_len() as u64 != 0 {
                 return Err(Error::gguf(
                     at,
-                    format!("tensor '{name}' row length {} is not a multiple of the {ggml_type:?} block", dims[0]),
+                    format!(
+                        "tensor '{name}' row length {} is not a multiple of the {ggml_type:?} block",
+                        dims[0]
+                    ),
                 ));
             }
             let n_bytes = (n_elements / ggml_type.block_len() as u64)
@@ -199,12 +190,7 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() => a,
-                _ => {
-                    return Err(Error::gguf(
-                        cur.pos,
-                        "general.alignment is not a power of two",
-                    ))
-                }
+                _ => return Err(Error::gguf(cur.pos, "general.alignment is not a power of two")),
             },
         };
         let data_start = (cur.pos as u64).div_ceil(alignment) * alignment;
@@ -278,17 +264,8 @@ impl GgufFile {
         let info = self
             .tensor_info(name)
             .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
-        let data = super::quant::dequantize(
-            info.ggml_type,
-            self.tensor_bytes(info),
-            info.n_elements() as usize,
-        )
-        .map_err(|msg| {
-            Error::gguf(
-                self.data_start as u64 + info.offset,
-                format!("tensor '{name}': {msg}"),
-            )
-        })?;
+        let data = super::quant::dequantize(info.ggml_type, self.tensor_bytes(info), info.n_elements() as usize)
+            .map_err(|msg| Error::gguf(self.data_start as u64 + info.offset, format!("tensor '{name}': {msg}")))?;
         Ok((data, info.dims.iter().map(|&d| d as usize).collect()))
     }
 }
@@ -355,8 +332,7 @@ impl<'a> Cursor<'a> {
             ));
         }
         let raw = self.take(len as usize, what)?;
-        String::from_utf8(raw.to_vec())
-            .map_err(|_| Error::gguf(at as u64, format!("{what} is not valid UTF-8")))
+        String::from_utf8(raw.to_vec()).map_err(|_| Error::gguf(at as u64, format!("{what} is not valid UTF-8")))
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<MetaValue> {
@@ -372,20 +348,12 @@ impl<'a> Cursor<'a> {
             7 => match self.array::<1>(key)?[0] {
                 0 => MetaValue::Bool(false),
                 1 => MetaValue::Bool(true),
-                b => {
-                    return Err(Error::gguf(
-                        at,
-                        format!("metadata '{key}' has bool byte {b}"),
-                    ))
-                }
+                b => return Err(Error::gguf(at, format!("metadata '{key}' has bool byte {b}"))),
             },
             8 => MetaValue::String(self.string(key)?),
             9 => {
                 if depth >= MAX_ARRAY_NESTING {
-                    return Err(Error::gguf(
-                        at,
-                        format!("metadata '{key}' nests arrays too deeply"),
-                    ));
+                    return Err(Error::gguf(at, format!("metadata '{key}' nests arrays too deeply")));
                 }
                 let elem_ty = self.u32(key)?;
                 let count = self.u64(key)?;
@@ -411,12 +379,7 @@ impl<'a> Cursor<'a> {
             10 => MetaValue::U64(self.u64(key)?),
             11 => MetaValue::I64(i64::from_le_bytes(self.array(key)?)),
             12 => MetaValue::F64(f64::from_le_bytes(self.array(key)?)),
-            _ => {
-                return Err(Error::gguf(
-                    at,
-                    format!("metadata '{key}' has unknown value type {ty}"),
-                ))
-            }
+            _ => return Err(Error::gguf(at, format!("metadata '{key}' has unknown value type {ty}"))),
         })
     }
 }

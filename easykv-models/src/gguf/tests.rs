@@ -49,18 +49,14 @@ fn reads_every_metadata_type() {
 fn dequantizes_every_type_like_ggml() {
     let f = tiny();
     let expected: std::collections::BTreeMap<String, Vec<f32>> =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_expected.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_expected.json")).unwrap()).unwrap();
     assert_eq!(expected.len(), 11);
     for (name, want) in &expected {
         let (got, dims) = f.dequantize(name).unwrap();
         assert_eq!(dims, vec![256, 2], "{name}");
         assert_eq!(got.len(), want.len(), "{name}");
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
-                "{name}[{i}]: {g} vs {w}"
-            );
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{name}[{i}]: {g} vs {w}");
         }
     }
 }
@@ -70,9 +66,7 @@ fn truncated_file_is_an_error_naming_the_tensor_or_offset() {
     let bytes = std::fs::read(fixture("tiny.gguf")).unwrap();
     // The writer pads after the last tensor, so cut well into it.
     for cut in [3, 10, 30, 200, bytes.len() / 2, bytes.len() - 64] {
-        let err = GgufFile::parse(bytes[..cut].to_vec())
-            .unwrap_err()
-            .to_string();
+        let err = GgufFile::parse(bytes[..cut].to_vec()).unwrap_err().to_string();
         assert!(err.contains("corrupt GGUF at byte"), "cut {cut}: {err}");
     }
     let err = GgufFile::parse(bytes[..bytes.len() - 64].to_vec())
@@ -125,14 +119,8 @@ fn random_corruption_never_panics() {
 fn bad_magic_and_version() {
     let mut bytes = std::fs::read(fixture("tiny.gguf")).unwrap();
     bytes[0] = b'X';
-    assert!(GgufFile::parse(bytes)
-        .unwrap_err()
-        .to_string()
-        .contains("bad magic"));
+    assert!(GgufFile::parse(bytes).unwrap_err().to_string().contains("bad magic"));
     let mut bytes = std::fs::read(fixture("tiny.gguf")).unwrap();
     bytes[4..8].copy_from_slice(&9u32.to_le_bytes());
-    assert!(GgufFile::parse(bytes)
-        .unwrap_err()
-        .to_string()
-        .contains("version 9"));
+    assert!(GgufFile::parse(bytes).unwrap_err().to_string().contains("version 9"));
 }

@@ -51,43 +51,15 @@ fn tiny_weights(cfg: &ModelConfig, seed: u64) -> RandomWeights {
     };
     let (h, kv) = (cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim);
     let mut m = HashMap::new();
-    let mut put = |name: String,
-                   rows: usize,
-                   cols: usize,
-                   scale: f32,
-                   rand: &mut dyn FnMut(usize, f32) -> Vec<f32>| {
-        let dims = if rows == 1 {
-            vec![cols]
-        } else {
-            vec![rows, cols]
-        };
+    let mut put = |name: String, rows: usize, cols: usize, scale: f32, rand: &mut dyn FnMut(usize, f32) -> Vec<f32>| {
+        let dims = if rows == 1 { vec![cols] } else { vec![rows, cols] };
         m.insert(name, (rand(rows * cols, scale), dims));
     };
-    put(
-        "token_embd.weight".into(),
-        cfg.vocab_size,
-        h,
-        2.0,
-        &mut rand,
-    );
-    put("output_norm.weight".into(), 1, h, 1.0, &mut |n, _| {
-        vec![1.0; n]
-    });
+    put("token_embd.weight".into(), cfg.vocab_size, h, 2.0, &mut rand);
+    put("output_norm.weight".into(), 1, h, 1.0, &mut |n, _| vec![1.0; n]);
     for i in 0..cfg.n_layers {
-        put(
-            format!("blk.{i}.attn_norm.weight"),
-            1,
-            h,
-            1.0,
-            &mut |n, _| vec![1.0; n],
-        );
-        put(
-            format!("blk.{i}.ffn_norm.weight"),
-            1,
-            h,
-            1.0,
-            &mut |n, _| vec![1.0; n],
-        );
+        put(format!("blk.{i}.attn_norm.weight"), 1, h, 1.0, &mut |n, _| vec![1.0; n]);
+        put(format!("blk.{i}.ffn_norm.weight"), 1, h, 1.0, &mut |n, _| vec![1.0; n]);
         put(format!("blk.{i}.attn_q.weight"), h, h, 0.8, &mut rand);
         put(format!("blk.{i}.attn_k.weight"), kv, h, 0.8, &mut rand);
         put(format!("blk.{i}.attn_v.weight"), kv, h, 0.8, &mut rand);
@@ -118,10 +90,7 @@ fn tiny_weights(cfg: &ModelConfig, seed: u64) -> RandomWeights {
 }
 
 fn tokens(ids: &[i32]) -> Tensor<Flex, 2, Int> {
-    Tensor::from_data(
-        TensorData::new(ids.to_vec(), [1, ids.len()]),
-        &Default::default(),
-    )
+    Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &Default::default())
 }
 
 fn to_vec(t: Tensor<Flex, 3>) -> Vec<f32> {
@@ -131,13 +100,7 @@ fn to_vec(t: Tensor<Flex, 3>) -> Vec<f32> {
 #[test]
 fn chunked_prefill_and_decode_match_one_full_pass() {
     let cfg = tiny_config();
-    let model = Llama::<Flex>::load(
-        &cfg,
-        &tiny_weights(&cfg, 1),
-        WeightDType::F32,
-        &Default::default(),
-    )
-    .unwrap();
+    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 1), WeightDType::F32, &Default::default()).unwrap();
     let ids = [3, 17, 42, 5, 9, 33, 0, 12, 49, 21];
     let mut full = FullCache::new(cfg.n_layers);
     let all = to_vec(model.forward(tokens(&ids), &mut full, Logits::All).unwrap());
@@ -147,18 +110,10 @@ fn chunked_prefill_and_decode_match_one_full_pass() {
     let mut cache = FullCache::new(cfg.n_layers);
     let mut got = Vec::new();
     for chunk in ids[..6].chunks(3) {
-        got.extend(to_vec(
-            model
-                .forward(tokens(chunk), &mut cache, Logits::All)
-                .unwrap(),
-        ));
+        got.extend(to_vec(model.forward(tokens(chunk), &mut cache, Logits::All).unwrap()));
     }
     for id in &ids[6..] {
-        got.extend(to_vec(
-            model
-                .forward(tokens(&[*id]), &mut cache, Logits::Last)
-                .unwrap(),
-        ));
+        got.extend(to_vec(model.forward(tokens(&[*id]), &mut cache, Logits::Last).unwrap()));
     }
     assert_eq!(cache.tokens_seen(), ids.len());
     for (i, (a, b)) in all.iter().zip(&got).enumerate() {
@@ -223,16 +178,8 @@ fn wrong_shapes_and_missing_tensors_are_errors() {
 #[test]
 fn positions_past_the_context_are_an_error() {
     let cfg = tiny_config();
-    let model = Llama::<Flex>::load(
-        &cfg,
-        &tiny_weights(&cfg, 3),
-        WeightDType::F32,
-        &Default::default(),
-    )
-    .unwrap();
+    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 3), WeightDType::F32, &Default::default()).unwrap();
     let mut cache = FullCache::new(cfg.n_layers);
     let ids: Vec<i32> = (0..65).map(|i| i % 50).collect();
-    assert!(model
-        .forward(tokens(&ids), &mut cache, Logits::Last)
-        .is_err());
+    assert!(model.forward(tokens(&ids), &mut cache, Logits::Last).is_err());
 }
