@@ -1,7 +1,7 @@
 //! RoCo (Ren & Zhu, 2024): mean attention as the score, within a robust scope of the slots
 //! whose attention has been most stable (smallest standard deviation).
 
-use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Tensor};
+use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor};
 use easykv_core::{EvictionContext, SlotStats, ROBUST_PROTECTED_TAIL};
 
 use crate::compose::{ScopeBuilder, ScoreCalculator, ScoredPolicy, NEVER};
@@ -41,16 +41,15 @@ impl<B: Backend> ScopeBuilder<B> for RobustStdScope {
     fn eligible(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
         let [b, h, n] = stats.sum.dims();
         let k = ctx.robust_k.clamp(ctx.n_evict, n);
-        let candidates = Self::std(stats, ctx).argsort(2).slice_dim(2, 0..k);
+        let std = Self::std(stats, ctx);
+        let candidates = std.clone().argsort(2).slice_dim(2, 0..k);
         let device = stats.sum.device();
-        burn::tensor::Tensor::<B, 3, burn::tensor::Int>::zeros([b, h, n], &device)
-            .scatter(
-                2,
-                candidates,
-                burn::tensor::Tensor::ones([b, h, k], &device),
-                IndexingUpdateOp::Add,
-            )
-            .greater_elem(0)
+        let chosen = Tensor::<B, 3, Int>::zeros([b, h, n], &device)
+            .scatter(2, candidates, Tensor::ones([b, h, k], &device), IndexingUpdateOp::Add)
+            .greater_elem(0);
+        // When fewer than k slots are allowed at all, the k smallest include excluded ones
+        // (EasyKV then evicts sinks): never offer those.
+        chosen.bool_and(std.lower_elem(NEVER))
     }
 }
 
