@@ -1,28 +1,37 @@
 //! A KV cache that stays within a budget by evicting slots chosen by a policy.
 
-use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::budget::Schedule;
 use crate::full::tensor_bytes;
 use crate::policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
 use crate::{Error, KvCache, Result};
 
-/// One layer's keys, values and statistics.
+/// One layer's share of a chunk's attention, reduced over the chunk's queries.
 #[derive(Debug, Clone)]
-struct LayerSlots<B: Backend> {
-    keys: Tensor<B, 4>,
-    values: Tensor<B, 4>,
-    stats: SlotStats<B>,
+struct Observed<B: Backend> {
+    sum: Tensor<B, 3>,
+    sum_sq: Tensor<B, 3>,
+    last: Tensor<B, 3>,
 }
 
 /// Evicts slots independently in every (layer, KV head), keeping the same count everywhere so
-/// tensors stay rectangular. Statistics live on the device; eviction is one index selection.
+/// tensors stay rectangular.
+///
+/// Statistics of all layers are stacked into one `[layers·batch, heads, slots]` tensor each and
+/// updated once per chunk: a decode step costs a fixed handful of tensor operations for the
+/// whole model instead of dozens per layer. Keys and values are compacted by row selection.
 pub struct EvictingCache<B: Backend> {
-    layers: Vec<Option<LayerSlots<B>>>,
+    /// Per layer: keys and values `[batch, heads, slots, head_dim]`.
+    kv: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// All layers' statistics, stacked; `None` before the first chunk ends.
+    stats: Option<SlotStats<B>>,
+    /// Attention observed during the chunk in flight, per layer.
+    pending: Vec<Option<Observed<B>>>,
     policy: Box<dyn EvictionPolicy<B>>,
     schedule: Schedule,
     tokens_seen: usize,
-    /// Tokens of the chunk in flight (appended, not yet ended).
+    /// Tokens of the chunk in flight.
     chunk_len: usize,
     evicted: usize,
     steps: u64,
@@ -40,7 +49,9 @@ impl<B: Backend> std::fmt::Debug for EvictingCache<B> {
 impl<B: Backend> EvictingCache<B> {
     pub fn new(n_layers: usize, policy: Box<dyn EvictionPolicy<B>>, schedule: Schedule) -> Self {
         Self {
-            layers: vec![None; n_layers],
+            kv: vec![None; n_layers],
+            stats: None,
+            pending: vec![None; n_layers],
             policy,
             schedule,
             tokens_seen: 0,
@@ -59,7 +70,7 @@ impl<B: Backend> EvictingCache<B> {
     }
 
     fn phase(&self) -> Phase {
-        // The chunk in flight was counted on append; it belongs to the prompt if it ended
+        // The chunk in flight was counted on append; it belongs to the prompt if it ends
         // inside it.
         if self.tokens_seen <= self.schedule.prompt_len {
             Phase::Prefill
@@ -80,24 +91,32 @@ impl<B: Backend> EvictingCache<B> {
     /// capacity (or always with `keep_attention`).
     fn recording(&self, slots: usize) -> bool {
         match self.phase() {
-            Phase::Prefill => {
-                self.schedule.prefill_capacity.is_some()
-                    && (self.schedule.keep_attention || self.schedule.prefill_capacity.is_some_and(|c| slots > c))
-            }
+            Phase::Prefill => self
+                .schedule
+                .prefill_capacity
+                .is_some_and(|c| self.schedule.keep_attention || slots > c),
             Phase::Decode => self.schedule.decode_capacity.is_some(),
         }
     }
 
+    fn batch(&self) -> usize {
+        self.kv.iter().flatten().next().map_or(1, |(k, _)| k.dims()[0])
+    }
+
+    /// Rows of the stacked statistics that belong to `layer`.
+    fn layer_rows(&self, layer: usize) -> std::ops::Range<usize> {
+        let b = self.batch();
+        layer * b..(layer + 1) * b
+    }
+
     /// Sorted absolute positions held in `layer`, per (batch, head) flattened as `[b·h][slots]`.
     pub fn kept_positions(&self, layer: usize) -> Vec<Vec<usize>> {
-        let Some(Some(l)) = self.layers.get(layer) else {
+        let Some(stats) = self.stats(layer) else {
             return Vec::new();
         };
-        let [b, h, n] = l.stats.positions.dims();
-        let flat: Vec<i64> = l
-            .stats
+        let [b, h, n] = stats.positions.dims();
+        let flat: Vec<i64> = stats
             .positions
-            .clone()
             .into_data()
             .convert::<i64>()
             .into_vec()
@@ -112,20 +131,74 @@ impl<B: Backend> EvictingCache<B> {
     }
 
     /// The statistics of `layer` (for tests and inspection).
-    pub fn stats(&self, layer: usize) -> Option<&SlotStats<B>> {
-        self.layers.get(layer)?.as_ref().map(|l| &l.stats)
+    pub fn stats(&self, layer: usize) -> Option<SlotStats<B>> {
+        if layer >= self.kv.len() {
+            return None;
+        }
+        let rows = self.layer_rows(layer);
+        let s = self.stats.as_ref()?;
+        Some(SlotStats {
+            sum: s.sum.clone().slice_dim(0, rows.clone()),
+            sum_sq: s.sum_sq.clone().slice_dim(0, rows.clone()),
+            count: s.count.clone().slice_dim(0, rows.clone()),
+            last: s.last.clone().slice_dim(0, rows.clone()),
+            positions: s.positions.clone().slice_dim(0, rows),
+        })
     }
 
-    fn evict_layer(&mut self, layer: usize, capacity: usize) -> Result<()> {
+    /// Grows the stacked statistics by the chunk just appended and adds what was observed.
+    fn absorb_chunk(&mut self, s: usize) {
+        let Some(device) = self.kv.iter().flatten().next().map(|(k, _)| k.device()) else {
+            return;
+        };
+        let (rows, h) = (
+            self.kv.len() * self.batch(),
+            self.kv.iter().flatten().next().map_or(1, |(k, _)| k.dims()[1]),
+        );
+        let start = (self.tokens_seen - s) as i64;
+        let positions = Tensor::<B, 1, Int>::arange(start..start + s as i64, &device)
+            .reshape([1, 1, s])
+            .repeat(&[rows, h, 1]);
+        let zeros = Tensor::<B, 3>::zeros([rows, h, s], &device);
+        let mut st = match self.stats.take() {
+            None => SlotStats {
+                sum: zeros.clone(),
+                sum_sq: zeros.clone(),
+                count: zeros.clone(),
+                last: zeros,
+                positions,
+            },
+            Some(st) => SlotStats {
+                sum: Tensor::cat(vec![st.sum, zeros.clone()], 2),
+                sum_sq: Tensor::cat(vec![st.sum_sq, zeros.clone()], 2),
+                count: Tensor::cat(vec![st.count, zeros.clone()], 2),
+                last: Tensor::cat(vec![st.last, zeros], 2),
+                positions: Tensor::cat(vec![st.positions, positions], 2),
+            },
+        };
+        let observed: Vec<Observed<B>> = self.pending.iter_mut().filter_map(Option::take).collect();
+        if observed.len() == self.kv.len() {
+            let n = st.sum.dims()[2];
+            let stack = |f: fn(&Observed<B>) -> Tensor<B, 3>| Tensor::cat(observed.iter().map(f).collect(), 0);
+            st.sum = st.sum + stack(|o| o.sum.clone());
+            st.sum_sq = st.sum_sq + stack(|o| o.sum_sq.clone());
+            st.last = stack(|o| o.last.clone());
+            // Queries of this chunk that could see each slot: all s for older slots, s − t for
+            // the chunk's own token t (causal).
+            let seen: Vec<f32> = (0..n)
+                .map(|j| if j + s < n { s as f32 } else { (n - j) as f32 })
+                .collect();
+            st.count = st.count + Tensor::<B, 1>::from_data(TensorData::new(seen, [n]), &device).reshape([1, 1, n]);
+        }
+        self.stats = Some(st);
+    }
+
+    /// Evicts down to `capacity` slots in every (layer, head) with one policy call.
+    fn evict(&mut self, capacity: usize) {
         let phase = self.phase();
         let sched = &self.schedule;
-        let Some(Some(l)) = self.layers.get(layer) else {
-            return Ok(());
-        };
-        let [b, h, n] = l.stats.sum.dims();
-        if n <= capacity {
-            return Ok(());
-        }
+        let Some(stats) = self.stats.as_ref() else { return };
+        let [rows, h, n] = stats.sum.dims();
         let (recent, robust_k, protected) = match phase {
             Phase::Prefill => (sched.prefill_recent, sched.prefill_robust_k, 0),
             Phase::Decode => (
@@ -135,7 +208,6 @@ impl<B: Backend> EvictingCache<B> {
             ),
         };
         let ctx = EvictionContext {
-            layer,
             phase,
             slots: n,
             n_evict: n - capacity,
@@ -146,56 +218,85 @@ impl<B: Backend> EvictingCache<B> {
             seed: sched.seed,
             step: self.steps,
         };
-        let evict = self.policy.select(&l.stats, &ctx);
-        let keep = keep_indices(evict, [b, h, n], capacity);
-        // Row indices into the flattened [b·h·n] slots: whole rows of d values are copied,
-        // which is far cheaper than an element-wise gather.
+        let evict = self.policy.select(stats, &ctx);
+        let keep = keep_indices(evict, n, capacity);
         let device = keep.device();
-        let offsets = Tensor::<B, 1, Int>::arange_step(0..(b * h * n) as i64, n, &device).reshape([b, h, 1]);
+        // Row numbers into flattened [rows·h·n] tensors: whole rows are copied, far cheaper than
+        // an element-wise gather.
+        let offsets = Tensor::<B, 1, Int>::arange_step(0..(rows * h * n) as i64, n, &device).reshape([rows, h, 1]);
         let offsets = offsets.cast(keep.dtype());
-        let rows = (keep + offsets).reshape([b * h * capacity]);
-        let Some(Some(l)) = self.layers.get_mut(layer) else {
-            return Ok(());
+        let flat_rows = (keep + offsets).reshape([rows * h * capacity]);
+        let pick = |t: Tensor<B, 3>| {
+            t.reshape([rows * h * n])
+                .select(0, flat_rows.clone())
+                .reshape([rows, h, capacity])
         };
-        let d = l.keys.dims()[3];
-        let pick4 = |t: Tensor<B, 4>| {
-            t.reshape([b * h * n, d])
-                .select(0, rows.clone())
-                .reshape([b, h, capacity, d])
-        };
-        l.keys = pick4(l.keys.clone());
-        l.values = pick4(l.values.clone());
-        let pick = |t: Tensor<B, 3>| t.reshape([b * h * n]).select(0, rows.clone()).reshape([b, h, capacity]);
-        let s = &mut l.stats;
-        s.sum = pick(s.sum.clone());
-        s.sum_sq = pick(s.sum_sq.clone());
-        s.count = pick(s.count.clone());
-        s.last = pick(s.last.clone());
-        s.positions = s
-            .positions
-            .clone()
-            .reshape([b * h * n])
-            .select(0, rows)
-            .reshape([b, h, capacity]);
-        Ok(())
+        if let Some(st) = self.stats.take() {
+            self.stats = Some(SlotStats {
+                sum: pick(st.sum),
+                sum_sq: pick(st.sum_sq),
+                count: pick(st.count),
+                last: pick(st.last),
+                positions: st
+                    .positions
+                    .reshape([rows * h * n])
+                    .select(0, flat_rows.clone())
+                    .reshape([rows, h, capacity]),
+            });
+        }
+        let b = self.batch();
+        let per_layer = b * h * capacity;
+        for (layer, entry) in self.kv.iter_mut().enumerate() {
+            let Some((k, v)) = entry.take() else { continue };
+            let d = k.dims()[3];
+            // This layer's rows, renumbered from the stacked layout to the layer's own.
+            let local = flat_rows
+                .clone()
+                .slice(layer * per_layer..(layer + 1) * per_layer)
+                .sub_scalar((layer * b * h * n) as i64);
+            let pick4 = |t: Tensor<B, 4>| {
+                t.reshape([b * h * n, d])
+                    .select(0, local.clone())
+                    .reshape([b, h, capacity, d])
+            };
+            *entry = Some((pick4(k), pick4(v)));
+        }
     }
 }
 
-/// The slots not in `evict`, in ascending order: sort `evicted·n + index` and keep the head.
-fn keep_indices<B: Backend>(evict: Tensor<B, 3, Int>, [b, h, n]: [usize; 3], keep: usize) -> Tensor<B, 3, Int> {
+/// The slots not in `evict`, in ascending order.
+fn keep_indices<B: Backend>(evict: Tensor<B, 3, Int>, n: usize, keep: usize) -> Tensor<B, 3, Int> {
+    let [rows, h, n_evict] = evict.dims();
     let device = evict.device();
-    let n_evict = evict.dims()[2];
-    let marks = Tensor::<B, 3, Int>::zeros([b, h, n], &device).scatter(
+    if n_evict == 1 {
+        // One eviction (every decode step): slot j < e stays at j, the rest shift by one.
+        let idx = Tensor::<B, 1, Int>::arange(0..keep as i64, &device)
+            .reshape([1, 1, keep])
+            .repeat(&[rows, h, 1]);
+        let idx = idx.cast(evict.dtype());
+        let shift = idx
+            .clone()
+            .greater_equal(evict.repeat_dim(2, keep))
+            .int()
+            .cast(idx.dtype());
+        return idx + shift;
+    }
+    // Sort `evicted·n + index`: kept slots come first, in order. (Index dtypes differ between
+    // sorts and aranges on some backends: bring everything to the indices' own.)
+    let dt = evict.dtype();
+    let marks = Tensor::<B, 3, Int>::zeros([rows, h, n], &device).cast(dt).scatter(
         2,
         evict,
-        Tensor::ones([b, h, n_evict], &device),
-        IndexingUpdateOp::Add,
+        Tensor::<B, 3, Int>::ones([rows, h, n_evict], &device).cast(dt),
+        burn::tensor::IndexingUpdateOp::Add,
     );
     let index = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
         .reshape([1, 1, n])
-        .repeat(&[b, h, 1]);
-    let key = marks.mul_scalar(n as i64) + index;
-    key.argsort(2).slice_dim(2, 0..keep)
+        .repeat(&[rows, h, 1])
+        .cast(dt);
+    (marks.cast(dt).mul_scalar(n as i64) + index)
+        .argsort(2)
+        .slice_dim(2, 0..keep)
 }
 
 impl<B: Backend> KvCache<B> for EvictingCache<B> {
@@ -205,101 +306,64 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
-        let n_layers = self.layers.len();
+        let n_layers = self.kv.len();
         if layer >= n_layers {
             return Err(Error::LayerOutOfRange {
                 layer,
                 layers: n_layers,
             });
         }
-        let [b, h, s, _] = keys.dims();
         if layer == 0 {
+            let s = keys.dims()[2];
             self.tokens_seen += s;
             self.chunk_len = s;
         }
-        let device = keys.device();
-        let start = (self.tokens_seen - s) as i64;
-        let positions = Tensor::<B, 1, Int>::arange(start..start + s as i64, &device)
-            .reshape([1, 1, s])
-            .repeat(&[b, h, 1]);
-        let zeros = || Tensor::<B, 3>::zeros([b, h, s], &device);
-        let entry = &mut self.layers[layer];
-        *entry = Some(match entry.take() {
-            None => LayerSlots {
-                keys,
-                values,
-                stats: SlotStats {
-                    sum: zeros(),
-                    sum_sq: zeros(),
-                    count: zeros(),
-                    last: zeros(),
-                    positions,
-                },
-            },
-            Some(l) => LayerSlots {
-                keys: Tensor::cat(vec![l.keys, keys], 2),
-                values: Tensor::cat(vec![l.values, values], 2),
-                stats: SlotStats {
-                    sum: Tensor::cat(vec![l.stats.sum, zeros()], 2),
-                    sum_sq: Tensor::cat(vec![l.stats.sum_sq, zeros()], 2),
-                    count: Tensor::cat(vec![l.stats.count, zeros()], 2),
-                    last: Tensor::cat(vec![l.stats.last, zeros()], 2),
-                    positions: Tensor::cat(vec![l.stats.positions, positions], 2),
-                },
-            },
-        });
-        let Some(l) = entry.as_ref() else {
-            unreachable!("just set")
+        let entry = &mut self.kv[layer];
+        let (k, v) = match entry.take() {
+            None => (keys, values),
+            Some((k, v)) => (Tensor::cat(vec![k, keys], 2), Tensor::cat(vec![v, values], 2)),
         };
-        Ok((l.keys.clone(), l.values.clone()))
+        *entry = Some((k.clone(), v.clone()));
+        Ok((k, v))
     }
 
     fn wants_attention(&self, layer: usize) -> bool {
-        let slots = self.slots(layer);
-        self.policy.uses_attention() && self.recording(slots)
+        self.policy.uses_attention() && self.recording(self.slots(layer))
     }
 
     fn observe(&mut self, layer: usize, probs: Tensor<B, 4>) -> Result<()> {
-        let slots = self.slots(layer);
-        if !self.recording(slots) {
-            return Ok(());
-        }
-        let Some(Some(l)) = self.layers.get_mut(layer) else {
+        if layer >= self.kv.len() {
             return Err(Error::LayerOutOfRange {
                 layer,
-                layers: self.layers.len(),
+                layers: self.kv.len(),
             });
-        };
+        }
+        if !self.recording(self.slots(layer)) {
+            return Ok(());
+        }
         let [b, h, s, n] = probs.dims();
-        let device = probs.device();
-        let st = &mut l.stats;
-        st.sum = st.sum.clone() + probs.clone().sum_dim(2).reshape([b, h, n]);
-        st.sum_sq = st.sum_sq.clone() + probs.clone().square().sum_dim(2).reshape([b, h, n]);
-        st.last = probs.slice_dim(2, s - 1..s).reshape([b, h, n]);
-        // Queries of this chunk that could see each slot: all s for older slots, s − t for
-        // the chunk's own token t (causal).
-        let seen: Vec<f32> = (0..n)
-            .map(|j| if j + s < n { s as f32 } else { (n - j) as f32 })
-            .collect();
-        let seen = Tensor::<B, 1>::from_data(TensorData::new(seen, [n]), &device).reshape([1, 1, n]);
-        st.count = st.count.clone() + seen;
+        // Reduce over the queries now, so only [b, h, n] per layer waits for the chunk's end.
+        self.pending[layer] = Some(Observed {
+            sum: probs.clone().sum_dim(2).reshape([b, h, n]),
+            sum_sq: probs.clone().square().sum_dim(2).reshape([b, h, n]),
+            last: probs.slice_dim(2, s - 1..s).reshape([b, h, n]),
+        });
         Ok(())
     }
 
     fn end_chunk(&mut self) -> Result<()> {
-        let Some(capacity) = self.capacity() else {
+        let s = std::mem::take(&mut self.chunk_len);
+        if s == 0 {
             return Ok(());
-        };
+        }
+        self.absorb_chunk(s);
+        let Some(capacity) = self.capacity() else { return Ok(()) };
         let slots = self.slots(0);
-        if slots <= capacity {
-            return Ok(());
+        if slots > capacity {
+            self.evict(capacity);
+            self.evicted += slots - capacity;
+            self.steps += 1;
         }
-        for layer in 0..self.layers.len() {
-            self.evict_layer(layer, capacity)?;
-        }
-        self.evicted += slots - capacity;
-        self.steps += 1;
-        self.chunk_len = 0;
         Ok(())
     }
 
@@ -320,22 +384,24 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn slots(&self, layer: usize) -> usize {
-        self.layers
+        self.kv
             .get(layer)
             .and_then(|e| e.as_ref())
-            .map_or(0, |l| l.keys.dims()[2])
+            .map_or(0, |(k, _)| k.dims()[2])
     }
 
     fn bytes(&self) -> u64 {
-        self.layers
+        self.kv
             .iter()
             .flatten()
-            .map(|l| tensor_bytes(&l.keys) + tensor_bytes(&l.values))
+            .map(|(k, v)| tensor_bytes(k) + tensor_bytes(v))
             .sum()
     }
 
     fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|e| *e = None);
+        self.kv.iter_mut().for_each(|e| *e = None);
+        self.pending.iter_mut().for_each(|e| *e = None);
+        self.stats = None;
         self.tokens_seen = 0;
         self.chunk_len = 0;
         self.evicted = 0;

@@ -2,10 +2,11 @@
 
 use burn::tensor::{backend::Backend, Int, Tensor};
 
-/// Per-slot statistics of one layer, kept on the device next to the keys and values.
+/// Per-slot statistics, kept on the device next to the keys and values.
 ///
 /// # Shapes
-/// Every tensor is `[batch, kv_heads, slots]`.
+/// Every tensor is `[rows, kv_heads, slots]`. An [`crate::EvictingCache`] stacks all layers
+/// along the first axis (`rows = layers × batch`) so that one policy call serves every layer.
 #[derive(Debug, Clone)]
 pub struct SlotStats<B: Backend> {
     /// S: attention received, summed over the queries recorded since the slot entered.
@@ -30,7 +31,6 @@ pub enum Phase {
 /// The facts of one eviction step.
 #[derive(Debug, Clone)]
 pub struct EvictionContext {
-    pub layer: usize,
     pub phase: Phase,
     /// Slots held now (before eviction).
     pub slots: usize,
@@ -60,9 +60,9 @@ pub trait EvictionPolicy<B: Backend>: Send {
         true
     }
 
-    /// Slot indices to evict, `ctx.n_evict` of them per (batch, head), all distinct.
+    /// Slot indices to evict, `ctx.n_evict` of them per (row, head), all distinct.
     ///
     /// # Shapes
-    /// - returns `[batch, kv_heads, n_evict]`
+    /// - returns `[rows, kv_heads, n_evict]`
     fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Int>;
 }
