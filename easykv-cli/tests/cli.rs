@@ -169,15 +169,50 @@ fn score_reports_perplexity() {
 
 #[test]
 fn eviction_flags_are_validated_before_loading() {
-    assert_one_line_error(&easykv(&["generate", "--prompt", "hi", "--policy", "lru"]), "valid: roco, h2o, tova, recency, random, full");
-    assert_one_line_error(&easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--budget", "lots"]), "budget");
-    assert_one_line_error(&easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--budget=-0.5"]), "budget");
-    assert_one_line_error(&easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--mode", "sideways"]), "mode");
-    assert_one_line_error(&easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--stride", "0"]), "stride");
-    assert_one_line_error(&easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--recent-ratio", "1.5"]), "recent");
+    assert_one_line_error(
+        &easykv(&["generate", "--prompt", "hi", "--policy", "lru"]),
+        "valid: roco, h2o, tova, recency, random, full",
+    );
+    assert_one_line_error(
+        &easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--budget", "lots"]),
+        "budget",
+    );
+    assert_one_line_error(
+        &easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--budget=-0.5"]),
+        "budget",
+    );
+    assert_one_line_error(
+        &easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--mode", "sideways"]),
+        "mode",
+    );
+    assert_one_line_error(
+        &easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--stride", "0"]),
+        "stride",
+    );
+    assert_one_line_error(
+        &easykv(&[
+            "generate",
+            "--prompt",
+            "hi",
+            "--policy",
+            "roco",
+            "--recent-ratio",
+            "1.5",
+        ]),
+        "recent",
+    );
     // A budget that cannot hold sinks + one stride is impossible, and says so.
     assert_one_line_error(
-        &easykv(&["generate", "--prompt", "Tell me a story about a dragon.", "--policy", "roco", "--budget", "0.1", "-q"]),
+        &easykv(&[
+            "generate",
+            "--prompt",
+            "Tell me a story about a dragon.",
+            "--policy",
+            "roco",
+            "--budget",
+            "0.1",
+            "-q",
+        ]),
         "at least",
     );
 }
@@ -185,14 +220,31 @@ fn eviction_flags_are_validated_before_loading() {
 #[test]
 fn decoding_mode_keeps_the_cache_under_budget_with_stats() {
     let o = easykv(&[
-        "generate", "--chat", "--prompt", "Write a long story about the sea.", "--policy", "roco", "--mode", "decoding", "--budget", "24",
-        "--max-new-tokens", "48", "--json", "-q",
+        "generate",
+        "--chat",
+        "--prompt",
+        "Write a long story about the sea.",
+        "--policy",
+        "roco",
+        "--mode",
+        "decoding",
+        "--budget",
+        "24",
+        "--max-new-tokens",
+        "48",
+        "--json",
+        "-q",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let prompt = v["prompt_tokens"].as_u64().unwrap();
     let generated = v["ids"].as_array().unwrap().len() as u64;
-    let slots: Vec<u64> = v["slots_per_layer"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    let slots: Vec<u64> = v["slots_per_layer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
     assert_eq!(slots.len(), 30);
     assert!(slots.iter().all(|&s| s == slots[0] && s <= prompt + 24), "{slots:?}");
     if generated > 30 {
@@ -208,8 +260,18 @@ fn encoding_mode_stats_and_budgeted_perplexity() {
     let full_text = std::fs::read_to_string(&text).unwrap();
     std::fs::write(&excerpt, &full_text[..full_text.char_indices().nth(3000).unwrap().0]).unwrap();
     let o = easykv(&[
-        "generate", "--prompt-file", excerpt.to_str().unwrap(), "--policy", "h2o", "--budget", "0.5", "--stride", "32", "--max-new-tokens",
-        "4", "--stats",
+        "generate",
+        "--prompt-file",
+        excerpt.to_str().unwrap(),
+        "--policy",
+        "h2o",
+        "--budget",
+        "0.5",
+        "--stride",
+        "32",
+        "--max-new-tokens",
+        "4",
+        "--stats",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
@@ -217,8 +279,19 @@ fn encoding_mode_stats_and_budgeted_perplexity() {
     // Perplexity under a budget: the same strided prefill, every token scored.
     let score = |policy: &str| {
         let o = easykv(&[
-            "score", "--text-file", text.to_str().unwrap(), "--max-tokens", "300", "--policy", policy, "--budget", "64", "--stride", "16",
-            "--json", "-q",
+            "score",
+            "--text-file",
+            text.to_str().unwrap(),
+            "--max-tokens",
+            "300",
+            "--policy",
+            policy,
+            "--budget",
+            "64",
+            "--stride",
+            "16",
+            "--json",
+            "-q",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
