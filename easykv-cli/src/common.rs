@@ -113,6 +113,9 @@ pub struct EvictionArgs {
     /// Seed of the random policy.
     #[arg(long, default_value_t = 0)]
     pub policy_seed: u64,
+    /// Cache keys before RoPE and re-rotate them with compact positions (StreamingLLM style).
+    #[arg(long)]
+    pub streaming: bool,
 }
 
 impl EvictionArgs {
@@ -125,12 +128,18 @@ impl EvictionArgs {
             recent_ratio: self.recent_ratio,
             keep_attention: self.keep_attention,
             seed: self.policy_seed,
+            streaming: self.streaming,
         })
     }
 
     /// Checks the flags before a model is loaded, so bad input fails fast.
     pub fn validate(&self) -> CliResult {
         let cfg = self.config()?;
+        if cfg.streaming && self.policy == "full" {
+            return Err(CliError(
+                "--streaming needs an evicting --policy (with full, positions are already compact)".into(),
+            ));
+        }
         if !easykv_policies::POLICY_NAMES.contains(&self.policy.as_str()) && self.policy != "h2o_head" {
             return Err(CliError(format!(
                 "unknown policy '{}' (valid: {})",

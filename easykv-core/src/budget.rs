@@ -114,6 +114,8 @@ pub struct EvictionConfig {
     pub keep_attention: bool,
     /// Seed of the random policy.
     pub seed: u64,
+    /// Cache keys before RoPE and rotate them with compact slot positions (StreamingLLM).
+    pub streaming: bool,
 }
 
 impl Default for EvictionConfig {
@@ -126,6 +128,7 @@ impl Default for EvictionConfig {
             recent_ratio: 0.1,
             keep_attention: false,
             seed: 0,
+            streaming: false,
         }
     }
 }
@@ -161,6 +164,7 @@ pub struct Schedule {
     pub decode_protected_positions: usize,
     pub keep_attention: bool,
     pub seed: u64,
+    pub streaming: bool,
 }
 
 impl EvictionConfig {
@@ -197,6 +201,7 @@ impl EvictionConfig {
             decode_protected_positions: 0,
             keep_attention: self.keep_attention,
             seed: self.seed,
+            streaming: self.streaming,
         };
         let tokens = self.budget.tokens(prompt_len, kv_bytes_per_token);
         match self.mode {

@@ -52,6 +52,13 @@ pub trait KvCache<B: Backend> {
         self.tokens_seen()
     }
 
+    /// StreamingLLM-style positions: keys are cached before RoPE and rotated by their slot
+    /// index on every use, so positions never exceed the cache size. The model then appends
+    /// unrotated keys and rotates what `append` returns.
+    fn compact_positions(&self) -> bool {
+        false
+    }
+
     /// Slots evicted per (layer, KV head) so far.
     fn evicted(&self) -> usize {
         0

@@ -379,6 +379,18 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         self.evicted
     }
 
+    fn compact_positions(&self) -> bool {
+        self.schedule.streaming
+    }
+
+    fn next_position(&self) -> usize {
+        if self.schedule.streaming {
+            self.slots(0)
+        } else {
+            self.tokens_seen
+        }
+    }
+
     fn tokens_seen(&self) -> usize {
         self.tokens_seen
     }

@@ -106,9 +106,15 @@ impl<B: Backend> Attention<B> {
         let g = hq / hkv;
         let heads = |t: Tensor<B, 3>, h: usize| t.reshape([b, s, h, d]).swap_dims(1, 2);
         let q = rope.apply(heads(self.q.forward(x.clone()), hq), start);
-        let k = rope.apply(heads(self.k.forward(x.clone()), hkv), start);
+        let k = heads(self.k.forward(x.clone()), hkv);
         let v = heads(self.v.forward(x), hkv);
-        let (keys, values) = cache.append(layer, k, v)?;
+        let (keys, values) = if cache.compact_positions() {
+            // StreamingLLM: keys are stored unrotated and rotated by their slot index here.
+            let (keys, values) = cache.append(layer, k, v)?;
+            (rope.apply(keys, 0), values)
+        } else {
+            cache.append(layer, rope.apply(k, start), v)?
+        };
         let n = keys.dims()[2];
         // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
         // repeating K and V.

@@ -1,7 +1,7 @@
 use super::*;
 use crate::config::Architecture;
 use burn::backend::Flex;
-use easykv_core::FullCache;
+use easykv_core::{FullCache, KvCache};
 use std::collections::HashMap;
 
 /// Random weights of a tiny Llama, named as in GGUF.
@@ -182,4 +182,54 @@ fn positions_past_the_context_are_an_error() {
     let mut cache = FullCache::new(cfg.n_layers);
     let ids: Vec<i32> = (0..65).map(|i| i % 50).collect();
     assert!(model.forward(tokens(&ids), &mut cache, Logits::Last).is_err());
+}
+
+#[test]
+fn streaming_positions_match_absolute_until_something_is_evicted() {
+    use easykv_core::{Budget, EvictingCache, EvictionConfig};
+    let cfg = tiny_config();
+    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 4), WeightDType::F32, &Default::default()).unwrap();
+    let ids = [7, 1, 19, 44, 2, 30, 11, 8, 25, 3, 16, 40];
+    let run = |cache: &mut dyn KvCache<Flex>| -> Vec<f32> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(4) {
+            out.extend(to_vec(model.forward(tokens(chunk), cache, Logits::All).unwrap()));
+        }
+        out
+    };
+    let absolute = run(&mut FullCache::new(cfg.n_layers));
+    // A budget of the whole prompt evicts nothing: compact positions are the absolute ones.
+    let streaming = EvictionConfig {
+        budget: Budget::Ratio(1.0),
+        streaming: true,
+        ..Default::default()
+    };
+    let policy = easykv_policies::policy_by_name::<Flex>("recency").unwrap().unwrap();
+    let mut cache = EvictingCache::new(cfg.n_layers, policy, streaming.schedule(ids.len(), 4, 1).unwrap());
+    let got = run(&mut cache);
+    for (a, b) in absolute.iter().zip(&got) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    // Under eviction the next position is the slot count, not the tokens seen.
+    let tight = EvictionConfig {
+        budget: Budget::Tokens(7),
+        stride: 1,
+        sinks: 2,
+        streaming: true,
+        ..Default::default()
+    };
+    let policy = easykv_policies::policy_by_name::<Flex>("recency").unwrap().unwrap();
+    let mut cache = EvictingCache::new(cfg.n_layers, policy, tight.schedule(ids.len(), 4, 1).unwrap());
+    let mut logits = Vec::new();
+    for len in cache.prefill_chunks(ids.len(), 4) {
+        let start = cache.tokens_seen();
+        logits = to_vec(
+            model
+                .forward(tokens(&ids[start..start + len]), &mut cache, Logits::Last)
+                .unwrap(),
+        );
+    }
+    assert!(cache.slots(0) < ids.len());
+    assert_eq!(cache.next_position(), cache.slots(0));
+    assert!(logits.iter().all(|v| v.is_finite()));
 }
