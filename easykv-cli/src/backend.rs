@@ -46,15 +46,19 @@ pub fn parse_device(spec: &str) -> CliResult<DeviceSpec> {
         "cuda" => Ok(DeviceSpec::Cuda(index)),
         #[cfg(feature = "wgpu")]
         "wgpu" => Ok(DeviceSpec::Wgpu(index)),
-        "cuda" | "wgpu" => Err(CliError(format!(
-            "device '{spec}' needs a build with `--features {kind}` (this build has cpu only)"
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => Err(CliError(format!(
+            "device '{spec}' needs a build with `--features cuda` (this build lacks it)"
+        ))),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => Err(CliError(format!(
+            "device '{spec}' needs a build with `--features wgpu` (this build lacks it)"
         ))),
         _ => Err(CliError(format!(
             "unknown device '{spec}' (expected cpu, cuda[:N] or wgpu[:N])"
         ))),
     }
-    .map(|d| {
+    .inspect(|_| {
         let _ = index;
-        d
     })
 }

@@ -57,6 +57,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
         chunk_size: args.chunk_size,
         sampling: SamplingConfig::default(),
         stop_ids: Vec::new(),
+        top_logprobs: 0,
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut best: Option<(f64, f64, u64)> = None;

@@ -47,6 +47,9 @@ pub struct GenerateArgs {
     pub prompt_ids_file: Option<PathBuf>,
     #[command(flatten)]
     pub eviction: EvictionArgs,
+    /// With --json: the N most likely tokens and their log-probabilities at every step.
+    #[arg(long, default_value_t = 0)]
+    pub logprobs: usize,
     /// Print cache statistics at the end (prompt tokens, slots per layer, evicted, KV bytes).
     #[arg(long)]
     pub stats: bool,
@@ -124,6 +127,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
         chunk_size: args.chunk_size,
         sampling,
         stop_ids: loaded.tokenizer.stop_ids.clone(),
+        top_logprobs: args.logprobs,
     };
     let mut cache = args.eviction.cache::<B>(&loaded.config, ids.len(), args.chunk_size)?;
     let mut stream = loaded.tokenizer.stream(true);
@@ -173,6 +177,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
             "policy": args.eviction.policy,
             "slots_per_layer": (0..loaded.config.n_layers).map(|l| cache.slots(l)).collect::<Vec<_>>(),
             "evicted_per_head": cache.evicted(),
+            "top_logprobs": out.top_logprobs,
         }))?;
     } else {
         let _ = writeln!(stdout);

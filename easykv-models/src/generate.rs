@@ -22,6 +22,8 @@ pub struct GenerateConfig {
     pub sampling: SamplingConfig,
     /// Ids that end generation (not included in the output).
     pub stop_ids: Vec<u32>,
+    /// Record the `top_logprobs` most likely tokens (natural-log probabilities) at every step.
+    pub top_logprobs: usize,
 }
 
 /// Why generation ended.
@@ -42,6 +44,22 @@ pub struct Generation {
     pub prompt_tokens: usize,
     pub prefill: Duration,
     pub decode: Duration,
+    /// Per step, the most likely `(id, log-probability)` pairs (empty unless asked for).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+}
+
+/// The `k` most likely tokens of a logits row with their natural-log probabilities.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(order.len());
+    order.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
+        logits[b as usize].total_cmp(&logits[a as usize])
+    });
+    order.truncate(k);
+    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    order.into_iter().map(|i| (i, logits[i as usize] - log_z)).collect()
 }
 
 fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
@@ -115,9 +133,13 @@ pub fn generate<B: Backend, C: KvCache<B> + ?Sized>(
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
     let mut ids = Vec::new();
+    let mut top = Vec::new();
     let stop = loop {
         if ids.len() >= cfg.max_new_tokens {
             break StopReason::MaxTokens;
+        }
+        if cfg.top_logprobs > 0 {
+            top.push(top_logprobs(&logits, cfg.top_logprobs));
         }
         let next = sampler.sample(&logits);
         if cfg.stop_ids.contains(&next) {
@@ -141,6 +163,7 @@ pub fn generate<B: Backend, C: KvCache<B> + ?Sized>(
         prompt_tokens: prompt.len(),
         prefill: prefill_time,
         decode: t1.elapsed(),
+        top_logprobs: top,
     })
 }
 
@@ -195,4 +218,19 @@ pub fn score<B: Backend, C: KvCache<B> + ?Sized>(
         mean_nll,
         perplexity: mean_nll.exp(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_logprobs;
+
+    #[test]
+    fn top_logprobs_are_sorted_normalized_log_probabilities() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((top[0].1 - (3.0f32.exp() / z).ln()).abs() < 1e-6);
+        assert_eq!(top_logprobs(&logits, 10).len(), 5);
+    }
 }

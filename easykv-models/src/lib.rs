@@ -18,7 +18,7 @@ pub use cache::build_cache;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeLayout};
 pub use error::{Error, Result};
-pub use generate::{generate, prefill, score, GenerateConfig, Generation, Score, StopReason};
+pub use generate::{generate, prefill, score, top_logprobs, GenerateConfig, Generation, Score, StopReason};
 pub use linear::WeightDType;
 pub use llama::{Llama, Logits, WeightSource};
 pub use loader::LoadedModel;

@@ -50,6 +50,7 @@ fn run(policy: &str) -> (String, Vec<Vec<Vec<usize>>>) {
         chunk_size: 512,
         sampling: SamplingConfig::default(),
         stop_ids: vec![2],
+        top_logprobs: 0,
     };
     let out = generate(&m.model, &mut cache, &prompt, &gen, |_| {
         std::ops::ControlFlow::Continue(())

@@ -99,6 +99,7 @@ fn greedy_ids_and_top10_logprobs_match_hf() {
             chunk_size: 16,
             sampling: SamplingConfig::default(),
             stop_ids: m.tokenizer.stop_ids.clone(),
+            top_logprobs: 0,
         };
         let mut cache = FullCache::new(m.config.n_layers);
         let out = generate(&m.model, &mut cache, &prompt, &cfg, |_| {
