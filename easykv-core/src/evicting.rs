@@ -3,7 +3,7 @@
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::budget::Schedule;
-use crate::full::tensor_bytes;
+use crate::full::kv_bytes;
 use crate::policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
 use crate::{Error, KvCache, Result};
 
@@ -403,11 +403,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn bytes(&self) -> u64 {
-        self.kv
-            .iter()
-            .flatten()
-            .map(|(k, v)| tensor_bytes(k) + tensor_bytes(v))
-            .sum()
+        kv_bytes(self.kv.iter().flatten())
     }
 
     fn clear(&mut self) {

@@ -19,8 +19,13 @@ impl<B: Backend> FullCache<B> {
 }
 
 /// Bytes of a key or value tensor.
-pub(crate) fn tensor_bytes<B: Backend>(t: &Tensor<B, 4>) -> u64 {
+fn tensor_bytes<B: Backend>(t: &Tensor<B, 4>) -> u64 {
     t.shape().num_elements() as u64 * t.dtype().size() as u64
+}
+
+/// Bytes of per-layer (keys, values) pairs.
+pub(crate) fn kv_bytes<'a, B: Backend>(layers: impl Iterator<Item = &'a (Tensor<B, 4>, Tensor<B, 4>)>) -> u64 {
+    layers.map(|(k, v)| tensor_bytes(k) + tensor_bytes(v)).sum()
 }
 
 impl<B: Backend> KvCache<B> for FullCache<B> {
@@ -58,11 +63,7 @@ impl<B: Backend> KvCache<B> for FullCache<B> {
     }
 
     fn bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| tensor_bytes(k) + tensor_bytes(v))
-            .sum()
+        kv_bytes(self.layers.iter().flatten())
     }
 
     fn clear(&mut self) {

@@ -44,6 +44,15 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// Log-probabilities (log-softmax on the device) at the last position of `prompt`.
+fn last_logprobs(m: &LoadedModel<Flex>, prompt: &[u32]) -> Vec<f32> {
+    let mut cache = FullCache::new(m.config.n_layers);
+    let logits = prefill(&m.model, &mut cache, prompt, 512).unwrap();
+    let n = logits.len();
+    let logits = Tensor::<Flex, 1>::from_data(TensorData::new(logits, [n]), &Default::default());
+    log_softmax(logits, 0).into_data().into_vec().unwrap()
+}
+
 #[test]
 fn tokenizer_ids_match_hf() {
     let tok = &model().tokenizer;
@@ -78,16 +87,7 @@ fn greedy_ids_and_top10_logprobs_match_hf() {
         let want = ids(&case["greedy_ids_full_cache"]);
 
         // Top-10 log-probabilities at the last prompt position.
-        let mut cache = FullCache::new(m.config.n_layers);
-        let logits = prefill(&m.model, &mut cache, &prompt, 512).unwrap();
-        let n = logits.len();
-        let lp: Vec<f32> = log_softmax(
-            Tensor::<Flex, 1>::from_data(TensorData::new(logits, [n]), &Default::default()),
-            0,
-        )
-        .into_data()
-        .into_vec()
-        .unwrap();
+        let lp = last_logprobs(m, &prompt);
         for pair in case["top10_last"].as_array().unwrap() {
             let (id, want_lp) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
             assert!((lp[id] - want_lp).abs() < 2e-3, "token {id}: {} vs {want_lp}", lp[id]);
@@ -140,16 +140,7 @@ fn f16_weights_stay_close_to_the_reference() {
     let m = LoadedModel::<Flex>::from_gguf(&path, WeightDType::F16, &Default::default()).unwrap();
     let mut worst = 0f32;
     for case in reference()["chat"].as_array().unwrap() {
-        let mut cache = FullCache::new(m.config.n_layers);
-        let logits = prefill(&m.model, &mut cache, &ids(&case["prompt_ids"]), 512).unwrap();
-        let n = logits.len();
-        let lp: Vec<f32> = log_softmax(
-            Tensor::<Flex, 1>::from_data(TensorData::new(logits, [n]), &Default::default()),
-            0,
-        )
-        .into_data()
-        .into_vec()
-        .unwrap();
+        let lp = last_logprobs(&m, &ids(&case["prompt_ids"]));
         for pair in case["top10_last"].as_array().unwrap() {
             let (id, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
             worst = worst.max((lp[id] - want).abs());
