@@ -40,6 +40,9 @@ pub fn parse_device(spec: &str) -> CliResult<DeviceSpec> {
         }
         None => (spec, 0),
     };
+    // Only GPU devices take an index; a CPU-only build has none to give it to.
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    let _ = index;
     match kind {
         "cpu" => Ok(DeviceSpec::Cpu),
         #[cfg(feature = "cuda")]
@@ -58,7 +61,4 @@ pub fn parse_device(spec: &str) -> CliResult<DeviceSpec> {
             "unknown device '{spec}' (expected cpu, cuda[:N] or wgpu[:N])"
         ))),
     }
-    .inspect(|_| {
-        let _ = index;
-    })
 }

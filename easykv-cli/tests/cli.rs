@@ -1,5 +1,7 @@
 //! The `easykv` binary as a user meets it: exit codes, stdout/stderr discipline, real output.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

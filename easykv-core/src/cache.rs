@@ -81,7 +81,7 @@ pub trait KvCache<B: Backend> {
 pub fn uniform_chunks(len: usize, chunk: usize) -> Vec<usize> {
     let chunk = chunk.max(1);
     let mut v = vec![chunk; len / chunk];
-    if len % chunk != 0 {
+    if !len.is_multiple_of(chunk) {
         v.push(len % chunk);
     }
     v

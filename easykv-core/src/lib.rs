@@ -5,6 +5,8 @@
 //! attention probabilities back through [`KvCache::observe`] so that an [`EvictingCache`] can
 //! keep per-slot statistics ([`SlotStats`]) and let an [`EvictionPolicy`] choose what to drop.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 mod budget;
 mod cache;
 mod error;

@@ -73,7 +73,7 @@ impl ModelConfig {
             n_layers: int("block_count")?,
             n_heads,
             n_kv_heads,
-            head_dim: if n_heads == 0 { 0 } else { hidden_size / n_heads },
+            head_dim: hidden_size.checked_div(n_heads).unwrap_or(0),
             rope_theta: file.meta_f64(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0) as f32,
             rope_layout,
             rms_eps: file.meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))? as f32,
@@ -99,10 +99,10 @@ impl ModelConfig {
         {
             return bad("a size is zero");
         }
-        if self.hidden_size % self.n_heads != 0 || self.head_dim % 2 != 0 {
+        if !self.hidden_size.is_multiple_of(self.n_heads) || !self.head_dim.is_multiple_of(2) {
             return bad("hidden size must split into heads of even dimension");
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad("query heads must be a multiple of KV heads");
         }
         if self.context_length == 0 || self.context_length > 1 << 20 {

@@ -62,8 +62,8 @@ impl<B: Backend> Rope<B> {
     /// - `x`: `[batch, heads, s, head_dim]`
     pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
         let [_, _, s, d] = x.dims();
-        let cos = self.cos.clone().slice([start..start + s]).reshape([1, 1, s, d]);
-        let sin = self.sin.clone().slice([start..start + s]).reshape([1, 1, s, d]);
+        let cos = self.cos.clone().slice_dim(0, start..start + s).reshape([1, 1, s, d]);
+        let sin = self.sin.clone().slice_dim(0, start..start + s).reshape([1, 1, s, d]);
         let x1 = x.clone().slice_dim(3, 0..d / 2);
         let x2 = x.clone().slice_dim(3, d / 2..d);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);

@@ -2,6 +2,8 @@
 //! `../shared/reference/smollm2-135m-q4_1.json`): encoding mode, budget 0.5, stride 8, 4 sinks,
 //! recent ratio 0.1, greedy, 32 new tokens.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

@@ -3,6 +3,8 @@
 //!
 //! The model is fetched on first use into `$EASYKV_HOME` (as `easykv` does) and cached.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

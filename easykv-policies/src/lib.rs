@@ -4,6 +4,8 @@
 //! (which slots may be evicted at all), composed by [`ScoredPolicy`]. The presets are one file
 //! each; [`policy_by_name`] is the registry the CLI uses.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 mod compose;
 mod h2o;
 mod random;

@@ -2,6 +2,8 @@
 //! tensors), on random attention for many seeds and shapes, with invariants checked after
 //! every step.
 
+#![allow(clippy::needless_range_loop)] // index loops mirror the rules as written
+
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use easykv_core::{

@@ -72,7 +72,7 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 
 /// Dequantizes `n` elements of `ty` from `bytes`.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
-    if n % ty.block_len() != 0 {
+    if !n.is_multiple_of(ty.block_len()) {
         return Err(format!("{n} elements is not a whole number of {ty:?} blocks"));
     }
     let n_blocks = n / ty.block_len();

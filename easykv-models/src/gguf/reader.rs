@@ -360,8 +360,8 @@ impl<'a> Cursor<'a> {
                 let min_size = match elem_ty {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
-                    10..=12 | 8 | 9 => 8,
+                    4..=6 => 4,
+                    8..=12 => 8,
                     _ => {
                         return Err(Error::gguf(
                             at,
