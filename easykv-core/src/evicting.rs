@@ -3,7 +3,7 @@
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::budget::Schedule;
-use crate::full::kv_bytes;
+use crate::layer_kv::LayerKv;
 use crate::policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
 use crate::{Error, KvCache, Result};
 
@@ -23,7 +23,7 @@ struct Observed<B: Backend> {
 /// whole model instead of dozens per layer. Keys and values are compacted by row selection.
 pub struct EvictingCache<B: Backend> {
     /// Per layer: keys and values `[batch, heads, slots, head_dim]`.
-    kv: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    kv: LayerKv<B>,
     /// All layers' statistics, stacked; `None` before the first chunk ends.
     stats: Option<SlotStats<B>>,
     /// Attention observed during the chunk in flight, per layer.
@@ -49,7 +49,7 @@ impl<B: Backend> std::fmt::Debug for EvictingCache<B> {
 impl<B: Backend> EvictingCache<B> {
     pub fn new(n_layers: usize, policy: Box<dyn EvictionPolicy<B>>, schedule: Schedule) -> Self {
         Self {
-            kv: vec![None; n_layers],
+            kv: LayerKv::new(n_layers),
             stats: None,
             pending: vec![None; n_layers],
             policy,
@@ -100,7 +100,7 @@ impl<B: Backend> EvictingCache<B> {
     }
 
     fn batch(&self) -> usize {
-        self.kv.iter().flatten().next().map_or(1, |(k, _)| k.dims()[0])
+        self.kv.first().map_or(1, |(k, _)| k.dims()[0])
     }
 
     /// Rows of the stacked statistics that belong to `layer`.
@@ -132,7 +132,7 @@ impl<B: Backend> EvictingCache<B> {
 
     /// The statistics of `layer` (for tests and inspection).
     pub fn stats(&self, layer: usize) -> Option<SlotStats<B>> {
-        if layer >= self.kv.len() {
+        if layer >= self.kv.n_layers() {
             return None;
         }
         let rows = self.layer_rows(layer);
@@ -148,12 +148,12 @@ impl<B: Backend> EvictingCache<B> {
 
     /// Grows the stacked statistics by the chunk just appended and adds what was observed.
     fn absorb_chunk(&mut self, s: usize) {
-        let Some(device) = self.kv.iter().flatten().next().map(|(k, _)| k.device()) else {
+        let Some(device) = self.kv.first().map(|(k, _)| k.device()) else {
             return;
         };
         let (rows, h) = (
-            self.kv.len() * self.batch(),
-            self.kv.iter().flatten().next().map_or(1, |(k, _)| k.dims()[1]),
+            self.kv.n_layers() * self.batch(),
+            self.kv.first().map_or(1, |(k, _)| k.dims()[1]),
         );
         let start = (self.tokens_seen - s) as i64;
         let positions = Tensor::<B, 1, Int>::arange(start..start + s as i64, &device)
@@ -177,7 +177,7 @@ impl<B: Backend> EvictingCache<B> {
             },
         };
         let observed: Vec<Observed<B>> = self.pending.iter_mut().filter_map(Option::take).collect();
-        if observed.len() == self.kv.len() {
+        if observed.len() == self.kv.n_layers() {
             let n = st.sum.dims()[2];
             let stack = |f: fn(&Observed<B>) -> Tensor<B, 3>| Tensor::cat(observed.iter().map(f).collect(), 0);
             st.sum = st.sum + stack(|o| o.sum.clone());
@@ -306,25 +306,13 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
-        let n_layers = self.kv.len();
-        if layer >= n_layers {
-            return Err(Error::LayerOutOfRange {
-                layer,
-                layers: n_layers,
-            });
-        }
+        let s = keys.dims()[2];
+        let out = self.kv.append(layer, keys, values)?;
         if layer == 0 {
-            let s = keys.dims()[2];
             self.tokens_seen += s;
             self.chunk_len = s;
         }
-        let entry = &mut self.kv[layer];
-        let (k, v) = match entry.take() {
-            None => (keys, values),
-            Some((k, v)) => (Tensor::cat(vec![k, keys], 2), Tensor::cat(vec![v, values], 2)),
-        };
-        *entry = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        Ok(out)
     }
 
     fn wants_attention(&self, layer: usize) -> bool {
@@ -332,10 +320,10 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn observe(&mut self, layer: usize, probs: Tensor<B, 4>) -> Result<()> {
-        if layer >= self.kv.len() {
+        if layer >= self.kv.n_layers() {
             return Err(Error::LayerOutOfRange {
                 layer,
-                layers: self.kv.len(),
+                layers: self.kv.n_layers(),
             });
         }
         if !self.recording(self.slots(layer)) {
@@ -396,18 +384,15 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn slots(&self, layer: usize) -> usize {
-        self.kv
-            .get(layer)
-            .and_then(|e| e.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+        self.kv.slots(layer)
     }
 
     fn bytes(&self) -> u64 {
-        kv_bytes(self.kv.iter().flatten())
+        self.kv.bytes()
     }
 
     fn clear(&mut self) {
-        self.kv.iter_mut().for_each(|e| *e = None);
+        self.kv.clear();
         self.pending.iter_mut().for_each(|e| *e = None);
         self.stats = None;
         self.tokens_seen = 0;

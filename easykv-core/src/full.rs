@@ -1,31 +1,22 @@
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::{Error, KvCache, Result};
+use crate::layer_kv::LayerKv;
+use crate::{KvCache, Result};
 
 /// A cache that never evicts: the reference every policy is measured against.
 #[derive(Debug, Clone)]
 pub struct FullCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    kv: LayerKv<B>,
     tokens_seen: usize,
 }
 
 impl<B: Backend> FullCache<B> {
     pub fn new(n_layers: usize) -> Self {
         Self {
-            layers: vec![None; n_layers],
+            kv: LayerKv::new(n_layers),
             tokens_seen: 0,
         }
     }
-}
-
-/// Bytes of a key or value tensor.
-fn tensor_bytes<B: Backend>(t: &Tensor<B, 4>) -> u64 {
-    t.shape().num_elements() as u64 * t.dtype().size() as u64
-}
-
-/// Bytes of per-layer (keys, values) pairs.
-pub(crate) fn kv_bytes<'a, B: Backend>(layers: impl Iterator<Item = &'a (Tensor<B, 4>, Tensor<B, 4>)>) -> u64 {
-    layers.map(|(k, v)| tensor_bytes(k) + tensor_bytes(v)).sum()
 }
 
 impl<B: Backend> KvCache<B> for FullCache<B> {
@@ -35,20 +26,12 @@ impl<B: Backend> KvCache<B> for FullCache<B> {
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
-        let n_layers = self.layers.len();
-        let entry = self.layers.get_mut(layer).ok_or(Error::LayerOutOfRange {
-            layer,
-            layers: n_layers,
-        })?;
+        let s = keys.dims()[2];
+        let out = self.kv.append(layer, keys, values)?;
         if layer == 0 {
-            self.tokens_seen += keys.dims()[2];
+            self.tokens_seen += s;
         }
-        let (k, v) = match entry.take() {
-            None => (keys, values),
-            Some((k, v)) => (Tensor::cat(vec![k, keys], 2), Tensor::cat(vec![v, values], 2)),
-        };
-        *entry = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        Ok(out)
     }
 
     fn tokens_seen(&self) -> usize {
@@ -56,18 +39,15 @@ impl<B: Backend> KvCache<B> for FullCache<B> {
     }
 
     fn slots(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .and_then(|e| e.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+        self.kv.slots(layer)
     }
 
     fn bytes(&self) -> u64 {
-        kv_bytes(self.layers.iter().flatten())
+        self.kv.bytes()
     }
 
     fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|e| *e = None);
+        self.kv.clear();
         self.tokens_seen = 0;
     }
 }

@@ -12,6 +12,7 @@ mod cache;
 mod error;
 mod evicting;
 mod full;
+mod layer_kv;
 mod policy;
 
 pub use budget::{Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL};
