@@ -116,6 +116,10 @@ pub struct EvictionArgs {
     /// Cache keys before RoPE and re-rotate them with compact positions (StreamingLLM style).
     #[arg(long)]
     pub streaming: bool,
+    /// While decoding, evict N slots every N steps instead of one per step (faster; the cache
+    /// may exceed its budget by N − 1 slots). 1 reproduces EasyKV.
+    #[arg(long, default_value_t = 1)]
+    pub decode_stride: usize,
 }
 
 impl EvictionArgs {
@@ -129,6 +133,7 @@ impl EvictionArgs {
             keep_attention: self.keep_attention,
             seed: self.policy_seed,
             streaming: self.streaming,
+            decode_stride: self.decode_stride,
         })
     }
 
@@ -153,8 +158,8 @@ impl EvictionArgs {
                 cfg.recent_ratio
             )));
         }
-        if cfg.stride == 0 {
-            return Err(CliError("--stride must be ≥ 1".into()));
+        if cfg.stride == 0 || cfg.decode_stride == 0 {
+            return Err(CliError("--stride and --decode-stride must be ≥ 1".into()));
         }
         Ok(())
     }

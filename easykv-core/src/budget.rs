@@ -116,6 +116,10 @@ pub struct EvictionConfig {
     pub seed: u64,
     /// Cache keys before RoPE and rotate them with compact slot positions (StreamingLLM).
     pub streaming: bool,
+    /// While decoding, evict this many slots at once every this many steps (1: every step, as
+    /// EasyKV). Larger values amortize eviction; the cache then exceeds its capacity by up to
+    /// `decode_stride − 1` slots between evictions.
+    pub decode_stride: usize,
 }
 
 impl Default for EvictionConfig {
@@ -129,6 +133,7 @@ impl Default for EvictionConfig {
             keep_attention: false,
             seed: 0,
             streaming: false,
+            decode_stride: 1,
         }
     }
 }
@@ -165,6 +170,7 @@ pub struct Schedule {
     pub keep_attention: bool,
     pub seed: u64,
     pub streaming: bool,
+    pub decode_stride: usize,
 }
 
 impl EvictionConfig {
@@ -172,8 +178,8 @@ impl EvictionConfig {
     /// of the prompt that is prefilled before eviction starts.
     pub fn schedule(&self, prompt_len: usize, chunk_size: usize, kv_bytes_per_token: u64) -> Result<Schedule> {
         let s = self.stride;
-        if s == 0 {
-            return Err(Error::InvalidBudget("stride must be ≥ 1".into()));
+        if s == 0 || self.decode_stride == 0 {
+            return Err(Error::InvalidBudget("stride and decode stride must be ≥ 1".into()));
         }
         if !(0.0..1.0).contains(&self.recent_ratio) {
             return Err(Error::InvalidBudget(format!(
@@ -202,6 +208,7 @@ impl EvictionConfig {
             keep_attention: self.keep_attention,
             seed: self.seed,
             streaming: self.streaming,
+            decode_stride: self.decode_stride,
         };
         let tokens = self.budget.tokens(prompt_len, kv_bytes_per_token);
         match self.mode {

@@ -347,7 +347,11 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         self.absorb_chunk(s);
         let Some(capacity) = self.capacity() else { return Ok(()) };
         let slots = self.slots(0);
-        if slots > capacity {
+        let slack = match self.phase() {
+            Phase::Prefill => 0,
+            Phase::Decode => self.schedule.decode_stride.saturating_sub(1),
+        };
+        if slots > capacity + slack {
             self.evict(capacity);
             self.evicted += slots - capacity;
             self.steps += 1;
