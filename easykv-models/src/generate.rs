@@ -101,11 +101,16 @@ pub fn prefill<B: Backend, C: KvCache<B> + ?Sized>(
     check_ids(model, prompt)?;
     let device = model.embed.weight.device();
     let mut last = None;
-    let mut start = 0;
-    for len in cache.prefill_chunks(prompt.len(), chunk_size) {
-        let chunk = &prompt[start..start + len];
+    let chunks = cache.prefill_chunks(prompt.len(), chunk_size);
+    let (mut start, n_chunks) = (0, chunks.len());
+    for (i, len) in chunks.into_iter().enumerate() {
+        let chunk = token_tensor::<B>(&prompt[start..start + len], &device);
         start += len;
-        last = Some(model.forward(token_tensor::<B>(chunk, &device), cache, Logits::Last)?);
+        if i + 1 < n_chunks {
+            model.forward_hidden(chunk, cache)?;
+        } else {
+            last = Some(model.forward(chunk, cache, Logits::Last)?);
+        }
     }
     row(last.ok_or_else(|| Error::InvalidInput("the prompt is empty".into()))?)
 }

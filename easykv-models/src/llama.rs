@@ -191,6 +191,26 @@ impl<B: Backend> Llama<B> {
         cache: &mut C,
         logits: Logits,
     ) -> Result<Tensor<B, 3>> {
+        let x = self.forward_hidden(tokens, cache)?;
+        let [b, s, _] = x.dims();
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x.slice([0..b, s - 1..s]),
+        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(head.logits(self.norm.forward(x)))
+    }
+
+    /// Runs one chunk through every layer (appending it to `cache`) without the output
+    /// projection: prefill chunks whose logits nobody reads skip the vocabulary-sized matmul.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, s]` → hidden states `[batch, s, hidden]` before the final norm
+    pub fn forward_hidden<C: KvCache<B> + ?Sized>(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut C,
+    ) -> Result<Tensor<B, 3>> {
         let [b, s] = tokens.dims();
         let start = cache.next_position();
         if start + s > self.rope.max_positions() {
@@ -224,12 +244,7 @@ impl<B: Backend> Llama<B> {
             x = x.clone() + layer.ffn.forward(layer.ffn_norm.forward(x));
         }
         cache.end_chunk()?;
-        let x = match logits {
-            Logits::All => x,
-            Logits::Last => x.slice([0..b, s - 1..s]),
-        };
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(head.logits(self.norm.forward(x)))
+        Ok(x)
     }
 
     /// Loads weights named as in GGUF from `source`, laid out for [`Llama::forward`], with
