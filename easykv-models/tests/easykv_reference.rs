@@ -4,34 +4,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use burn::backend::Flex;
 use easykv_core::{EvictingCache, EvictionConfig, KvCache};
-use easykv_models::fetch::{easykv_home, fetch_model, known_model};
 use easykv_models::{generate, GenerateConfig, LoadedModel, SamplingConfig, StopReason, WeightDType};
 use easykv_policies::policy_by_name;
 use serde_json::Value;
 
+mod common;
+use common::{load_model, load_reference};
+
 fn reference() -> &'static Value {
     static REF: OnceLock<Value> = OnceLock::new();
-    REF.get_or_init(|| {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/smollm2-135m-q4_1.json");
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-            .unwrap()
-    })
+    REF.get_or_init(|| load_reference("smollm2-135m-q4_1.json"))
 }
 
 fn model() -> &'static LoadedModel<Flex> {
     static MODEL: OnceLock<LoadedModel<Flex>> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let path = fetch_model(known_model("smollm2").unwrap(), &easykv_home(), &mut |m| {
-            eprintln!("{m}")
-        })
-        .unwrap();
-        LoadedModel::from_gguf(&path, WeightDType::F32, &Default::default()).unwrap()
-    })
+    MODEL.get_or_init(|| load_model("smollm2", WeightDType::F32))
 }
 
 /// Runs one EasyKV case; returns (text, kept positions [layer][head]).

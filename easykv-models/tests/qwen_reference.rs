@@ -7,42 +7,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use burn::backend::Flex;
 use easykv_core::FullCache;
-use easykv_models::fetch::{easykv_home, fetch_model, known_model};
 use easykv_models::{generate, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig, WeightDType};
 use serde_json::Value;
 
+mod common;
+use common::{ids, load_model, load_reference};
+
 fn reference() -> &'static Value {
     static REF: OnceLock<Value> = OnceLock::new();
-    REF.get_or_init(|| {
-        let path =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/qwen2.5-coder-1.5b-q4_k_m.json");
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-            .unwrap()
-    })
+    REF.get_or_init(|| load_reference("qwen2.5-coder-1.5b-q4_k_m.json"))
 }
 
 fn model() -> &'static LoadedModel<Flex> {
     static MODEL: OnceLock<LoadedModel<Flex>> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let path = fetch_model(known_model("qwen2.5-coder-1.5b").unwrap(), &easykv_home(), &mut |m| {
-            eprintln!("{m}")
-        })
-        .unwrap();
-        LoadedModel::from_gguf(&path, WeightDType::F32, &Default::default()).unwrap()
-    })
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    MODEL.get_or_init(|| load_model("qwen2.5-coder-1.5b", WeightDType::F32))
 }
 
 #[test]

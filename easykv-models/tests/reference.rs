@@ -5,45 +5,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use easykv_core::FullCache;
-use easykv_models::fetch::{easykv_home, fetch_model, known_model};
 use easykv_models::{generate, prefill, score, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig, WeightDType};
 use serde_json::Value;
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::{ids, load_model, load_reference, shared};
 
 fn reference() -> &'static Value {
     static REF: OnceLock<Value> = OnceLock::new();
-    REF.get_or_init(|| {
-        let path = repo_root().join("../shared/reference/smollm2-135m-q4_1.json");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        serde_json::from_str(&text).unwrap()
-    })
+    REF.get_or_init(|| load_reference("smollm2-135m-q4_1.json"))
 }
 
 fn model() -> &'static LoadedModel<Flex> {
     static MODEL: OnceLock<LoadedModel<Flex>> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let known = known_model("smollm2").unwrap();
-        let path = fetch_model(known, &easykv_home(), &mut |m| eprintln!("{m}")).unwrap();
-        LoadedModel::from_gguf(&path, WeightDType::F32, &Default::default()).unwrap()
-    })
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    MODEL.get_or_init(|| load_model("smollm2", WeightDType::F32))
 }
 
 /// Log-probabilities (log-softmax on the device) at the last position of `prompt`.
@@ -121,7 +102,7 @@ fn greedy_ids_and_top10_logprobs_match_hf() {
 fn perplexity_of_512_tokens_within_half_a_percent() {
     let m = model();
     let r = &reference()["perplexity"];
-    let text = std::fs::read_to_string(repo_root().join("../shared/data/last_of_the_mohicans.txt")).unwrap();
+    let text = std::fs::read_to_string(shared("data/last_of_the_mohicans.txt")).unwrap();
     let mut ids = m.tokenizer.encode(&text).unwrap();
     ids.truncate(r["first_tokens"].as_u64().unwrap() as usize);
     let mut cache = FullCache::new(m.config.n_layers);
@@ -137,9 +118,7 @@ fn perplexity_of_512_tokens_within_half_a_percent() {
 
 #[test]
 fn f16_weights_stay_close_to_the_reference() {
-    let known = known_model("smollm2").unwrap();
-    let path = fetch_model(known, &easykv_home(), &mut |m| eprintln!("{m}")).unwrap();
-    let m = LoadedModel::<Flex>::from_gguf(&path, WeightDType::F16, &Default::default()).unwrap();
+    let m = load_model("smollm2", WeightDType::F16);
     let mut worst = 0f32;
     for case in reference()["chat"].as_array().unwrap() {
         let lp = last_logprobs(&m, &ids(&case["prompt_ids"]));
