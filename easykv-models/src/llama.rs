@@ -24,55 +24,75 @@ pub trait WeightSource {
     fn has(&self, name: &str) -> bool;
 }
 
-/// Rotary position tables, rotate-half layout.
+/// Rotary position embedding, rotate-half layout.
+///
+/// Angles are computed on the device for the positions a forward pass needs, not tabulated for
+/// the whole context: the context length comes from the model file, and a table sized by it
+/// could be forged into a huge allocation.
 #[derive(Module, Debug)]
 pub struct Rope<B: Backend> {
-    /// `[max_positions, head_dim]`
-    cos: Tensor<B, 2>,
-    /// `[max_positions, head_dim]`
-    sin: Tensor<B, 2>,
+    /// `[head_dim / 2]`
+    inv_freq: Tensor<B, 1>,
+    max_positions: usize,
+}
+
+/// `cos` and `sin` for a run of positions, each `[1, 1, positions, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct RopeAngles<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
 }
 
 impl<B: Backend> Rope<B> {
     pub fn new(head_dim: usize, theta: f32, max_positions: usize, device: &B::Device) -> Self {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_positions * head_dim);
-        let mut sin = Vec::with_capacity(max_positions * head_dim);
-        // f32 throughout, as HF computes its tables, so positions round the same way.
+        // f32 throughout, as HF computes its frequencies, so positions round the same way.
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
             .collect();
-        for p in 0..max_positions {
-            let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
-        }
-        let t = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [max_positions, head_dim]), device);
         Self {
-            cos: t(cos),
-            sin: t(sin),
+            inv_freq: Tensor::from_data(TensorData::new(inv_freq, [half]), device),
+            max_positions,
         }
     }
 
-    /// Rotates `x` for positions `start..start+s`.
+    /// Angles for positions `start..start + len`.
+    pub fn angles(&self, start: usize, len: usize) -> RopeAngles<B> {
+        let device = self.inv_freq.device();
+        let half = self.inv_freq.dims()[0];
+        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &device)
+            .float()
+            .reshape([len, 1]);
+        let angles = positions * self.inv_freq.clone().reshape([1, half]);
+        let both = |t: Tensor<B, 2>| Tensor::cat(vec![t.clone(), t], 1).reshape([1, 1, len, 2 * half]);
+        RopeAngles {
+            cos: both(angles.clone().cos()),
+            sin: both(angles.sin()),
+        }
+    }
+
+    /// Rotates `x` by `angles` (one position per row of `x`).
     ///
     /// # Shapes
-    /// - `x`: `[batch, heads, s, head_dim]`
-    pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
-        let [_, _, s, d] = x.dims();
-        let cos = self.cos.clone().slice_dim(0, start..start + s).reshape([1, 1, s, d]);
-        let sin = self.sin.clone().slice_dim(0, start..start + s).reshape([1, 1, s, d]);
+    /// - `x`: `[batch, heads, s, head_dim]` with `s` the angles' positions
+    pub fn apply(x: Tensor<B, 4>, angles: &RopeAngles<B>) -> Tensor<B, 4> {
+        let d = x.dims()[3];
         let x1 = x.clone().slice_dim(3, 0..d / 2);
         let x2 = x.clone().slice_dim(3, d / 2..d);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
+        x * angles.cos.clone() + rotated * angles.sin.clone()
     }
 
     pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
+        self.max_positions
     }
+}
+
+/// The rotations one forward pass needs: for the chunk's tokens, and (StreamingLLM) for every
+/// slot of the cache.
+struct ChunkAngles<B: Backend> {
+    chunk: RopeAngles<B>,
+    slots: Option<RopeAngles<B>>,
 }
 
 /// Grouped-query self-attention with an explicit softmax.
@@ -96,8 +116,7 @@ impl<B: Backend> Attention<B> {
         &self,
         layer: usize,
         x: Tensor<B, 3>,
-        rope: &Rope<B>,
-        start: usize,
+        angles: &ChunkAngles<B>,
         mask: Option<&Tensor<B, 4>>,
         cache: &mut C,
     ) -> Result<Tensor<B, 3>> {
@@ -105,15 +124,16 @@ impl<B: Backend> Attention<B> {
         let (hq, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let g = hq / hkv;
         let heads = |t: Tensor<B, 3>, h: usize| t.reshape([b, s, h, d]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.q.forward(x.clone()), hq), start);
+        let q = Rope::apply(heads(self.q.forward(x.clone()), hq), &angles.chunk);
         let k = heads(self.k.forward(x.clone()), hkv);
         let v = heads(self.v.forward(x), hkv);
-        let (keys, values) = if cache.compact_positions() {
+        let (keys, values) = match &angles.slots {
             // StreamingLLM: keys are stored unrotated and rotated by their slot index here.
-            let (keys, values) = cache.append(layer, k, v)?;
-            (rope.apply(keys, 0), values)
-        } else {
-            cache.append(layer, rope.apply(k, start), v)?
+            Some(slot_angles) => {
+                let (keys, values) = cache.append(layer, k, v)?;
+                (Rope::apply(keys, slot_angles), values)
+            }
+            None => cache.append(layer, Rope::apply(k, &angles.chunk), v)?,
         };
         let n = keys.dims()[2];
         // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
@@ -222,6 +242,13 @@ impl<B: Backend> Llama<B> {
         }
         let device = tokens.device();
         let mut x = self.embed.embed(tokens);
+        // Angles once per chunk, shared by every layer.
+        let angles = ChunkAngles {
+            chunk: self.rope.angles(start, s),
+            slots: cache
+                .compact_positions()
+                .then(|| self.rope.angles(0, cache.slots(0) + s)),
+        };
         // Every layer holds the same number of slots before this chunk, so one mask serves all.
         let mask = (s > 1).then(|| {
             let rows = self.layers.first().map_or(1, |l| l.attn.n_heads);
@@ -232,14 +259,9 @@ impl<B: Backend> Llama<B> {
                 .reshape([b, heads, rows / heads * s, cache.slots(0) + s])
         });
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn.forward(
-                l,
-                layer.attn_norm.forward(x.clone()),
-                &self.rope,
-                start,
-                mask.as_ref(),
-                cache,
-            )?;
+            let h = layer
+                .attn
+                .forward(l, layer.attn_norm.forward(x.clone()), &angles, mask.as_ref(), cache)?;
             x = x + h;
             x = x.clone() + layer.ffn.forward(layer.ffn_norm.forward(x));
         }

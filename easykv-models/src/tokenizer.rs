@@ -175,17 +175,24 @@ impl TextTokenizer {
         TextStream {
             tokenizer: self,
             ids: Vec::new(),
-            emitted: 0,
+            prefix: 0,
+            read: 0,
             skip_special,
         }
     }
 }
 
 /// Incremental detokenization that never splits a multi-byte character.
+///
+/// Each step decodes only the ids since the last emitted text (plus the few before them that
+/// give it context), so the cost per token stays constant however long the output grows.
 pub struct TextStream<'a> {
     tokenizer: &'a TextTokenizer,
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the context window: decoding `ids[prefix..read]` gives the text already emitted.
+    prefix: usize,
+    /// End of what has been emitted.
+    read: usize,
     skip_special: bool,
 }
 
@@ -193,13 +200,17 @@ impl TextStream<'_> {
     /// Adds one id; returns the new text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, self.skip_special)?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let text = self.tokenizer.decode(&self.ids[self.prefix..], self.skip_special)?;
         // A trailing replacement character means the last token ended inside a UTF-8 sequence.
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+        if text.ends_with('\u{FFFD}') || text.len() <= before.len() || !text.is_char_boundary(before.len()) {
             return Ok(None);
         }
-        let new = text[self.emitted..].to_string();
-        self.emitted = text.len();
+        let new = text[before.len()..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(Some(new))
     }
 }

@@ -46,6 +46,13 @@ fn tokenizer_ids_match_hf() {
         assert_eq!(tok.encode(text).unwrap(), ids(&case["ids"]), "text {text:?}");
         // Byte-level BPE round-trips exactly.
         assert_eq!(tok.decode(&ids(&case["ids"]), false).unwrap(), text);
+        // Streaming, one id at a time, yields the same text (multi-byte characters whole).
+        let mut stream = tok.stream(false);
+        let streamed: String = ids(&case["ids"])
+            .into_iter()
+            .filter_map(|id| stream.push(id).unwrap())
+            .collect();
+        assert_eq!(streamed, text);
     }
 }
 
