@@ -9,6 +9,12 @@ use crate::Result;
 /// [`observe`](Self::observe); after the last layer it calls [`end_chunk`](Self::end_chunk),
 /// where an evicting cache may drop slots. The new tokens are always the last `s` slots of
 /// what `append` returns, so a model builds its causal mask from the lengths alone.
+///
+/// A model may also run a prefill *layer by layer*: layer ℓ takes several chunks in a row —
+/// `append`, `observe`, then [`end_layer_chunk`](Self::end_layer_chunk) for each — before
+/// layer ℓ+1 takes the first. Every layer's cache evolves only with its own attention, so
+/// the result is the same as chunk by chunk, while the model's projections run over many
+/// chunks at once. Caches must accept layers that are out of step this way.
 pub trait KvCache<B: Backend> {
     /// Stores this chunk's keys and values of `layer`; returns every cached key and value of it.
     ///
@@ -38,6 +44,12 @@ pub trait KvCache<B: Backend> {
 
     /// Called once after a chunk went through every layer; an evicting cache evicts here.
     fn end_chunk(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called after a chunk went through `layer` alone (layer-by-layer prefill); an evicting
+    /// cache evicts in that layer here.
+    fn end_layer_chunk(&mut self, _layer: usize) -> Result<()> {
         Ok(())
     }
 

@@ -7,6 +7,10 @@ pub enum Error {
     InvalidBudget(String),
     #[error("the cache would hold {needed} tokens, more than the model's context of {context}")]
     ContextExceeded { needed: usize, context: usize },
+    #[error(
+        "the cache's layers are out of step: a chunk ended for all layers while some had taken more tokens than others"
+    )]
+    LayersOutOfStep,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

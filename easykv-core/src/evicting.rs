@@ -1,5 +1,7 @@
 //! A KV cache that stays within a budget by evicting slots chosen by a policy.
 
+use std::ops::Range;
+
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::budget::Schedule;
@@ -15,26 +17,41 @@ struct Observed<B: Backend> {
     last: Tensor<B, 3>,
 }
 
-/// Evicts slots independently in every (layer, KV head), keeping the same count everywhere so
-/// tensors stay rectangular.
-///
-/// Statistics of all layers are stacked into one `[layers·batch, heads, slots]` tensor each and
-/// updated once per chunk: a decode step costs a fixed handful of tensor operations for the
-/// whole model instead of dozens per layer. Keys and values are compacted by row selection.
+/// Per-layer progress. Layers move in step while decoding; a layer-major prefill runs one
+/// layer through several chunks before the next layer starts.
+#[derive(Debug, Clone, Copy, Default)]
+struct LayerProgress {
+    /// Tokens appended to this layer.
+    seen: usize,
+    /// Tokens of the chunk in flight.
+    chunk: usize,
+    /// Eviction steps taken (random draws differ from step to step).
+    steps: u64,
+    /// Slots evicted per head.
+    evicted: usize,
+}
+
+/// Slot statistics of every layer.
+#[derive(Debug, Clone)]
+enum Stats<B: Backend> {
+    /// One `[layers·batch, heads, slots]` tensor per statistic: one policy call serves every
+    /// layer, so a decode step costs a fixed handful of tensor operations for the whole model.
+    Stacked(Option<SlotStats<B>>),
+    /// One entry per layer, while a layer-major prefill leaves layers at different slot counts.
+    PerLayer(Vec<Option<SlotStats<B>>>),
+}
+
+/// Evicts slots independently in every (layer, KV head), keeping the same count in every head
+/// of a layer so tensors stay rectangular. Keys and values are compacted by row selection.
 pub struct EvictingCache<B: Backend> {
     /// Per layer: keys and values `[batch, heads, slots, head_dim]`.
     kv: LayerKv<B>,
-    /// All layers' statistics, stacked; `None` before the first chunk ends.
-    stats: Option<SlotStats<B>>,
+    stats: Stats<B>,
     /// Attention observed during the chunk in flight, per layer.
     pending: Vec<Option<Observed<B>>>,
+    progress: Vec<LayerProgress>,
     policy: Box<dyn EvictionPolicy<B>>,
     schedule: Schedule,
-    tokens_seen: usize,
-    /// Tokens of the chunk in flight.
-    chunk_len: usize,
-    evicted: usize,
-    steps: u64,
 }
 
 impl<B: Backend> std::fmt::Debug for EvictingCache<B> {
@@ -50,14 +67,11 @@ impl<B: Backend> EvictingCache<B> {
     pub fn new(n_layers: usize, policy: Box<dyn EvictionPolicy<B>>, schedule: Schedule) -> Self {
         Self {
             kv: LayerKv::new(n_layers),
-            stats: None,
+            stats: Stats::Stacked(None),
             pending: vec![None; n_layers],
+            progress: vec![LayerProgress::default(); n_layers],
             policy,
             schedule,
-            tokens_seen: 0,
-            chunk_len: 0,
-            evicted: 0,
-            steps: 0,
         }
     }
 
@@ -69,18 +83,22 @@ impl<B: Backend> EvictingCache<B> {
         self.policy.name()
     }
 
-    fn phase(&self) -> Phase {
+    fn n_layers(&self) -> usize {
+        self.kv.n_layers()
+    }
+
+    fn phase(&self, layer: usize) -> Phase {
         // The chunk in flight was counted on append; it belongs to the prompt if it ends
         // inside it.
-        if self.tokens_seen <= self.schedule.prompt_len {
+        if self.progress[layer].seen <= self.schedule.prompt_len {
             Phase::Prefill
         } else {
             Phase::Decode
         }
     }
 
-    fn capacity(&self) -> Option<usize> {
-        match self.phase() {
+    fn capacity(&self, layer: usize) -> Option<usize> {
+        match self.phase(layer) {
             Phase::Prefill => self.schedule.prefill_capacity,
             Phase::Decode => self.schedule.decode_capacity,
         }
@@ -89,8 +107,9 @@ impl<B: Backend> EvictingCache<B> {
     /// Whether this chunk's attention is recorded into S, Q and C. As in EasyKV: while
     /// decoding under a decode budget always; while prefilling once the cache is over its
     /// capacity (or always with `keep_attention`).
-    fn recording(&self, slots: usize) -> bool {
-        match self.phase() {
+    fn recording(&self, layer: usize) -> bool {
+        let slots = self.slots(layer);
+        match self.phase(layer) {
             Phase::Prefill => self
                 .schedule
                 .prefill_capacity
@@ -103,10 +122,8 @@ impl<B: Backend> EvictingCache<B> {
         self.kv.first().map_or(1, |(k, _)| k.dims()[0])
     }
 
-    /// Rows of the stacked statistics that belong to `layer`.
-    fn layer_rows(&self, layer: usize) -> std::ops::Range<usize> {
-        let b = self.batch();
-        layer * b..(layer + 1) * b
+    fn heads(&self) -> usize {
+        self.kv.first().map_or(1, |(k, _)| k.dims()[1])
     }
 
     /// Sorted absolute positions held in `layer`, per (batch, head) flattened as `[b·h][slots]`.
@@ -132,35 +149,64 @@ impl<B: Backend> EvictingCache<B> {
 
     /// The statistics of `layer` (for tests and inspection).
     pub fn stats(&self, layer: usize) -> Option<SlotStats<B>> {
-        if layer >= self.kv.n_layers() {
+        if layer >= self.n_layers() {
             return None;
         }
-        let rows = self.layer_rows(layer);
-        let s = self.stats.as_ref()?;
-        Some(SlotStats {
-            sum: s.sum.clone().slice_dim(0, rows.clone()),
-            sum_sq: s.sum_sq.clone().slice_dim(0, rows.clone()),
-            count: s.count.clone().slice_dim(0, rows.clone()),
-            last: s.last.clone().slice_dim(0, rows.clone()),
-            positions: s.positions.clone().slice_dim(0, rows),
-        })
+        match &self.stats {
+            Stats::Stacked(s) => s
+                .as_ref()
+                .map(|s| s.rows(layer * self.batch()..(layer + 1) * self.batch())),
+            Stats::PerLayer(v) => v[layer].clone(),
+        }
     }
 
-    /// Grows the stacked statistics by the chunk just appended and adds what was observed.
-    fn absorb_chunk(&mut self, s: usize) {
-        let Some(device) = self.kv.first().map(|(k, _)| k.device()) else {
-            return;
-        };
-        let (rows, h) = (
-            self.kv.n_layers() * self.batch(),
-            self.kv.first().map_or(1, |(k, _)| k.dims()[1]),
-        );
-        let start = (self.tokens_seen - s) as i64;
+    /// All layers' statistics as one stacked set (layers in step), or `None` before any chunk.
+    fn take_stacked(&mut self) -> Result<Option<SlotStats<B>>> {
+        match std::mem::replace(&mut self.stats, Stats::Stacked(None)) {
+            Stats::Stacked(s) => Ok(s),
+            Stats::PerLayer(v) => {
+                if v.iter().all(Option::is_none) {
+                    return Ok(None);
+                }
+                let all: Option<Vec<SlotStats<B>>> = v.into_iter().collect();
+                let all = all.ok_or(Error::LayersOutOfStep)?;
+                if all.iter().any(|s| s.sum.dims()[2] != all[0].sum.dims()[2]) {
+                    return Err(Error::LayersOutOfStep);
+                }
+                Ok(Some(SlotStats::stack(all)))
+            }
+        }
+    }
+
+    /// `layer`'s own statistics, splitting a stacked set into per-layer views first.
+    fn take_layer(&mut self, layer: usize) -> Option<SlotStats<B>> {
+        if let Stats::Stacked(s) = &mut self.stats {
+            let b = self.kv.first().map_or(1, |(k, _)| k.dims()[0]);
+            let per_layer = match s.take() {
+                Some(s) => (0..self.kv.n_layers())
+                    .map(|l| Some(s.rows(l * b..(l + 1) * b)))
+                    .collect(),
+                None => vec![None; self.kv.n_layers()],
+            };
+            self.stats = Stats::PerLayer(per_layer);
+        }
+        match &mut self.stats {
+            Stats::PerLayer(v) => v[layer].take(),
+            Stats::Stacked(_) => None,
+        }
+    }
+
+    /// Grows `stats` (the rows of `layers`) by the chunk of `s` tokens just appended and adds
+    /// what those layers observed.
+    fn absorb(&mut self, stats: Option<SlotStats<B>>, layers: Range<usize>, s: usize) -> Option<SlotStats<B>> {
+        let device = self.kv.first().map(|(k, _)| k.device())?;
+        let (rows, h) = (layers.len() * self.batch(), self.heads());
+        let start = (self.progress[layers.start].seen - s) as i64;
         let positions = Tensor::<B, 1, Int>::arange(start..start + s as i64, &device)
             .reshape([1, 1, s])
             .repeat(&[rows, h, 1]);
         let zeros = Tensor::<B, 3>::zeros([rows, h, s], &device);
-        let mut st = match self.stats.take() {
+        let mut st = match stats {
             None => SlotStats {
                 sum: zeros.clone(),
                 sum_sq: zeros.clone(),
@@ -176,10 +222,16 @@ impl<B: Backend> EvictingCache<B> {
                 positions: Tensor::cat(vec![st.positions, positions], 2),
             },
         };
-        let observed: Vec<Observed<B>> = self.pending.iter_mut().filter_map(Option::take).collect();
-        if observed.len() == self.kv.n_layers() {
+        let observed: Vec<Observed<B>> = self.pending[layers.clone()]
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        if observed.len() == layers.len() {
             let n = st.sum.dims()[2];
-            let stack = |f: fn(&Observed<B>) -> Tensor<B, 3>| Tensor::cat(observed.iter().map(f).collect(), 0);
+            let stack = |f: fn(&Observed<B>) -> Tensor<B, 3>| match observed.len() {
+                1 => f(&observed[0]),
+                _ => Tensor::cat(observed.iter().map(f).collect(), 0),
+            };
             st.sum = st.sum + stack(|o| o.sum.clone());
             st.sum_sq = st.sum_sq + stack(|o| o.sum_sq.clone());
             st.last = stack(|o| o.last.clone());
@@ -190,14 +242,15 @@ impl<B: Backend> EvictingCache<B> {
                 .collect();
             st.count = st.count + Tensor::<B, 1>::from_data(TensorData::new(seen, [n]), &device).reshape([1, 1, n]);
         }
-        self.stats = Some(st);
+        Some(st)
     }
 
-    /// Evicts down to `capacity` slots in every (layer, head) with one policy call.
-    fn evict(&mut self, capacity: usize) {
-        let phase = self.phase();
+    /// Evicts the rows of `layers` down to `capacity` slots in every head with one policy call;
+    /// returns the compacted statistics.
+    fn evict(&mut self, stats: SlotStats<B>, layers: Range<usize>, capacity: usize) -> SlotStats<B> {
+        let first = layers.start;
+        let phase = self.phase(first);
         let sched = &self.schedule;
-        let Some(stats) = self.stats.as_ref() else { return };
         let [rows, h, n] = stats.sum.dims();
         let (recent, robust_k, protected) = match phase {
             Phase::Prefill => (sched.prefill_recent, sched.prefill_robust_k, 0),
@@ -216,9 +269,10 @@ impl<B: Backend> EvictingCache<B> {
             robust_k,
             protected_positions: protected,
             seed: sched.seed,
-            step: self.steps,
+            step: self.progress[first].steps,
+            layers: layers.clone(),
         };
-        let evict = self.policy.select(stats, &ctx);
+        let evict = self.policy.select(&stats, &ctx);
         let keep = keep_indices(evict, n, capacity);
         let device = keep.device();
         // Row numbers into flattened [rows·h·n] tensors: whole rows are copied, far cheaper than
@@ -231,35 +285,65 @@ impl<B: Backend> EvictingCache<B> {
                 .select(0, flat_rows.clone())
                 .reshape([rows, h, capacity])
         };
-        if let Some(st) = self.stats.take() {
-            self.stats = Some(SlotStats {
-                sum: pick(st.sum),
-                sum_sq: pick(st.sum_sq),
-                count: pick(st.count),
-                last: pick(st.last),
-                positions: st
-                    .positions
-                    .reshape([rows * h * n])
-                    .select(0, flat_rows.clone())
-                    .reshape([rows, h, capacity]),
-            });
-        }
+        let compacted = SlotStats {
+            sum: pick(stats.sum),
+            sum_sq: pick(stats.sum_sq),
+            count: pick(stats.count),
+            last: pick(stats.last),
+            positions: stats
+                .positions
+                .reshape([rows * h * n])
+                .select(0, flat_rows.clone())
+                .reshape([rows, h, capacity]),
+        };
         let b = self.batch();
         let per_layer = b * h * capacity;
-        for (layer, entry) in self.kv.iter_mut().enumerate() {
+        for (i, layer) in layers.enumerate() {
+            let Some(entry) = self.kv.get_mut(layer) else { continue };
             let Some((k, v)) = entry.take() else { continue };
             let d = k.dims()[3];
             // This layer's rows, renumbered from the stacked layout to the layer's own.
             let local = flat_rows
                 .clone()
-                .slice(layer * per_layer..(layer + 1) * per_layer)
-                .sub_scalar((layer * b * h * n) as i64);
+                .slice(i * per_layer..(i + 1) * per_layer)
+                .sub_scalar((i * b * h * n) as i64);
             let pick4 = |t: Tensor<B, 4>| {
                 t.reshape([b * h * n, d])
                     .select(0, local.clone())
                     .reshape([b, h, capacity, d])
             };
             *entry = Some((pick4(k), pick4(v)));
+            let p = &mut self.progress[layer];
+            p.evicted += n - capacity;
+            p.steps += 1;
+        }
+        compacted
+    }
+
+    /// Ends the chunk in flight for `layers` (all of them in step): absorbs what they observed
+    /// and evicts if they are over capacity.
+    fn finish_chunk(&mut self, stats: Option<SlotStats<B>>, layers: Range<usize>) -> Option<SlotStats<B>> {
+        let first = layers.start;
+        let s = self.progress[first].chunk;
+        if s == 0 {
+            return stats;
+        }
+        for l in layers.clone() {
+            self.progress[l].chunk = 0;
+        }
+        let st = self.absorb(stats, layers.clone(), s)?;
+        let Some(capacity) = self.capacity(first) else {
+            return Some(st);
+        };
+        let slots = self.slots(first);
+        let slack = match self.phase(first) {
+            Phase::Prefill => 0,
+            Phase::Decode => self.schedule.decode_stride.saturating_sub(1),
+        };
+        if slots > capacity + slack {
+            Some(self.evict(st, layers, capacity))
+        } else {
+            Some(st)
         }
     }
 }
@@ -308,25 +392,24 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
         let s = keys.dims()[2];
         let out = self.kv.append(layer, keys, values)?;
-        if layer == 0 {
-            self.tokens_seen += s;
-            self.chunk_len = s;
-        }
+        let p = &mut self.progress[layer];
+        p.seen += s;
+        p.chunk = s;
         Ok(out)
     }
 
     fn wants_attention(&self, layer: usize) -> bool {
-        self.policy.uses_attention() && self.recording(self.slots(layer))
+        layer < self.n_layers() && self.policy.uses_attention() && self.recording(layer)
     }
 
     fn observe(&mut self, layer: usize, probs: Tensor<B, 4>) -> Result<()> {
-        if layer >= self.kv.n_layers() {
+        if layer >= self.n_layers() {
             return Err(Error::LayerOutOfRange {
                 layer,
-                layers: self.kv.n_layers(),
+                layers: self.n_layers(),
             });
         }
-        if !self.recording(self.slots(layer)) {
+        if !self.recording(layer) {
             return Ok(());
         }
         let [b, h, s, n] = probs.dims();
@@ -340,21 +423,27 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn end_chunk(&mut self) -> Result<()> {
-        let s = std::mem::take(&mut self.chunk_len);
-        if s == 0 {
-            return Ok(());
+        let layers = 0..self.n_layers();
+        if self.progress.iter().any(|p| p.seen != self.progress[0].seen) {
+            return Err(Error::LayersOutOfStep);
         }
-        self.absorb_chunk(s);
-        let Some(capacity) = self.capacity() else { return Ok(()) };
-        let slots = self.slots(0);
-        let slack = match self.phase() {
-            Phase::Prefill => 0,
-            Phase::Decode => self.schedule.decode_stride.saturating_sub(1),
-        };
-        if slots > capacity + slack {
-            self.evict(capacity);
-            self.evicted += slots - capacity;
-            self.steps += 1;
+        let stats = self.take_stacked()?;
+        let stats = self.finish_chunk(stats, layers);
+        self.stats = Stats::Stacked(stats);
+        Ok(())
+    }
+
+    fn end_layer_chunk(&mut self, layer: usize) -> Result<()> {
+        if layer >= self.n_layers() {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                layers: self.n_layers(),
+            });
+        }
+        let stats = self.take_layer(layer);
+        let stats = self.finish_chunk(stats, layer..layer + 1);
+        if let Stats::PerLayer(v) = &mut self.stats {
+            v[layer] = stats;
         }
         Ok(())
     }
@@ -368,7 +457,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn evicted(&self) -> usize {
-        self.evicted
+        self.progress.first().map_or(0, |p| p.evicted)
     }
 
     fn compact_positions(&self) -> bool {
@@ -379,12 +468,12 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         if self.schedule.streaming {
             self.slots(0)
         } else {
-            self.tokens_seen
+            self.tokens_seen()
         }
     }
 
     fn tokens_seen(&self) -> usize {
-        self.tokens_seen
+        self.progress.iter().map(|p| p.seen).min().unwrap_or(0)
     }
 
     fn slots(&self, layer: usize) -> usize {
@@ -398,10 +487,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     fn clear(&mut self) {
         self.kv.clear();
         self.pending.iter_mut().for_each(|e| *e = None);
-        self.stats = None;
-        self.tokens_seen = 0;
-        self.chunk_len = 0;
-        self.evicted = 0;
-        self.steps = 0;
+        self.stats = Stats::Stacked(None);
+        self.progress.iter_mut().for_each(|p| *p = LayerProgress::default());
     }
 }

@@ -46,9 +46,9 @@ impl<B: Backend> LayerKv<B> {
         self.layers.iter().flatten().next()
     }
 
-    /// Every layer's pair, for in-place replacement (compaction).
-    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Option<(Tensor<B, 4>, Tensor<B, 4>)>> {
-        self.layers.iter_mut()
+    /// One layer's pair, for in-place replacement (compaction).
+    pub(crate) fn get_mut(&mut self, layer: usize) -> Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>> {
+        self.layers.get_mut(layer)
     }
 
     pub(crate) fn slots(&self, layer: usize) -> usize {

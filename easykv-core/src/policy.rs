@@ -21,6 +21,31 @@ pub struct SlotStats<B: Backend> {
     pub positions: Tensor<B, 3, Int>,
 }
 
+impl<B: Backend> SlotStats<B> {
+    /// The statistics of rows `rows` (views, no copy on backends that slice lazily).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Self {
+        Self {
+            sum: self.sum.clone().slice_dim(0, rows.clone()),
+            sum_sq: self.sum_sq.clone().slice_dim(0, rows.clone()),
+            count: self.count.clone().slice_dim(0, rows.clone()),
+            last: self.last.clone().slice_dim(0, rows.clone()),
+            positions: self.positions.clone().slice_dim(0, rows),
+        }
+    }
+
+    /// Stacks sets of equal slot counts along the row axis.
+    pub fn stack(parts: Vec<Self>) -> Self {
+        let field = |f: fn(&Self) -> Tensor<B, 3>| Tensor::cat(parts.iter().map(f).collect(), 0);
+        Self {
+            sum: field(|s| s.sum.clone()),
+            sum_sq: field(|s| s.sum_sq.clone()),
+            count: field(|s| s.count.clone()),
+            last: field(|s| s.last.clone()),
+            positions: Tensor::cat(parts.iter().map(|s| s.positions.clone()).collect(), 0),
+        }
+    }
+}
+
 /// Whether the cache is taking in the prompt or generated tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -48,6 +73,8 @@ pub struct EvictionContext {
     pub seed: u64,
     /// Counts eviction steps, so random draws differ from step to step.
     pub step: u64,
+    /// The layers the statistics' rows belong to, `batch` rows each, in order.
+    pub layers: std::ops::Range<usize>,
 }
 
 /// Chooses which slots to drop. Implementations live in `easykv-policies`.

@@ -100,19 +100,41 @@ pub fn prefill<B: Backend, C: KvCache<B> + ?Sized>(
     }
     check_ids(model, prompt)?;
     let device = model.embed.weight.device();
+    let groups = chunk_groups(&cache.prefill_chunks(prompt.len(), chunk_size), chunk_size);
+    let (mut start, n_groups) = (0, groups.len());
     let mut last = None;
-    let chunks = cache.prefill_chunks(prompt.len(), chunk_size);
-    let (mut start, n_chunks) = (0, chunks.len());
-    for (i, len) in chunks.into_iter().enumerate() {
-        let chunk = token_tensor::<B>(&prompt[start..start + len], &device);
+    for (i, group) in groups.iter().enumerate() {
+        let len: usize = group.iter().sum();
+        let tokens = token_tensor::<B>(&prompt[start..start + len], &device);
         start += len;
-        if i + 1 < n_chunks {
-            model.forward_hidden(chunk, cache)?;
+        if i + 1 < n_groups {
+            model.forward_hidden_chunks(tokens, group, cache)?;
         } else {
-            last = Some(model.forward(chunk, cache, Logits::Last)?);
+            last = Some(model.forward_chunks(tokens, group, cache, Logits::Last)?);
         }
     }
     row(last.ok_or_else(|| Error::InvalidInput("the prompt is empty".into()))?)
+}
+
+/// Consecutive chunks gathered into groups of at most `max_tokens` tokens (a longer chunk is a
+/// group of its own). The model runs each group layer by layer, so the strides of an evicting
+/// prefill share large matrix products while activations stay bounded by `max_tokens`.
+pub fn chunk_groups(chunks: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut total = 0;
+    for &c in chunks {
+        match groups.last_mut() {
+            Some(g) if total + c <= max_tokens => {
+                g.push(c);
+                total += c;
+            }
+            _ => {
+                groups.push(vec![c]);
+                total = c;
+            }
+        }
+    }
+    groups
 }
 
 /// Generates a continuation of `prompt`, calling `on_token` with each new id as it is chosen;
@@ -208,9 +230,9 @@ pub fn score<B: Backend, C: KvCache<B> + ?Sized>(
     let device = model.embed.weight.device();
     let mut nll = Vec::with_capacity(ids.len() - 1);
     let mut start = 0;
-    for len in cache.prefill_chunks(ids.len() - 1, chunk_size) {
-        let end = start + len;
-        let logits = model.forward(token_tensor::<B>(&ids[start..end], &device), cache, Logits::All)?;
+    for group in chunk_groups(&cache.prefill_chunks(ids.len() - 1, chunk_size), chunk_size) {
+        let end = start + group.iter().sum::<usize>();
+        let logits = model.forward_chunks(token_tensor::<B>(&ids[start..end], &device), &group, cache, Logits::All)?;
         let targets: Vec<i32> = ids[start + 1..end + 1].iter().map(|&i| i as i32).collect();
         let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, end - start, 1]), &device);
         let picked = log_softmax(logits, 2).gather(2, targets);
@@ -227,7 +249,18 @@ pub fn score<B: Backend, C: KvCache<B> + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    use super::top_logprobs;
+    use super::{chunk_groups, top_logprobs};
+
+    #[test]
+    fn chunks_are_grouped_up_to_the_limit() {
+        assert_eq!(
+            chunk_groups(&[512, 125, 8, 8, 8], 512),
+            vec![vec![512], vec![125, 8, 8, 8]]
+        );
+        assert_eq!(chunk_groups(&[600, 8, 8], 16), vec![vec![600], vec![8, 8]]);
+        assert_eq!(chunk_groups(&[3, 3, 3], 6), vec![vec![3, 3], vec![3]]);
+        assert!(chunk_groups(&[], 6).is_empty());
+    }
 
     #[test]
     fn top_logprobs_are_sorted_normalized_log_probabilities() {

@@ -36,11 +36,22 @@ pub struct Rope<B: Backend> {
     max_positions: usize,
 }
 
-/// `cos` and `sin` for a run of positions, each `[1, 1, positions, head_dim]`.
+/// `cos` and `sin` for a run of positions, expanded to the full shape of the tensors they
+/// rotate (flex multiplies equal shapes far faster than it broadcasts), with the sign of
+/// rotate-half folded into `sin`'s first half and an optional scale folded into both.
 #[derive(Debug, Clone)]
 pub struct RopeAngles<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
+}
+
+/// Where the position axis sits in the tensors a [`RopeAngles`] rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayoutAxes {
+    /// `[batch, positions, heads, head_dim]`: projections as they come out of the matmul.
+    PositionsFirst,
+    /// `[batch, heads, positions, head_dim]`: the cache's layout (StreamingLLM re-rotation).
+    HeadsFirst,
 }
 
 impl<B: Backend> Rope<B> {
@@ -56,31 +67,46 @@ impl<B: Backend> Rope<B> {
         }
     }
 
-    /// Angles for positions `start..start + len`.
-    pub fn angles(&self, start: usize, len: usize) -> RopeAngles<B> {
+    /// Angles for positions `start..start + len`, for `batch × heads` rows laid out as `axes`
+    /// says, multiplied by `scale` (queries fold the attention scale 1/√d in here).
+    pub fn angles(
+        &self,
+        start: usize,
+        len: usize,
+        batch: usize,
+        heads: usize,
+        scale: f64,
+        axes: RopeLayoutAxes,
+    ) -> RopeAngles<B> {
         let device = self.inv_freq.device();
         let half = self.inv_freq.dims()[0];
+        let d = 2 * half;
         let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &device)
             .float()
             .reshape([len, 1]);
         let angles = positions * self.inv_freq.clone().reshape([1, half]);
-        let both = |t: Tensor<B, 2>| Tensor::cat(vec![t.clone(), t], 1).reshape([1, 1, len, 2 * half]);
+        let expand = |t: Tensor<B, 2>| match axes {
+            RopeLayoutAxes::PositionsFirst => t.reshape([1, len, 1, d]).repeat(&[batch, 1, heads, 1]),
+            RopeLayoutAxes::HeadsFirst => t.reshape([1, 1, len, d]).repeat(&[batch, heads, 1, 1]),
+        };
+        let (cos, sin) = (angles.clone().cos().mul_scalar(scale), angles.sin().mul_scalar(scale));
         RopeAngles {
-            cos: both(angles.clone().cos()),
-            sin: both(angles.sin()),
+            cos: expand(Tensor::cat(vec![cos.clone(), cos], 1)),
+            sin: expand(Tensor::cat(vec![sin.clone().neg(), sin], 1)),
         }
     }
 
-    /// Rotates `x` by `angles` (one position per row of `x`).
+    /// Rotates `x` by `angles` (rotate-half pairs along the last axis).
     ///
     /// # Shapes
-    /// - `x`: `[batch, heads, s, head_dim]` with `s` the angles' positions
+    /// - `x`: the angles' shape, `[batch, s, heads, head_dim]` or `[batch, heads, s, head_dim]`
     pub fn apply(x: Tensor<B, 4>, angles: &RopeAngles<B>) -> Tensor<B, 4> {
         let d = x.dims()[3];
         let x1 = x.clone().slice_dim(3, 0..d / 2);
         let x2 = x.clone().slice_dim(3, d / 2..d);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * angles.cos.clone() + rotated * angles.sin.clone()
+        // x·cos + rotate_half(x)·sin with rotate_half(x) = [−x2, x1]: the sign lives in `sin`.
+        let swapped = Tensor::cat(vec![x2, x1], 3);
+        x * angles.cos.clone() + swapped * angles.sin.clone()
     }
 
     pub fn max_positions(&self) -> usize {
@@ -88,11 +114,29 @@ impl<B: Backend> Rope<B> {
     }
 }
 
-/// The rotations one forward pass needs: for the chunk's tokens, and (StreamingLLM) for every
-/// slot of the cache.
+/// The rotations one forward pass needs: for the chunk's queries (attention scale folded in)
+/// and keys, and (StreamingLLM) for every slot of the cache.
 struct ChunkAngles<B: Backend> {
-    chunk: RopeAngles<B>,
+    queries: RopeAngles<B>,
+    keys: RopeAngles<B>,
     slots: Option<RopeAngles<B>>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Angles for `len` tokens from position `start` (and, for StreamingLLM caches, for
+    /// `slots` cached slots by slot index).
+    fn chunk_angles(&self, batch: usize, start: usize, len: usize, slots: Option<usize>) -> ChunkAngles<B> {
+        let (hq, hkv, d) = self
+            .layers
+            .first()
+            .map_or((1, 1, 2), |l| (l.attn.n_heads, l.attn.n_kv_heads, l.attn.head_dim));
+        let first = RopeLayoutAxes::PositionsFirst;
+        ChunkAngles {
+            queries: self.rope.angles(start, len, batch, hq, (d as f64).powf(-0.5), first),
+            keys: self.rope.angles(start, len, batch, hkv, 1.0, first),
+            slots: slots.map(|n| self.rope.angles(0, n, batch, hkv, 1.0, RopeLayoutAxes::HeadsFirst)),
+        }
+    }
 }
 
 /// Grouped-query self-attention with an explicit softmax.
@@ -108,6 +152,79 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// Queries (rotated, attention scale folded in), keys (rotated unless `angles.slots` says
+    /// StreamingLLM rotates them by slot after caching) and values of `x`.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, s, hidden]`; `angles`: for the `s` positions
+    /// - returns `[batch, heads, s, head_dim]` with `n_heads`, `n_kv_heads`, `n_kv_heads` heads
+    fn project(&self, x: Tensor<B, 3>, angles: &ChunkAngles<B>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, s, _] = x.dims();
+        let d = self.head_dim;
+        // Rotate in the projections' own contiguous layout, then view heads first.
+        let heads = |t: Tensor<B, 3>, h: usize| t.reshape([b, s, h, d]);
+        let q = Rope::apply(heads(self.q.forward(x.clone()), self.n_heads), &angles.queries);
+        let k = heads(self.k.forward(x.clone()), self.n_kv_heads);
+        let k = match angles.slots {
+            None => Rope::apply(k, &angles.keys),
+            Some(_) => k,
+        };
+        let v = heads(self.v.forward(x), self.n_kv_heads);
+        (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
+    }
+
+    /// Appends `k`, `v` to the cache and attends `q` over everything it holds, handing the
+    /// probabilities to the cache when it wants them.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, n_heads, s, head_dim]`; `k`, `v`: `[batch, n_kv_heads, s, head_dim]`
+    /// - `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞), `None` when s = 1
+    /// - returns `[batch, n_heads, s, head_dim]`
+    #[allow(clippy::too_many_arguments)]
+    fn attend<C: KvCache<B> + ?Sized>(
+        &self,
+        layer: usize,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        slot_angles: Option<&RopeAngles<B>>,
+        mask: Option<&Tensor<B, 4>>,
+        cache: &mut C,
+    ) -> Result<Tensor<B, 4>> {
+        let [b, _, s, d] = q.dims();
+        let (hq, hkv) = (self.n_heads, self.n_kv_heads);
+        let g = hq / hkv;
+        let (keys, values) = cache.append(layer, k, v)?;
+        // StreamingLLM: keys are stored unrotated and rotated by their slot index here.
+        let keys = match slot_angles {
+            Some(a) => Rope::apply(keys, a),
+            None => keys,
+        };
+        let n = keys.dims()[2];
+        // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
+        // repeating K and V.
+        let q = q.reshape([b, hkv, g * s, d]);
+        // The scale 1/√d is already in the queries.
+        let scores = q.matmul(keys.swap_dims(2, 3));
+        // The mask has the scores' full shape: flex adds equal shapes far faster than it broadcasts.
+        let scores = match mask {
+            Some(m) => scores + m.clone(),
+            None => scores,
+        };
+        let probs = softmax(scores, 3);
+        if cache.wants_attention(layer) {
+            let grouped = probs.clone().reshape([b, hkv, g, s, n]).mean_dim(2);
+            cache.observe(layer, grouped.reshape([b, hkv, s, n]))?;
+        }
+        Ok(probs.matmul(values).reshape([b, hq, s, d]))
+    }
+
+    /// `[batch, n_heads, s, head_dim]` → the output projection `[batch, s, hidden]`.
+    fn merge(&self, out: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, h, s, d] = out.dims();
+        self.o.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+    }
+
     /// # Shapes
     /// - `x`: `[batch, s, hidden]`; `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞),
     ///   `None` when s = 1
@@ -120,39 +237,9 @@ impl<B: Backend> Attention<B> {
         mask: Option<&Tensor<B, 4>>,
         cache: &mut C,
     ) -> Result<Tensor<B, 3>> {
-        let [b, s, _] = x.dims();
-        let (hq, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let g = hq / hkv;
-        let heads = |t: Tensor<B, 3>, h: usize| t.reshape([b, s, h, d]).swap_dims(1, 2);
-        let q = Rope::apply(heads(self.q.forward(x.clone()), hq), &angles.chunk);
-        let k = heads(self.k.forward(x.clone()), hkv);
-        let v = heads(self.v.forward(x), hkv);
-        let (keys, values) = match &angles.slots {
-            // StreamingLLM: keys are stored unrotated and rotated by their slot index here.
-            Some(slot_angles) => {
-                let (keys, values) = cache.append(layer, k, v)?;
-                (Rope::apply(keys, slot_angles), values)
-            }
-            None => cache.append(layer, Rope::apply(k, &angles.chunk), v)?,
-        };
-        let n = keys.dims()[2];
-        // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
-        // repeating K and V.
-        let q = q.reshape([b, hkv, g * s, d]);
-        let scores = q.matmul(keys.swap_dims(2, 3)).mul_scalar((d as f64).powf(-0.5));
-        // The mask has the scores' full shape: flex adds equal shapes far faster than it broadcasts.
-        let scores = match mask {
-            Some(m) => scores + m.clone(),
-            None => scores,
-        };
-        let probs = softmax(scores, 3);
-        if cache.wants_attention(layer) {
-            let grouped = probs.clone().reshape([b, hkv, g, s, n]).mean_dim(2);
-            cache.observe(layer, grouped.reshape([b, hkv, s, n]))?;
-        }
-        let out = probs.matmul(values);
-        let out = out.reshape([b, hq, s, d]).swap_dims(1, 2).reshape([b, s, hq * d]);
-        Ok(self.o.forward(out))
+        let (q, k, v) = self.project(x, angles);
+        let out = self.attend(layer, q, k, v, angles.slots.as_ref(), mask, cache)?;
+        Ok(self.merge(out))
     }
 }
 
@@ -212,13 +299,7 @@ impl<B: Backend> Llama<B> {
         logits: Logits,
     ) -> Result<Tensor<B, 3>> {
         let x = self.forward_hidden(tokens, cache)?;
-        let [b, s, _] = x.dims();
-        let x = match logits {
-            Logits::All => x,
-            Logits::Last => x.slice([0..b, s - 1..s]),
-        };
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(head.logits(self.norm.forward(x)))
+        self.project_logits(x, logits)
     }
 
     /// Runs one chunk through every layer (appending it to `cache`) without the output
@@ -243,21 +324,10 @@ impl<B: Backend> Llama<B> {
         let device = tokens.device();
         let mut x = self.embed.embed(tokens);
         // Angles once per chunk, shared by every layer.
-        let angles = ChunkAngles {
-            chunk: self.rope.angles(start, s),
-            slots: cache
-                .compact_positions()
-                .then(|| self.rope.angles(0, cache.slots(0) + s)),
-        };
+        let slots = cache.compact_positions().then(|| cache.slots(0) + s);
+        let angles = self.chunk_angles(b, start, s, slots);
         // Every layer holds the same number of slots before this chunk, so one mask serves all.
-        let mask = (s > 1).then(|| {
-            let rows = self.layers.first().map_or(1, |l| l.attn.n_heads);
-            let heads = self.layers.first().map_or(1, |l| l.attn.n_kv_heads);
-            causal_mask::<B>(s, cache.slots(0) + s, &device)
-                .reshape([1, 1, s, cache.slots(0) + s])
-                .repeat(&[b, rows, 1, 1])
-                .reshape([b, heads, rows / heads * s, cache.slots(0) + s])
-        });
+        let mask = (s > 1).then(|| self.attention_mask(b, s, cache.slots(0) + s, &device));
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer
                 .attn
@@ -267,6 +337,114 @@ impl<B: Backend> Llama<B> {
         }
         cache.end_chunk()?;
         Ok(x)
+    }
+
+    /// The additive causal mask of `s` new queries over `slots` slots, in the scores' shape
+    /// `[batch, kv_heads, group·s, slots]`.
+    fn attention_mask(&self, b: usize, s: usize, slots: usize, device: &B::Device) -> Tensor<B, 4> {
+        let rows = self.layers.first().map_or(1, |l| l.attn.n_heads);
+        let heads = self.layers.first().map_or(1, |l| l.attn.n_kv_heads);
+        causal_mask::<B>(s, slots, device)
+            .reshape([1, 1, s, slots])
+            .repeat(&[b, rows, 1, 1])
+            .reshape([b, heads, rows / heads * s, slots])
+    }
+
+    /// Runs consecutive chunks of tokens through the model, evicting between chunks exactly as
+    /// one [`forward_hidden`](Self::forward_hidden) per chunk would, but **layer by layer**:
+    /// each layer projects all the chunks' tokens at once (a few large matrix products instead
+    /// of many thin ones), then attends and lets the cache evict chunk by chunk. A layer's cache
+    /// depends only on its own attention, so the result is the same.
+    ///
+    /// StreamingLLM caches (positions that depend on the slot count) run chunk by chunk.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, Σ chunks]` → hidden states `[batch, Σ chunks, hidden]` before the
+    ///   final norm
+    pub fn forward_hidden_chunks<C: KvCache<B> + ?Sized>(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        chunks: &[usize],
+        cache: &mut C,
+    ) -> Result<Tensor<B, 3>> {
+        let [b, total] = tokens.dims();
+        if chunks.iter().sum::<usize>() != total || chunks.contains(&0) {
+            return Err(Error::InvalidInput(format!(
+                "chunks {chunks:?} do not split {total} tokens"
+            )));
+        }
+        if chunks.len() <= 1 || cache.compact_positions() {
+            let mut outs = Vec::with_capacity(chunks.len());
+            let mut start = 0;
+            for &s in chunks {
+                outs.push(self.forward_hidden(tokens.clone().slice([0..b, start..start + s]), cache)?);
+                start += s;
+            }
+            return Ok(Tensor::cat(outs, 1));
+        }
+        let start = cache.next_position();
+        if start + total > self.rope.max_positions() {
+            return Err(Error::InvalidInput(format!(
+                "position {} is past the model's context of {} tokens",
+                start + total,
+                self.rope.max_positions()
+            )));
+        }
+        let device = tokens.device();
+        let angles = self.chunk_angles(b, start, total, None);
+        let mut x = self.embed.embed(tokens);
+        let mut mask: Option<((usize, usize), Tensor<B, 4>)> = None;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (q, k, v) = layer.attn.project(layer.attn_norm.forward(x.clone()), &angles);
+            let mut outs = Vec::with_capacity(chunks.len());
+            let mut off = 0;
+            for &s in chunks {
+                let part = |t: &Tensor<B, 4>| t.clone().slice_dim(2, off..off + s);
+                let slots = cache.slots(l) + s;
+                // Chunks of one stride meet the same slot count again and again: reuse the mask.
+                let m = if s == 1 {
+                    None
+                } else {
+                    if mask.as_ref().is_none_or(|(key, _)| *key != (s, slots)) {
+                        mask = Some(((s, slots), self.attention_mask(b, s, slots, &device)));
+                    }
+                    mask.as_ref().map(|(_, m)| m)
+                };
+                outs.push(layer.attn.attend(l, part(&q), part(&k), part(&v), None, m, cache)?);
+                cache.end_layer_chunk(l)?;
+                off += s;
+            }
+            x = x + layer.attn.merge(Tensor::cat(outs, 2));
+            x = x.clone() + layer.ffn.forward(layer.ffn_norm.forward(x));
+        }
+        Ok(x)
+    }
+
+    /// [`forward_hidden_chunks`](Self::forward_hidden_chunks) followed by the output projection.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, Σ chunks]`
+    /// - returns `[batch, Σ chunks, vocab]` for [`Logits::All`], `[batch, 1, vocab]` for
+    ///   [`Logits::Last`]
+    pub fn forward_chunks<C: KvCache<B> + ?Sized>(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        chunks: &[usize],
+        cache: &mut C,
+        logits: Logits,
+    ) -> Result<Tensor<B, 3>> {
+        let x = self.forward_hidden_chunks(tokens, chunks, cache)?;
+        self.project_logits(x, logits)
+    }
+
+    fn project_logits(&self, x: Tensor<B, 3>, logits: Logits) -> Result<Tensor<B, 3>> {
+        let [b, s, _] = x.dims();
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x.slice([0..b, s - 1..s]),
+        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(head.logits(self.norm.forward(x)))
     }
 
     /// Loads weights named as in GGUF from `source`, laid out for [`Llama::forward`], with

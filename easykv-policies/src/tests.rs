@@ -407,6 +407,99 @@ fn auto_mode_matches_the_reference_for_every_policy() {
     assert!(ran >= 80, "only {ran} of 100 cases ran");
 }
 
+/// Feeds one chunk of `s` tokens to `layer`: keys carry their positions, attention is drawn
+/// from `(seed, chunk)` so every order of feeding sees the same rows.
+fn feed_layer(cache: &mut EvictingCache<B>, layer: usize, heads: usize, s: usize, seed: u64, chunk: usize) {
+    let dev = Default::default();
+    let start = cache.slots(layer);
+    let k = Tensor::<B, 4>::from_data(
+        TensorData::new(vec![start as f32; heads * s * 2], [1, heads, s, 2]),
+        &dev,
+    );
+    let (keys, _) = cache.append(layer, k.clone(), k).unwrap();
+    let n = keys.dims()[2];
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(7919) + (chunk * 31 + layer) as u64);
+    let rows: Vec<f32> = random_probs(&mut rng, heads, s, n)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    if cache.wants_attention(layer) {
+        let p = Tensor::<B, 4>::from_data(TensorData::new(rows, [1, heads, s, n]), &dev);
+        cache.observe(layer, p).unwrap();
+    }
+}
+
+/// A prefill run layer by layer (each layer takes every chunk before the next layer starts)
+/// keeps exactly what the chunk-by-chunk run keeps, for every policy, and decoding afterwards
+/// continues identically.
+#[test]
+fn layer_by_layer_prefill_matches_chunk_by_chunk() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let mut ran = 0;
+    for case in 0..12u64 {
+        for policy in ["roco", "h2o", "tova", "recency", "random"] {
+            let auto = rng.random_bool(0.5);
+            let cfg = EvictionConfig {
+                budget: if auto {
+                    Budget::Tokens(rng.random_range(30..50))
+                } else {
+                    Budget::Ratio(rng.random_range(0.3..0.8))
+                },
+                mode: if auto { Mode::Auto } else { Mode::Encoding },
+                stride: rng.random_range(1..6),
+                keep_attention: rng.random_bool(0.3),
+                seed: case,
+                ..Default::default()
+            };
+            let (layers, heads, prompt) = (3, 2, rng.random_range(60..90));
+            let Ok(sched) = cfg.schedule(prompt, 16, 1) else {
+                continue;
+            };
+            let new = || EvictingCache::<B>::new(layers, policy_by_name::<B>(policy).unwrap().unwrap(), sched.clone());
+            let (mut by_chunk, mut by_layer) = (new(), new());
+            let chunks = by_chunk.prefill_chunks(prompt, 16);
+            for (c, &s) in chunks.iter().enumerate() {
+                for l in 0..layers {
+                    feed_layer(&mut by_chunk, l, heads, s, case, c);
+                }
+                by_chunk.end_chunk().unwrap();
+            }
+            for l in 0..layers {
+                for (c, &s) in chunks.iter().enumerate() {
+                    feed_layer(&mut by_layer, l, heads, s, case, c);
+                    by_layer.end_layer_chunk(l).unwrap();
+                }
+            }
+            for step in 0..6 {
+                for cache in [&mut by_chunk, &mut by_layer] {
+                    for l in 0..layers {
+                        feed_layer(cache, l, heads, 1, case, chunks.len() + step);
+                    }
+                    cache.end_chunk().unwrap();
+                }
+            }
+            assert!(by_chunk.evicted() > 0);
+            assert_eq!(by_chunk.evicted(), by_layer.evicted());
+            assert_eq!(by_chunk.tokens_seen(), by_layer.tokens_seen());
+            for l in 0..layers {
+                assert_eq!(
+                    by_chunk.kept_positions(l),
+                    by_layer.kept_positions(l),
+                    "{policy} case {case} layer {l}"
+                );
+                let (a, b) = (by_chunk.stats(l).unwrap(), by_layer.stats(l).unwrap());
+                a.sum
+                    .into_data()
+                    .assert_approx_eq::<f32>(&b.sum.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+                a.count.into_data().assert_eq(&b.count.into_data(), true);
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 50, "only {ran} cases ran");
+}
+
 /// Random has no reference draw order; check its invariants and that a seed reproduces it.
 #[test]
 fn random_policy_keeps_invariants_and_is_reproducible() {

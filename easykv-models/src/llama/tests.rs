@@ -152,7 +152,8 @@ fn deinterleave_keeps_scores_and_rope_matches_interleaved_rotation() {
     }
     let de = deinterleave_rows(&x, 1, d, 1);
     let t = Tensor::<Flex, 4>::from_data(TensorData::new(de, [1, 1, 1, d]), &Default::default());
-    let got: Vec<f32> = Rope::apply(t, &rope.angles(pos, 1)).into_data().into_vec().unwrap();
+    let angles = rope.angles(pos, 1, 1, 1, 1.0, RopeLayoutAxes::PositionsFirst);
+    let got: Vec<f32> = Rope::apply(t, &angles).into_data().into_vec().unwrap();
     assert_eq!(deinterleave_rows(&expect, 1, d, 1).len(), got.len());
     for (a, b) in deinterleave_rows(&expect, 1, d, 1).iter().zip(&got) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
