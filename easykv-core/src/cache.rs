@@ -42,6 +42,13 @@ pub trait KvCache<B: Backend> {
         Ok(())
     }
 
+    /// An additive bias over the slots `append` just returned for `layer`, `[batch, kv_heads,
+    /// 1, slots]` (0 or −∞), that the model adds to every query's scores: −∞ masks slots that
+    /// were evicted but are not yet compacted away. `None`: attend everything.
+    fn slot_bias(&self, _layer: usize) -> Option<Tensor<B, 4>> {
+        None
+    }
+
     /// Called once after a chunk went through every layer; an evicting cache evicts here.
     fn end_chunk(&mut self) -> Result<()> {
         Ok(())
@@ -70,6 +77,10 @@ pub trait KvCache<B: Backend> {
     fn compact_positions(&self) -> bool {
         false
     }
+
+    /// A hint that the cache will be asked to hold up to `tokens` tokens (prompt and
+    /// generation): caches that keep buffers with spare room allocate once instead of growing.
+    fn reserve(&mut self, _tokens: usize) {}
 
     /// Slots evicted per (layer, KV head) so far.
     fn evicted(&self) -> usize {

@@ -29,6 +29,9 @@ struct LayerProgress {
     steps: u64,
     /// Slots evicted per head.
     evicted: usize,
+    /// Of those, slots still held, marked evicted (position −1) and masked out of attention
+    /// until the next compaction.
+    dead: usize,
 }
 
 /// Slot statistics of every layer.
@@ -50,6 +53,8 @@ pub struct EvictingCache<B: Backend> {
     /// Attention observed during the chunk in flight, per layer.
     pending: Vec<Option<Observed<B>>>,
     progress: Vec<LayerProgress>,
+    /// [`Self::dead_slot_bias`] for the next decode step, `[layers·batch, heads, 1, slots + 1]`.
+    bias: Option<Tensor<B, 4>>,
     policy: Box<dyn EvictionPolicy<B>>,
     schedule: Schedule,
 }
@@ -70,6 +75,7 @@ impl<B: Backend> EvictingCache<B> {
             stats: Stats::Stacked(None),
             pending: vec![None; n_layers],
             progress: vec![LayerProgress::default(); n_layers],
+            bias: None,
             policy,
             schedule,
         }
@@ -119,11 +125,11 @@ impl<B: Backend> EvictingCache<B> {
     }
 
     fn batch(&self) -> usize {
-        self.kv.first().map_or(1, |(k, _)| k.dims()[0])
+        self.kv.batch_heads().map_or(1, |(b, _)| b)
     }
 
     fn heads(&self) -> usize {
-        self.kv.first().map_or(1, |(k, _)| k.dims()[1])
+        self.kv.batch_heads().map_or(1, |(_, h)| h)
     }
 
     /// Sorted absolute positions held in `layer`, per (batch, head) flattened as `[b·h][slots]`.
@@ -152,11 +158,19 @@ impl<B: Backend> EvictingCache<B> {
         if layer >= self.n_layers() {
             return None;
         }
-        match &self.stats {
+        let st = match &self.stats {
             Stats::Stacked(s) => s
                 .as_ref()
                 .map(|s| s.rows(layer * self.batch()..(layer + 1) * self.batch())),
             Stats::PerLayer(v) => v[layer].clone(),
+        }?;
+        // Slots marked evicted but not compacted away yet are not part of the cache.
+        match self.progress[layer].dead {
+            0 => Some(st),
+            dead => {
+                let keep = live_slots(&st, dead);
+                Some(pick_slots(st, keep))
+            }
         }
     }
 
@@ -180,8 +194,8 @@ impl<B: Backend> EvictingCache<B> {
 
     /// `layer`'s own statistics, splitting a stacked set into per-layer views first.
     fn take_layer(&mut self, layer: usize) -> Option<SlotStats<B>> {
+        let b = self.batch();
         if let Stats::Stacked(s) = &mut self.stats {
-            let b = self.kv.first().map_or(1, |(k, _)| k.dims()[0]);
             let per_layer = match s.take() {
                 Some(s) => (0..self.kv.n_layers())
                     .map(|l| Some(s.rows(l * b..(l + 1) * b)))
@@ -199,7 +213,7 @@ impl<B: Backend> EvictingCache<B> {
     /// Grows `stats` (the rows of `layers`) by the chunk of `s` tokens just appended and adds
     /// what those layers observed.
     fn absorb(&mut self, stats: Option<SlotStats<B>>, layers: Range<usize>, s: usize) -> Option<SlotStats<B>> {
-        let device = self.kv.first().map(|(k, _)| k.device())?;
+        let device = self.kv.device()?;
         let (rows, h) = (layers.len() * self.batch(), self.heads());
         let start = (self.progress[layers.start].seen - s) as i64;
         let positions = Tensor::<B, 1, Int>::arange(start..start + s as i64, &device)
@@ -245,13 +259,11 @@ impl<B: Backend> EvictingCache<B> {
         Some(st)
     }
 
-    /// Evicts the rows of `layers` down to `capacity` slots in every head with one policy call;
-    /// returns the compacted statistics.
-    fn evict(&mut self, stats: SlotStats<B>, layers: Range<usize>, capacity: usize) -> SlotStats<B> {
+    /// The policy's choice of `n_evict` victims among the live slots of `layers`' rows.
+    fn victims(&mut self, stats: &SlotStats<B>, layers: Range<usize>, n_evict: usize) -> Tensor<B, 3, Int> {
         let first = layers.start;
         let phase = self.phase(first);
         let sched = &self.schedule;
-        let [rows, h, n] = stats.sum.dims();
         let (recent, robust_k, protected) = match phase {
             Phase::Prefill => (sched.prefill_recent, sched.prefill_robust_k, 0),
             Phase::Decode => (
@@ -262,62 +274,87 @@ impl<B: Backend> EvictingCache<B> {
         };
         let ctx = EvictionContext {
             phase,
-            slots: n,
-            n_evict: n - capacity,
+            slots: self.slots(first),
+            n_evict,
             sinks: sched.sinks,
             recent,
             robust_k,
             protected_positions: protected,
             seed: sched.seed,
             step: self.progress[first].steps,
-            layers: layers.clone(),
+            layers,
         };
-        let evict = self.policy.select(&stats, &ctx);
+        self.policy.select(stats, &ctx)
+    }
+
+    /// Evicts the rows of `layers` down to `capacity` slots in every head with one policy call
+    /// and compacts keys, values and statistics; returns the statistics.
+    fn evict(&mut self, stats: SlotStats<B>, layers: Range<usize>, capacity: usize) -> SlotStats<B> {
+        let stats = self.flush(stats, layers.clone());
+        let n = stats.sum.dims()[2];
+        let evict = self.victims(&stats, layers.clone(), n - capacity);
         let keep = keep_indices(evict, n, capacity);
-        let device = keep.device();
-        // Row numbers into flattened [rows·h·n] tensors: whole rows are copied, far cheaper than
-        // an element-wise gather.
-        let offsets = Tensor::<B, 1, Int>::arange_step(0..(rows * h * n) as i64, n, &device).reshape([rows, h, 1]);
-        let offsets = offsets.cast(keep.dtype());
-        let flat_rows = (keep + offsets).reshape([rows * h * capacity]);
-        let pick = |t: Tensor<B, 3>| {
-            t.reshape([rows * h * n])
-                .select(0, flat_rows.clone())
-                .reshape([rows, h, capacity])
-        };
-        let compacted = SlotStats {
-            sum: pick(stats.sum),
-            sum_sq: pick(stats.sum_sq),
-            count: pick(stats.count),
-            last: pick(stats.last),
-            positions: stats
-                .positions
-                .reshape([rows * h * n])
-                .select(0, flat_rows.clone())
-                .reshape([rows, h, capacity]),
-        };
-        let b = self.batch();
-        let per_layer = b * h * capacity;
-        for (i, layer) in layers.enumerate() {
-            let Some(entry) = self.kv.get_mut(layer) else { continue };
-            let Some((k, v)) = entry.take() else { continue };
-            let d = k.dims()[3];
-            // This layer's rows, renumbered from the stacked layout to the layer's own.
-            let local = flat_rows
-                .clone()
-                .slice(i * per_layer..(i + 1) * per_layer)
-                .sub_scalar((i * b * h * n) as i64);
-            let pick4 = |t: Tensor<B, 4>| {
-                t.reshape([b * h * n, d])
-                    .select(0, local.clone())
-                    .reshape([b, h, capacity, d])
-            };
-            *entry = Some((pick4(k), pick4(v)));
+        for layer in layers.clone() {
             let p = &mut self.progress[layer];
             p.evicted += n - capacity;
             p.steps += 1;
         }
-        compacted
+        self.compact(stats, layers, keep)
+    }
+
+    /// Evicts like [`evict`](Self::evict) but only marks the victims (position −1): keys and
+    /// values stay where they are, masked out of attention by [`KvCache::slot_bias`], until
+    /// [`DEAD_SLOTS_BEFORE_COMPACTION`] have gathered. A decode step then costs no copy of the
+    /// cache beyond the one its append makes.
+    fn evict_lazily(&mut self, stats: SlotStats<B>, layers: Range<usize>, capacity: usize) -> SlotStats<B> {
+        let [rows, h, n] = stats.sum.dims();
+        let n_evict = self.slots(layers.start) - capacity;
+        let evict = self.victims(&stats, layers.clone(), n_evict);
+        let device = evict.device();
+        let marks = Tensor::<B, 3, Int>::zeros([rows, h, n], &device)
+            .cast(evict.dtype())
+            .scatter(
+                2,
+                evict.clone(),
+                Tensor::<B, 3, Int>::ones([rows, h, n_evict], &device).cast(evict.dtype()),
+                burn::tensor::IndexingUpdateOp::Add,
+            )
+            .greater_elem(0);
+        let mut stats = stats;
+        stats.positions = stats.positions.mask_fill(marks, -1);
+        for layer in layers.clone() {
+            let p = &mut self.progress[layer];
+            p.evicted += n_evict;
+            p.dead += n_evict;
+            p.steps += 1;
+        }
+        if self.progress[layers.start].dead >= DEAD_SLOTS_BEFORE_COMPACTION {
+            stats = self.flush(stats, layers);
+        }
+        stats
+    }
+
+    /// Compacts away the slots marked evicted in `layers` (a no-op when there are none).
+    fn flush(&mut self, stats: SlotStats<B>, layers: Range<usize>) -> SlotStats<B> {
+        let dead = self.progress[layers.start].dead;
+        if dead == 0 {
+            return stats;
+        }
+        let keep = live_slots(&stats, dead);
+        for layer in layers.clone() {
+            self.progress[layer].dead = 0;
+        }
+        self.compact(stats, layers, keep)
+    }
+
+    /// Keeps the slots `keep` lists (`[rows, heads, kept]`, ascending) in the statistics and in
+    /// every layer's keys and values.
+    fn compact(&mut self, stats: SlotStats<B>, layers: Range<usize>, keep: Tensor<B, 3, Int>) -> SlotStats<B> {
+        let b = self.batch();
+        for (i, layer) in layers.enumerate() {
+            self.kv.retain(layer, keep.clone().slice_dim(0, i * b..(i + 1) * b));
+        }
+        pick_slots(stats, keep)
     }
 
     /// Ends the chunk in flight for `layers` (all of them in step): absorbs what they observed
@@ -336,17 +373,90 @@ impl<B: Backend> EvictingCache<B> {
             return Some(st);
         };
         let slots = self.slots(first);
-        let slack = match self.phase(first) {
+        let phase = self.phase(first);
+        let slack = match phase {
             Phase::Prefill => 0,
             Phase::Decode => self.schedule.decode_stride.saturating_sub(1),
         };
-        if slots > capacity + slack {
-            Some(self.evict(st, layers, capacity))
-        } else {
+        if slots <= capacity + slack {
             Some(st)
+        } else if phase == Phase::Decode && !self.schedule.streaming {
+            // StreamingLLM positions are slot indices: its slots must stay compact.
+            Some(self.evict_lazily(st, layers, capacity))
+        } else {
+            Some(self.evict(st, layers, capacity))
         }
     }
+
+    /// The additive attention bias that masks slots evicted but not yet compacted away, for
+    /// every layer (stacked), with a zero column for the token the next decode step appends.
+    fn dead_slot_bias(&self) -> Option<Tensor<B, 4>> {
+        let Stats::Stacked(Some(st)) = &self.stats else {
+            return None;
+        };
+        if self.progress.first().is_none_or(|p| p.dead == 0) {
+            return None;
+        }
+        let [rows, h, n] = st.positions.dims();
+        let device = st.positions.device();
+        let bias = Tensor::<B, 3>::zeros([rows, h, n], &device)
+            .mask_fill(st.positions.clone().lower_elem(0), f32::NEG_INFINITY);
+        Some(Tensor::cat(vec![bias, Tensor::zeros([rows, h, 1], &device)], 2).reshape([rows, h, 1, n + 1]))
+    }
 }
+
+/// The live slots (position ≥ 0) of every row, in order, `dead` fewer than the row holds.
+fn live_slots<B: Backend>(stats: &SlotStats<B>, dead: usize) -> Tensor<B, 3, Int> {
+    let [rows, h, n] = stats.positions.dims();
+    let dt = stats.positions.dtype();
+    let index = Tensor::<B, 1, Int>::arange(0..n as i64, &stats.positions.device())
+        .reshape([1, 1, n])
+        .repeat(&[rows, h, 1])
+        .cast(dt);
+    // Sort `dead·n + index`: live slots come first, in order.
+    (stats
+        .positions
+        .clone()
+        .lower_elem(0)
+        .int()
+        .cast(dt)
+        .mul_scalar(n as i64)
+        + index)
+        .argsort(2)
+        .slice_dim(2, 0..n - dead)
+}
+
+/// The statistics of the slots `keep` lists (`[rows, heads, kept]`).
+fn pick_slots<B: Backend>(stats: SlotStats<B>, keep: Tensor<B, 3, Int>) -> SlotStats<B> {
+    let [rows, h, n] = stats.sum.dims();
+    let kept = keep.dims()[2];
+    let device = keep.device();
+    // Row numbers into flattened [rows·h·n] tensors: whole rows are copied, far cheaper than an
+    // element-wise gather.
+    let offsets = Tensor::<B, 1, Int>::arange_step(0..(rows * h * n) as i64, n, &device)
+        .reshape([rows, h, 1])
+        .cast(keep.dtype());
+    let flat_rows = (keep + offsets).reshape([rows * h * kept]);
+    let pick = |t: Tensor<B, 3>| {
+        t.reshape([rows * h * n])
+            .select(0, flat_rows.clone())
+            .reshape([rows, h, kept])
+    };
+    SlotStats {
+        sum: pick(stats.sum),
+        sum_sq: pick(stats.sum_sq),
+        count: pick(stats.count),
+        last: pick(stats.last),
+        positions: stats
+            .positions
+            .reshape([rows * h * n])
+            .select(0, flat_rows)
+            .reshape([rows, h, kept]),
+    }
+}
+
+/// Evicted slots that may gather while decoding before keys and values are compacted.
+pub const DEAD_SLOTS_BEFORE_COMPACTION: usize = 32;
 
 /// The slots not in `evict`, in ascending order.
 fn keep_indices<B: Backend>(evict: Tensor<B, 3, Int>, n: usize, keep: usize) -> Tensor<B, 3, Int> {
@@ -391,6 +501,19 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         values: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
         let s = keys.dims()[2];
+        if layer >= self.n_layers() {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                layers: self.n_layers(),
+            });
+        }
+        if s > 1 && self.progress[layer].dead > 0 {
+            // Several new tokens are attended causally as the last slots: compact first.
+            let stats = self.take_stacked()?;
+            let stats = stats.map(|st| self.flush(st, 0..self.n_layers()));
+            self.stats = Stats::Stacked(stats);
+            self.bias = None;
+        }
         let out = self.kv.append(layer, keys, values)?;
         let p = &mut self.progress[layer];
         p.seen += s;
@@ -430,7 +553,15 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         let stats = self.take_stacked()?;
         let stats = self.finish_chunk(stats, layers);
         self.stats = Stats::Stacked(stats);
+        self.bias = self.dead_slot_bias();
         Ok(())
+    }
+
+    fn slot_bias(&self, layer: usize) -> Option<Tensor<B, 4>> {
+        let bias = self.bias.as_ref()?;
+        let b = self.batch();
+        // Only valid for the one-token step it was made for.
+        (bias.dims()[3] == self.kv.physical_slots(layer)).then(|| bias.clone().slice_dim(0, layer * b..(layer + 1) * b))
     }
 
     fn end_layer_chunk(&mut self, layer: usize) -> Result<()> {
@@ -456,6 +587,19 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         }
     }
 
+    fn reserve(&mut self, tokens: usize) {
+        // The most slots the schedule ever holds at once: a chunk on top of a full cache.
+        let sched = &self.schedule;
+        let prefill_peak = sched
+            .prefill_capacity
+            .map_or(sched.prompt_len, |c| c + sched.stride.max(1));
+        let bound = match sched.decode_capacity {
+            Some(c) => prefill_peak.max(c + sched.decode_stride + DEAD_SLOTS_BEFORE_COMPACTION),
+            None => tokens,
+        };
+        self.kv.reserve(tokens.min(bound));
+    }
+
     fn evicted(&self) -> usize {
         self.progress.first().map_or(0, |p| p.evicted)
     }
@@ -477,7 +621,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn slots(&self, layer: usize) -> usize {
-        self.kv.slots(layer)
+        self.kv.physical_slots(layer) - self.progress.get(layer).map_or(0, |p| p.dead)
     }
 
     fn bytes(&self) -> u64 {
@@ -488,6 +632,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         self.kv.clear();
         self.pending.iter_mut().for_each(|e| *e = None);
         self.stats = Stats::Stacked(None);
+        self.bias = None;
         self.progress.iter_mut().for_each(|p| *p = LayerProgress::default());
     }
 }

@@ -34,12 +34,16 @@ impl<B: Backend> KvCache<B> for FullCache<B> {
         Ok(out)
     }
 
+    fn reserve(&mut self, tokens: usize) {
+        self.kv.reserve(tokens);
+    }
+
     fn tokens_seen(&self) -> usize {
         self.tokens_seen
     }
 
     fn slots(&self, layer: usize) -> usize {
-        self.kv.slots(layer)
+        self.kv.physical_slots(layer)
     }
 
     fn bytes(&self) -> u64 {
@@ -71,7 +75,17 @@ mod tests {
         }
         assert_eq!(cache.tokens_seen(), 12);
         assert_eq!(cache.slots(1), 12);
-        assert_eq!(cache.bytes(), 2 * 2 * (2 * 12 * 8 * 4));
+        // Buffers grow with room to spare; a reservation allocates exactly.
+        assert!(cache.bytes() >= 2 * 2 * (2 * 12 * 8 * 4));
+        let mut reserved = FullCache::<Flex>::new(2);
+        reserved.reserve(12);
+        for layer in 0..2 {
+            for _ in 0..3 {
+                let k = Tensor::<Flex, 4>::ones([1, 2, 4, 8], &dev);
+                reserved.append(layer, k.clone(), k).unwrap();
+            }
+        }
+        assert_eq!(reserved.bytes(), 2 * 2 * (2 * 12 * 8 * 4));
         assert!(cache
             .append(2, Tensor::zeros([1, 2, 1, 8], &dev), Tensor::zeros([1, 2, 1, 8], &dev))
             .is_err());

@@ -1,20 +1,58 @@
 //! Per-layer keys and values, shared by every cache.
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
 use crate::{Error, Result};
 
+/// Growth step of a buffer that outgrows its capacity, at least.
+const MIN_GROWTH: usize = 64;
+
+/// One layer's keys and values in buffers with room to grow: `[batch, kv_heads, capacity,
+/// head_dim]`, of which the first `len` slots are in use.
+#[derive(Debug, Clone)]
+struct Buffers<B: Backend> {
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    len: usize,
+}
+
+impl<B: Backend> Buffers<B> {
+    fn capacity(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    /// The slots in use (views on backends that slice lazily).
+    fn used(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (
+            self.k.clone().slice_dim(2, 0..self.len),
+            self.v.clone().slice_dim(2, 0..self.len),
+        )
+    }
+}
+
 /// One `(keys, values)` pair per layer, each `[batch, kv_heads, slots, head_dim]`.
+///
+/// New entries are written into spare capacity instead of concatenated: a decode step writes
+/// one slot rather than building a new tensor of every slot.
 #[derive(Debug, Clone)]
 pub(crate) struct LayerKv<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<Option<Buffers<B>>>,
+    /// Slots to allocate at least when a buffer is created or grows (a cache that knows its
+    /// bound allocates once).
+    reserve: usize,
 }
 
 impl<B: Backend> LayerKv<B> {
     pub(crate) fn new(n_layers: usize) -> Self {
         Self {
             layers: vec![None; n_layers],
+            reserve: 0,
         }
+    }
+
+    /// Allocate room for at least `slots` slots per layer when buffers are created or grow.
+    pub(crate) fn reserve(&mut self, slots: usize) {
+        self.reserve = slots;
     }
 
     pub(crate) fn n_layers(&self) -> usize {
@@ -29,39 +67,104 @@ impl<B: Backend> LayerKv<B> {
         values: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
         let layers = self.layers.len();
+        let reserve = self.reserve;
         let entry = self
             .layers
             .get_mut(layer)
             .ok_or(Error::LayerOutOfRange { layer, layers })?;
-        let (k, v) = match entry.take() {
-            None => (keys, values),
-            Some((k, v)) => (Tensor::cat(vec![k, keys], 2), Tensor::cat(vec![v, values], 2)),
+        let [b, h, s, d] = keys.dims();
+        let len = entry.as_ref().map_or(0, |e| e.len);
+        let needed = len + s;
+        if entry.as_ref().is_none_or(|e| e.capacity() < needed) {
+            let old = entry.as_ref().map_or(0, |e| e.capacity());
+            let capacity = if reserve >= needed {
+                reserve
+            } else {
+                needed.max(old + (old / 2).max(MIN_GROWTH))
+            };
+            let device = keys.device();
+            let grow = |t: Option<Tensor<B, 4>>| {
+                let fresh = Tensor::<B, 4>::zeros([b, h, capacity, d], &device).cast(keys.dtype());
+                match t {
+                    Some(t) if len > 0 => fresh.slice_assign([0..b, 0..h, 0..len, 0..d], t.slice_dim(2, 0..len)),
+                    _ => fresh,
+                }
+            };
+            let (k, v) = match entry.take() {
+                Some(e) => (grow(Some(e.k)), grow(Some(e.v))),
+                None => (grow(None), grow(None)),
+            };
+            *entry = Some(Buffers { k, v, len });
+        }
+        let Some(e) = entry.as_mut() else {
+            return Err(Error::LayerOutOfRange { layer, layers });
         };
-        *entry = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let range = [0..b, 0..h, len..needed, 0..d];
+        e.k = e.k.clone().slice_assign(range.clone(), keys);
+        e.v = e.v.clone().slice_assign(range, values);
+        e.len = needed;
+        Ok(e.used())
     }
 
-    /// The first layer that holds anything.
-    pub(crate) fn first(&self) -> Option<&(Tensor<B, 4>, Tensor<B, 4>)> {
-        self.layers.iter().flatten().next()
+    /// Keeps, in every (batch, head) of `layer`, the slots `keep` lists, in that order.
+    ///
+    /// # Shapes
+    /// - `keep`: `[batch, kv_heads, kept]`, slot indices below the current slot count
+    pub(crate) fn retain(&mut self, layer: usize, keep: Tensor<B, 3, Int>) {
+        let Some(Some(e)) = self.layers.get_mut(layer) else {
+            return;
+        };
+        let [b, h, kept] = keep.dims();
+        let (capacity, d) = (e.capacity(), e.k.dims()[3]);
+        let device = keep.device();
+        // Rows of the flattened [b·h·capacity, d] buffer: whole rows are copied, far cheaper
+        // than an element-wise gather; the spare capacity is refilled with row 0.
+        let keep = if kept < capacity {
+            Tensor::cat(
+                vec![
+                    keep.clone(),
+                    Tensor::<B, 3, Int>::zeros([b, h, capacity - kept], &device).cast(keep.dtype()),
+                ],
+                2,
+            )
+        } else {
+            keep
+        };
+        let offsets = Tensor::<B, 1, Int>::arange_step(0..(b * h * capacity) as i64, capacity, &device)
+            .reshape([b, h, 1])
+            .cast(keep.dtype());
+        let rows = (keep + offsets).reshape([b * h * capacity]);
+        let pick = |t: Tensor<B, 4>| {
+            t.reshape([b * h * capacity, d])
+                .select(0, rows.clone())
+                .reshape([b, h, capacity, d])
+        };
+        e.k = pick(e.k.clone());
+        e.v = pick(e.v.clone());
+        e.len = kept;
     }
 
-    /// One layer's pair, for in-place replacement (compaction).
-    pub(crate) fn get_mut(&mut self, layer: usize) -> Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>> {
-        self.layers.get_mut(layer)
+    /// The batch size and KV heads of the first layer that holds anything.
+    pub(crate) fn batch_heads(&self) -> Option<(usize, usize)> {
+        self.layers.iter().flatten().next().map(|e| {
+            let [b, h, _, _] = e.k.dims();
+            (b, h)
+        })
     }
 
-    pub(crate) fn slots(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .and_then(|e| e.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+    pub(crate) fn device(&self) -> Option<B::Device> {
+        self.layers.iter().flatten().next().map(|e| e.k.device())
     }
 
-    /// Bytes of keys and values over all layers.
+    /// Slots in use in `layer`, including any its owner has marked evicted.
+    pub(crate) fn physical_slots(&self, layer: usize) -> usize {
+        self.layers.get(layer).and_then(|e| e.as_ref()).map_or(0, |e| e.len)
+    }
+
+    /// Bytes allocated for keys and values over all layers, spare capacity included.
     pub(crate) fn bytes(&self) -> u64 {
         let bytes = |t: &Tensor<B, 4>| t.shape().num_elements() as u64 * t.dtype().size() as u64;
-        self.layers.iter().flatten().map(|(k, v)| bytes(k) + bytes(v)).sum()
+        self.layers.iter().flatten().map(|e| bytes(&e.k) + bytes(&e.v)).sum()
     }
 
     pub(crate) fn clear(&mut self) {

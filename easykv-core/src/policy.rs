@@ -57,7 +57,7 @@ pub enum Phase {
 #[derive(Debug, Clone)]
 pub struct EvictionContext {
     pub phase: Phase,
-    /// Slots held now (before eviction).
+    /// Live slots held now (before eviction).
     pub slots: usize,
     /// Slots to evict in every (batch, head).
     pub n_evict: usize,

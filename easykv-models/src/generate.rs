@@ -155,6 +155,7 @@ pub fn generate<B: Backend, C: KvCache<B> + ?Sized>(
     }
     let mut sampler = Sampler::new(cfg.sampling.clone())?;
     let device = model.embed.weight.device();
+    cache.reserve(prompt.len() + cfg.max_new_tokens);
     let t0 = Instant::now();
     let mut logits = prefill(model, cache, prompt, cfg.chunk_size)?;
     let prefill_time = t0.elapsed();

@@ -211,6 +211,11 @@ impl<B: Backend> Attention<B> {
             Some(m) => scores + m.clone(),
             None => scores,
         };
+        // Slots the cache evicted but has not compacted away yet.
+        let scores = match cache.slot_bias(layer) {
+            Some(bias) => scores + bias.repeat_dim(2, g * s),
+            None => scores,
+        };
         let probs = softmax(scores, 3);
         if cache.wants_attention(layer) {
             let grouped = probs.clone().reshape([b, hkv, g, s, n]).mean_dim(2);

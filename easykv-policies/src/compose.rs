@@ -1,4 +1,4 @@
-use burn::tensor::{backend::Backend, Bool, Int, Tensor};
+use burn::tensor::{backend::Backend, Bool, ElementConversion, IndexingUpdateOp, Int, Tensor};
 use easykv_core::{EvictionContext, EvictionPolicy, SlotStats};
 
 /// Importance of every slot; the lowest are evicted first.
@@ -13,11 +13,65 @@ pub trait ScoreCalculator<B: Backend>: Send {
     }
 }
 
+/// Which slots a policy may evict.
+pub enum Scope<B: Backend> {
+    /// The slots marked true, `[batch, kv_heads, slots]`.
+    Mask(Tensor<B, 3, Bool>),
+    /// The `k` slots of smallest `key` (`[batch, kv_heads, slots]`; ties go to the lower slot);
+    /// slots keyed [`NEVER`] never. Declared rather than computed so that a single eviction
+    /// can test its candidate's rank instead of sorting every slot (RoCo, once per decode step).
+    Smallest { key: Tensor<B, 3>, k: usize },
+}
+
 /// Which slots may be evicted.
 pub trait ScopeBuilder<B: Backend>: Send {
-    /// # Shapes
-    /// - returns `[batch, kv_heads, slots]`, true where eviction is allowed
-    fn eligible(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool>;
+    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Scope<B>;
+}
+
+/// Candidates whose rank is checked before a single eviction falls back to sorting.
+const RANK_TRIES: usize = 4;
+
+/// The mask of the `k` smallest keys (ties to the lower slot), never a key at [`NEVER`].
+pub fn smallest_mask<B: Backend>(key: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Bool> {
+    let [b, h, n] = key.dims();
+    let k = k.min(n);
+    let device = key.device();
+    let candidates = key.clone().argsort(2).slice_dim(2, 0..k);
+    Tensor::<B, 3, Int>::zeros([b, h, n], &device)
+        .scatter(2, candidates, Tensor::ones([b, h, k], &device), IndexingUpdateOp::Add)
+        .greater_elem(0)
+        .bool_and(key.lower_elem(NEVER))
+}
+
+/// The lowest-scoring slot among the `k` of smallest `key`, per (batch, head), without sorting:
+/// take the lowest-scoring slot overall and keep it where its key ranks below `k`; elsewhere
+/// rule it out and try again. Scores and keys are correlated in practice (RoCo: low mean
+/// attention, low spread), so one or two rounds settle every head.
+///
+/// # Shapes
+/// - `score`, `key`: `[batch, kv_heads, slots]` → `[batch, kv_heads, 1]`
+fn lowest_among_smallest<B: Backend>(score: Tensor<B, 3>, key: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
+    let [b, h, n] = key.dims();
+    let index = Tensor::<B, 1, Int>::arange(0..n as i64, &key.device())
+        .reshape([1, 1, n])
+        .repeat(&[b, h, 1]);
+    let mut masked = score.clone().mask_fill(key.clone().greater_equal_elem(NEVER), NEVER);
+    for _ in 0..RANK_TRIES {
+        let c = masked.clone().argmin(2);
+        let c_key = key.clone().gather(2, c.clone()).repeat_dim(2, n);
+        let c_full = c.clone().cast(index.dtype()).repeat_dim(2, n);
+        let before = key
+            .clone()
+            .lower(c_key.clone())
+            .bool_or(key.clone().equal(c_key).bool_and(index.clone().lower(c_full.clone())));
+        let inside = before.int().sum_dim(2).lower_elem(k as i64);
+        if inside.clone().int().sum().into_scalar().elem::<i64>() == (b * h) as i64 {
+            return c;
+        }
+        let ruled_out = index.clone().equal(c_full).bool_and(inside.bool_not().repeat_dim(2, n));
+        masked = masked.mask_fill(ruled_out, NEVER);
+    }
+    score.mask_fill(smallest_mask(key, k).bool_not(), NEVER).argmin(2)
 }
 
 /// Out-of-scope slots get this score: finite, so sorting never meets NaN or infinities.
@@ -53,10 +107,61 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
         let score = self.score.score(stats, ctx);
         // NaN or huge scores must not outrank real ones.
         let score = score.clone().mask_fill(score.is_nan(), NEVER).clamp(-NEVER, NEVER);
-        let eligible = self.scope.eligible(stats, ctx);
-        score
-            .mask_fill(eligible.bool_not(), NEVER)
-            .argsort(2)
-            .slice_dim(2, 0..ctx.n_evict)
+        let masked = match self.scope.scope(stats, ctx) {
+            Scope::Smallest { key, k } if ctx.n_evict == 1 => return lowest_among_smallest(score, key, k),
+            Scope::Smallest { key, k } => score.mask_fill(smallest_mask(key, k).bool_not(), NEVER),
+            Scope::Mask(eligible) => score.mask_fill(eligible.bool_not(), NEVER),
+        };
+        if ctx.n_evict == 1 {
+            // One eviction per step while decoding: a minimum, not a sort.
+            masked.argmin(2)
+        } else {
+            masked.argsort(2).slice_dim(2, 0..ctx.n_evict)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// The rank test equals sorting, whether scores and keys agree (one round), disagree (many
+    /// rounds, then the sorting fallback), tie, or exclude slots.
+    #[test]
+    fn lowest_among_smallest_equals_the_sorted_scope() {
+        let dev = Default::default();
+        let mut rng = StdRng::seed_from_u64(5);
+        for case in 0..60 {
+            let (b, h, n) = (rng.random_range(1..4), rng.random_range(1..4), rng.random_range(2..40));
+            let k = rng.random_range(1..=n);
+            let mut key = Vec::new();
+            let mut score = Vec::new();
+            for _ in 0..b * h * n {
+                let x: f32 = rng.random();
+                key.push(match case % 3 {
+                    _ if rng.random_bool(0.1) => NEVER,
+                    0 => x,
+                    1 => (x * 4.0).round(), // ties
+                    _ => 1.0 - x,
+                });
+                score.push(match case % 3 {
+                    2 => x, // anti-correlated with the key: the lowest scores rank last
+                    _ => x + rng.random::<f32>() * 0.3,
+                });
+            }
+            let t = |v: Vec<f32>| Tensor::<Flex, 3>::from_data(TensorData::new(v, [b, h, n]), &dev);
+            let (key, score) = (t(key), t(score));
+            let fast = lowest_among_smallest(score.clone(), key.clone(), k);
+            let sorted = score.mask_fill(smallest_mask(key, k).bool_not(), NEVER).argmin(2);
+            assert_eq!(
+                fast.into_data().convert::<i64>(),
+                sorted.into_data().convert::<i64>(),
+                "case {case}"
+            );
+        }
     }
 }

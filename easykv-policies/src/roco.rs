@@ -1,11 +1,11 @@
 //! RoCo (Ren & Zhu, 2024): mean attention as the score, within a robust scope of the slots
 //! whose attention has been most stable (smallest standard deviation).
 
-use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 use easykv_core::{EvictionContext, SlotStats, ROBUST_PROTECTED_TAIL};
 
-use crate::compose::{ScopeBuilder, ScoreCalculator, ScoredPolicy, NEVER};
-use crate::scope::{protected, slot_index};
+use crate::compose::{Scope, ScopeBuilder, ScoreCalculator, ScoredPolicy, NEVER};
+use crate::scope::{newest, protected};
 
 /// μ = S / C: the mean attention a slot received since it entered (slots never observed score
 /// as never-evict).
@@ -29,7 +29,7 @@ impl RobustStdScope {
         let mean = stats.sum.clone() / c.clone();
         // EasyKV takes sqrt of a difference that float noise can push below zero (NaN): clamp.
         let std = (stats.sum_sq.clone() / c - mean.square()).clamp_min(0.0).sqrt();
-        let tail = slot_index(stats).greater_equal_elem(ctx.slots.saturating_sub(ROBUST_PROTECTED_TAIL) as i64);
+        let tail = newest(stats, ROBUST_PROTECTED_TAIL);
         let excluded = protected(stats, ctx)
             .bool_or(tail)
             .bool_or(stats.count.clone().lower_equal_elem(0.0));
@@ -38,18 +38,13 @@ impl RobustStdScope {
 }
 
 impl<B: Backend> ScopeBuilder<B> for RobustStdScope {
-    fn eligible(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
-        let [b, h, n] = stats.sum.dims();
-        let k = ctx.robust_k.clamp(ctx.n_evict, n);
-        let std = Self::std(stats, ctx);
-        let candidates = std.clone().argsort(2).slice_dim(2, 0..k);
-        let device = stats.sum.device();
-        let chosen = Tensor::<B, 3, Int>::zeros([b, h, n], &device)
-            .scatter(2, candidates, Tensor::ones([b, h, k], &device), IndexingUpdateOp::Add)
-            .greater_elem(0);
-        // When fewer than k slots are allowed at all, the k smallest include excluded ones
-        // (EasyKV then evicts sinks): never offer those.
-        chosen.bool_and(std.lower_elem(NEVER))
+    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Scope<B> {
+        // When fewer than k slots are allowed at all, the k smallest would include excluded
+        // ones (EasyKV then evicts sinks): those are keyed NEVER and never offered.
+        Scope::Smallest {
+            key: Self::std(stats, ctx),
+            k: ctx.robust_k.clamp(ctx.n_evict, stats.sum.dims()[2]),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 use burn::tensor::{backend::Backend, Bool, Int, Tensor};
 use easykv_core::{EvictionContext, Phase, SlotStats};
 
-use crate::compose::ScopeBuilder;
+use crate::compose::{Scope, ScopeBuilder};
 
 /// Slot indices `0..n` broadcast to the stats' shape `[batch, kv_heads, n]`.
 pub fn slot_index<B: Backend>(stats: &SlotStats<B>) -> Tensor<B, 3, Int> {
@@ -11,12 +11,29 @@ pub fn slot_index<B: Backend>(stats: &SlotStats<B>) -> Tensor<B, 3, Int> {
         .repeat(&[b, h, 1])
 }
 
-/// Slots that no policy may evict: the sinks, and positions the schedule protects (the
-/// prompt, in decoding mode).
+/// Slots that no policy may evict: the sinks, positions the schedule protects (the prompt, in
+/// decoding mode), and slots already evicted but not yet compacted away (position −1).
+///
+/// Sinks are never evicted, so the first `sinks` live slots always hold positions
+/// `0..sinks`: stating them as positions names the same slots as EasyKV's slot range.
 pub(crate) fn protected<B: Backend>(stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
-    let idx = slot_index(stats);
-    idx.lower_elem(ctx.sinks as i64)
-        .bool_or(stats.positions.clone().lower_elem(ctx.protected_positions as i64))
+    stats
+        .positions
+        .clone()
+        .lower_elem(ctx.sinks.max(ctx.protected_positions) as i64)
+}
+
+/// The last `window` live slots (slots are in position order; evicted slots awaiting
+/// compaction, at position −1, do not count). A window is a slot range, not a position range:
+/// when a window widens (prefill → decoding), it reaches back past tokens evicted earlier,
+/// as EasyKV's does.
+pub(crate) fn newest<B: Backend>(stats: &SlotStats<B>, window: usize) -> Tensor<B, 3, Bool> {
+    let n = stats.positions.dims()[2];
+    let live = stats.positions.clone().greater_equal_elem(0);
+    let ones = live.clone().int();
+    // Live slots from j to the end, j included.
+    let from_here = ones.clone().sum_dim(2).repeat_dim(2, n) - ones.clone().cumsum(2) + ones;
+    from_here.lower_equal_elem(window as i64).bool_and(live)
 }
 
 /// Everything but the sinks, protected positions and the `recent` newest slots (H2O, TOVA).
@@ -26,15 +43,13 @@ pub struct SinksAndRecent {
 }
 
 impl<B: Backend> ScopeBuilder<B> for SinksAndRecent {
-    fn eligible(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
+    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Scope<B> {
         let recent = if ctx.phase == Phase::Decode && !self.recent_in_decode {
             0
         } else {
             ctx.recent
         };
-        let idx = slot_index(stats);
-        let in_recent = idx.greater_equal_elem(ctx.slots.saturating_sub(recent) as i64);
-        protected(stats, ctx).bool_or(in_recent).bool_not()
+        Scope::Mask(protected(stats, ctx).bool_or(newest(stats, recent)).bool_not())
     }
 }
 
@@ -42,7 +57,7 @@ impl<B: Backend> ScopeBuilder<B> for SinksAndRecent {
 pub struct SinksOnly;
 
 impl<B: Backend> ScopeBuilder<B> for SinksOnly {
-    fn eligible(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
-        protected(stats, ctx).bool_not()
+    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Scope<B> {
+        Scope::Mask(protected(stats, ctx).bool_not())
     }
 }

@@ -244,14 +244,27 @@ fn run_case(
                 .collect();
             let k = Tensor::<B, 4>::from_data(TensorData::new(k, [1, n_heads, s, d]), &dev);
             let (keys, _) = cache.append(layer, k.clone(), k).unwrap();
-            assert_eq!(keys.dims()[2], n);
-            let rows: Vec<f32> = probs[layer * n_heads..(layer + 1) * n_heads]
-                .iter()
-                .flatten()
-                .flatten()
-                .copied()
-                .collect();
-            let p = Tensor::<B, 4>::from_data(TensorData::new(rows, [1, n_heads, s, n]), &dev);
+            // Slots evicted but not compacted yet are still held; the cache's bias masks them
+            // (−∞), so attention gives them nothing. Live slots keep position order.
+            let physical = keys.dims()[2];
+            let dead: Vec<bool> = match cache.slot_bias(layer) {
+                Some(bias) => {
+                    assert!(physical > n, "a bias without evicted slots");
+                    let bias: Vec<f32> = bias.into_data().into_vec().unwrap();
+                    bias.iter().map(|&x| x == f32::NEG_INFINITY).collect()
+                }
+                None => vec![false; n_heads * physical],
+            };
+            let mut rows = Vec::with_capacity(n_heads * s * physical);
+            for h in 0..n_heads {
+                let dead = &dead[h * physical..(h + 1) * physical];
+                assert_eq!(dead.iter().filter(|&&d| !d).count(), n, "live slots");
+                for t in 0..s {
+                    let mut live = probs[layer * n_heads + h][t].iter();
+                    rows.extend(dead.iter().map(|&d| if d { 0.0 } else { *live.next().unwrap() }));
+                }
+            }
+            let p = Tensor::<B, 4>::from_data(TensorData::new(rows, [1, n_heads, s, physical]), &dev);
             if cache.wants_attention(layer) {
                 cache.observe(layer, p).unwrap();
             }
