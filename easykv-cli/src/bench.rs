@@ -1,10 +1,12 @@
 //! `easykv bench`: prefill and decode throughput.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use burn::prelude::Backend;
+use burn::prelude::*;
+use burn::tensor::TensorData;
 use clap::Args;
-use easykv_models::{generate, GenerateConfig, SamplingConfig};
+use easykv_core::KvCache;
+use easykv_models::{build_cache, generate, prefill, GenerateConfig, LoadedModel, Logits, SamplingConfig};
 use serde_json::json;
 
 use crate::backend::with_backend;
@@ -31,8 +33,21 @@ pub struct BenchArgs {
     pub repeat: usize,
     #[command(flatten)]
     pub eviction: EvictionArgs,
+    /// Also time the full cache, run by run alternating with the policy, and report the
+    /// policy's decode overhead. Interleaving cancels the drift of a shared machine that
+    /// separate commands would measure.
+    #[arg(long)]
+    pub against_full: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Throughput of one timed generation.
+#[derive(Debug, Clone, Copy, Default)]
+struct Speed {
+    prefill: f64,
+    decode: f64,
+    kv_bytes: u64,
 }
 
 pub fn run(args: BenchArgs) -> CliResult {
@@ -60,30 +75,51 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
         top_logprobs: 0,
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut best: Option<(f64, f64, u64)> = None;
-    for run in 0..=args.repeat {
+    let time = || -> CliResult<Speed> {
         let mut cache = args
             .eviction
             .cache::<B>(&loaded.config, prompt.len(), args.chunk_size)?;
         let out = generate(&loaded.model, cache.as_mut(), &prompt, &cfg, |_| {
             std::ops::ControlFlow::Continue(())
         })?;
-        let prefill = prompt.len() as f64 / out.prefill.as_secs_f64();
-        // The first new token comes from the prefill logits; the rest each took one step.
-        let decode = (out.ids.len() - 1) as f64 / out.decode.as_secs_f64();
+        Ok(Speed {
+            prefill: prompt.len() as f64 / out.prefill.as_secs_f64(),
+            // The first new token comes from the prefill logits; the rest each took one step.
+            decode: (out.ids.len() - 1) as f64 / out.decode.as_secs_f64(),
+            kv_bytes: cache.bytes(),
+        })
+    };
+    let mut best: Option<Speed> = None;
+    for run in 0..=args.repeat {
+        let speed = time()?;
         if run == 0 {
             args.model.log(&format!(
-                "warm-up: prefill {prefill:.1} tok/s, decode {decode:.1} tok/s"
+                "warm-up: prefill {:.1} tok/s, decode {:.1} tok/s",
+                speed.prefill, speed.decode
             ));
             continue;
         }
         args.model.log(&format!(
-            "run {run}: prefill {prefill:.1} tok/s, decode {decode:.1} tok/s"
+            "run {run}: prefill {:.1} tok/s, decode {:.1} tok/s",
+            speed.prefill, speed.decode
         ));
-        let b = best.get_or_insert((prefill, decode, cache.bytes()));
-        *b = (b.0.max(prefill), b.1.max(decode), cache.bytes());
+        let b = best.get_or_insert(speed);
+        *b = Speed {
+            prefill: b.prefill.max(speed.prefill),
+            decode: b.decode.max(speed.decode),
+            kv_bytes: speed.kv_bytes,
+        };
     }
-    let (prefill, decode, kv_bytes) = best.unwrap_or_default();
+    let Speed {
+        prefill,
+        decode,
+        kv_bytes,
+    } = best.unwrap_or_default();
+    let versus = if args.against_full && args.eviction.policy != "full" {
+        Some(against_full(&loaded, &prompt, args)?)
+    } else {
+        None
+    };
     if args.json {
         print_json(&json!({
             "model": loaded.name,
@@ -99,10 +135,104 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
             "policy": args.eviction.policy,
             "budget": args.eviction.budget,
             "mode": args.eviction.mode,
+            "interleaved": versus.map(|v| json!({
+                "steps": v.steps,
+                "policy_decode_tokens_per_second": v.policy,
+                "full_cache_decode_tokens_per_second": v.full,
+                "decode_overhead_percent": v.overhead_percent(),
+            })),
         }))
     } else {
         println!("model: {}\ndevice: {} ({threads} threads)\npolicy: {} (budget {}, mode {}, stride {})\nprompt: {} tokens, chunk {}\nprefill: {prefill:.1} tokens/s\ndecode: {decode:.1} tokens/s ({} tokens)\nKV cache: {:.2} MiB\nload: {load_seconds:.2} s",
             loaded.name, args.model.device, args.eviction.policy, args.eviction.budget, args.eviction.mode, args.eviction.stride, args.prompt_tokens, args.chunk_size, args.new_tokens, kv_bytes as f64 / (1 << 20) as f64);
+        if let Some(v) = versus {
+            println!(
+                "interleaved decode ({} steps each): {} {:.1} tokens/s, full cache {:.1} tokens/s\ndecode overhead vs full cache: {:.1} %",
+                v.steps,
+                args.eviction.policy,
+                v.policy,
+                v.full,
+                v.overhead_percent()
+            );
+        }
         Ok(())
     }
+}
+
+/// Decode speed of the policy and of the full cache, measured step by step in alternation.
+#[derive(Debug, Clone, Copy)]
+struct Versus {
+    steps: usize,
+    policy: f64,
+    full: f64,
+}
+
+impl Versus {
+    fn overhead_percent(&self) -> f64 {
+        (1.0 - self.policy / self.full) * 100.0
+    }
+}
+
+/// Prefills the prompt into the policy's cache and into a full cache, then decodes the same
+/// greedy tokens through both, alternating step by step (and which goes first): on a shared
+/// machine, load that drifts over seconds hits both alike.
+fn against_full<B: Backend>(loaded: &LoadedModel<B>, prompt: &[u32], args: &BenchArgs) -> CliResult<Versus> {
+    let model = &loaded.model;
+    let device = model.embed.weight.device();
+    let mut policy = args
+        .eviction
+        .cache::<B>(&loaded.config, prompt.len(), args.chunk_size)?;
+    let mut full = build_cache::<B>(
+        "full",
+        &args.eviction.config()?,
+        &loaded.config,
+        prompt.len(),
+        args.chunk_size,
+    )?;
+    let (mut t_policy, mut t_full, mut steps) = (Duration::ZERO, Duration::ZERO, 0);
+    for _ in 0..args.repeat {
+        policy.clear();
+        full.clear();
+        policy.reserve(prompt.len() + args.new_tokens);
+        full.reserve(prompt.len() + args.new_tokens);
+        let logits = prefill(model, policy.as_mut(), prompt, args.chunk_size)?;
+        prefill(model, full.as_mut(), prompt, args.chunk_size)?;
+        let mut next = argmax(&logits);
+        for step in 1..args.new_tokens {
+            let token = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![next as i32], [1, 1]), &device);
+            let one = |cache: &mut dyn KvCache<B>| -> CliResult<(Vec<f32>, Duration)> {
+                let t = Instant::now();
+                let logits = model.forward(token.clone(), cache, Logits::Last)?;
+                let row: Vec<f32> = logits
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec()
+                    .map_err(|e| CliError(format!("reading logits: {e:?}")))?;
+                Ok((row, t.elapsed()))
+            };
+            let (row, dt) = if step % 2 == 0 {
+                let (row, dt) = one(policy.as_mut())?;
+                t_full += one(full.as_mut())?.1;
+                (row, dt)
+            } else {
+                t_full += one(full.as_mut())?.1;
+                one(policy.as_mut())?
+            };
+            t_policy += dt;
+            steps += 1;
+            next = argmax(&row);
+        }
+    }
+    Ok(Versus {
+        steps,
+        policy: steps as f64 / t_policy.as_secs_f64(),
+        full: steps as f64 / t_full.as_secs_f64(),
+    })
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
 }

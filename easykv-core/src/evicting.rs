@@ -9,14 +9,6 @@ use crate::layer_kv::LayerKv;
 use crate::policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
 use crate::{Error, KvCache, Result};
 
-/// One layer's share of a chunk's attention, reduced over the chunk's queries.
-#[derive(Debug, Clone)]
-struct Observed<B: Backend> {
-    sum: Tensor<B, 3>,
-    sum_sq: Tensor<B, 3>,
-    last: Tensor<B, 3>,
-}
-
 /// Per-layer progress. Layers move in step while decoding; a layer-major prefill runs one
 /// layer through several chunks before the next layer starts.
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,8 +42,8 @@ pub struct EvictingCache<B: Backend> {
     /// Per layer: keys and values `[batch, heads, slots, head_dim]`.
     kv: LayerKv<B>,
     stats: Stats<B>,
-    /// Attention observed during the chunk in flight, per layer.
-    pending: Vec<Option<Observed<B>>>,
+    /// Attention observed during the chunk in flight, per layer: `[batch, heads, s, slots]`.
+    pending: Vec<Option<Tensor<B, 4>>>,
     progress: Vec<LayerProgress>,
     /// [`Self::dead_slot_bias`] for the next decode step, `[layers·batch, heads, 1, slots + 1]`.
     bias: Option<Tensor<B, 4>>,
@@ -236,25 +228,40 @@ impl<B: Backend> EvictingCache<B> {
                 positions: Tensor::cat(vec![st.positions, positions], 2),
             },
         };
-        let observed: Vec<Observed<B>> = self.pending[layers.clone()]
+        let observed: Vec<Tensor<B, 4>> = self.pending[layers.clone()]
             .iter_mut()
             .filter_map(Option::take)
             .collect();
         if observed.len() == layers.len() {
-            let n = st.sum.dims()[2];
-            let stack = |f: fn(&Observed<B>) -> Tensor<B, 3>| match observed.len() {
-                1 => f(&observed[0]),
-                _ => Tensor::cat(observed.iter().map(f).collect(), 0),
+            let [rows, h, n] = st.sum.dims();
+            // One reduction for every layer: [layers·batch, heads, s, slots].
+            let probs = match observed.len() {
+                1 => observed.into_iter().next()?,
+                _ => Tensor::cat(observed, 0),
             };
-            st.sum = st.sum + stack(|o| o.sum.clone());
-            st.sum_sq = st.sum_sq + stack(|o| o.sum_sq.clone());
-            st.last = stack(|o| o.last.clone());
+            let (sum, sum_sq, last) = if s == 1 {
+                let p = probs.reshape([rows, h, n]);
+                (p.clone(), p.clone().square(), p)
+            } else {
+                (
+                    probs.clone().sum_dim(2).reshape([rows, h, n]),
+                    probs.clone().square().sum_dim(2).reshape([rows, h, n]),
+                    probs.slice_dim(2, s - 1..s).reshape([rows, h, n]),
+                )
+            };
+            st.sum = st.sum + sum;
+            st.sum_sq = st.sum_sq + sum_sq;
+            st.last = last;
             // Queries of this chunk that could see each slot: all s for older slots, s − t for
             // the chunk's own token t (causal).
-            let seen: Vec<f32> = (0..n)
-                .map(|j| if j + s < n { s as f32 } else { (n - j) as f32 })
-                .collect();
-            st.count = st.count + Tensor::<B, 1>::from_data(TensorData::new(seen, [n]), &device).reshape([1, 1, n]);
+            st.count = if s == 1 {
+                st.count.add_scalar(1.0)
+            } else {
+                let seen: Vec<f32> = (0..n)
+                    .map(|j| if j + s < n { s as f32 } else { (n - j) as f32 })
+                    .collect();
+                st.count + Tensor::<B, 1>::from_data(TensorData::new(seen, [n]), &device).reshape([1, 1, n])
+            };
         }
         Some(st)
     }
@@ -311,15 +318,26 @@ impl<B: Backend> EvictingCache<B> {
         let n_evict = self.slots(layers.start) - capacity;
         let evict = self.victims(&stats, layers.clone(), n_evict);
         let device = evict.device();
-        let marks = Tensor::<B, 3, Int>::zeros([rows, h, n], &device)
-            .cast(evict.dtype())
-            .scatter(
-                2,
-                evict.clone(),
-                Tensor::<B, 3, Int>::ones([rows, h, n_evict], &device).cast(evict.dtype()),
-                burn::tensor::IndexingUpdateOp::Add,
-            )
-            .greater_elem(0);
+        let marks = if n_evict == 1 {
+            // Float rows minus a column: far cheaper on flex than integer scatters.
+            let index = Tensor::<B, 2>::zeros([rows * h, n], &device)
+                + Tensor::<B, 1, Int>::arange(0..n as i64, &device)
+                    .float()
+                    .reshape([1, n]);
+            (index - evict.reshape([rows * h, 1]).float())
+                .equal_elem(0.0)
+                .reshape([rows, h, n])
+        } else {
+            Tensor::<B, 3, Int>::zeros([rows, h, n], &device)
+                .cast(evict.dtype())
+                .scatter(
+                    2,
+                    evict.clone(),
+                    Tensor::<B, 3, Int>::ones([rows, h, n_evict], &device).cast(evict.dtype()),
+                    burn::tensor::IndexingUpdateOp::Add,
+                )
+                .greater_elem(0)
+        };
         let mut stats = stats;
         stats.positions = stats.positions.mask_fill(marks, -1);
         for layer in layers.clone() {
@@ -535,13 +553,8 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         if !self.recording(layer) {
             return Ok(());
         }
-        let [b, h, s, n] = probs.dims();
-        // Reduce over the queries now, so only [b, h, n] per layer waits for the chunk's end.
-        self.pending[layer] = Some(Observed {
-            sum: probs.clone().sum_dim(2).reshape([b, h, n]),
-            sum_sq: probs.clone().square().sum_dim(2).reshape([b, h, n]),
-            last: probs.slice_dim(2, s - 1..s).reshape([b, h, n]),
-        });
+        // Reduced at the chunk's end, for all layers at once.
+        self.pending[layer] = Some(probs);
         Ok(())
     }
 

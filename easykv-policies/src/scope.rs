@@ -28,12 +28,20 @@ pub(crate) fn protected<B: Backend>(stats: &SlotStats<B>, ctx: &EvictionContext)
 /// when a window widens (prefill → decoding), it reaches back past tokens evicted earlier,
 /// as EasyKV's does.
 pub(crate) fn newest<B: Backend>(stats: &SlotStats<B>, window: usize) -> Tensor<B, 3, Bool> {
-    let n = stats.positions.dims()[2];
-    let live = stats.positions.clone().greater_equal_elem(0);
-    let ones = live.clone().int();
-    // Live slots from j to the end, j included.
-    let from_here = ones.clone().sum_dim(2).repeat_dim(2, n) - ones.clone().cumsum(2) + ones;
-    from_here.lower_equal_elem(window as i64).bool_and(live)
+    let [b, h, n] = stats.positions.dims();
+    // Float rows and a column subtracted from them: the forms flex runs fastest.
+    let live = stats
+        .positions
+        .clone()
+        .greater_equal_elem(0)
+        .float()
+        .reshape([b * h, n]);
+    // Live slots from j to the end, j included: live − (cumsum − total).
+    let from_here = live.clone() - (live.clone().cumsum(1) - live.clone().sum_dim(1));
+    from_here
+        .lower_equal_elem(window as f32 + 0.5)
+        .bool_and(live.greater_elem(0.5))
+        .reshape([b, h, n])
 }
 
 /// Everything but the sinks, protected positions and the `recent` newest slots (H2O, TOVA).
