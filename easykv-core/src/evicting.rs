@@ -601,16 +601,18 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn reserve(&mut self, tokens: usize) {
-        // The most slots the schedule ever holds at once: a chunk on top of a full cache.
+        // The most slots the schedule ever holds at once: a chunk on top of a full prefill
+        // cache, a decode step plus evicted slots awaiting compaction, or (no decode budget)
+        // what prefill kept plus every generated token.
         let sched = &self.schedule;
-        let prefill_peak = sched
-            .prefill_capacity
-            .map_or(sched.prompt_len, |c| c + sched.stride.max(1));
-        let bound = match sched.decode_capacity {
-            Some(c) => prefill_peak.max(c + sched.decode_stride + DEAD_SLOTS_BEFORE_COMPACTION),
-            None => tokens,
+        let kept = sched.prefill_capacity.unwrap_or(sched.prompt_len);
+        let prefill_peak = sched.prefill_capacity.map_or(sched.prompt_len, |c| c + sched.stride.max(1));
+        let generated = tokens.saturating_sub(sched.prompt_len);
+        let decode_peak = match sched.decode_capacity {
+            Some(c) => (c + sched.decode_stride + DEAD_SLOTS_BEFORE_COMPACTION).min(kept + generated),
+            None => kept + generated,
         };
-        self.kv.reserve(tokens.min(bound));
+        self.kv.reserve(prefill_peak.max(decode_peak));
     }
 
     fn evicted(&self) -> usize {
