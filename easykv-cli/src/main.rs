@@ -3,6 +3,7 @@
 mod backend;
 mod bench;
 mod common;
+mod eval;
 mod generate;
 mod score;
 
@@ -44,6 +45,9 @@ enum Command {
     /// Measure prefill and decode speed.
     #[command(after_help = EXAMPLES)]
     Bench(bench::BenchArgs),
+    /// Compare policies × budgets: perplexity, passkey, needle in a haystack, fidelity to the
+    /// full cache; writes results.json, results.csv and results.md.
+    Eval(eval::EvalArgs),
 }
 
 /// Inference allocates and frees tensors of tens of megabytes every layer; the system
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

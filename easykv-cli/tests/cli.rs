@@ -306,3 +306,121 @@ fn encoding_mode_stats_and_budgeted_perplexity() {
     // Evicting 3/4 of the context cannot help the model predict.
     assert!(roco >= full * 0.99, "roco {roco} vs full {full}");
 }
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("easykv-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn eval_writes_tables_and_resumes() {
+    let out = temp_dir("eval");
+    let text = shared("data/last_of_the_mohicans.txt");
+    let args = |task: &str| -> Vec<String> {
+        [
+            "eval",
+            task,
+            "-q",
+            "--policies",
+            "roco,recency",
+            "--budgets",
+            "0.5",
+            "--lengths",
+            "192",
+            "--depths",
+            "0.5",
+            "--samples",
+            "1",
+            "--ppl-tokens",
+            "160",
+            "--new-tokens",
+            "8",
+            "--text-file",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([text.display().to_string(), "--out".into(), out.display().to_string()])
+        .collect()
+    };
+    let run = |task: &str| {
+        let a = args(task);
+        easykv(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = run("ppl");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        md.contains("## ppl: perplexity") && md.contains("| roco |") && md.contains("| full |"),
+        "{md}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let cells = json["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 3, "full + 2 policies × 1 budget");
+    let ppl = |p: &str| {
+        cells.iter().find(|c| c["policy"] == p).unwrap()["metrics"]["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(ppl("full") > 1.0 && ppl("full").is_finite());
+    // Evicting half the context changes the scores, within reason.
+    for p in ["roco", "recency"] {
+        assert!(
+            ppl(p) != ppl("full") && (ppl(p) / ppl("full") - 1.0).abs() < 0.5,
+            "{p}: {} vs {}",
+            ppl(p),
+            ppl("full")
+        );
+    }
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert!(csv.starts_with("task,sample,policy,budget,metric,value") && csv.lines().count() == 7);
+    assert!(!out.join("results.partial").exists());
+
+    // A second run finds every cell done and recomputes nothing.
+    let before = std::fs::read_to_string(out.join("results.json")).unwrap();
+    let o = easykv(
+        &args("ppl")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .iter()
+            .filter(|a| **a != "-q")
+            .copied()
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming: 3 finished cells kept"), "{}", stderr(&o));
+    assert_eq!(before, std::fs::read_to_string(out.join("results.json")).unwrap());
+
+    // Other settings in the same folder are refused, not mixed.
+    let o = run("passkey");
+    assert_one_line_error(&o, "other settings");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn eval_bad_input_is_a_one_line_error() {
+    let out = temp_dir("eval-bad");
+    let o = out.display().to_string();
+    assert_one_line_error(&easykv(&["eval", "speed", "--out", &o]), "unknown task");
+    assert_one_line_error(
+        &easykv(&["eval", "ppl", "--policies", "lru", "--out", &o]),
+        "unknown policy",
+    );
+    assert_one_line_error(&easykv(&["eval", "ppl", "--budgets", "0", "--out", &o]), "budget");
+    assert_one_line_error(&easykv(&["eval", "ppl", "--budgets", "half", "--out", &o]), "budget");
+    assert_one_line_error(&easykv(&["eval", "suite", "slow", "--out", &o]), "preset");
+    assert_one_line_error(
+        &easykv(&["eval", "ppl", "--out", "/proc/easykv-results"]),
+        "/proc/easykv-results",
+    );
+    let empty = out.with_extension("empty.txt");
+    std::fs::write(&empty, "  \n").unwrap();
+    assert_one_line_error(
+        &easykv(&["eval", "ppl", "--text-file", &empty.display().to_string(), "--out", &o]),
+        "empty",
+    );
+    let _ = std::fs::remove_file(empty);
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -606,7 +606,9 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         // what prefill kept plus every generated token.
         let sched = &self.schedule;
         let kept = sched.prefill_capacity.unwrap_or(sched.prompt_len);
-        let prefill_peak = sched.prefill_capacity.map_or(sched.prompt_len, |c| c + sched.stride.max(1));
+        let prefill_peak = sched
+            .prefill_capacity
+            .map_or(sched.prompt_len, |c| c + sched.stride.max(1));
         let generated = tokens.saturating_sub(sched.prompt_len);
         let decode_peak = match sched.decode_capacity {
             Some(c) => (c + sched.decode_stride + DEAD_SLOTS_BEFORE_COMPACTION).min(kept + generated),

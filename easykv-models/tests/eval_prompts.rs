@@ -1,0 +1,50 @@
+//! The retrieval prompts of `easykv eval` with the real SmolLM2 tokenizer: the key sits at the
+//! requested depth and the prompt has the requested length.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use easykv_models::eval::tasks::{answer_found, niah_prompt, passkey_prompt, NEEDLE_ANSWER};
+use easykv_models::WeightDType;
+
+#[test]
+fn passkey_and_needle_sit_at_the_requested_depth_and_length() {
+    let model = common::load_model("smollm2", WeightDType::F32);
+    let tok = &model.tokenizer;
+    let haystack = std::fs::read_to_string(common::shared("data/last_of_the_mohicans.txt")).unwrap();
+    for target in [256usize, 1024] {
+        for depth in [0.0, 0.3, 0.5, 1.0] {
+            let p = passkey_prompt(tok, 48213, target, depth).unwrap();
+            assert!(p
+                .text
+                .contains("The pass key is 48213. Remember it. 48213 is the pass key."));
+            assert!(p.text.ends_with("What is the pass key? The pass key is"));
+            assert_eq!(p.answer, "48213");
+            // Within a few tokens of the target, never over by more than the joins add.
+            assert!(
+                p.tokens <= target + 4 && p.tokens + 40 >= target,
+                "{} vs {target}",
+                p.tokens
+            );
+            let at = (p.needle_offset - p.filler_start) as f64 / p.filler_bytes as f64;
+            assert!((at - depth).abs() < 0.06, "depth {depth}: needle at {at:.2}");
+            assert!(answer_found(" 48213.", &p.answer));
+
+            let n = niah_prompt(tok, &haystack, target, depth).unwrap();
+            assert_eq!(n.text.matches("cardamom").count(), 1);
+            assert_eq!(n.answer, NEEDLE_ANSWER);
+            assert!(
+                n.tokens <= target + 4 && n.tokens + 60 >= target,
+                "{} vs {target}",
+                n.tokens
+            );
+            // Sentences of real text are coarser steps than the passkey filler's.
+            let tolerance = if target < 512 { 0.2 } else { 0.08 };
+            let at = (n.needle_offset - n.filler_start) as f64 / n.filler_bytes as f64;
+            assert!((at - depth).abs() < tolerance, "depth {depth}: needle at {at:.2}");
+        }
+    }
+    assert!(passkey_prompt(tok, 1, 10, 0.5).is_err(), "no room for filler");
+    assert!(passkey_prompt(tok, 1, 500, 1.5).is_err(), "depth out of range");
+}
