@@ -241,9 +241,9 @@ fn apply_preset(args: &mut EvalArgs) {
     } else {
         args.samples = 1;
         args.lengths = vec![512];
-        args.depths = vec![0.25, 0.75];
+        args.depths = vec![0.5];
         args.ppl_tokens = 1024;
-        args.new_tokens = 32;
+        args.new_tokens = 24;
         args.budgets = ["0.25", "0.5"].map(String::from).to_vec();
     }
 }
