@@ -319,14 +319,7 @@ impl<B: Backend> Llama<B> {
         cache: &mut C,
     ) -> Result<Tensor<B, 3>> {
         let [b, s] = tokens.dims();
-        let start = cache.next_position();
-        if start + s > self.rope.max_positions() {
-            return Err(Error::InvalidInput(format!(
-                "position {} is past the model's context of {} tokens",
-                start + s,
-                self.rope.max_positions()
-            )));
-        }
+        let start = self.first_position(cache, s)?;
         let device = tokens.device();
         let mut x = self.embed.embed(tokens);
         // Angles once per chunk, shared by every layer.
@@ -343,6 +336,19 @@ impl<B: Backend> Llama<B> {
         }
         cache.end_chunk()?;
         Ok(x)
+    }
+
+    /// The position of the first of `len` new tokens, if all of them fit in the context.
+    fn first_position<C: KvCache<B> + ?Sized>(&self, cache: &C, len: usize) -> Result<usize> {
+        let start = cache.next_position();
+        if start + len > self.rope.max_positions() {
+            return Err(Error::InvalidInput(format!(
+                "position {} is past the model's context of {} tokens",
+                start + len,
+                self.rope.max_positions()
+            )));
+        }
+        Ok(start)
     }
 
     /// The additive causal mask of `s` new queries over `slots` slots, in the scores' shape
@@ -388,14 +394,7 @@ impl<B: Backend> Llama<B> {
             }
             return Ok(Tensor::cat(outs, 1));
         }
-        let start = cache.next_position();
-        if start + total > self.rope.max_positions() {
-            return Err(Error::InvalidInput(format!(
-                "position {} is past the model's context of {} tokens",
-                start + total,
-                self.rope.max_positions()
-            )));
-        }
+        let start = self.first_position(cache, total)?;
         let device = tokens.device();
         let angles = self.chunk_angles(b, start, total, None);
         let mut x = self.embed.embed(tokens);
