@@ -326,6 +326,8 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: Settings) -
     write_atomic(&args.out.join("results.csv"), &to_csv(&results))?;
     let md = to_markdown(&results, &policies, &settings.budgets, &loaded.name);
     write_atomic(&args.out.join("results.md"), &md)?;
+    let plots = plot(&results, &policies, &settings.budgets, &args.out)?;
+    args.model.log(&format!("{} plots", plots.len()));
     println!("{md}");
     args.model.log(&format!("results in {}", args.out.display()));
     Ok(())
@@ -614,4 +616,153 @@ fn to_markdown(results: &Results, policies: &[&str], budgets: &[String], model: 
         }
     }
     md
+}
+
+/// DejaVu Sans (Bitstream Vera license, see assets/): plotters needs a font to lay out text.
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// One line chart per task and metric: the metric against the budget, one line per policy,
+/// the full cache as a dashed reference. Written as SVG and PNG; returns the files.
+fn plot(results: &Results, policies: &[&str], budgets: &[String], out: &Path) -> CliResult<Vec<PathBuf>> {
+    use plotters::prelude::*;
+    // Registering twice (a second eval in one process) is harmless.
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let mut files = Vec::new();
+    for task in &results.settings.tasks {
+        for metric in main_metrics(task) {
+            let mean = |policy: &str, budget: &str| -> Option<f64> {
+                let v: Vec<f64> = results
+                    .cells
+                    .iter()
+                    .filter(|c| &c.task == task && c.policy == policy && c.budget == budget)
+                    .filter_map(|c| c.metrics.get(*metric).copied())
+                    .collect();
+                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+            };
+            let lines: Vec<(&str, Vec<(f64, f64)>)> = policies
+                .iter()
+                .filter(|p| **p != "full")
+                .map(|p| {
+                    let pts = budgets
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, b)| mean(p, b).map(|v| (i as f64, v)))
+                        .collect();
+                    (*p, pts)
+                })
+                .collect();
+            let full = mean("full", "-");
+            let values: Vec<f64> = lines
+                .iter()
+                .flat_map(|(_, l)| l.iter().map(|p| p.1))
+                .chain(full)
+                .collect();
+            if values.is_empty() {
+                continue;
+            }
+            let (lo, hi) = values
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            let pad = ((hi - lo) * 0.1).max(1e-3);
+            let chart = Chart {
+                title: format!("{task}: {metric} vs budget ({})", results.settings.mode),
+                metric,
+                budgets,
+                lines: &lines,
+                full,
+                y: (lo - pad, hi + pad),
+                x1: (budgets.len().max(2) - 1) as f64,
+            };
+            let stem = format!("{task}_{metric}");
+            let svg = out.join(format!("{stem}.svg"));
+            let png = out.join(format!("{stem}.png"));
+            chart
+                .draw(SVGBackend::new(&svg, (800, 500)).into_drawing_area())
+                .map_err(|e| CliError(format!("{}: {e}", svg.display())))?;
+            chart
+                .draw(BitMapBackend::new(&png, (800, 500)).into_drawing_area())
+                .map_err(|e| CliError(format!("{}: {e}", png.display())))?;
+            files.extend([svg, png]);
+        }
+    }
+    Ok(files)
+}
+
+/// What one plot shows.
+struct Chart<'a> {
+    title: String,
+    metric: &'a str,
+    budgets: &'a [String],
+    /// Per policy, (budget index, mean).
+    lines: &'a [(&'a str, Vec<(f64, f64)>)],
+    full: Option<f64>,
+    y: (f64, f64),
+    x1: f64,
+}
+
+impl Chart<'_> {
+    fn draw<DB: plotters::prelude::DrawingBackend>(
+        &self,
+        root: plotters::prelude::DrawingArea<DB, plotters::coord::Shift>,
+    ) -> Result<(), String>
+    where
+        DB::ErrorType: 'static,
+    {
+        use plotters::prelude::*;
+        let x1 = self.x1;
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(&self.title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(-0.2..x1 + 0.2, self.y.0..self.y.1)
+            .map_err(|e| e.to_string())?;
+        let budgets = self.budgets;
+        chart
+            .configure_mesh()
+            .x_labels(budgets.len().max(2))
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 {
+                    budgets.get(i as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .x_desc("budget")
+            .y_desc(self.metric)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        if let Some(f) = self.full {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(-0.2, f), (x1 + 0.2, f)],
+                    6,
+                    4,
+                    BLACK.stroke_width(2),
+                ))
+                .map_err(|e| e.to_string())?
+                .label("full cache")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
+        }
+        for (i, (name, pts)) in self.lines.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(*name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())
+    }
 }

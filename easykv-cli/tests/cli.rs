@@ -376,6 +376,14 @@ fn eval_writes_tables_and_resumes() {
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert!(csv.starts_with("task,sample,policy,budget,metric,value") && csv.lines().count() == 7);
     assert!(!out.join("results.partial").exists());
+    // The metric against the budget, as SVG and PNG.
+    let svg = std::fs::read_to_string(out.join("ppl_perplexity.svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("roco") && svg.contains("full cache"),
+        "{svg}"
+    );
+    let png = std::fs::read(out.join("ppl_perplexity.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
 
     // A second run finds every cell done and recomputes nothing.
     let before = std::fs::read_to_string(out.join("results.json")).unwrap();
