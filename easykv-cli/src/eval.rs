@@ -574,6 +574,17 @@ fn main_metrics(task: &str) -> &'static [&'static str] {
     }
 }
 
+/// The mean of `metric` over the samples of one (task, policy, budget), if any were measured.
+fn cell_mean(results: &Results, task: &str, metric: &str, policy: &str, budget: &str) -> Option<f64> {
+    let v: Vec<f64> = results
+        .cells
+        .iter()
+        .filter(|c| c.task == task && c.policy == policy && c.budget == budget)
+        .filter_map(|c| c.metrics.get(metric).copied())
+        .collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
 /// One table per task and metric: rows policies, columns budgets, cells means over samples.
 fn to_markdown(results: &Results, policies: &[&str], budgets: &[String], model: &str) -> String {
     let s = &results.settings;
@@ -583,15 +594,7 @@ fn to_markdown(results: &Results, policies: &[&str], budgets: &[String], model: 
     );
     for task in &s.tasks {
         for metric in main_metrics(task) {
-            let mean = |policy: &str, budget: &str| -> Option<f64> {
-                let v: Vec<f64> = results
-                    .cells
-                    .iter()
-                    .filter(|c| &c.task == task && c.policy == policy && c.budget == budget)
-                    .filter_map(|c| c.metrics.get(*metric).copied())
-                    .collect();
-                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-            };
+            let mean = |policy: &str, budget: &str| cell_mean(results, task, metric, policy, budget);
             if policies.iter().all(|p| budgets.iter().all(|b| mean(p, b).is_none())) && mean("full", "-").is_none() {
                 continue;
             }
@@ -630,15 +633,7 @@ fn plot(results: &Results, policies: &[&str], budgets: &[String], out: &Path) ->
     let mut files = Vec::new();
     for task in &results.settings.tasks {
         for metric in main_metrics(task) {
-            let mean = |policy: &str, budget: &str| -> Option<f64> {
-                let v: Vec<f64> = results
-                    .cells
-                    .iter()
-                    .filter(|c| &c.task == task && c.policy == policy && c.budget == budget)
-                    .filter_map(|c| c.metrics.get(*metric).copied())
-                    .collect();
-                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-            };
+            let mean = |policy: &str, budget: &str| cell_mean(results, task, metric, policy, budget);
             let lines: Vec<(&str, Vec<(f64, f64)>)> = policies
                 .iter()
                 .filter(|p| **p != "full")
