@@ -19,7 +19,7 @@ pub use h2o::{h2o, SumAttention};
 pub use random::{random, SeededRandom};
 pub use recency::{recency, Position};
 pub use roco::{roco, MeanAttention, RobustStdScope};
-pub use scope::{slot_index, SinksAndRecent, SinksOnly};
+pub use scope::{SinksAndRecent, SinksOnly};
 pub use tova::{tova, LastQuery};
 
 use burn::tensor::backend::Backend;

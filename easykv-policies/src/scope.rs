@@ -1,15 +1,7 @@
-use burn::tensor::{backend::Backend, Bool, Int, Tensor};
+use burn::tensor::{backend::Backend, Bool, Tensor};
 use easykv_core::{EvictionContext, Phase, SlotStats};
 
 use crate::compose::{Scope, ScopeBuilder};
-
-/// Slot indices `0..n` broadcast to the stats' shape `[batch, kv_heads, n]`.
-pub fn slot_index<B: Backend>(stats: &SlotStats<B>) -> Tensor<B, 3, Int> {
-    let [b, h, n] = stats.positions.dims();
-    Tensor::<B, 1, Int>::arange(0..n as i64, &stats.positions.device())
-        .reshape([1, 1, n])
-        .repeat(&[b, h, 1])
-}
 
 /// Slots that no policy may evict: the sinks, positions the schedule protects (the prompt, in
 /// decoding mode), and slots already evicted but not yet compacted away (position −1).
