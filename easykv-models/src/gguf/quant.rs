@@ -81,7 +81,24 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Stri
         return Err(format!("{} bytes present, {need} needed", bytes.len()));
     }
     let mut out = vec![0f32; n];
-    let blocks = bytes[..need].chunks_exact(ty.block_bytes());
+    // Split by whole blocks over the available cores: dequantizing (and first-touching the
+    // freshly mapped output pages) is most of a model's load time.
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let blocks_per_part = n_blocks.div_ceil(threads.max(1)).max(1);
+    let (bl, bb) = (ty.block_len(), ty.block_bytes());
+    std::thread::scope(|scope| {
+        let parts = bytes[..need]
+            .chunks(blocks_per_part * bb)
+            .zip(out.chunks_mut(blocks_per_part * bl));
+        for (src, dst) in parts {
+            scope.spawn(move || dequantize_blocks(ty, src, dst));
+        }
+    });
+    Ok(out)
+}
+
+fn dequantize_blocks(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    let blocks = bytes.chunks_exact(ty.block_bytes());
     let outs = out.chunks_exact_mut(ty.block_len());
     for (b, y) in blocks.zip(outs) {
         match ty {
@@ -98,7 +115,6 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Stri
             GgmlType::Q6K => block_q6_k(b, y),
         }
     }
-    Ok(out)
 }
 
 fn block_q4_0(b: &[u8], y: &mut [f32]) {
