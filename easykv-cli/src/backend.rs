@@ -9,10 +9,12 @@ macro_rules! with_backend {
             $crate::backend::DeviceSpec::Cpu => $run::<burn::backend::Flex>(&Default::default(), $($arg),*),
             #[cfg(feature = "cuda")]
             $crate::backend::DeviceSpec::Cuda(i) => {
+                $crate::backend::keep_kernels_on_disk();
                 $run::<burn::backend::Cuda>(&burn::backend::cuda::CudaDevice::new(i), $($arg),*)
             }
             #[cfg(feature = "wgpu")]
             $crate::backend::DeviceSpec::Wgpu(i) => {
+                $crate::backend::keep_kernels_on_disk();
                 $run::<burn::backend::Wgpu>(&burn::backend::wgpu::WgpuDevice::DiscreteGpu(i), $($arg),*)
             }
         }
@@ -61,4 +63,26 @@ pub fn parse_device(spec: &str) -> CliResult<DeviceSpec> {
             "unknown device '{spec}' (expected cpu, cuda[:N] or wgpu[:N])"
         ))),
     }
+}
+
+/// GPU kernels are compiled just in time — about a minute of a short run's first calls — and
+/// autotuned per shape. Both results are kept under `$EASYKV_HOME/kernels` so that later runs
+/// start warm. A `cubecl.toml` (in the working directory or above) that names its own cache
+/// locations wins; `CUBECL_*` environment variables apply as usual.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub fn keep_kernels_on_disk() {
+    use burn::cubecl::config::cache::CacheConfig;
+    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let dir = easykv_models::fetch::easykv_home().join("kernels");
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if config.compilation.cache.is_none() {
+            config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+        }
+        if matches!(config.autotune.cache, CacheConfig::Target) {
+            config.autotune.cache = CacheConfig::File(dir);
+        }
+        CubeClRuntimeConfig::set(config);
+    });
 }

@@ -6,7 +6,10 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use clap::Args;
 use easykv_core::KvCache;
-use easykv_models::{build_cache, generate, prefill, GenerateConfig, LoadedModel, Logits, SamplingConfig};
+use easykv_models::{
+    build_cache, generate, prefill, GenerateConfig, Llama, Logits, ModelConfig, RandomModel, SamplingConfig,
+    WeightDType,
+};
 use serde_json::json;
 
 use crate::backend::with_backend;
@@ -33,6 +36,11 @@ pub struct BenchArgs {
     pub repeat: usize,
     #[command(flatten)]
     pub eviction: EvictionArgs,
+    /// Instead of --model, a model of this shape with seeded random weights drawn on the
+    /// device: llama2-7b, llama3-8b, qwen2.5-1.5b or smollm2 (speed and memory only; the prompt
+    /// is random token ids).
+    #[arg(long, value_name = "SHAPE")]
+    pub random_weights: Option<String>,
     /// Also time the full cache, run by run alternating with the policy, and report the
     /// policy's decode overhead. Interleaving cancels the drift of a shared machine that
     /// separate commands would measure.
@@ -40,6 +48,54 @@ pub struct BenchArgs {
     pub against_full: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+/// The model under test and its prompt.
+struct Subject<B: Backend> {
+    model: Llama<B>,
+    config: ModelConfig,
+    dtype: WeightDType,
+    name: String,
+    prompt: Vec<u32>,
+}
+
+impl<B: Backend> Subject<B> {
+    /// `--random-weights` (random prompt ids) or `--model` (a prompt of English text).
+    fn load(args: &BenchArgs, device: &B::Device) -> CliResult<Self> {
+        let dtype = args.model.dtype;
+        if let Some(shape) = &args.random_weights {
+            let shape = RandomModel::by_name(shape)?;
+            let config = shape.config();
+            let model = shape.build::<B>(dtype, 0, device)?;
+            // Ids from a fixed LCG: the same prompt every run, spread over the vocabulary.
+            let prompt = (0..args.prompt_tokens as u64)
+                .map(|i| ((i * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) >> 33) % config.vocab_size as u64)
+                .map(|id| id as u32)
+                .collect();
+            args.model.log(&format!(
+                "random weights: {} ({:.2} B parameters, {dtype:?})",
+                shape.description,
+                shape.parameters() as f64 / 1e9
+            ));
+            return Ok(Self {
+                model,
+                config,
+                dtype,
+                name: format!("{} (random weights)", shape.name),
+                prompt,
+            });
+        }
+        let loaded = args.model.load::<B>(device)?;
+        let unit = loaded.tokenizer.encode(BENCH_TEXT)?;
+        let prompt = unit.iter().copied().cycle().take(args.prompt_tokens).collect();
+        Ok(Self {
+            model: loaded.model,
+            config: loaded.config,
+            dtype: loaded.dtype,
+            name: loaded.name,
+            prompt,
+        })
+    }
 }
 
 /// Throughput of one timed generation.
@@ -63,10 +119,9 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
     }
     args.eviction.validate()?;
     let t = Instant::now();
-    let loaded = args.model.load::<B>(device)?;
+    let loaded = Subject::<B>::load(args, device)?;
     let load_seconds = t.elapsed().as_secs_f64();
-    let unit = loaded.tokenizer.encode(BENCH_TEXT)?;
-    let prompt: Vec<u32> = unit.iter().copied().cycle().take(args.prompt_tokens).collect();
+    let prompt = &loaded.prompt;
     let cfg = GenerateConfig {
         max_new_tokens: args.new_tokens,
         chunk_size: args.chunk_size,
@@ -78,8 +133,8 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
     let time = || -> CliResult<Speed> {
         let mut cache = args
             .eviction
-            .cache::<B>(&loaded.config, prompt.len(), args.chunk_size)?;
-        let out = generate(&loaded.model, cache.as_mut(), &prompt, &cfg, |_| {
+            .cache::<B>(&loaded.config, loaded.dtype, prompt.len(), args.chunk_size)?;
+        let out = generate(&loaded.model, cache.as_mut(), prompt, &cfg, |_| {
             std::ops::ControlFlow::Continue(())
         })?;
         Ok(Speed {
@@ -116,7 +171,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
         kv_bytes,
     } = best.unwrap_or_default();
     let versus = if args.against_full && args.eviction.policy != "full" {
-        Some(against_full(&loaded, &prompt, args)?)
+        Some(against_full(&loaded, prompt, args)?)
     } else {
         None
     };
@@ -176,16 +231,17 @@ impl Versus {
 /// Prefills the prompt into the policy's cache and into a full cache, then decodes the same
 /// greedy tokens through both, alternating step by step (and which goes first): on a shared
 /// machine, load that drifts over seconds hits both alike.
-fn against_full<B: Backend>(loaded: &LoadedModel<B>, prompt: &[u32], args: &BenchArgs) -> CliResult<Versus> {
+fn against_full<B: Backend>(loaded: &Subject<B>, prompt: &[u32], args: &BenchArgs) -> CliResult<Versus> {
     let model = &loaded.model;
     let device = model.embed.weight.device();
     let mut policy = args
         .eviction
-        .cache::<B>(&loaded.config, prompt.len(), args.chunk_size)?;
+        .cache::<B>(&loaded.config, loaded.dtype, prompt.len(), args.chunk_size)?;
     let mut full = build_cache::<B>(
         "full",
         &args.eviction.config()?,
         &loaded.config,
+        loaded.dtype,
         prompt.len(),
         args.chunk_size,
     )?;

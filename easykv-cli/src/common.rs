@@ -40,8 +40,9 @@ pub struct ModelArgs {
     /// Where to run: cpu, or cuda[:N] / wgpu[:N] in builds with those features.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Storage precision of weight matrices: f32 (exact) or f16 (half the memory traffic; faster
-    /// decoding on memory-bound CPUs).
+    /// Storage precision of weight matrices and the KV cache: f32 (exact), f16 or bf16 (half
+    /// the memory and memory traffic). Matrix products run in it; norms, softmax and the
+    /// residual stream stay in f32.
     #[arg(long, default_value = "f32")]
     pub dtype: WeightDType,
     /// Quiet: no progress or statistics on stderr.
@@ -168,6 +169,7 @@ impl EvictionArgs {
     pub fn cache<B: Backend>(
         &self,
         model: &ModelConfig,
+        kv_dtype: WeightDType,
         prompt_len: usize,
         chunk_size: usize,
     ) -> CliResult<Box<dyn KvCache<B>>> {
@@ -175,6 +177,7 @@ impl EvictionArgs {
             &self.policy,
             &self.config()?,
             model,
+            kv_dtype,
             prompt_len,
             chunk_size,
         )?)

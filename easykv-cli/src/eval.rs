@@ -476,7 +476,7 @@ fn run_cell<B: Backend>(
         Sample::Retrieval { ids, .. } => (ids.len(), 12),
         Sample::Fidelity { ids } => (ids.len(), settings.new_tokens),
     };
-    let mut cache = build_cache::<B>(policy, &eviction, &loaded.config, prompt_len, chunk)?;
+    let mut cache = build_cache::<B>(policy, &eviction, &loaded.config, loaded.dtype, prompt_len, chunk)?;
     let mut metrics = BTreeMap::new();
     let mut cell = Cell {
         task: String::new(),

@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+pub mod random_weights;
 pub mod sampling;
 pub mod tokenizer;
 
@@ -25,5 +26,6 @@ pub use generate::{generate, prefill, score, top_logprobs, GenerateConfig, Gener
 pub use linear::WeightDType;
 pub use llama::{Llama, Logits, WeightSource};
 pub use loader::LoadedModel;
+pub use random_weights::{RandomModel, RANDOM_MODELS};
 pub use sampling::{Sampler, SamplingConfig};
 pub use tokenizer::TextTokenizer;

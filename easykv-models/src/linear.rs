@@ -1,7 +1,8 @@
 //! Weight-holding layers whose storage precision can differ from the activations'.
 //!
-//! CPU decoding is bound by memory bandwidth: every weight is read once per token. Keeping
-//! weights in f16 halves those bytes while activations, norms and softmax stay in f32.
+//! Decoding is bound by memory bandwidth: every weight is read once per token. Keeping weights
+//! (and the KV cache, see [`crate::llama`]) in f16 or bf16 halves those bytes while the residual
+//! stream, norms and softmax stay in f32; matrix products run in the storage precision.
 
 use burn::module::Param;
 use burn::prelude::*;
@@ -13,6 +14,7 @@ use burn::tensor::{DType, TensorData};
 pub enum WeightDType {
     F32,
     F16,
+    Bf16,
 }
 
 impl WeightDType {
@@ -20,7 +22,13 @@ impl WeightDType {
         match self {
             WeightDType::F32 => DType::F32,
             WeightDType::F16 => DType::F16,
+            WeightDType::Bf16 => DType::BF16,
         }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        self.dtype().size()
     }
 }
 
@@ -30,7 +38,8 @@ impl std::str::FromStr for WeightDType {
         match s {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
-            other => Err(format!("unknown dtype '{other}' (expected f32 or f16)")),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!("unknown dtype '{other}' (expected f32, f16 or bf16)")),
         }
     }
 }
@@ -57,26 +66,33 @@ impl<B: Backend> Linear<B> {
         dtype: WeightDType,
         device: &B::Device,
     ) -> Self {
-        let weight = Tensor::<B, 2>::from_data(TensorData::new(w_out_in, [out, inp]), device).cast(dtype.dtype());
+        let weight = Tensor::<B, 2>::from_data(TensorData::new(w_out_in, [out, inp]), device);
+        let bias = bias.map(|b| Tensor::from_data(TensorData::new(b, [out]), device));
+        Self::from_tensors(weight, bias, dtype)
+    }
+
+    /// From tensors already on the device: `weight` `[out, in]`, `bias` `[out]` (kept in f32).
+    pub fn from_tensors(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>, dtype: WeightDType) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
-            bias: bias.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device))),
+            weight: Param::from_tensor(weight.cast(dtype.dtype())),
+            bias: bias.map(Param::from_tensor),
         }
     }
 
     /// # Shapes
-    /// - `x`: `[batch, s, in]` (f32) → `[batch, s, out]` (f32)
+    /// - `x`: `[batch, s, in]` → `[batch, s, out]`, in `x`'s dtype
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, inp] = x.dims();
         let w = self.weight.val();
         let out = w.dims()[0];
+        let activation = x.dtype();
         let x = x.reshape([b * s, inp]).cast(w.dtype());
         let y = if b * s <= SMALL_ROWS {
             w.matmul(x.transpose()).transpose()
         } else {
             x.matmul(w.transpose())
         };
-        let y = y.cast(DType::F32).reshape([b, s, out]);
+        let y = y.cast(activation).reshape([b, s, out]);
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
@@ -93,9 +109,13 @@ pub struct EmbeddingTable<B: Backend> {
 
 impl<B: Backend> EmbeddingTable<B> {
     pub fn new(w: Vec<f32>, vocab: usize, hidden: usize, dtype: WeightDType, device: &B::Device) -> Self {
-        let weight = Tensor::<B, 2>::from_data(TensorData::new(w, [vocab, hidden]), device).cast(dtype.dtype());
+        Self::from_tensor(Tensor::from_data(TensorData::new(w, [vocab, hidden]), device), dtype)
+    }
+
+    /// From a `[vocab, hidden]` tensor already on the device.
+    pub fn from_tensor(weight: Tensor<B, 2>, dtype: WeightDType) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
+            weight: Param::from_tensor(weight.cast(dtype.dtype())),
         }
     }
 

@@ -7,7 +7,7 @@ use burn::module::Param;
 use burn::nn::RmsNorm;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 
 use easykv_core::KvCache;
 
@@ -194,18 +194,21 @@ impl<B: Backend> Attention<B> {
         let [b, _, s, d] = q.dims();
         let (hq, hkv) = (self.n_heads, self.n_kv_heads);
         let g = hq / hkv;
-        let (keys, values) = cache.append(layer, k, v)?;
+        // Keys and values are cached in the weights' precision (f16 halves the cache); the
+        // products run in it, the softmax and what the cache observes stay in f32.
+        let kv_dtype = self.k.weight.val().dtype();
+        let (keys, values) = cache.append(layer, k.cast(kv_dtype), v.cast(kv_dtype))?;
         // StreamingLLM: keys are stored unrotated and rotated by their slot index here.
         let keys = match slot_angles {
-            Some(a) => Rope::apply(keys, a),
+            Some(a) => Rope::apply(keys.cast(DType::F32), a).cast(kv_dtype),
             None => keys,
         };
         let n = keys.dims()[2];
         // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
         // repeating K and V.
-        let q = q.reshape([b, hkv, g * s, d]);
+        let q = q.reshape([b, hkv, g * s, d]).cast(kv_dtype);
         // The scale 1/√d is already in the queries.
-        let scores = q.matmul(keys.swap_dims(2, 3));
+        let scores = q.matmul(keys.swap_dims(2, 3)).cast(DType::F32);
         // The mask has the scores' full shape: flex adds equal shapes far faster than it broadcasts.
         let scores = match mask {
             Some(m) => scores + m.clone(),
@@ -222,7 +225,8 @@ impl<B: Backend> Attention<B> {
             let grouped = probs.clone().reshape([b, hkv, g, s, n]).mean_dim(2);
             cache.observe(layer, grouped.reshape([b, hkv, s, n]))?;
         }
-        Ok(probs.matmul(values).reshape([b, hq, s, d]))
+        let out = probs.cast(kv_dtype).matmul(values).cast(DType::F32);
+        Ok(out.reshape([b, hq, s, d]))
     }
 
     /// `[batch, n_heads, s, head_dim]` → the output projection `[batch, s, hidden]`.
@@ -455,58 +459,50 @@ impl<B: Backend> Llama<B> {
     /// Loads weights named as in GGUF from `source`, laid out for [`Llama::forward`], with
     /// matrices stored in `dtype`.
     pub fn load(cfg: &ModelConfig, source: &impl WeightSource, dtype: WeightDType, device: &B::Device) -> Result<Self> {
+        Self::assemble(
+            cfg,
+            &FileParams {
+                cfg,
+                source,
+                dtype,
+                device,
+            },
+            device,
+        )
+    }
+
+    /// Builds every module from `params`, by GGUF tensor name.
+    pub(crate) fn assemble(cfg: &ModelConfig, params: &impl ParamSource<B>, device: &B::Device) -> Result<Self> {
         cfg.validate()?;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        let embed = EmbeddingTable::new(
-            matrix(source, "token_embd.weight", cfg.vocab_size, h)?,
-            cfg.vocab_size,
-            h,
-            dtype,
-            device,
-        );
-        let lm_head = if source.has("output.weight") {
-            let w = matrix(source, "output.weight", cfg.vocab_size, h)?;
-            Some(EmbeddingTable::new(w, cfg.vocab_size, h, dtype, device))
+        let embed = params.table("token_embd.weight", cfg.vocab_size, h)?;
+        let lm_head = if params.has("output.weight") {
+            Some(params.table("output.weight", cfg.vocab_size, h)?)
         } else {
             None
         };
-        let norm = rms_norm(source, "output_norm.weight", h, cfg.rms_eps, device)?;
+        let norm = params.norm("output_norm.weight", h)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let name = |t: &str| format!("blk.{i}.{t}");
-            let proj = |t: &str, out: usize, inp: usize, rope_heads: Option<usize>| -> Result<Linear<B>> {
-                let mut w = matrix(source, &name(&format!("{t}.weight")), out, inp)?;
-                let mut bias = if cfg.qkv_bias && source.has(&name(&format!("{t}.bias"))) {
-                    Some(vector(source, &name(&format!("{t}.bias")), out)?)
-                } else {
-                    None
-                };
-                if let (Some(heads), RopeLayout::Interleaved) = (rope_heads, cfg.rope_layout) {
-                    // Reorder each head's rows from interleaved pairs to rotate-half pairs; the
-                    // same permutation on Q and K leaves every QKᵀ score unchanged.
-                    w = deinterleave_rows(&w, heads, d, inp);
-                    bias = bias.map(|b| deinterleave_rows(&b, heads, d, 1));
-                }
-                Ok(Linear::new(w, out, inp, bias, dtype, device))
-            };
             let attn = Attention {
-                q: proj("attn_q", cfg.n_heads * d, h, Some(cfg.n_heads))?,
-                k: proj("attn_k", cfg.n_kv_heads * d, h, Some(cfg.n_kv_heads))?,
-                v: proj("attn_v", cfg.n_kv_heads * d, h, None)?,
-                o: proj("attn_output", h, cfg.n_heads * d, None)?,
+                q: params.linear(&name("attn_q"), cfg.n_heads * d, h, Some(cfg.n_heads))?,
+                k: params.linear(&name("attn_k"), cfg.n_kv_heads * d, h, Some(cfg.n_kv_heads))?,
+                v: params.linear(&name("attn_v"), cfg.n_kv_heads * d, h, None)?,
+                o: params.linear(&name("attn_output"), h, cfg.n_heads * d, None)?,
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
                 head_dim: d,
             };
             let ffn = FeedForward {
-                gate: proj("ffn_gate", cfg.intermediate_size, h, None)?,
-                up: proj("ffn_up", cfg.intermediate_size, h, None)?,
-                down: proj("ffn_down", h, cfg.intermediate_size, None)?,
+                gate: params.linear(&name("ffn_gate"), cfg.intermediate_size, h, None)?,
+                up: params.linear(&name("ffn_up"), cfg.intermediate_size, h, None)?,
+                down: params.linear(&name("ffn_down"), h, cfg.intermediate_size, None)?,
             };
             layers.push(DecoderLayer {
-                attn_norm: rms_norm(source, &name("attn_norm.weight"), h, cfg.rms_eps, device)?,
+                attn_norm: params.norm(&name("attn_norm.weight"), h)?,
                 attn,
-                ffn_norm: rms_norm(source, &name("ffn_norm.weight"), h, cfg.rms_eps, device)?,
+                ffn_norm: params.norm(&name("ffn_norm.weight"), h)?,
                 ffn,
             });
         }
@@ -518,6 +514,58 @@ impl<B: Backend> Llama<B> {
             lm_head,
             rope,
         })
+    }
+}
+
+/// Makes a model's modules by GGUF tensor name: from a weight file, or at random.
+pub(crate) trait ParamSource<B: Backend> {
+    /// The projection `name` (`blk.N.attn_q`, without `.weight`), `[out, in]`; `rope_heads` is
+    /// set for query and key projections, whose rows RoPE rotates in pairs.
+    fn linear(&self, name: &str, out: usize, inp: usize, rope_heads: Option<usize>) -> Result<Linear<B>>;
+    /// An embedding or output table `[rows, cols]`.
+    fn table(&self, name: &str, rows: usize, cols: usize) -> Result<EmbeddingTable<B>>;
+    fn norm(&self, name: &str, len: usize) -> Result<RmsNorm<B>>;
+    fn has(&self, name: &str) -> bool;
+}
+
+/// Modules from a [`WeightSource`] (a GGUF file).
+struct FileParams<'a, S: WeightSource, B: Backend> {
+    cfg: &'a ModelConfig,
+    source: &'a S,
+    dtype: WeightDType,
+    device: &'a B::Device,
+}
+
+impl<S: WeightSource, B: Backend> ParamSource<B> for FileParams<'_, S, B> {
+    fn linear(&self, name: &str, out: usize, inp: usize, rope_heads: Option<usize>) -> Result<Linear<B>> {
+        let (source, d) = (self.source, self.cfg.head_dim);
+        let mut w = matrix(source, &format!("{name}.weight"), out, inp)?;
+        let bias_name = format!("{name}.bias");
+        let mut bias = if self.cfg.qkv_bias && source.has(&bias_name) {
+            Some(vector(source, &bias_name, out)?)
+        } else {
+            None
+        };
+        if let (Some(heads), RopeLayout::Interleaved) = (rope_heads, self.cfg.rope_layout) {
+            // Reorder each head's rows from interleaved pairs to rotate-half pairs; the same
+            // permutation on Q and K leaves every QKᵀ score unchanged.
+            w = deinterleave_rows(&w, heads, d, inp);
+            bias = bias.map(|b| deinterleave_rows(&b, heads, d, 1));
+        }
+        Ok(Linear::new(w, out, inp, bias, self.dtype, self.device))
+    }
+
+    fn table(&self, name: &str, rows: usize, cols: usize) -> Result<EmbeddingTable<B>> {
+        let w = matrix(self.source, name, rows, cols)?;
+        Ok(EmbeddingTable::new(w, rows, cols, self.dtype, self.device))
+    }
+
+    fn norm(&self, name: &str, len: usize) -> Result<RmsNorm<B>> {
+        rms_norm(self.source, name, len, self.cfg.rms_eps, self.device)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.source.has(name)
     }
 }
 

@@ -21,6 +21,8 @@ pub struct LoadedModel<B: Backend> {
     pub chat_template: Option<ChatTemplate>,
     pub path: PathBuf,
     pub name: String,
+    /// Storage precision of the weights, and of the KV cache built for this model.
+    pub dtype: WeightDType,
 }
 
 impl<B: Backend> LoadedModel<B> {
@@ -63,6 +65,7 @@ impl<B: Backend> LoadedModel<B> {
             chat_template,
             path: path.to_path_buf(),
             name,
+            dtype,
         })
     }
 }
