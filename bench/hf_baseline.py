@@ -30,19 +30,21 @@ SHAPES = {
 SINKS, RECENT_RATIO, ROCO_TAIL = 4, 0.1, 10
 
 
-def legacy(cache):
-    """Per-layer (keys, values) tuples from whatever cache object this transformers returns."""
-    if hasattr(cache, "to_legacy_cache"):
-        return cache.to_legacy_cache()
-    return cache
+def kv_layers(cache):
+    """Per-layer (keys, values) of a transformers cache, whatever its version."""
+    if hasattr(cache, "layers"):  # transformers ≥ 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return list(cache)
 
 
-def as_cache(layers):
-    try:
-        from transformers import DynamicCache
-        return DynamicCache.from_legacy_cache(layers)
-    except (ImportError, AttributeError):
-        return layers
+def set_kv(cache, i, k, v):
+    """Replaces layer i's keys and values in place."""
+    if hasattr(cache, "layers"):
+        cache.layers[i].keys, cache.layers[i].values = k, v
+    else:
+        cache.key_cache[i], cache.value_cache[i] = k, v
 
 
 def sync():
@@ -55,9 +57,10 @@ class Scores:
     def __init__(self):
         self.sum = self.sq = self.count = None
 
-    def add(self, probs):
-        # probs: [1, heads, q, n] → grouped over query heads sharing a KV head is a no-op for MHA.
-        p = probs[0].float()
+    def add(self, probs, kv_heads):
+        # probs: [1, heads, q, n], averaged over the query heads that share a KV head (as EasyKV).
+        heads, q, n = probs.shape[1:]
+        p = probs[0].float().view(kv_heads, heads // kv_heads, q, n).mean(1)
         s, q2 = p.sum(1), (p * p).sum(1)
         heads, q, n = p.shape
         # Queries of this chunk that saw slot j: all q for older slots, q − t for its own token t.
@@ -113,29 +116,29 @@ def run(model, prompt, new_tokens, policy, budget, stride):
             idx = max(i for i in range(b + 1) if (n - i) % stride == 0)
             first = idx - stride
             out = model(prompt[:, :first], use_cache=True)
-            layers = legacy(out.past_key_values)
-            scores = [Scores() for _ in layers]
+            cache = out.past_key_values
+            scores = [Scores() for _ in kv_layers(cache)]
             pos = first
             while pos < n:
                 chunk = prompt[:, pos:pos + stride]
-                held = layers[0][0].shape[2]
-                out = model(chunk, past_key_values=as_cache(layers), use_cache=True, output_attentions=True,
+                held = kv_layers(cache)[0][0].shape[2]
+                out = model(chunk, past_key_values=cache, use_cache=True, output_attentions=True,
                             position_ids=torch.arange(pos, pos + stride, device=device)[None],
                             attention_mask=torch.ones(1, held + stride, dtype=torch.long, device=device))
-                layers = list(legacy(out.past_key_values))
+                cache = out.past_key_values
                 pos += stride
-                for i, (k, v) in enumerate(layers):
-                    scores[i].add(out.attentions[i])
+                for i, (k, v) in enumerate(kv_layers(cache)):
+                    scores[i].add(out.attentions[i], k.shape[1])
                     if k.shape[2] > idx:
                         keep = scores[i].keep(policy, b, stride)[None, :, :, None].expand(1, -1, -1, k.shape[3])
-                        layers[i] = (k.gather(2, keep), v.gather(2, keep))
-            cache, logits = as_cache(tuple(layers)), out.logits[:, -1]
+                        set_kv(cache, i, k.gather(2, keep), v.gather(2, keep))
+            logits = out.logits[:, -1]
         sync()
         prefill = time.perf_counter() - t0
         token = logits.argmax(-1, keepdim=True)
         t1 = time.perf_counter()
         for step in range(new_tokens - 1):
-            held = legacy(cache)[0][0].shape[2]
+            held = kv_layers(cache)[0][0].shape[2]
             out = model(token, past_key_values=cache, use_cache=True,
                         position_ids=torch.tensor([[pos + step]], device=device),
                         attention_mask=torch.ones(1, held + 1, dtype=torch.long, device=device))
@@ -144,7 +147,7 @@ def run(model, prompt, new_tokens, policy, budget, stride):
             token.item()  # a real generation reads every token back
         sync()
         decode = time.perf_counter() - t1
-    kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in legacy(cache))
+    kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv_layers(cache))
     return {
         "policy": policy, "budget": budget if policy != "full" else "full", "prompt_tokens": n,
         "new_tokens": new_tokens, "prefill_seconds": round(prefill, 3),

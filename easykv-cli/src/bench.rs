@@ -137,6 +137,13 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
         let out = generate(&loaded.model, cache.as_mut(), prompt, &cfg, |_| {
             std::ops::ControlFlow::Continue(())
         })?;
+        if out.ids.len() < 2 {
+            return Err(CliError(format!(
+                "decoding stopped after {} token(s) ({:?}): nothing to time",
+                out.ids.len(),
+                out.stop
+            )));
+        }
         Ok(Speed {
             prefill: prompt.len() as f64 / out.prefill.as_secs_f64(),
             // The first new token comes from the prefill logits; the rest each took one step.

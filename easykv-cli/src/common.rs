@@ -135,6 +135,7 @@ impl EvictionArgs {
             seed: self.policy_seed,
             streaming: self.streaming,
             decode_stride: self.decode_stride,
+            ranking: None,
         })
     }
 

@@ -2,7 +2,7 @@
 
 use std::str::FromStr;
 
-use crate::{Error, Result};
+use crate::{Error, Ranking, Result};
 
 /// How much KV cache a generation may hold.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -120,6 +120,8 @@ pub struct EvictionConfig {
     /// EasyKV). Larger values amortize eviction; the cache then exceeds its capacity by up to
     /// `decode_stride − 1` slots between evictions.
     pub decode_stride: usize,
+    /// How k-smallest selections are computed; `None` picks the backend's best.
+    pub ranking: Option<Ranking>,
 }
 
 impl Default for EvictionConfig {
@@ -134,6 +136,7 @@ impl Default for EvictionConfig {
             seed: 0,
             streaming: false,
             decode_stride: 1,
+            ranking: None,
         }
     }
 }
@@ -171,6 +174,7 @@ pub struct Schedule {
     pub seed: u64,
     pub streaming: bool,
     pub decode_stride: usize,
+    pub ranking: Option<Ranking>,
 }
 
 impl EvictionConfig {
@@ -209,6 +213,7 @@ impl EvictionConfig {
             seed: self.seed,
             streaming: self.streaming,
             decode_stride: self.decode_stride,
+            ranking: self.ranking,
         };
         let tokens = self.budget.tokens(prompt_len, kv_bytes_per_token);
         match self.mode {

@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use crate::budget::Schedule;
 use crate::layer_kv::LayerKv;
 use crate::policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
-use crate::{Error, KvCache, Result};
+use crate::{Error, KvCache, Ranking, Result};
 
 /// Per-layer progress. Layers move in step while decoding; a layer-major prefill runs one
 /// layer through several chunks before the next layer starts.
@@ -79,6 +79,14 @@ impl<B: Backend> EvictingCache<B> {
 
     pub fn policy_name(&self) -> &str {
         self.policy.name()
+    }
+
+    /// How k-smallest selections run: as configured, or what suits the backend.
+    fn ranking(&self) -> Ranking {
+        self.schedule
+            .ranking
+            .or_else(|| self.kv.device().map(|d| Ranking::for_backend::<B>(&d)))
+            .unwrap_or(Ranking::Sort)
     }
 
     fn n_layers(&self) -> usize {
@@ -160,7 +168,7 @@ impl<B: Backend> EvictingCache<B> {
         match self.progress[layer].dead {
             0 => Some(st),
             dead => {
-                let keep = live_slots(&st, dead);
+                let keep = live_slots(&st, dead, self.ranking());
                 Some(pick_slots(st, keep))
             }
         }
@@ -290,6 +298,7 @@ impl<B: Backend> EvictingCache<B> {
             seed: sched.seed,
             step: self.progress[first].steps,
             layers,
+            ranking: self.ranking(),
         };
         self.policy.select(stats, &ctx)
     }
@@ -300,7 +309,7 @@ impl<B: Backend> EvictingCache<B> {
         let stats = self.flush(stats, layers.clone());
         let n = stats.sum.dims()[2];
         let evict = self.victims(&stats, layers.clone(), n - capacity);
-        let keep = keep_indices(evict, n, capacity);
+        let keep = keep_indices(evict, n, capacity, self.ranking());
         for layer in layers.clone() {
             let p = &mut self.progress[layer];
             p.evicted += n - capacity;
@@ -358,7 +367,7 @@ impl<B: Backend> EvictingCache<B> {
         if dead == 0 {
             return stats;
         }
-        let keep = live_slots(&stats, dead);
+        let keep = live_slots(&stats, dead, self.ranking());
         for layer in layers.clone() {
             self.progress[layer].dead = 0;
         }
@@ -424,24 +433,9 @@ impl<B: Backend> EvictingCache<B> {
 }
 
 /// The live slots (position ≥ 0) of every row, in order, `dead` fewer than the row holds.
-fn live_slots<B: Backend>(stats: &SlotStats<B>, dead: usize) -> Tensor<B, 3, Int> {
-    let [rows, h, n] = stats.positions.dims();
-    let dt = stats.positions.dtype();
-    let index = Tensor::<B, 1, Int>::arange(0..n as i64, &stats.positions.device())
-        .reshape([1, 1, n])
-        .repeat(&[rows, h, 1])
-        .cast(dt);
-    // Sort `dead·n + index`: live slots come first, in order.
-    (stats
-        .positions
-        .clone()
-        .lower_elem(0)
-        .int()
-        .cast(dt)
-        .mul_scalar(n as i64)
-        + index)
-        .argsort(2)
-        .slice_dim(2, 0..n - dead)
+fn live_slots<B: Backend>(stats: &SlotStats<B>, dead: usize, ranking: Ranking) -> Tensor<B, 3, Int> {
+    let n = stats.positions.dims()[2];
+    ranking.true_slots(stats.positions.clone().greater_equal_elem(0), n - dead)
 }
 
 /// The statistics of the slots `keep` lists (`[rows, heads, kept]`).
@@ -477,7 +471,7 @@ fn pick_slots<B: Backend>(stats: SlotStats<B>, keep: Tensor<B, 3, Int>) -> SlotS
 pub const DEAD_SLOTS_BEFORE_COMPACTION: usize = 32;
 
 /// The slots not in `evict`, in ascending order.
-fn keep_indices<B: Backend>(evict: Tensor<B, 3, Int>, n: usize, keep: usize) -> Tensor<B, 3, Int> {
+fn keep_indices<B: Backend>(evict: Tensor<B, 3, Int>, n: usize, keep: usize, ranking: Ranking) -> Tensor<B, 3, Int> {
     let [rows, h, n_evict] = evict.dims();
     let device = evict.device();
     if n_evict == 1 {
@@ -493,22 +487,13 @@ fn keep_indices<B: Backend>(evict: Tensor<B, 3, Int>, n: usize, keep: usize) -> 
             .cast(idx.dtype());
         return idx + shift;
     }
-    // Sort `evicted·n + index`: kept slots come first, in order. (Index dtypes differ between
-    // sorts and aranges on some backends: bring everything to the indices' own.)
-    let dt = evict.dtype();
-    let marks = Tensor::<B, 3, Int>::zeros([rows, h, n], &device).cast(dt).scatter(
+    let marks = Tensor::<B, 3>::zeros([rows, h, n], &device).scatter(
         2,
         evict,
-        Tensor::<B, 3, Int>::ones([rows, h, n_evict], &device).cast(dt),
+        Tensor::ones([rows, h, n_evict], &device),
         burn::tensor::IndexingUpdateOp::Add,
     );
-    let index = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
-        .reshape([1, 1, n])
-        .repeat(&[rows, h, 1])
-        .cast(dt);
-    (marks.cast(dt).mul_scalar(n as i64) + index)
-        .argsort(2)
-        .slice_dim(2, 0..keep)
+    ranking.true_slots(marks.lower_elem(0.5), keep)
 }
 
 impl<B: Backend> KvCache<B> for EvictingCache<B> {

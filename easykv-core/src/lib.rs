@@ -14,6 +14,7 @@ mod evicting;
 mod full;
 mod layer_kv;
 mod policy;
+mod ranking;
 
 pub use budget::{Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL};
 pub use cache::{uniform_chunks, KvCache};
@@ -21,3 +22,4 @@ pub use error::{Error, Result};
 pub use evicting::EvictingCache;
 pub use full::FullCache;
 pub use policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
+pub use ranking::Ranking;

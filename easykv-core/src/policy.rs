@@ -75,6 +75,8 @@ pub struct EvictionContext {
     pub step: u64,
     /// The layers the statistics' rows belong to, `batch` rows each, in order.
     pub layers: std::ops::Range<usize>,
+    /// How k-smallest selections are computed on this backend.
+    pub ranking: crate::Ranking,
 }
 
 /// Chooses which slots to drop. Implementations live in `easykv-policies`.

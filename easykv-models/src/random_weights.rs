@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 use crate::linear::{EmbeddingTable, Linear, WeightDType};
 use crate::llama::{Llama, ParamSource};
 
+/// The context random-weight models accept at least.
+const RANDOM_CONTEXT: usize = 1 << 17;
+
 /// A model shape by name.
 #[derive(Debug, Clone, Copy)]
 pub struct RandomModel {
@@ -127,7 +130,9 @@ impl RandomModel {
             // Random weights have no file layout to follow.
             rope_layout: RopeLayout::Half,
             rms_eps: self.rms_eps,
-            context_length: self.context_length,
+            // Random weights were trained on no context: positions past the published one are
+            // plain RoPE, and benchmarks may want them (llama2-7b: 4096-token prompt + decode).
+            context_length: self.context_length.max(RANDOM_CONTEXT),
             qkv_bias: self.qkv_bias,
         }
     }

@@ -1,5 +1,5 @@
-use burn::tensor::{backend::Backend, Bool, ElementConversion, IndexingUpdateOp, Int, Tensor};
-use easykv_core::{EvictionContext, EvictionPolicy, SlotStats};
+use burn::tensor::{backend::Backend, Bool, ElementConversion, Int, Tensor};
+use easykv_core::{EvictionContext, EvictionPolicy, Ranking, SlotStats};
 
 /// Importance of every slot; the lowest are evicted first.
 pub trait ScoreCalculator<B: Backend>: Send {
@@ -32,15 +32,8 @@ pub trait ScopeBuilder<B: Backend>: Send {
 const RANK_TRIES: usize = 4;
 
 /// The mask of the `k` smallest keys (ties to the lower slot), never a key at [`NEVER`].
-pub fn smallest_mask<B: Backend>(key: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Bool> {
-    let [b, h, n] = key.dims();
-    let k = k.min(n);
-    let device = key.device();
-    let candidates = key.clone().argsort(2).slice_dim(2, 0..k);
-    Tensor::<B, 3, Int>::zeros([b, h, n], &device)
-        .scatter(2, candidates, Tensor::ones([b, h, k], &device), IndexingUpdateOp::Add)
-        .greater_elem(0)
-        .bool_and(key.lower_elem(NEVER))
+pub fn smallest_mask<B: Backend>(key: Tensor<B, 3>, k: usize, ranking: Ranking) -> Tensor<B, 3, Bool> {
+    ranking.smallest_mask(key.clone(), k).bool_and(key.lower_elem(NEVER))
 }
 
 /// The lowest-scoring slot among the `k` of smallest `key`, per (batch, head), without sorting:
@@ -53,7 +46,12 @@ pub fn smallest_mask<B: Backend>(key: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Bo
 ///
 /// # Shapes
 /// - `score`, `key`: `[batch, kv_heads, slots]` → `[batch, kv_heads, 1]`
-fn lowest_among_smallest<B: Backend>(score: Tensor<B, 3>, key: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
+fn lowest_among_smallest<B: Backend>(
+    score: Tensor<B, 3>,
+    key: Tensor<B, 3>,
+    k: usize,
+    ranking: Ranking,
+) -> Tensor<B, 3, Int> {
     let [b, h, n] = key.dims();
     let rows = b * h;
     let device = key.device();
@@ -84,7 +82,9 @@ fn lowest_among_smallest<B: Backend>(score: Tensor<B, 3>, key: Tensor<B, 3>, k: 
         let ruled_out = (to_c.equal_elem(0.0).float() * outside).greater_elem(0.5);
         masked = masked.mask_fill(ruled_out, NEVER);
     }
-    score.mask_fill(smallest_mask(key, k).bool_not(), NEVER).argmin(2)
+    score
+        .mask_fill(smallest_mask(key, k, ranking).bool_not(), NEVER)
+        .argmin(2)
 }
 
 /// Out-of-scope slots get this score: finite, so sorting never meets NaN or infinities.
@@ -125,15 +125,15 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
             .clamp_min(-NEVER)
             .clamp_max(NEVER);
         let masked = match self.scope.scope(stats, ctx) {
-            Scope::Smallest { key, k } if ctx.n_evict == 1 => return lowest_among_smallest(score, key, k),
-            Scope::Smallest { key, k } => score.mask_fill(smallest_mask(key, k).bool_not(), NEVER),
+            Scope::Smallest { key, k } if ctx.n_evict == 1 => return lowest_among_smallest(score, key, k, ctx.ranking),
+            Scope::Smallest { key, k } => score.mask_fill(smallest_mask(key, k, ctx.ranking).bool_not(), NEVER),
             Scope::Mask(eligible) => score.mask_fill(eligible.bool_not(), NEVER),
         };
         if ctx.n_evict == 1 {
             // One eviction per step while decoding: a minimum, not a sort.
             masked.argmin(2)
         } else {
-            masked.argsort(2).slice_dim(2, 0..ctx.n_evict)
+            ctx.ranking.smallest(masked, ctx.n_evict)
         }
     }
 }
@@ -172,8 +172,11 @@ mod tests {
             }
             let t = |v: Vec<f32>| Tensor::<Flex, 3>::from_data(TensorData::new(v, [b, h, n]), &dev);
             let (key, score) = (t(key), t(score));
-            let fast = lowest_among_smallest(score.clone(), key.clone(), k);
-            let sorted = score.mask_fill(smallest_mask(key, k).bool_not(), NEVER).argmin(2);
+            let ranking = [Ranking::Sort, Ranking::Pairwise][case % 2];
+            let fast = lowest_among_smallest(score.clone(), key.clone(), k, ranking);
+            let sorted = score
+                .mask_fill(smallest_mask(key, k, Ranking::Sort).bool_not(), NEVER)
+                .argmin(2);
             assert_eq!(
                 fast.into_data().convert::<i64>(),
                 sorted.into_data().convert::<i64>(),

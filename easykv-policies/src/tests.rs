@@ -7,7 +7,8 @@
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use easykv_core::{
-    Budget, EvictingCache, EvictionConfig, KvCache, Mode, Phase, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL,
+    Budget, EvictingCache, EvictionConfig, KvCache, Mode, Phase, Ranking, Schedule, DECODE_RECENT_RATIO,
+    ROBUST_PROTECTED_TAIL,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -334,6 +335,9 @@ fn check_step(
     }
 }
 
+/// Every property test alternates the two ways of ranking slots: they must agree exactly.
+const RANKINGS: [Ranking; 2] = [Ranking::Sort, Ranking::Pairwise];
+
 #[test]
 fn encoding_mode_matches_the_reference() {
     let mut rng = StdRng::seed_from_u64(1);
@@ -345,6 +349,7 @@ fn encoding_mode_matches_the_reference() {
                 stride: rng.random_range(1..6),
                 sinks: rng.random_range(0..5),
                 keep_attention: rng.random_bool(0.3),
+                ranking: Some(RANKINGS[case as usize % 2]),
                 ..Default::default()
             };
             let prompt = rng.random_range(40..90);
@@ -364,6 +369,7 @@ fn decoding_mode_matches_the_reference() {
             let cfg = EvictionConfig {
                 budget: Budget::Tokens(budget),
                 mode: Mode::Decoding,
+                ranking: Some(RANKINGS[case as usize % 2]),
                 ..Default::default()
             };
             ran += run_case(
@@ -385,6 +391,7 @@ fn decoding_mode_matches_the_reference() {
                 budget: Budget::Tokens(rng.random_range(16..28)),
                 mode: Mode::Decoding,
                 decode_stride: rng.random_range(2..6),
+                ranking: Some(RANKINGS[case as usize % 2]),
                 ..Default::default()
             };
             assert!(run_case(policy, &cfg, 2, 2, rng.random_range(5..20), 45, case));
@@ -411,6 +418,7 @@ fn auto_mode_matches_the_reference_for_every_policy() {
                 budget: Budget::Tokens(rng.random_range(30..60)),
                 mode: Mode::Auto,
                 stride: rng.random_range(1..5),
+                ranking: Some(RANKINGS[case as usize % 2]),
                 ..Default::default()
             };
             ran += run_case(policy, &cfg, 2, 2, rng.random_range(40..90), 20, case) as usize;
