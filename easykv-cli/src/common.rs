@@ -34,7 +34,8 @@ pub type CliResult<T = ()> = Result<T, CliError>;
 /// Which model, and where it runs.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A known model name (smollm2, qwen2.5-coder-1.5b) or a path to a .gguf file.
+    /// A known model name (smollm2, qwen2.5-coder-1.5b), a .gguf file, or a Hugging Face model
+    /// directory (config.json, safetensors, tokenizer.json).
     #[arg(long, default_value = "smollm2")]
     pub model: String,
     /// Where to run: cpu, or cuda[:N] / wgpu[:N] in builds with those features.
@@ -66,7 +67,7 @@ impl ModelArgs {
             }
         })?;
         let t = Instant::now();
-        let loaded = LoadedModel::from_gguf(&path, self.dtype, device)?;
+        let loaded = LoadedModel::open(&path, self.dtype, device)?;
         self.log(&format!(
             "loaded {} ({} layers, {} KV heads × {}) in {:.2}s",
             loaded.name,

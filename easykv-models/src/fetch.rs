@@ -63,7 +63,7 @@ fn aliases() -> String {
 /// Turns `--model` into a GGUF path: an existing file, or a known name fetched on first use.
 pub fn resolve_model(spec: &str, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let as_path = Path::new(spec);
-    if as_path.is_file() {
+    if as_path.is_file() || as_path.is_dir() {
         return Ok(as_path.to_path_buf());
     }
     if let Some(model) = known_model(spec) {

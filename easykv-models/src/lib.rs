@@ -6,11 +6,13 @@
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod hf;
 pub mod linear;
 pub mod llama;
 pub mod loader;

@@ -598,7 +598,7 @@ fn vector(source: &impl WeightSource, name: &str, len: usize) -> Result<Vec<f32>
 }
 
 /// Within each head, rows `0,2,4,…` then `1,3,5,…`: interleaved RoPE pairs → rotate-half pairs.
-fn deinterleave_rows(w: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn deinterleave_rows(w: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(w.len());
     let half = head_dim / 2;
     for h in 0..heads {

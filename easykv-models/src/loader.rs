@@ -8,6 +8,7 @@ use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::gguf::{GgufFile, MetaValue};
+use crate::hf::{self, HfModelDir};
 use crate::linear::WeightDType;
 use crate::llama::Llama;
 use crate::tokenizer::TextTokenizer;
@@ -26,6 +27,45 @@ pub struct LoadedModel<B: Backend> {
 }
 
 impl<B: Backend> LoadedModel<B> {
+    /// Loads a GGUF file, or a Hugging Face model directory when `path` is a directory.
+    pub fn open(path: &Path, dtype: WeightDType, device: &B::Device) -> Result<Self> {
+        if path.is_dir() {
+            Self::from_hf_dir(path, dtype, device)
+        } else {
+            Self::from_gguf(path, dtype, device)
+        }
+    }
+
+    /// Loads a Hugging Face model directory (config.json, safetensors, tokenizer.json,
+    /// tokenizer_config.json) onto `device`.
+    pub fn from_hf_dir(dir: &Path, dtype: WeightDType, device: &B::Device) -> Result<Self> {
+        let weights = HfModelDir::open(dir)?;
+        let config = weights.config.model_config()?;
+        let tok_cfg = hf::tokenizer_config(dir)?;
+        let tokenizer =
+            TextTokenizer::from_hf_file(&dir.join("tokenizer.json"), &tok_cfg, &hf::generation_stop_ids(dir)?)?;
+        let chat_template = tok_cfg.chat_template.as_ref().map(|t| {
+            ChatTemplate::new(
+                t.as_str(),
+                tok_cfg.bos_token.clone().unwrap_or_default(),
+                tok_cfg.eos_token.clone().unwrap_or_default(),
+            )
+        });
+        let model = Llama::load(&config, &weights, dtype, device)?;
+        let name = dir
+            .file_name()
+            .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        Ok(Self {
+            model,
+            config,
+            tokenizer,
+            chat_template,
+            path: dir.to_path_buf(),
+            name,
+            dtype,
+        })
+    }
+
     /// Loads a GGUF file onto `device`, matrices stored in `dtype`.
     pub fn from_gguf(path: &Path, dtype: WeightDType, device: &B::Device) -> Result<Self> {
         let file = GgufFile::open(path)?;

@@ -143,6 +143,46 @@ impl TextTokenizer {
         })
     }
 
+    /// Loads a Hugging Face `tokenizer.json`; BOS, EOS and the chat template's special tokens
+    /// come from `tokenizer_config.json` (`config`), extra stop ids from
+    /// `generation_config.json`.
+    pub fn from_hf_file(
+        path: &std::path::Path,
+        config: &crate::hf::HfTokenizerConfig,
+        extra_stop: &[u32],
+    ) -> Result<Self> {
+        let inner = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let id = |t: &Option<String>| t.as_deref().and_then(|t| inner.token_to_id(t));
+        let mut stop_ids: Vec<u32> = extra_stop.to_vec();
+        let eos = id(&config.eos_token);
+        for candidate in eos.into_iter().chain(
+            ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"]
+                .iter()
+                .filter_map(|t| inner.token_to_id(t)),
+        ) {
+            if !stop_ids.contains(&candidate) {
+                stop_ids.push(candidate);
+            }
+        }
+        Ok(Self {
+            vocab_size: inner.get_vocab_size(true),
+            bos_id: id(&config.bos_token),
+            add_bos: config.add_bos_token,
+            stop_ids,
+            inner,
+        })
+    }
+
+    /// The tokenizer as Hugging Face `tokenizer.json` text.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The written form of token `id`.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Token ids of `text`; control tokens written in the text (`<|im_start|>`) are recognized.
     /// A BOS is prepended only when the model asks for one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
