@@ -1,4 +1,7 @@
-//! Developer and release chores: `cargo xtask fetch-model NAME`, `cargo xtask convert-weights`.
+//! Developer and release chores: `cargo xtask fetch-model NAME`, `cargo xtask convert-weights`,
+//! `cargo xtask release`.
+
+mod release;
 
 use std::process::ExitCode;
 
@@ -11,13 +14,15 @@ use easykv_models::WeightDType;
 
 const USAGE: &str = "usage: cargo xtask fetch-model <NAME>   (names: see `cargo xtask list-models`)
        cargo xtask list-models
-       cargo xtask convert-weights --input MODEL.gguf --output DIR [--dtype f32|f16|bf16]";
+       cargo xtask convert-weights --input MODEL.gguf --output DIR [--dtype f32|f16|bf16]
+       cargo xtask release [--features cpu,cuda,wgpu] [--dry-run]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["fetch-model", name] => fetch(name),
         ["convert-weights", rest @ ..] => convert(rest),
+        ["release", rest @ ..] => release::release(rest, USAGE),
         ["list-models"] => {
             for m in KNOWN_MODELS {
                 println!("{:<22} {} ({} bytes)", m.alias, m.file_name, m.size);
