@@ -10,12 +10,16 @@ macro_rules! with_backend {
             #[cfg(feature = "cuda")]
             $crate::backend::DeviceSpec::Cuda(i) => {
                 $crate::backend::keep_kernels_on_disk();
-                $run::<burn::backend::Cuda>(&burn::backend::cuda::CudaDevice::new(i), $($arg),*)
+                $crate::backend::without_panics($spec, || {
+                    $run::<burn::backend::Cuda>(&burn::backend::cuda::CudaDevice::new(i), $($arg),*)
+                })
             }
             #[cfg(feature = "wgpu")]
             $crate::backend::DeviceSpec::Wgpu(i) => {
                 $crate::backend::keep_kernels_on_disk();
-                $run::<burn::backend::Wgpu>(&burn::backend::wgpu::WgpuDevice::DiscreteGpu(i), $($arg),*)
+                $crate::backend::without_panics($spec, || {
+                    $run::<burn::backend::Wgpu>(&burn::backend::wgpu::WgpuDevice::DiscreteGpu(i), $($arg),*)
+                })
             }
         }
     }};
@@ -85,4 +89,38 @@ pub fn keep_kernels_on_disk() {
         }
         CubeClRuntimeConfig::set(config);
     });
+}
+
+/// Runs `body` on a GPU backend, turning a panic inside it or in the backend's own threads (no
+/// driver, no device, an out-of-memory) into a one-line error naming the first cause.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub fn without_panics(spec: &str, body: impl FnOnce() -> CliResult) -> CliResult {
+    use std::sync::{Arc, Mutex};
+    let first: Arc<Mutex<Option<String>>> = Arc::default();
+    let seen = first.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        if let Ok(mut slot) = seen.lock() {
+            slot.get_or_insert(text);
+        }
+    }));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+    std::panic::set_hook(previous);
+    outcome.unwrap_or_else(|_| {
+        let cause = first.lock().ok().and_then(|c| c.clone()).unwrap_or_default();
+        // Driver messages go on to list every library name tried: keep the first clause.
+        let line = cause.lines().next().unwrap_or_default();
+        let line = line.split(" - ").next().unwrap_or(line);
+        let line: String = match line.char_indices().nth(200) {
+            Some((cut, _)) => format!("{}…", &line[..cut]),
+            None => line.to_string(),
+        };
+        Err(CliError(format!("device '{spec}' failed: {line}")))
+    })
 }
