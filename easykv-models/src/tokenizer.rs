@@ -1,7 +1,12 @@
 //! Tokenizer and chat template, both built from GGUF metadata.
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -20,8 +25,62 @@ const QWEN2_REGEX: &str =
 pub const SUPPORTED_PRE: &[&str] = &["default", "gpt2", "smollm", "qwen2", "llama-bpe", "llama3"];
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_UNKNOWN: i64 = 2;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// A SentencePiece BPE vocabulary (GGUF `llama` tokenizers) as a `tokenizers` pipeline, built as
+/// Hugging Face converts such vocabularies: merges of every token splittable into two tokens,
+/// ordered by the merged token's score; spaces as `▁` with one prepended; unknown characters
+/// as `<0xNN>` byte tokens.
+fn sentencepiece_bpe(tokens: &[String], scores: &[f64], types: &[i64]) -> Result<Tokenizer> {
+    if scores.len() != tokens.len() {
+        return Err(Error::Tokenizer(format!(
+            "{} scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut merges: Vec<(f64, u32, u32, String, String)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        let cuts = piece.char_indices().map(|(i, _)| i).skip(1);
+        for cut in cuts {
+            let (l, r) = piece.split_at(cut);
+            if let (Some(&a), Some(&b)) = (vocab.get(l), vocab.get(r)) {
+                merges.push((score, a, b, l.to_owned(), r.to_owned()));
+            }
+        }
+    }
+    // Highest score first; a piece's own splits by the ids of their halves (a stable order).
+    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let merges = merges.into_iter().map(|(_, _, _, l, r)| (l, r)).collect();
+    let unk = tokens
+        .iter()
+        .zip(types)
+        .find(|(_, &t)| t == TOKEN_TYPE_UNKNOWN)
+        .map_or_else(|| "<unk>".to_string(), |(t, _)| t.clone());
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true)
+        .unk_token(unk)
+        .build()
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut inner = Tokenizer::new(bpe);
+    let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| Error::Tokenizer(e.to_string()));
+    inner.with_normalizer(Some(NormalizerSequence::new(vec![
+        Prepend::new("▁".into()).into(),
+        replace(" ", "▁")?.into(),
+    ])));
+    inner.with_decoder(Some(DecoderSequence::new(vec![
+        replace("▁", " ")?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+        Strip::new(' ', 1, 0).into(),
+    ])));
+    Ok(inner)
+}
 
 /// Text ↔ token ids for one model, with the ids that end a reply.
 #[derive(Clone)]
@@ -81,39 +140,52 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
 }
 
 impl TextTokenizer {
-    /// Builds the byte-level BPE tokenizer described by a GGUF file's `tokenizer.ggml.*` keys.
+    /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` keys: byte-level BPE
+    /// (`gpt2`: Llama 3, Qwen2, SmolLM) or SentencePiece BPE (`llama`: Llama 2, Mistral).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let model = file.meta_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(Error::Unsupported(format!(
-                "tokenizer model '{model}' (only byte-level BPE, 'gpt2', is supported)"
-            )));
-        }
         let tokens = string_array(file, "tokenizer.ggml.tokens")?;
-        let merges = string_array(file, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| Error::Tokenizer(format!("merge '{m}' has no space")))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let types: Vec<i64> = match file.meta("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
             Some(arr) => arr.iter().map(|v| v.as_f64().map_or(1, |x| x as i64)).collect(),
             None => vec![1; tokens.len()],
         };
-        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let pre = file
-            .meta("tokenizer.ggml.pre")
-            .and_then(MetaValue::as_str)
-            .unwrap_or("default");
-        let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let mut inner = match model {
+            "gpt2" => {
+                let merges = string_array(file, "tokenizer.ggml.merges")?
+                    .into_iter()
+                    .map(|m| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                            .ok_or_else(|| Error::Tokenizer(format!("merge '{m}' has no space")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+                let bpe = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .build()
+                    .map_err(|e| Error::Tokenizer(e.to_string()))?;
+                let pre = file
+                    .meta("tokenizer.ggml.pre")
+                    .and_then(MetaValue::as_str)
+                    .unwrap_or("default");
+                let mut inner = Tokenizer::new(bpe);
+                inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+                inner.with_decoder(Some(ByteLevelDecoder::default()));
+                inner
+            }
+            "llama" => {
+                let scores: Vec<f64> = match file.meta("tokenizer.ggml.scores").and_then(MetaValue::as_array) {
+                    Some(arr) => arr.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+                    None => return Err(Error::MissingMetadata("tokenizer.ggml.scores".into())),
+                };
+                sentencepiece_bpe(&tokens, &scores, &types)?
+            }
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "tokenizer model '{other}' (supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)"
+                )))
+            }
+        };
         let added: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
@@ -136,10 +208,11 @@ impl TextTokenizer {
             inner,
             stop_ids,
             bos_id: id_of("tokenizer.ggml.bos_token_id"),
+            // SentencePiece (Llama 2, Mistral) models expect a BOS unless the file says not.
             add_bos: file
                 .meta("tokenizer.ggml.add_bos_token")
                 .and_then(MetaValue::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(model == "llama"),
         })
     }
 
@@ -252,5 +325,45 @@ impl TextStream<'_> {
         self.prefix = self.read;
         self.read = self.ids.len();
         Ok(Some(new))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A Llama-2-style vocabulary: unknown, BOS, EOS, 256 byte tokens, then pieces with
+    /// SentencePiece scores (more frequent, higher).
+    fn vocabulary() -> (Vec<String>, Vec<f64>, Vec<i64>) {
+        let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+        let mut types = vec![TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL];
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        types.extend(std::iter::repeat_n(6, 256));
+        let mut scores = vec![0.0; tokens.len()];
+        let pieces = [
+            "▁", "H", "e", "l", "o", "w", "r", "d", "ll", "He", "or", "▁w", "llo", "orl", "Hello", "orld", "▁Hello",
+            "▁world",
+        ];
+        for (i, p) in pieces.iter().enumerate() {
+            tokens.push(p.to_string());
+            types.push(1);
+            scores.push(-(i as f64));
+        }
+        (tokens, scores, types)
+    }
+
+    #[test]
+    fn sentencepiece_vocabularies_merge_by_score_and_fall_back_to_bytes() {
+        let (tokens, scores, types) = vocabulary();
+        let tok = sentencepiece_bpe(&tokens, &scores, &types).unwrap();
+        let id = |t: &str| tokens.iter().position(|x| x == t).unwrap() as u32;
+        let enc = tok.encode("Hello world!é", false).unwrap();
+        let want = vec![id("▁Hello"), id("▁world"), id("<0x21>"), id("<0xC3>"), id("<0xA9>")];
+        assert_eq!(enc.get_ids(), want.as_slice());
+        assert_eq!(tok.decode(&want, false).unwrap(), "Hello world!é");
+        // Mismatched scores are an error, not a silent guess.
+        assert!(sentencepiece_bpe(&tokens, &scores[1..], &types).is_err());
     }
 }
