@@ -36,6 +36,9 @@ pub struct ModelConfig {
     pub rms_eps: f32,
     pub context_length: usize,
     pub qkv_bias: bool,
+    /// Attention reaches back at most this many positions (Mistral v0.1's sliding window);
+    /// `None`: the whole context.
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {
@@ -79,6 +82,10 @@ impl ModelConfig {
             rms_eps: file.meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))? as f32,
             context_length: int("context_length")?,
             qkv_bias,
+            sliding_window: file
+                .meta_u64(&format!("{arch}.attention.sliding_window"))
+                .ok()
+                .map(|w| w as usize),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -107,6 +114,9 @@ impl ModelConfig {
         }
         if self.context_length == 0 || self.context_length > 1 << 20 {
             return bad("context length out of range");
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding window of zero positions");
         }
         Ok(())
     }

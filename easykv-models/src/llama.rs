@@ -149,6 +149,8 @@ pub struct Attention<B: Backend> {
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    /// Positions attention reaches back (the query's own included); 0: the whole context.
+    window: usize,
     /// Whether the backend multiplies half-precision matrices natively (GPUs). Elsewhere a
     /// half-precision cache is widened to f32 for multi-token chunks (flex's f16 products made
     /// CPU prefill 30 % slower) but not for single decode steps (widening the whole cache every
@@ -224,6 +226,11 @@ impl<B: Backend> Attention<B> {
         // The mask has the scores' full shape: flex adds equal shapes far faster than it broadcasts.
         let scores = match mask {
             Some(m) => scores + m.clone(),
+            None => scores,
+        };
+        // A sliding window (Mistral): slots are positions here (full cache, checked by callers).
+        let scores = match window_mask::<B>(self.window, s, n, &scores.device()) {
+            Some(m) => scores + m.reshape([1, 1, s, n]).repeat(&[b, hkv, g, 1]),
             None => scores,
         };
         // Slots the cache evicted but has not compacted away yet.
@@ -357,6 +364,12 @@ impl<B: Backend> Llama<B> {
     /// The position of the first of `len` new tokens, if all of them fit in the context.
     fn first_position<C: KvCache<B> + ?Sized>(&self, cache: &C, len: usize) -> Result<usize> {
         let start = cache.next_position();
+        let windowed = self.layers.first().is_some_and(|l| l.attn.window > 0);
+        if windowed && (cache.evicted() > 0 || cache.compact_positions()) {
+            return Err(Error::Unsupported(
+                "a sliding-window model needs the full cache (slots must be positions)".into(),
+            ));
+        }
         if start + len > self.rope.max_positions() {
             return Err(Error::InvalidInput(format!(
                 "position {} is past the model's context of {} tokens",
@@ -506,6 +519,7 @@ impl<B: Backend> Llama<B> {
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
                 head_dim: d,
+                window: cfg.sliding_window.unwrap_or(0),
                 half_products,
             };
             let ffn = FeedForward {
@@ -581,6 +595,23 @@ impl<S: WeightSource, B: Backend> ParamSource<B> for FileParams<'_, S, B> {
     fn has(&self, name: &str) -> bool {
         self.source.has(name)
     }
+}
+
+/// Additive mask hiding slots `window` or more positions behind each of the `s` new queries
+/// (slot j holds position j; the queries are the last `s`), or `None` when it hides nothing.
+fn window_mask<B: Backend>(window: usize, s: usize, n: usize, device: &B::Device) -> Option<Tensor<B, 2>> {
+    if window == 0 || n <= window {
+        return None;
+    }
+    let mut m = vec![0f32; s * n];
+    for t in 0..s {
+        let query = n - s + t;
+        let first_visible = (query + 1).saturating_sub(window);
+        for v in &mut m[t * n..t * n + first_visible] {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    Some(Tensor::from_data(TensorData::new(m, [s, n]), device))
 }
 
 /// Additive causal mask for `s` new queries over `n` slots whose last `s` are the new tokens.

@@ -134,6 +134,7 @@ impl RandomModel {
             // plain RoPE, and benchmarks may want them (llama2-7b: 4096-token prompt + decode).
             context_length: self.context_length.max(RANDOM_CONTEXT),
             qkv_bias: self.qkv_bias,
+            sliding_window: None,
         }
     }
 

@@ -34,6 +34,7 @@ fn tiny_config() -> ModelConfig {
         rms_eps: 1e-5,
         context_length: 64,
         qkv_bias: false,
+        sliding_window: None,
     }
 }
 
@@ -233,4 +234,79 @@ fn streaming_positions_match_absolute_until_something_is_evicted() {
     assert!(cache.slots(0) < ids.len());
     assert_eq!(cache.next_position(), cache.slots(0));
     assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn a_sliding_window_of_one_sees_only_the_token_itself() {
+    // With a window of one position every query attends only its own key, so each position's
+    // logits equal those of that token run alone — in one pass, in chunks, and while decoding.
+    let cfg = ModelConfig {
+        sliding_window: Some(1),
+        ..tiny_config()
+    };
+    let weights = tiny_weights(&cfg, 5);
+    let model = Llama::<Flex>::load(&cfg, &weights, WeightDType::F32, &Default::default()).unwrap();
+    let ids = [7, 19, 3, 44, 28, 11];
+    let alone: Vec<f32> = ids
+        .iter()
+        .flat_map(|&id| {
+            to_vec(
+                model
+                    .forward(tokens(&[id]), &mut FullCache::new(cfg.n_layers), Logits::Last)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let all = to_vec(
+        model
+            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::All)
+            .unwrap(),
+    );
+    let mut cache = FullCache::new(cfg.n_layers);
+    let mut stepwise = to_vec(model.forward(tokens(&ids[..3]), &mut cache, Logits::All).unwrap());
+    for &id in &ids[3..] {
+        stepwise.extend(to_vec(model.forward(tokens(&[id]), &mut cache, Logits::Last).unwrap()));
+    }
+    for (name, got) in [("one pass", &all), ("decoding", &stepwise)] {
+        let worst = alone.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{name}: {worst}");
+    }
+    // A window as wide as the sequence changes nothing; a window of two does.
+    let plain = Llama::<Flex>::load(&tiny_config(), &weights, WeightDType::F32, &Default::default()).unwrap();
+    let reference = to_vec(
+        plain
+            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::All)
+            .unwrap(),
+    );
+    for (window, same) in [(ids.len(), true), (2, false)] {
+        let cfg = ModelConfig {
+            sliding_window: Some(window),
+            ..tiny_config()
+        };
+        let m = Llama::<Flex>::load(&cfg, &weights, WeightDType::F32, &Default::default()).unwrap();
+        let got = to_vec(
+            m.forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::All)
+                .unwrap(),
+        );
+        let worst = reference
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert_eq!(worst < 1e-5, same, "window {window}: {worst}");
+    }
+}
+
+#[test]
+fn window_mask_hides_what_lies_behind_the_window() {
+    let inf = f32::NEG_INFINITY;
+    let m: Vec<f32> = window_mask::<Flex>(2, 2, 5, &Default::default())
+        .unwrap()
+        .into_data()
+        .into_vec()
+        .unwrap();
+    // Queries at positions 3 and 4 see 2–3 and 3–4 (their own causal mask hides the future).
+    assert_eq!(m, vec![inf, inf, 0.0, 0.0, 0.0, inf, inf, inf, 0.0, 0.0]);
+    assert!(window_mask::<Flex>(5, 2, 5, &Default::default()).is_none());
+    assert!(window_mask::<Flex>(0, 2, 5, &Default::default()).is_none());
 }
