@@ -366,4 +366,30 @@ mod tests {
         // Mismatched scores are an error, not a silent guess.
         assert!(sentencepiece_bpe(&tokens, &scores[1..], &types).is_err());
     }
+
+    /// The pieces a pre-tokenizer cuts `text` into (byte-level form: a space shows as `Ġ`).
+    fn splits(pre: &str, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let mut s = PreTokenizedString::from(text);
+        pre_tokenizer(pre).unwrap().pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(piece, _, _)| piece.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn pre_tokenizers_split_as_their_models_expect() {
+        // Llama 3 (`llama-bpe`): digits in runs of up to three; Qwen2: one digit at a time; both
+        // cut contractions off and join a space to the word after it (as tiktoken does).
+        assert_eq!(
+            splits("llama-bpe", "I've 12345 apples"),
+            ["I", "'ve", "Ġ", "123", "45", "Ġapples"]
+        );
+        assert_eq!(
+            splits("qwen2", "I've 12345 apples"),
+            ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġapples"]
+        );
+        assert!(pre_tokenizer("no-such-pre").is_err());
+    }
 }
