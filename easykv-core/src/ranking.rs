@@ -82,7 +82,10 @@ impl Ranking {
             Self::Pairwise => {
                 // A true slot goes to column (true slots before it); the rest to a spare column.
                 let m = mask.float();
-                let column = (m.clone().cumsum(2) - 1.0) * m.clone() + (m.neg() + 1.0).mul_scalar(count as f32);
+                // A row with more than `count` true slots sends the excess to the spare column
+                // too (an out-of-range index would be a panic on some backends).
+                let column = ((m.clone().cumsum(2) - 1.0) * m.clone() + (m.neg() + 1.0).mul_scalar(count as f32))
+                    .clamp_max(count as f32);
                 Tensor::<B, 3>::zeros([rows, h, count + 1], &device)
                     .scatter(2, column.int(), index, IndexingUpdateOp::Add)
                     .slice_dim(2, 0..count)
