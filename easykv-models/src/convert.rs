@@ -12,6 +12,7 @@ use half::{bf16, f16};
 use safetensors::{Dtype, View};
 use serde_json::json;
 
+use crate::atomic::{write_atomic, write_with};
 use crate::config::{Architecture, ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetaValue};
@@ -115,7 +116,7 @@ pub fn gguf_to_hf_dir(gguf: &Path, out: &Path, dtype: WeightDType, log: &mut dyn
     }
     let views: Vec<(String, &Encoded)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
     let weights = out.join("model.safetensors");
-    write_atomically(&weights, |tmp| {
+    write_with(&weights, |tmp| {
         safetensors::serialize_to_file(views, None, tmp)
             .map_err(|e| Error::InvalidInput(format!("writing safetensors: {e}")))
     })?;
@@ -160,21 +161,10 @@ pub fn gguf_to_hf_dir(gguf: &Path, out: &Path, dtype: WeightDType, log: &mut dyn
     });
     let generation_config = json!({ "eos_token_id": tokenizer.stop_ids });
     let text = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
-    write_text(&out.join("tokenizer.json"), &tokenizer.to_json()?)?;
-    write_text(&out.join("tokenizer_config.json"), &text(&tokenizer_config))?;
-    write_text(&out.join("generation_config.json"), &text(&generation_config))?;
+    write_atomic(&out.join("tokenizer.json"), tokenizer.to_json()?)?;
+    write_atomic(&out.join("tokenizer_config.json"), text(&tokenizer_config))?;
+    write_atomic(&out.join("generation_config.json"), text(&generation_config))?;
     // config.json last: a directory without it is not mistaken for a finished model.
-    write_text(&out.join("config.json"), &text(&config))?;
+    write_atomic(&out.join("config.json"), text(&config))?;
     Ok(())
-}
-
-fn write_text(path: &Path, text: &str) -> Result<()> {
-    write_atomically(path, |tmp| std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e)))
-}
-
-/// Writes through a temporary file renamed into place, so no half-written file looks complete.
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

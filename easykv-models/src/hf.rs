@@ -94,7 +94,7 @@ impl HfConfig {
             qkv_bias,
             sliding_window,
         };
-        if cfg.head_dim * cfg.n_heads != cfg.hidden_size {
+        if cfg.head_dim.checked_mul(cfg.n_heads) != Some(cfg.hidden_size) {
             return Err(Error::Unsupported("head_dim × heads differs from hidden_size".into()));
         }
         cfg.validate()?;

@@ -3,6 +3,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod atomic;
 pub mod cache;
 pub mod chat;
 pub mod config;

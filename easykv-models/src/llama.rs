@@ -185,7 +185,8 @@ impl<B: Backend> Attention<B> {
     ///
     /// # Shapes
     /// - `q`: `[batch, n_heads, s, head_dim]`; `k`, `v`: `[batch, n_kv_heads, s, head_dim]`
-    /// - `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞), `None` when s = 1
+    /// - `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞), `None` when it
+    ///   hides nothing
     /// - returns `[batch, n_heads, s, head_dim]`
     #[allow(clippy::too_many_arguments)]
     fn attend<C: KvCache<B> + ?Sized>(
@@ -228,11 +229,6 @@ impl<B: Backend> Attention<B> {
             Some(m) => scores + m.clone(),
             None => scores,
         };
-        // A sliding window (Mistral): slots are positions here (full cache, checked by callers).
-        let scores = match window_mask::<B>(self.window, s, n, &scores.device()) {
-            Some(m) => scores + m.reshape([1, 1, s, n]).repeat(&[b, hkv, g, 1]),
-            None => scores,
-        };
         // Slots the cache evicted but has not compacted away yet.
         let scores = match cache.slot_bias(layer) {
             // Repeated to the scores' shape: flex adds equal shapes ~30× faster than it broadcasts.
@@ -256,7 +252,7 @@ impl<B: Backend> Attention<B> {
 
     /// # Shapes
     /// - `x`: `[batch, s, hidden]`; `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞),
-    ///   `None` when s = 1
+    ///   `None` when it hides nothing
     /// - returns `[batch, s, hidden]`
     fn forward<C: KvCache<B> + ?Sized>(
         &self,
@@ -349,7 +345,7 @@ impl<B: Backend> Llama<B> {
         let slots = cache.compact_positions().then(|| cache.slots(0) + s);
         let angles = self.chunk_angles(b, start, s, slots);
         // Every layer holds the same number of slots before this chunk, so one mask serves all.
-        let mask = (s > 1).then(|| self.attention_mask(b, s, cache.slots(0) + s, &device));
+        let mask = self.attention_mask(b, s, cache.slots(0) + s, &device);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer
                 .attn
@@ -380,15 +376,22 @@ impl<B: Backend> Llama<B> {
         Ok(start)
     }
 
-    /// The additive causal mask of `s` new queries over `slots` slots, in the scores' shape
-    /// `[batch, kv_heads, group·s, slots]`.
-    fn attention_mask(&self, b: usize, s: usize, slots: usize, device: &B::Device) -> Tensor<B, 4> {
+    /// The additive mask of `s` new queries over `slots` slots, in the scores' shape
+    /// `[batch, kv_heads, group·s, slots]`: causal, plus the sliding window of windowed models;
+    /// `None` when it hides nothing.
+    fn attention_mask(&self, b: usize, s: usize, slots: usize, device: &B::Device) -> Option<Tensor<B, 4>> {
         let rows = self.layers.first().map_or(1, |l| l.attn.n_heads);
         let heads = self.layers.first().map_or(1, |l| l.attn.n_kv_heads);
-        causal_mask::<B>(s, slots, device)
+        let window = self.layers.first().map_or(0, |l| l.attn.window);
+        // One query hides nothing unless the window has slid past the first slots.
+        if s == 1 && (window == 0 || slots <= window) {
+            return None;
+        }
+        let mask = causal_mask::<B>(s, slots, window, device)
             .reshape([1, 1, s, slots])
             .repeat(&[b, rows, 1, 1])
-            .reshape([b, heads, rows / heads * s, slots])
+            .reshape([b, heads, rows / heads * s, slots]);
+        Some(mask)
     }
 
     /// Runs consecutive chunks of tokens through the model, evicting between chunks exactly as
@@ -427,7 +430,8 @@ impl<B: Backend> Llama<B> {
         let device = tokens.device();
         let angles = self.chunk_angles(b, start, total, None);
         let mut x = self.embed.embed(tokens);
-        let mut mask: Option<((usize, usize), Tensor<B, 4>)> = None;
+        // The mask of the last (chunk length, slot count) seen.
+        let (mut mask_for, mut mask) = (None, None);
         for (l, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = layer.attn.project(layer.attn_norm.forward(x.clone()), &angles);
             let mut outs = Vec::with_capacity(chunks.len());
@@ -436,14 +440,11 @@ impl<B: Backend> Llama<B> {
                 let part = |t: &Tensor<B, 4>| t.clone().slice_dim(2, off..off + s);
                 let slots = cache.slots(l) + s;
                 // Chunks of one stride meet the same slot count again and again: reuse the mask.
-                let m = if s == 1 {
-                    None
-                } else {
-                    if mask.as_ref().is_none_or(|(key, _)| *key != (s, slots)) {
-                        mask = Some(((s, slots), self.attention_mask(b, s, slots, &device)));
-                    }
-                    mask.as_ref().map(|(_, m)| m)
-                };
+                if mask_for != Some((s, slots)) {
+                    mask = self.attention_mask(b, s, slots, &device);
+                    mask_for = Some((s, slots));
+                }
+                let m = mask.as_ref();
                 outs.push(layer.attn.attend(l, part(&q), part(&k), part(&v), None, m, cache)?);
                 cache.end_layer_chunk(l)?;
                 off += s;
@@ -597,28 +598,21 @@ impl<S: WeightSource, B: Backend> ParamSource<B> for FileParams<'_, S, B> {
     }
 }
 
-/// Additive mask hiding slots `window` or more positions behind each of the `s` new queries
-/// (slot j holds position j; the queries are the last `s`), or `None` when it hides nothing.
-fn window_mask<B: Backend>(window: usize, s: usize, n: usize, device: &B::Device) -> Option<Tensor<B, 2>> {
-    if window == 0 || n <= window {
-        return None;
-    }
+/// Additive causal mask for `s` new queries over `n` slots whose last `s` are the new tokens;
+/// with a sliding `window` (> 0) it also hides slots `window` or more positions behind each
+/// query (slot j holds position j).
+fn causal_mask<B: Backend>(s: usize, n: usize, window: usize, device: &B::Device) -> Tensor<B, 2> {
     let mut m = vec![0f32; s * n];
     for t in 0..s {
         let query = n - s + t;
-        let first_visible = (query + 1).saturating_sub(window);
-        for v in &mut m[t * n..t * n + first_visible] {
-            *v = f32::NEG_INFINITY;
-        }
-    }
-    Some(Tensor::from_data(TensorData::new(m, [s, n]), device))
-}
-
-/// Additive causal mask for `s` new queries over `n` slots whose last `s` are the new tokens.
-fn causal_mask<B: Backend>(s: usize, n: usize, device: &B::Device) -> Tensor<B, 2> {
-    let mut m = vec![0f32; s * n];
-    for t in 0..s {
-        for v in &mut m[t * n + (n - s + t + 1)..(t + 1) * n] {
+        let first_visible = if window == 0 {
+            0
+        } else {
+            (query + 1).saturating_sub(window)
+        };
+        let (behind, rest) = m[t * n..(t + 1) * n].split_at_mut(first_visible);
+        let future = &mut rest[query + 1 - first_visible..];
+        for v in behind.iter_mut().chain(future) {
             *v = f32::NEG_INFINITY;
         }
     }

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use easykv_models::atomic::{write_atomic, write_with};
 use easykv_models::fetch::sha256_file;
 use flate2::write::GzEncoder;
 use flate2::Compression;
@@ -77,7 +78,7 @@ pub fn release(args: &[&str], usage: &str) -> Result<(), String> {
         ));
         println!("wrote {}", archive.display());
     }
-    write_atomically(&dist.join("SHA256SUMS"), sums.as_bytes())?;
+    write_atomic(&dist.join("SHA256SUMS"), &sums).map_err(|e| e.to_string())?;
     println!("wrote {}", dist.join("SHA256SUMS").display());
     Ok(())
 }
@@ -150,31 +151,26 @@ fn build(root: &Path, set: &str) -> Result<PathBuf, String> {
     Ok(target_dir.join("release").join("easykv"))
 }
 
-/// Writes `archive`: `dir_name/` with the binary and the payload.
+/// Writes `archive` atomically: `dir_name/` with the binary and the payload.
 fn pack(root: &Path, binary: &Path, archive: &Path, dir_name: &str) -> Result<(), String> {
-    let partial = archive.with_extension("partial");
-    let file = File::create(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
-    let mut tar = tar::Builder::new(GzEncoder::new(file, Compression::default()));
-    let err = |e: std::io::Error| e.to_string();
-    tar.append_path_with_name(binary, format!("{dir_name}/easykv"))
-        .map_err(err)?;
-    for item in PAYLOAD {
-        let path = root.join(item);
-        let name = format!("{dir_name}/{item}");
-        if path.is_dir() {
-            tar.append_dir_all(&name, &path).map_err(err)?;
-        } else {
-            tar.append_path_with_name(&path, &name).map_err(err)?;
+    let tar_to = |tmp: &Path| -> std::io::Result<()> {
+        let mut tar = tar::Builder::new(GzEncoder::new(File::create(tmp)?, Compression::default()));
+        tar.append_path_with_name(binary, format!("{dir_name}/easykv"))?;
+        for item in PAYLOAD {
+            let path = root.join(item);
+            let name = format!("{dir_name}/{item}");
+            if path.is_dir() {
+                tar.append_dir_all(&name, &path)?;
+            } else {
+                tar.append_path_with_name(&path, &name)?;
+            }
         }
-    }
-    let mut gz = tar.into_inner().map_err(err)?;
-    gz.flush().map_err(err)?;
-    gz.finish().map_err(err)?;
-    std::fs::rename(&partial, archive).map_err(|e| format!("{}: {e}", archive.display()))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let partial = path.with_extension("partial");
-    std::fs::write(&partial, bytes).map_err(|e| format!("{}: {e}", partial.display()))?;
-    std::fs::rename(&partial, path).map_err(|e| format!("{}: {e}", path.display()))
+        let mut gz = tar.into_inner()?;
+        gz.flush()?;
+        gz.finish().map(drop)
+    };
+    write_with(archive, |tmp| {
+        tar_to(tmp).map_err(|e| easykv_models::Error::InvalidInput(format!("{}: {e}", tmp.display())))
+    })
+    .map_err(|e| e.to_string())
 }
