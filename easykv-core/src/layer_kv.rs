@@ -1,8 +1,8 @@
 //! Per-layer keys and values, shared by every cache.
 
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorCreationOptions};
 
-use crate::{Error, Result};
+use crate::{host_resident, Error, Result};
 
 /// Growth step of a buffer that outgrows its capacity, at least.
 const MIN_GROWTH: usize = 64;
@@ -28,6 +28,64 @@ impl<B: Backend> Buffers<B> {
             self.v.clone().slice_dim(2, 0..self.len),
         )
     }
+}
+
+/// Writes `new` (`[batch, heads, s, head_dim]`) into slots `at..at + s` of `buffer`
+/// (`[batch, heads, capacity, head_dim]`, with room for them).
+///
+/// flex's `slice_assign` copies the whole destination first (its contiguity check keeps a
+/// second reference to the buffer, so the copy-on-write always copies): on host-resident
+/// backends the slots are written into the buffer's own bytes instead.
+fn write_slots<B: Backend>(buffer: Tensor<B, 4>, new: Tensor<B, 4>, at: usize) -> Tensor<B, 4> {
+    let [b, h, capacity, d] = buffer.dims();
+    let s = new.dims()[2];
+    let device = buffer.device();
+    if !host_resident::<B>(&device) {
+        return buffer.slice_assign([0..b, 0..h, at..at + s, 0..d], new);
+    }
+    let dtype = buffer.dtype();
+    let mut dst = buffer.into_data();
+    let src = new.cast(dtype).into_data();
+    let row = d * dtype.size();
+    for bh in 0..b * h {
+        let (to, from) = ((bh * capacity + at) * row, bh * s * row);
+        dst.bytes[to..to + s * row].copy_from_slice(&src.bytes[from..from + s * row]);
+    }
+    Tensor::from_data(dst, TensorCreationOptions::new(device).with_dtype(dtype))
+}
+
+/// The rows of `keep` (`[batch, heads, kept]`) as host indices, if every row is strictly
+/// ascending (what compaction asks for); `None` otherwise.
+pub(crate) fn ascending_rows<B: Backend>(keep: Tensor<B, 3, Int>) -> Option<Vec<usize>> {
+    let kept = keep.dims()[2];
+    let idx: Vec<i64> = keep.into_data().convert::<i64>().into_vec().ok()?;
+    let ascending = idx
+        .chunks(kept.max(1))
+        .all(|row| row.first().is_none_or(|&f| f >= 0) && row.windows(2).all(|w| w[0] < w[1]));
+    ascending.then(|| idx.into_iter().map(|i| i as usize).collect())
+}
+
+/// Moves slot `order[j]` to slot `j` in every (batch, head) of `buffer`
+/// (`[batch, heads, capacity, head_dim]`) within its own bytes: with ascending indices a slot
+/// is never overwritten before it is read. `order` holds `kept` indices per (batch, head).
+fn compact_in_place<B: Backend>(buffer: Tensor<B, 4>, order: &[usize], kept: usize) -> Tensor<B, 4> {
+    let [_, _, capacity, d] = buffer.dims();
+    let device = buffer.device();
+    let dtype = buffer.dtype();
+    let mut data = buffer.into_data();
+    let row = d * dtype.size();
+    for (bh, slots) in order.chunks(kept.max(1)).enumerate() {
+        let base = bh * capacity * row;
+        for (j, &slot) in slots
+            .iter()
+            .enumerate()
+            .filter(|&(j, &slot)| slot != j && slot < capacity)
+        {
+            let from = base + slot * row;
+            data.bytes.copy_within(from..from + row, base + j * row);
+        }
+    }
+    Tensor::from_data(data, TensorCreationOptions::new(device).with_dtype(dtype))
 }
 
 /// One `(keys, values)` pair per layer, each `[batch, kv_heads, slots, head_dim]`.
@@ -96,13 +154,14 @@ impl<B: Backend> LayerKv<B> {
             };
             *entry = Some(Buffers { k, v, len });
         }
-        let Some(e) = entry.as_mut() else {
+        let Some(Buffers { k, v, .. }) = entry.take() else {
             return Err(Error::LayerOutOfRange { layer, layers });
         };
-        let range = [0..b, 0..h, len..needed, 0..d];
-        e.k = e.k.clone().slice_assign(range.clone(), keys);
-        e.v = e.v.clone().slice_assign(range, values);
-        e.len = needed;
+        let e = entry.insert(Buffers {
+            k: write_slots(k, keys, len),
+            v: write_slots(v, values, len),
+            len: needed,
+        });
         Ok(e.used())
     }
 
@@ -117,6 +176,19 @@ impl<B: Backend> LayerKv<B> {
         let [b, h, kept] = keep.dims();
         let (capacity, d) = (e.capacity(), e.k.dims()[3]);
         let device = keep.device();
+        if host_resident::<B>(&device) {
+            if let Some(order) = ascending_rows(keep.clone()) {
+                // Taken out so nothing else holds the buffers: compacted without a copy.
+                if let Some(Buffers { k, v, .. }) = self.layers[layer].take() {
+                    self.layers[layer] = Some(Buffers {
+                        k: compact_in_place(k, &order, kept),
+                        v: compact_in_place(v, &order, kept),
+                        len: kept,
+                    });
+                }
+                return;
+            }
+        }
         // Rows of the flattened [b·h·capacity, d] buffer: whole rows are copied, far cheaper
         // than an element-wise gather; the spare capacity is refilled with row 0.
         let keep = if kept < capacity {

@@ -22,4 +22,4 @@ pub use error::{Error, Result};
 pub use evicting::EvictingCache;
 pub use full::FullCache;
 pub use policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
-pub use ranking::Ranking;
+pub use ranking::{host_resident, Ranking};

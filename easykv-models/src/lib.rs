@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
+pub mod host_kernels;
 pub mod linear;
 pub mod llama;
 pub mod loader;

@@ -6,7 +6,6 @@
 use burn::module::Param;
 use burn::nn::RmsNorm;
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{DType, TensorData};
 
 use easykv_core::KvCache;
@@ -235,7 +234,7 @@ impl<B: Backend> Attention<B> {
             Some(bias) => scores + bias.repeat_dim(2, g * s),
             None => scores,
         };
-        let probs = softmax(scores, 3);
+        let probs = crate::host_kernels::softmax_last(scores);
         if cache.wants_attention(layer) {
             let grouped = probs.clone().reshape([b, hkv, g, s, n]).mean_dim(2);
             cache.observe(layer, grouped.reshape([b, hkv, s, n]))?;
@@ -278,8 +277,9 @@ pub struct FeedForward<B: Backend> {
 
 impl<B: Backend> FeedForward<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = self.gate.forward(x.clone());
         self.down
-            .forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+            .forward(crate::host_kernels::silu_mul(gate, self.up.forward(x)))
     }
 }
 

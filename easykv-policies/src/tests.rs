@@ -336,7 +336,7 @@ fn check_step(
 }
 
 /// Every property test alternates the two ways of ranking slots: they must agree exactly.
-const RANKINGS: [Ranking; 2] = [Ranking::Sort, Ranking::Pairwise];
+const RANKINGS: [Ranking; 3] = [Ranking::Sort, Ranking::Pairwise, Ranking::Host];
 
 #[test]
 fn encoding_mode_matches_the_reference() {
@@ -349,7 +349,7 @@ fn encoding_mode_matches_the_reference() {
                 stride: rng.random_range(1..6),
                 sinks: rng.random_range(0..5),
                 keep_attention: rng.random_bool(0.3),
-                ranking: Some(RANKINGS[case as usize % 2]),
+                ranking: Some(RANKINGS[case as usize % RANKINGS.len()]),
                 ..Default::default()
             };
             let prompt = rng.random_range(40..90);
@@ -369,7 +369,7 @@ fn decoding_mode_matches_the_reference() {
             let cfg = EvictionConfig {
                 budget: Budget::Tokens(budget),
                 mode: Mode::Decoding,
-                ranking: Some(RANKINGS[case as usize % 2]),
+                ranking: Some(RANKINGS[case as usize % RANKINGS.len()]),
                 ..Default::default()
             };
             ran += run_case(
@@ -391,7 +391,7 @@ fn decoding_mode_matches_the_reference() {
                 budget: Budget::Tokens(rng.random_range(16..28)),
                 mode: Mode::Decoding,
                 decode_stride: rng.random_range(2..6),
-                ranking: Some(RANKINGS[case as usize % 2]),
+                ranking: Some(RANKINGS[case as usize % RANKINGS.len()]),
                 ..Default::default()
             };
             assert!(run_case(policy, &cfg, 2, 2, rng.random_range(5..20), 45, case));
@@ -418,7 +418,7 @@ fn auto_mode_matches_the_reference_for_every_policy() {
                 budget: Budget::Tokens(rng.random_range(30..60)),
                 mode: Mode::Auto,
                 stride: rng.random_range(1..5),
-                ranking: Some(RANKINGS[case as usize % 2]),
+                ranking: Some(RANKINGS[case as usize % RANKINGS.len()]),
                 ..Default::default()
             };
             ran += run_case(policy, &cfg, 2, 2, rng.random_range(40..90), 20, case) as usize;

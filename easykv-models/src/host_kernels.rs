@@ -1,0 +1,218 @@
+//! Softmax and SwiGLU's gate in plain Rust, for backends whose tensors live in host memory.
+//!
+//! flex computes `exp` one element at a time through libm on one core (~4.5 ns per element
+//! on the CI machine): the attention softmax and SiLU took more of a strided prefill than the
+//! attention's matrix products. Here they run on the tensor's own buffer (reading a flex tensor
+//! nothing else shares is free), with an `exp` the compiler vectorizes, over rayon's threads
+//! when the tensor is large. Other backends keep burn's operations.
+
+use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::DType;
+use rayon::prelude::*;
+
+use easykv_core::host_resident;
+
+/// Elements below which a kernel stays on the calling thread (spawning costs more).
+const PARALLEL_ELEMENTS: usize = 1 << 15;
+
+/// `e^x` within 2 ulp for f32 (Cephes' range reduction and polynomial); exactly 0 below −87
+/// (masked scores), NaN stays NaN. Branch-free, so loops over it vectorize.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding it rounds to the nearest integer k (without SSE4.1's round) and leaves
+    // k in the low mantissa bits, read back with integer operations (a float→int conversion
+    // kept the loop from vectorizing).
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let kr = xc * std::f32::consts::LOG2_E + ROUND;
+    let k = kr - ROUND;
+    let r = xc - k * LN2_HI - k * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    // 2^k, k ∈ [−126, 127]: a normal float's exponent field.
+    let scale = f32::from_bits(kr.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// Softmax of one row in place. A row of −∞ only (nothing visible) becomes zeros.
+fn softmax_row(row: &mut [f32]) {
+    // Eight independent lanes: the compiler vectorizes the reductions.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    // Exponentials first, then the sum: fused in one loop, the compiler unrolled `exp` eight
+    // times instead of vectorizing it.
+    for v in row.iter_mut() {
+        *v = exp(*v - max);
+    }
+    let mut sums = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    let sum = chunks.remainder().iter().sum::<f32>() + sums.iter().sum::<f32>();
+    for v in row.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Whether `x` is an f32 tensor of a host-resident backend.
+fn on_host<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    x.dtype() == DType::F32 && host_resident::<B>(&x.device())
+}
+
+/// Runs `kernel` on the values of `x` in place (no copy when nothing else holds the buffer);
+/// `None` hands `x` back when its buffer cannot be viewed as f32.
+fn in_place<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    kernel: impl FnOnce(&mut [f32]),
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let device = x.device();
+    let mut data = x.into_data();
+    match data.as_mut_slice::<f32>() {
+        Ok(values) => kernel(values),
+        Err(_) => return Err(Tensor::from_data(data, &device)),
+    }
+    Ok(Tensor::from_data(data, &device))
+}
+
+/// Softmax along the last axis.
+pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if !on_host(&x) {
+        return softmax(x, D - 1);
+    }
+    let n = x.dims()[D - 1].max(1);
+    let kernel = |v: &mut [f32]| {
+        if v.len() >= PARALLEL_ELEMENTS {
+            // Whole rows per task, each task at least PARALLEL_ELEMENTS / 4 elements.
+            let rows_per_task = (PARALLEL_ELEMENTS / 4).div_ceil(n).max(1);
+            v.par_chunks_mut(rows_per_task * n)
+                .for_each(|rows| rows.chunks_mut(n).for_each(softmax_row));
+        } else {
+            v.chunks_mut(n).for_each(softmax_row);
+        }
+    };
+    in_place(x, kernel).unwrap_or_else(|x| softmax(x, D - 1))
+}
+
+/// SwiGLU's `silu(gate) · up`, element by element.
+///
+/// # Shapes
+/// - `gate`, `up`: the same shape → that shape
+pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    if !on_host(&gate) || !on_host(&up) || gate.dims() != up.dims() {
+        return silu(gate) * up;
+    }
+    let device = gate.device();
+    let up_data = up.into_data();
+    let Ok(u) = up_data.as_slice::<f32>() else {
+        return silu(gate) * Tensor::from_data(up_data, &device);
+    };
+    let kernel = |g: &mut [f32], u: &[f32]| {
+        for (g, &u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + exp(-*g)) * u;
+        }
+    };
+    let run = |g: &mut [f32]| {
+        if g.len() >= PARALLEL_ELEMENTS {
+            g.par_chunks_mut(PARALLEL_ELEMENTS / 4)
+                .zip(u.par_chunks(PARALLEL_ELEMENTS / 4))
+                .for_each(|(g, u)| kernel(g, u));
+        } else {
+            kernel(g, u);
+        }
+    };
+    match in_place(gate, run) {
+        Ok(y) => y,
+        Err(gate) => silu(gate) * Tensor::from_data(up_data, &device),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn exp_is_within_two_ulp_and_zero_where_masked() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_3;
+        }
+        assert!(worst < 2.5 * f32::EPSILON as f64, "relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    fn close<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>, tol: f32) {
+        let (a, b) = (
+            a.into_data().to_vec::<f32>().unwrap(),
+            b.into_data().to_vec::<f32>().unwrap(),
+        );
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= tol * y.abs().max(1e-6), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn softmax_and_silu_match_burns_small_and_large() {
+        let dev = Default::default();
+        for shape in [[1, 3, 5, 13], [2, 3, 64, 700]] {
+            let x = Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 4.0), &dev);
+            // A causal-style mask: −∞ above the diagonal, and one row fully masked.
+            let [_, _, s, n] = shape;
+            let mask: Vec<f32> = (0..s * n)
+                .map(|i| {
+                    if i % n > i / n + n - s || i / n == 1 {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::<Flex, 2>::from_data(TensorData::new(mask, [s, n]), &dev).reshape([1, 1, s, n]);
+            let x = x + mask;
+            let ours = softmax_last(x.clone());
+            let probs = ours.clone().into_data().to_vec::<f32>().unwrap();
+            assert!(probs[n..2 * n].iter().all(|&p| p == 0.0), "a fully masked row is zeros");
+            let theirs = softmax(x.clone(), 3).mask_fill(x.clone().slice_dim(2, 1..2).is_nan(), 0.0);
+            close(ours.slice_dim(2, 2..s), theirs.slice_dim(2, 2..s), 1e-5);
+            let (g, u) = (x.clone().clamp(-80.0, 80.0), x.clamp(-3.0, 3.0).neg());
+            close(silu_mul(g.clone(), u.clone()), silu(g) * u, 1e-5);
+        }
+    }
+}
