@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use burn::prelude::Backend;
 use clap::Args;
-use easykv_core::{Budget, EvictionConfig, KvCache, Mode};
+use easykv_core::{Budget, EvictionConfig, KvCache, Mode, Ranking};
 use easykv_models::{build_cache, fetch, LoadedModel, ModelConfig, WeightDType};
 
 /// The error every subcommand returns: printed as one line, exit code 2.
@@ -122,6 +122,11 @@ pub struct EvictionArgs {
     /// may exceed its budget by N − 1 slots). 1 reproduces EasyKV.
     #[arg(long, default_value_t = 1)]
     pub decode_stride: usize,
+    /// How evictions pick the k smallest slots: auto (host on the CPU, pairwise on GPUs),
+    /// host (read back and select on the CPU), pairwise (on the device) or sort (burn's sort).
+    /// Same answers; only speed differs.
+    #[arg(long, default_value = "auto")]
+    pub ranking: String,
 }
 
 impl EvictionArgs {
@@ -136,7 +141,10 @@ impl EvictionArgs {
             seed: self.policy_seed,
             streaming: self.streaming,
             decode_stride: self.decode_stride,
-            ranking: None,
+            ranking: match self.ranking.as_str() {
+                "auto" => None,
+                other => Some(other.parse::<Ranking>().map_err(CliError)?),
+            },
         })
     }
 

@@ -22,6 +22,20 @@ pub enum Ranking {
     Host,
 }
 
+impl std::str::FromStr for Ranking {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sort" => Ok(Self::Sort),
+            "pairwise" => Ok(Self::Pairwise),
+            "host" => Ok(Self::Host),
+            other => Err(format!(
+                "unknown ranking '{other}' (expected auto, host, pairwise or sort)"
+            )),
+        }
+    }
+}
+
 /// Whether `B` keeps tensors in host memory, so reading one back is free (flex: no copy for
 /// a tensor nothing else shares).
 pub fn host_resident<B: Backend>(device: &B::Device) -> bool {

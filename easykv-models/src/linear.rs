@@ -94,7 +94,8 @@ impl<B: Backend> Linear<B> {
         };
         let y = y.cast(activation).reshape([b, s, out]);
         match &self.bias {
-            Some(b) => y + b.val().unsqueeze(),
+            // Biases are kept in f32; the addition runs in the activations' precision.
+            Some(b) => y.clone() + b.val().cast(y.dtype()).unsqueeze(),
             None => y,
         }
     }

@@ -42,6 +42,10 @@ pub struct Rope<B: Backend> {
 pub struct RopeAngles<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
+    /// For single-token steps in half precision: the whole rotation as one `[1, d, d]` matrix,
+    /// so a decode step rotates with one product instead of six element-wise operations
+    /// (on GPUs each operation costs host time, which bounds decoding).
+    rotation: Option<Tensor<B, 3>>,
 }
 
 /// Where the position axis sits in the tensors a [`RopeAngles`] rotates.
@@ -67,7 +71,9 @@ impl<B: Backend> Rope<B> {
     }
 
     /// Angles for positions `start..start + len`, for `batch × heads` rows laid out as `axes`
-    /// says, multiplied by `scale` (queries fold the attention scale 1/√d in here).
+    /// says, multiplied by `scale` (queries fold the attention scale 1/√d in here), in `dtype`
+    /// (the activations').
+    #[allow(clippy::too_many_arguments)]
     pub fn angles(
         &self,
         start: usize,
@@ -76,6 +82,7 @@ impl<B: Backend> Rope<B> {
         heads: usize,
         scale: f64,
         axes: RopeLayoutAxes,
+        dtype: DType,
     ) -> RopeAngles<B> {
         let device = self.inv_freq.device();
         let half = self.inv_freq.dims()[0];
@@ -89,9 +96,16 @@ impl<B: Backend> Rope<B> {
             RopeLayoutAxes::HeadsFirst => t.reshape([1, 1, len, d]).repeat(&[batch, heads, 1, 1]),
         };
         let (cos, sin) = (angles.clone().cos().mul_scalar(scale), angles.sin().mul_scalar(scale));
+        let (cos, sin) = (
+            Tensor::cat(vec![cos.clone(), cos], 1).cast(dtype),
+            Tensor::cat(vec![sin.clone().neg(), sin], 1).cast(dtype),
+        );
+        let rotation = (len == 1 && dtype != DType::F32 && axes == RopeLayoutAxes::PositionsFirst)
+            .then(|| rotation_matrix(cos.clone(), sin.clone()));
         RopeAngles {
-            cos: expand(Tensor::cat(vec![cos.clone(), cos], 1)),
-            sin: expand(Tensor::cat(vec![sin.clone().neg(), sin], 1)),
+            cos: expand(cos),
+            sin: expand(sin),
+            rotation,
         }
     }
 
@@ -100,7 +114,10 @@ impl<B: Backend> Rope<B> {
     /// # Shapes
     /// - `x`: the angles' shape, `[batch, s, heads, head_dim]` or `[batch, heads, s, head_dim]`
     pub fn apply(x: Tensor<B, 4>, angles: &RopeAngles<B>) -> Tensor<B, 4> {
-        let d = x.dims()[3];
+        let [b, s, h, d] = x.dims();
+        if let (Some(r), 1, 1) = (&angles.rotation, b, s) {
+            return x.reshape([1, h, d]).matmul(r.clone()).reshape([b, s, h, d]);
+        }
         let x1 = x.clone().slice_dim(3, 0..d / 2);
         let x2 = x.clone().slice_dim(3, d / 2..d);
         // x·cos + rotate_half(x)·sin with rotate_half(x) = [−x2, x1]: the sign lives in `sin`.
@@ -111,6 +128,24 @@ impl<B: Backend> Rope<B> {
     pub fn max_positions(&self) -> usize {
         self.max_positions
     }
+}
+
+/// The rotation `x ↦ x·cos + [x2, x1]·sin` (sign folded into `sin`) of one position as a
+/// matrix `R` with `x·R` the rotated row: `R[i][i] = cos[i]`, `R[(i + d/2) mod d][i] = sin[i]`.
+///
+/// # Shapes
+/// - `cos`, `sin`: `[1, d]` → `[1, d, d]`
+fn rotation_matrix<B: Backend>(cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 3> {
+    let d = cos.dims()[1];
+    let device = cos.device();
+    let dtype = cos.dtype();
+    let unit = |f: &dyn Fn(usize, usize) -> bool| {
+        let v: Vec<f32> = (0..d * d).map(|k| if f(k / d, k % d) { 1.0 } else { 0.0 }).collect();
+        Tensor::<B, 2>::from_data(TensorData::new(v, [d, d]), &device).cast(dtype)
+    };
+    let identity = unit(&|j, i| j == i);
+    let swap = unit(&|j, i| j == (i + d / 2) % d);
+    (identity * cos + swap * sin).reshape([1, d, d])
 }
 
 /// The rotations one forward pass needs: for the chunk's queries (attention scale folded in)
@@ -130,10 +165,17 @@ impl<B: Backend> Llama<B> {
             .first()
             .map_or((1, 1, 2), |l| (l.attn.n_heads, l.attn.n_kv_heads, l.attn.head_dim));
         let first = RopeLayoutAxes::PositionsFirst;
+        let dt = self.activation_dtype();
         ChunkAngles {
-            queries: self.rope.angles(start, len, batch, hq, (d as f64).powf(-0.5), first),
-            keys: self.rope.angles(start, len, batch, hkv, 1.0, first),
-            slots: slots.map(|n| self.rope.angles(0, n, batch, hkv, 1.0, RopeLayoutAxes::HeadsFirst)),
+            queries: self
+                .rope
+                .angles(start, len, batch, hq, (d as f64).powf(-0.5), first, dt),
+            keys: self.rope.angles(start, len, batch, hkv, 1.0, first, dt),
+            // StreamingLLM rotates cached keys in f32 (see `attend`).
+            slots: slots.map(|n| {
+                self.rope
+                    .angles(0, n, batch, hkv, 1.0, RopeLayoutAxes::HeadsFirst, DType::F32)
+            }),
         }
     }
 }
@@ -199,6 +241,7 @@ impl<B: Backend> Attention<B> {
         cache: &mut C,
     ) -> Result<Tensor<B, 4>> {
         let [b, _, s, d] = q.dims();
+        let activation = q.dtype();
         let (hq, hkv) = (self.n_heads, self.n_kv_heads);
         let g = hq / hkv;
         // Keys and values are cached in the weights' precision (f16 halves the cache); the
@@ -239,7 +282,7 @@ impl<B: Backend> Attention<B> {
             let grouped = probs.clone().reshape([b, hkv, g, s, n]).mean_dim(2);
             cache.observe(layer, grouped.reshape([b, hkv, s, n]))?;
         }
-        let out = probs.cast(product).matmul(values).cast(DType::F32);
+        let out = probs.cast(product).matmul(values).cast(activation);
         Ok(out.reshape([b, hq, s, d]))
     }
 
@@ -311,7 +354,24 @@ pub struct Llama<B: Backend> {
     pub rope: Rope<B>,
 }
 
+/// RMS normalization in f32 whatever the activations' precision (as Hugging Face computes
+/// it: squares of half-precision activations overflow), returned in the input's dtype.
+fn normalize<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    norm.forward(x.cast(DType::F32)).cast(dtype)
+}
+
 impl<B: Backend> Llama<B> {
+    /// The precision of the residual stream: the weights' on backends that multiply half
+    /// precision natively (GPUs; as Hugging Face runs f16 models), f32 elsewhere. Keeping it
+    /// in half precision there drops the casts around every matrix product.
+    pub fn activation_dtype(&self) -> DType {
+        match self.layers.first() {
+            Some(l) if l.attn.half_products => self.embed.weight.val().dtype(),
+            _ => DType::F32,
+        }
+    }
+
     /// Runs one chunk of tokens through the model, appending it to `cache`.
     ///
     /// # Shapes
@@ -340,7 +400,7 @@ impl<B: Backend> Llama<B> {
         let [b, s] = tokens.dims();
         let start = self.first_position(cache, s)?;
         let device = tokens.device();
-        let mut x = self.embed.embed(tokens);
+        let mut x = self.embed.embed(tokens).cast(self.activation_dtype());
         // Angles once per chunk, shared by every layer.
         let slots = cache.compact_positions().then(|| cache.slots(0) + s);
         let angles = self.chunk_angles(b, start, s, slots);
@@ -349,9 +409,9 @@ impl<B: Backend> Llama<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer
                 .attn
-                .forward(l, layer.attn_norm.forward(x.clone()), &angles, mask.as_ref(), cache)?;
+                .forward(l, normalize(&layer.attn_norm, x.clone()), &angles, mask.as_ref(), cache)?;
             x = x + h;
-            x = x.clone() + layer.ffn.forward(layer.ffn_norm.forward(x));
+            x = x.clone() + layer.ffn.forward(normalize(&layer.ffn_norm, x));
         }
         cache.end_chunk()?;
         Ok(x)
@@ -429,11 +489,11 @@ impl<B: Backend> Llama<B> {
         let start = self.first_position(cache, total)?;
         let device = tokens.device();
         let angles = self.chunk_angles(b, start, total, None);
-        let mut x = self.embed.embed(tokens);
+        let mut x = self.embed.embed(tokens).cast(self.activation_dtype());
         // The mask of the last (chunk length, slot count) seen.
         let (mut mask_for, mut mask) = (None, None);
         for (l, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = layer.attn.project(layer.attn_norm.forward(x.clone()), &angles);
+            let (q, k, v) = layer.attn.project(normalize(&layer.attn_norm, x.clone()), &angles);
             let mut outs = Vec::with_capacity(chunks.len());
             let mut off = 0;
             for &s in chunks {
@@ -450,7 +510,7 @@ impl<B: Backend> Llama<B> {
                 off += s;
             }
             x = x + layer.attn.merge(Tensor::cat(outs, 2));
-            x = x.clone() + layer.ffn.forward(layer.ffn_norm.forward(x));
+            x = x.clone() + layer.ffn.forward(normalize(&layer.ffn_norm, x));
         }
         Ok(x)
     }
@@ -479,7 +539,7 @@ impl<B: Backend> Llama<B> {
             Logits::Last => x.slice([0..b, s - 1..s]),
         };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(head.logits(self.norm.forward(x)))
+        Ok(head.logits(self.norm.forward(x.cast(DType::F32))))
     }
 
     /// Loads weights named as in GGUF from `source`, laid out for [`Llama::forward`], with

@@ -127,6 +127,44 @@ fn chunked_prefill_and_decode_match_one_full_pass() {
     }
 }
 
+/// What GPU backends run (half-precision activations, decode steps rotated by one matrix
+/// product) forced on flex: the same logits as f32 within half precision's rounding.
+#[test]
+fn half_precision_activations_track_the_f32_model() {
+    let cfg = ModelConfig {
+        qkv_bias: true,
+        ..tiny_config()
+    };
+    let mut weights = tiny_weights(&cfg, 4);
+    for i in 0..cfg.n_layers {
+        for (t, n) in [("attn_q", cfg.hidden_size), ("attn_k", 16), ("attn_v", 16)] {
+            let bias: Vec<f32> = (0..n).map(|j| (j as f32 * 0.37).sin() * 0.3).collect();
+            weights.0.insert(format!("blk.{i}.{t}.bias"), (bias, vec![n]));
+        }
+    }
+    let dev = Default::default();
+    let exact = Llama::<Flex>::load(&cfg, &weights, WeightDType::F32, &dev).unwrap();
+    let mut half = Llama::<Flex>::load(&cfg, &weights, WeightDType::F16, &dev).unwrap();
+    half.layers.iter_mut().for_each(|l| l.attn.half_products = true);
+    assert_eq!(half.activation_dtype(), DType::F16);
+    assert_eq!(exact.activation_dtype(), DType::F32);
+    let ids = [3, 17, 42, 5, 9, 33, 0, 12];
+    let run = |model: &Llama<Flex>| {
+        let mut cache = FullCache::new(cfg.n_layers);
+        let mut out = to_vec(model.forward(tokens(&ids[..5]), &mut cache, Logits::All).unwrap());
+        for id in &ids[5..] {
+            out.extend(to_vec(model.forward(tokens(&[*id]), &mut cache, Logits::Last).unwrap()));
+        }
+        out
+    };
+    let (a, b) = (run(&exact), run(&half));
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(worst < 2e-2 * scale, "worst {worst} of {scale}");
+    assert!(worst > 0.0, "half precision changed nothing: the f16 path did not run");
+}
+
 #[test]
 fn causal_mask_hides_only_future_tokens() {
     let m: Vec<f32> = causal_mask::<Flex>(2, 5, 0, &Default::default())
@@ -153,8 +191,20 @@ fn deinterleave_keeps_scores_and_rope_matches_interleaved_rotation() {
     }
     let de = deinterleave_rows(&x, 1, d, 1);
     let t = Tensor::<Flex, 4>::from_data(TensorData::new(de, [1, 1, 1, d]), &Default::default());
-    let angles = rope.angles(pos, 1, 1, 1, 1.0, RopeLayoutAxes::PositionsFirst);
+    let angles = rope.angles(pos, 1, 1, 1, 1.0, RopeLayoutAxes::PositionsFirst, DType::F32);
+    assert!(angles.rotation.is_none());
+    // In half precision a single position is rotated by one matrix product: the same rotation.
+    let half = rope.angles(pos, 1, 1, 1, 1.0, RopeLayoutAxes::PositionsFirst, DType::F16);
+    assert!(half.rotation.is_some());
+    let by_matrix: Vec<f32> = Rope::apply(t.clone().cast(DType::F16), &half)
+        .cast(DType::F32)
+        .into_data()
+        .into_vec()
+        .unwrap();
     let got: Vec<f32> = Rope::apply(t, &angles).into_data().into_vec().unwrap();
+    for (a, b) in by_matrix.iter().zip(&got) {
+        assert!((a - b).abs() < 1e-2, "{a} vs {b}");
+    }
     assert_eq!(deinterleave_rows(&expect, 1, d, 1).len(), got.len());
     for (a, b) in deinterleave_rows(&expect, 1, d, 1).iter().zip(&got) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
