@@ -6,9 +6,11 @@
 //! nothing else shares is free), with an `exp` the compiler vectorizes, over rayon's threads
 //! when the tensor is large. Other backends keep burn's operations.
 
+use std::borrow::Cow;
+
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::DType;
+use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 
 use easykv_core::host_resident;
@@ -155,6 +157,101 @@ pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>
     }
 }
 
+/// The values of f32 data: borrowed, or copied where its bytes are not aligned for f32.
+fn f32_values(data: &TensorData) -> Cow<'_, [f32]> {
+    match data.as_slice::<f32>() {
+        Ok(v) => Cow::Borrowed(v),
+        // `to_vec` converts whatever the alignment; f32 data (what `on_host` admits) converts.
+        Err(_) => Cow::Owned(data.to_vec::<f32>().unwrap_or_default()),
+    }
+}
+
+/// A layer's projections of many chunks, handed out chunk by chunk heads first.
+///
+/// The layer-by-layer prefill projects every chunk at once (`[batch, positions, heads,
+/// head_dim]`) and attends chunk by chunk (`[batch, heads, s, head_dim]`). Through burn that
+/// is a strided view per chunk, which flex copies element by element; on the host the rows are
+/// copied directly from the projection's buffer, read once per layer.
+pub enum HeadsFirstChunks<B: Backend> {
+    Host {
+        data: TensorData,
+        /// `[batch, positions, heads, head_dim]`
+        dims: [usize; 4],
+        device: B::Device,
+    },
+    /// `[batch, heads, positions, head_dim]` (a view)
+    Device(Tensor<B, 4>),
+}
+
+impl<B: Backend> HeadsFirstChunks<B> {
+    /// # Shapes
+    /// - `x`: `[batch, positions, heads, head_dim]`
+    pub fn new(x: Tensor<B, 4>) -> Self {
+        if on_host(&x) {
+            let (dims, device) = (x.dims(), x.device());
+            return Self::Host {
+                data: x.into_data(),
+                dims,
+                device,
+            };
+        }
+        Self::Device(x.swap_dims(1, 2))
+    }
+
+    /// Positions `start..start + len`, `[batch, heads, len, head_dim]`.
+    pub fn chunk(&self, start: usize, len: usize) -> Tensor<B, 4> {
+        match self {
+            Self::Device(t) => t.clone().slice_dim(2, start..start + len),
+            Self::Host { data, dims, device } => {
+                let values = f32_values(data);
+                let [b, n, h, d] = *dims;
+                let mut out = Vec::with_capacity(b * h * len * d);
+                for bi in 0..b {
+                    for hi in 0..h {
+                        for p in start..start + len {
+                            let at = ((bi * n + p) * h + hi) * d;
+                            out.extend_from_slice(&values[at..at + d]);
+                        }
+                    }
+                }
+                Tensor::from_data(TensorData::new(out, [b, h, len, d]), device)
+            }
+        }
+    }
+}
+
+/// Per-chunk attention outputs, `[batch, heads, s_i, head_dim]` each, joined along the
+/// positions and laid out for the output projection: `[batch, Σ s_i, heads · head_dim]`.
+pub fn join_positions_first<B: Backend>(outs: Vec<Tensor<B, 4>>) -> Tensor<B, 3> {
+    let Some(first) = outs.first() else {
+        return Tensor::empty([0, 0, 0], &Default::default());
+    };
+    let [b, h, _, d] = first.dims();
+    let total: usize = outs.iter().map(|t| t.dims()[2]).sum();
+    if outs.iter().any(|t| !on_host(t)) {
+        return Tensor::cat(outs, 2).swap_dims(1, 2).reshape([b, total, h * d]);
+    }
+    let device = first.device();
+    let mut joined = vec![0f32; b * total * h * d];
+    let mut start = 0;
+    for t in outs {
+        let s = t.dims()[2];
+        let data = t.into_data();
+        let v = f32_values(&data);
+        for bi in 0..b {
+            for hi in 0..h {
+                for p in 0..s {
+                    let from = ((bi * h + hi) * s + p) * d;
+                    let to = ((bi * total + start + p) * h + hi) * d;
+                    joined[to..to + d].copy_from_slice(&v[from..from + d]);
+                }
+            }
+        }
+        start += s;
+    }
+    Tensor::from_data(TensorData::new(joined, [b, total, h * d]), &device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +311,22 @@ mod tests {
             let (g, u) = (x.clone().clamp(-80.0, 80.0), x.clamp(-3.0, 3.0).neg());
             close(silu_mul(g.clone(), u.clone()), silu(g) * u, 1e-5);
         }
+    }
+
+    #[test]
+    fn chunks_heads_first_and_the_join_equal_burns_views() {
+        let dev = Default::default();
+        let x = Tensor::<Flex, 4>::random([2, 11, 3, 4], Distribution::Default, &dev);
+        let chunks = HeadsFirstChunks::new(x.clone());
+        assert!(matches!(chunks, HeadsFirstChunks::Host { .. }));
+        let heads_first = x.clone().swap_dims(1, 2);
+        let mut outs = Vec::new();
+        for (start, len) in [(0, 5), (5, 1), (6, 5)] {
+            let got = chunks.chunk(start, len);
+            let want = heads_first.clone().slice_dim(2, start..start + len);
+            close(got.clone(), want, 0.0);
+            outs.push(got);
+        }
+        close(join_positions_first(outs), x.reshape([2, 11, 12]), 0.0);
     }
 }

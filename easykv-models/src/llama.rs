@@ -12,6 +12,7 @@ use easykv_core::KvCache;
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
+use crate::host_kernels::{join_positions_first, HeadsFirstChunks};
 use crate::linear::{EmbeddingTable, Linear, WeightDType};
 
 /// Where weights come from: a GGUF file, a safetensors directory, or a random generator.
@@ -207,6 +208,16 @@ impl<B: Backend> Attention<B> {
     /// - `x`: `[batch, s, hidden]`; `angles`: for the `s` positions
     /// - returns `[batch, heads, s, head_dim]` with `n_heads`, `n_kv_heads`, `n_kv_heads` heads
     fn project(&self, x: Tensor<B, 3>, angles: &ChunkAngles<B>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let (q, k, v) = self.project_positions_first(x, angles);
+        (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
+    }
+
+    /// [`project`](Self::project) in the projections' own layout, `[batch, s, heads, head_dim]`.
+    fn project_positions_first(
+        &self,
+        x: Tensor<B, 3>,
+        angles: &ChunkAngles<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, _] = x.dims();
         let d = self.head_dim;
         // Rotate in the projections' own contiguous layout, then view heads first.
@@ -218,7 +229,7 @@ impl<B: Backend> Attention<B> {
             Some(_) => k,
         };
         let v = heads(self.v.forward(x), self.n_kv_heads);
-        (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
+        (q, k, v)
     }
 
     /// Appends `k`, `v` to the cache and attends `q` over everything it holds, handing the
@@ -493,11 +504,18 @@ impl<B: Backend> Llama<B> {
         // The mask of the last (chunk length, slot count) seen.
         let (mut mask_for, mut mask) = (None, None);
         for (l, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = layer.attn.project(normalize(&layer.attn_norm, x.clone()), &angles);
+            let (q, k, v) = layer
+                .attn
+                .project_positions_first(normalize(&layer.attn_norm, x.clone()), &angles);
+            let (q, k, v) = (
+                HeadsFirstChunks::new(q),
+                HeadsFirstChunks::new(k),
+                HeadsFirstChunks::new(v),
+            );
             let mut outs = Vec::with_capacity(chunks.len());
             let mut off = 0;
             for &s in chunks {
-                let part = |t: &Tensor<B, 4>| t.clone().slice_dim(2, off..off + s);
+                let part = |t: &HeadsFirstChunks<B>| t.chunk(off, s);
                 let slots = cache.slots(l) + s;
                 // Chunks of one stride meet the same slot count again and again: reuse the mask.
                 if mask_for != Some((s, slots)) {
@@ -509,7 +527,7 @@ impl<B: Backend> Llama<B> {
                 cache.end_layer_chunk(l)?;
                 off += s;
             }
-            x = x + layer.attn.merge(Tensor::cat(outs, 2));
+            x = x + layer.attn.o.forward(join_positions_first(outs));
             x = x.clone() + layer.ffn.forward(normalize(&layer.ffn_norm, x));
         }
         Ok(x)
