@@ -192,6 +192,10 @@ fn eviction_flags_are_validated_before_loading() {
         "stride",
     );
     assert_one_line_error(
+        &easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--ranking", "bubble"]),
+        "unknown ranking 'bubble' (expected auto, host, pairwise or sort)",
+    );
+    assert_one_line_error(
         &easykv(&[
             "generate",
             "--prompt",
