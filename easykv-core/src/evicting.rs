@@ -444,7 +444,7 @@ fn pick_slots<B: Backend>(stats: SlotStats<B>, keep: Tensor<B, 3, Int>) -> SlotS
     let kept = keep.dims()[2];
     let device = keep.device();
     if host_resident::<B>(&device) {
-        if let Some(order) = ascending_rows(keep.clone()) {
+        if let Some(order) = ascending_rows(keep.clone()).filter(|o| o.iter().all(|&i| i < n)) {
             return pick_slots_on_host(stats, &order, kept);
         }
     }

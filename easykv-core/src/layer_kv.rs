@@ -67,7 +67,8 @@ pub(crate) fn ascending_rows<B: Backend>(keep: Tensor<B, 3, Int>) -> Option<Vec<
 
 /// Moves slot `order[j]` to slot `j` in every (batch, head) of `buffer`
 /// (`[batch, heads, capacity, head_dim]`) within its own bytes: with ascending indices a slot
-/// is never overwritten before it is read. `order` holds `kept` indices per (batch, head).
+/// is never overwritten before it is read. `order` holds `kept` ascending indices below the
+/// capacity per (batch, head).
 fn compact_in_place<B: Backend>(buffer: Tensor<B, 4>, order: &[usize], kept: usize) -> Tensor<B, 4> {
     let [_, _, capacity, d] = buffer.dims();
     let device = buffer.device();
@@ -76,11 +77,7 @@ fn compact_in_place<B: Backend>(buffer: Tensor<B, 4>, order: &[usize], kept: usi
     let row = d * dtype.size();
     for (bh, slots) in order.chunks(kept.max(1)).enumerate() {
         let base = bh * capacity * row;
-        for (j, &slot) in slots
-            .iter()
-            .enumerate()
-            .filter(|&(j, &slot)| slot != j && slot < capacity)
-        {
+        for (j, &slot) in slots.iter().enumerate().filter(|&(j, &slot)| slot != j) {
             let from = base + slot * row;
             data.bytes.copy_within(from..from + row, base + j * row);
         }
@@ -177,7 +174,9 @@ impl<B: Backend> LayerKv<B> {
         let (capacity, d) = (e.capacity(), e.k.dims()[3]);
         let device = keep.device();
         if host_resident::<B>(&device) {
-            if let Some(order) = ascending_rows(keep.clone()) {
+            // Ascending indices below the slot count: compacted in place.
+            let valid = |order: &Vec<usize>| order.iter().all(|&i| i < e.len);
+            if let Some(order) = ascending_rows(keep.clone()).filter(valid) {
                 // Taken out so nothing else holds the buffers: compacted without a copy.
                 if let Some(Buffers { k, v, .. }) = self.layers[layer].take() {
                     self.layers[layer] = Some(Buffers {
