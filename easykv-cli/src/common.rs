@@ -122,9 +122,10 @@ pub struct EvictionArgs {
     /// may exceed its budget by N − 1 slots). 1 reproduces EasyKV.
     #[arg(long, default_value_t = 1)]
     pub decode_stride: usize,
-    /// How evictions pick the k smallest slots: auto (host on the CPU, pairwise on GPUs),
-    /// host (read back and select on the CPU), pairwise (on the device) or sort (burn's sort).
-    /// Same answers; only speed differs.
+    /// How evictions pick the k smallest slots: auto (host on the CPU; on GPUs pairwise for
+    /// small caches, host above 2^24 compared pairs), host (read back and select on the CPU),
+    /// pairwise (on the device: faster on GPUs, but materializes heads × slots² comparisons) or
+    /// sort (burn's sort). Same answers; only speed and memory differ.
     #[arg(long, default_value = "auto")]
     pub ranking: String,
 }

@@ -81,11 +81,17 @@ impl<B: Backend> EvictingCache<B> {
         self.policy.name()
     }
 
-    /// How k-smallest selections run: as configured, or what suits the backend.
-    fn ranking(&self) -> Ranking {
+    /// How k-smallest selections over `stats` run: as configured, or what suits the backend
+    /// and the size of the problem.
+    fn ranking(&self, stats: &SlotStats<B>) -> Ranking {
+        let [rows, heads, slots] = stats.sum.dims();
         self.schedule
             .ranking
-            .or_else(|| self.kv.device().map(|d| Ranking::for_backend::<B>(&d)))
+            .or_else(|| {
+                self.kv
+                    .device()
+                    .map(|d| Ranking::for_backend::<B>(&d, rows * heads, slots))
+            })
             .unwrap_or(Ranking::Sort)
     }
 
@@ -168,7 +174,7 @@ impl<B: Backend> EvictingCache<B> {
         match self.progress[layer].dead {
             0 => Some(st),
             dead => {
-                let keep = live_slots(&st, dead, self.ranking());
+                let keep = live_slots(&st, dead, self.ranking(&st));
                 Some(pick_slots(st, keep))
             }
         }
@@ -298,7 +304,7 @@ impl<B: Backend> EvictingCache<B> {
             seed: sched.seed,
             step: self.progress[first].steps,
             layers,
-            ranking: self.ranking(),
+            ranking: self.ranking(stats),
         };
         self.policy.select(stats, &ctx)
     }
@@ -309,7 +315,7 @@ impl<B: Backend> EvictingCache<B> {
         let stats = self.flush(stats, layers.clone());
         let n = stats.sum.dims()[2];
         let evict = self.victims(&stats, layers.clone(), n - capacity);
-        let keep = keep_indices(evict, n, capacity, self.ranking());
+        let keep = keep_indices(evict, n, capacity, self.ranking(&stats));
         for layer in layers.clone() {
             let p = &mut self.progress[layer];
             p.evicted += n - capacity;
@@ -367,7 +373,7 @@ impl<B: Backend> EvictingCache<B> {
         if dead == 0 {
             return stats;
         }
-        let keep = live_slots(&stats, dead, self.ranking());
+        let keep = live_slots(&stats, dead, self.ranking(&stats));
         for layer in layers.clone() {
             self.progress[layer].dead = 0;
         }
