@@ -108,7 +108,7 @@ pub fn prefill<B: Backend, C: KvCache<B> + ?Sized>(
         let tokens = token_tensor::<B>(&prompt[start..start + len], &device);
         start += len;
         if i + 1 < n_groups {
-            model.forward_hidden_chunks(tokens, group, cache)?;
+            model.fill_cache_chunks(tokens, group, cache)?;
         } else {
             last = Some(model.forward_chunks(tokens, group, cache, Logits::Last)?);
         }

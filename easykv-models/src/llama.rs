@@ -303,10 +303,12 @@ impl<B: Backend> Attention<B> {
         self.o.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 
+    /// Attention of `x` before the output projection (see [`merge`](Self::merge)).
+    ///
     /// # Shapes
     /// - `x`: `[batch, s, hidden]`; `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞),
     ///   `None` when it hides nothing
-    /// - returns `[batch, s, hidden]`
+    /// - returns `[batch, n_heads, s, head_dim]`
     fn forward<C: KvCache<B> + ?Sized>(
         &self,
         layer: usize,
@@ -314,10 +316,45 @@ impl<B: Backend> Attention<B> {
         angles: &ChunkAngles<B>,
         mask: Option<&Tensor<B, 4>>,
         cache: &mut C,
-    ) -> Result<Tensor<B, 3>> {
+    ) -> Result<Tensor<B, 4>> {
         let (q, k, v) = self.project(x, angles);
-        let out = self.attend(layer, q, k, v, angles.slots.as_ref(), mask, cache)?;
-        Ok(self.merge(out))
+        self.attend(layer, q, k, v, angles.slots.as_ref(), mask, cache)
+    }
+}
+
+/// Which positions' hidden states leave the last layer. Every position's keys and values
+/// (and, for evicting caches, attention) are needed in every layer, but after the last
+/// layer's attention only the positions someone reads need the output projection and the
+/// feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needed {
+    All,
+    /// The last position (generation: its logits).
+    Last,
+    /// None (prefill chunks before the last fill the cache only).
+    Nothing,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// The residual stream after this layer, given its attention output `attn`
+    /// (`[batch, n_heads, s, head_dim]`), for the positions `needed` says: `[batch, s, hidden]`,
+    /// `[batch, 1, hidden]` (last), or `x` untouched (nothing).
+    fn finish(&self, x: Tensor<B, 3>, attn: Tensor<B, 4>, needed: Needed) -> Tensor<B, 3> {
+        let (s, s_attn) = (x.dims()[1], attn.dims()[2]);
+        match needed {
+            Needed::Nothing => x,
+            Needed::Last if s > 1 => {
+                let attn = attn.slice_dim(2, s_attn - 1..s_attn);
+                self.finish_merged(x.slice_dim(1, s - 1..s), self.attn.merge(attn))
+            }
+            _ => self.finish_merged(x, self.attn.merge(attn)),
+        }
+    }
+
+    /// [`finish`](Self::finish) for an attention output already through the output projection.
+    fn finish_merged(&self, x: Tensor<B, 3>, merged: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x + merged;
+        x.clone() + self.ffn.forward(normalize(&self.ffn_norm, x))
     }
 }
 
@@ -394,7 +431,11 @@ impl<B: Backend> Llama<B> {
         cache: &mut C,
         logits: Logits,
     ) -> Result<Tensor<B, 3>> {
-        let x = self.forward_hidden(tokens, cache)?;
+        let needed = match logits {
+            Logits::All => Needed::All,
+            Logits::Last => Needed::Last,
+        };
+        let x = self.run_layers(tokens, cache, needed)?;
         self.project_logits(x, logits)
     }
 
@@ -408,6 +449,17 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         cache: &mut C,
     ) -> Result<Tensor<B, 3>> {
+        self.run_layers(tokens, cache, Needed::All)
+    }
+
+    /// [`forward_hidden`](Self::forward_hidden) returning the last layer's output for the
+    /// positions `needed` says (for [`Needed::Nothing`], whatever is at hand: nobody reads it).
+    fn run_layers<C: KvCache<B> + ?Sized>(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut C,
+        needed: Needed,
+    ) -> Result<Tensor<B, 3>> {
         let [b, s] = tokens.dims();
         let start = self.first_position(cache, s)?;
         let device = tokens.device();
@@ -417,12 +469,12 @@ impl<B: Backend> Llama<B> {
         let angles = self.chunk_angles(b, start, s, slots);
         // Every layer holds the same number of slots before this chunk, so one mask serves all.
         let mask = self.attention_mask(b, s, cache.slots(0) + s, &device);
+        let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer
+            let attn = layer
                 .attn
                 .forward(l, normalize(&layer.attn_norm, x.clone()), &angles, mask.as_ref(), cache)?;
-            x = x + h;
-            x = x.clone() + layer.ffn.forward(normalize(&layer.ffn_norm, x));
+            x = layer.finish(x, attn, if l == last { needed } else { Needed::All });
         }
         cache.end_chunk()?;
         Ok(x)
@@ -482,6 +534,31 @@ impl<B: Backend> Llama<B> {
         chunks: &[usize],
         cache: &mut C,
     ) -> Result<Tensor<B, 3>> {
+        self.run_layers_chunked(tokens, chunks, cache, Needed::All)
+    }
+
+    /// Runs consecutive chunks through the model only to fill `cache` (as
+    /// [`forward_hidden_chunks`](Self::forward_hidden_chunks), without the last layer's output
+    /// projection and feed-forward block, whose results nobody would read).
+    pub fn fill_cache_chunks<C: KvCache<B> + ?Sized>(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        chunks: &[usize],
+        cache: &mut C,
+    ) -> Result<()> {
+        self.run_layers_chunked(tokens, chunks, cache, Needed::Nothing)
+            .map(|_| ())
+    }
+
+    /// [`forward_hidden_chunks`](Self::forward_hidden_chunks) returning the last layer's output
+    /// for the positions `needed` says.
+    fn run_layers_chunked<C: KvCache<B> + ?Sized>(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        chunks: &[usize],
+        cache: &mut C,
+        needed: Needed,
+    ) -> Result<Tensor<B, 3>> {
         let [b, total] = tokens.dims();
         if chunks.iter().sum::<usize>() != total || chunks.contains(&0) {
             return Err(Error::InvalidInput(format!(
@@ -491,8 +568,16 @@ impl<B: Backend> Llama<B> {
         if chunks.len() <= 1 || cache.compact_positions() {
             let mut outs = Vec::with_capacity(chunks.len());
             let mut start = 0;
-            for &s in chunks {
-                outs.push(self.forward_hidden(tokens.clone().slice([0..b, start..start + s]), cache)?);
+            for (i, &s) in chunks.iter().enumerate() {
+                // Only the last chunk holds the last position.
+                let here = match needed {
+                    Needed::Last if i + 1 < chunks.len() => Needed::Nothing,
+                    other => other,
+                };
+                let out = self.run_layers(tokens.clone().slice([0..b, start..start + s]), cache, here)?;
+                if here != Needed::Nothing || needed == Needed::Nothing {
+                    outs.push(out);
+                }
                 start += s;
             }
             return Ok(Tensor::cat(outs, 1));
@@ -503,6 +588,7 @@ impl<B: Backend> Llama<B> {
         let mut x = self.embed.embed(tokens).cast(self.activation_dtype());
         // The mask of the last (chunk length, slot count) seen.
         let (mut mask_for, mut mask) = (None, None);
+        let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = layer
                 .attn
@@ -527,8 +613,15 @@ impl<B: Backend> Llama<B> {
                 cache.end_layer_chunk(l)?;
                 off += s;
             }
-            x = x + layer.attn.o.forward(join_positions_first(outs));
-            x = x.clone() + layer.ffn.forward(normalize(&layer.ffn_norm, x));
+            x = match (l == last, needed) {
+                (true, Needed::Nothing) => x,
+                // The last chunk holds the last position.
+                (true, Needed::Last) => match outs.pop() {
+                    Some(out) => layer.finish(x, out, Needed::Last),
+                    None => x,
+                },
+                _ => layer.finish_merged(x, layer.attn.o.forward(join_positions_first(outs))),
+            };
         }
         Ok(x)
     }
@@ -546,7 +639,11 @@ impl<B: Backend> Llama<B> {
         cache: &mut C,
         logits: Logits,
     ) -> Result<Tensor<B, 3>> {
-        let x = self.forward_hidden_chunks(tokens, chunks, cache)?;
+        let needed = match logits {
+            Logits::All => Needed::All,
+            Logits::Last => Needed::Last,
+        };
+        let x = self.run_layers_chunked(tokens, chunks, cache, needed)?;
         self.project_logits(x, logits)
     }
 

@@ -165,6 +165,55 @@ fn half_precision_activations_track_the_f32_model() {
     assert!(worst > 0.0, "half precision changed nothing: the f16 path did not run");
 }
 
+/// The last layer skips the output projection and feed-forward block for positions nobody
+/// reads: the last position's logits, and the cache a prefill leaves, are unchanged.
+#[test]
+fn skipping_unread_positions_changes_neither_logits_nor_cache() {
+    let cfg = tiny_config();
+    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 7), WeightDType::F32, &Default::default()).unwrap();
+    let ids = [3, 17, 42, 5, 9, 33, 0, 12, 49, 21];
+    let v = cfg.vocab_size;
+    let all = to_vec(
+        model
+            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::All)
+            .unwrap(),
+    );
+    let want = &all[all.len() - v..];
+    let close = |got: &[f32]| {
+        assert_eq!(got.len(), v);
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    };
+    close(&to_vec(
+        model
+            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::Last)
+            .unwrap(),
+    ));
+    // Layer by layer over chunks, and chunk by chunk (a single chunk).
+    for chunks in [vec![4, 3, 3], vec![10]] {
+        let mut cache = FullCache::new(cfg.n_layers);
+        close(&to_vec(
+            model
+                .forward_chunks(tokens(&ids), &chunks, &mut cache, Logits::Last)
+                .unwrap(),
+        ));
+    }
+    // A cache filled without the unread outputs continues exactly as one filled with them.
+    let mut filled = FullCache::new(cfg.n_layers);
+    model
+        .fill_cache_chunks(tokens(&ids[..9]), &[4, 3, 2], &mut filled)
+        .unwrap();
+    let mut cache = FullCache::new(cfg.n_layers);
+    model
+        .forward_hidden_chunks(tokens(&ids[..9]), &[4, 3, 2], &mut cache)
+        .unwrap();
+    let a = to_vec(model.forward(tokens(&ids[9..]), &mut filled, Logits::Last).unwrap());
+    let b = to_vec(model.forward(tokens(&ids[9..]), &mut cache, Logits::Last).unwrap());
+    assert_eq!(a, b);
+    close(&a);
+}
+
 #[test]
 fn causal_mask_hides_only_future_tokens() {
     let m: Vec<f32> = causal_mask::<Flex>(2, 5, 0, &Default::default())
