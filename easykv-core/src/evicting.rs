@@ -144,12 +144,7 @@ impl<B: Backend> EvictingCache<B> {
             return Vec::new();
         };
         let [b, h, n] = stats.positions.dims();
-        let flat: Vec<i64> = stats
-            .positions
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .unwrap_or_default();
+        let flat = host_positions(stats.positions);
         (0..b * h)
             .map(|row| {
                 let mut v: Vec<usize> = flat[row * n..(row + 1) * n].iter().map(|&p| p as usize).collect();
@@ -483,36 +478,34 @@ fn pick_slots<B: Backend>(stats: SlotStats<B>, keep: Tensor<B, 3, Int>) -> SlotS
 fn pick_slots_on_host<B: Backend>(stats: SlotStats<B>, order: &[usize], kept: usize) -> SlotStats<B> {
     let [rows, h, n] = stats.sum.dims();
     let device = stats.sum.device();
-    let gather = |values: &[f32]| -> Vec<f32> {
+    // Row r's slots `order[r·kept..][..kept]` out of its `n` values.
+    fn gather<T: Copy>(values: &[T], order: &[usize], kept: usize, n: usize) -> Vec<T> {
         order
             .chunks(kept.max(1))
             .enumerate()
             .flat_map(|(r, slots)| slots.iter().map(move |&j| values[r * n + j]))
             .collect()
-    };
+    }
     let pick = |t: Tensor<B, 3>| {
         let values: Vec<f32> = t.into_data().convert::<f32>().into_vec().unwrap_or_default();
-        Tensor::<B, 3>::from_data(TensorData::new(gather(&values), [rows, h, kept]), &device)
+        Tensor::<B, 3>::from_data(
+            TensorData::new(gather(&values, order, kept, n), [rows, h, kept]),
+            &device,
+        )
     };
-    let positions: Vec<i64> = stats
-        .positions
-        .into_data()
-        .convert::<i64>()
-        .into_vec()
-        .unwrap_or_default();
-    let positions = &positions;
-    let picked: Vec<i64> = order
-        .chunks(kept.max(1))
-        .enumerate()
-        .flat_map(|(r, slots)| slots.iter().map(move |&j| positions[r * n + j]))
-        .collect();
+    let positions = gather(&host_positions(stats.positions), order, kept, n);
     SlotStats {
         sum: pick(stats.sum),
         sum_sq: pick(stats.sum_sq),
         count: pick(stats.count),
         last: pick(stats.last),
-        positions: Tensor::from_data(TensorData::new(picked, [rows, h, kept]), &device),
+        positions: Tensor::from_data(TensorData::new(positions, [rows, h, kept]), &device),
     }
+}
+
+/// Slot positions read back to the host, flattened.
+fn host_positions<B: Backend>(positions: Tensor<B, 3, Int>) -> Vec<i64> {
+    positions.into_data().convert::<i64>().into_vec().unwrap_or_default()
 }
 
 /// Evicted slots that may gather while decoding before keys and values are compacted.
