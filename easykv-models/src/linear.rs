@@ -88,7 +88,10 @@ impl<B: Backend> Linear<B> {
         let activation = x.dtype();
         let x = x.reshape([b * s, inp]).cast(w.dtype());
         let y = if b * s <= SMALL_ROWS {
-            w.matmul(x.transpose()).transpose()
+            match crate::host_kernels::matmul_rows_parallel(&w, x.clone().transpose()) {
+                Some(y) => y.transpose(),
+                None => w.matmul(x.transpose()).transpose(),
+            }
         } else {
             x.matmul(w.transpose())
         };
@@ -146,6 +149,10 @@ impl<B: Backend> EmbeddingTable<B> {
         let w = self.weight.val();
         let vocab = w.dims()[0];
         let xt = x.reshape([b * s, hidden]).cast(w.dtype()).transpose();
-        w.matmul(xt).cast(DType::F32).transpose().reshape([b, s, vocab])
+        let y = match crate::host_kernels::matmul_rows_parallel(&w, xt.clone()) {
+            Some(y) => y,
+            None => w.matmul(xt),
+        };
+        y.cast(DType::F32).transpose().reshape([b, s, vocab])
     }
 }
