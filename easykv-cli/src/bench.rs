@@ -197,6 +197,8 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
             "policy": args.eviction.policy,
             "budget": args.eviction.budget,
             "mode": args.eviction.mode,
+            "stride": args.eviction.stride,
+            "ranking": args.eviction.ranking,
             "interleaved": versus.map(|v| json!({
                 "steps": v.steps,
                 "policy_decode_tokens_per_second": v.policy,
