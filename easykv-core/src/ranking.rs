@@ -136,27 +136,28 @@ impl Ranking {
     pub fn true_slots<B: Backend>(self, mask: Tensor<B, 3, Bool>, count: usize) -> Tensor<B, 3, Int> {
         let [rows, h, n] = mask.dims();
         let device = mask.device();
-        if self == Self::Host {
-            let flags: Vec<bool> = mask.into_data().convert::<bool>().into_vec().unwrap_or_default();
-            let mut slots = Vec::with_capacity(rows * h * count);
-            for row in flags.chunks(n.max(1)) {
-                // As the sort orders them: true slots first, then false ones, each ascending.
-                let (trues, falses): (Vec<usize>, Vec<usize>) = (0..row.len()).partition(|&j| row[j]);
-                slots.extend(trues.into_iter().chain(falses).take(count).map(|j| j as i64));
-            }
-            return Tensor::from_data(TensorData::new(slots, [rows, h, count]), &device);
-        }
-        let index = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
-            .float()
-            .reshape([1, 1, n])
-            .repeat(&[rows, h, 1]);
+        let index = || {
+            Tensor::<B, 1, Int>::arange(0..n as i64, &device)
+                .float()
+                .reshape([1, 1, n])
+                .repeat(&[rows, h, 1])
+        };
         match self {
             Self::Sort => {
                 // Sort `false·n + index`: the true slots come first, in order.
-                let key = mask.bool_not().float().mul_scalar(n as f32) + index;
+                let key = mask.bool_not().float().mul_scalar(n as f32) + index();
                 key.argsort(2).slice_dim(2, 0..count)
             }
-            Self::Host => unreachable!("handled above"),
+            Self::Host => {
+                let flags: Vec<bool> = mask.into_data().convert::<bool>().into_vec().unwrap_or_default();
+                let mut slots = Vec::with_capacity(rows * h * count);
+                for row in flags.chunks(n.max(1)) {
+                    // As the sort orders them: true slots first, then false ones, each ascending.
+                    let (trues, falses): (Vec<usize>, Vec<usize>) = (0..row.len()).partition(|&j| row[j]);
+                    slots.extend(trues.into_iter().chain(falses).take(count).map(|j| j as i64));
+                }
+                Tensor::from_data(TensorData::new(slots, [rows, h, count]), &device)
+            }
             Self::Pairwise => {
                 // A true slot goes to column (true slots before it); the rest to a spare column.
                 let m = mask.float();
@@ -165,7 +166,7 @@ impl Ranking {
                 let column = ((m.clone().cumsum(2) - 1.0) * m.clone() + (m.neg() + 1.0).mul_scalar(count as f32))
                     .clamp_max(count as f32);
                 Tensor::<B, 3>::zeros([rows, h, count + 1], &device)
-                    .scatter(2, column.int(), index, IndexingUpdateOp::Add)
+                    .scatter(2, column.int(), index(), IndexingUpdateOp::Add)
                     .slice_dim(2, 0..count)
                     .int()
             }

@@ -88,17 +88,17 @@ impl<B: Backend> Linear<B> {
         let activation = x.dtype();
         let x = x.reshape([b * s, inp]).cast(w.dtype());
         let y = if b * s <= SMALL_ROWS {
-            match crate::host_kernels::matmul_rows_parallel(&w, x.clone().transpose()) {
-                Some(y) => y.transpose(),
-                None => w.matmul(x.transpose()).transpose(),
-            }
+            crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose()
         } else {
             x.matmul(w.transpose())
         };
         let y = y.cast(activation).reshape([b, s, out]);
         match &self.bias {
             // Biases are kept in f32; the addition runs in the activations' precision.
-            Some(b) => y.clone() + b.val().cast(y.dtype()).unsqueeze(),
+            Some(b) => {
+                let dtype = y.dtype();
+                y + b.val().cast(dtype).unsqueeze()
+            }
             None => y,
         }
     }
@@ -149,10 +149,9 @@ impl<B: Backend> EmbeddingTable<B> {
         let w = self.weight.val();
         let vocab = w.dims()[0];
         let xt = x.reshape([b * s, hidden]).cast(w.dtype()).transpose();
-        let y = match crate::host_kernels::matmul_rows_parallel(&w, xt.clone()) {
-            Some(y) => y,
-            None => w.matmul(xt),
-        };
-        y.cast(DType::F32).transpose().reshape([b, s, vocab])
+        crate::host_kernels::matmul_rows_parallel(&w, xt)
+            .cast(DType::F32)
+            .transpose()
+            .reshape([b, s, vocab])
     }
 }

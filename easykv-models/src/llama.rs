@@ -335,6 +335,15 @@ enum Needed {
     Nothing,
 }
 
+impl From<Logits> for Needed {
+    fn from(logits: Logits) -> Self {
+        match logits {
+            Logits::All => Needed::All,
+            Logits::Last => Needed::Last,
+        }
+    }
+}
+
 impl<B: Backend> DecoderLayer<B> {
     /// The residual stream after this layer, given its attention output `attn`
     /// (`[batch, n_heads, s, head_dim]`), for the positions `needed` says: `[batch, s, hidden]`,
@@ -431,11 +440,7 @@ impl<B: Backend> Llama<B> {
         cache: &mut C,
         logits: Logits,
     ) -> Result<Tensor<B, 3>> {
-        let needed = match logits {
-            Logits::All => Needed::All,
-            Logits::Last => Needed::Last,
-        };
-        let x = self.run_layers(tokens, cache, needed)?;
+        let x = self.run_layers(tokens, cache, logits.into())?;
         self.project_logits(x, logits)
     }
 
@@ -575,6 +580,8 @@ impl<B: Backend> Llama<B> {
                     other => other,
                 };
                 let out = self.run_layers(tokens.clone().slice([0..b, start..start + s]), cache, here)?;
+                // Unread outputs are dropped, unless nothing is read at all (something must be
+                // returned).
                 if here != Needed::Nothing || needed == Needed::Nothing {
                     outs.push(out);
                 }
@@ -639,11 +646,7 @@ impl<B: Backend> Llama<B> {
         cache: &mut C,
         logits: Logits,
     ) -> Result<Tensor<B, 3>> {
-        let needed = match logits {
-            Logits::All => Needed::All,
-            Logits::Last => Needed::Last,
-        };
-        let x = self.run_layers_chunked(tokens, chunks, cache, needed)?;
+        let x = self.run_layers_chunked(tokens, chunks, cache, logits.into())?;
         self.project_logits(x, logits)
     }
 
