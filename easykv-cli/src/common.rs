@@ -38,7 +38,7 @@ pub struct ModelArgs {
     /// directory (config.json, safetensors, tokenizer.json).
     #[arg(long, default_value = "smollm2")]
     pub model: String,
-    /// Where to run: cpu, or cuda[:N] / wgpu[:N] in builds with those features.
+    /// Where to run: cpu, or cuda[:N] / cuda-fused[:N] / wgpu[:N] in builds with those features.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Storage precision of weight matrices and the KV cache: f32 (exact), f16 or bf16 (half

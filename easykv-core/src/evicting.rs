@@ -275,8 +275,8 @@ impl<B: Backend> EvictingCache<B> {
         Some(st)
     }
 
-    /// The policy's choice of `n_evict` victims among the live slots of `layers`' rows.
-    fn victims(&mut self, stats: &SlotStats<B>, layers: Range<usize>, n_evict: usize) -> Tensor<B, 3, Int> {
+    /// The facts of evicting `n_evict` of the live slots of `layers`' rows.
+    fn context(&self, stats: &SlotStats<B>, layers: Range<usize>, n_evict: usize) -> EvictionContext {
         let first = layers.start;
         let phase = self.phase(first);
         let sched = &self.schedule;
@@ -288,7 +288,7 @@ impl<B: Backend> EvictingCache<B> {
                 sched.decode_protected_positions,
             ),
         };
-        let ctx = EvictionContext {
+        EvictionContext {
             phase,
             slots: self.slots(first),
             n_evict,
@@ -300,7 +300,12 @@ impl<B: Backend> EvictingCache<B> {
             step: self.progress[first].steps,
             layers,
             ranking: self.ranking(stats),
-        };
+        }
+    }
+
+    /// The policy's choice of `n_evict` victims among the live slots of `layers`' rows.
+    fn victims(&mut self, stats: &SlotStats<B>, layers: Range<usize>, n_evict: usize) -> Tensor<B, 3, Int> {
+        let ctx = self.context(stats, layers, n_evict);
         self.policy.select(stats, &ctx)
     }
 
@@ -309,8 +314,13 @@ impl<B: Backend> EvictingCache<B> {
     fn evict(&mut self, stats: SlotStats<B>, layers: Range<usize>, capacity: usize) -> SlotStats<B> {
         let stats = self.flush(stats, layers.clone());
         let n = stats.sum.dims()[2];
-        let evict = self.victims(&stats, layers.clone(), n - capacity);
-        let keep = keep_indices(evict, n, capacity, self.ranking(&stats));
+        let ranking = self.ranking(&stats);
+        let keep = if n - capacity == 1 {
+            keep_indices(self.victims(&stats, layers.clone(), 1), capacity)
+        } else {
+            let ctx = self.context(&stats, layers.clone(), n - capacity);
+            ranking.true_slots(self.policy.select_mask(&stats, &ctx).bool_not(), capacity)
+        };
         for layer in layers.clone() {
             let p = &mut self.progress[layer];
             p.evicted += n - capacity;
@@ -511,30 +521,21 @@ fn host_positions<B: Backend>(positions: Tensor<B, 3, Int>) -> Vec<i64> {
 /// Evicted slots that may gather while decoding before keys and values are compacted.
 pub const DEAD_SLOTS_BEFORE_COMPACTION: usize = 32;
 
-/// The slots not in `evict`, in ascending order.
-fn keep_indices<B: Backend>(evict: Tensor<B, 3, Int>, n: usize, keep: usize, ranking: Ranking) -> Tensor<B, 3, Int> {
-    let [rows, h, n_evict] = evict.dims();
+/// The `keep` slots other than the one `evict` names (`[rows, heads, 1]`), in ascending order:
+/// slot j < e stays at j, the rest shift by one.
+fn keep_indices<B: Backend>(evict: Tensor<B, 3, Int>, keep: usize) -> Tensor<B, 3, Int> {
+    let [rows, h, _] = evict.dims();
     let device = evict.device();
-    if n_evict == 1 {
-        // One eviction (every decode step): slot j < e stays at j, the rest shift by one.
-        let idx = Tensor::<B, 1, Int>::arange(0..keep as i64, &device)
-            .reshape([1, 1, keep])
-            .repeat(&[rows, h, 1]);
-        let idx = idx.cast(evict.dtype());
-        let shift = idx
-            .clone()
-            .greater_equal(evict.repeat_dim(2, keep))
-            .int()
-            .cast(idx.dtype());
-        return idx + shift;
-    }
-    let marks = Tensor::<B, 3>::zeros([rows, h, n], &device).scatter(
-        2,
-        evict,
-        Tensor::ones([rows, h, n_evict], &device),
-        burn::tensor::IndexingUpdateOp::Add,
-    );
-    ranking.true_slots(marks.lower_elem(0.5), keep)
+    let idx = Tensor::<B, 1, Int>::arange(0..keep as i64, &device)
+        .reshape([1, 1, keep])
+        .repeat(&[rows, h, 1]);
+    let idx = idx.cast(evict.dtype());
+    let shift = idx
+        .clone()
+        .greater_equal(evict.repeat_dim(2, keep))
+        .int()
+        .cast(idx.dtype());
+    idx + shift
 }
 
 impl<B: Backend> KvCache<B> for EvictingCache<B> {

@@ -21,5 +21,5 @@ pub use cache::{uniform_chunks, KvCache};
 pub use error::{Error, Result};
 pub use evicting::EvictingCache;
 pub use full::FullCache;
-pub use policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
+pub use policy::{slot_mask, EvictionContext, EvictionPolicy, Phase, SlotStats};
 pub use ranking::{host_resident, Ranking};

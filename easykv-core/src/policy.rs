@@ -1,6 +1,6 @@
 //! What an eviction policy sees and answers.
 
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor};
 
 /// Per-slot statistics, kept on the device next to the keys and values.
 ///
@@ -94,4 +94,27 @@ pub trait EvictionPolicy<B: Backend>: Send {
     /// # Shapes
     /// - returns `[rows, kv_heads, n_evict]`
     fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Int>;
+
+    /// [`select`](Self::select)'s slots as a mask over the `ctx.slots` slots. Policies that
+    /// rank every slot answer this directly: compaction wants the mask, and turning a mask
+    /// into indices and back costs a selection (on GPUs a dozen kernels or a round trip to
+    /// the host) per eviction step.
+    ///
+    /// # Shapes
+    /// - returns `[rows, kv_heads, slots]`
+    fn select_mask(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
+        slot_mask(self.select(stats, ctx), ctx.slots)
+    }
+}
+
+/// Marks the slots `indices` lists (`[rows, kv_heads, k]`) among `slots` slots.
+///
+/// # Shapes
+/// - returns `[rows, kv_heads, slots]`
+pub fn slot_mask<B: Backend>(indices: Tensor<B, 3, Int>, slots: usize) -> Tensor<B, 3, Bool> {
+    let [rows, h, k] = indices.dims();
+    let device = indices.device();
+    Tensor::<B, 3>::zeros([rows, h, slots], &device)
+        .scatter(2, indices, Tensor::ones([rows, h, k], &device), IndexingUpdateOp::Add)
+        .greater_elem(0.5)
 }

@@ -2,7 +2,7 @@
 //! live in host memory (reading a flex tensor nothing else shares is free). Other backends
 //! keep burn's operations.
 //!
-//! - Softmax and SwiGLU's gate: flex computes `exp` one element at a time through libm on one
+//! - Softmax and SwiGLU: flex computes `exp` one element at a time through libm on one
 //!   core (~4.5 ns per element on the CI machine), which took more of a strided prefill than
 //!   the attention's products. Here an `exp` the compiler vectorizes, over rayon's threads when
 //!   the tensor is large.
@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 
@@ -128,37 +128,50 @@ pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D>
     in_place(x, kernel).unwrap_or_else(|x| softmax(x, D - 1))
 }
 
-/// SwiGLU's `silu(gate) · up`, element by element.
+/// SwiGLU's `silu(gate) · up` for the gate and up projections stacked along the last axis
+/// (one product makes both).
 ///
 /// # Shapes
-/// - `gate`, `up`: the same shape → that shape
-pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
-    if !on_host(&gate) || !on_host(&up) || gate.dims() != up.dims() {
-        return silu(gate) * up;
+/// - `x`: `[.., 2·i]` (gate, then up) → `[.., i]`
+pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let i = dims[D - 1] / 2;
+    dims[D - 1] = i;
+    if !on_host(&x) || i == 0 {
+        return swiglu_by_ops(x);
     }
-    let device = gate.device();
-    let up_data = up.into_data();
-    let Ok(u) = up_data.as_slice::<f32>() else {
-        return silu(gate) * Tensor::from_data(up_data, &device);
+    let device = x.device();
+    let data = x.into_data();
+    let Ok(v) = data.as_slice::<f32>() else {
+        return swiglu_by_ops(Tensor::from_data(data, &device));
     };
-    let kernel = |g: &mut [f32], u: &[f32]| {
-        for (g, &u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + exp(-*g)) * u;
+    let mut out = vec![0f32; v.len() / 2];
+    let kernel = |o: &mut [f32], rows: &[f32]| {
+        for (o, row) in o.chunks_mut(i).zip(rows.chunks(2 * i)) {
+            let (g, u) = row.split_at(i);
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + exp(-g)) * u;
+            }
         }
     };
-    let run = |g: &mut [f32]| {
-        if g.len() >= PARALLEL_ELEMENTS {
-            g.par_chunks_mut(PARALLEL_ELEMENTS / 4)
-                .zip(u.par_chunks(PARALLEL_ELEMENTS / 4))
-                .for_each(|(g, u)| kernel(g, u));
-        } else {
-            kernel(g, u);
-        }
-    };
-    match in_place(gate, run) {
-        Ok(y) => y,
-        Err(gate) => silu(gate) * Tensor::from_data(up_data, &device),
+    if out.len() >= PARALLEL_ELEMENTS {
+        // Whole rows per task, each task at least PARALLEL_ELEMENTS / 4 outputs.
+        let rows = (PARALLEL_ELEMENTS / 4).div_ceil(i).max(1);
+        out.par_chunks_mut(rows * i)
+            .zip(v.par_chunks(rows * 2 * i))
+            .for_each(|(o, r)| kernel(o, r));
+    } else {
+        kernel(&mut out, v);
     }
+    Tensor::from_data(TensorData::new(out, dims), &device)
+}
+
+/// [`swiglu`] in tensor operations: `g / (1 + e^−g) · u`, five operations where burn's `silu`
+/// (its sigmoid goes through a logarithm in f32) takes ten; on GPUs each is a kernel launch.
+fn swiglu_by_ops<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let i = x.dims()[D - 1] / 2;
+    let (g, u) = (x.clone().slice_dim(D - 1, 0..i), x.slice_dim(D - 1, i..2 * i));
+    g.clone() / (g.neg().exp() + 1.0) * u
 }
 
 /// `W·X` for a tall `W` (`[out, in]`) and a thin `X` (`[in, r]`, a few rows of activations),
@@ -288,6 +301,7 @@ pub fn join_positions_first<B: Backend>(outs: Vec<Tensor<B, 4>>) -> Tensor<B, 3>
 mod tests {
     use super::*;
     use burn::backend::Flex;
+    use burn::tensor::activation::silu;
     use burn::tensor::Distribution;
 
     #[test]
@@ -343,7 +357,9 @@ mod tests {
             close(ours.clone().slice_dim(2, 0..1), theirs.clone().slice_dim(2, 0..1), 1e-5);
             close(ours.slice_dim(2, 2..s), theirs.slice_dim(2, 2..s), 1e-5);
             let (g, u) = (x.clone().clamp(-80.0, 80.0), x.clamp(-3.0, 3.0).neg());
-            close(silu_mul(g.clone(), u.clone()), silu(g) * u, 1e-5);
+            let stacked = Tensor::cat(vec![g.clone(), u.clone()], 3);
+            close(swiglu(stacked.clone()), silu(g.clone()) * u.clone(), 1e-5);
+            close(swiglu_by_ops(stacked), silu(g) * u, 1e-5);
         }
     }
 

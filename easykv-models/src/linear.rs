@@ -79,6 +79,27 @@ impl<B: Backend> Linear<B> {
         }
     }
 
+    /// The projections `parts` (same input size) as one: outputs follow each other in the
+    /// order given. A part without a bias gets zeros when another has one.
+    pub fn stacked(parts: Vec<Linear<B>>) -> Self {
+        let biased = parts.iter().any(|p| p.bias.is_some());
+        let bias = biased.then(|| {
+            let biases = parts
+                .iter()
+                .map(|p| match &p.bias {
+                    Some(b) => b.val(),
+                    None => Tensor::zeros([p.weight.dims()[0]], &p.weight.device()),
+                })
+                .collect();
+            Param::from_tensor(Tensor::cat(biases, 0))
+        });
+        let weights = parts.into_iter().map(|p| p.weight.val()).collect();
+        Self {
+            weight: Param::from_tensor(Tensor::cat(weights, 0)),
+            bias,
+        }
+    }
+
     /// # Shapes
     /// - `x`: `[batch, s, in]` → `[batch, s, out]`, in `x`'s dtype
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -153,5 +174,46 @@ impl<B: Backend> EmbeddingTable<B> {
             .cast(DType::F32)
             .transpose()
             .reshape([b, s, vocab])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    /// One stacked product equals the parts' products side by side, a missing bias counting
+    /// as zeros; in f32 and in f16 storage, for decode-sized and prefill-sized inputs.
+    #[test]
+    fn stacked_projection_equals_its_parts() {
+        let dev = Default::default();
+        let w = |out: usize| Tensor::<Flex, 2>::random([out, 6], Distribution::Normal(0.0, 1.0), &dev);
+        let b = |out: usize| Tensor::<Flex, 1>::random([out], Distribution::Normal(0.0, 1.0), &dev);
+        for dtype in [WeightDType::F32, WeightDType::F16] {
+            let parts = || {
+                vec![
+                    Linear::from_tensors(w(4), Some(b(4)), dtype),
+                    Linear::from_tensors(w(3), None, dtype),
+                    Linear::from_tensors(w(5), Some(b(5)), dtype),
+                ]
+            };
+            let (a, stacked) = {
+                let a = parts();
+                let clones = a
+                    .iter()
+                    .map(|l| Linear::from_tensors(l.weight.val(), l.bias.as_ref().map(|b| b.val()), dtype))
+                    .collect();
+                (a, Linear::stacked(clones))
+            };
+            assert_eq!(stacked.weight.dims(), [12, 6]);
+            for rows in [1, 40] {
+                let x = Tensor::<Flex, 3>::random([1, rows, 6], Distribution::Normal(0.0, 1.0), &dev);
+                let want = Tensor::cat(a.iter().map(|l| l.forward(x.clone())).collect(), 2);
+                let got = stacked.forward(x);
+                let diff = (got - want).abs().max().into_scalar();
+                assert!(diff < 1e-4, "{dtype:?}, {rows} rows: {diff}");
+            }
+        }
     }
 }

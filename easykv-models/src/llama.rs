@@ -184,9 +184,9 @@ impl<B: Backend> Llama<B> {
 /// Grouped-query self-attention with an explicit softmax.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q: Linear<B>,
-    pub k: Linear<B>,
-    pub v: Linear<B>,
+    /// Queries, keys and values stacked into one product (one pass over `x`, one kernel
+    /// instead of three): `[(n_heads + 2·n_kv_heads)·head_dim, hidden]`.
+    pub qkv: Linear<B>,
     pub o: Linear<B>,
     n_heads: usize,
     n_kv_heads: usize,
@@ -219,16 +219,21 @@ impl<B: Backend> Attention<B> {
         angles: &ChunkAngles<B>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, _] = x.dims();
-        let d = self.head_dim;
-        // Rotate in the projections' own contiguous layout, then view heads first.
-        let heads = |t: Tensor<B, 3>, h: usize| t.reshape([b, s, h, d]);
-        let q = Rope::apply(heads(self.q.forward(x.clone()), self.n_heads), &angles.queries);
-        let k = heads(self.k.forward(x.clone()), self.n_kv_heads);
-        let k = match angles.slots {
-            None => Rope::apply(k, &angles.keys),
-            Some(_) => k,
+        let (d, hq, hkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+        let qkv = self.qkv.forward(x);
+        // `h` heads from head `first` of the stacked projection, rotated (where asked) in the
+        // projection's own layout.
+        let heads = |first: usize, h: usize| {
+            qkv.clone()
+                .slice_dim(2, first * d..(first + h) * d)
+                .reshape([b, s, h, d])
         };
-        let v = heads(self.v.forward(x), self.n_kv_heads);
+        let q = Rope::apply(heads(0, hq), &angles.queries);
+        let k = match angles.slots {
+            None => Rope::apply(heads(hq, hkv), &angles.keys),
+            Some(_) => heads(hq, hkv),
+        };
+        let v = heads(hq + hkv, hkv);
         (q, k, v)
     }
 
@@ -258,7 +263,7 @@ impl<B: Backend> Attention<B> {
         // Keys and values are cached in the weights' precision (f16 halves the cache); the
         // products run in it where the backend is fast at it, the softmax and what the cache
         // observes stay in f32.
-        let kv_dtype = self.k.weight.val().dtype();
+        let kv_dtype = self.qkv.weight.val().dtype();
         let product = if self.half_products || s == 1 {
             kv_dtype
         } else {
@@ -370,16 +375,14 @@ impl<B: Backend> DecoderLayer<B> {
 /// SwiGLU feed-forward block.
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {
-    pub gate: Linear<B>,
-    pub up: Linear<B>,
+    /// Gate and up projections stacked into one product: `[2·intermediate, hidden]`.
+    pub gate_up: Linear<B>,
     pub down: Linear<B>,
 }
 
 impl<B: Backend> FeedForward<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate.forward(x.clone());
-        self.down
-            .forward(crate::host_kernels::silu_mul(gate, self.up.forward(x)))
+        self.down.forward(crate::host_kernels::swiglu(self.gate_up.forward(x)))
     }
 }
 
@@ -691,9 +694,11 @@ impl<B: Backend> Llama<B> {
         for i in 0..cfg.n_layers {
             let name = |t: &str| format!("blk.{i}.{t}");
             let attn = Attention {
-                q: params.linear(&name("attn_q"), cfg.n_heads * d, h, Some(cfg.n_heads))?,
-                k: params.linear(&name("attn_k"), cfg.n_kv_heads * d, h, Some(cfg.n_kv_heads))?,
-                v: params.linear(&name("attn_v"), cfg.n_kv_heads * d, h, None)?,
+                qkv: Linear::stacked(vec![
+                    params.linear(&name("attn_q"), cfg.n_heads * d, h, Some(cfg.n_heads))?,
+                    params.linear(&name("attn_k"), cfg.n_kv_heads * d, h, Some(cfg.n_kv_heads))?,
+                    params.linear(&name("attn_v"), cfg.n_kv_heads * d, h, None)?,
+                ]),
                 o: params.linear(&name("attn_output"), h, cfg.n_heads * d, None)?,
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
@@ -702,8 +707,10 @@ impl<B: Backend> Llama<B> {
                 half_products,
             };
             let ffn = FeedForward {
-                gate: params.linear(&name("ffn_gate"), cfg.intermediate_size, h, None)?,
-                up: params.linear(&name("ffn_up"), cfg.intermediate_size, h, None)?,
+                gate_up: Linear::stacked(vec![
+                    params.linear(&name("ffn_gate"), cfg.intermediate_size, h, None)?,
+                    params.linear(&name("ffn_up"), cfg.intermediate_size, h, None)?,
+                ]),
                 down: params.linear(&name("ffn_down"), h, cfg.intermediate_size, None)?,
             };
             layers.push(DecoderLayer {

@@ -1,5 +1,5 @@
 use burn::tensor::{backend::Backend, Bool, ElementConversion, Int, Tensor};
-use easykv_core::{EvictionContext, EvictionPolicy, Ranking, SlotStats};
+use easykv_core::{slot_mask, EvictionContext, EvictionPolicy, Ranking, SlotStats};
 
 /// Importance of every slot; the lowest are evicted first.
 pub trait ScoreCalculator<B: Backend>: Send {
@@ -117,6 +117,36 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
     }
 
     fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Int> {
+        let masked = match self.masked_score(stats, ctx) {
+            Masked::Scores(masked) => masked,
+            Masked::Victim(victim) => return victim,
+        };
+        if ctx.n_evict == 1 {
+            // One eviction per step while decoding: a minimum, not a sort.
+            masked.argmin(2)
+        } else {
+            ctx.ranking.smallest(masked, ctx.n_evict)
+        }
+    }
+
+    fn select_mask(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
+        match self.masked_score(stats, ctx) {
+            Masked::Scores(masked) if ctx.n_evict > 1 => ctx.ranking.smallest_mask(masked, ctx.n_evict),
+            Masked::Scores(masked) => slot_mask(masked.argmin(2), ctx.slots),
+            Masked::Victim(victim) => slot_mask(victim, ctx.slots),
+        }
+    }
+}
+
+/// A score with every slot outside the scope at [`NEVER`], or the victim itself.
+enum Masked<B: Backend> {
+    Scores(Tensor<B, 3>),
+    /// A single eviction from a [`Scope::Smallest`], found without ranking every slot.
+    Victim(Tensor<B, 3, Int>),
+}
+
+impl<B: Backend> ScoredPolicy<B> {
+    fn masked_score(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Masked<B> {
         let score = self.score.score(stats, ctx);
         // NaN or huge scores must not outrank real ones.
         let score = score
@@ -124,16 +154,14 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
             .mask_fill(score.is_nan(), NEVER)
             .clamp_min(-NEVER)
             .clamp_max(NEVER);
-        let masked = match self.scope.scope(stats, ctx) {
-            Scope::Smallest { key, k } if ctx.n_evict == 1 => return lowest_among_smallest(score, key, k, ctx.ranking),
-            Scope::Smallest { key, k } => score.mask_fill(smallest_mask(key, k, ctx.ranking).bool_not(), NEVER),
-            Scope::Mask(eligible) => score.mask_fill(eligible.bool_not(), NEVER),
-        };
-        if ctx.n_evict == 1 {
-            // One eviction per step while decoding: a minimum, not a sort.
-            masked.argmin(2)
-        } else {
-            ctx.ranking.smallest(masked, ctx.n_evict)
+        match self.scope.scope(stats, ctx) {
+            Scope::Smallest { key, k } if ctx.n_evict == 1 => {
+                Masked::Victim(lowest_among_smallest(score, key, k, ctx.ranking))
+            }
+            Scope::Smallest { key, k } => {
+                Masked::Scores(score.mask_fill(smallest_mask(key, k, ctx.ranking).bool_not(), NEVER))
+            }
+            Scope::Mask(eligible) => Masked::Scores(score.mask_fill(eligible.bool_not(), NEVER)),
         }
     }
 }
