@@ -42,8 +42,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Storage precision of weight matrices and the KV cache: f32 (exact), f16 or bf16 (half
-    /// the memory and memory traffic). Matrix products run in it; norms, softmax and the
-    /// residual stream stay in f32.
+    /// the memory and memory traffic). Matrix products run in it; norms and softmax stay in
+    /// f32, and so does the residual stream on the CPU (on GPUs it is half precision too).
     #[arg(long, default_value = "f32")]
     pub dtype: WeightDType,
     /// Quiet: no progress or statistics on stderr.
