@@ -142,9 +142,7 @@ pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
     let device = x.device();
     let data = x.into_data();
-    let Ok(v) = data.as_slice::<f32>() else {
-        return swiglu_by_ops(Tensor::from_data(data, &device));
-    };
+    let v = f32_values(&data);
     let mut out = vec![0f32; v.len() / 2];
     let kernel = |o: &mut [f32], rows: &[f32]| {
         for (o, row) in o.chunks_mut(i).zip(rows.chunks(2 * i)) {
@@ -161,7 +159,7 @@ pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
             .zip(v.par_chunks(rows * 2 * i))
             .for_each(|(o, r)| kernel(o, r));
     } else {
-        kernel(&mut out, v);
+        kernel(&mut out, &v);
     }
     Tensor::from_data(TensorData::new(out, dims), &device)
 }
