@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod check_kernels;
 mod common;
 mod eval;
 mod generate;
@@ -49,6 +50,8 @@ enum Command {
     /// Compare policies × budgets: perplexity, passkey, needle in a haystack, fidelity to the
     /// full cache; writes results.json, results.csv and results.md.
     Eval(eval::EvalArgs),
+    /// Check the fused GPU kernels against the tensor operations they replace (on the GPU).
+    CheckKernels(check_kernels::CheckKernelsArgs),
 }
 
 /// Inference allocates and frees tensors of tens of megabytes every layer; the system
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Score(args) => score::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::CheckKernels(args) => check_kernels::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -138,7 +138,7 @@ pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let i = dims[D - 1] / 2;
     dims[D - 1] = i;
     if !on_host(&x) || i == 0 {
-        return swiglu_by_ops(x);
+        return crate::gpu_kernels::swiglu(x).unwrap_or_else(swiglu_by_ops);
     }
     let device = x.device();
     let data = x.into_data();
@@ -166,7 +166,7 @@ pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 
 /// [`swiglu`] in tensor operations: `g / (1 + e^−g) · u`, five operations where burn's `silu`
 /// (its sigmoid goes through a logarithm in f32) takes ten; on GPUs each is a kernel launch.
-fn swiglu_by_ops<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn swiglu_by_ops<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let i = x.dims()[D - 1] / 2;
     let (g, u) = (x.clone().slice_dim(D - 1, 0..i), x.slice_dim(D - 1, i..2 * i));
     g.clone() / (g.neg().exp() + 1.0) * u

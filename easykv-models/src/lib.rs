@@ -13,6 +13,7 @@ pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod gpu_kernels;
 pub mod hf;
 pub mod host_kernels;
 pub mod linear;

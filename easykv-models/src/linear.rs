@@ -108,10 +108,10 @@ impl<B: Backend> Linear<B> {
         let out = w.dims()[0];
         let activation = x.dtype();
         let x = x.reshape([b * s, inp]).cast(w.dtype());
-        let y = if b * s <= SMALL_ROWS {
-            crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose()
-        } else {
-            x.matmul(w.transpose())
+        let y = match crate::gpu_kernels::gemv(x, &w) {
+            Ok(y) => y,
+            Err(x) if b * s <= SMALL_ROWS => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
+            Err(x) => x.matmul(w.transpose()),
         };
         let y = y.cast(activation).reshape([b, s, out]);
         match &self.bias {
@@ -169,11 +169,12 @@ impl<B: Backend> EmbeddingTable<B> {
         let [b, s, hidden] = x.dims();
         let w = self.weight.val();
         let vocab = w.dims()[0];
-        let xt = x.reshape([b * s, hidden]).cast(w.dtype()).transpose();
-        crate::host_kernels::matmul_rows_parallel(&w, xt)
-            .cast(DType::F32)
-            .transpose()
-            .reshape([b, s, vocab])
+        let x = x.reshape([b * s, hidden]).cast(w.dtype());
+        let y = match crate::gpu_kernels::gemv(x, &w) {
+            Ok(y) => y,
+            Err(x) => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
+        };
+        y.cast(DType::F32).reshape([b, s, vocab])
     }
 }
 

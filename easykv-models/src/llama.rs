@@ -12,6 +12,7 @@ use easykv_core::KvCache;
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
+use crate::gpu_kernels::{self, HeadShape};
 use crate::host_kernels::{join_positions_first, HeadsFirstChunks};
 use crate::linear::{EmbeddingTable, Linear, WeightDType};
 
@@ -47,6 +48,9 @@ pub struct RopeAngles<B: Backend> {
     /// so a decode step rotates with one product instead of six element-wise operations
     /// (on GPUs each operation costs host time, which bounds decoding).
     rotation: Option<Tensor<B, 3>>,
+    /// `cos` and `sin` per position, `[len, head_dim]`, unexpanded (the fused GPU kernel
+    /// indexes them itself).
+    rows: (Tensor<B, 2>, Tensor<B, 2>),
 }
 
 /// Where the position axis sits in the tensors a [`RopeAngles`] rotates.
@@ -104,6 +108,7 @@ impl<B: Backend> Rope<B> {
         let rotation = (len == 1 && dtype != DType::F32 && axes == RopeLayoutAxes::PositionsFirst)
             .then(|| rotation_matrix(cos.clone(), sin.clone()));
         RopeAngles {
+            rows: (cos.clone(), sin.clone()),
             cos: expand(cos),
             sin: expand(sin),
             rotation,
@@ -208,8 +213,21 @@ impl<B: Backend> Attention<B> {
     /// - `x`: `[batch, s, hidden]`; `angles`: for the `s` positions
     /// - returns `[batch, heads, s, head_dim]` with `n_heads`, `n_kv_heads`, `n_kv_heads` heads
     fn project(&self, x: Tensor<B, 3>, angles: &ChunkAngles<B>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-        let (q, k, v) = self.project_positions_first(x, angles);
-        (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
+        let heads = HeadShape {
+            q_heads: self.n_heads,
+            kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        };
+        let (q_rows, k_rows) = (&angles.queries.rows, &angles.keys.rows);
+        let keys = angles.slots.is_none().then_some((&k_rows.0, &k_rows.1));
+        // One kernel where there is one (CUDA), instead of copies, rotations and transposes.
+        match gpu_kernels::split_rope(self.qkv.forward(x), heads, (&q_rows.0, &q_rows.1), keys) {
+            Ok(qkv) => qkv,
+            Err(qkv) => {
+                let (q, k, v) = self.split_positions_first(qkv, angles);
+                (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
+            }
+        }
     }
 
     /// [`project`](Self::project) in the projections' own layout, `[batch, s, heads, head_dim]`.
@@ -218,9 +236,18 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         angles: &ChunkAngles<B>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, s, _] = x.dims();
+        self.split_positions_first(self.qkv.forward(x), angles)
+    }
+
+    /// The stacked projection `qkv` (`[batch, s, (hq + 2·hkv)·d]`) as q, k, v in the
+    /// projections' layout, rotated as [`project`](Self::project) says.
+    fn split_positions_first(
+        &self,
+        qkv: Tensor<B, 3>,
+        angles: &ChunkAngles<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, s, _] = qkv.dims();
         let (d, hq, hkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
-        let qkv = self.qkv.forward(x);
         // `h` heads from head `first` of the stacked projection, rotated (where asked) in the
         // projection's own layout.
         let heads = |first: usize, h: usize| {
@@ -281,24 +308,39 @@ impl<B: Backend> Attention<B> {
         // repeating K and V.
         let q = q.reshape([b, hkv, g * s, d]).cast(product);
         // The scale 1/√d is already in the queries.
-        let scores = q.matmul(keys.swap_dims(2, 3)).cast(DType::F32);
-        // The mask has the scores' full shape: flex adds equal shapes far faster than it broadcasts.
-        let scores = match mask {
-            Some(m) => scores + m.clone(),
-            None => scores,
-        };
+        let scores = gpu_kernels::attention_scores(q, &keys).unwrap_or_else(|q| q.matmul(keys.swap_dims(2, 3)));
         // Slots the cache evicted but has not compacted away yet.
-        let scores = match cache.slot_bias(layer) {
-            // Repeated to the scores' shape: flex adds equal shapes ~30× faster than it broadcasts.
-            Some(bias) => scores + bias.repeat_dim(2, g * s),
-            None => scores,
+        let bias = cache.slot_bias(layer);
+        let (probs, product_probs) = match gpu_kernels::softmax_rows(scores, mask, bias.as_ref(), product) {
+            Ok(probs) => probs,
+            Err(scores) => {
+                let scores = scores.cast(DType::F32);
+                // The mask has the scores' full shape: flex adds equal shapes far faster than it
+                // broadcasts.
+                let scores = match mask {
+                    Some(m) => scores + m.clone(),
+                    None => scores,
+                };
+                let scores = match bias {
+                    // Repeated to the scores' shape: flex adds equal shapes ~30× faster than it
+                    // broadcasts.
+                    Some(bias) => scores + bias.repeat_dim(2, g * s),
+                    None => scores,
+                };
+                let probs = crate::host_kernels::softmax_last(scores);
+                (probs.clone(), probs.cast(product))
+            }
         };
-        let probs = crate::host_kernels::softmax_last(scores);
         if cache.wants_attention(layer) {
-            let grouped = probs.clone().reshape([b, hkv, g, s, n]).mean_dim(2);
-            cache.observe(layer, grouped.reshape([b, hkv, s, n]))?;
+            let grouped = match g {
+                1 => probs,
+                _ => probs.reshape([b, hkv, g, s, n]).mean_dim(2).reshape([b, hkv, s, n]),
+            };
+            cache.observe(layer, grouped)?;
         }
-        let out = probs.cast(product).matmul(values).cast(activation);
+        let out = gpu_kernels::attention_values(product_probs, &values)
+            .unwrap_or_else(|p| p.matmul(values))
+            .cast(activation);
         Ok(out.reshape([b, hq, s, d]))
     }
 
@@ -417,8 +459,10 @@ pub struct Llama<B: Backend> {
 /// RMS normalization in f32 whatever the activations' precision (as Hugging Face computes
 /// it: squares of half-precision activations overflow), returned in the input's dtype.
 fn normalize<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let dtype = x.dtype();
-    norm.forward(x.cast(DType::F32)).cast(dtype)
+    gpu_kernels::rms_norm(x, &norm.gamma.val(), norm.epsilon).unwrap_or_else(|x| {
+        let dtype = x.dtype();
+        norm.forward(x.cast(DType::F32)).cast(dtype)
+    })
 }
 
 impl<B: Backend> Llama<B> {
@@ -660,7 +704,7 @@ impl<B: Backend> Llama<B> {
             Logits::Last => x.slice([0..b, s - 1..s]),
         };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(head.logits(self.norm.forward(x.cast(DType::F32))))
+        Ok(head.logits(normalize(&self.norm, x)))
     }
 
     /// Loads weights named as in GGUF from `source`, laid out for [`Llama::forward`], with

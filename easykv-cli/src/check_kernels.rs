@@ -1,0 +1,72 @@
+//! `easykv check-kernels`: the fused GPU kernels against the burn operations they replace.
+
+use burn::prelude::*;
+use clap::Args;
+
+use easykv_models::gpu_kernels::{check_kernels, KernelCheck};
+use easykv_models::linear::WeightDType;
+
+use crate::backend::with_backend;
+use crate::common::{CliError, CliResult};
+
+#[derive(Args, Debug)]
+pub struct CheckKernelsArgs {
+    /// cpu, cuda[:N], cuda-fused[:N] or wgpu[:N]; the kernels exist for `cuda`.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Precisions to check, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16")]
+    pub dtype: Vec<WeightDType>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: CheckKernelsArgs) -> CliResult {
+    let device = args.device.clone();
+    with_backend!(&device, run_on(&args))
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult {
+    let mut failed = Vec::new();
+    let mut rows = Vec::new();
+    for dtype in &args.dtype {
+        for check in check_kernels::<B>(dtype.dtype(), device) {
+            if !check.passed() {
+                failed.push(format!("{} ({dtype:?})", check.kernel));
+            }
+            rows.push((*dtype, check));
+        }
+    }
+    if args.json {
+        let json: Vec<_> = rows
+            .iter()
+            .map(|(dtype, c)| serde_json::json!({"dtype": dtype, "kernel": c.kernel, "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance, "passed": c.passed()}))
+            .collect();
+        println!("{}", serde_json::Value::Array(json));
+    } else {
+        println!(
+            "{:<6} {:<12} {:>14} {:>10}",
+            "dtype", "kernel", "max |diff|", "tolerance"
+        );
+        for (
+            dtype,
+            KernelCheck {
+                kernel,
+                max_abs_diff,
+                tolerance,
+            },
+        ) in &rows
+        {
+            let diff = max_abs_diff.map_or("declined".to_string(), |d| format!("{d:.3e}"));
+            println!(
+                "{:<6} {kernel:<12} {diff:>14} {tolerance:>10.1e}",
+                format!("{dtype:?}").to_lowercase()
+            );
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError(format!("kernels off tolerance: {}", failed.join(", "))))
+    }
+}

@@ -1,0 +1,197 @@
+//! Each fused kernel against the burn operations it replaces, on random inputs: what
+//! `easykv check-kernels` runs on a GPU machine (CI has no GPU to run the kernels on).
+
+use burn::prelude::*;
+use burn::tensor::{DType, Distribution};
+
+use super::HeadShape;
+
+/// One kernel's comparison.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelCheck {
+    pub kernel: &'static str,
+    /// `None`: the kernel declined (another backend, or turned off).
+    pub max_abs_diff: Option<f32>,
+    /// The largest difference accepted for `dtype`.
+    pub tolerance: f32,
+}
+
+impl KernelCheck {
+    pub fn passed(&self) -> bool {
+        self.max_abs_diff.is_none_or(|d| d <= self.tolerance)
+    }
+}
+
+fn max_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    (a.cast(DType::F32) - b.cast(DType::F32))
+        .abs()
+        .max()
+        .into_scalar()
+        .elem::<f32>()
+}
+
+fn random<B: Backend, const D: usize>(shape: [usize; D], dtype: DType, device: &B::Device) -> Tensor<B, D> {
+    Tensor::<B, D>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+}
+
+/// Runs every kernel in `dtype` (activations and weights) at decode and prefill shapes.
+pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<KernelCheck> {
+    // Half precision rounds each kernel's output once, burn's operations after every step.
+    let tolerance = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+    let mut checks = Vec::new();
+    let mut record = |kernel, diffs: Vec<Option<f32>>| {
+        let max_abs_diff = diffs.into_iter().try_fold(0f32, |m, d| d.map(|d| m.max(d)));
+        checks.push(KernelCheck {
+            kernel,
+            max_abs_diff,
+            tolerance,
+        });
+    };
+
+    let rms = [1, 7].map(|rows| {
+        let x = random::<B, 3>([1, rows, 4096], dtype, device);
+        let gamma = random::<B, 1>([4096], DType::F32, device);
+        let want = (x.clone().cast(DType::F32) * norm_scale(&x) * gamma.clone().unsqueeze()).cast(dtype);
+        super::rms_norm(x, &gamma, 1e-5).ok().map(|got| max_diff(got, want))
+    });
+    record("rms_norm", rms.to_vec());
+
+    let swiglu = [1, 5].map(|rows| {
+        let x = random::<B, 3>([1, rows, 2 * 11008], dtype, device);
+        let want = crate::host_kernels::swiglu_by_ops(x.clone().cast(DType::F32)).cast(dtype);
+        super::swiglu(x).ok().map(|got| max_diff(got, want))
+    });
+    record("swiglu", swiglu.to_vec());
+
+    let softmax = [(1usize, 4352usize, false), (64, 1000, true)].map(|(rows, slots, masked)| {
+        let scores = random::<B, 4>([1, 4, rows, slots], dtype, device).mul_scalar(4.0);
+        let bias_values: Vec<f32> = (0..4 * slots)
+            .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let bias = Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(bias_values, [1, 4, 1, slots]), device);
+        // Causal: query row r sees the first slots − rows + r + 1 slots.
+        let mask = masked.then(|| {
+            let values: Vec<f32> = (0..rows * slots)
+                .map(|i| {
+                    if i % slots > slots - rows + i / slots {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(values, [1, 1, rows, slots]), device)
+                .repeat_dim(1, 4)
+        });
+        let mut full = scores.clone().cast(DType::F32) + bias.clone().repeat_dim(2, rows);
+        if let Some(m) = &mask {
+            full = full + m.clone();
+        }
+        let want = burn::tensor::activation::softmax(full, 3);
+        super::softmax_rows(scores, mask.as_ref(), Some(&bias), dtype)
+            .ok()
+            .map(|(p, q)| max_diff(p, want.clone()).max(max_diff(q, want)))
+    });
+    record("softmax", softmax.to_vec());
+
+    let heads = HeadShape {
+        q_heads: 8,
+        kv_heads: 2,
+        head_dim: 128,
+    };
+    let rope = [1, 9].map(|s| {
+        let width = (heads.q_heads + 2 * heads.kv_heads) * heads.head_dim;
+        let qkv = random::<B, 3>([1, s, width], dtype, device);
+        let angles = |seed: f32| {
+            let a = Tensor::<B, 1, Int>::arange(0..(s * heads.head_dim) as i64, device)
+                .float()
+                .mul_scalar(seed)
+                .reshape([s, heads.head_dim]);
+            (a.clone().cos().cast(dtype), a.sin().cast(dtype))
+        };
+        let (qa, ka) = (angles(0.37), angles(0.11));
+        let want = rope_by_ops(qkv.clone(), heads, &qa, &ka);
+        super::split_rope(qkv, heads, (&qa.0, &qa.1), Some((&ka.0, &ka.1)))
+            .ok()
+            .map(|(q, k, v)| max_diff(q, want.0).max(max_diff(k, want.1)).max(max_diff(v, want.2)))
+    });
+    record("split_rope", rope.to_vec());
+
+    let gemv = [(4096usize, 12288usize), (4096, 32000), (576, 49152), (100, 30)].map(|(inp, out)| {
+        let x = random::<B, 2>([1, inp], dtype, device);
+        let w = random::<B, 2>([out, inp], dtype, device);
+        let want = x
+            .clone()
+            .cast(DType::F32)
+            .matmul(w.clone().cast(DType::F32).transpose());
+        // Relative to the row length: sums of `inp` products.
+        super::gemv(x, &w)
+            .ok()
+            .map(|got| max_diff(got, want) / (inp as f32).sqrt())
+    });
+    record("gemv", gemv.to_vec());
+
+    // Decode attention over a cache view: 50 of a buffer's 64 slots, 1 and 4 rows per head.
+    let attention = [(1usize, 128usize), (4, 64)].map(|(rows, d)| {
+        let buffer = |seed: f32| {
+            random::<B, 4>([1, 4, 64, d], dtype, device)
+                .mul_scalar(seed)
+                .slice_dim(2, 0..50)
+        };
+        let (keys, values) = (buffer(1.0), buffer(1.0));
+        let q = random::<B, 4>([1, 4, rows, d], dtype, device).mul_scalar(0.1);
+        let f32 = |t: &Tensor<B, 4>| t.clone().cast(DType::F32);
+        let want_scores = f32(&q).matmul(f32(&keys).swap_dims(2, 3));
+        let probs = burn::tensor::activation::softmax(want_scores.clone(), 3).cast(dtype);
+        let want_out = f32(&probs).matmul(f32(&values));
+        let scores = super::attention_scores(q, &keys)
+            .ok()
+            .map(|got| max_diff(got, want_scores));
+        let out = super::attention_values(probs, &values)
+            .ok()
+            .map(|got| max_diff(got, want_out));
+        scores.zip(out).map(|(a, b)| a.max(b))
+    });
+    record("attention", attention.to_vec());
+    checks
+}
+
+/// `1 / rms(x)` over the last axis, in f32.
+fn norm_scale<B: Backend>(x: &Tensor<B, 3>) -> Tensor<B, 3> {
+    let x = x.clone().cast(DType::F32);
+    (x.clone() * x).mean_dim(2).add_scalar(1e-5).sqrt().recip()
+}
+
+/// What `split_rope` computes, in f32 burn operations.
+#[allow(clippy::type_complexity)]
+fn rope_by_ops<B: Backend>(
+    qkv: Tensor<B, 3>,
+    heads: HeadShape,
+    q_angles: &(Tensor<B, 2>, Tensor<B, 2>),
+    k_angles: &(Tensor<B, 2>, Tensor<B, 2>),
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, s, _] = qkv.dims();
+    let d = heads.head_dim;
+    let dtype = qkv.dtype();
+    let qkv = qkv.cast(DType::F32);
+    let part = |first: usize, h: usize| {
+        qkv.clone()
+            .slice_dim(2, first * d..(first + h) * d)
+            .reshape([b, s, h, d])
+    };
+    let rotate = |x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 2>, Tensor<B, 2>)| {
+        let swapped = Tensor::cat(
+            vec![x.clone().slice_dim(3, d / 2..d), x.clone().slice_dim(3, 0..d / 2)],
+            3,
+        );
+        let c = cos.clone().cast(DType::F32).reshape([1, s, 1, d]);
+        let sn = sin.clone().cast(DType::F32).reshape([1, s, 1, d]);
+        x * c + swapped * sn
+    };
+    let (hq, hkv) = (heads.q_heads, heads.kv_heads);
+    let q = rotate(part(0, hq), q_angles);
+    let k = rotate(part(hq, hkv), k_angles);
+    let v = part(hq + hkv, hkv);
+    let heads_first = |t: Tensor<B, 4>| t.swap_dims(1, 2).cast(dtype);
+    (heads_first(q), heads_first(k), heads_first(v))
+}

@@ -1,0 +1,399 @@
+//! Launching the kernels on burn's unfused CUDA tensors.
+
+use std::any::{Any, TypeId};
+
+use burn::prelude::*;
+use burn::tensor::{DType, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::calculate_cube_count_elemwise;
+use cubecl::cuda::CudaRuntime;
+use cubecl::prelude::{CubeCount, CubeDim};
+
+use super::kernels::{self, ROW_BLOCK};
+use super::{enabled, HeadShape};
+
+type Cube = CubeTensor<CudaRuntime>;
+
+/// Whether `B`'s float tensors are burn's unfused CUDA tensors.
+fn is_cuda<B: Backend>() -> bool {
+    TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<Cube>()
+}
+
+fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Whether kernel `name` may run on these tensors.
+fn applies<B: Backend>(name: &str, dtypes: &[DType]) -> bool {
+    is_cuda::<B>() && dtypes.iter().all(|d| is_float(*d)) && enabled(name)
+}
+
+/// The CUDA tensor inside `t`. Only called once [`is_cuda`] said `B` is CUDA.
+fn cube<B: Backend, const D: usize>(t: Tensor<B, D>) -> Cube {
+    into_contiguous(cube_view(t))
+}
+
+/// [`cube`] without making it contiguous: for views the kernel indexes by their strides.
+fn cube_view<B: Backend, const D: usize>(t: Tensor<B, D>) -> Cube {
+    let primitive = match t.into_primitive() {
+        TensorPrimitive::Float(p) => p,
+        TensorPrimitive::QFloat(_) => unreachable!("callers check for float dtypes"),
+    };
+    let any: Box<dyn Any> = Box::new(primitive);
+    match any.downcast::<Cube>() {
+        Ok(c) => *c,
+        Err(_) => unreachable!("callers check that the backend is CUDA"),
+    }
+}
+
+/// A CUDA tensor back as a `B` tensor (`B` is CUDA: see [`cube`]).
+fn tensor<B: Backend, const D: usize>(c: Cube) -> Tensor<B, D> {
+    let any: Box<dyn Any> = Box::new(c);
+    match any.downcast::<B::FloatTensorPrimitive>() {
+        Ok(p) => Tensor::from_primitive(TensorPrimitive::Float(*p)),
+        Err(_) => unreachable!("callers check that the backend is CUDA"),
+    }
+}
+
+fn empty_like(like: &Cube, shape: Vec<usize>, dtype: DType) -> Cube {
+    empty_device_dtype(like.client.clone(), like.device.clone(), shape.into(), dtype)
+}
+
+/// RMS normalization of the last axis, computed in f32, returned in `x`'s dtype.
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: &Tensor<B, 1>,
+    eps: f64,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let dims = x.dims();
+    let cols = dims[D - 1];
+    let rows = dims.iter().product::<usize>() / cols.max(1);
+    if !applies::<B>("rms_norm", &[x.dtype(), gamma.dtype()]) || rows == 0 || gamma.dims()[0] != cols {
+        return Err(x);
+    }
+    let (x, gamma) = (cube(x), cube(gamma.clone()));
+    let out = empty_like(&x, dims.to_vec(), x.dtype);
+    let dtypes = [x.dtype.into(), gamma.dtype.into(), DType::F32.into()];
+    kernels::rms_norm::launch::<CudaRuntime>(
+        &x.client.clone(),
+        CubeCount::Static(rows as u32, 1, 1),
+        CubeDim::new_1d(ROW_BLOCK),
+        x.into_tensor_arg(),
+        gamma.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        cols as u32,
+        eps as f32,
+        dtypes,
+    );
+    Ok(tensor(out))
+}
+
+/// `silu(gate)·up` for gate and up stacked along the last axis: `[.., 2·i]` → `[.., i]`.
+pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let mut dims = x.dims();
+    let inner = dims[D - 1] / 2;
+    dims[D - 1] = inner;
+    let total = dims.iter().product::<usize>();
+    if !applies::<B>("swiglu", &[x.dtype()]) || total == 0 || total > u32::MAX as usize {
+        return Err(x);
+    }
+    let x = cube(x);
+    let out = empty_like(&x, dims.to_vec(), x.dtype);
+    let client = x.client.clone();
+    let cube_dim = CubeDim::new_1d(256);
+    let dtypes = [x.dtype.into(), DType::F32.into()];
+    kernels::swiglu::launch::<CudaRuntime>(
+        &client,
+        calculate_cube_count_elemwise(&client, total, cube_dim),
+        cube_dim,
+        x.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        inner as u32,
+        total as u32,
+        dtypes,
+    );
+    Ok(tensor(out))
+}
+
+/// Softmax over the last axis of attention scores `[batch, kv_heads, rows, slots]` (any float
+/// dtype), after adding `mask` (the scores' shape) and `bias` (`[batch, kv_heads, 1, slots]`,
+/// shared by a head's rows) where given. Returns the probabilities in f32 and in `product`.
+pub fn softmax_rows<B: Backend>(
+    scores: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4>>,
+    bias: Option<&Tensor<B, 4>>,
+    product: DType,
+) -> Result<(Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4>> {
+    let dims = scores.dims();
+    let [b, h, r, n] = dims;
+    let mut dtypes = vec![scores.dtype(), product];
+    dtypes.extend(mask.map(|m| m.dtype()));
+    dtypes.extend(bias.map(|m| m.dtype()));
+    let shapes_fit = mask.is_none_or(|m| m.dims() == dims) && bias.is_none_or(|x| x.dims() == [b, h, 1, n]);
+    if !applies::<B>("softmax", &dtypes) || !shapes_fit || b * h * r == 0 || n == 0 {
+        return Err(scores);
+    }
+    let scores = cube(scores);
+    let f32_input = |t: Option<&Tensor<B, 4>>| t.map(|t| cube(t.clone().cast(DType::F32)));
+    let (mask, bias) = (f32_input(mask), f32_input(bias));
+    let probs = empty_like(&scores, dims.to_vec(), DType::F32);
+    let write_product = product != DType::F32;
+    let probs_product = if write_product {
+        empty_like(&scores, dims.to_vec(), product)
+    } else {
+        probs.clone()
+    };
+    // Absent inputs get a stand-in the kernel never reads.
+    let stand_in = || empty_like(&scores, vec![1], DType::F32);
+    let (has_mask, has_bias) = (mask.is_some(), bias.is_some());
+    let dtypes = [scores.dtype.into(), DType::F32.into(), product.into()];
+    let product_arg = if write_product {
+        probs_product.clone()
+    } else {
+        empty_like(&scores, vec![1], DType::F32)
+    };
+    kernels::softmax_rows::launch::<CudaRuntime>(
+        &scores.client.clone(),
+        CubeCount::Static((b * h * r) as u32, 1, 1),
+        CubeDim::new_1d(ROW_BLOCK),
+        scores.clone().into_tensor_arg(),
+        mask.unwrap_or_else(stand_in).into_tensor_arg(),
+        bias.unwrap_or_else(stand_in).into_tensor_arg(),
+        probs.clone().into_tensor_arg(),
+        product_arg.into_tensor_arg(),
+        n as u32,
+        r as u32,
+        has_mask,
+        has_bias,
+        write_product,
+        dtypes,
+    );
+    Ok((tensor(probs), tensor(probs_product)))
+}
+
+/// Splits a stacked q|k|v projection `[batch, s, (hq + 2·hkv)·d]` into heads-first q
+/// `[batch, hq, s, d]` and k, v `[batch, hkv, s, d]`, rotating q by `queries` (`cos`, `sin`,
+/// each `[s, d]`) and k by `keys` when given.
+#[allow(clippy::type_complexity)]
+pub fn split_rope<B: Backend>(
+    qkv: Tensor<B, 3>,
+    heads: HeadShape,
+    queries: (&Tensor<B, 2>, &Tensor<B, 2>),
+    keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
+) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 3>> {
+    let [b, s, width] = qkv.dims();
+    let HeadShape {
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+    } = heads;
+    let total = b * s * width;
+    let angle_dtypes = [queries.0.dtype(), queries.1.dtype()];
+    let same_angles = keys.is_none_or(|(c, s)| c.dtype() == angle_dtypes[0] && s.dtype() == angle_dtypes[0]);
+    let angle_shapes = [queries.0.dims(), queries.1.dims()]
+        .into_iter()
+        .chain(keys.into_iter().flat_map(|(c, s)| [c.dims(), s.dims()]))
+        .all(|dims| dims == [s, d]);
+    if !applies::<B>("split_rope", &[qkv.dtype(), angle_dtypes[0], angle_dtypes[1]])
+        || angle_dtypes[0] != angle_dtypes[1]
+        || !same_angles
+        || !angle_shapes
+        || width != (hq + 2 * hkv) * d
+        || d % 2 != 0
+        || total == 0
+        || total > u32::MAX as usize
+    {
+        return Err(qkv);
+    }
+    let qkv = cube(qkv);
+    let (q_cos, q_sin) = (cube(queries.0.clone()), cube(queries.1.clone()));
+    let rotate_keys = keys.is_some();
+    let (k_cos, k_sin) = match keys {
+        Some((c, s)) => (cube(c.clone()), cube(s.clone())),
+        None => (q_cos.clone(), q_sin.clone()),
+    };
+    let dtype = qkv.dtype;
+    let q = empty_like(&qkv, vec![b, hq, s, d], dtype);
+    let k = empty_like(&qkv, vec![b, hkv, s, d], dtype);
+    let v = empty_like(&qkv, vec![b, hkv, s, d], dtype);
+    let client = qkv.client.clone();
+    let cube_dim = CubeDim::new_1d(256);
+    let dtypes = [dtype.into(), q_cos.dtype.into(), DType::F32.into()];
+    kernels::split_rope::launch::<CudaRuntime>(
+        &client,
+        calculate_cube_count_elemwise(&client, total, cube_dim),
+        cube_dim,
+        qkv.into_tensor_arg(),
+        q_cos.into_tensor_arg(),
+        q_sin.into_tensor_arg(),
+        k_cos.into_tensor_arg(),
+        k_sin.into_tensor_arg(),
+        q.clone().into_tensor_arg(),
+        k.clone().into_tensor_arg(),
+        v.clone().into_tensor_arg(),
+        s as u32,
+        hq as u32,
+        hkv as u32,
+        d as u32,
+        total as u32,
+        rotate_keys,
+        dtypes,
+    );
+    Ok((tensor(q), tensor(k), tensor(v)))
+}
+
+/// Planes (output rows) per cube of [`gemv`].
+const GEMV_ROWS_PER_CUBE: u32 = 8;
+
+/// `x·Wᵀ` for one row `x` (`[1, in]`) and `W` `[out, in]`, both in `W`'s dtype: `[1, out]`.
+pub fn gemv<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let [rows, inp] = x.dims();
+    let [out, w_inp] = w.dims();
+    if !applies::<B>("gemv", &[x.dtype(), w.dtype()]) || rows != 1 || inp != w_inp || x.dtype() != w.dtype() || out == 0
+    {
+        return Err(x);
+    }
+    // 16-byte loads where the row length allows.
+    let vector = vector_size(inp, w.dtype());
+    let (x, w) = (cube(x), cube(w.clone()));
+    let y = empty_like(&x, vec![1, out], x.dtype);
+    let client = x.client.clone();
+    let dtypes = [x.dtype.into(), DType::F32.into()];
+    kernels::gemv::launch::<CudaRuntime>(
+        &client,
+        CubeCount::Static((out as u32).div_ceil(GEMV_ROWS_PER_CUBE), 1, 1),
+        CubeDim::new_2d(32, GEMV_ROWS_PER_CUBE),
+        vector,
+        x.into_tensor_arg(),
+        w.into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        out as u32,
+        (inp / vector) as u32,
+        dtypes,
+    );
+    Ok(tensor(y))
+}
+
+/// Query rows per KV head up to which attention runs as the decode kernels below (beyond, a
+/// prefill chunk's products are matrix products, which burn's tuned kernels do better).
+const DECODE_ROWS: usize = 16;
+
+/// Elements per 16-byte vector of `dtype` that divide `len`.
+fn vector_size(len: usize, dtype: DType) -> usize {
+    [8usize, 4, 2, 1]
+        .into_iter()
+        .find(|v| len % v == 0 && v * dtype.size() <= 16)
+        .unwrap_or(1)
+}
+
+/// Strides of a `[batch, heads, slots, d]` cache view in vectors of `vector`, if its last axis
+/// is contiguous and every stride is whole vectors.
+fn cache_strides(t: &Cube, vector: usize) -> Option<[u32; 3]> {
+    let strides = t.meta.strides();
+    let fits = strides[3] == 1
+        && strides[..3]
+            .iter()
+            .all(|s| s % vector == 0 && s / vector <= u32::MAX as usize);
+    fits.then(|| [0, 1, 2].map(|i| (strides[i] / vector) as u32))
+}
+
+/// Decode attention scores `q·keysᵀ` in f32, reading the cache view `keys` in place.
+///
+/// # Shapes
+/// - `q`: `[batch, kv_heads, rows, d]`; `keys`: `[batch, kv_heads, slots, d]` (any strides with
+///   a contiguous last axis) → `[batch, kv_heads, rows, slots]`
+pub fn attention_scores<B: Backend>(q: Tensor<B, 4>, keys: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let [b, h, r, d] = q.dims();
+    let [kb, kh, n, kd] = keys.dims();
+    let total = b * h * r * n;
+    if !applies::<B>("attention", &[q.dtype(), keys.dtype()])
+        || q.dtype() != keys.dtype()
+        || [kb, kh, kd] != [b, h, d]
+        || r > DECODE_ROWS
+        || total == 0
+        || total > u32::MAX as usize
+    {
+        return Err(q);
+    }
+    let vector = vector_size(d, q.dtype());
+    let k = cube_view(keys.clone());
+    let Some([batch_stride, head_stride, slot_stride]) = cache_strides(&k, vector) else {
+        return Err(q);
+    };
+    let q = cube(q);
+    let out = empty_like(&q, vec![b, h, r, n], DType::F32);
+    let client = q.client.clone();
+    let cube_dim = CubeDim::new_1d(256);
+    let dtypes = [q.dtype.into(), DType::F32.into()];
+    kernels::attention_scores::launch::<CudaRuntime>(
+        &client,
+        calculate_cube_count_elemwise(&client, total, cube_dim),
+        cube_dim,
+        vector,
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        r as u32,
+        n as u32,
+        h as u32,
+        (d / vector) as u32,
+        batch_stride,
+        head_stride,
+        slot_stride,
+        total as u32,
+        dtypes,
+    );
+    Ok(tensor(out))
+}
+
+/// Decode attention output `probs·values`, reading the cache view `values` in place; in the
+/// values' dtype.
+///
+/// # Shapes
+/// - `probs`: `[batch, kv_heads, rows, slots]`; `values`: `[batch, kv_heads, slots, d]` (any
+///   strides with a contiguous last axis) → `[batch, kv_heads, rows, d]`
+pub fn attention_values<B: Backend>(probs: Tensor<B, 4>, values: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let [b, h, r, n] = probs.dims();
+    let [vb, vh, vn, d] = values.dims();
+    let vector = vector_size(d, values.dtype());
+    let lanes = d / vector;
+    if !applies::<B>("attention", &[probs.dtype(), values.dtype()])
+        || [vb, vh, vn] != [b, h, n]
+        || r > DECODE_ROWS
+        || b * h * r == 0
+        || n == 0
+        || lanes == 0
+        || lanes > 256
+    {
+        return Err(probs);
+    }
+    let v = cube_view(values.clone());
+    let Some([batch_stride, head_stride, slot_stride]) = cache_strides(&v, vector) else {
+        return Err(probs);
+    };
+    let probs = cube(probs);
+    let out = empty_like(&probs, vec![b, h, r, d], v.dtype);
+    // 256 threads per cube: the head dimension's vectors × slot groups.
+    let groups = (256 / lanes) as u32;
+    let dtypes = [v.dtype.into(), probs.dtype.into(), DType::F32.into()];
+    kernels::attention_values::launch::<CudaRuntime>(
+        &probs.client.clone(),
+        CubeCount::Static((b * h * r) as u32, 1, 1),
+        CubeDim::new_2d(lanes as u32, groups),
+        vector,
+        probs.into_tensor_arg(),
+        v.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        r as u32,
+        n as u32,
+        h as u32,
+        batch_stride,
+        head_stride,
+        slot_stride,
+        groups,
+        dtypes,
+    );
+    Ok(tensor(out))
+}

@@ -1,0 +1,370 @@
+//! The CubeCL kernels themselves. Each replaces a run of burn tensor operations, every one of
+//! which is a kernel launch with its own host-side cost; arithmetic runs in `A` (f32) whatever
+//! the storage precision `F`.
+
+use cubecl::prelude::*;
+
+/// Threads of the row-wise kernels (one cube per row).
+pub const ROW_BLOCK: u32 = 256;
+
+/// Sum of `value` over the cube's `ROW_BLOCK` threads, returned to every thread.
+#[cube]
+fn cube_sum<A: Float>(value: A) -> A {
+    let tid = UNIT_POS_X as usize;
+    let mut shared = SharedMemory::<A>::new(256usize);
+    shared[tid] = value;
+    sync_cube();
+    let mut stride = 128usize;
+    while stride > 0 {
+        if tid < stride {
+            shared[tid] = shared[tid] + shared[tid + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = shared[0];
+    sync_cube();
+    total
+}
+
+/// Maximum of `value` over the cube's `ROW_BLOCK` threads, returned to every thread.
+#[cube]
+fn cube_max<A: Float>(value: A) -> A {
+    let tid = UNIT_POS_X as usize;
+    let mut shared = SharedMemory::<A>::new(256usize);
+    shared[tid] = value;
+    sync_cube();
+    let mut stride = 128usize;
+    while stride > 0 {
+        if tid < stride {
+            let other = shared[tid + stride];
+            if other > shared[tid] {
+                shared[tid] = other;
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = shared[0];
+    sync_cube();
+    total
+}
+
+/// `x / rms(x) · γ` per row of `cols` values (cube = row).
+#[cube(launch)]
+pub fn rms_norm<F: Float, W: Float, A: Float>(
+    x: &Tensor<F>,
+    gamma: &Tensor<W>,
+    out: &mut Tensor<F>,
+    cols: u32,
+    eps: f32,
+    #[define(F, W, A)] _dtypes: [StorageType; 3],
+) {
+    let n = cols as usize;
+    let base = CUBE_POS_X as usize * n;
+    let tid = UNIT_POS_X as usize;
+    let mut acc = A::new(0.0);
+    let mut i = tid;
+    while i < n {
+        let v = A::cast_from(x[base + i]);
+        acc += v * v;
+        i += 256usize;
+    }
+    let total = cube_sum::<A>(acc);
+    let inv = A::new(1.0) / (total / A::cast_from(cols) + A::cast_from(eps)).sqrt();
+    let mut j = tid;
+    while j < n {
+        out[base + j] = F::cast_from(A::cast_from(x[base + j]) * inv * A::cast_from(gamma[j]));
+        j += 256usize;
+    }
+}
+
+/// Softmax of each row of `n` scores (cube = row), after adding an optional full-shape mask
+/// and an optional bias shared by `rows_per_bias` consecutive rows. Writes the probabilities in
+/// `A` and, when `write_product`, again in `P` (the precision the next product runs in). A row
+/// with nothing visible becomes zeros.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_rows<F: Float, A: Float, P: Float>(
+    scores: &Tensor<F>,
+    mask: &Tensor<A>,
+    bias: &Tensor<A>,
+    probs: &mut Tensor<A>,
+    probs_product: &mut Tensor<P>,
+    n: u32,
+    rows_per_bias: u32,
+    #[comptime] has_mask: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] write_product: bool,
+    #[define(F, A, P)] _dtypes: [StorageType; 3],
+) {
+    let len = n as usize;
+    let row = CUBE_POS_X as usize;
+    let base = row * len;
+    let bias_base = (CUBE_POS_X / rows_per_bias) as usize * len;
+    let tid = UNIT_POS_X as usize;
+    // Below every finite score; a row whose maximum stays here shows nothing.
+    let floor = A::new(-3.0e38);
+    let mut m = floor;
+    let mut i = tid;
+    while i < len {
+        let mut v = A::cast_from(scores[base + i]);
+        if has_mask {
+            v += mask[base + i];
+        }
+        if has_bias {
+            v += bias[bias_base + i];
+        }
+        if v > m {
+            m = v;
+        }
+        i += 256usize;
+    }
+    let max = cube_max::<A>(m);
+    let visible = max > A::new(-1.0e38);
+    let mut acc = A::new(0.0);
+    let mut j = tid;
+    while j < len {
+        let mut v = A::cast_from(scores[base + j]);
+        if has_mask {
+            v += mask[base + j];
+        }
+        if has_bias {
+            v += bias[bias_base + j];
+        }
+        acc += (v - max).exp();
+        j += 256usize;
+    }
+    let sum = cube_sum::<A>(acc);
+    let mut k = tid;
+    while k < len {
+        let mut v = A::cast_from(scores[base + k]);
+        if has_mask {
+            v += mask[base + k];
+        }
+        if has_bias {
+            v += bias[bias_base + k];
+        }
+        let mut p = A::new(0.0);
+        if visible {
+            p = (v - max).exp() / sum;
+        }
+        probs[base + k] = p;
+        if write_product {
+            probs_product[base + k] = P::cast_from(p);
+        }
+        k += 256usize;
+    }
+}
+
+/// SwiGLU over rows of `2·i` values (gate, then up): `silu(g)·u` (thread = output element).
+#[cube(launch)]
+pub fn swiglu<F: Float, A: Float>(
+    x: &Tensor<F>,
+    out: &mut Tensor<F>,
+    inner: u32,
+    total: u32,
+    #[define(F, A)] _dtypes: [StorageType; 2],
+) {
+    let idx = ABSOLUTE_POS as usize;
+    if idx >= total as usize {
+        terminate!();
+    }
+    let i = inner as usize;
+    let row = idx / i;
+    let col = idx % i;
+    let g = A::cast_from(x[row * 2 * i + col]);
+    let u = A::cast_from(x[row * 2 * i + i + col]);
+    out[idx] = F::cast_from(g / (A::new(1.0) + (A::new(0.0) - g).exp()) * u);
+}
+
+/// Splits a stacked q|k|v projection `[tokens, (hq + 2·hkv)·d]` into heads-first `q`
+/// `[batch, hq, s, d]`, `k`, `v` `[batch, hkv, s, d]`, rotating q (and k, when `rotate_keys`)
+/// by rotate-half RoPE: `x·cos + x[(j + d/2) mod d]·sin` with the sign in `sin` and, for the
+/// queries, the attention scale in both (thread = input element).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn split_rope<F: Float, C: Float, A: Float>(
+    qkv: &Tensor<F>,
+    q_cos: &Tensor<C>,
+    q_sin: &Tensor<C>,
+    k_cos: &Tensor<C>,
+    k_sin: &Tensor<C>,
+    q: &mut Tensor<F>,
+    k: &mut Tensor<F>,
+    v: &mut Tensor<F>,
+    seq: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    total: u32,
+    #[comptime] rotate_keys: bool,
+    #[define(F, C, A)] _dtypes: [StorageType; 3],
+) {
+    let idx = ABSOLUTE_POS as usize;
+    if idx >= total as usize {
+        terminate!();
+    }
+    let d = head_dim as usize;
+    let s = seq as usize;
+    let hq = q_heads as usize;
+    let hkv = kv_heads as usize;
+    let width = (hq + 2 * hkv) * d;
+    let token = idx / width;
+    let col = idx % width;
+    let head = col / d;
+    let j = col % d;
+    let pos = token % s;
+    let batch = token / s;
+    let partner = token * width + head * d + (j + d / 2) % d;
+    let angle = pos * d + j;
+    if head < hq {
+        let x = A::cast_from(qkv[idx]);
+        let xp = A::cast_from(qkv[partner]);
+        let r = x * A::cast_from(q_cos[angle]) + xp * A::cast_from(q_sin[angle]);
+        q[((batch * hq + head) * s + pos) * d + j] = F::cast_from(r);
+    } else if head < hq + hkv {
+        let h = head - hq;
+        let out = ((batch * hkv + h) * s + pos) * d + j;
+        if rotate_keys {
+            let x = A::cast_from(qkv[idx]);
+            let xp = A::cast_from(qkv[partner]);
+            let r = x * A::cast_from(k_cos[angle]) + xp * A::cast_from(k_sin[angle]);
+            k[out] = F::cast_from(r);
+        } else {
+            k[out] = qkv[idx];
+        }
+    } else {
+        let h = head - hq - hkv;
+        v[((batch * hkv + h) * s + pos) * d + j] = qkv[idx];
+    }
+}
+
+/// `y = W·x` for one activation row: `W` `[rows, cols]` row-major, read as vectors of `N`
+/// (16 bytes for half precision). One plane (32 threads) per output row, `CUBE_DIM_Y` rows per
+/// cube; each plane streams its row once, which is what bounds decoding.
+#[cube(launch)]
+pub fn gemv<F: Float, A: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    w: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<F>,
+    rows: u32,
+    vectors_per_row: u32,
+    #[define(F, A)] _dtypes: [StorageType; 2],
+) {
+    let r = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
+    if r >= rows as usize {
+        terminate!();
+    }
+    let per_row = vectors_per_row as usize;
+    let base = r * per_row;
+    let mut acc = A::new(0.0);
+    let mut c = UNIT_POS_X as usize;
+    while c < per_row {
+        let wv = w[base + c];
+        let xv = x[c];
+        #[unroll]
+        for e in 0..N::value() {
+            acc += A::cast_from(wv[e]) * A::cast_from(xv[e]);
+        }
+        c += 32usize;
+    }
+    let total = plane_sum(acc);
+    if UNIT_POS_X == 0 {
+        out[r] = F::cast_from(total);
+    }
+}
+
+/// Decode attention scores in f32: `out[bh, r, j] = q[bh, r, ·] · keys[bh, j, ·]` with `q`
+/// contiguous `[batch·kv_heads, rows, d]` and `keys` a strided view of the cache's buffer
+/// (strides in vectors of `N`), so the cache is read in place (thread = score).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_scores<F: Float, A: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    keys: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<A>,
+    rows: u32,
+    slots: u32,
+    kv_heads: u32,
+    vectors: u32,
+    batch_stride: u32,
+    head_stride: u32,
+    slot_stride: u32,
+    total: u32,
+    #[define(F, A)] _dtypes: [StorageType; 2],
+) {
+    let idx = ABSOLUTE_POS as usize;
+    if idx >= total as usize {
+        terminate!();
+    }
+    let n = slots as usize;
+    let r = rows as usize;
+    let dv = vectors as usize;
+    let j = idx % n;
+    let row = (idx / n) % r;
+    let bh = idx / (n * r);
+    let batch = bh / kv_heads as usize;
+    let head = bh % kv_heads as usize;
+    let k_base = batch * batch_stride as usize + head * head_stride as usize + j * slot_stride as usize;
+    let q_base = (bh * r + row) * dv;
+    let mut acc = A::new(0.0);
+    for c in 0..dv {
+        let kv = keys[k_base + c];
+        let qv = q[q_base + c];
+        #[unroll]
+        for e in 0..N::value() {
+            acc += A::cast_from(kv[e]) * A::cast_from(qv[e]);
+        }
+    }
+    out[idx] = acc;
+}
+
+/// Decode attention output: `out[bh, r, ·] = Σ_j probs[bh, r, j] · values[bh, j, ·]` with
+/// `values` a strided view of the cache's buffer (strides in vectors of `N`). One cube of
+/// `VALUE_GROUPS × vectors` threads per (bh, r): each thread sums one vector of the head
+/// dimension over every `VALUE_GROUPS`-th slot, then the groups are added up.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_values<F: Float, P: Float, A: Float, N: Size>(
+    probs: &Tensor<P>,
+    values: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    rows: u32,
+    slots: u32,
+    kv_heads: u32,
+    batch_stride: u32,
+    head_stride: u32,
+    slot_stride: u32,
+    #[comptime] groups: u32,
+    #[define(F, P, A)] _dtypes: [StorageType; 3],
+) {
+    let dv = CUBE_DIM_X as usize;
+    let c = UNIT_POS_X as usize;
+    let group = UNIT_POS_Y as usize;
+    let n = slots as usize;
+    let bh_row = CUBE_POS_X as usize;
+    let bh = bh_row / rows as usize;
+    let batch = bh / kv_heads as usize;
+    let head = bh % kv_heads as usize;
+    let v_base = batch * batch_stride as usize + head * head_stride as usize + c;
+    let p_base = bh_row * n;
+    let mut acc = Vector::<A, N>::new(A::new(0.0));
+    let mut j = group;
+    while j < n {
+        let p = A::cast_from(probs[p_base + j]);
+        let v = Vector::<A, N>::cast_from(values[v_base + j * slot_stride as usize]);
+        acc += v * Vector::new(p);
+        j += groups as usize;
+    }
+    let mut shared = SharedMemory::<Vector<A, N>>::new(256usize);
+    shared[group * dv + c] = acc;
+    sync_cube();
+    if group == 0 {
+        let mut sum = acc;
+        for g in 1..groups as usize {
+            sum += shared[g * dv + c];
+        }
+        out[bh_row * dv + c] = Vector::<F, N>::cast_from(sum);
+    }
+}

@@ -1,0 +1,128 @@
+//! Fused CUDA kernels for the operations a decode step repeats in every layer.
+//!
+//! On a GPU every burn tensor operation is a kernel launch, and on burn's CUDA backend each
+//! launch costs the host ~12–16 µs: a Llama-2-7B decode step was ~40 launches per layer, bound
+//! by the host, not by the GPU. Each function here does in one launch what took several
+//! (RMSNorm: 8, softmax with its casts and biases: up to 8, SwiGLU: 5, splitting and rotating
+//! q/k/v: 5); `gemv` streams a weight matrix once per decoded token, and the decode attention
+//! kernels read the cache's buffers in place.
+//!
+//! They apply where the tensors are burn's unfused CUDA tensors (`--device cuda`), found by
+//! type at run time, so the model code stays generic over the backend: every function hands
+//! its input back (`Err`) for any other backend, shape or dtype it does not cover, and the
+//! caller runs burn's operations instead. `EASYKV_GPU_KERNELS=off` turns them all off,
+//! `EASYKV_GPU_KERNELS=-gemv,-softmax` all but those, `EASYKV_GPU_KERNELS=gemv` only that one (for
+//! comparisons on the same build).
+
+mod check;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+mod kernels;
+
+pub use check::{check_kernels, KernelCheck};
+#[cfg(feature = "cuda")]
+pub use cuda::*;
+
+#[cfg(not(feature = "cuda"))]
+mod fallback {
+    //! Builds without CUDA: every kernel declines.
+    use burn::prelude::*;
+    use burn::tensor::DType;
+
+    pub fn rms_norm<B: Backend, const D: usize>(
+        x: Tensor<B, D>,
+        _gamma: &Tensor<B, 1>,
+        _eps: f64,
+    ) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        Err(x)
+    }
+
+    pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+        Err(x)
+    }
+
+    pub fn softmax_rows<B: Backend>(
+        scores: Tensor<B, 4>,
+        _mask: Option<&Tensor<B, 4>>,
+        _bias: Option<&Tensor<B, 4>>,
+        _product: DType,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4>> {
+        Err(scores)
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub fn split_rope<B: Backend>(
+        qkv: Tensor<B, 3>,
+        _heads: super::HeadShape,
+        _queries: (&Tensor<B, 2>, &Tensor<B, 2>),
+        _keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 3>> {
+        Err(qkv)
+    }
+
+    pub fn gemv<B: Backend>(x: Tensor<B, 2>, _w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+        Err(x)
+    }
+
+    pub fn attention_scores<B: Backend>(q: Tensor<B, 4>, _keys: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+        Err(q)
+    }
+
+    pub fn attention_values<B: Backend>(
+        probs: Tensor<B, 4>,
+        _values: &Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+        Err(probs)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub use fallback::*;
+
+/// Heads of a stacked q|k|v projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadShape {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The kernels, by the names `EASYKV_GPU_KERNELS` takes.
+pub const KERNELS: [&str; 6] = ["rms_norm", "softmax", "swiglu", "split_rope", "gemv", "attention"];
+
+/// Which kernels `EASYKV_GPU_KERNELS` turns on.
+#[derive(Debug)]
+enum Setting {
+    All,
+    None,
+    AllBut(Vec<String>),
+    Only(Vec<String>),
+}
+
+/// Whether `EASYKV_GPU_KERNELS` leaves kernel `name` on (read once): unset or empty, all;
+/// `off`, none; `-a,-b`, all but a and b; `a,b`, only a and b.
+pub fn enabled(name: &str) -> bool {
+    static SETTING: std::sync::OnceLock<Setting> = std::sync::OnceLock::new();
+    let setting = SETTING.get_or_init(|| {
+        let value = std::env::var("EASYKV_GPU_KERNELS").unwrap_or_default();
+        let names = || {
+            value
+                .split(',')
+                .map(|s| s.trim().trim_start_matches('-').to_string())
+                .collect()
+        };
+        match value.trim() {
+            "" | "on" | "all" => Setting::All,
+            "off" | "0" | "none" => Setting::None,
+            list if list.starts_with('-') => Setting::AllBut(names()),
+            _ => Setting::Only(names()),
+        }
+    });
+    match setting {
+        Setting::All => true,
+        Setting::None => false,
+        Setting::AllBut(names) => !names.iter().any(|n| n == name),
+        Setting::Only(names) => names.iter().any(|n| n == name),
+    }
+}
