@@ -3,7 +3,7 @@
 # against burn's operations, then Llama-2-7B-shape decode and evicting prefill with them on
 # and off (EASYKV_GPU_KERNELS).
 source "$(dirname "$0")/common.sh"  # (scripts/device/common.sh)
-mkdir -p $EASYKV_HOME && tar -C $EASYKV_HOME -xJf .gpu/kernels.tar.xz
+mkdir -p $EASYKV_HOME && [ -f .gpu/kernels.tar.xz ] && tar -C $EASYKV_HOME -xJf .gpu/kernels.tar.xz
 cp .gpu/smol.part00 /tmp/ 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # One process per kernel: a kernel that fails to compile does not hide the others.
