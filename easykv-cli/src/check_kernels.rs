@@ -3,7 +3,7 @@
 use burn::prelude::*;
 use clap::Args;
 
-use easykv_models::gpu_kernels::{check_kernels, KernelCheck};
+use easykv_models::gpu_kernels::check_kernels;
 use easykv_models::linear::WeightDType;
 
 use crate::backend::with_backend;
@@ -19,6 +19,9 @@ pub struct CheckKernelsArgs {
     pub dtype: Vec<WeightDType>,
     #[arg(long)]
     pub json: bool,
+    /// Every case's largest difference and where it is (always shown for a failing kernel).
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 pub fn run(args: CheckKernelsArgs) -> CliResult {
@@ -40,28 +43,26 @@ fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult 
     if args.json {
         let json: Vec<_> = rows
             .iter()
-            .map(|(dtype, c)| serde_json::json!({"dtype": dtype, "kernel": c.kernel, "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance, "passed": c.passed()}))
+            .map(|(dtype, c)| serde_json::json!({"dtype": dtype, "kernel": c.kernel, "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance, "passed": c.passed(), "cases": c.cases}))
             .collect();
         println!("{}", serde_json::Value::Array(json));
     } else {
         println!(
-            "{:<6} {:<12} {:>14} {:>10}",
+            "{:<6} {:<16} {:>14} {:>10}",
             "dtype", "kernel", "max |diff|", "tolerance"
         );
-        for (
-            dtype,
-            KernelCheck {
-                kernel,
-                max_abs_diff,
-                tolerance,
-            },
-        ) in &rows
-        {
-            let diff = max_abs_diff.map_or("declined".to_string(), |d| format!("{d:.3e}"));
-            println!(
-                "{:<6} {kernel:<12} {diff:>14} {tolerance:>10.1e}",
-                format!("{dtype:?}").to_lowercase()
-            );
+        for (dtype, check) in &rows {
+            let diff = check
+                .max_abs_diff
+                .map_or("declined".to_string(), |d| format!("{d:.3e}"));
+            let kernel = check.kernel;
+            let dtype = format!("{dtype:?}").to_lowercase();
+            println!("{dtype:<6} {kernel:<16} {diff:>14} {:>10.1e}", check.tolerance);
+            if !check.passed() || args.verbose {
+                for case in &check.cases {
+                    println!("       {case}");
+                }
+            }
         }
     }
     if failed.is_empty() {

@@ -14,20 +14,60 @@ pub struct KernelCheck {
     pub max_abs_diff: Option<f32>,
     /// The largest difference accepted for `dtype`.
     pub tolerance: f32,
+    /// Per case: its largest difference, where, and the values there (kernel, reference).
+    pub cases: Vec<String>,
 }
 
 impl KernelCheck {
     pub fn passed(&self) -> bool {
-        self.max_abs_diff.is_none_or(|d| d <= self.tolerance)
+        self.max_abs_diff.is_none_or(|d| d <= self.tolerance) // NaN fails
     }
 }
 
-fn max_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
-    (a.cast(DType::F32) - b.cast(DType::F32))
-        .abs()
-        .max()
-        .into_scalar()
-        .elem::<f32>()
+/// The largest difference between the kernel's `got` and the reference `want`, with where
+/// it is (read on the host, so a reduction on the device cannot hide a NaN).
+fn compare<B: Backend, const D: usize>(got: Tensor<B, D>, want: Tensor<B, D>) -> Diff {
+    let values = |t: Tensor<B, D>| {
+        t.cast(DType::F32)
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default()
+    };
+    let dims = got.dims();
+    let (g, w) = (values(got), values(want));
+    let mut worst = Diff {
+        max: if g.len() == w.len() { 0.0 } else { f32::INFINITY },
+        detail: format!("shape {dims:?}"),
+    };
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        let d = (a - b).abs();
+        if d > worst.max || (d.is_nan() && !worst.max.is_nan()) {
+            worst.max = if d.is_nan() { f32::NAN } else { d };
+            worst.detail = format!(
+                "shape {dims:?}: at {i} kernel {a} reference {b}; first {:?} vs {:?}",
+                &g[..g.len().min(3)],
+                &w[..w.len().min(3)]
+            );
+        }
+    }
+    worst
+}
+
+#[derive(Debug, Clone)]
+struct Diff {
+    max: f32,
+    detail: String,
+}
+
+impl Diff {
+    fn and(self, other: Diff) -> Diff {
+        if other.max > self.max || other.max.is_nan() {
+            other
+        } else {
+            self
+        }
+    }
 }
 
 fn random<B: Backend, const D: usize>(shape: [usize; D], dtype: DType, device: &B::Device) -> Tensor<B, D> {
@@ -39,12 +79,19 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     // Half precision rounds each kernel's output once, burn's operations after every step.
     let tolerance = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
     let mut checks = Vec::new();
-    let mut record = |kernel, diffs: Vec<Option<f32>>| {
-        let max_abs_diff = diffs.into_iter().try_fold(0f32, |m, d| d.map(|d| m.max(d)));
+    let mut record = |kernel, diffs: Vec<Option<Diff>>| {
+        let max_abs_diff = diffs.iter().try_fold(0f32, |m, d| {
+            d.as_ref().map(|d| if d.max.is_nan() { f32::NAN } else { m.max(d.max) })
+        });
+        let cases = diffs
+            .into_iter()
+            .map(|d| d.map_or("declined".into(), |d| format!("{:.3e} ({})", d.max, d.detail)))
+            .collect();
         checks.push(KernelCheck {
             kernel,
             max_abs_diff,
             tolerance,
+            cases,
         });
     };
 
@@ -52,23 +99,30 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         let x = random::<B, 3>([1, rows, 4096], dtype, device);
         let gamma = random::<B, 1>([4096], DType::F32, device);
         let want = (x.clone().cast(DType::F32) * norm_scale(&x) * gamma.clone().unsqueeze()).cast(dtype);
-        super::rms_norm(x, &gamma, 1e-5).ok().map(|got| max_diff(got, want))
+        super::rms_norm(x, &gamma, 1e-5).ok().map(|got| compare(got, want))
     });
-    record("rms_norm", rms.to_vec());
+    record("rms_norm", rms.into());
 
     let swiglu = [1, 5].map(|rows| {
         let x = random::<B, 3>([1, rows, 2 * 11008], dtype, device);
         let want = crate::host_kernels::swiglu_by_ops(x.clone().cast(DType::F32)).cast(dtype);
-        super::swiglu(x).ok().map(|got| max_diff(got, want))
+        super::swiglu(x).ok().map(|got| compare(got, want))
     });
-    record("swiglu", swiglu.to_vec());
+    record("swiglu", swiglu.into());
 
-    let softmax = [(1usize, 4352usize, false), (64, 1000, true)].map(|(rows, slots, masked)| {
+    let softmax = [
+        (1usize, 64usize, false, false),
+        (1, 4352, false, true),
+        (64, 1000, true, true),
+    ]
+    .map(|(rows, slots, masked, biased)| {
         let scores = random::<B, 4>([1, 4, rows, slots], dtype, device).mul_scalar(4.0);
-        let bias_values: Vec<f32> = (0..4 * slots)
-            .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
-            .collect();
-        let bias = Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(bias_values, [1, 4, 1, slots]), device);
+        let bias = biased.then(|| {
+            let values: Vec<f32> = (0..4 * slots)
+                .map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 })
+                .collect();
+            Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(values, [1, 4, 1, slots]), device)
+        });
         // Causal: query row r sees the first slots − rows + r + 1 slots.
         let mask = masked.then(|| {
             let values: Vec<f32> = (0..rows * slots)
@@ -83,16 +137,19 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(values, [1, 1, rows, slots]), device)
                 .repeat_dim(1, 4)
         });
-        let mut full = scores.clone().cast(DType::F32) + bias.clone().repeat_dim(2, rows);
+        let mut full = scores.clone().cast(DType::F32);
+        if let Some(b) = &bias {
+            full = full + b.clone().repeat_dim(2, rows);
+        }
         if let Some(m) = &mask {
             full = full + m.clone();
         }
         let want = burn::tensor::activation::softmax(full, 3);
-        super::softmax_rows(scores, mask.as_ref(), Some(&bias), dtype)
+        super::softmax_rows(scores, mask.as_ref(), bias.as_ref(), dtype)
             .ok()
-            .map(|(p, q)| max_diff(p, want.clone()).max(max_diff(q, want)))
+            .map(|(p, q)| compare(p, want.clone()).and(compare(q, want)))
     });
-    record("softmax", softmax.to_vec());
+    record("softmax", softmax.into());
 
     let heads = HeadShape {
         q_heads: 8,
@@ -113,9 +170,9 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         let want = rope_by_ops(qkv.clone(), heads, &qa, &ka);
         super::split_rope(qkv, heads, (&qa.0, &qa.1), Some((&ka.0, &ka.1)))
             .ok()
-            .map(|(q, k, v)| max_diff(q, want.0).max(max_diff(k, want.1)).max(max_diff(v, want.2)))
+            .map(|(q, k, v)| compare(q, want.0).and(compare(k, want.1)).and(compare(v, want.2)))
     });
-    record("split_rope", rope.to_vec());
+    record("split_rope", rope.into());
 
     let gemv = [(4096usize, 12288usize), (4096, 32000), (576, 49152), (100, 30)].map(|(inp, out)| {
         let x = random::<B, 2>([1, inp], dtype, device);
@@ -125,20 +182,29 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             .cast(DType::F32)
             .matmul(w.clone().cast(DType::F32).transpose());
         // Relative to the row length: sums of `inp` products.
-        super::gemv(x, &w)
-            .ok()
-            .map(|got| max_diff(got, want) / (inp as f32).sqrt())
+        super::gemv(x, &w).ok().map(|got| {
+            let d = compare(got, want);
+            Diff {
+                max: d.max / (inp as f32).sqrt(),
+                ..d
+            }
+        })
     });
-    record("gemv", gemv.to_vec());
+    record("gemv", gemv.into());
 
-    // Decode attention over a cache view: 50 of a buffer's 64 slots, 1 and 4 rows per head.
-    let attention = [(1usize, 128usize), (4, 64)].map(|(rows, d)| {
-        let buffer = |seed: f32| {
-            random::<B, 4>([1, 4, 64, d], dtype, device)
-                .mul_scalar(seed)
-                .slice_dim(2, 0..50)
+    // Decode attention over the cache: a whole buffer, and 50 of a buffer's 64 slots (a view),
+    // 1 and 4 rows per head. Scores and values checked apart.
+    let cases = [(1usize, 128usize, false), (1, 128, true), (4, 64, true)];
+    let attention = cases.map(|(rows, d, view)| {
+        let buffer = || {
+            let t = random::<B, 4>([1, 4, 64, d], dtype, device);
+            if view {
+                t.slice_dim(2, 0..50)
+            } else {
+                t
+            }
         };
-        let (keys, values) = (buffer(1.0), buffer(1.0));
+        let (keys, values) = (buffer(), buffer());
         let q = random::<B, 4>([1, 4, rows, d], dtype, device).mul_scalar(0.1);
         let f32 = |t: &Tensor<B, 4>| t.clone().cast(DType::F32);
         let want_scores = f32(&q).matmul(f32(&keys).swap_dims(2, 3));
@@ -146,13 +212,14 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         let want_out = f32(&probs).matmul(f32(&values));
         let scores = super::attention_scores(q, &keys)
             .ok()
-            .map(|got| max_diff(got, want_scores));
+            .map(|got| compare(got, want_scores));
         let out = super::attention_values(probs, &values)
             .ok()
-            .map(|got| max_diff(got, want_out));
-        scores.zip(out).map(|(a, b)| a.max(b))
+            .map(|got| compare(got, want_out));
+        (scores, out)
     });
-    record("attention", attention.to_vec());
+    record("attention_scores", attention.iter().map(|a| a.0.clone()).collect());
+    record("attention_values", attention.iter().map(|a| a.1.clone()).collect());
     checks
 }
 
