@@ -3,7 +3,7 @@
 use burn::prelude::*;
 use clap::Args;
 
-use easykv_models::gpu_kernels::check_kernels;
+use easykv_models::gpu_kernels::{check_kernels, check_model};
 use easykv_models::linear::WeightDType;
 
 use crate::backend::with_backend;
@@ -17,6 +17,10 @@ pub struct CheckKernelsArgs {
     /// Precisions to check, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "f32,f16")]
     pub dtype: Vec<WeightDType>,
+    /// Random-weight model shapes run end to end with each kernel alone and all together,
+    /// against burn's operations (logits over a prefill and three decode steps).
+    #[arg(long, value_delimiter = ',', default_value = "smollm2,qwen2.5-1.5b")]
+    pub models: Vec<String>,
     #[arg(long)]
     pub json: bool,
     /// Every case's largest difference and where it is (always shown for a failing kernel).
@@ -31,6 +35,7 @@ pub fn run(args: CheckKernelsArgs) -> CliResult {
 
 fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult {
     let mut failed = Vec::new();
+    let (mut kernel_json, mut model_json) = (Vec::new(), Vec::new());
     let mut rows = Vec::new();
     for dtype in &args.dtype {
         for check in check_kernels::<B>(dtype.dtype(), device) {
@@ -45,7 +50,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult 
             .iter()
             .map(|(dtype, c)| serde_json::json!({"dtype": dtype, "kernel": c.kernel, "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance, "passed": c.passed(), "cases": c.cases}))
             .collect();
-        println!("{}", serde_json::Value::Array(json));
+        kernel_json = json;
     } else {
         println!(
             "{:<6} {:<16} {:>14} {:>10}",
@@ -64,6 +69,28 @@ fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult 
                 }
             }
         }
+    }
+    // Whole models: logits of kernels against burn's operations, relative to the logits' scale.
+    let tolerance = |dtype: &WeightDType| if *dtype == WeightDType::F32 { 1e-3 } else { 5e-2 };
+    for shape in &args.models {
+        for dtype in &args.dtype {
+            for (setting, diff) in check_model::<B>(shape, *dtype, device) {
+                let ok = diff.is_some_and(|d| d <= tolerance(dtype));
+                if !ok {
+                    failed.push(format!("{shape} with {setting} ({dtype:?})"));
+                }
+                let diff = diff.map_or("failed to run".to_string(), |d| format!("{d:.3e}"));
+                let dtype = format!("{dtype:?}").to_lowercase();
+                if args.json {
+                    model_json.push(serde_json::json!({"model": shape, "dtype": dtype, "kernels": setting, "max_logit_diff": diff, "passed": ok}));
+                } else {
+                    println!("{dtype:<6} {shape} with {setting:<12} logits max |diff| {diff}");
+                }
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::json!({"kernels": kernel_json, "models": model_json}));
     }
     if failed.is_empty() {
         Ok(())

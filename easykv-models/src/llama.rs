@@ -37,20 +37,48 @@ pub struct Rope<B: Backend> {
     max_positions: usize,
 }
 
-/// `cos` and `sin` for a run of positions, expanded to the full shape of the tensors they
-/// rotate (flex multiplies equal shapes far faster than it broadcasts), with the sign of
-/// rotate-half folded into `sin`'s first half and an optional scale folded into both.
+/// `cos` and `sin` for a run of positions, with the sign of rotate-half folded into `sin`'s
+/// first half and an optional scale folded into both: per position (`rows`, what the fused GPU
+/// kernel reads) and, made on first use, expanded to the full shape of the tensors they rotate
+/// (flex multiplies equal shapes far faster than it broadcasts). Made lazily because on GPUs
+/// every operation costs host time and the fused kernel needs none of them.
 #[derive(Debug, Clone)]
 pub struct RopeAngles<B: Backend> {
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
-    /// For single-token steps in half precision: the whole rotation as one `[1, d, d]` matrix,
-    /// so a decode step rotates with one product instead of six element-wise operations
-    /// (on GPUs each operation costs host time, which bounds decoding).
-    rotation: Option<Tensor<B, 3>>,
-    /// `cos` and `sin` per position, `[len, head_dim]`, unexpanded (the fused GPU kernel
-    /// indexes them itself).
+    /// `cos` and `sin` per position, `[len, head_dim]`.
     rows: (Tensor<B, 2>, Tensor<B, 2>),
+    batch: usize,
+    heads: usize,
+    axes: RopeLayoutAxes,
+    /// `cos` and `sin` in the rotated tensors' shape.
+    expanded: std::sync::OnceLock<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// For single-token steps in half precision: the whole rotation as one `[1, d, d]` matrix,
+    /// so a decode step rotates with one product instead of six element-wise operations.
+    rotation: std::sync::OnceLock<Option<Tensor<B, 3>>>,
+}
+
+impl<B: Backend> RopeAngles<B> {
+    fn expanded(&self) -> &(Tensor<B, 4>, Tensor<B, 4>) {
+        self.expanded.get_or_init(|| {
+            let [len, d] = self.rows.0.dims();
+            let (b, h) = (self.batch, self.heads);
+            let expand = |t: &Tensor<B, 2>| match self.axes {
+                RopeLayoutAxes::PositionsFirst => t.clone().reshape([1, len, 1, d]).repeat(&[b, 1, h, 1]),
+                RopeLayoutAxes::HeadsFirst => t.clone().reshape([1, 1, len, d]).repeat(&[b, h, 1, 1]),
+            };
+            (expand(&self.rows.0), expand(&self.rows.1))
+        })
+    }
+
+    fn rotation(&self) -> Option<&Tensor<B, 3>> {
+        self.rotation
+            .get_or_init(|| {
+                let (cos, sin) = &self.rows;
+                let single = cos.dims()[0] == 1 && cos.dtype() != DType::F32;
+                (single && self.axes == RopeLayoutAxes::PositionsFirst)
+                    .then(|| rotation_matrix(cos.clone(), sin.clone()))
+            })
+            .as_ref()
+    }
 }
 
 /// Where the position axis sits in the tensors a [`RopeAngles`] rotates.
@@ -96,22 +124,19 @@ impl<B: Backend> Rope<B> {
             .float()
             .reshape([len, 1]);
         let angles = positions * self.inv_freq.clone().reshape([1, half]);
-        let expand = |t: Tensor<B, 2>| match axes {
-            RopeLayoutAxes::PositionsFirst => t.reshape([1, len, 1, d]).repeat(&[batch, 1, heads, 1]),
-            RopeLayoutAxes::HeadsFirst => t.reshape([1, 1, len, d]).repeat(&[batch, heads, 1, 1]),
-        };
+        debug_assert_eq!(d, 2 * half);
         let (cos, sin) = (angles.clone().cos().mul_scalar(scale), angles.sin().mul_scalar(scale));
         let (cos, sin) = (
             Tensor::cat(vec![cos.clone(), cos], 1).cast(dtype),
             Tensor::cat(vec![sin.clone().neg(), sin], 1).cast(dtype),
         );
-        let rotation = (len == 1 && dtype != DType::F32 && axes == RopeLayoutAxes::PositionsFirst)
-            .then(|| rotation_matrix(cos.clone(), sin.clone()));
         RopeAngles {
-            rows: (cos.clone(), sin.clone()),
-            cos: expand(cos),
-            sin: expand(sin),
-            rotation,
+            rows: (cos, sin),
+            batch,
+            heads,
+            axes,
+            expanded: Default::default(),
+            rotation: Default::default(),
         }
     }
 
@@ -121,14 +146,15 @@ impl<B: Backend> Rope<B> {
     /// - `x`: the angles' shape, `[batch, s, heads, head_dim]` or `[batch, heads, s, head_dim]`
     pub fn apply(x: Tensor<B, 4>, angles: &RopeAngles<B>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
-        if let (Some(r), 1, 1) = (&angles.rotation, b, s) {
+        if let (Some(r), 1, 1) = (angles.rotation(), b, s) {
             return x.reshape([1, h, d]).matmul(r.clone()).reshape([b, s, h, d]);
         }
         let x1 = x.clone().slice_dim(3, 0..d / 2);
         let x2 = x.clone().slice_dim(3, d / 2..d);
         // x·cos + rotate_half(x)·sin with rotate_half(x) = [−x2, x1]: the sign lives in `sin`.
         let swapped = Tensor::cat(vec![x2, x1], 3);
-        x * angles.cos.clone() + swapped * angles.sin.clone()
+        let (cos, sin) = angles.expanded();
+        x * cos.clone() + swapped * sin.clone()
     }
 
     pub fn max_positions(&self) -> usize {
@@ -347,7 +373,12 @@ impl<B: Backend> Attention<B> {
     /// `[batch, n_heads, s, head_dim]` → the output projection `[batch, s, hidden]`.
     fn merge(&self, out: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, h, s, d] = out.dims();
-        self.o.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+        let merged = match s {
+            // `[b, h, 1, d]` is `[b, 1, h·d]` already: no transposed copy.
+            1 => out.reshape([b, 1, h * d]),
+            _ => out.swap_dims(1, 2).reshape([b, s, h * d]),
+        };
+        self.o.forward(merged)
     }
 
     /// Attention of `x` before the output projection (see [`merge`](Self::merge)).

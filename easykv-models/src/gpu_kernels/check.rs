@@ -4,7 +4,12 @@
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 
-use super::HeadShape;
+use easykv_core::FullCache;
+
+use super::{with_kernels, HeadShape, KERNELS};
+use crate::linear::WeightDType;
+use crate::llama::Logits;
+use crate::random_weights::RandomModel;
 
 /// One kernel's comparison.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -113,6 +118,8 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     let softmax = [
         (1usize, 64usize, false, false),
         (1, 4352, false, true),
+        (64, 1000, true, false),
+        (64, 1000, false, true),
         (64, 1000, true, true),
     ]
     .map(|(rows, slots, masked, biased)| {
@@ -192,16 +199,27 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     });
     record("gemv", gemv.into());
 
-    // Decode attention over the cache: a whole buffer, and 50 of a buffer's 64 slots (a view),
-    // 1 and 4 rows per head. Scores and values checked apart.
-    let cases = [(1usize, 128usize, false), (1, 128, true), (4, 64, true)];
-    let attention = cases.map(|(rows, d, view)| {
+    // Decode attention over the cache: a whole buffer; 50 of a buffer's 64 slots, as a view and
+    // copied out of it (through the host); 1 and 4 rows per head. Scores and values apart.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Layout {
+        Whole,
+        View,
+        Copied,
+    }
+    let cases = [
+        (1usize, 128usize, Layout::Whole),
+        (1, 128, Layout::View),
+        (1, 128, Layout::Copied),
+        (4, 64, Layout::View),
+    ];
+    let attention = cases.map(|(rows, d, layout)| {
         let buffer = || {
             let t = random::<B, 4>([1, 4, 64, d], dtype, device);
-            if view {
-                t.slice_dim(2, 0..50)
-            } else {
-                t
+            match layout {
+                Layout::Whole => t,
+                Layout::View => t.slice_dim(2, 0..50),
+                Layout::Copied => Tensor::from_data(t.slice_dim(2, 0..50).into_data(), device),
             }
         };
         let (keys, values) = (buffer(), buffer());
@@ -261,4 +279,46 @@ fn rope_by_ops<B: Backend>(
     let v = part(hq + hkv, hkv);
     let heads_first = |t: Tensor<B, 4>| t.swap_dims(1, 2).cast(dtype);
     (heads_first(q), heads_first(k), heads_first(v))
+}
+
+/// A random-weight model of `shape` run with each kernel alone and with all of them, against
+/// burn's operations only: the largest logit difference over a 20-token prefill and three
+/// decode steps, per setting (`None`: the model could not be built or run).
+pub fn check_model<B: Backend>(shape: &str, dtype: WeightDType, device: &B::Device) -> Vec<(String, Option<f32>)> {
+    let Ok(model) = RandomModel::by_name(shape).and_then(|m| m.build::<B>(dtype, 0, device)) else {
+        return vec![(shape.to_string(), None)];
+    };
+    let vocab = model.embed.vocab_size() as i64;
+    let n_layers = model.layers.len();
+    let run = |setting: &str| {
+        with_kernels(setting, || {
+            let mut cache = FullCache::<B>::new(n_layers);
+            let ids = |n: i64, from: i64| {
+                Tensor::<B, 1, Int>::arange(from..from + n, device)
+                    .mul_scalar(7919)
+                    .remainder_scalar(vocab)
+                    .reshape([1, n as usize])
+            };
+            let mut logits = Vec::new();
+            let mut step = model.forward(ids(20, 0), &mut cache, Logits::Last);
+            for t in 0..3 {
+                logits.push(step.ok()?.cast(DType::F32));
+                step = model.forward(ids(1, 20 + t), &mut cache, Logits::Last);
+            }
+            logits.push(step.ok()?.cast(DType::F32));
+            Some(Tensor::cat(logits, 1))
+        })
+    };
+    let Some(reference) = run("off") else {
+        return vec![("off".to_string(), None)];
+    };
+    KERNELS
+        .iter()
+        .map(|k| k.to_string())
+        .chain(["all".to_string()])
+        .map(|setting| {
+            let diff = run(&setting).map(|got| compare(got, reference.clone()).max);
+            (setting, diff)
+        })
+        .collect()
 }

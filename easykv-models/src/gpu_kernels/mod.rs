@@ -20,7 +20,7 @@ mod cuda;
 #[cfg(feature = "cuda")]
 mod kernels;
 
-pub use check::{check_kernels, KernelCheck};
+pub use check::{check_kernels, check_model, KernelCheck};
 #[cfg(feature = "cuda")]
 pub use cuda::*;
 
@@ -100,12 +100,9 @@ enum Setting {
     Only(Vec<String>),
 }
 
-/// Whether `EASYKV_GPU_KERNELS` leaves kernel `name` on (read once): unset or empty, all;
-/// `off`, none; `-a,-b`, all but a and b; `a,b`, only a and b.
-pub fn enabled(name: &str) -> bool {
-    static SETTING: std::sync::OnceLock<Setting> = std::sync::OnceLock::new();
-    let setting = SETTING.get_or_init(|| {
-        let value = std::env::var("EASYKV_GPU_KERNELS").unwrap_or_default();
+impl Setting {
+    /// Unset or empty: all; `off`: none; `-a,-b`: all but a and b; `a,b`: only a and b.
+    fn parse(value: &str) -> Setting {
         let names = || {
             value
                 .split(',')
@@ -118,11 +115,43 @@ pub fn enabled(name: &str) -> bool {
             list if list.starts_with('-') => Setting::AllBut(names()),
             _ => Setting::Only(names()),
         }
-    });
-    match setting {
-        Setting::All => true,
-        Setting::None => false,
-        Setting::AllBut(names) => !names.iter().any(|n| n == name),
-        Setting::Only(names) => names.iter().any(|n| n == name),
     }
+
+    fn allows(&self, name: &str) -> bool {
+        match self {
+            Setting::All => true,
+            Setting::None => false,
+            Setting::AllBut(names) => !names.iter().any(|n| n == name),
+            Setting::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
+/// A setting that replaces `EASYKV_GPU_KERNELS` while [`with_kernels`] runs.
+static OVERRIDE: std::sync::Mutex<Option<Setting>> = std::sync::Mutex::new(None);
+
+/// Runs `body` with the kernels `setting` names on (the syntax of `EASYKV_GPU_KERNELS`), for
+/// comparisons within one process.
+pub fn with_kernels<T>(setting: &str, body: impl FnOnce() -> T) -> T {
+    let set = |s: Option<Setting>| {
+        if let Ok(mut o) = OVERRIDE.lock() {
+            *o = s;
+        }
+    };
+    set(Some(Setting::parse(setting)));
+    let out = body();
+    set(None);
+    out
+}
+
+/// Whether kernel `name` is on: as [`with_kernels`] says while it runs, else as
+/// `EASYKV_GPU_KERNELS` says (read once).
+pub fn enabled(name: &str) -> bool {
+    if let Some(allowed) = OVERRIDE.lock().ok().and_then(|o| o.as_ref().map(|s| s.allows(name))) {
+        return allowed;
+    }
+    static SETTING: std::sync::OnceLock<Setting> = std::sync::OnceLock::new();
+    SETTING
+        .get_or_init(|| Setting::parse(&std::env::var("EASYKV_GPU_KERNELS").unwrap_or_default()))
+        .allows(name)
 }

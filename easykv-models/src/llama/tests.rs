@@ -241,10 +241,10 @@ fn deinterleave_keeps_scores_and_rope_matches_interleaved_rotation() {
     let de = deinterleave_rows(&x, 1, d, 1);
     let t = Tensor::<Flex, 4>::from_data(TensorData::new(de, [1, 1, 1, d]), &Default::default());
     let angles = rope.angles(pos, 1, 1, 1, 1.0, RopeLayoutAxes::PositionsFirst, DType::F32);
-    assert!(angles.rotation.is_none());
+    assert!(angles.rotation().is_none());
     // In half precision a single position is rotated by one matrix product: the same rotation.
     let half = rope.angles(pos, 1, 1, 1, 1.0, RopeLayoutAxes::PositionsFirst, DType::F16);
-    assert!(half.rotation.is_some());
+    assert!(half.rotation().is_some());
     let by_matrix: Vec<f32> = Rope::apply(t.clone().cast(DType::F16), &half)
         .cast(DType::F32)
         .into_data()
