@@ -22,6 +22,13 @@ macro_rules! with_backend {
                 })
             }
             #[cfg(feature = "wgpu")]
+            $crate::backend::DeviceSpec::WgpuCpu => {
+                $crate::backend::keep_kernels_on_disk();
+                $crate::backend::without_panics($spec, || {
+                    $run::<$crate::backend::WgpuUnfused>(&burn::backend::wgpu::WgpuDevice::Cpu, $($arg),*)
+                })
+            }
+            #[cfg(feature = "wgpu")]
             $crate::backend::DeviceSpec::Wgpu(i) => {
                 $crate::backend::keep_kernels_on_disk();
                 $crate::backend::without_panics($spec, || {
@@ -43,6 +50,11 @@ pub(crate) use with_backend;
 #[cfg(feature = "cuda")]
 pub type Cuda = burn_cubecl::CubeBackend<burn::cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
+/// `--device wgpu-cpu`: burn's wgpu backend without fusion on a CPU Vulkan driver (Mesa's
+/// lavapipe): slow, but it runs easykv's fused GPU kernels where no GPU is, to test them.
+#[cfg(feature = "wgpu")]
+pub type WgpuUnfused = burn_cubecl::CubeBackend<burn::cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+
 /// A parsed `--device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -53,6 +65,8 @@ pub enum DeviceSpec {
     CudaFused(usize),
     #[cfg(feature = "wgpu")]
     Wgpu(usize),
+    #[cfg(feature = "wgpu")]
+    WgpuCpu,
 }
 
 pub fn parse_device(spec: &str) -> CliResult<DeviceSpec> {
@@ -76,16 +90,18 @@ pub fn parse_device(spec: &str) -> CliResult<DeviceSpec> {
         "cuda-fused" => Ok(DeviceSpec::CudaFused(index)),
         #[cfg(feature = "wgpu")]
         "wgpu" => Ok(DeviceSpec::Wgpu(index)),
+        #[cfg(feature = "wgpu")]
+        "wgpu-cpu" => Ok(DeviceSpec::WgpuCpu),
         #[cfg(not(feature = "cuda"))]
         "cuda" | "cuda-fused" => Err(CliError(format!(
             "device '{spec}' needs a build with `--features cuda` (this build lacks it)"
         ))),
         #[cfg(not(feature = "wgpu"))]
-        "wgpu" => Err(CliError(format!(
+        "wgpu" | "wgpu-cpu" => Err(CliError(format!(
             "device '{spec}' needs a build with `--features wgpu` (this build lacks it)"
         ))),
         _ => Err(CliError(format!(
-            "unknown device '{spec}' (expected cpu, cuda[:N], cuda-fused[:N] or wgpu[:N])"
+            "unknown device '{spec}' (expected cpu, cuda[:N], cuda-fused[:N], wgpu[:N] or wgpu-cpu)"
         ))),
     }
 }
@@ -100,7 +116,14 @@ pub fn keep_kernels_on_disk() {
     use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let dir = easykv_models::fetch::easykv_home().join("kernels");
+        // One directory per build of easykv's own kernels: cubecl keys its cache by kernel
+        // name and types, so a kernel whose code changed would otherwise run its old code.
+        let build = format!(
+            "{}-{:016x}",
+            env!("CARGO_PKG_VERSION"),
+            easykv_models::gpu_kernels::SOURCE_FINGERPRINT
+        );
+        let dir = easykv_models::fetch::easykv_home().join("kernels").join(build);
         let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
         if config.compilation.cache.is_none() {
             config.compilation.cache = Some(CacheConfig::File(dir.clone()));

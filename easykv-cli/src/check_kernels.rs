@@ -11,7 +11,8 @@ use crate::common::{CliError, CliResult};
 
 #[derive(Args, Debug)]
 pub struct CheckKernelsArgs {
-    /// cpu, cuda[:N], cuda-fused[:N] or wgpu[:N]; the kernels exist for `cuda`.
+    /// cuda[:N] (the kernels run on burn's unfused CUDA backend), or wgpu-cpu (unfused wgpu on a
+    /// CPU Vulkan driver, to test them without a GPU); elsewhere every kernel declines.
     #[arg(long, default_value = "cuda")]
     pub device: String,
     /// Precisions to check, comma-separated.

@@ -181,7 +181,7 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     });
     record("split_rope", rope.into());
 
-    let gemv = [(4096usize, 12288usize), (4096, 32000), (576, 49152), (100, 30)].map(|(inp, out)| {
+    let gemv = [(4096usize, 3000usize), (576, 8192), (1536, 576), (100, 30)].map(|(inp, out)| {
         let x = random::<B, 2>([1, inp], dtype, device);
         let w = random::<B, 2>([out, inp], dtype, device);
         let want = x

@@ -241,37 +241,53 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
 }
 
 /// `y = W·x` for one activation row: `W` `[rows, cols]` row-major, read as vectors of `N`
-/// (16 bytes for half precision). One plane (32 threads) per output row, `CUBE_DIM_Y` rows per
-/// cube; each plane streams its row once, which is what bounds decoding.
+/// (16 bytes for half precision). 32 threads per output row, `CUBE_DIM_Y` rows per cube; each
+/// group streams its row once, which is what bounds decoding. The 32 partial sums meet in
+/// shared memory (not a plane reduction: planes are 32 wide on NVIDIA, narrower elsewhere).
+/// The output's element type `O` is the inputs' `F` under another name: a scalar buffer of
+/// the type the vectorized inputs use was laid out as vectors too (measured on lavapipe).
 #[cube(launch)]
-pub fn gemv<F: Float, A: Float, N: Size>(
+pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
     x: &Tensor<Vector<F, N>>,
     w: &Tensor<Vector<F, N>>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<O>,
     rows: u32,
     vectors_per_row: u32,
-    #[define(F, A)] _dtypes: [StorageType; 2],
+    #[define(F, A, O)] _dtypes: [StorageType; 3],
 ) {
-    let r = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
-    if r >= rows as usize {
-        terminate!();
-    }
+    let lane = UNIT_POS_X as usize;
+    let group = UNIT_POS_Y as usize;
+    let r = (CUBE_POS_X * CUBE_DIM_Y) as usize + group;
+    let live = r < rows as usize;
     let per_row = vectors_per_row as usize;
     let base = r * per_row;
     let mut acc = A::new(0.0);
-    let mut c = UNIT_POS_X as usize;
-    while c < per_row {
-        let wv = w[base + c];
-        let xv = x[c];
-        #[unroll]
-        for e in 0..N::value() {
-            acc += A::cast_from(wv[e]) * A::cast_from(xv[e]);
+    if live {
+        let mut c = lane;
+        while c < per_row {
+            let wv = w[base + c];
+            let xv = x[c];
+            #[unroll]
+            for e in 0..N::value() {
+                acc += A::cast_from(wv[e]) * A::cast_from(xv[e]);
+            }
+            c += 32usize;
         }
-        c += 32usize;
     }
-    let total = plane_sum(acc);
-    if UNIT_POS_X == 0 {
-        out[r] = F::cast_from(total);
+    let mut shared = SharedMemory::<A>::new(256usize);
+    let slot = group * 32 + lane;
+    shared[slot] = acc;
+    sync_cube();
+    let mut stride = 16usize;
+    while stride > 0 {
+        if lane < stride {
+            shared[slot] = shared[slot] + shared[slot + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    if live && lane == 0 {
+        out[r] = O::cast_from(shared[slot]);
     }
 }
 

@@ -15,18 +15,18 @@
 //! comparisons on the same build).
 
 mod check;
-#[cfg(feature = "cuda")]
-mod cuda;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod kernels;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod launch;
 
 pub use check::{check_kernels, check_model, KernelCheck};
-#[cfg(feature = "cuda")]
-pub use cuda::*;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub use launch::*;
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 mod fallback {
-    //! Builds without CUDA: every kernel declines.
+    //! Builds without a CubeCL runtime: every kernel declines.
     use burn::prelude::*;
     use burn::tensor::DType;
 
@@ -77,8 +77,24 @@ mod fallback {
     }
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 pub use fallback::*;
+
+/// A fingerprint of the kernels' source. cubecl caches compiled kernels on disk by the kernel's
+/// name and types, not its code: a cache kept across easykv builds would run a changed kernel's
+/// old code (seen while developing them), so caches live under a directory named by this.
+pub const SOURCE_FINGERPRINT: u64 = fnv1a(include_str!("kernels.rs").as_bytes());
+
+const fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
 
 /// Heads of a stacked q|k|v projection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

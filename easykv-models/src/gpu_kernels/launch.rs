@@ -1,4 +1,5 @@
-//! Launching the kernels on burn's unfused CUDA tensors.
+//! Launching the kernels on burn's unfused CubeCL tensors (CUDA; wgpu, where the CPU Vulkan
+//! driver lavapipe lets them be tested on a machine without a GPU).
 
 use std::any::{Any, TypeId};
 
@@ -7,18 +8,35 @@ use burn::tensor::{DType, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
 use cubecl::calculate_cube_count_elemwise;
+#[cfg(feature = "cuda")]
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::{CubeCount, CubeDim};
+#[cfg(feature = "wgpu")]
+use cubecl::wgpu::WgpuRuntime;
 
 use super::kernels::{self, ROW_BLOCK};
 use super::{enabled, HeadShape};
 
-type Cube = CubeTensor<CudaRuntime>;
+/// Whether `B`'s float tensors are burn's unfused tensors of runtime `R`.
+fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
+    TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<CubeTensor<R>>()
+}
 
-/// Whether `B`'s float tensors are burn's unfused CUDA tensors.
-fn is_cuda<B: Backend>() -> bool {
-    TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<Cube>()
+/// Calls `$f::<B, R>(args)` for the runtime `B`'s tensors belong to, or hands `$input` back.
+macro_rules! on_runtime {
+    ($f:ident::<$B:ty $(; $D:ident)?>($($arg:expr),*), $input:expr) => {{
+        #[cfg(feature = "cuda")]
+        if is_runtime::<$B, CudaRuntime>() {
+            return $f::<$B, CudaRuntime $(, $D)?>($($arg),*);
+        }
+        #[cfg(feature = "wgpu")]
+        if is_runtime::<$B, WgpuRuntime>() {
+            return $f::<$B, WgpuRuntime $(, $D)?>($($arg),*);
+        }
+        Err($input)
+    }};
 }
 
 fn is_float(dtype: DType) -> bool {
@@ -26,38 +44,38 @@ fn is_float(dtype: DType) -> bool {
 }
 
 /// Whether kernel `name` may run on these tensors.
-fn applies<B: Backend>(name: &str, dtypes: &[DType]) -> bool {
-    is_cuda::<B>() && dtypes.iter().all(|d| is_float(*d)) && enabled(name)
+fn applies(name: &str, dtypes: &[DType]) -> bool {
+    dtypes.iter().all(|d| is_float(*d)) && enabled(name)
 }
 
-/// The CUDA tensor inside `t`. Only called once [`is_cuda`] said `B` is CUDA.
-fn cube<B: Backend, const D: usize>(t: Tensor<B, D>) -> Cube {
+/// The runtime's tensor inside `t`. Only called once [`is_runtime`] said `B` is `R`'s.
+fn cube<B: Backend, R: CubeRuntime, const D: usize>(t: Tensor<B, D>) -> CubeTensor<R> {
     into_contiguous(cube_view(t))
 }
 
 /// [`cube`] without making it contiguous: for views the kernel indexes by their strides.
-fn cube_view<B: Backend, const D: usize>(t: Tensor<B, D>) -> Cube {
+fn cube_view<B: Backend, R: CubeRuntime, const D: usize>(t: Tensor<B, D>) -> CubeTensor<R> {
     let primitive = match t.into_primitive() {
         TensorPrimitive::Float(p) => p,
         TensorPrimitive::QFloat(_) => unreachable!("callers check for float dtypes"),
     };
     let any: Box<dyn Any> = Box::new(primitive);
-    match any.downcast::<Cube>() {
+    match any.downcast::<CubeTensor<R>>() {
         Ok(c) => *c,
-        Err(_) => unreachable!("callers check that the backend is CUDA"),
+        Err(_) => unreachable!("callers check the backend's runtime"),
     }
 }
 
 /// A CUDA tensor back as a `B` tensor (`B` is CUDA: see [`cube`]).
-fn tensor<B: Backend, const D: usize>(c: Cube) -> Tensor<B, D> {
+fn tensor<B: Backend, R: CubeRuntime, const D: usize>(c: CubeTensor<R>) -> Tensor<B, D> {
     let any: Box<dyn Any> = Box::new(c);
     match any.downcast::<B::FloatTensorPrimitive>() {
         Ok(p) => Tensor::from_primitive(TensorPrimitive::Float(*p)),
-        Err(_) => unreachable!("callers check that the backend is CUDA"),
+        Err(_) => unreachable!("callers check the backend's runtime"),
     }
 }
 
-fn empty_like(like: &Cube, shape: Vec<usize>, dtype: DType) -> Cube {
+fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
     empty_device_dtype(like.client.clone(), like.device.clone(), shape.into(), dtype)
 }
 
@@ -67,16 +85,24 @@ pub fn rms_norm<B: Backend, const D: usize>(
     gamma: &Tensor<B, 1>,
     eps: f64,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    on_runtime!(rms_norm_on::<B; D>(x, gamma, eps), x)
+}
+
+fn rms_norm_on<B: Backend, R: CubeRuntime, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: &Tensor<B, 1>,
+    eps: f64,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let dims = x.dims();
     let cols = dims[D - 1];
     let rows = dims.iter().product::<usize>() / cols.max(1);
-    if !applies::<B>("rms_norm", &[x.dtype(), gamma.dtype()]) || rows == 0 || gamma.dims()[0] != cols {
+    if !applies("rms_norm", &[x.dtype(), gamma.dtype()]) || rows == 0 || gamma.dims()[0] != cols {
         return Err(x);
     }
     let (x, gamma) = (cube(x), cube(gamma.clone()));
     let out = empty_like(&x, dims.to_vec(), x.dtype);
     let dtypes = [x.dtype.into(), gamma.dtype.into(), DType::F32.into()];
-    kernels::rms_norm::launch::<CudaRuntime>(
+    kernels::rms_norm::launch::<R>(
         &x.client.clone(),
         CubeCount::Static(rows as u32, 1, 1),
         CubeDim::new_1d(ROW_BLOCK),
@@ -92,11 +118,15 @@ pub fn rms_norm<B: Backend, const D: usize>(
 
 /// `silu(gate)·up` for gate and up stacked along the last axis: `[.., 2·i]` → `[.., i]`.
 pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    on_runtime!(swiglu_on::<B; D>(x), x)
+}
+
+fn swiglu_on<B: Backend, R: CubeRuntime, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let mut dims = x.dims();
     let inner = dims[D - 1] / 2;
     dims[D - 1] = inner;
     let total = dims.iter().product::<usize>();
-    if !applies::<B>("swiglu", &[x.dtype()]) || total == 0 || total > u32::MAX as usize {
+    if !applies("swiglu", &[x.dtype()]) || total == 0 || total > u32::MAX as usize {
         return Err(x);
     }
     let x = cube(x);
@@ -104,7 +134,7 @@ pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D
     let client = x.client.clone();
     let cube_dim = CubeDim::new_1d(256);
     let dtypes = [x.dtype.into(), DType::F32.into()];
-    kernels::swiglu::launch::<CudaRuntime>(
+    kernels::swiglu::launch::<R>(
         &client,
         calculate_cube_count_elemwise(&client, total, cube_dim),
         cube_dim,
@@ -126,13 +156,22 @@ pub fn softmax_rows<B: Backend>(
     bias: Option<&Tensor<B, 4>>,
     product: DType,
 ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4>> {
+    on_runtime!(softmax_rows_on::<B>(scores, mask, bias, product), scores)
+}
+
+fn softmax_rows_on<B: Backend, R: CubeRuntime>(
+    scores: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4>>,
+    bias: Option<&Tensor<B, 4>>,
+    product: DType,
+) -> Result<(Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4>> {
     let dims = scores.dims();
     let [b, h, r, n] = dims;
     let mut dtypes = vec![scores.dtype(), product];
     dtypes.extend(mask.map(|m| m.dtype()));
     dtypes.extend(bias.map(|m| m.dtype()));
     let shapes_fit = mask.is_none_or(|m| m.dims() == dims) && bias.is_none_or(|x| x.dims() == [b, h, 1, n]);
-    if !applies::<B>("softmax", &dtypes) || !shapes_fit || b * h * r == 0 || n == 0 {
+    if !applies("softmax", &dtypes) || !shapes_fit || b * h * r == 0 || n == 0 {
         return Err(scores);
     }
     let scores = cube(scores);
@@ -154,7 +193,7 @@ pub fn softmax_rows<B: Backend>(
     } else {
         empty_like(&scores, vec![1], DType::F32)
     };
-    kernels::softmax_rows::launch::<CudaRuntime>(
+    kernels::softmax_rows::launch::<R>(
         &scores.client.clone(),
         CubeCount::Static((b * h * r) as u32, 1, 1),
         CubeDim::new_1d(ROW_BLOCK),
@@ -183,6 +222,15 @@ pub fn split_rope<B: Backend>(
     queries: (&Tensor<B, 2>, &Tensor<B, 2>),
     keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
 ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 3>> {
+    on_runtime!(split_rope_on::<B>(qkv, heads, queries, keys), qkv)
+}
+
+fn split_rope_on<B: Backend, R: CubeRuntime>(
+    qkv: Tensor<B, 3>,
+    heads: HeadShape,
+    queries: (&Tensor<B, 2>, &Tensor<B, 2>),
+    keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
+) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 3>> {
     let [b, s, width] = qkv.dims();
     let HeadShape {
         q_heads: hq,
@@ -196,7 +244,7 @@ pub fn split_rope<B: Backend>(
         .into_iter()
         .chain(keys.into_iter().flat_map(|(c, s)| [c.dims(), s.dims()]))
         .all(|dims| dims == [s, d]);
-    if !applies::<B>("split_rope", &[qkv.dtype(), angle_dtypes[0], angle_dtypes[1]])
+    if !applies("split_rope", &[qkv.dtype(), angle_dtypes[0], angle_dtypes[1]])
         || angle_dtypes[0] != angle_dtypes[1]
         || !same_angles
         || !angle_shapes
@@ -221,7 +269,7 @@ pub fn split_rope<B: Backend>(
     let client = qkv.client.clone();
     let cube_dim = CubeDim::new_1d(256);
     let dtypes = [dtype.into(), q_cos.dtype.into(), DType::F32.into()];
-    kernels::split_rope::launch::<CudaRuntime>(
+    kernels::split_rope::launch::<R>(
         &client,
         calculate_cube_count_elemwise(&client, total, cube_dim),
         cube_dim,
@@ -249,10 +297,13 @@ const GEMV_ROWS_PER_CUBE: u32 = 8;
 
 /// `x·Wᵀ` for one row `x` (`[1, in]`) and `W` `[out, in]`, both in `W`'s dtype: `[1, out]`.
 pub fn gemv<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    on_runtime!(gemv_on::<B>(x, w), x)
+}
+
+fn gemv_on<B: Backend, R: CubeRuntime>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let [out, w_inp] = w.dims();
-    if !applies::<B>("gemv", &[x.dtype(), w.dtype()]) || rows != 1 || inp != w_inp || x.dtype() != w.dtype() || out == 0
-    {
+    if !applies("gemv", &[x.dtype(), w.dtype()]) || rows != 1 || inp != w_inp || x.dtype() != w.dtype() || out == 0 {
         return Err(x);
     }
     // 16-byte loads where the row length allows.
@@ -260,8 +311,8 @@ pub fn gemv<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2
     let (x, w) = (cube(x), cube(w.clone()));
     let y = empty_like(&x, vec![1, out], x.dtype);
     let client = x.client.clone();
-    let dtypes = [x.dtype.into(), DType::F32.into()];
-    kernels::gemv::launch::<CudaRuntime>(
+    let dtypes = [x.dtype.into(), DType::F32.into(), x.dtype.into()];
+    kernels::gemv::launch::<R>(
         &client,
         CubeCount::Static((out as u32).div_ceil(GEMV_ROWS_PER_CUBE), 1, 1),
         CubeDim::new_2d(32, GEMV_ROWS_PER_CUBE),
@@ -290,7 +341,7 @@ fn vector_size(len: usize, dtype: DType) -> usize {
 
 /// Strides of a `[batch, heads, slots, d]` cache view in vectors of `vector`, if its last axis
 /// is contiguous and every stride is whole vectors.
-fn cache_strides(t: &Cube, vector: usize) -> Option<[u32; 3]> {
+fn cache_strides<R: CubeRuntime>(t: &CubeTensor<R>, vector: usize) -> Option<[u32; 3]> {
     let strides = t.meta.strides();
     let fits = strides[3] == 1
         && strides[..3]
@@ -305,10 +356,17 @@ fn cache_strides(t: &Cube, vector: usize) -> Option<[u32; 3]> {
 /// - `q`: `[batch, kv_heads, rows, d]`; `keys`: `[batch, kv_heads, slots, d]` (any strides with
 ///   a contiguous last axis) → `[batch, kv_heads, rows, slots]`
 pub fn attention_scores<B: Backend>(q: Tensor<B, 4>, keys: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    on_runtime!(attention_scores_on::<B>(q, keys), q)
+}
+
+fn attention_scores_on<B: Backend, R: CubeRuntime>(
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let [b, h, r, d] = q.dims();
     let [kb, kh, n, kd] = keys.dims();
     let total = b * h * r * n;
-    if !applies::<B>("attention", &[q.dtype(), keys.dtype()])
+    if !applies("attention", &[q.dtype(), keys.dtype()])
         || q.dtype() != keys.dtype()
         || [kb, kh, kd] != [b, h, d]
         || r > DECODE_ROWS
@@ -327,7 +385,7 @@ pub fn attention_scores<B: Backend>(q: Tensor<B, 4>, keys: &Tensor<B, 4>) -> Res
     let client = q.client.clone();
     let cube_dim = CubeDim::new_1d(256);
     let dtypes = [q.dtype.into(), DType::F32.into()];
-    kernels::attention_scores::launch::<CudaRuntime>(
+    kernels::attention_scores::launch::<R>(
         &client,
         calculate_cube_count_elemwise(&client, total, cube_dim),
         cube_dim,
@@ -355,11 +413,18 @@ pub fn attention_scores<B: Backend>(q: Tensor<B, 4>, keys: &Tensor<B, 4>) -> Res
 /// - `probs`: `[batch, kv_heads, rows, slots]`; `values`: `[batch, kv_heads, slots, d]` (any
 ///   strides with a contiguous last axis) → `[batch, kv_heads, rows, d]`
 pub fn attention_values<B: Backend>(probs: Tensor<B, 4>, values: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    on_runtime!(attention_values_on::<B>(probs, values), probs)
+}
+
+fn attention_values_on<B: Backend, R: CubeRuntime>(
+    probs: Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let [b, h, r, n] = probs.dims();
     let [vb, vh, vn, d] = values.dims();
     let vector = vector_size(d, values.dtype());
     let lanes = d / vector;
-    if !applies::<B>("attention", &[probs.dtype(), values.dtype()])
+    if !applies("attention", &[probs.dtype(), values.dtype()])
         || [vb, vh, vn] != [b, h, n]
         || r > DECODE_ROWS
         || b * h * r == 0
@@ -378,7 +443,7 @@ pub fn attention_values<B: Backend>(probs: Tensor<B, 4>, values: &Tensor<B, 4>) 
     // 256 threads per cube: the head dimension's vectors × slot groups.
     let groups = (256 / lanes) as u32;
     let dtypes = [v.dtype.into(), probs.dtype.into(), DType::F32.into()];
-    kernels::attention_values::launch::<CudaRuntime>(
+    kernels::attention_values::launch::<R>(
         &probs.client.clone(),
         CubeCount::Static((b * h * r) as u32, 1, 1),
         CubeDim::new_2d(lanes as u32, groups),
