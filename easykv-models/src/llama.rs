@@ -373,12 +373,9 @@ impl<B: Backend> Attention<B> {
     /// `[batch, n_heads, s, head_dim]` → the output projection `[batch, s, hidden]`.
     fn merge(&self, out: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, h, s, d] = out.dims();
-        let merged = match s {
-            // `[b, h, 1, d]` is `[b, 1, h·d]` already: no transposed copy.
-            1 => out.reshape([b, 1, h * d]),
-            _ => out.swap_dims(1, 2).reshape([b, s, h * d]),
-        };
-        self.o.forward(merged)
+        // Not `out.reshape` for one position: the last position of a prefill chunk is a strided
+        // view, and reshaping it directly gave wrong products on cubecl backends.
+        self.o.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 
     /// Attention of `x` before the output projection (see [`merge`](Self::merge)).

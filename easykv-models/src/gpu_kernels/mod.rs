@@ -10,7 +10,8 @@
 //! They apply where the tensors are burn's unfused CUDA tensors (`--device cuda`), found by
 //! type at run time, so the model code stays generic over the backend: every function hands
 //! its input back (`Err`) for any other backend, shape or dtype it does not cover, and the
-//! caller runs burn's operations instead. `EASYKV_GPU_KERNELS=off` turns them all off,
+//! caller runs burn's operations instead. By default all but [`OFF_BY_DEFAULT`] run;
+//! `EASYKV_GPU_KERNELS=all` turns every one on, `EASYKV_GPU_KERNELS=off` all off,
 //! `EASYKV_GPU_KERNELS=-gemv,-softmax` all but those, `EASYKV_GPU_KERNELS=gemv` only that one (for
 //! comparisons on the same build).
 
@@ -107,6 +108,12 @@ pub struct HeadShape {
 /// The kernels, by the names `EASYKV_GPU_KERNELS` takes.
 pub const KERNELS: [&str; 6] = ["rms_norm", "softmax", "swiglu", "split_rope", "gemv", "attention"];
 
+/// Kernels off unless asked for (`EASYKV_GPU_KERNELS=all`): both pass `easykv check-kernels`
+/// on wgpu (lavapipe) and run SmolLM2 there to the reference outputs, but on the H200 their
+/// masked-softmax and cache-view cases differed from burn's operations, and the cause is not
+/// found yet.
+pub const OFF_BY_DEFAULT: [&str; 2] = ["softmax", "attention"];
+
 /// Which kernels `EASYKV_GPU_KERNELS` turns on.
 #[derive(Debug)]
 enum Setting {
@@ -117,7 +124,8 @@ enum Setting {
 }
 
 impl Setting {
-    /// Unset or empty: all; `off`: none; `-a,-b`: all but a and b; `a,b`: only a and b.
+    /// Unset or empty: all but [`OFF_BY_DEFAULT`]; `all`: all; `off`: none; `-a,-b`: all but a
+    /// and b; `a,b`: only a and b.
     fn parse(value: &str) -> Setting {
         let names = || {
             value
@@ -126,7 +134,8 @@ impl Setting {
                 .collect()
         };
         match value.trim() {
-            "" | "on" | "all" => Setting::All,
+            "" => Setting::AllBut(OFF_BY_DEFAULT.iter().map(|k| k.to_string()).collect()),
+            "on" | "all" => Setting::All,
             "off" | "0" | "none" => Setting::None,
             list if list.starts_with('-') => Setting::AllBut(names()),
             _ => Setting::Only(names()),
