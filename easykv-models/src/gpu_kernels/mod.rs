@@ -180,3 +180,20 @@ pub fn enabled(name: &str) -> bool {
         .get_or_init(|| Setting::parse(&std::env::var("EASYKV_GPU_KERNELS").unwrap_or_default()))
         .allows(name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_pick_the_kernels_they_name() {
+        let on = |setting: &str, name: &str| Setting::parse(setting).allows(name);
+        assert!(on("", "gemv") && !on("", "softmax") && !on("", "attention"));
+        assert!(on("all", "softmax") && !on("off", "gemv"));
+        assert!(!on("-gemv,-swiglu", "gemv") && on("-gemv,-swiglu", "softmax"));
+        assert!(on("gemv, rms_norm", "rms_norm") && !on("gemv,rms_norm", "swiglu"));
+        // An override holds while its body runs, and only then.
+        assert!(with_kernels("off", || !enabled("gemv")));
+        assert!(with_kernels("softmax", || enabled("softmax") && !enabled("gemv")));
+    }
+}
