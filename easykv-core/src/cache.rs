@@ -28,6 +28,16 @@ pub trait KvCache<B: Backend> {
         values: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)>;
 
+    /// [`append`](Self::append) without cutting the slots in use out of the cache's buffers:
+    /// kernels that read the buffers in place take them whole with the count of slots in use
+    /// (on cubecl backends a cut is a copy of the whole cache whenever its byte offsets are
+    /// not aligned, i.e. at most decode steps).
+    fn append_in_place(&mut self, layer: usize, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<CachedKv<B>> {
+        let (keys, values) = self.append(layer, keys, values)?;
+        let len = keys.dims()[2];
+        Ok(CachedKv { keys, values, len })
+    }
+
     /// Whether this cache uses attention probabilities of `layer` (computing them has a cost).
     fn wants_attention(&self, _layer: usize) -> bool {
         false
@@ -98,6 +108,29 @@ pub trait KvCache<B: Backend> {
 
     /// Forgets everything, keeping the configuration.
     fn clear(&mut self);
+}
+
+/// One layer's cached keys and values as [`KvCache::append_in_place`] returns them.
+///
+/// # Shapes
+/// - `keys`, `values`: `[batch, kv_heads, capacity, head_dim]`, of which the first `len` slots
+///   are in use
+#[derive(Debug, Clone)]
+pub struct CachedKv<B: Backend> {
+    pub keys: Tensor<B, 4>,
+    pub values: Tensor<B, 4>,
+    pub len: usize,
+}
+
+impl<B: Backend> CachedKv<B> {
+    /// The slots in use, `[batch, kv_heads, len, head_dim]` each.
+    pub fn used(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let cut = |t: &Tensor<B, 4>| match t.dims()[2] == self.len {
+            true => t.clone(),
+            false => t.clone().slice_dim(2, 0..self.len),
+        };
+        (cut(&self.keys), cut(&self.values))
+    }
 }
 
 /// `len` split into chunks of `chunk` (the last one shorter).

@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use crate::budget::Schedule;
 use crate::layer_kv::{ascending_rows, LayerKv};
 use crate::policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
-use crate::{host_resident, Error, KvCache, Ranking, Result};
+use crate::{host_resident, CachedKv, Error, KvCache, Ranking, Result};
 
 /// Per-layer progress. Layers move in step while decoding; a layer-major prefill runs one
 /// layer through several chunks before the next layer starts.
@@ -26,6 +26,52 @@ struct LayerProgress {
     dead: usize,
 }
 
+/// One layer's attention over a chunk, reduced over the chunk's queries as soon as it is
+/// observed (a `[batch, heads, s, slots]` probability tensor per layer held until the chunk's
+/// end would cost 0.5 GB for a 64-token stride of a Llama-2-7B shape).
+///
+/// # Shapes
+/// Every tensor is `[batch, heads, slots]`.
+#[derive(Debug, Clone)]
+struct Observed<B: Backend> {
+    sum: Tensor<B, 3>,
+    sum_sq: Tensor<B, 3>,
+    /// The attention of the chunk's last query.
+    last: Tensor<B, 3>,
+}
+
+impl<B: Backend> Observed<B> {
+    fn new(probs: Tensor<B, 4>) -> Self {
+        let [b, h, s, n] = probs.dims();
+        if s == 1 {
+            let p = probs.reshape([b, h, n]);
+            return Self {
+                sum_sq: p.clone().square(),
+                sum: p.clone(),
+                last: p,
+            };
+        }
+        Self {
+            sum: probs.clone().sum_dim(2).reshape([b, h, n]),
+            sum_sq: probs.clone().square().sum_dim(2).reshape([b, h, n]),
+            last: probs.slice_dim(2, s - 1..s).reshape([b, h, n]),
+        }
+    }
+
+    /// Stacks the layers' observations along the row axis.
+    fn stack(parts: Vec<Self>) -> Option<Self> {
+        if parts.len() == 1 {
+            return parts.into_iter().next();
+        }
+        let field = |f: fn(&Self) -> Tensor<B, 3>| Tensor::cat(parts.iter().map(f).collect(), 0);
+        Some(Self {
+            sum: field(|o| o.sum.clone()),
+            sum_sq: field(|o| o.sum_sq.clone()),
+            last: field(|o| o.last.clone()),
+        })
+    }
+}
+
 /// Slot statistics of every layer.
 #[derive(Debug, Clone)]
 enum Stats<B: Backend> {
@@ -42,8 +88,8 @@ pub struct EvictingCache<B: Backend> {
     /// Per layer: keys and values `[batch, heads, slots, head_dim]`.
     kv: LayerKv<B>,
     stats: Stats<B>,
-    /// Attention observed during the chunk in flight, per layer: `[batch, heads, s, slots]`.
-    pending: Vec<Option<Tensor<B, 4>>>,
+    /// Attention observed during the chunk in flight, per layer, reduced over its queries.
+    pending: Vec<Option<Observed<B>>>,
     progress: Vec<LayerProgress>,
     /// [`Self::dead_slot_bias`] for the next decode step, `[layers·batch, heads, 1, slots + 1]`.
     bias: Option<Tensor<B, 4>>,
@@ -237,27 +283,14 @@ impl<B: Backend> EvictingCache<B> {
                 positions: Tensor::cat(vec![st.positions, positions], 2),
             },
         };
-        let observed: Vec<Tensor<B, 4>> = self.pending[layers.clone()]
+        let observed: Vec<Observed<B>> = self.pending[layers.clone()]
             .iter_mut()
             .filter_map(Option::take)
             .collect();
         if observed.len() == layers.len() {
-            let [rows, h, n] = st.sum.dims();
-            // One reduction for every layer: [layers·batch, heads, s, slots].
-            let probs = match observed.len() {
-                1 => observed.into_iter().next()?,
-                _ => Tensor::cat(observed, 0),
-            };
-            let (sum, sum_sq, last) = if s == 1 {
-                let p = probs.reshape([rows, h, n]);
-                (p.clone(), p.clone().square(), p)
-            } else {
-                (
-                    probs.clone().sum_dim(2).reshape([rows, h, n]),
-                    probs.clone().square().sum_dim(2).reshape([rows, h, n]),
-                    probs.slice_dim(2, s - 1..s).reshape([rows, h, n]),
-                )
-            };
+            let n = st.sum.dims()[2];
+            // One update for every layer: `[layers·batch, heads, slots]`.
+            let Observed { sum, sum_sq, last } = Observed::stack(observed)?;
             st.sum = st.sum + sum;
             st.sum_sq = st.sum_sq + sum_sq;
             st.last = last;
@@ -388,10 +421,7 @@ impl<B: Backend> EvictingCache<B> {
     /// Keeps the slots `keep` lists (`[rows, heads, kept]`, ascending) in the statistics and in
     /// every layer's keys and values.
     fn compact(&mut self, stats: SlotStats<B>, layers: Range<usize>, keep: Tensor<B, 3, Int>) -> SlotStats<B> {
-        let b = self.batch();
-        for (i, layer) in layers.enumerate() {
-            self.kv.retain(layer, keep.clone().slice_dim(0, i * b..(i + 1) * b));
-        }
+        self.kv.retain_layers(layers, keep.clone());
         pick_slots(stats, keep)
     }
 
@@ -545,6 +575,10 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
+        Ok(self.append_in_place(layer, keys, values)?.used())
+    }
+
+    fn append_in_place(&mut self, layer: usize, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<CachedKv<B>> {
         let s = keys.dims()[2];
         if layer >= self.n_layers() {
             return Err(Error::LayerOutOfRange {
@@ -559,7 +593,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
             self.stats = Stats::Stacked(stats);
             self.bias = None;
         }
-        let out = self.kv.append(layer, keys, values)?;
+        let out = self.kv.append_in_place(layer, keys, values)?;
         let p = &mut self.progress[layer];
         p.seen += s;
         p.chunk = s;
@@ -580,8 +614,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         if !self.recording(layer) {
             return Ok(());
         }
-        // Reduced at the chunk's end, for all layers at once.
-        self.pending[layer] = Some(probs);
+        self.pending[layer] = Some(Observed::new(probs));
         Ok(())
     }
 

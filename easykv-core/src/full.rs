@@ -1,7 +1,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::layer_kv::LayerKv;
-use crate::{KvCache, Result};
+use crate::{CachedKv, KvCache, Result};
 
 /// A cache that never evicts: the reference every policy is measured against.
 #[derive(Debug, Clone)]
@@ -26,8 +26,12 @@ impl<B: Backend> KvCache<B> for FullCache<B> {
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
+        Ok(self.append_in_place(layer, keys, values)?.used())
+    }
+
+    fn append_in_place(&mut self, layer: usize, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<CachedKv<B>> {
         let s = keys.dims()[2];
-        let out = self.kv.append(layer, keys, values)?;
+        let out = self.kv.append_in_place(layer, keys, values)?;
         if layer == 0 {
             self.tokens_seen += s;
         }

@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorCreationOptions};
 
-use crate::{host_resident, Error, Result};
+use crate::{host_resident, CachedKv, Error, Result};
 
 /// Growth step of a buffer that outgrows its capacity, at least.
 const MIN_GROWTH: usize = 64;
@@ -19,14 +19,6 @@ struct Buffers<B: Backend> {
 impl<B: Backend> Buffers<B> {
     fn capacity(&self) -> usize {
         self.k.dims()[2]
-    }
-
-    /// The slots in use (views on backends that slice lazily).
-    fn used(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        (
-            self.k.clone().slice_dim(2, 0..self.len),
-            self.v.clone().slice_dim(2, 0..self.len),
-        )
     }
 }
 
@@ -114,13 +106,13 @@ impl<B: Backend> LayerKv<B> {
         self.layers.len()
     }
 
-    /// Appends along the slot axis; returns everything `layer` now holds.
-    pub(crate) fn append(
+    /// Appends along the slot axis; returns `layer`'s whole buffers and the slots in use.
+    pub(crate) fn append_in_place(
         &mut self,
         layer: usize,
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
-    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
+    ) -> Result<CachedKv<B>> {
         let layers = self.layers.len();
         let reserve = self.reserve;
         let entry = self
@@ -159,7 +151,11 @@ impl<B: Backend> LayerKv<B> {
             v: write_slots(v, values, len),
             len: needed,
         });
-        Ok(e.used())
+        Ok(CachedKv {
+            keys: e.k.clone(),
+            values: e.v.clone(),
+            len: needed,
+        })
     }
 
     /// Keeps, in every (batch, head) of `layer`, the slots `keep` lists, in that order.
@@ -215,6 +211,67 @@ impl<B: Backend> LayerKv<B> {
         e.len = kept;
     }
 
+    /// [`retain`](Self::retain) for consecutive `layers` at once, `keep` holding their rows
+    /// stacked (`[layers·batch, kv_heads, kept]`). On device backends the row numbers are
+    /// built once for every layer (buffers of equal capacity), leaving two row selections per
+    /// layer: a compaction after an eviction of all layers is ~100 kernels instead of ~220.
+    pub(crate) fn retain_layers(&mut self, layers: std::ops::Range<usize>, keep: Tensor<B, 3, Int>) {
+        let [rows, h, _] = keep.dims();
+        let n = layers.len();
+        let b = rows / n.max(1);
+        let device = keep.device();
+        let shapes: Vec<Option<[usize; 4]>> = layers
+            .clone()
+            .map(|l| self.layers.get(l).and_then(|e| e.as_ref()).map(|e| e.k.dims()))
+            .collect();
+        let first = shapes.first().copied().flatten();
+        let uniform = first.is_some_and(|f| f[..2] == [b, h]) && shapes.iter().all(|s| *s == first);
+        let (Some([_, _, capacity, _]), true, false) = (first, uniform, host_resident::<B>(&device)) else {
+            for (i, layer) in layers.enumerate() {
+                self.retain(layer, keep.clone().slice_dim(0, i * b..(i + 1) * b));
+            }
+            return;
+        };
+        self.retain_layers_by_rows(layers, keep, capacity);
+    }
+
+    /// [`retain_layers`](Self::retain_layers)' device path: `layers` hold `capacity` slots each.
+    fn retain_layers_by_rows(&mut self, layers: std::ops::Range<usize>, keep: Tensor<B, 3, Int>, capacity: usize) {
+        let [rows, h, kept] = keep.dims();
+        let n = layers.len();
+        let b = rows / n.max(1);
+        let device = keep.device();
+        let keep = match kept < capacity {
+            true => Tensor::cat(
+                vec![
+                    keep.clone(),
+                    Tensor::<B, 3, Int>::zeros([rows, h, capacity - kept], &device).cast(keep.dtype()),
+                ],
+                2,
+            ),
+            false => keep,
+        };
+        let offsets = Tensor::<B, 1, Int>::arange_step(0..(b * h * capacity) as i64, capacity, &device)
+            .reshape([1, b * h, 1])
+            .cast(keep.dtype());
+        let all_rows = (keep.reshape([n, b * h, capacity]) + offsets).reshape([n, b * h * capacity]);
+        for (i, layer) in layers.enumerate() {
+            let Some(Some(e)) = self.layers.get_mut(layer) else {
+                continue;
+            };
+            let rows = all_rows.clone().slice_dim(0, i..i + 1).reshape([b * h * capacity]);
+            let d = e.k.dims()[3];
+            let pick = |t: Tensor<B, 4>| {
+                t.reshape([b * h * capacity, d])
+                    .select(0, rows.clone())
+                    .reshape([b, h, capacity, d])
+            };
+            e.k = pick(e.k.clone());
+            e.v = pick(e.v.clone());
+            e.len = kept;
+        }
+    }
+
     /// The batch size and KV heads of the first layer that holds anything.
     pub(crate) fn batch_heads(&self) -> Option<(usize, usize)> {
         self.layers.iter().flatten().next().map(|e| {
@@ -240,5 +297,47 @@ impl<B: Backend> LayerKv<B> {
 
     pub(crate) fn clear(&mut self) {
         self.layers.iter_mut().for_each(|e| *e = None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, TensorData};
+
+    /// The device path of a many-layer compaction keeps what one compaction per layer keeps.
+    #[test]
+    fn retaining_layers_by_rows_equals_retaining_each_layer() {
+        let dev = Default::default();
+        let (layers, b, h, s, d) = (3, 2, 2, 7, 4);
+        let mut each = LayerKv::<Flex>::new(layers);
+        each.reserve(10);
+        for l in 0..layers {
+            let t = || Tensor::<Flex, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &dev);
+            each.append_in_place(l, t(), t()).unwrap();
+        }
+        let mut by_rows = each.clone();
+        // Every (layer, batch, head) row keeps 4 ascending slots of its 7.
+        let keep: Vec<i64> = (0..layers * b * h)
+            .flat_map(|r| {
+                let mut slots: Vec<i64> = (0..s as i64).filter(|j| (j + r as i64) % 3 != 0).collect();
+                slots.truncate(4);
+                slots
+            })
+            .collect();
+        let keep = Tensor::<Flex, 3, Int>::from_data(TensorData::new(keep, [layers * b, h, 4]), &dev);
+        for l in 0..layers {
+            each.retain(l, keep.clone().slice_dim(0, l * b..(l + 1) * b));
+        }
+        by_rows.retain_layers_by_rows(0..layers, keep, 10);
+        for l in 0..layers {
+            let (a, z) = (each.layers[l].clone().unwrap(), by_rows.layers[l].clone().unwrap());
+            assert_eq!((a.len, z.len), (4, 4));
+            for (x, y) in [(a.k, z.k), (a.v, z.v)] {
+                let used = |t: Tensor<Flex, 4>| t.slice_dim(2, 0..4).into_data().to_vec::<f32>().unwrap();
+                assert_eq!(used(x), used(y), "layer {l}");
+            }
+        }
     }
 }

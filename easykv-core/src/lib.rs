@@ -17,9 +17,9 @@ mod policy;
 mod ranking;
 
 pub use budget::{Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL};
-pub use cache::{uniform_chunks, KvCache};
+pub use cache::{uniform_chunks, CachedKv, KvCache};
 pub use error::{Error, Result};
 pub use evicting::EvictingCache;
 pub use full::FullCache;
 pub use policy::{slot_mask, EvictionContext, EvictionPolicy, Phase, SlotStats};
-pub use ranking::{host_resident, Ranking};
+pub use ranking::{host_resident, install_row_ranker, Ranking, RowRanker};

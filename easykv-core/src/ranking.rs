@@ -9,7 +9,42 @@
 //! flex): a partial selection per row instead of burn's full sort (~100 µs per 3×650 call on
 //! flex). All give the same answer: ties go to the lower slot.
 
+use std::any::{Any, TypeId};
+use std::sync::RwLock;
+
 use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+
+/// A device kernel that ranks every slot within its row: for `key` `[rows, heads, slots]`, how
+/// many slots of the row come before each in (key, slot) order, as f32 — what
+/// [`Ranking::Pairwise`] otherwise builds from `slots²` comparisons in memory. Hands `key`
+/// back when it cannot run (another backend, an unsupported size).
+pub type RowRanker<B> = fn(Tensor<B, 3>) -> std::result::Result<Tensor<B, 3>, Tensor<B, 3>>;
+
+/// Row rankers by backend type. The kernels live with the model code (which holds the GPU
+/// dependencies); the cache, which decides when to rank, finds them here.
+static ROW_RANKERS: RwLock<Vec<(TypeId, Box<dyn Any + Send + Sync>)>> = RwLock::new(Vec::new());
+
+/// Makes `ranker` the way [`Ranking::Pairwise`] ranks on backend `B` (replacing any earlier one).
+pub fn install_row_ranker<B: Backend>(ranker: RowRanker<B>) {
+    // Models install theirs on every forward pass: the read lock answers the common case.
+    if row_ranker::<B>().is_some_and(|r| std::ptr::fn_addr_eq(r, ranker)) {
+        return;
+    }
+    let id = TypeId::of::<B>();
+    if let Ok(mut rankers) = ROW_RANKERS.write() {
+        rankers.retain(|(t, _)| *t != id);
+        rankers.push((id, Box::new(ranker)));
+    }
+}
+
+/// The row ranker installed for `B`, if any.
+fn row_ranker<B: Backend>() -> Option<RowRanker<B>> {
+    let rankers = ROW_RANKERS.read().ok()?;
+    rankers
+        .iter()
+        .find(|(t, _)| *t == TypeId::of::<B>())
+        .and_then(|(_, f)| f.downcast_ref::<RowRanker<B>>().copied())
+}
 
 /// How k-smallest selections are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -57,6 +92,9 @@ impl Ranking {
     pub fn for_backend<B: Backend>(device: &B::Device, rows_heads: usize, slots: usize) -> Self {
         if host_resident::<B>(device) {
             Self::Host
+        } else if row_ranker::<B>().is_some() {
+            // A kernel ranks without materializing the comparisons: no size limit.
+            Self::Pairwise
         } else if B::name(device).contains("cubecl") {
             Self::for_gpu(rows_heads, slots)
         } else {
@@ -190,11 +228,19 @@ fn k_smallest(row: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
-/// For every slot, how many slots of its row come before it in (key, slot) order.
+/// For every slot, how many slots of its row come before it in (key, slot) order: by the
+/// backend's [`RowRanker`] where one is installed, else from every pair of slots.
 ///
 /// # Shapes
 /// - `key`: `[rows, heads, slots]` → the same (float ranks, exact below 2²⁴ slots)
 fn pairwise_ranks<B: Backend>(key: Tensor<B, 3>) -> Tensor<B, 3> {
+    let key = match row_ranker::<B>() {
+        Some(rank) => match rank(key) {
+            Ok(ranks) => return ranks,
+            Err(key) => key,
+        },
+        None => key,
+    };
     let [rows, h, n] = key.dims();
     let device = key.device();
     let mine = key.clone().reshape([rows, h, n, 1]);

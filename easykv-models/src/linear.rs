@@ -8,6 +8,8 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
+use crate::gpu_kernels::{self, GemvEpilogue};
+
 /// Storage precision of weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -108,7 +110,7 @@ impl<B: Backend> Linear<B> {
         let out = w.dims()[0];
         let activation = x.dtype();
         let x = x.reshape([b * s, inp]).cast(w.dtype());
-        let y = match crate::gpu_kernels::gemv(x, &w) {
+        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain) {
             Ok(y) => y,
             Err(x) if b * s <= SMALL_ROWS => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
             Err(x) => x.matmul(w.transpose()),
@@ -122,6 +124,51 @@ impl<B: Backend> Linear<B> {
             }
             None => y,
         }
+    }
+
+    /// `residual + forward(x)`: one kernel for a decode step where there is one.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, s, in]`, `residual`: `[batch, s, out]` → `[batch, s, out]`
+    pub fn forward_residual(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, out] = residual.dims();
+        let x = if b * s == 1 {
+            let r = residual.clone().reshape([1, out]);
+            match self.fused(x, GemvEpilogue::AddResidual(&r)) {
+                Ok(y) => return y.reshape([b, s, out]),
+                Err(x) => x,
+            }
+        } else {
+            x
+        };
+        residual + self.forward(x)
+    }
+
+    /// `silu(gate)·up` of the stacked gate|up projection `forward(x)` (`[.., 2·inter]` →
+    /// `[.., inter]`): one kernel for a decode step where there is one.
+    pub fn forward_swiglu(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let inter = self.weight.dims()[0] / 2;
+        let x = if b * s == 1 {
+            match self.fused(x, GemvEpilogue::Swiglu) {
+                Ok(y) => return y.reshape([b, s, inter]),
+                Err(x) => x,
+            }
+        } else {
+            x
+        };
+        crate::host_kernels::swiglu(self.forward(x))
+    }
+
+    /// The one-row product followed by `epilogue`, as one kernel where there is one and there
+    /// is no bias (and the activations are in the weights' dtype); else `x` back.
+    fn fused(&self, x: Tensor<B, 3>, epilogue: GemvEpilogue<'_, B>) -> Result<Tensor<B, 2>, Tensor<B, 3>> {
+        let [b, s, inp] = x.dims();
+        let w = self.weight.val();
+        if self.bias.is_some() || x.dtype() != w.dtype() {
+            return Err(x);
+        }
+        gpu_kernels::gemv(x.reshape([b * s, inp]), &w, epilogue).map_err(|x| x.reshape([b, s, inp]))
     }
 }
 
@@ -170,7 +217,7 @@ impl<B: Backend> EmbeddingTable<B> {
         let w = self.weight.val();
         let vocab = w.dims()[0];
         let x = x.reshape([b * s, hidden]).cast(w.dtype());
-        let y = match crate::gpu_kernels::gemv(x, &w) {
+        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain) {
             Ok(y) => y,
             Err(x) => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
         };

@@ -322,19 +322,28 @@ impl<B: Backend> Attention<B> {
         } else {
             DType::F32
         };
-        let (keys, values) = cache.append(layer, k.cast(kv_dtype), v.cast(kv_dtype))?;
-        // StreamingLLM: keys are stored unrotated and rotated by their slot index here.
-        let keys = match slot_angles {
-            Some(a) => Rope::apply(keys.cast(DType::F32), a).cast(product),
-            None => keys.cast(product),
+        let cached = cache.append_in_place(layer, k.cast(kv_dtype), v.cast(kv_dtype))?;
+        let n = cached.len;
+        // The decode kernels read the cache's buffers in place; burn's products need the slots
+        // in use cut out (StreamingLLM: keys are stored unrotated and rotated by their slot
+        // index here).
+        let in_place = slot_angles.is_none() && product == kv_dtype;
+        let used_keys = || {
+            let keys = cached.used().0;
+            match slot_angles {
+                Some(a) => Rope::apply(keys.cast(DType::F32), a).cast(product),
+                None => keys.cast(product),
+            }
         };
-        let values = values.cast(product);
-        let n = keys.dims()[2];
         // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
         // repeating K and V.
         let q = q.reshape([b, hkv, g * s, d]).cast(product);
         // The scale 1/√d is already in the queries.
-        let scores = gpu_kernels::attention_scores(q, &keys).unwrap_or_else(|q| q.matmul(keys.swap_dims(2, 3)));
+        let scores = match in_place {
+            true => gpu_kernels::attention_scores(q, &cached.keys, n),
+            false => Err(q),
+        }
+        .unwrap_or_else(|q| q.matmul(used_keys().swap_dims(2, 3)));
         // Slots the cache evicted but has not compacted away yet.
         let bias = cache.slot_bias(layer);
         let (probs, product_probs) = match gpu_kernels::softmax_rows(scores, mask, bias.as_ref(), product) {
@@ -364,18 +373,26 @@ impl<B: Backend> Attention<B> {
             };
             cache.observe(layer, grouped)?;
         }
-        let out = gpu_kernels::attention_values(product_probs, &values)
-            .unwrap_or_else(|p| p.matmul(values))
-            .cast(activation);
+        let out = match in_place {
+            true => gpu_kernels::attention_values(product_probs, &cached.values, n),
+            false => Err(product_probs),
+        }
+        .unwrap_or_else(|p| p.matmul(cached.used().1.cast(product)))
+        .cast(activation);
         Ok(out.reshape([b, hq, s, d]))
     }
 
-    /// `[batch, n_heads, s, head_dim]` → the output projection `[batch, s, hidden]`.
-    fn merge(&self, out: Tensor<B, 4>) -> Tensor<B, 3> {
+    /// `[batch, n_heads, s, head_dim]` → the heads side by side, `[batch, s, n_heads·head_dim]`
+    /// (the output projection's input). A whole one-position output (a decode step) is that
+    /// already; `view`: `out` is a cut of a larger tensor (the last position of a prefill
+    /// chunk), which is copied instead — reshaping such a strided view directly gave wrong
+    /// products on cubecl backends.
+    fn merge_heads(out: Tensor<B, 4>, view: bool) -> Tensor<B, 3> {
         let [b, h, s, d] = out.dims();
-        // Not `out.reshape` for one position: the last position of a prefill chunk is a strided
-        // view, and reshaping it directly gave wrong products on cubecl backends.
-        self.o.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+        match s == 1 && !view {
+            true => out.reshape([b, s, h * d]),
+            false => out.swap_dims(1, 2).reshape([b, s, h * d]),
+        }
     }
 
     /// Attention of `x` before the output projection (see [`merge`](Self::merge)).
@@ -429,16 +446,17 @@ impl<B: Backend> DecoderLayer<B> {
             Needed::Nothing => x,
             Needed::Last if s > 1 => {
                 let attn = attn.slice_dim(2, s_attn - 1..s_attn);
-                self.finish_merged(x.slice_dim(1, s - 1..s), self.attn.merge(attn))
+                self.finish_merged(x.slice_dim(1, s - 1..s), Attention::merge_heads(attn, true))
             }
-            _ => self.finish_merged(x, self.attn.merge(attn)),
+            _ => self.finish_merged(x, Attention::merge_heads(attn, false)),
         }
     }
 
-    /// [`finish`](Self::finish) for an attention output already through the output projection.
-    fn finish_merged(&self, x: Tensor<B, 3>, merged: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x + merged;
-        x.clone() + self.ffn.forward(normalize(&self.ffn_norm, x))
+    /// [`finish`](Self::finish) for an attention output with its heads merged
+    /// (`[batch, s, n_heads·head_dim]`).
+    fn finish_merged(&self, x: Tensor<B, 3>, heads: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = self.attn.o.forward_residual(heads, x);
+        self.ffn.forward_residual(normalize(&self.ffn_norm, x.clone()), x)
     }
 }
 
@@ -451,8 +469,9 @@ pub struct FeedForward<B: Backend> {
 }
 
 impl<B: Backend> FeedForward<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down.forward(crate::host_kernels::swiglu(self.gate_up.forward(x)))
+    /// `residual + FFN(x)`.
+    fn forward_residual(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down.forward_residual(self.gate_up.forward_swiglu(x), residual)
     }
 }
 
@@ -542,6 +561,8 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Tensor<B, 3>> {
         let [b, s] = tokens.dims();
         let start = self.first_position(cache, s)?;
+        // Evicting caches rank slots on the device where a kernel can.
+        gpu_kernels::install_row_ranker::<B>();
         let device = tokens.device();
         let mut x = self.embed.embed(tokens).cast(self.activation_dtype());
         // Angles once per chunk, shared by every layer.
@@ -603,7 +624,9 @@ impl<B: Backend> Llama<B> {
     /// of many thin ones), then attends and lets the cache evict chunk by chunk. A layer's cache
     /// depends only on its own attention, so the result is the same.
     ///
-    /// StreamingLLM caches (positions that depend on the slot count) run chunk by chunk.
+    /// StreamingLLM caches (positions that depend on the slot count) run chunk by chunk, and so
+    /// does everything on GPU backends, where the per-layer evictions would cost more than
+    /// the thin products save.
     ///
     /// # Shapes
     /// - `tokens`: `[batch, Σ chunks]` → hidden states `[batch, Σ chunks, hidden]` before the
@@ -645,7 +668,10 @@ impl<B: Backend> Llama<B> {
                 "chunks {chunks:?} do not split {total} tokens"
             )));
         }
-        if chunks.len() <= 1 || cache.compact_positions() {
+        // On GPUs chunk by chunk: one eviction per chunk for all layers at once (a few dozen
+        // kernels) instead of one per layer and chunk, and thin products cost little there.
+        let chunk_major = !easykv_core::host_resident::<B>(&tokens.device());
+        if chunks.len() <= 1 || cache.compact_positions() || chunk_major {
             let mut outs = Vec::with_capacity(chunks.len());
             let mut start = 0;
             for (i, &s) in chunks.iter().enumerate() {
@@ -702,7 +728,7 @@ impl<B: Backend> Llama<B> {
                     Some(out) => layer.finish(x, out, Needed::Last),
                     None => x,
                 },
-                _ => layer.finish_merged(x, layer.attn.o.forward(join_positions_first(outs))),
+                _ => layer.finish_merged(x, join_positions_first(outs)),
             };
         }
         Ok(x)

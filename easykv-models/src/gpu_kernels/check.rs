@@ -59,6 +59,30 @@ fn compare<B: Backend, const D: usize>(got: Tensor<B, D>, want: Tensor<B, D>) ->
     worst
 }
 
+/// A tensor's values on the host, in f32.
+fn host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f32> {
+    t.clone()
+        .cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default()
+}
+
+/// [`compare`] against values computed on the host.
+fn compare_host<B: Backend, const D: usize>(got: Tensor<B, D>, want: &[f32]) -> Diff {
+    let dims = got.dims();
+    let device = got.device();
+    let want = Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(want.to_vec(), [want.len()]), &device);
+    match want.dims()[0] == dims.iter().product::<usize>() {
+        true => compare(got, want.reshape(dims)),
+        false => Diff {
+            max: f32::INFINITY,
+            detail: format!("shape {dims:?}: {} reference values", want.dims()[0]),
+        },
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Diff {
     max: f32,
@@ -115,14 +139,19 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     });
     record("swiglu", swiglu.into());
 
+    // Rows of 4 heads; the mask made at full shape or repeated over the heads (what the model
+    // does); references computed on the host, so a wrong burn operation cannot hide a kernel's
+    // mistake or fake one.
     let softmax = [
-        (1usize, 64usize, false, false),
-        (1, 4352, false, true),
-        (64, 1000, true, false),
-        (64, 1000, false, true),
-        (64, 1000, true, true),
+        (1usize, 64usize, false, false, false),
+        (1, 4352, false, true, false),
+        (8, 1000, true, false, false),
+        (64, 1000, true, false, false),
+        (64, 1000, true, false, true),
+        (64, 1000, false, true, false),
+        (64, 1000, true, true, true),
     ]
-    .map(|(rows, slots, masked, biased)| {
+    .map(|(rows, slots, masked, biased, repeated)| {
         let scores = random::<B, 4>([1, 4, rows, slots], dtype, device).mul_scalar(4.0);
         let bias = biased.then(|| {
             let values: Vec<f32> = (0..4 * slots)
@@ -132,29 +161,43 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         });
         // Causal: query row r sees the first slots − rows + r + 1 slots.
         let mask = masked.then(|| {
-            let values: Vec<f32> = (0..rows * slots)
+            let heads = if repeated { 1 } else { 4 };
+            let values: Vec<f32> = (0..heads * rows * slots)
                 .map(|i| {
-                    if i % slots > slots - rows + i / slots {
+                    let (r, j) = ((i / slots) % rows, i % slots);
+                    if j > slots - rows + r {
                         f32::NEG_INFINITY
                     } else {
                         0.0
                     }
                 })
                 .collect();
-            Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(values, [1, 1, rows, slots]), device)
-                .repeat_dim(1, 4)
+            let m = Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(values, [1, heads, rows, slots]), device);
+            if repeated {
+                m.repeat_dim(1, 4)
+            } else {
+                m
+            }
         });
-        let mut full = scores.clone().cast(DType::F32);
-        if let Some(b) = &bias {
-            full = full + b.clone().repeat_dim(2, rows);
-        }
-        if let Some(m) = &mask {
-            full = full + m.clone();
-        }
-        let want = burn::tensor::activation::softmax(full, 3);
+        let (s, m, b) = (host(&scores), mask.as_ref().map(host), bias.as_ref().map(host));
+        let want: Vec<f32> = (0..4 * rows)
+            .flat_map(|row| {
+                let logits: Vec<f64> = (0..slots)
+                    .map(|j| {
+                        let i = row * slots + j;
+                        s[i] as f64
+                            + m.as_ref().map_or(0.0, |m| m[i] as f64)
+                            + b.as_ref().map_or(0.0, |b| b[(row / rows) * slots + j] as f64)
+                    })
+                    .collect();
+                let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+                logits.into_iter().map(move |l| ((l - max).exp() / sum) as f32)
+            })
+            .collect();
         super::softmax_rows(scores, mask.as_ref(), bias.as_ref(), dtype)
             .ok()
-            .map(|(p, q)| compare(p, want.clone()).and(compare(q, want)))
+            .map(|(p, q)| compare_host(p, &want).and(compare_host(q, &want)))
     });
     record("softmax", softmax.into());
 
@@ -181,15 +224,38 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     });
     record("split_rope", rope.into());
 
-    let gemv = [(4096usize, 3000usize), (576, 8192), (1536, 576), (100, 30)].map(|(inp, out)| {
-        let x = random::<B, 2>([1, inp], dtype, device);
-        let w = random::<B, 2>([out, inp], dtype, device);
-        let want = x
+    // Plain products, then the residual and SwiGLU epilogues (references in f32 burn
+    // operations; differences relative to the row length: sums of `inp` products).
+    let gemv = [
+        (4096usize, 3000usize, 0u8),
+        (4096, 4096, 0),
+        (576, 8192, 0),
+        (1536, 576, 0),
+        (100, 30, 0),
+        (4096, 3000, 1),
+        (576, 1536, 2),
+    ]
+    .map(|(inp, out, epilogue)| {
+        // SwiGLU multiplies two sums: smaller inputs keep its outputs where half precision
+        // still resolves the tolerance.
+        let scale = if epilogue == 2 { 0.1 } else { 1.0 };
+        let x = random::<B, 2>([1, inp], dtype, device).mul_scalar(scale);
+        let rows = if epilogue == 2 { 2 * out } else { out };
+        let w = random::<B, 2>([rows, inp], dtype, device);
+        let residual = random::<B, 2>([1, out], dtype, device);
+        let product = x
             .clone()
             .cast(DType::F32)
             .matmul(w.clone().cast(DType::F32).transpose());
-        // Relative to the row length: sums of `inp` products.
-        super::gemv(x, &w).ok().map(|got| {
+        let (want, epilogue) = match epilogue {
+            0 => (product, super::GemvEpilogue::Plain),
+            1 => (
+                product + residual.clone().cast(DType::F32),
+                super::GemvEpilogue::AddResidual(&residual),
+            ),
+            _ => (crate::host_kernels::swiglu_by_ops(product), super::GemvEpilogue::Swiglu),
+        };
+        super::gemv(x, &w, epilogue).ok().map(|got| {
             let d = compare(got, want);
             Diff {
                 max: d.max / (inp as f32).sqrt(),
@@ -199,45 +265,59 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     });
     record("gemv", gemv.into());
 
-    // Decode attention over the cache: a whole buffer; 50 of a buffer's 64 slots, as a view and
-    // copied out of it (through the host); 1 and 4 rows per head. Scores and values apart.
-    #[derive(Clone, Copy, PartialEq)]
-    enum Layout {
-        Whole,
-        View,
-        Copied,
-    }
-    let cases = [
-        (1usize, 128usize, Layout::Whole),
-        (1, 128, Layout::View),
-        (1, 128, Layout::Copied),
-        (4, 64, Layout::View),
-    ];
-    let attention = cases.map(|(rows, d, layout)| {
-        let buffer = || {
-            let t = random::<B, 4>([1, 4, 64, d], dtype, device);
-            match layout {
-                Layout::Whole => t,
-                Layout::View => t.slice_dim(2, 0..50),
-                Layout::Copied => Tensor::from_data(t.slice_dim(2, 0..50).into_data(), device),
-            }
-        };
-        let (keys, values) = (buffer(), buffer());
+    // Decode attention over a cache buffer of 64 slots, all or the first 50 in use; 1 and 4
+    // rows per head; scores and values apart; references on the host.
+    let attention = [(1usize, 128usize, 64usize), (1, 128, 50), (4, 64, 50), (7, 128, 33)].map(|(rows, d, n)| {
+        let keys = random::<B, 4>([1, 4, 64, d], dtype, device);
+        let values = random::<B, 4>([1, 4, 64, d], dtype, device);
         let q = random::<B, 4>([1, 4, rows, d], dtype, device).mul_scalar(0.1);
-        let f32 = |t: &Tensor<B, 4>| t.clone().cast(DType::F32);
-        let want_scores = f32(&q).matmul(f32(&keys).swap_dims(2, 3));
-        let probs = burn::tensor::activation::softmax(want_scores.clone(), 3).cast(dtype);
-        let want_out = f32(&probs).matmul(f32(&values));
-        let scores = super::attention_scores(q, &keys)
+        let (hq, hk, hv) = (host(&q), host(&keys), host(&values));
+        let want_scores: Vec<f32> = (0..4 * rows * n)
+            .map(|i| {
+                let (head, r, j) = (i / (rows * n), (i / n) % rows, i % n);
+                (0..d)
+                    .map(|c| hq[(head * rows + r) * d + c] as f64 * hk[(head * 64 + j) * d + c] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let probs = random::<B, 4>([1, 4, rows, n], DType::F32, device).abs().cast(dtype);
+        let hp = host(&probs);
+        let want_out: Vec<f32> = (0..4 * rows * d)
+            .map(|i| {
+                let (head, r, c) = (i / (rows * d), (i / d) % rows, i % d);
+                (0..n)
+                    .map(|j| hp[(head * rows + r) * n + j] as f64 * hv[(head * 64 + j) * d + c] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let scores = super::attention_scores(q, &keys, n)
             .ok()
-            .map(|got| compare(got, want_scores));
-        let out = super::attention_values(probs, &values)
+            .map(|got| compare_host(got, &want_scores));
+        let out = super::attention_values(probs, &values, n)
             .ok()
-            .map(|got| compare(got, want_out));
+            .map(|got| compare_host(got, &want_out));
         (scores, out)
     });
     record("attention_scores", attention.iter().map(|a| a.0.clone()).collect());
     record("attention_values", attention.iter().map(|a| a.1.clone()).collect());
+
+    // Slot ranks, with ties (keys from a small set) and rows longer than a cube's 256 slots.
+    let rank = [(3usize, 100usize), (2, 700), (64, 2112)].map(|(rows, n)| {
+        let key = random::<B, 3>([rows, 2, n], DType::F32, device)
+            .mul_scalar(2.0)
+            .round()
+            .cast(dtype);
+        let k = host(&key);
+        let want: Vec<f32> = (0..rows * 2 * n)
+            .map(|i| {
+                let (row, j) = (i / n, i % n);
+                let r = &k[row * n..(row + 1) * n];
+                (0..n).filter(|&o| r[o] < r[j] || (r[o] == r[j] && o < j)).count() as f32
+            })
+            .collect();
+        super::row_ranks(key).ok().map(|got| compare_host(got, &want))
+    });
+    record("rank", rank.into());
     checks
 }
 

@@ -246,13 +246,21 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
 /// shared memory (not a plane reduction: planes are 32 wide on NVIDIA, narrower elsewhere).
 /// The output's element type `O` is the inputs' `F` under another name: a scalar buffer of
 /// the type the vectorized inputs use was laid out as vectors too (measured on lavapipe).
+///
+/// Epilogues fold the next operation in: `add_residual` returns `residual + W·x` (the
+/// residual stream's addition), `swiglu` reads `W` as `[2·rows, cols]` (gate rows, then up
+/// rows) and returns `silu(W_g·x)·(W_u·x)` (the feed-forward block's activation).
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
     x: &Tensor<Vector<F, N>>,
     w: &Tensor<Vector<F, N>>,
+    residual: &Tensor<O>,
     out: &mut Tensor<O>,
     rows: u32,
     vectors_per_row: u32,
+    #[comptime] add_residual: bool,
+    #[comptime] swiglu: bool,
     #[define(F, A, O)] _dtypes: [StorageType; 3],
 ) {
     let lane = UNIT_POS_X as usize;
@@ -261,33 +269,89 @@ pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
     let live = r < rows as usize;
     let per_row = vectors_per_row as usize;
     let base = r * per_row;
+    let up_base = (r + rows as usize) * per_row;
     let mut acc = A::new(0.0);
+    let mut acc_up = A::new(0.0);
     if live {
         let mut c = lane;
+        // Four independent loads in flight per thread (a 4096-wide f16 row is 16 loads per
+        // lane): one at a time leaves the memory system idle between them.
+        while c + 96usize < per_row {
+            let w0 = w[base + c];
+            let w1 = w[base + c + 32usize];
+            let w2 = w[base + c + 64usize];
+            let w3 = w[base + c + 96usize];
+            let x0 = x[c];
+            let x1 = x[c + 32usize];
+            let x2 = x[c + 64usize];
+            let x3 = x[c + 96usize];
+            #[unroll]
+            for e in 0..N::value() {
+                acc += A::cast_from(w0[e]) * A::cast_from(x0[e]);
+                acc += A::cast_from(w1[e]) * A::cast_from(x1[e]);
+                acc += A::cast_from(w2[e]) * A::cast_from(x2[e]);
+                acc += A::cast_from(w3[e]) * A::cast_from(x3[e]);
+            }
+            if swiglu {
+                let u0 = w[up_base + c];
+                let u1 = w[up_base + c + 32usize];
+                let u2 = w[up_base + c + 64usize];
+                let u3 = w[up_base + c + 96usize];
+                #[unroll]
+                for e in 0..N::value() {
+                    acc_up += A::cast_from(u0[e]) * A::cast_from(x0[e]);
+                    acc_up += A::cast_from(u1[e]) * A::cast_from(x1[e]);
+                    acc_up += A::cast_from(u2[e]) * A::cast_from(x2[e]);
+                    acc_up += A::cast_from(u3[e]) * A::cast_from(x3[e]);
+                }
+            }
+            c += 128usize;
+        }
         while c < per_row {
-            let wv = w[base + c];
             let xv = x[c];
+            let wv = w[base + c];
             #[unroll]
             for e in 0..N::value() {
                 acc += A::cast_from(wv[e]) * A::cast_from(xv[e]);
+            }
+            if swiglu {
+                let uv = w[up_base + c];
+                #[unroll]
+                for e in 0..N::value() {
+                    acc_up += A::cast_from(uv[e]) * A::cast_from(xv[e]);
+                }
             }
             c += 32usize;
         }
     }
     let mut shared = SharedMemory::<A>::new(256usize);
+    let mut shared_up = SharedMemory::<A>::new(256usize);
     let slot = group * 32 + lane;
     shared[slot] = acc;
+    if swiglu {
+        shared_up[slot] = acc_up;
+    }
     sync_cube();
     let mut stride = 16usize;
     while stride > 0 {
         if lane < stride {
             shared[slot] = shared[slot] + shared[slot + stride];
+            if swiglu {
+                shared_up[slot] = shared_up[slot] + shared_up[slot + stride];
+            }
         }
         sync_cube();
         stride /= 2;
     }
     if live && lane == 0 {
-        out[r] = O::cast_from(shared[slot]);
+        let mut y = shared[slot];
+        if add_residual {
+            y += A::cast_from(residual[r]);
+        }
+        if swiglu {
+            y = y / (A::new(1.0) + (A::new(0.0) - y).exp()) * shared_up[slot];
+        }
+        out[r] = O::cast_from(y);
     }
 }
 
@@ -382,5 +446,54 @@ pub fn attention_values<F: Float, P: Float, A: Float, N: Size>(
             sum += shared[g * dv + c];
         }
         out[bh_row * dv + c] = Vector::<F, N>::cast_from(sum);
+    }
+}
+
+/// For every slot of every row of `n` keys, how many slots of its row come before it in
+/// (key, slot) order, as f32 (cube = 256 slots of one row, `blocks` cubes per row; the row
+/// streams through shared memory 256 keys at a time). What eviction ranks by, without the
+/// `n²` comparisons in memory that burn's operations need.
+#[cube(launch)]
+pub fn row_ranks(keys: &Tensor<f32>, ranks: &mut Tensor<f32>, n: u32, blocks: u32) {
+    let row = (CUBE_POS_X / blocks) as usize;
+    let block = (CUBE_POS_X % blocks) as usize;
+    let tid = UNIT_POS_X as usize;
+    let len = n as usize;
+    let base = row * len;
+    let i = block * 256usize + tid;
+    let live = i < len;
+    let mut mine = f32::new(0.0);
+    if live {
+        mine = keys[base + i];
+    }
+    let mut rank = u32::new(0);
+    let mut shared = SharedMemory::<f32>::new(256usize);
+    let mut start = 0usize;
+    while start < len {
+        let j = start + tid;
+        if j < len {
+            shared[tid] = keys[base + j];
+        }
+        sync_cube();
+        let remaining = len - start;
+        let mut count = 256usize;
+        if remaining < 256usize {
+            count = remaining;
+        }
+        for u in 0..count {
+            let other = shared[u];
+            if other < mine {
+                rank += u32::new(1);
+            } else if other == mine {
+                if start + u < i {
+                    rank += u32::new(1);
+                }
+            }
+        }
+        sync_cube();
+        start += 256usize;
+    }
+    if live {
+        ranks[base + i] = f32::cast_from(rank);
     }
 }

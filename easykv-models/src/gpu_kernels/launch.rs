@@ -6,7 +6,7 @@ use std::any::{Any, TypeId};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use cubecl::calculate_cube_count_elemwise;
@@ -75,8 +75,12 @@ fn tensor<B: Backend, R: CubeRuntime, const D: usize>(c: CubeTensor<R>) -> Tenso
     }
 }
 
+/// A contiguous tensor on `like`'s device, as the kernels index their outputs. (burn's
+/// `empty_device_dtype` may pad rows: on CUDA, rows whose bytes are not a multiple of the
+/// pitch alignment get padding, and the kernels wrote such outputs as if unpadded — the
+/// softmax and attention-score mismatches seen on the H200 and nowhere else.)
 fn empty_like<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
-    empty_device_dtype(like.client.clone(), like.device.clone(), shape.into(), dtype)
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape.into(), dtype)
 }
 
 /// RMS normalization of the last axis, computed in f32, returned in `x`'s dtype.
@@ -295,21 +299,60 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
 /// Planes (output rows) per cube of [`gemv`].
 const GEMV_ROWS_PER_CUBE: u32 = 8;
 
-/// `x·Wᵀ` for one row `x` (`[1, in]`) and `W` `[out, in]`, both in `W`'s dtype: `[1, out]`.
-pub fn gemv<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    on_runtime!(gemv_on::<B>(x, w), x)
+/// What [`gemv`] does with the product before writing it.
+#[derive(Debug, Clone, Copy)]
+pub enum GemvEpilogue<'a, B: Backend> {
+    /// `x·Wᵀ`.
+    Plain,
+    /// `residual + x·Wᵀ`, `residual` `[1, out]` in `W`'s dtype.
+    AddResidual(&'a Tensor<B, 2>),
+    /// `W` holds gate rows then up rows (`[2·out, in]`): `silu(x·W_gᵀ)·(x·W_uᵀ)`.
+    Swiglu,
 }
 
-fn gemv_on<B: Backend, R: CubeRuntime>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+/// `x·Wᵀ` for one row `x` (`[1, in]`) and `W` `[rows, in]`, both in `W`'s dtype, followed by
+/// `epilogue`: `[1, out]`.
+pub fn gemv<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    epilogue: GemvEpilogue<'_, B>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    on_runtime!(gemv_on::<B>(x, w, epilogue), x)
+}
+
+fn gemv_on<B: Backend, R: CubeRuntime>(
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    epilogue: GemvEpilogue<'_, B>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     let [rows, inp] = x.dims();
-    let [out, w_inp] = w.dims();
-    if !applies("gemv", &[x.dtype(), w.dtype()]) || rows != 1 || inp != w_inp || x.dtype() != w.dtype() || out == 0 {
+    let [w_rows, w_inp] = w.dims();
+    let out = match epilogue {
+        GemvEpilogue::Swiglu => w_rows / 2,
+        _ => w_rows,
+    };
+    let epilogue_fits = match epilogue {
+        GemvEpilogue::Plain => true,
+        GemvEpilogue::AddResidual(r) => r.dims() == [1, out] && r.dtype() == w.dtype(),
+        GemvEpilogue::Swiglu => w_rows % 2 == 0,
+    };
+    if !applies("gemv", &[x.dtype(), w.dtype()])
+        || rows != 1
+        || inp != w_inp
+        || x.dtype() != w.dtype()
+        || out == 0
+        || !epilogue_fits
+    {
         return Err(x);
     }
     // 16-byte loads where the row length allows.
     let vector = vector_size(inp, w.dtype());
     let (x, w) = (cube(x), cube(w.clone()));
     let y = empty_like(&x, vec![1, out], x.dtype);
+    let residual = match epilogue {
+        GemvEpilogue::AddResidual(r) => cube(r.clone()),
+        _ => empty_like(&x, vec![1], x.dtype),
+    };
     let client = x.client.clone();
     let dtypes = [x.dtype.into(), DType::F32.into(), x.dtype.into()];
     kernels::gemv::launch::<R>(
@@ -319,9 +362,12 @@ fn gemv_on<B: Backend, R: CubeRuntime>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Res
         vector,
         x.into_tensor_arg(),
         w.into_tensor_arg(),
+        residual.into_tensor_arg(),
         y.clone().into_tensor_arg(),
         out as u32,
         (inp / vector) as u32,
+        matches!(epilogue, GemvEpilogue::AddResidual(_)),
+        matches!(epilogue, GemvEpilogue::Swiglu),
         dtypes,
     );
     Ok(tensor(y))
@@ -350,25 +396,32 @@ fn cache_strides<R: CubeRuntime>(t: &CubeTensor<R>, vector: usize) -> Option<[u3
     fits.then(|| [0, 1, 2].map(|i| (strides[i] / vector) as u32))
 }
 
-/// Decode attention scores `q·keysᵀ` in f32, reading the cache view `keys` in place.
+/// Decode attention scores `q·keysᵀ` over the first `slots` slots of the cache buffer `keys`,
+/// in f32, reading the buffer in place.
 ///
 /// # Shapes
-/// - `q`: `[batch, kv_heads, rows, d]`; `keys`: `[batch, kv_heads, slots, d]` (any strides with
-///   a contiguous last axis) → `[batch, kv_heads, rows, slots]`
-pub fn attention_scores<B: Backend>(q: Tensor<B, 4>, keys: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    on_runtime!(attention_scores_on::<B>(q, keys), q)
+/// - `q`: `[batch, kv_heads, rows, d]`; `keys`: `[batch, kv_heads, capacity, d]` (any strides
+///   with a contiguous last axis) → `[batch, kv_heads, rows, slots]`
+pub fn attention_scores<B: Backend>(
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    slots: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    on_runtime!(attention_scores_on::<B>(q, keys, slots), q)
 }
 
 fn attention_scores_on<B: Backend, R: CubeRuntime>(
     q: Tensor<B, 4>,
     keys: &Tensor<B, 4>,
+    n: usize,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let [b, h, r, d] = q.dims();
-    let [kb, kh, n, kd] = keys.dims();
+    let [kb, kh, capacity, kd] = keys.dims();
     let total = b * h * r * n;
     if !applies("attention", &[q.dtype(), keys.dtype()])
         || q.dtype() != keys.dtype()
         || [kb, kh, kd] != [b, h, d]
+        || n > capacity
         || r > DECODE_ROWS
         || total == 0
         || total > u32::MAX as usize
@@ -406,26 +459,33 @@ fn attention_scores_on<B: Backend, R: CubeRuntime>(
     Ok(tensor(out))
 }
 
-/// Decode attention output `probs·values`, reading the cache view `values` in place; in the
-/// values' dtype.
+/// Decode attention output `probs·values` over the first `slots` slots of the cache buffer
+/// `values`, reading the buffer in place; in the values' dtype.
 ///
 /// # Shapes
-/// - `probs`: `[batch, kv_heads, rows, slots]`; `values`: `[batch, kv_heads, slots, d]` (any
+/// - `probs`: `[batch, kv_heads, rows, slots]`; `values`: `[batch, kv_heads, capacity, d]` (any
 ///   strides with a contiguous last axis) → `[batch, kv_heads, rows, d]`
-pub fn attention_values<B: Backend>(probs: Tensor<B, 4>, values: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    on_runtime!(attention_values_on::<B>(probs, values), probs)
+pub fn attention_values<B: Backend>(
+    probs: Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    slots: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    on_runtime!(attention_values_on::<B>(probs, values, slots), probs)
 }
 
 fn attention_values_on<B: Backend, R: CubeRuntime>(
     probs: Tensor<B, 4>,
     values: &Tensor<B, 4>,
+    slots: usize,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let [b, h, r, n] = probs.dims();
-    let [vb, vh, vn, d] = values.dims();
+    let [vb, vh, capacity, d] = values.dims();
     let vector = vector_size(d, values.dtype());
     let lanes = d / vector;
     if !applies("attention", &[probs.dtype(), values.dtype()])
-        || [vb, vh, vn] != [b, h, n]
+        || [vb, vh] != [b, h]
+        || n != slots
+        || n > capacity
         || r > DECODE_ROWS
         || b * h * r == 0
         || n == 0
@@ -461,4 +521,52 @@ fn attention_values_on<B: Backend, R: CubeRuntime>(
         dtypes,
     );
     Ok(tensor(out))
+}
+
+/// Slots per cube of [`kernels::row_ranks`].
+const RANK_BLOCK: usize = 256;
+
+/// For every slot, how many slots of its row come before it in (key, slot) order, as f32: the
+/// [`easykv_core::RowRanker`] of cubecl backends.
+///
+/// # Shapes
+/// - `key`: `[rows, heads, slots]` → the same
+pub fn row_ranks<B: Backend>(key: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+    on_runtime!(row_ranks_on::<B>(key), key)
+}
+
+/// Whether `B` is a cubecl backend the kernels run on.
+pub fn is_cube_backend<B: Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    if is_runtime::<B, CudaRuntime>() {
+        return true;
+    }
+    #[cfg(feature = "wgpu")]
+    if is_runtime::<B, WgpuRuntime>() {
+        return true;
+    }
+    false
+}
+
+fn row_ranks_on<B: Backend, R: CubeRuntime>(key: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+    let dims = key.dims();
+    let [rows, h, n] = dims;
+    let blocks = n.div_ceil(RANK_BLOCK);
+    // Ranks are exact in f32 below 2²⁴.
+    let fits = (rows * h * blocks) as u64 <= u32::MAX as u64 && n < 1 << 24;
+    if !applies("rank", &[key.dtype()]) || rows * h * n == 0 || !fits {
+        return Err(key);
+    }
+    let key = cube(key.cast(DType::F32));
+    let ranks = empty_like(&key, dims.to_vec(), DType::F32);
+    kernels::row_ranks::launch::<R>(
+        &key.client.clone(),
+        CubeCount::Static((rows * h * blocks) as u32, 1, 1),
+        CubeDim::new_1d(RANK_BLOCK as u32),
+        key.into_tensor_arg(),
+        ranks.clone().into_tensor_arg(),
+        n as u32,
+        blocks as u32,
+    );
+    Ok(tensor(ranks))
 }

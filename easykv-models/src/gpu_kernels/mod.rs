@@ -62,19 +62,44 @@ mod fallback {
         Err(qkv)
     }
 
-    pub fn gemv<B: Backend>(x: Tensor<B, 2>, _w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    /// What `gemv` does with the product before writing it (see the kernel builds).
+    #[derive(Debug, Clone, Copy)]
+    pub enum GemvEpilogue<'a, B: Backend> {
+        Plain,
+        AddResidual(&'a Tensor<B, 2>),
+        Swiglu,
+    }
+
+    pub fn gemv<B: Backend>(
+        x: Tensor<B, 2>,
+        _w: &Tensor<B, 2>,
+        _epilogue: GemvEpilogue<'_, B>,
+    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
         Err(x)
     }
 
-    pub fn attention_scores<B: Backend>(q: Tensor<B, 4>, _keys: &Tensor<B, 4>) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    pub fn attention_scores<B: Backend>(
+        q: Tensor<B, 4>,
+        _keys: &Tensor<B, 4>,
+        _slots: usize,
+    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
         Err(q)
     }
 
     pub fn attention_values<B: Backend>(
         probs: Tensor<B, 4>,
         _values: &Tensor<B, 4>,
+        _slots: usize,
     ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
         Err(probs)
+    }
+
+    pub fn row_ranks<B: Backend>(key: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+        Err(key)
+    }
+
+    pub fn is_cube_backend<B: Backend>() -> bool {
+        false
     }
 }
 
@@ -106,13 +131,29 @@ pub struct HeadShape {
 }
 
 /// The kernels, by the names `EASYKV_GPU_KERNELS` takes.
-pub const KERNELS: [&str; 6] = ["rms_norm", "softmax", "swiglu", "split_rope", "gemv", "attention"];
+pub const KERNELS: [&str; 7] = [
+    "rms_norm",
+    "softmax",
+    "swiglu",
+    "split_rope",
+    "gemv",
+    "attention",
+    "rank",
+];
 
-/// Kernels off unless asked for (`EASYKV_GPU_KERNELS=all`): both pass `easykv check-kernels`
-/// on wgpu (lavapipe) and run SmolLM2 there to the reference outputs, but on the H200 their
-/// masked-softmax and cache-view cases differed from burn's operations, and the cause is not
-/// found yet.
-pub const OFF_BY_DEFAULT: [&str; 2] = ["softmax", "attention"];
+/// Lets evicting caches on `B` rank slots with [`row_ranks`] (cubecl backends only; a no-op
+/// elsewhere and once installed).
+pub fn install_row_ranker<B: burn::tensor::backend::Backend>() {
+    if is_cube_backend::<B>() {
+        easykv_core::install_row_ranker::<B>(row_ranks::<B>);
+    }
+}
+
+/// Kernels off unless asked for (`EASYKV_GPU_KERNELS=all`): none now. (softmax and attention
+/// were, while their outputs on the H200 differed: burn's CUDA allocator pads rows whose bytes
+/// miss its pitch alignment, and the kernels wrote such outputs unpadded. Outputs are
+/// allocated contiguous now.)
+pub const OFF_BY_DEFAULT: [&str; 0] = [];
 
 /// Which kernels `EASYKV_GPU_KERNELS` turns on.
 #[derive(Debug)]
@@ -188,7 +229,7 @@ mod tests {
     #[test]
     fn settings_pick_the_kernels_they_name() {
         let on = |setting: &str, name: &str| Setting::parse(setting).allows(name);
-        assert!(on("", "gemv") && !on("", "softmax") && !on("", "attention"));
+        assert!(on("", "gemv") && on("", "softmax") && on("", "attention"));
         assert!(on("all", "softmax") && !on("off", "gemv"));
         assert!(!on("-gemv,-swiglu", "gemv") && on("-gemv,-swiglu", "softmax"));
         assert!(on("gemv, rms_norm", "rms_norm") && !on("gemv,rms_norm", "swiglu"));
