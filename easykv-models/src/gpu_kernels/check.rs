@@ -1,5 +1,6 @@
-//! Each fused kernel against the burn operations it replaces, on random inputs: what
-//! `easykv check-kernels` runs on a GPU machine (CI has no GPU to run the kernels on).
+//! Each fused kernel on random inputs, against references computed on the host (softmax,
+//! attention, ranking) or the burn operations it replaces (the rest): what `easykv
+//! check-kernels` runs on a GPU machine (CI has no GPU to run the kernels on).
 
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};

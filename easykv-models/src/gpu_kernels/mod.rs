@@ -5,7 +5,8 @@
 //! by the host, not by the GPU. Each function here does in one launch what took several
 //! (RMSNorm: 8, softmax with its casts and biases: up to 8, SwiGLU: 5, splitting and rotating
 //! q/k/v: 5); `gemv` streams a weight matrix once per decoded token, and the decode attention
-//! kernels read the cache's buffers in place.
+//! kernels read the cache's buffers in place; `row_ranks` ranks slots for eviction on the
+//! device (installed into the cache as its [`easykv_core::RowRanker`]).
 //!
 //! They apply where the tensors are burn's unfused CUDA tensors (`--device cuda`), found by
 //! type at run time, so the model code stays generic over the backend: every function hands
