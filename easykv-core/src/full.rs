@@ -96,4 +96,28 @@ mod tests {
         cache.clear();
         assert_eq!((cache.tokens_seen(), cache.slots(0), cache.bytes()), (0, 0, 0));
     }
+
+    /// The in-place form hands out the whole buffers and the slots in use; `used` cuts out
+    /// exactly what `append` returns.
+    #[test]
+    fn append_in_place_returns_the_buffers_and_the_slots_in_use() {
+        let dev = Default::default();
+        let mut cache = FullCache::<Flex>::new(1);
+        cache.reserve(8);
+        let t = |v: f32| Tensor::<Flex, 4>::full([1, 2, 3, 4], v, &dev);
+        let first = cache.append_in_place(0, t(1.0), t(2.0)).unwrap();
+        assert_eq!((first.len, first.keys.dims()), (3, [1, 2, 8, 4]));
+        let second = cache.append_in_place(0, t(3.0), t(4.0)).unwrap();
+        assert_eq!(second.len, 6);
+        let (keys, values) = second.used();
+        assert_eq!(keys.dims(), [1, 2, 6, 4]);
+        let slot_values = |x: Tensor<Flex, 4>| {
+            let v: Vec<f32> = x.into_data().to_vec().unwrap();
+            v.chunks(4).map(|slot| slot[0]).collect::<Vec<f32>>()
+        };
+        assert_eq!(slot_values(keys), [1.0, 1.0, 1.0, 3.0, 3.0, 3.0].repeat(2));
+        assert_eq!(slot_values(values), [2.0, 2.0, 2.0, 4.0, 4.0, 4.0].repeat(2));
+        let (keys, _) = cache.append(0, t(5.0), t(6.0)).unwrap();
+        assert_eq!((keys.dims()[2], cache.tokens_seen()), (9, 9));
+    }
 }

@@ -356,4 +356,42 @@ mod tests {
         assert_eq!(Ranking::for_gpu(32, 2112), Ranking::Host);
         assert_eq!(Ranking::for_gpu(usize::MAX, usize::MAX), Ranking::Host);
     }
+
+    static RANKER_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// A stand-in for a device kernel: the ranks, counted on the host.
+    fn counting_ranker(key: Tensor<Flex, 3>) -> std::result::Result<Tensor<Flex, 3>, Tensor<Flex, 3>> {
+        RANKER_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let [rows, h, n] = key.dims();
+        let v: Vec<f32> = key.to_data().to_vec().unwrap();
+        let ranks: Vec<f32> = (0..rows * h * n)
+            .map(|i| {
+                let (row, j) = (&v[i / n * n..][..n], i % n);
+                (0..n)
+                    .filter(|&o| row[o] < row[j] || (row[o] == row[j] && o < j))
+                    .count() as f32
+            })
+            .collect();
+        Ok(Tensor::from_data(TensorData::new(ranks, [rows, h, n]), &key.device()))
+    }
+
+    /// An installed row ranker replaces the pairwise comparisons (installing twice is one
+    /// installation); host-resident backends still rank on the host.
+    #[test]
+    fn an_installed_row_ranker_does_the_pairwise_ranking() {
+        install_row_ranker::<Flex>(counting_ranker);
+        install_row_ranker::<Flex>(counting_ranker);
+        assert_eq!(ROW_RANKERS.read().unwrap().len(), 1);
+        let before = RANKER_CALLS.load(std::sync::atomic::Ordering::SeqCst);
+        let key = keys(vec![3.0, 1.0, 2.0, 1.0], [1, 1, 4]);
+        assert_eq!(
+            bools(Ranking::Pairwise.smallest_mask(key, 2)),
+            vec![false, true, false, true]
+        );
+        assert!(RANKER_CALLS.load(std::sync::atomic::Ordering::SeqCst) > before);
+        assert_eq!(
+            Ranking::for_backend::<Flex>(&Default::default(), 96, 4096),
+            Ranking::Host
+        );
+    }
 }
