@@ -166,10 +166,9 @@ impl<B: Backend> LayerKv<B> {
         let Some(Some(e)) = self.layers.get_mut(layer) else {
             return;
         };
-        let [b, h, kept] = keep.dims();
-        let (capacity, d) = (e.capacity(), e.k.dims()[3]);
-        let device = keep.device();
-        if host_resident::<B>(&device) {
+        let kept = keep.dims()[2];
+        let capacity = e.capacity();
+        if host_resident::<B>(&keep.device()) {
             // Ascending indices below the slot count: compacted in place.
             let valid = |order: &Vec<usize>| order.iter().all(|&i| i < e.len);
             if let Some(order) = ascending_rows(keep.clone()).filter(valid) {
@@ -184,31 +183,7 @@ impl<B: Backend> LayerKv<B> {
                 return;
             }
         }
-        // Rows of the flattened [b·h·capacity, d] buffer: whole rows are copied, far cheaper
-        // than an element-wise gather; the spare capacity is refilled with row 0.
-        let keep = if kept < capacity {
-            Tensor::cat(
-                vec![
-                    keep.clone(),
-                    Tensor::<B, 3, Int>::zeros([b, h, capacity - kept], &device).cast(keep.dtype()),
-                ],
-                2,
-            )
-        } else {
-            keep
-        };
-        let offsets = Tensor::<B, 1, Int>::arange_step(0..(b * h * capacity) as i64, capacity, &device)
-            .reshape([b, h, 1])
-            .cast(keep.dtype());
-        let rows = (keep + offsets).reshape([b * h * capacity]);
-        let pick = |t: Tensor<B, 4>| {
-            t.reshape([b * h * capacity, d])
-                .select(0, rows.clone())
-                .reshape([b, h, capacity, d])
-        };
-        e.k = pick(e.k.clone());
-        e.v = pick(e.v.clone());
-        e.len = kept;
+        self.retain_layers_by_rows(layer..layer + 1, keep, capacity);
     }
 
     /// [`retain`](Self::retain) for consecutive `layers` at once, `keep` holding their rows
@@ -236,6 +211,8 @@ impl<B: Backend> LayerKv<B> {
     }
 
     /// [`retain_layers`](Self::retain_layers)' device path: `layers` hold `capacity` slots each.
+    /// Rows of each flattened `[b·h·capacity, d]` buffer are selected: whole rows are copied,
+    /// far cheaper than an element-wise gather; the spare capacity is refilled with row 0.
     fn retain_layers_by_rows(&mut self, layers: std::ops::Range<usize>, keep: Tensor<B, 3, Int>, capacity: usize) {
         let [rows, h, kept] = keep.dims();
         let n = layers.len();

@@ -17,7 +17,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::wgpu::WgpuRuntime;
 
 use super::kernels::{self, ROW_BLOCK};
-use super::{enabled, HeadShape};
+use super::{enabled, GemvEpilogue, HeadShape};
 
 /// Whether `B`'s float tensors are burn's unfused tensors of runtime `R`.
 fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
@@ -298,17 +298,6 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
 
 /// Planes (output rows) per cube of [`gemv`].
 const GEMV_ROWS_PER_CUBE: u32 = 8;
-
-/// What [`gemv`] does with the product before writing it.
-#[derive(Debug, Clone, Copy)]
-pub enum GemvEpilogue<'a, B: Backend> {
-    /// `x·Wᵀ`.
-    Plain,
-    /// `residual + x·Wᵀ`, `residual` `[1, out]` in `W`'s dtype.
-    AddResidual(&'a Tensor<B, 2>),
-    /// `W` holds gate rows then up rows (`[2·out, in]`): `silu(x·W_gᵀ)·(x·W_uᵀ)`.
-    Swiglu,
-}
 
 /// `x·Wᵀ` for one row `x` (`[1, in]`) and `W` `[rows, in]`, both in `W`'s dtype, followed by
 /// `epilogue`: `[1, out]`.

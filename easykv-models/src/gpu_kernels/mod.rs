@@ -63,18 +63,10 @@ mod fallback {
         Err(qkv)
     }
 
-    /// What `gemv` does with the product before writing it (see the kernel builds).
-    #[derive(Debug, Clone, Copy)]
-    pub enum GemvEpilogue<'a, B: Backend> {
-        Plain,
-        AddResidual(&'a Tensor<B, 2>),
-        Swiglu,
-    }
-
     pub fn gemv<B: Backend>(
         x: Tensor<B, 2>,
         _w: &Tensor<B, 2>,
-        _epilogue: GemvEpilogue<'_, B>,
+        _epilogue: super::GemvEpilogue<'_, B>,
     ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
         Err(x)
     }
@@ -121,6 +113,17 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
         i += 1;
     }
     hash
+}
+
+/// What `gemv` does with the product before writing it.
+#[derive(Debug, Clone, Copy)]
+pub enum GemvEpilogue<'a, B: burn::tensor::backend::Backend> {
+    /// `x·Wᵀ`.
+    Plain,
+    /// `residual + x·Wᵀ`, `residual` `[1, out]` in `W`'s dtype.
+    AddResidual(&'a burn::tensor::Tensor<B, 2>),
+    /// `W` holds gate rows then up rows (`[2·out, in]`): `silu(x·W_gᵀ)·(x·W_uᵀ)`.
+    Swiglu,
 }
 
 /// Heads of a stacked q|k|v projection.
