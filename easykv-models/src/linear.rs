@@ -110,7 +110,7 @@ impl<B: Backend> Linear<B> {
         let out = w.dims()[0];
         let activation = x.dtype();
         let x = x.reshape([b * s, inp]).cast(w.dtype());
-        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain) {
+        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain).or_else(|x| exact_f32_rows(x, &w)) {
             Ok(y) => y,
             Err(x) if b * s <= SMALL_ROWS => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
             Err(x) => x.matmul(w.transpose()),
@@ -172,6 +172,20 @@ impl<B: Backend> Linear<B> {
     }
 }
 
+/// `x·Wᵀ` (`[rows, in]` × `[out, in]`) in f32 arithmetic where a kernel can (f32 on GPUs, whose
+/// matrix products otherwise run f32 as TF32 and lose `--dtype f32`'s exactness); else `x` back.
+fn exact_f32_rows<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let ([rows, inp], out) = (x.dims(), w.dims()[0]);
+    gpu_kernels::matmul_f32(
+        x.reshape([1, 1, rows, inp]),
+        &w.clone().reshape([1, 1, out, inp]),
+        true,
+        out,
+    )
+    .map(|y| y.reshape([rows, out]))
+    .map_err(|x| x.reshape([rows, inp]))
+}
+
 /// Token embedding that doubles as the output projection when the model ties them.
 #[derive(Module, Debug)]
 pub struct EmbeddingTable<B: Backend> {
@@ -217,7 +231,7 @@ impl<B: Backend> EmbeddingTable<B> {
         let w = self.weight.val();
         let vocab = w.dims()[0];
         let x = x.reshape([b * s, hidden]).cast(w.dtype());
-        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain) {
+        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain).or_else(|x| exact_f32_rows(x, &w)) {
             Ok(y) => y,
             Err(x) => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
         };

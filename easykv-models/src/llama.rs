@@ -340,7 +340,8 @@ impl<B: Backend> Attention<B> {
         let q = q.reshape([b, hkv, g * s, d]).cast(product);
         // The scale 1/√d is already in the queries.
         let scores = match in_place {
-            true => gpu_kernels::attention_scores(q, &cached.keys, n),
+            true => gpu_kernels::attention_scores(q, &cached.keys, n)
+                .or_else(|q| gpu_kernels::matmul_f32(q, &cached.keys, true, n)),
             false => Err(q),
         }
         .unwrap_or_else(|q| q.matmul(used_keys().swap_dims(2, 3)));
@@ -374,7 +375,8 @@ impl<B: Backend> Attention<B> {
             cache.observe(layer, grouped)?;
         }
         let out = match in_place {
-            true => gpu_kernels::attention_values(product_probs, &cached.values, n),
+            true => gpu_kernels::attention_values(product_probs, &cached.values, n)
+                .or_else(|p| gpu_kernels::matmul_f32(p, &cached.values, false, d)),
             false => Err(product_probs),
         }
         .unwrap_or_else(|p| p.matmul(cached.used().1.cast(product)))

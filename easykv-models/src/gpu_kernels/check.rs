@@ -302,6 +302,39 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     record("attention_scores", attention.iter().map(|a| a.0.clone()).collect());
     record("attention_values", attention.iter().map(|a| a.1.clone()).collect());
 
+    // Exact f32 products: a projection (transposed weights), attention scores over the first
+    // 50 of 64 buffered slots (transposed), values over them, two batches of two heads.
+    let matmul = [
+        (1usize, 1usize, 5usize, 40usize, 30usize, 30usize, true),
+        (1, 4, 20, 64, 64, 50, true),
+        (1, 4, 20, 50, 64, 64, false),
+        (2, 2, 17, 33, 40, 21, true),
+    ]
+    .map(|(batch, heads, m, k, rows, n, transposed)| {
+        let a = random::<B, 4>([batch, heads, m, k], dtype, device);
+        let cols = if transposed { k } else { n };
+        let b = random::<B, 4>([batch, heads, rows, cols], dtype, device);
+        let (ha, hb) = (host(&a), host(&b));
+        let want: Vec<f32> = (0..batch * heads * m * n)
+            .map(|i| {
+                let (z, r, j) = (i / (m * n), (i / n) % m, i % n);
+                (0..k)
+                    .map(|kk| {
+                        let bv = match transposed {
+                            true => hb[(z * rows + j) * cols + kk],
+                            false => hb[(z * rows + kk) * cols + j],
+                        };
+                        ha[(z * m + r) * k + kk] as f64 * bv as f64
+                    })
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        super::matmul_f32(a, &b, transposed, n)
+            .ok()
+            .map(|got| compare_host(got, &want))
+    });
+    record("matmul", matmul.into());
+
     // Slot ranks, with ties (keys from a small set) and rows longer than a cube's 256 slots.
     let rank = [(3usize, 100usize), (2, 700), (64, 2112)].map(|(rows, n)| {
         let key = random::<B, 3>([rows, 2, n], DType::F32, device)

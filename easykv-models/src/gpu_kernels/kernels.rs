@@ -497,3 +497,59 @@ pub fn row_ranks(keys: &Tensor<f32>, ranks: &mut Tensor<f32>, n: u32, blocks: u3
         ranks[base + i] = f32::cast_from(rank);
     }
 }
+
+/// `out[z] = a[z]·b[z]` in f32 without tensor cores (burn's CUDA products of f32 run as TF32):
+/// `a` contiguous `[z, m, k]`, element `(kk, j)` of `b[z]` at `z·b_batch + kk·b_row + j·b_col`
+/// (a transposed or partly used buffer needs no copy), 16×16 output tiles through shared memory
+/// (thread = output element).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f32(
+    a: &Tensor<f32>,
+    b: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    m: u32,
+    k: u32,
+    n: u32,
+    b_batch: u32,
+    b_row: u32,
+    b_col: u32,
+) {
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let col = CUBE_POS_X as usize * 16usize + tx;
+    let row = CUBE_POS_Y as usize * 16usize + ty;
+    let z = CUBE_POS_Z as usize;
+    let (rows, inner, cols) = (m as usize, k as usize, n as usize);
+    let mut tile_a = SharedMemory::<f32>::new(256usize);
+    let mut tile_b = SharedMemory::<f32>::new(256usize);
+    let mut acc = f32::new(0.0);
+    let mut start = 0usize;
+    while start < inner {
+        let mut va = f32::new(0.0);
+        if row < rows {
+            if start + tx < inner {
+                va = a[(z * rows + row) * inner + start + tx];
+            }
+        }
+        let mut vb = f32::new(0.0);
+        if col < cols {
+            if start + ty < inner {
+                vb = b[z * b_batch as usize + (start + ty) * b_row as usize + col * b_col as usize];
+            }
+        }
+        tile_a[ty * 16usize + tx] = va;
+        tile_b[ty * 16usize + tx] = vb;
+        sync_cube();
+        for i in 0..16usize {
+            acc += tile_a[ty * 16usize + i] * tile_b[i * 16usize + tx];
+        }
+        sync_cube();
+        start += 16usize;
+    }
+    if row < rows {
+        if col < cols {
+            out[(z * rows + row) * cols + col] = acc;
+        }
+    }
+}

@@ -559,3 +559,76 @@ fn row_ranks_on<B: Backend, R: CubeRuntime>(key: Tensor<B, 3>) -> Result<Tensor<
     );
     Ok(tensor(ranks))
 }
+
+/// `a·B` in f32 arithmetic (no TF32), per batch and head, for f32 tensors: `a` `[batch, heads,
+/// m, k]`; `b` a `[batch, heads, rows, cols]` buffer read in place, its matrix `B` being the
+/// first `k` of its rows (`cols` columns) or, `transposed`, the first `n` of its rows transposed.
+/// Returns `[batch, heads, m, n]` with `n` = `cols`, or the given `n` when transposed.
+pub fn matmul_f32<B: Backend>(
+    a: Tensor<B, 4>,
+    b: &Tensor<B, 4>,
+    transposed: bool,
+    n: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    on_runtime!(matmul_f32_on::<B>(a, b, transposed, n), a)
+}
+
+fn matmul_f32_on<B: Backend, R: CubeRuntime>(
+    a: Tensor<B, 4>,
+    b: &Tensor<B, 4>,
+    transposed: bool,
+    n: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let [batch, heads, m, k] = a.dims();
+    let [bb, bh, rows, cols] = b.dims();
+    let (n, fits) = match transposed {
+        true => (n, cols == k && n <= rows),
+        false => (cols, k <= rows),
+    };
+    let z = batch * heads;
+    let sizes_fit = [m, k, n, z, bb * bh * rows * cols]
+        .iter()
+        .all(|&v| v > 0 && v <= u32::MAX as usize)
+        && z <= 65_535
+        && m.div_ceil(16) <= 65_535;
+    if !applies("matmul", &[a.dtype()])
+        || a.dtype() != DType::F32
+        || b.dtype() != DType::F32
+        || [bb, bh] != [batch, heads]
+        || !fits
+        || !sizes_fit
+    {
+        return Err(a);
+    }
+    let buffer = cube_view::<B, R, 4>(b.clone());
+    let strides = buffer.meta.strides().to_vec();
+    // One stride per (batch, head) pair: heads evenly spaced within and across batches.
+    if batch > 1 && strides[0] != heads * strides[1] {
+        return Err(a);
+    }
+    let (b_row, b_col) = match transposed {
+        true => (strides[3], strides[2]),
+        false => (strides[2], strides[3]),
+    };
+    let stride_fits = [strides[1], b_row, b_col].iter().all(|&s| s <= u32::MAX as usize);
+    if !stride_fits {
+        return Err(a);
+    }
+    let a = cube(a);
+    let out = empty_like(&a, vec![batch, heads, m, n], DType::F32);
+    kernels::matmul_f32::launch::<R>(
+        &a.client.clone(),
+        CubeCount::Static(n.div_ceil(16) as u32, m.div_ceil(16) as u32, z as u32),
+        CubeDim::new_2d(16, 16),
+        a.into_tensor_arg(),
+        buffer.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        m as u32,
+        k as u32,
+        n as u32,
+        strides[1] as u32,
+        b_row as u32,
+        b_col as u32,
+    );
+    Ok(tensor(out))
+}

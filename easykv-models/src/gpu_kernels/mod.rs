@@ -94,6 +94,15 @@ mod fallback {
     pub fn is_cube_backend<B: Backend>() -> bool {
         false
     }
+
+    pub fn matmul_f32<B: Backend>(
+        a: Tensor<B, 4>,
+        _b: &Tensor<B, 4>,
+        _transposed: bool,
+        _n: usize,
+    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+        Err(a)
+    }
 }
 
 #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
@@ -135,7 +144,8 @@ pub struct HeadShape {
 }
 
 /// The kernels, by the names `EASYKV_GPU_KERNELS` takes.
-pub const KERNELS: [&str; 7] = [
+pub const KERNELS: [&str; 8] = [
+    "matmul",
     "rms_norm",
     "softmax",
     "swiglu",
