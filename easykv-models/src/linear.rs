@@ -175,6 +175,9 @@ impl<B: Backend> Linear<B> {
 /// `x·Wᵀ` (`[rows, in]` × `[out, in]`) in f32 arithmetic where a kernel can (f32 on GPUs, whose
 /// matrix products otherwise run f32 as TF32 and lose `--dtype f32`'s exactness); else `x` back.
 fn exact_f32_rows<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    if x.dtype() != DType::F32 || !gpu_kernels::is_cube_backend::<B>() {
+        return Err(x);
+    }
     let ([rows, inp], out) = (x.dims(), w.dims()[0]);
     gpu_kernels::matmul_f32(
         x.reshape([1, 1, rows, inp]),
