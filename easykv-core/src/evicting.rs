@@ -35,40 +35,48 @@ struct LayerProgress {
 #[derive(Debug, Clone)]
 struct Observed<B: Backend> {
     sum: Tensor<B, 3>,
-    sum_sq: Tensor<B, 3>,
-    /// The attention of the chunk's last query.
-    last: Tensor<B, 3>,
+    /// `None` for a one-query chunk (a decode step): the square of `sum`, taken once after the
+    /// layers are stacked rather than once per layer.
+    sum_sq: Option<Tensor<B, 3>>,
+    /// The attention of the chunk's last query; `None` for a one-query chunk (it is `sum`).
+    last: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> Observed<B> {
     fn new(probs: Tensor<B, 4>) -> Self {
         let [b, h, s, n] = probs.dims();
         if s == 1 {
-            let p = probs.reshape([b, h, n]);
             return Self {
-                sum_sq: p.clone().square(),
-                sum: p.clone(),
-                last: p,
+                sum: probs.reshape([b, h, n]),
+                sum_sq: None,
+                last: None,
             };
         }
         Self {
             sum: probs.clone().sum_dim(2).reshape([b, h, n]),
-            sum_sq: probs.clone().square().sum_dim(2).reshape([b, h, n]),
-            last: probs.slice_dim(2, s - 1..s).reshape([b, h, n]),
+            sum_sq: Some(probs.clone().square().sum_dim(2).reshape([b, h, n])),
+            last: Some(probs.slice_dim(2, s - 1..s).reshape([b, h, n])),
         }
     }
 
-    /// Stacks the layers' observations along the row axis.
-    fn stack(parts: Vec<Self>) -> Option<Self> {
-        if parts.len() == 1 {
-            return parts.into_iter().next();
+    /// Stacks the layers' observations (at least one, all from chunks of one length) along the
+    /// row axis and returns the sums, the sums of squares and the last query's attention.
+    fn stack(parts: Vec<Self>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let cat = |mut v: Vec<Tensor<B, 3>>| match v.len() {
+            1 => v.remove(0),
+            _ => Tensor::cat(v, 0),
+        };
+        let optional = |v: Vec<Option<Tensor<B, 3>>>| v.into_iter().collect::<Option<Vec<_>>>().map(cat);
+        let (mut sums, mut squares, mut lasts) = (Vec::new(), Vec::new(), Vec::new());
+        for o in parts {
+            sums.push(o.sum);
+            squares.push(o.sum_sq);
+            lasts.push(o.last);
         }
-        let field = |f: fn(&Self) -> Tensor<B, 3>| Tensor::cat(parts.iter().map(f).collect(), 0);
-        Some(Self {
-            sum: field(|o| o.sum.clone()),
-            sum_sq: field(|o| o.sum_sq.clone()),
-            last: field(|o| o.last.clone()),
-        })
+        let sum = cat(sums);
+        let sum_sq = optional(squares).unwrap_or_else(|| sum.clone().square());
+        let last = optional(lasts).unwrap_or_else(|| sum.clone());
+        (sum, sum_sq, last)
     }
 }
 
@@ -287,10 +295,10 @@ impl<B: Backend> EvictingCache<B> {
             .iter_mut()
             .filter_map(Option::take)
             .collect();
-        if observed.len() == layers.len() {
+        if observed.len() == layers.len() && !observed.is_empty() {
             let n = st.sum.dims()[2];
             // One update for every layer: `[layers·batch, heads, slots]`.
-            let Observed { sum, sum_sq, last } = Observed::stack(observed)?;
+            let (sum, sum_sq, last) = Observed::stack(observed);
             st.sum = st.sum + sum;
             st.sum_sq = st.sum_sq + sum_sq;
             st.last = last;
