@@ -3,7 +3,7 @@
 use burn::prelude::*;
 use clap::Args;
 
-use easykv_models::gpu_kernels::{check_kernels, check_model};
+use easykv_models::gpu_kernels::{check_kernels, check_model, time_kernels};
 use easykv_models::linear::WeightDType;
 
 use crate::backend::with_backend;
@@ -27,6 +27,13 @@ pub struct CheckKernelsArgs {
     /// Every case's largest difference and where it is (always shown for a failing kernel).
     #[arg(long, short)]
     pub verbose: bool,
+    /// Instead of checking: time each kernel at Llama-2-7B decode shapes (launch shapes
+    /// compared, burn's operations alongside) and report the bandwidth reached.
+    #[arg(long)]
+    pub time: bool,
+    /// Cache lengths the attention and ranking kernels are timed at (with `--time`).
+    #[arg(long, value_delimiter = ',', default_value = "2112,4112")]
+    pub slots: Vec<usize>,
 }
 
 pub fn run(args: CheckKernelsArgs) -> CliResult {
@@ -35,6 +42,9 @@ pub fn run(args: CheckKernelsArgs) -> CliResult {
 }
 
 fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult {
+    if args.time {
+        return time_on::<B>(device, args);
+    }
     let mut failed = Vec::new();
     let (mut kernel_json, mut model_json) = (Vec::new(), Vec::new());
     let mut rows = Vec::new();
@@ -98,4 +108,27 @@ fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult 
     } else {
         Err(CliError(format!("kernels off tolerance: {}", failed.join(", "))))
     }
+}
+
+fn time_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult {
+    if args.slots.iter().any(|&n| n == 0 || n > 4352) {
+        return Err(CliError("--slots: each between 1 and 4352".into()));
+    }
+    for dtype in &args.dtype {
+        let timings = time_kernels::<B>(dtype.dtype(), &args.slots, device);
+        if args.json {
+            println!("{}", serde_json::json!({"dtype": dtype, "timings": timings}));
+            continue;
+        }
+        println!("{:<6} {:<40} {:<24} {:<18} {:>10} {:>9}", "dtype", "kernel", "shape", "launch shape", "µs", "GB/s");
+        for t in timings {
+            let tuning = t.tuning.map_or(String::new(), |u| {
+                format!("rows {} plane {} splits {}", u.gemv_rows_per_cube, u8::from(u.gemv_plane_reduce), u.value_splits)
+            });
+            let gbs = t.gigabytes_per_second.map_or(String::new(), |g| format!("{g:.0}"));
+            let dt = format!("{dtype:?}").to_lowercase();
+            println!("{dt:<6} {:<40} {:<24} {tuning:<18} {:>10.1} {gbs:>9}", t.kernel, t.shape, t.micros_per_launch);
+        }
+    }
+    Ok(())
 }

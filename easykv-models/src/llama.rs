@@ -573,13 +573,22 @@ impl<B: Backend> Llama<B> {
         // Every layer holds the same number of slots before this chunk, so one mask serves all.
         let mask = self.attention_mask(b, s, cache.slots(0) + s, &device);
         let last = self.layers.len().saturating_sub(1);
+        let trace = ChunkTrace::<B>::start(&device);
         for (l, layer) in self.layers.iter().enumerate() {
             let attn = layer
                 .attn
                 .forward(l, normalize(&layer.attn_norm, x.clone()), &angles, mask.as_ref(), cache)?;
             x = layer.finish(x, attn, if l == last { needed } else { Needed::All });
         }
+        let layers_done = trace.as_ref().map(|t| t.lap());
         cache.end_chunk()?;
+        if let (Some(t), Some(layers)) = (trace, layers_done) {
+            eprintln!(
+                "chunk of {s} tokens over {} slots: layers {layers:.2} ms, cache {:.2} ms",
+                cache.slots(0),
+                t.lap()
+            );
+        }
         Ok(x)
     }
 
@@ -952,3 +961,32 @@ fn rms_norm<B: Backend>(
 
 #[cfg(test)]
 mod tests;
+
+/// `EASYKV_TRACE_CHUNKS=1`: how long each chunk's layers and its cache step take, the device
+/// synchronized around each (slower; for finding where a prefill's time goes).
+struct ChunkTrace<'a, B: Backend> {
+    device: &'a B::Device,
+    since: std::cell::Cell<std::time::Instant>,
+}
+
+impl<'a, B: Backend> ChunkTrace<'a, B> {
+    fn start(device: &'a B::Device) -> Option<Self> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*ON.get_or_init(|| std::env::var_os("EASYKV_TRACE_CHUNKS").is_some_and(|v| v != "0")) {
+            return None;
+        }
+        let _ = B::sync(device);
+        Some(ChunkTrace {
+            device,
+            since: std::cell::Cell::new(std::time::Instant::now()),
+        })
+    }
+
+    /// Milliseconds since the last lap, once the device has caught up.
+    fn lap(&self) -> f64 {
+        let _ = B::sync(self.device);
+        let now = std::time::Instant::now();
+        let ms = now.duration_since(self.since.replace(now)).as_secs_f64() * 1e3;
+        ms
+    }
+}

@@ -256,38 +256,65 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             ),
             _ => (crate::host_kernels::swiglu_by_ops(product), super::GemvEpilogue::Swiglu),
         };
-        super::gemv(x, &w, epilogue).ok().map(|got| {
-            let d = compare(got, want);
-            Diff {
-                max: d.max / (inp as f32).sqrt(),
-                ..d
-            }
-        })
+        // Every launch shape the timing run compares (plane reductions apply where planes are
+        // 32 wide).
+        let variants = [(8, false), (4, true), (2, true)].map(|(rows_per_cube, plane)| {
+            super::set_tuning(Some(super::Tuning {
+                gemv_rows_per_cube: rows_per_cube,
+                gemv_plane_reduce: plane,
+                ..super::Tuning::default()
+            }));
+            let got = super::gemv(x.clone(), &w, epilogue).ok();
+            super::set_tuning(None);
+            got.map(|got| {
+                let d = compare(got, want.clone());
+                Diff {
+                    max: d.max / (inp as f32).sqrt(),
+                    detail: format!("rows/cube {rows_per_cube}, plane {plane}: {}", d.detail),
+                }
+            })
+        });
+        variants.into_iter().try_fold(None, |worst: Option<Diff>, d| {
+            d.map(|d| Some(worst.map_or(d.clone(), |w| w.and(d))))
+        })?
     });
     record("gemv", gemv.into());
 
     // Decode attention over a cache buffer of 64 slots, all or the first 50 in use; 1 and 4
     // rows per head; scores and values apart; references on the host.
-    let attention = [(1usize, 128usize, 64usize), (1, 128, 50), (4, 64, 50), (7, 128, 33)].map(|(rows, d, n)| {
-        let keys = random::<B, 4>([1, 4, 64, d], dtype, device);
-        let values = random::<B, 4>([1, 4, 64, d], dtype, device);
+    // (query rows, head dim, slots, capacity): long caches are split over cubes.
+    let attention = [
+        (1usize, 128usize, 64usize, 64usize),
+        (1, 128, 50, 64),
+        (4, 64, 50, 64),
+        (7, 128, 33, 64),
+        (1, 128, 1000, 1100),
+        (3, 64, 700, 704),
+    ]
+    .map(|(rows, d, n, capacity)| {
+        let keys = random::<B, 4>([1, 4, capacity, d], dtype, device);
+        let values = random::<B, 4>([1, 4, capacity, d], dtype, device);
         let q = random::<B, 4>([1, 4, rows, d], dtype, device).mul_scalar(0.1);
         let (hq, hk, hv) = (host(&q), host(&keys), host(&values));
         let want_scores: Vec<f32> = (0..4 * rows * n)
             .map(|i| {
                 let (head, r, j) = (i / (rows * n), (i / n) % rows, i % n);
                 (0..d)
-                    .map(|c| hq[(head * rows + r) * d + c] as f64 * hk[(head * 64 + j) * d + c] as f64)
+                    .map(|c| hq[(head * rows + r) * d + c] as f64 * hk[(head * capacity + j) * d + c] as f64)
                     .sum::<f64>() as f32
             })
             .collect();
-        let probs = random::<B, 4>([1, 4, rows, n], DType::F32, device).abs().cast(dtype);
+        // Outputs of similar size at every length (half precision's steps grow with them).
+        let probs = random::<B, 4>([1, 4, rows, n], DType::F32, device)
+            .abs()
+            .mul_scalar((16.0 / n as f64).sqrt())
+            .cast(dtype);
         let hp = host(&probs);
         let want_out: Vec<f32> = (0..4 * rows * d)
             .map(|i| {
                 let (head, r, c) = (i / (rows * d), (i / d) % rows, i % d);
                 (0..n)
-                    .map(|j| hp[(head * rows + r) * n + j] as f64 * hv[(head * 64 + j) * d + c] as f64)
+                    .map(|j| hp[(head * rows + r) * n + j] as f64 * hv[(head * capacity + j) * d + c] as f64)
                     .sum::<f64>() as f32
             })
             .collect();

@@ -261,6 +261,7 @@ pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
     vectors_per_row: u32,
     #[comptime] add_residual: bool,
     #[comptime] swiglu: bool,
+    #[comptime] plane_reduce: bool,
     #[define(F, A, O)] _dtypes: [StorageType; 3],
 ) {
     let lane = UNIT_POS_X as usize;
@@ -324,32 +325,47 @@ pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
             c += 32usize;
         }
     }
-    let mut shared = SharedMemory::<A>::new(256usize);
-    let mut shared_up = SharedMemory::<A>::new(256usize);
-    let slot = group * 32 + lane;
-    shared[slot] = acc;
-    if swiglu {
-        shared_up[slot] = acc_up;
-    }
-    sync_cube();
-    let mut stride = 16usize;
-    while stride > 0 {
-        if lane < stride {
-            shared[slot] = shared[slot] + shared[slot + stride];
-            if swiglu {
-                shared_up[slot] = shared_up[slot] + shared_up[slot + stride];
-            }
+    // The 32 lanes' partial sums: a plane reduction where planes are 32 wide (CUDA), else
+    // through shared memory.
+    let mut total = A::new(0.0);
+    let mut total_up = A::new(0.0);
+    if plane_reduce {
+        total = plane_sum(acc);
+        if swiglu {
+            total_up = plane_sum(acc_up);
+        }
+    } else {
+        let mut shared = SharedMemory::<A>::new(256usize);
+        let mut shared_up = SharedMemory::<A>::new(256usize);
+        let slot = group * 32 + lane;
+        shared[slot] = acc;
+        if swiglu {
+            shared_up[slot] = acc_up;
         }
         sync_cube();
-        stride /= 2;
+        let mut stride = 16usize;
+        while stride > 0 {
+            if lane < stride {
+                shared[slot] = shared[slot] + shared[slot + stride];
+                if swiglu {
+                    shared_up[slot] = shared_up[slot] + shared_up[slot + stride];
+                }
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        total = shared[slot];
+        if swiglu {
+            total_up = shared_up[slot];
+        }
     }
     if live && lane == 0 {
-        let mut y = shared[slot];
+        let mut y = total;
         if add_residual {
             y += A::cast_from(residual[r]);
         }
         if swiglu {
-            y = y / (A::new(1.0) + (A::new(0.0) - y).exp()) * shared_up[slot];
+            y = y / (A::new(1.0) + (A::new(0.0) - y).exp()) * total_up;
         }
         out[r] = O::cast_from(y);
     }
@@ -402,36 +418,47 @@ pub fn attention_scores<F: Float, A: Float, N: Size>(
 
 /// Decode attention output: `out[bh, r, ·] = Σ_j probs[bh, r, j] · values[bh, j, ·]` with
 /// `values` a strided view of the cache's buffer (strides in vectors of `N`). One cube of
-/// `VALUE_GROUPS × vectors` threads per (bh, r): each thread sums one vector of the head
-/// dimension over every `VALUE_GROUPS`-th slot, then the groups are added up.
+/// `VALUE_GROUPS × vectors` threads per (bh, r) and slot range (`CUBE_POS_Y`, `slots_per_split`
+/// slots each): each thread sums one vector of the head dimension over every `groups`-th slot
+/// of its range, then the groups are added up. With `split`, each range's sum goes to
+/// `partial` `[bh·r, splits, d]` in `A` for [`sum_splits`] to add (a long cache spread over
+/// many cubes instead of one per head); without, straight to `out`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn attention_values<F: Float, P: Float, A: Float, N: Size>(
     probs: &Tensor<P>,
     values: &Tensor<Vector<F, N>>,
     out: &mut Tensor<Vector<F, N>>,
+    partial: &mut Tensor<A>,
     rows: u32,
     slots: u32,
     kv_heads: u32,
     batch_stride: u32,
     head_stride: u32,
     slot_stride: u32,
+    slots_per_split: u32,
     #[comptime] groups: u32,
+    #[comptime] split: bool,
     #[define(F, P, A)] _dtypes: [StorageType; 3],
 ) {
     let dv = CUBE_DIM_X as usize;
     let c = UNIT_POS_X as usize;
     let group = UNIT_POS_Y as usize;
-    let n = slots as usize;
     let bh_row = CUBE_POS_X as usize;
+    let range = CUBE_POS_Y as usize;
+    let first = range * slots_per_split as usize;
+    let mut end = first + slots_per_split as usize;
+    if end > slots as usize {
+        end = slots as usize;
+    }
     let bh = bh_row / rows as usize;
     let batch = bh / kv_heads as usize;
     let head = bh % kv_heads as usize;
     let v_base = batch * batch_stride as usize + head * head_stride as usize + c;
-    let p_base = bh_row * n;
+    let p_base = bh_row * slots as usize;
     let mut acc = Vector::<A, N>::new(A::new(0.0));
-    let mut j = group;
-    while j < n {
+    let mut j = first + group;
+    while j < end {
         let p = A::cast_from(probs[p_base + j]);
         let v = Vector::<A, N>::cast_from(values[v_base + j * slot_stride as usize]);
         acc += v * Vector::new(p);
@@ -445,8 +472,41 @@ pub fn attention_values<F: Float, P: Float, A: Float, N: Size>(
         for g in 1..groups as usize {
             sum += shared[g * dv + c];
         }
-        out[bh_row * dv + c] = Vector::<F, N>::cast_from(sum);
+        if split {
+            let base = ((bh_row * CUBE_COUNT_Y as usize + range) * dv + c) * N::value();
+            #[unroll]
+            for e in 0..N::value() {
+                partial[base + e] = sum[e];
+            }
+        } else {
+            out[bh_row * dv + c] = Vector::<F, N>::cast_from(sum);
+        }
     }
+}
+
+/// `out[row, k] = Σ_s partial[row, s, k]` over `splits` ranges of [`attention_values`], in
+/// `F` (thread = output element).
+#[cube(launch)]
+pub fn sum_splits<F: Float, A: Float>(
+    partial: &Tensor<A>,
+    out: &mut Tensor<F>,
+    splits: u32,
+    width: u32,
+    total: u32,
+    #[define(F, A)] _dtypes: [StorageType; 2],
+) {
+    let idx = ABSOLUTE_POS as usize;
+    if idx >= total as usize {
+        terminate!();
+    }
+    let w = width as usize;
+    let row = idx / w;
+    let k = idx % w;
+    let mut sum = A::new(0.0);
+    for s in 0..splits as usize {
+        sum += partial[(row * splits as usize + s) * w + k];
+    }
+    out[idx] = F::cast_from(sum);
 }
 
 /// For every slot of every row of `n` keys, how many slots of its row come before it in

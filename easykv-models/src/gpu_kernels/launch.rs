@@ -17,7 +17,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::wgpu::WgpuRuntime;
 
 use super::kernels::{self, ROW_BLOCK};
-use super::{enabled, GemvEpilogue, HeadShape};
+use super::{enabled, tuning, GemvEpilogue, HeadShape};
 
 /// Whether `B`'s float tensors are burn's unfused tensors of runtime `R`.
 fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
@@ -296,8 +296,11 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
     Ok((tensor(q), tensor(k), tensor(v)))
 }
 
-/// Planes (output rows) per cube of [`gemv`].
-const GEMV_ROWS_PER_CUBE: u32 = 8;
+/// Whether every plane of `client`'s device is 32 wide (the plane reductions assume it).
+fn planes_of_32<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>) -> bool {
+    let hw = &client.properties().hardware;
+    hw.plane_size_min == 32 && hw.plane_size_max == 32
+}
 
 /// `x·Wᵀ` for one row `x` (`[1, in]`) and `W` `[rows, in]`, both in `W`'s dtype, followed by
 /// `epilogue`: `[1, out]`.
@@ -344,10 +347,12 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
     };
     let client = x.client.clone();
     let dtypes = [x.dtype.into(), DType::F32.into(), x.dtype.into()];
+    let tuning = tuning();
+    let rows_per_cube = tuning.gemv_rows_per_cube.clamp(1, 8);
     kernels::gemv::launch::<R>(
         &client,
-        CubeCount::Static((out as u32).div_ceil(GEMV_ROWS_PER_CUBE), 1, 1),
-        CubeDim::new_2d(32, GEMV_ROWS_PER_CUBE),
+        CubeCount::Static((out as u32).div_ceil(rows_per_cube), 1, 1),
+        CubeDim::new_2d(32, rows_per_cube),
         vector,
         x.into_tensor_arg(),
         w.into_tensor_arg(),
@@ -357,6 +362,7 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
         (inp / vector) as u32,
         matches!(epilogue, GemvEpilogue::AddResidual(_)),
         matches!(epilogue, GemvEpilogue::Swiglu),
+        tuning.gemv_plane_reduce && planes_of_32(&client),
         dtypes,
     );
     Ok(tensor(y))
@@ -489,28 +495,62 @@ fn attention_values_on<B: Backend, R: CubeRuntime>(
     };
     let probs = cube(probs);
     let out = empty_like(&probs, vec![b, h, r, d], v.dtype);
-    // 256 threads per cube: the head dimension's vectors × slot groups.
+    // 256 threads per cube: the head dimension's vectors × slot groups; a long cache is spread
+    // over several cubes per head (one cube per head left most of the GPU idle).
     let groups = (256 / lanes) as u32;
+    let splits = match tuning().value_splits {
+        0 => n.div_ceil(VALUE_SLOTS_PER_SPLIT).min(MAX_VALUE_SPLITS),
+        s => s as usize,
+    }
+    .clamp(1, n);
+    let per_split = n.div_ceil(splits);
+    let splits = n.div_ceil(per_split);
+    let rows = b * h * r;
+    let partial = empty_like(&probs, vec![if splits > 1 { rows * splits * d } else { 1 }], DType::F32);
+    let client = probs.client.clone();
     let dtypes = [v.dtype.into(), probs.dtype.into(), DType::F32.into()];
     kernels::attention_values::launch::<R>(
-        &probs.client.clone(),
-        CubeCount::Static((b * h * r) as u32, 1, 1),
+        &client,
+        CubeCount::Static(rows as u32, splits as u32, 1),
         CubeDim::new_2d(lanes as u32, groups),
         vector,
         probs.into_tensor_arg(),
         v.into_tensor_arg(),
         out.clone().into_tensor_arg(),
+        partial.clone().into_tensor_arg(),
         r as u32,
         n as u32,
         h as u32,
         batch_stride,
         head_stride,
         slot_stride,
+        per_split as u32,
         groups,
+        splits > 1,
         dtypes,
     );
+    if splits > 1 {
+        let total = rows * d;
+        let cube_dim = CubeDim::new_1d(256);
+        kernels::sum_splits::launch::<R>(
+            &client,
+            calculate_cube_count_elemwise(&client, total, cube_dim),
+            cube_dim,
+            partial.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            splits as u32,
+            d as u32,
+            total as u32,
+            [out.dtype.into(), DType::F32.into()],
+        );
+    }
     Ok(tensor(out))
 }
+
+/// Slots per cube of [`attention_values`] beyond which a head's slots are split over cubes.
+const VALUE_SLOTS_PER_SPLIT: usize = 256;
+/// At most this many slot ranges per head.
+const MAX_VALUE_SPLITS: usize = 32;
 
 /// Slots per cube of [`kernels::row_ranks`].
 const RANK_BLOCK: usize = 256;

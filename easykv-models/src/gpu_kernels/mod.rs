@@ -17,12 +17,14 @@
 //! comparisons on the same build).
 
 mod check;
+mod timing;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod kernels;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod launch;
 
 pub use check::{check_kernels, check_model, KernelCheck};
+pub use timing::{time_kernels, KernelTiming};
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub use launch::*;
 
@@ -125,7 +127,7 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// What `gemv` does with the product before writing it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub enum GemvEpilogue<'a, B: burn::tensor::backend::Backend> {
     /// `x·Wᵀ`.
     Plain,
@@ -134,6 +136,52 @@ pub enum GemvEpilogue<'a, B: burn::tensor::backend::Backend> {
     /// `W` holds gate rows then up rows (`[2·out, in]`): `silu(x·W_gᵀ)·(x·W_uᵀ)`.
     Swiglu,
 }
+
+/// Launch shapes of the kernels that have more than one sensible choice; `easykv
+/// check-kernels --time` measures the alternatives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Tuning {
+    /// Output rows (one plane of 32 threads each) per cube of [`gemv`].
+    pub gemv_rows_per_cube: u32,
+    /// Whether [`gemv`] adds its lanes' sums by a plane reduction (where planes are 32 wide)
+    /// instead of through shared memory.
+    pub gemv_plane_reduce: bool,
+    /// Slot ranges [`attention_values`] spreads a head's slots over; 0: by the slot count.
+    pub value_splits: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            gemv_rows_per_cube: 8,
+            gemv_plane_reduce: false,
+            value_splits: 0,
+        }
+    }
+}
+
+static TUNING: std::sync::Mutex<Option<Tuning>> = std::sync::Mutex::new(None);
+
+/// The launch shapes in use.
+pub fn tuning() -> Tuning {
+    TUNING.lock().ok().and_then(|t| *t).unwrap_or_default()
+}
+
+/// Replaces the launch shapes (`None`: the defaults), for measuring alternatives.
+pub fn set_tuning(tuning: Option<Tuning>) {
+    if let Ok(mut t) = TUNING.lock() {
+        *t = tuning;
+    }
+}
+
+// By hand: derived, both would demand `B: Copy`.
+impl<B: burn::tensor::backend::Backend> Clone for GemvEpilogue<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: burn::tensor::backend::Backend> Copy for GemvEpilogue<'_, B> {}
 
 /// Heads of a stacked q|k|v projection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

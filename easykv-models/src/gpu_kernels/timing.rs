@@ -1,0 +1,155 @@
+//! How long each kernel takes on the device at Llama-2-7B decode shapes, and how close it
+//! comes to the memory bandwidth: what `easykv check-kernels --time` prints. Launches are
+//! queued back to back and the device synchronized once, so a figure is the device's time per
+//! launch when the host keeps up (and the host's, when it does not: the smallest kernels show
+//! that limit).
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::{DType, Distribution};
+
+use super::{GemvEpilogue, Tuning};
+
+/// One kernel at one shape.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelTiming {
+    pub kernel: String,
+    pub shape: String,
+    /// The launch shapes used.
+    pub tuning: Option<Tuning>,
+    pub micros_per_launch: f64,
+    /// Bytes the kernel must move ÷ its time; `None` where that is not the point.
+    pub gigabytes_per_second: Option<f64>,
+}
+
+/// Mean time of `reps` back-to-back runs of `f` (after one untimed run), in µs.
+fn time<B: Backend, T>(device: &B::Device, reps: usize, mut f: impl FnMut() -> T) -> f64 {
+    let sync = || {
+        let _ = B::sync(device);
+    };
+    drop(f());
+    sync();
+    let start = Instant::now();
+    for _ in 0..reps {
+        drop(f());
+    }
+    sync();
+    start.elapsed().as_secs_f64() * 1e6 / reps as f64
+}
+
+fn random<B: Backend, const D: usize>(shape: [usize; D], dtype: DType, device: &B::Device) -> Tensor<B, D> {
+    Tensor::<B, D>::random(shape, Distribution::Normal(0.0, 0.02), device).cast(dtype)
+}
+
+/// Times the decode kernels in `dtype` at the 7B shape (hidden 4096, 32 heads of 128,
+/// intermediate 11008, vocabulary 32000); caches of `slots` slots.
+pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Device) -> Vec<KernelTiming> {
+    let mut out = Vec::new();
+    let reps = 50;
+    let bytes = dtype.size() as f64;
+    let mut push = |kernel: &str, shape: String, tuning: Option<Tuning>, micros: f64, moved: Option<f64>| {
+        out.push(KernelTiming {
+            kernel: kernel.to_string(),
+            shape,
+            tuning,
+            micros_per_launch: micros,
+            gigabytes_per_second: moved.map(|b| b / micros / 1e3),
+        })
+    };
+
+    // The host's cost of one launch: a kernel with almost nothing to do.
+    let tiny = random::<B, 2>([1, 64], dtype, device);
+    let gamma = random::<B, 1>([64], DType::F32, device);
+    if super::rms_norm(tiny.clone(), &gamma, 1e-5).is_ok() {
+        let us = time::<B, _>(device, 500, || super::rms_norm(tiny.clone(), &gamma, 1e-5));
+        push("rms_norm (64 values: launch cost)", "[1, 64]".into(), None, us, None);
+    }
+    // Bandwidth burn's element-wise kernels reach (reads two, writes one).
+    let big = random::<B, 1>([64 << 20], dtype, device);
+    let us = time::<B, _>(device, 20, || big.clone() + big.clone());
+    push("burn add", "[64 Mi]".into(), None, us, Some(3.0 * (64 << 20) as f64 * bytes));
+
+    // The decode step's products: (name, rows, cols, epilogue).
+    let shapes = [
+        ("qkv", 12288usize, 4096usize, 0u8),
+        ("o + residual", 4096, 4096, 1),
+        ("gate_up + swiglu", 22016, 4096, 2),
+        ("down + residual", 4096, 11008, 1),
+        ("lm head", 32000, 4096, 0),
+    ];
+    let variants = [(8, false), (8, true), (4, true), (2, true), (4, false)];
+    for (name, rows, cols, epilogue) in shapes {
+        let w = random::<B, 2>([rows, cols], dtype, device);
+        let x = random::<B, 2>([1, cols], dtype, device);
+        let out_rows = if epilogue == 2 { rows / 2 } else { rows };
+        let residual = random::<B, 2>([1, out_rows], dtype, device);
+        let run = || {
+            let e = match epilogue {
+                1 => GemvEpilogue::AddResidual(&residual),
+                2 => GemvEpilogue::Swiglu,
+                _ => GemvEpilogue::Plain,
+            };
+            super::gemv(x.clone(), &w, e)
+        };
+        let moved = Some((rows * cols) as f64 * bytes);
+        for (rows_per_cube, plane) in variants {
+            let tuning = Tuning {
+                gemv_rows_per_cube: rows_per_cube,
+                gemv_plane_reduce: plane,
+                ..Tuning::default()
+            };
+            super::set_tuning(Some(tuning));
+            if run().is_err() {
+                break;
+            }
+            let us = time::<B, _>(device, reps, run);
+            push(&format!("gemv {name}"), format!("[{rows}, {cols}]"), Some(tuning), us, moved);
+        }
+        super::set_tuning(None);
+        // burn's own product for comparison (its autotuned matmul).
+        let wt = w.clone().transpose();
+        let us = time::<B, _>(device, reps, || x.clone().matmul(wt.clone()));
+        push(&format!("burn matmul {name}"), format!("[{rows}, {cols}]"), None, us, moved);
+    }
+
+    // Decode attention over a cache of capacity 4352 (32 heads of 128).
+    let (heads, d, capacity) = (32usize, 128usize, 4352usize);
+    let keys = random::<B, 4>([1, heads, capacity, d], dtype, device);
+    let values = random::<B, 4>([1, heads, capacity, d], dtype, device);
+    let q = random::<B, 4>([1, heads, 1, d], dtype, device);
+    for &n in slots {
+        let kv_bytes = Some((heads * n * d) as f64 * bytes);
+        let Ok(scores) = super::attention_scores(q.clone(), &keys, n) else {
+            break;
+        };
+        let us = time::<B, _>(device, reps, || super::attention_scores(q.clone(), &keys, n));
+        push("attention scores", format!("{heads} heads × {n} slots"), None, us, kv_bytes);
+        let us = time::<B, _>(device, reps, || super::softmax_rows(scores.clone(), None, None, dtype));
+        push("softmax", format!("{heads} heads × {n} slots"), None, us, None);
+        let Ok((_, probs)) = super::softmax_rows(scores, None, None, dtype) else {
+            break;
+        };
+        for splits in [1u32, 4, 8, 16, 0] {
+            let tuning = Tuning {
+                value_splits: splits,
+                ..Tuning::default()
+            };
+            super::set_tuning(Some(tuning));
+            let us = time::<B, _>(device, reps, || super::attention_values(probs.clone(), &values, n));
+            push("attention values", format!("{heads} heads × {n} slots"), Some(tuning), us, kv_bytes);
+        }
+        super::set_tuning(None);
+    }
+
+    // Eviction's ranking: every head of every layer (32 × 32 rows) at once.
+    for &n in slots {
+        let stats = Tensor::<B, 3>::random([32, 32, n], Distribution::Uniform(0.0, 1.0), device);
+        if super::row_ranks(stats.clone()).is_err() {
+            break;
+        }
+        let us = time::<B, _>(device, 5, || super::row_ranks(stats.clone()));
+        push("rank", format!("32 × 32 rows × {n} slots"), None, us, None);
+    }
+    out
+}
