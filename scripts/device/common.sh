@@ -16,5 +16,5 @@ bench7b() {
   echo "== $tag rc=$rc wall_ms=$(( ($(date +%s%N) - t0) / 1000000 )) peak_mib=$peak"
   grep -E "warm-up|run 1|error" /tmp/err.$tag | head -5
   python3 -c "import json,sys; d=json.load(open('/tmp/out.$tag')); print(json.dumps({k:d.get(k) for k in ['policy','budget','prefill_tokens_per_second','decode_tokens_per_second','kv_cache_bytes','load_seconds']}))" 2>/dev/null
-  cp /tmp/out.$tag /tmp/err.$tag $OUT/ 2>/dev/null
+  [ "${KEEP_FILES:-1}" = 1 ] && cp /tmp/out.$tag /tmp/err.$tag $OUT/ 2>/dev/null
 }

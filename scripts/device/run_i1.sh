@@ -4,6 +4,7 @@
 # against host references, two rows of the table with this build, and cubecl's profile of an
 # evicting prefill (h2o 0.5) summed per kernel.
 source "$(dirname "$0")/common.sh"  # (scripts/device/common.sh)
+export KEEP_FILES=0
 cp .gpu/smol.part00 /tmp/ 2>/dev/null
 timeout 150 /tmp/easykv check-kernels --device cuda --time --dtype f16 2>&1 | tee $OUT/time.txt
 timeout 150 /tmp/easykv check-kernels --device cuda --models '' 2>&1 | cut -c1-300 | tee $OUT/check.txt | tail -30
