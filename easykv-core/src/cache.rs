@@ -1,4 +1,4 @@
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::Result;
 
@@ -36,6 +36,30 @@ pub trait KvCache<B: Backend> {
         let (keys, values) = self.append(layer, keys, values)?;
         let len = keys.dims()[2];
         Ok(CachedKv { keys, values, len })
+    }
+
+    /// Room for `shape[2]` new slots of `layer`, for a caller that writes their keys and
+    /// values straight into the cache's buffers (a kernel that produces them there, saving the
+    /// copy `append` makes): `layer`'s whole buffers, grown where needed, with `len` the first
+    /// new slot. [`commit_slots`](Self::commit_slots) then appends them. `None`: this cache
+    /// cannot; the caller appends.
+    ///
+    /// # Shapes
+    /// - `shape`: the new slots', `[batch, kv_heads, s, head_dim]`
+    fn reserve_slots(
+        &mut self,
+        _layer: usize,
+        _shape: [usize; 4],
+        _dtype: DType,
+        _device: &B::Device,
+    ) -> Result<Option<CachedKv<B>>> {
+        Ok(None)
+    }
+
+    /// Appends the `s` slots [`reserve_slots`](Self::reserve_slots) made room for, once the
+    /// caller has written them: what [`append_in_place`](Self::append_in_place) returns.
+    fn commit_slots(&mut self, layer: usize, s: usize) -> Result<CachedKv<B>> {
+        Err(crate::Error::SlotsNotReserved { layer, slots: s })
     }
 
     /// Whether this cache uses attention probabilities of `layer` (computing them has a cost).

@@ -11,6 +11,8 @@ pub enum Error {
         "the cache's layers are out of step: a chunk ended for all layers while some had taken more tokens than others"
     )]
     LayersOutOfStep,
+    #[error("layer {layer}: {slots} slots committed without room reserved for them")]
+    SlotsNotReserved { layer: usize, slots: usize },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

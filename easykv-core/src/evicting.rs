@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 
 use crate::budget::Schedule;
 use crate::layer_kv::{ascending_rows, LayerKv};
@@ -98,6 +98,10 @@ pub struct EvictingCache<B: Backend> {
     stats: Stats<B>,
     /// Attention observed during the chunk in flight, per layer, reduced over its queries.
     pending: Vec<Option<Observed<B>>>,
+    /// This chunk's statistics of every layer, written in place by an installed
+    /// [`ObservationWriter`](crate::ObservationWriter): sums, sums of squares, last rows
+    /// (`[layers·batch, heads, slots]` each), and which layers' rows are written.
+    written: Option<([Tensor<B, 3>; 3], Vec<bool>)>,
     progress: Vec<LayerProgress>,
     /// [`Self::dead_slot_bias`] for the next decode step, `[layers·batch, heads, 1, slots + 1]`.
     bias: Option<Tensor<B, 4>>,
@@ -120,6 +124,7 @@ impl<B: Backend> EvictingCache<B> {
             kv: LayerKv::new(n_layers),
             stats: Stats::Stacked(None),
             pending: vec![None; n_layers],
+            written: None,
             progress: vec![LayerProgress::default(); n_layers],
             bias: None,
             policy,
@@ -168,6 +173,90 @@ impl<B: Backend> EvictingCache<B> {
             Phase::Prefill => self.schedule.prefill_capacity,
             Phase::Decode => self.schedule.decode_capacity,
         }
+    }
+
+    /// A multi-query chunk's statistics of `layer` written into the stacked rows of every
+    /// layer by the backend's [`ObservationWriter`](crate::ObservationWriter); `probs` back
+    /// where there is none (or for one-query steps, which need no reduction).
+    fn write_observation(&mut self, layer: usize, probs: Tensor<B, 4>) -> std::result::Result<(), Tensor<B, 4>> {
+        let [b, h, s, n] = probs.dims();
+        let Some(writer) = crate::observation::observation_writer::<B>() else {
+            return Err(probs);
+        };
+        if s == 1 || probs.dtype() != burn::tensor::DType::F32 {
+            return Err(probs);
+        }
+        let rows = self.n_layers() * b;
+        let fits = |w: &([Tensor<B, 3>; 3], Vec<bool>)| w.0[0].dims() == [rows, h, n] && !w.1[layer];
+        if !self.written.as_ref().is_some_and(fits) {
+            // A new chunk (or a new slot count): fresh rows, every value written before it is read.
+            self.flush_written();
+            let device = probs.device();
+            let empty = || Tensor::<B, 3>::empty([rows, h, n], &device);
+            self.written = Some(([empty(), empty(), empty()], vec![false; self.n_layers()]));
+        }
+        let Some((buffers, done)) = self.written.as_mut() else {
+            return Err(probs);
+        };
+        let [sum, sum_sq, last] = &*buffers;
+        writer(probs, [sum, sum_sq, last], layer * b)?;
+        done[layer] = true;
+        Ok(())
+    }
+
+    /// Hands the layers' written rows on as ordinary pending observations (for chunks that end
+    /// for some layers only, as a layer-major prefill ends them).
+    fn flush_written(&mut self) {
+        let Some((buffers, done)) = self.written.take() else {
+            return;
+        };
+        let b = self.batch();
+        let [sum, sum_sq, last] = buffers;
+        for (layer, _) in done.iter().enumerate().filter(|(_, d)| **d) {
+            let rows = |t: &Tensor<B, 3>| t.clone().slice_dim(0, layer * b..(layer + 1) * b);
+            self.pending[layer] = Some(Observed {
+                sum: rows(&sum),
+                sum_sq: Some(rows(&sum_sq)),
+                last: Some(rows(&last)),
+            });
+        }
+    }
+
+    /// The written rows of `layers` as one stacked observation, if that is every layer and
+    /// every one was written.
+    fn take_written(&mut self, layers: &Range<usize>) -> Option<(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>)> {
+        let whole = *layers == (0..self.n_layers());
+        if !whole || !self.written.as_ref().is_some_and(|(_, done)| done.iter().all(|d| *d)) {
+            self.flush_written();
+            return None;
+        }
+        let ([sum, sum_sq, last], _) = self.written.take()?;
+        Some((sum, sum_sq, last))
+    }
+
+    /// Before `s` new slots of `layer` are appended: several new tokens are attended causally
+    /// as the last slots, so slots evicted but not yet compacted away are compacted first.
+    fn prepare_append(&mut self, layer: usize, s: usize) -> Result<()> {
+        if layer >= self.n_layers() {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                layers: self.n_layers(),
+            });
+        }
+        if s > 1 && self.progress[layer].dead > 0 {
+            let stats = self.take_stacked()?;
+            let stats = stats.map(|st| self.flush(st, 0..self.n_layers()));
+            self.stats = Stats::Stacked(stats);
+            self.bias = None;
+        }
+        Ok(())
+    }
+
+    /// After `s` new slots of `layer` were appended.
+    fn count_appended(&mut self, layer: usize, s: usize) {
+        let p = &mut self.progress[layer];
+        p.seen += s;
+        p.chunk = s;
     }
 
     /// Whether this chunk's attention is recorded into S, Q and C. As in EasyKV: while
@@ -291,14 +380,19 @@ impl<B: Backend> EvictingCache<B> {
                 positions: Tensor::cat(vec![st.positions, positions], 2),
             },
         };
+        let written = self.take_written(&layers);
         let observed: Vec<Observed<B>> = self.pending[layers.clone()]
             .iter_mut()
             .filter_map(Option::take)
             .collect();
-        if observed.len() == layers.len() && !observed.is_empty() {
+        // One update for every layer: `[layers·batch, heads, slots]`.
+        let stacked = match written {
+            Some(w) => Some(w),
+            None if observed.len() == layers.len() && !observed.is_empty() => Some(Observed::stack(observed)),
+            None => None,
+        };
+        if let Some((sum, sum_sq, last)) = stacked {
             let n = st.sum.dims()[2];
-            // One update for every layer: `[layers·batch, heads, slots]`.
-            let (sum, sum_sq, last) = Observed::stack(observed);
             st.sum = st.sum + sum;
             st.sum_sq = st.sum_sq + sum_sq;
             st.last = last;
@@ -588,23 +682,26 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
 
     fn append_in_place(&mut self, layer: usize, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<CachedKv<B>> {
         let s = keys.dims()[2];
-        if layer >= self.n_layers() {
-            return Err(Error::LayerOutOfRange {
-                layer,
-                layers: self.n_layers(),
-            });
-        }
-        if s > 1 && self.progress[layer].dead > 0 {
-            // Several new tokens are attended causally as the last slots: compact first.
-            let stats = self.take_stacked()?;
-            let stats = stats.map(|st| self.flush(st, 0..self.n_layers()));
-            self.stats = Stats::Stacked(stats);
-            self.bias = None;
-        }
+        self.prepare_append(layer, s)?;
         let out = self.kv.append_in_place(layer, keys, values)?;
-        let p = &mut self.progress[layer];
-        p.seen += s;
-        p.chunk = s;
+        self.count_appended(layer, s);
+        Ok(out)
+    }
+
+    fn reserve_slots(
+        &mut self,
+        layer: usize,
+        shape: [usize; 4],
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<Option<CachedKv<B>>> {
+        self.prepare_append(layer, shape[2])?;
+        self.kv.reserve_slots(layer, shape, dtype, device).map(Some)
+    }
+
+    fn commit_slots(&mut self, layer: usize, s: usize) -> Result<CachedKv<B>> {
+        let out = self.kv.commit_slots(layer, s)?;
+        self.count_appended(layer, s);
         Ok(out)
     }
 
@@ -622,6 +719,10 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         if !self.recording(layer) {
             return Ok(());
         }
+        let probs = match self.write_observation(layer, probs) {
+            Ok(()) => return Ok(()),
+            Err(probs) => probs,
+        };
         self.pending[layer] = Some(Observed::new(probs));
         Ok(())
     }
@@ -716,6 +817,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     fn clear(&mut self) {
         self.kv.clear();
         self.pending.iter_mut().for_each(|e| *e = None);
+        self.written = None;
         self.stats = Stats::Stacked(None);
         self.bias = None;
         self.progress.iter_mut().for_each(|p| *p = LayerProgress::default());

@@ -1,4 +1,4 @@
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::layer_kv::LayerKv;
 use crate::{CachedKv, KvCache, Result};
@@ -32,6 +32,24 @@ impl<B: Backend> KvCache<B> for FullCache<B> {
     fn append_in_place(&mut self, layer: usize, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<CachedKv<B>> {
         let s = keys.dims()[2];
         let out = self.kv.append_in_place(layer, keys, values)?;
+        if layer == 0 {
+            self.tokens_seen += s;
+        }
+        Ok(out)
+    }
+
+    fn reserve_slots(
+        &mut self,
+        layer: usize,
+        shape: [usize; 4],
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<Option<CachedKv<B>>> {
+        self.kv.reserve_slots(layer, shape, dtype, device).map(Some)
+    }
+
+    fn commit_slots(&mut self, layer: usize, s: usize) -> Result<CachedKv<B>> {
+        let out = self.kv.commit_slots(layer, s)?;
         if layer == 0 {
             self.tokens_seen += s;
         }
@@ -119,5 +137,35 @@ mod tests {
         assert_eq!(slot_values(values), [2.0, 2.0, 2.0, 4.0, 4.0, 4.0].repeat(2));
         let (keys, _) = cache.append(0, t(5.0), t(6.0)).unwrap();
         assert_eq!((keys.dims()[2], cache.tokens_seen()), (9, 9));
+    }
+
+    /// Room reserved for slots a kernel writes: the buffers grow as an append would grow them,
+    /// nothing counts until committed, and a commit without room is an error.
+    #[test]
+    fn reserved_slots_count_once_committed() {
+        let dev = Default::default();
+        let mut cache = FullCache::<Flex>::new(2);
+        let t = |v: f32| Tensor::<Flex, 4>::full([1, 2, 3, 4], v, &dev);
+        cache.append_in_place(0, t(1.0), t(2.0)).unwrap();
+        let room = cache
+            .reserve_slots(0, [1, 2, 70, 4], DType::F32, &dev)
+            .unwrap()
+            .expect("full caches offer room");
+        assert_eq!(room.len, 3);
+        assert!(room.keys.dims()[2] >= 73 && room.values.dims() == room.keys.dims());
+        assert_eq!((cache.slots(0), cache.tokens_seen()), (3, 3));
+        let committed = cache.commit_slots(0, 70).unwrap();
+        assert_eq!((committed.len, cache.slots(0), cache.tokens_seen()), (73, 73, 73));
+        // The slots written before the reservation survived its growth.
+        let first: Vec<f32> = committed.used().0.slice_dim(2, 0..3).into_data().to_vec().unwrap();
+        assert!(first.iter().all(|&x| x == 1.0));
+        assert!(matches!(
+            cache.commit_slots(0, 1000),
+            Err(crate::Error::SlotsNotReserved { layer: 0, slots: 1000 })
+        ));
+        assert!(matches!(
+            cache.commit_slots(1, 1),
+            Err(crate::Error::LayerOutOfRange { .. })
+        ));
     }
 }

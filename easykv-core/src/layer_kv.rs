@@ -1,6 +1,6 @@
 //! Per-layer keys and values, shared by every cache.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorCreationOptions};
+use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorCreationOptions};
 
 use crate::{host_resident, CachedKv, Error, Result};
 
@@ -113,13 +113,40 @@ impl<B: Backend> LayerKv<B> {
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
     ) -> Result<CachedKv<B>> {
+        // Only the index is kept: a second reference to the buffers would make flex copy them.
+        let at = self
+            .reserve_slots(layer, keys.dims(), keys.dtype(), &keys.device())?
+            .len;
+        let s = keys.dims()[2];
+        let layers = self.layers.len();
+        let Some(Some(Buffers { k, v, len })) = self.layers.get_mut(layer).map(Option::take) else {
+            return Err(Error::LayerOutOfRange { layer, layers });
+        };
+        self.layers[layer] = Some(Buffers {
+            k: write_slots(k, keys, at),
+            v: write_slots(v, values, at),
+            len,
+        });
+        self.commit_slots(layer, s)
+    }
+
+    /// Room for `shape[2]` more slots in `layer`'s buffers (`shape`: the new slots'
+    /// `[batch, kv_heads, s, head_dim]`), growing them if needed: the whole buffers, with `len`
+    /// the first new slot. Nothing counts as appended until [`commit_slots`](Self::commit_slots).
+    pub(crate) fn reserve_slots(
+        &mut self,
+        layer: usize,
+        shape: [usize; 4],
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<CachedKv<B>> {
         let layers = self.layers.len();
         let reserve = self.reserve;
         let entry = self
             .layers
             .get_mut(layer)
             .ok_or(Error::LayerOutOfRange { layer, layers })?;
-        let [b, h, s, d] = keys.dims();
+        let [b, h, s, d] = shape;
         let len = entry.as_ref().map_or(0, |e| e.len);
         let needed = len + s;
         if entry.as_ref().is_none_or(|e| e.capacity() < needed) {
@@ -129,9 +156,8 @@ impl<B: Backend> LayerKv<B> {
             } else {
                 needed.max(old + (old / 2).max(MIN_GROWTH))
             };
-            let device = keys.device();
             let grow = |t: Option<Tensor<B, 4>>| {
-                let fresh = Tensor::<B, 4>::zeros([b, h, capacity, d], &device).cast(keys.dtype());
+                let fresh = Tensor::<B, 4>::zeros([b, h, capacity, d], device).cast(dtype);
                 match t {
                     Some(t) if len > 0 => fresh.slice_assign([0..b, 0..h, 0..len, 0..d], t.slice_dim(2, 0..len)),
                     _ => fresh,
@@ -143,19 +169,32 @@ impl<B: Backend> LayerKv<B> {
             };
             *entry = Some(Buffers { k, v, len });
         }
-        let Some(Buffers { k, v, .. }) = entry.take() else {
-            return Err(Error::LayerOutOfRange { layer, layers });
-        };
-        let e = entry.insert(Buffers {
-            k: write_slots(k, keys, len),
-            v: write_slots(v, values, len),
-            len: needed,
-        });
-        Ok(CachedKv {
-            keys: e.k.clone(),
-            values: e.v.clone(),
-            len: needed,
-        })
+        match entry {
+            Some(e) => Ok(CachedKv {
+                keys: e.k.clone(),
+                values: e.v.clone(),
+                len,
+            }),
+            None => Err(Error::LayerOutOfRange { layer, layers }),
+        }
+    }
+
+    /// Counts the `s` slots [`reserve_slots`](Self::reserve_slots) made room for (and the
+    /// caller wrote) as appended: `layer`'s whole buffers and the slots now in use.
+    pub(crate) fn commit_slots(&mut self, layer: usize, s: usize) -> Result<CachedKv<B>> {
+        let layers = self.layers.len();
+        match self.layers.get_mut(layer) {
+            Some(Some(e)) if e.len + s <= e.capacity() => {
+                e.len += s;
+                Ok(CachedKv {
+                    keys: e.k.clone(),
+                    values: e.v.clone(),
+                    len: e.len,
+                })
+            }
+            Some(Some(_)) => Err(Error::SlotsNotReserved { layer, slots: s }),
+            _ => Err(Error::LayerOutOfRange { layer, layers }),
+        }
     }
 
     /// Keeps, in every (batch, head) of `layer`, the slots `keep` lists, in that order.

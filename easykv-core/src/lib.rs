@@ -13,6 +13,7 @@ mod error;
 mod evicting;
 mod full;
 mod layer_kv;
+mod observation;
 mod policy;
 mod ranking;
 
@@ -21,5 +22,6 @@ pub use cache::{uniform_chunks, CachedKv, KvCache};
 pub use error::{Error, Result};
 pub use evicting::EvictingCache;
 pub use full::FullCache;
+pub use observation::{install_observation_writer, ObservationWriter};
 pub use policy::{slot_mask, EvictionContext, EvictionPolicy, Phase, SlotStats};
 pub use ranking::{host_resident, install_row_ranker, Ranking, RowRanker};

@@ -5,6 +5,7 @@
 //! stream, norms and softmax stay in f32; matrix products run in the storage precision.
 
 use burn::module::Param;
+use burn::nn::RmsNorm;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
@@ -134,7 +135,7 @@ impl<B: Backend> Linear<B> {
         let [b, s, out] = residual.dims();
         let x = if b * s == 1 {
             let r = residual.clone().reshape([1, out]);
-            match self.fused(x, GemvEpilogue::AddResidual(&r)) {
+            match self.fused(x, GemvEpilogue::AddResidual(&r), None) {
                 Ok(y) => return y.reshape([b, s, out]),
                 Err(x) => x,
             }
@@ -144,32 +145,66 @@ impl<B: Backend> Linear<B> {
         residual + self.forward(x)
     }
 
-    /// `silu(gate)·up` of the stacked gate|up projection `forward(x)` (`[.., 2·inter]` →
-    /// `[.., inter]`): one kernel for a decode step where there is one.
-    pub fn forward_swiglu(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `silu(gate)·up` of the stacked gate|up projection `forward(norm(x))` (`[.., 2·inter]` →
+    /// `[.., inter]`): one kernel for a decode step (norm included) where there is one.
+    pub fn forward_swiglu_normed(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let inter = self.weight.dims()[0] / 2;
         let x = if b * s == 1 {
-            match self.fused(x, GemvEpilogue::Swiglu) {
+            match self.fused(x, GemvEpilogue::Swiglu, Some(norm)) {
                 Ok(y) => return y.reshape([b, s, inter]),
                 Err(x) => x,
             }
         } else {
             x
         };
-        crate::host_kernels::swiglu(self.forward(x))
+        crate::host_kernels::swiglu(self.forward(normalize(norm, x)))
     }
 
-    /// The one-row product followed by `epilogue`, as one kernel where there is one and there
-    /// is no bias (and the activations are in the weights' dtype); else `x` back.
-    fn fused(&self, x: Tensor<B, 3>, epilogue: GemvEpilogue<'_, B>) -> Result<Tensor<B, 2>, Tensor<B, 3>> {
+    /// `forward(norm(x))`: one kernel for a decode step (norm included) where there is one.
+    pub fn forward_normed(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let out = self.weight.dims()[0];
+        if b * s == 1 {
+            match self.fused(x, GemvEpilogue::Plain, Some(norm)) {
+                Ok(y) => y.reshape([b, s, out]),
+                Err(x) => self.forward(normalize(norm, x)),
+            }
+        } else {
+            self.forward(normalize(norm, x))
+        }
+    }
+
+    /// The one-row product of `x` (RMS-normalized first when `norm` says) followed by
+    /// `epilogue`, as one kernel where there is one and there is no bias (and the activations
+    /// are in the weights' dtype); else `x` back, not normalized.
+    fn fused(
+        &self,
+        x: Tensor<B, 3>,
+        epilogue: GemvEpilogue<'_, B>,
+        norm: Option<&RmsNorm<B>>,
+    ) -> Result<Tensor<B, 2>, Tensor<B, 3>> {
         let [b, s, inp] = x.dims();
         let w = self.weight.val();
         if self.bias.is_some() || x.dtype() != w.dtype() {
             return Err(x);
         }
-        gpu_kernels::gemv(x.reshape([b * s, inp]), &w, epilogue).map_err(|x| x.reshape([b, s, inp]))
+        let x = x.reshape([b * s, inp]);
+        match norm {
+            Some(n) => gpu_kernels::gemv_normed(x, &n.gamma.val(), n.epsilon, &w, epilogue),
+            None => gpu_kernels::gemv(x, &w, epilogue),
+        }
+        .map_err(|x| x.reshape([b, s, inp]))
     }
+}
+
+/// RMS normalization in f32 whatever the activations' precision (as Hugging Face computes
+/// it: squares of half-precision activations overflow), returned in the input's dtype.
+pub(crate) fn normalize<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    gpu_kernels::rms_norm(x, &norm.gamma.val(), norm.epsilon).unwrap_or_else(|x| {
+        let dtype = x.dtype();
+        norm.forward(x.cast(DType::F32)).cast(dtype)
+    })
 }
 
 /// `x·Wᵀ` (`[rows, in]` × `[out, in]`) in f32 arithmetic where a kernel can (f32 on GPUs, whose

@@ -8,13 +8,13 @@ use burn::nn::RmsNorm;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
-use easykv_core::KvCache;
+use easykv_core::{CachedKv, KvCache};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
 use crate::gpu_kernels::{self, HeadShape};
 use crate::host_kernels::{join_positions_first, HeadsFirstChunks};
-use crate::linear::{EmbeddingTable, Linear, WeightDType};
+use crate::linear::{normalize, EmbeddingTable, Linear, WeightDType};
 
 /// Where weights come from: a GGUF file, a safetensors directory, or a random generator.
 ///
@@ -233,12 +233,13 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// Queries (rotated, attention scale folded in), keys (rotated unless `angles.slots` says
-    /// StreamingLLM rotates them by slot after caching) and values of `x`.
+    /// StreamingLLM rotates them by slot after caching) and values of the stacked projection
+    /// `qkv`.
     ///
     /// # Shapes
-    /// - `x`: `[batch, s, hidden]`; `angles`: for the `s` positions
+    /// - `qkv`: `[batch, s, (n_heads + 2·n_kv_heads)·head_dim]`; `angles`: for the `s` positions
     /// - returns `[batch, heads, s, head_dim]` with `n_heads`, `n_kv_heads`, `n_kv_heads` heads
-    fn project(&self, x: Tensor<B, 3>, angles: &ChunkAngles<B>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    fn project(&self, qkv: Tensor<B, 3>, angles: &ChunkAngles<B>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let heads = HeadShape {
             q_heads: self.n_heads,
             kv_heads: self.n_kv_heads,
@@ -247,7 +248,7 @@ impl<B: Backend> Attention<B> {
         let (q_rows, k_rows) = (&angles.queries.rows, &angles.keys.rows);
         let keys = angles.slots.is_none().then_some((&k_rows.0, &k_rows.1));
         // One kernel where there is one (CUDA), instead of copies, rotations and transposes.
-        match gpu_kernels::split_rope(self.qkv.forward(x), heads, (&q_rows.0, &q_rows.1), keys) {
+        match gpu_kernels::split_rope(qkv, heads, (&q_rows.0, &q_rows.1), keys) {
             Ok(qkv) => qkv,
             Err(qkv) => {
                 let (q, k, v) = self.split_positions_first(qkv, angles);
@@ -309,20 +310,34 @@ impl<B: Backend> Attention<B> {
         mask: Option<&Tensor<B, 4>>,
         cache: &mut C,
     ) -> Result<Tensor<B, 4>> {
+        // Keys and values are cached in the weights' precision (f16 halves the cache).
+        let kv_dtype = self.qkv.weight.val().dtype();
+        let cached = cache.append_in_place(layer, k.cast(kv_dtype), v.cast(kv_dtype))?;
+        self.attend_cached(layer, q, &cached, slot_angles, mask, cache)
+    }
+
+    /// [`attend`](Self::attend) once the chunk's keys and values are in the cache (`cached`).
+    fn attend_cached<C: KvCache<B> + ?Sized>(
+        &self,
+        layer: usize,
+        q: Tensor<B, 4>,
+        cached: &CachedKv<B>,
+        slot_angles: Option<&RopeAngles<B>>,
+        mask: Option<&Tensor<B, 4>>,
+        cache: &mut C,
+    ) -> Result<Tensor<B, 4>> {
         let [b, _, s, d] = q.dims();
         let activation = q.dtype();
         let (hq, hkv) = (self.n_heads, self.n_kv_heads);
         let g = hq / hkv;
-        // Keys and values are cached in the weights' precision (f16 halves the cache); the
-        // products run in it where the backend is fast at it, the softmax and what the cache
-        // observes stay in f32.
+        // The products run in the cache's precision where the backend is fast at it, the
+        // softmax and what the cache observes stay in f32.
         let kv_dtype = self.qkv.weight.val().dtype();
         let product = if self.half_products || s == 1 {
             kv_dtype
         } else {
             DType::F32
         };
-        let cached = cache.append_in_place(layer, k.cast(kv_dtype), v.cast(kv_dtype))?;
         let n = cached.len;
         // The decode kernels read the cache's buffers in place; burn's products need the slots
         // in use cut out (StreamingLLM: keys are stored unrotated and rotated by their slot
@@ -338,6 +353,14 @@ impl<B: Backend> Attention<B> {
         // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
         // repeating K and V.
         let q = q.reshape([b, hkv, g * s, d]).cast(product);
+        // Nothing to mask and nobody observing: one pass that never writes the scores out.
+        let q = match in_place && mask.is_none() && !cache.wants_attention(layer) && cache.slot_bias(layer).is_none() {
+            true => match gpu_kernels::decode_attention(q, &cached.keys, &cached.values, n) {
+                Ok(out) => return Ok(out.cast(activation).reshape([b, hq, s, d])),
+                Err(q) => q,
+            },
+            false => q,
+        };
         // The scale 1/√d is already in the queries.
         let scores = match in_place {
             true => gpu_kernels::attention_scores(q, &cached.keys, n)
@@ -397,7 +420,7 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// Attention of `x` before the output projection (see [`merge`](Self::merge)).
+    /// Attention of `norm(x)` before the output projection (see [`merge`](Self::merge)).
     ///
     /// # Shapes
     /// - `x`: `[batch, s, hidden]`; `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞),
@@ -407,12 +430,52 @@ impl<B: Backend> Attention<B> {
         &self,
         layer: usize,
         x: Tensor<B, 3>,
+        norm: &RmsNorm<B>,
         angles: &ChunkAngles<B>,
         mask: Option<&Tensor<B, 4>>,
         cache: &mut C,
     ) -> Result<Tensor<B, 4>> {
-        let (q, k, v) = self.project(x, angles);
+        let qkv = self.qkv.forward_normed(x, norm);
+        // Where a kernel can, keys and values go straight into the cache's buffers.
+        let qkv = match self.project_into_cache(layer, qkv, angles, cache)? {
+            Ok((q, cached)) => return self.attend_cached(layer, q, &cached, None, mask, cache),
+            Err(qkv) => qkv,
+        };
+        let (q, k, v) = self.project(qkv, angles);
         self.attend(layer, q, k, v, angles.slots.as_ref(), mask, cache)
+    }
+
+    /// Rotated queries of the stacked projection `qkv`, its keys and values written into
+    /// `layer`'s cache buffers by one kernel, and the cache after the append; `qkv` back where
+    /// there is no such kernel (or the cache offers no room, or keys are rotated after caching).
+    #[allow(clippy::type_complexity)]
+    fn project_into_cache<C: KvCache<B> + ?Sized>(
+        &self,
+        layer: usize,
+        qkv: Tensor<B, 3>,
+        angles: &ChunkAngles<B>,
+        cache: &mut C,
+    ) -> Result<std::result::Result<(Tensor<B, 4>, CachedKv<B>), Tensor<B, 3>>> {
+        let [b, s, _] = qkv.dims();
+        if angles.slots.is_some() || !gpu_kernels::is_cube_backend::<B>() {
+            return Ok(Err(qkv));
+        }
+        let (hkv, d) = (self.n_kv_heads, self.head_dim);
+        let Some(room) = cache.reserve_slots(layer, [b, hkv, s, d], qkv.dtype(), &qkv.device())? else {
+            return Ok(Err(qkv));
+        };
+        let heads = HeadShape {
+            q_heads: self.n_heads,
+            kv_heads: hkv,
+            head_dim: d,
+        };
+        let (q_rows, k_rows) = (&angles.queries.rows, &angles.keys.rows);
+        let buffers = (&room.keys, &room.values);
+        let at = room.len;
+        match gpu_kernels::split_rope_into(qkv, heads, (&q_rows.0, &q_rows.1), (&k_rows.0, &k_rows.1), buffers, at) {
+            Ok(q) => Ok(Ok((q, cache.commit_slots(layer, s)?))),
+            Err(qkv) => Ok(Err(qkv)),
+        }
     }
 }
 
@@ -458,7 +521,7 @@ impl<B: Backend> DecoderLayer<B> {
     /// (`[batch, s, n_heads·head_dim]`).
     fn finish_merged(&self, x: Tensor<B, 3>, heads: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.attn.o.forward_residual(heads, x);
-        self.ffn.forward_residual(normalize(&self.ffn_norm, x.clone()), x)
+        self.ffn.forward_residual(x.clone(), &self.ffn_norm, x)
     }
 }
 
@@ -471,9 +534,10 @@ pub struct FeedForward<B: Backend> {
 }
 
 impl<B: Backend> FeedForward<B> {
-    /// `residual + FFN(x)`.
-    fn forward_residual(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down.forward_residual(self.gate_up.forward_swiglu(x), residual)
+    /// `residual + FFN(norm(x))`.
+    fn forward_residual(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down
+            .forward_residual(self.gate_up.forward_swiglu_normed(x, norm), residual)
     }
 }
 
@@ -503,15 +567,6 @@ pub struct Llama<B: Backend> {
     /// The output projection; `None` when tied to the embedding.
     pub lm_head: Option<EmbeddingTable<B>>,
     pub rope: Rope<B>,
-}
-
-/// RMS normalization in f32 whatever the activations' precision (as Hugging Face computes
-/// it: squares of half-precision activations overflow), returned in the input's dtype.
-fn normalize<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    gpu_kernels::rms_norm(x, &norm.gamma.val(), norm.epsilon).unwrap_or_else(|x| {
-        let dtype = x.dtype();
-        norm.forward(x.cast(DType::F32)).cast(dtype)
-    })
 }
 
 impl<B: Backend> Llama<B> {
@@ -563,8 +618,8 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Tensor<B, 3>> {
         let [b, s] = tokens.dims();
         let start = self.first_position(cache, s)?;
-        // Evicting caches rank slots on the device where a kernel can.
-        gpu_kernels::install_row_ranker::<B>();
+        // Evicting caches rank slots and record prefill chunks on the device where kernels can.
+        gpu_kernels::install_cache_kernels::<B>();
         let device = tokens.device();
         let mut x = self.embed.embed(tokens).cast(self.activation_dtype());
         // Angles once per chunk, shared by every layer.
@@ -577,7 +632,7 @@ impl<B: Backend> Llama<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             let attn = layer
                 .attn
-                .forward(l, normalize(&layer.attn_norm, x.clone()), &angles, mask.as_ref(), cache)?;
+                .forward(l, x.clone(), &layer.attn_norm, &angles, mask.as_ref(), cache)?;
             x = layer.finish(x, attn, if l == last { needed } else { Needed::All });
         }
         let layers_done = trace.as_ref().map(|t| t.lap());

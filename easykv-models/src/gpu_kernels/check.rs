@@ -219,11 +219,34 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         };
         let (qa, ka) = (angles(0.37), angles(0.11));
         let want = rope_by_ops(qkv.clone(), heads, &qa, &ka);
-        super::split_rope(qkv, heads, (&qa.0, &qa.1), Some((&ka.0, &ka.1)))
+        let fresh = super::split_rope(qkv.clone(), heads, (&qa.0, &qa.1), Some((&ka.0, &ka.1)))
             .ok()
-            .map(|(q, k, v)| compare(q, want.0).and(compare(k, want.1)).and(compare(v, want.2)))
+            .map(|(q, k, v)| {
+                compare(q, want.0.clone())
+                    .and(compare(k, want.1.clone()))
+                    .and(compare(v, want.2.clone()))
+            });
+        // Straight into a cache's buffers (capacity 40, from slot 5); the slots around stay.
+        let (capacity, at) = (40, 5);
+        let buffer = || random::<B, 4>([1, heads.kv_heads, capacity, heads.head_dim], dtype, device);
+        let (kb, vb) = (buffer(), buffer());
+        let (k_before, v_before) = (kb.clone().add_scalar(0.0), vb.clone().add_scalar(0.0));
+        let into = super::split_rope_into(qkv, heads, (&qa.0, &qa.1), (&ka.0, &ka.1), (&kb, &vb), at)
+            .ok()
+            .map(|q| {
+                let expect = |before: Tensor<B, 4>, new: Tensor<B, 4>| {
+                    before.slice_assign(
+                        [0..1, 0..heads.kv_heads, at..at + s, 0..heads.head_dim],
+                        new.cast(dtype),
+                    )
+                };
+                compare(q, want.0)
+                    .and(compare(kb.clone(), expect(k_before, want.1)))
+                    .and(compare(vb.clone(), expect(v_before, want.2)))
+            });
+        [fresh, into]
     });
-    record("split_rope", rope.into());
+    record("split_rope", rope.into_iter().flatten().collect());
 
     // Plain products, then the residual and SwiGLU epilogues (references in f32 burn
     // operations; differences relative to the row length: sums of `inp` products).
@@ -280,6 +303,33 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     });
     record("gemv", gemv.into());
 
+    // The same with the RMS norm inside (reference: the norm in f32 burn operations, rounded to
+    // `dtype`, then the product).
+    let normed = [(4096usize, 3000usize, 0u8), (576, 1536, 2), (1536, 576, 0)].map(|(inp, out, epilogue)| {
+        let x = random::<B, 3>([1, 1, inp], dtype, device).mul_scalar(3.0);
+        let gamma = random::<B, 1>([inp], DType::F32, device).mul_scalar(0.1);
+        let xn = (x.clone().cast(DType::F32) * norm_scale(&x) * gamma.clone().unsqueeze())
+            .cast(dtype)
+            .reshape([1, inp]);
+        let rows = if epilogue == 2 { 2 * out } else { out };
+        let w = random::<B, 2>([rows, inp], dtype, device);
+        let product = xn.cast(DType::F32).matmul(w.clone().cast(DType::F32).transpose());
+        let (want, epilogue) = match epilogue {
+            0 => (product, super::GemvEpilogue::Plain),
+            _ => (crate::host_kernels::swiglu_by_ops(product), super::GemvEpilogue::Swiglu),
+        };
+        super::gemv_normed(x.reshape([1, inp]), &gamma, 1e-5, &w, epilogue)
+            .ok()
+            .map(|got| {
+                let d = compare(got, want);
+                Diff {
+                    max: d.max / (inp as f32).sqrt(),
+                    ..d
+                }
+            })
+    });
+    record("gemv_normed", normed.into());
+
     // Decode attention over a cache buffer of 64 slots, all or the first 50 in use; 1 and 4
     // rows per head; scores and values apart; references on the host.
     // (query rows, head dim, slots, capacity): long caches are split over cubes.
@@ -318,16 +368,32 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
                     .sum::<f64>() as f32
             })
             .collect();
+        // The fused pass: softmax of the host scores, then the values.
+        let want_fused: Vec<f32> = (0..4 * rows * d)
+            .map(|i| {
+                let (head, r, c) = (i / (rows * d), (i / d) % rows, i % d);
+                let row = &want_scores[(head * rows + r) * n..][..n];
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+                (0..n)
+                    .map(|j| (row[j] as f64 - max).exp() / sum * hv[(head * capacity + j) * d + c] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let fused = super::decode_attention(q.clone(), &keys, &values, n)
+            .ok()
+            .map(|got| compare_host(got, &want_fused));
         let scores = super::attention_scores(q, &keys, n)
             .ok()
             .map(|got| compare_host(got, &want_scores));
         let out = super::attention_values(probs, &values, n)
             .ok()
             .map(|got| compare_host(got, &want_out));
-        (scores, out)
+        (scores, out, fused)
     });
     record("attention_scores", attention.iter().map(|a| a.0.clone()).collect());
     record("attention_values", attention.iter().map(|a| a.1.clone()).collect());
+    record("decode_attention", attention.iter().map(|a| a.2.clone()).collect());
 
     // Exact f32 products: a projection (transposed weights), attention scores over the first
     // 50 of 64 buffered slots (transposed), values over them, two batches of two heads.
@@ -362,8 +428,38 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     });
     record("matmul", matmul.into());
 
+    // A chunk's column statistics into the middle rows of stacked buffers (the rows around stay).
+    let observe = [(1usize, 9usize, 50usize), (2, 64, 700)].map(|(b, s, n)| {
+        let probs = Tensor::<B, 4>::random([b, 4, s, n], Distribution::Uniform(0.0, 1.0), device);
+        let hp = host(&probs);
+        let buffer = || Tensor::<B, 3>::zeros([3 * b, 4, n], device);
+        let buffers = [buffer(), buffer(), buffer()];
+        let [sum, sum_sq, last] = &buffers;
+        super::write_observation(probs, [sum, sum_sq, last], b).ok().map(|()| {
+            let column = |f: &dyn Fn(usize, usize, usize) -> f32| -> Vec<f32> {
+                (0..3 * b * 4 * n)
+                    .map(|i| {
+                        let (r, j) = (i / n, i % n);
+                        match r / 4 >= b && r / 4 < 2 * b {
+                            true => f(r - 4 * b, j, s),
+                            false => 0.0,
+                        }
+                    })
+                    .collect()
+            };
+            let at = |bh: usize, q: usize, j: usize| hp[(bh * s + q) * n + j];
+            let want_sum = column(&|bh, j, s| (0..s).map(|q| at(bh, q, j)).sum());
+            let want_sq = column(&|bh, j, s| (0..s).map(|q| at(bh, q, j) * at(bh, q, j)).sum());
+            let want_last = column(&|bh, j, s| at(bh, s - 1, j));
+            compare_host(sum.clone(), &want_sum)
+                .and(compare_host(sum_sq.clone(), &want_sq))
+                .and(compare_host(last.clone(), &want_last))
+        })
+    });
+    record("observe", observe.into());
+
     // Slot ranks, with ties (keys from a small set) and rows longer than a cube's 256 slots.
-    let rank = [(3usize, 100usize), (2, 700), (64, 2112)].map(|(rows, n)| {
+    let rank = [(3usize, 100usize), (2, 700), (64, 2112), (2, 5000)].map(|(rows, n)| {
         let key = random::<B, 3>([rows, 2, n], DType::F32, device)
             .mul_scalar(2.0)
             .round()

@@ -7,10 +7,10 @@ use cubecl::prelude::*;
 /// Threads of the row-wise kernels (one cube per row).
 pub const ROW_BLOCK: u32 = 256;
 
-/// Sum of `value` over the cube's `ROW_BLOCK` threads, returned to every thread.
+/// Sum of `value` over the cube's `ROW_BLOCK` threads (any cube shape), returned to every thread.
 #[cube]
 fn cube_sum<A: Float>(value: A) -> A {
-    let tid = UNIT_POS_X as usize;
+    let tid = UNIT_POS as usize;
     let mut shared = SharedMemory::<A>::new(256usize);
     shared[tid] = value;
     sync_cube();
@@ -27,10 +27,11 @@ fn cube_sum<A: Float>(value: A) -> A {
     total
 }
 
-/// Maximum of `value` over the cube's `ROW_BLOCK` threads, returned to every thread.
+/// Maximum of `value` over the cube's `ROW_BLOCK` threads (any cube shape), returned to every
+/// thread.
 #[cube]
 fn cube_max<A: Float>(value: A) -> A {
-    let tid = UNIT_POS_X as usize;
+    let tid = UNIT_POS as usize;
     let mut shared = SharedMemory::<A>::new(256usize);
     shared[tid] = value;
     sync_cube();
@@ -179,7 +180,8 @@ pub fn swiglu<F: Float, A: Float>(
 }
 
 /// Splits a stacked q|k|v projection `[tokens, (hq + 2·hkv)·d]` into heads-first `q`
-/// `[batch, hq, s, d]`, `k`, `v` `[batch, hkv, s, d]`, rotating q (and k, when `rotate_keys`)
+/// `[batch, hq, s, d]` and `k`, `v` (`[batch, hkv, ·, d]` with the given strides, positions
+/// written from slot `at`: new tensors, or a cache's buffers), rotating q (and k, when `rotate_keys`)
 /// by rotate-half RoPE: `x·cos + x[(j + d/2) mod d]·sin` with the sign in `sin` and, for the
 /// queries, the attention scale in both (thread = input element).
 #[cube(launch)]
@@ -197,6 +199,10 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
     q_heads: u32,
     kv_heads: u32,
     head_dim: u32,
+    kv_batch_stride: u32,
+    kv_head_stride: u32,
+    kv_slot_stride: u32,
+    at: u32,
     total: u32,
     #[comptime] rotate_keys: bool,
     #[define(F, C, A)] _dtypes: [StorageType; 3],
@@ -223,20 +229,24 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
         let xp = A::cast_from(qkv[partner]);
         let r = x * A::cast_from(q_cos[angle]) + xp * A::cast_from(q_sin[angle]);
         q[((batch * hq + head) * s + pos) * d + j] = F::cast_from(r);
-    } else if head < hq + hkv {
-        let h = head - hq;
-        let out = ((batch * hkv + h) * s + pos) * d + j;
-        if rotate_keys {
-            let x = A::cast_from(qkv[idx]);
-            let xp = A::cast_from(qkv[partner]);
-            let r = x * A::cast_from(k_cos[angle]) + xp * A::cast_from(k_sin[angle]);
-            k[out] = F::cast_from(r);
-        } else {
-            k[out] = qkv[idx];
-        }
     } else {
-        let h = head - hq - hkv;
-        v[((batch * hkv + h) * s + pos) * d + j] = qkv[idx];
+        let h = (head - hq) % hkv;
+        let out = batch * kv_batch_stride as usize
+            + h * kv_head_stride as usize
+            + (at as usize + pos) * kv_slot_stride as usize
+            + j;
+        if head < hq + hkv {
+            if rotate_keys {
+                let x = A::cast_from(qkv[idx]);
+                let xp = A::cast_from(qkv[partner]);
+                let r = x * A::cast_from(k_cos[angle]) + xp * A::cast_from(k_sin[angle]);
+                k[out] = F::cast_from(r);
+            } else {
+                k[out] = qkv[idx];
+            }
+        } else {
+            v[out] = qkv[idx];
+        }
     }
 }
 
@@ -252,17 +262,20 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
 /// rows) and returns `silu(W_g·x)·(W_u·x)` (the feed-forward block's activation).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
+pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
     x: &Tensor<Vector<F, N>>,
     w: &Tensor<Vector<F, N>>,
     residual: &Tensor<O>,
+    gamma: &Tensor<G>,
     out: &mut Tensor<O>,
     rows: u32,
     vectors_per_row: u32,
+    eps: f32,
     #[comptime] add_residual: bool,
     #[comptime] swiglu: bool,
     #[comptime] plane_reduce: bool,
-    #[define(F, A, O)] _dtypes: [StorageType; 3],
+    #[comptime] norm_vectors: usize,
+    #[define(F, A, O, G)] _dtypes: [StorageType; 4],
 ) {
     let lane = UNIT_POS_X as usize;
     let group = UNIT_POS_Y as usize;
@@ -271,6 +284,50 @@ pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
     let per_row = vectors_per_row as usize;
     let base = r * per_row;
     let up_base = (r + rows as usize) * per_row;
+    // With `norm_vectors > 0`, `x` is first RMS-normalized (`x / rms(x) · γ`, rounded to `F` as
+    // the norm kernel rounds it) into shared memory by the whole cube: the norm costs no launch
+    // of its own (each cube rereads the row of `x`, a few KB from cache).
+    let norm = norm_vectors > 0;
+    let mut xs = SharedMemory::<Vector<F, N>>::new(comptime![if norm_vectors > 0 { norm_vectors } else { 1usize }]);
+    if norm {
+        let units = (CUBE_DIM_Y * 32) as usize;
+        let tid = group * 32 + lane;
+        let mut sq = A::new(0.0);
+        let mut c = tid;
+        while c < per_row {
+            let v = x[c];
+            #[unroll]
+            for e in 0..N::value() {
+                sq += A::cast_from(v[e]) * A::cast_from(v[e]);
+            }
+            c += units;
+        }
+        let mut partial = SharedMemory::<A>::new(256usize);
+        partial[tid] = sq;
+        sync_cube();
+        let mut stride = units / 2;
+        while stride > 0 {
+            if tid < stride {
+                partial[tid] = partial[tid] + partial[tid + stride];
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        let cols = A::cast_from(per_row * N::value());
+        let inv = A::new(1.0) / (partial[0] / cols + A::cast_from(eps)).sqrt();
+        let mut k = tid;
+        while k < per_row {
+            let v = x[k];
+            let mut normed = v;
+            #[unroll]
+            for e in 0..N::value() {
+                normed[e] = F::cast_from(A::cast_from(v[e]) * inv * A::cast_from(gamma[k * N::value() + e]));
+            }
+            xs[k] = normed;
+            k += units;
+        }
+        sync_cube();
+    }
     let mut acc = A::new(0.0);
     let mut acc_up = A::new(0.0);
     if live {
@@ -282,10 +339,16 @@ pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
             let w1 = w[base + c + 32usize];
             let w2 = w[base + c + 64usize];
             let w3 = w[base + c + 96usize];
-            let x0 = x[c];
-            let x1 = x[c + 32usize];
-            let x2 = x[c + 64usize];
-            let x3 = x[c + 96usize];
+            let mut x0 = x[c];
+            let mut x1 = x[c + 32usize];
+            let mut x2 = x[c + 64usize];
+            let mut x3 = x[c + 96usize];
+            if norm {
+                x0 = xs[c];
+                x1 = xs[c + 32usize];
+                x2 = xs[c + 64usize];
+                x3 = xs[c + 96usize];
+            }
             #[unroll]
             for e in 0..N::value() {
                 acc += A::cast_from(w0[e]) * A::cast_from(x0[e]);
@@ -309,7 +372,10 @@ pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
             c += 128usize;
         }
         while c < per_row {
-            let xv = x[c];
+            let mut xv = x[c];
+            if norm {
+                xv = xs[c];
+            }
             let wv = w[base + c];
             #[unroll]
             for e in 0..N::value() {
@@ -327,20 +393,20 @@ pub fn gemv<F: Float, A: Float, O: Float, N: Size>(
     }
     // The 32 lanes' partial sums: a plane reduction where planes are 32 wide (CUDA), else
     // through shared memory.
-    let mut total = A::new(0.0);
-    let mut total_up = A::new(0.0);
+    let mut total = acc;
+    let mut total_up = acc_up;
     if plane_reduce {
-        total = plane_sum(acc);
+        total = plane_sum(total);
         if swiglu {
-            total_up = plane_sum(acc_up);
+            total_up = plane_sum(total_up);
         }
     } else {
         let mut shared = SharedMemory::<A>::new(256usize);
         let mut shared_up = SharedMemory::<A>::new(256usize);
         let slot = group * 32 + lane;
-        shared[slot] = acc;
+        shared[slot] = total;
         if swiglu {
-            shared_up[slot] = acc_up;
+            shared_up[slot] = total_up;
         }
         sync_cube();
         let mut stride = 16usize;
@@ -509,6 +575,143 @@ pub fn sum_splits<F: Float, A: Float>(
     out[idx] = F::cast_from(sum);
 }
 
+/// Slots per range of [`decode_attention`] (one per thread while scoring).
+pub const DECODE_SPLIT: u32 = 256;
+
+/// Decode attention in one pass over a range of `DECODE_SPLIT` slots (`CUBE_POS_Y`) for one
+/// query row (`CUBE_POS_X` = bh·rows + r): scores (thread = slot, the query in shared memory),
+/// their maximum and the sum of exponentials, and the exponentials' weighted sum of values
+/// (`groups` slot groups × the head dimension's vectors). Writes the range's maximum, sum and
+/// unnormalized output to `partial` (`[bh·rows, splits, 2 + d]`, f32) for [`combine_ranges`]:
+/// where nobody reads the probabilities, the scores never reach memory.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention<F: Float, A: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    keys: &Tensor<Vector<F, N>>,
+    values: &Tensor<Vector<F, N>>,
+    partial: &mut Tensor<A>,
+    rows: u32,
+    slots: u32,
+    kv_heads: u32,
+    batch_stride: u32,
+    head_stride: u32,
+    slot_stride: u32,
+    #[comptime] groups: u32,
+    #[define(F, A)] _dtypes: [StorageType; 2],
+) {
+    let tid = UNIT_POS as usize;
+    let dv = CUBE_DIM_X as usize;
+    let c = UNIT_POS_X as usize;
+    let group = UNIT_POS_Y as usize;
+    let bh_row = CUBE_POS_X as usize;
+    let range = CUBE_POS_Y as usize;
+    let split = DECODE_SPLIT as usize;
+    let first = range * split;
+    let mut count = slots as usize - first;
+    if count > split {
+        count = split;
+    }
+    let bh = bh_row / rows as usize;
+    let batch = bh / kv_heads as usize;
+    let head = bh % kv_heads as usize;
+    let kv_base = batch * batch_stride as usize + head * head_stride as usize;
+    // The query row, shared by every thread.
+    let mut qs = SharedMemory::<Vector<F, N>>::new(64usize);
+    if tid < dv {
+        qs[tid] = q[bh_row * dv + tid];
+    }
+    sync_cube();
+    let floor = A::new(-3.0e38);
+    let mut score = floor;
+    if tid < count {
+        let k_base = kv_base + (first + tid) * slot_stride as usize;
+        let mut acc = A::new(0.0);
+        for v in 0..dv {
+            let kv = keys[k_base + v];
+            let qv = qs[v];
+            #[unroll]
+            for e in 0..N::value() {
+                acc += A::cast_from(kv[e]) * A::cast_from(qv[e]);
+            }
+        }
+        score = acc;
+    }
+    let max = cube_max::<A>(score);
+    let mut p = A::new(0.0);
+    if tid < count {
+        p = (score - max).exp();
+    }
+    let sum = cube_sum::<A>(p);
+    let mut ps = SharedMemory::<A>::new(256usize);
+    ps[tid] = p;
+    sync_cube();
+    let mut acc = Vector::<A, N>::new(A::new(0.0));
+    let mut j = group;
+    while j < count {
+        let v = Vector::<A, N>::cast_from(values[kv_base + (first + j) * slot_stride as usize + c]);
+        acc += v * Vector::new(ps[j]);
+        j += groups as usize;
+    }
+    let mut shared = SharedMemory::<Vector<A, N>>::new(256usize);
+    shared[group * dv + c] = acc;
+    sync_cube();
+    let width = 2 + dv * N::value();
+    let base = (bh_row * CUBE_COUNT_Y as usize + range) * width;
+    if group == 0 {
+        let mut total = acc;
+        for g in 1..groups as usize {
+            total += shared[g * dv + c];
+        }
+        #[unroll]
+        for e in 0..N::value() {
+            partial[base + 2 + c * N::value() + e] = total[e];
+        }
+        if c == 0 {
+            partial[base] = max;
+            partial[base + 1] = sum;
+        }
+    }
+}
+
+/// Joins [`decode_attention`]'s ranges: `out[row, k] = Σ_s e^(m_s − M)·acc_s[k] / Σ_s
+/// e^(m_s − M)·l_s` with `M` the largest range maximum (thread = output element).
+#[cube(launch)]
+pub fn combine_ranges<F: Float, A: Float>(
+    partial: &Tensor<A>,
+    out: &mut Tensor<F>,
+    splits: u32,
+    d: u32,
+    total: u32,
+    #[define(F, A)] _dtypes: [StorageType; 2],
+) {
+    let idx = ABSOLUTE_POS as usize;
+    if idx >= total as usize {
+        terminate!();
+    }
+    let dd = d as usize;
+    let width = 2 + dd;
+    let row = idx / dd;
+    let k = idx % dd;
+    let n = splits as usize;
+    let mut m = A::new(-3.0e38);
+    for s in 0..n {
+        let ms = partial[(row * n + s) * width];
+        if ms > m {
+            m = ms;
+        }
+    }
+    let mut num = A::new(0.0);
+    let mut den = A::new(0.0);
+    for s in 0..n {
+        let base = (row * n + s) * width;
+        let w = (partial[base] - m).exp();
+        num += w * partial[base + 2 + k];
+        den += w * partial[base + 1];
+    }
+    out[idx] = F::cast_from(num / den);
+}
+
 /// For every slot of every row of `n` keys, how many slots of its row come before it in
 /// (key, slot) order, as f32 (cube = 256 slots of one row, `blocks` cubes per row; the row
 /// streams through shared memory 256 keys at a time). What eviction ranks by, without the
@@ -556,6 +759,103 @@ pub fn row_ranks(keys: &Tensor<f32>, ranks: &mut Tensor<f32>, n: u32, blocks: u3
     if live {
         ranks[base + i] = f32::cast_from(rank);
     }
+}
+
+/// [`row_ranks`] by sorting: each row (cube) is padded to `padded` (a power of two) with keys
+/// above every real one and sorted by (key, slot) in shared memory with a bitonic network;
+/// a slot's rank is where it lands. `log²(padded)/2` steps of `padded/2` comparisons instead of
+/// `n²`: for the few thousand slots of a prefill's evictions, an order of magnitude less work.
+#[cube(launch)]
+pub fn sort_ranks(keys: &Tensor<f32>, ranks: &mut Tensor<f32>, n: u32, #[comptime] padded: usize) {
+    let row = CUBE_POS_X as usize;
+    let tid = UNIT_POS_X as usize;
+    let threads = CUBE_DIM_X as usize;
+    let len = n as usize;
+    let base = row * len;
+    let mut sk = SharedMemory::<f32>::new(padded);
+    let mut si = SharedMemory::<u32>::new(padded);
+    let mut i = tid;
+    while i < padded {
+        // Padding sorts after every real key (real keys stay below 3.1e38).
+        let mut key = f32::new(3.4e38);
+        if i < len {
+            key = keys[base + i];
+        }
+        sk[i] = key;
+        si[i] = u32::cast_from(i);
+        i += threads;
+    }
+    sync_cube();
+    let half = padded / 2;
+    let mut k = 2usize;
+    while k <= padded {
+        let mut j = k / 2;
+        while j > 0 {
+            let mut t = tid;
+            while t < half {
+                let a = 2 * j * (t / j) + t % j;
+                let b = a + j;
+                let ascending = (a / k) % 2 == 0;
+                let (ka, kb) = (sk[a], sk[b]);
+                let (ia, ib) = (si[a], si[b]);
+                let a_after_b = ka > kb || (ka == kb && ia > ib);
+                if a_after_b == ascending {
+                    sk[a] = kb;
+                    sk[b] = ka;
+                    si[a] = ib;
+                    si[b] = ia;
+                }
+                t += threads;
+            }
+            sync_cube();
+            j /= 2;
+        }
+        k *= 2;
+    }
+    let mut p = tid;
+    while p < len {
+        ranks[base + si[p] as usize] = f32::cast_from(p);
+        p += threads;
+    }
+}
+
+/// Column statistics of a chunk's attention `probs` (`[bh, s, n]`, contiguous): for every
+/// (bh, slot) the sum over the `s` queries, the sum of squares and the last query's value,
+/// written to row `row·heads + bh` of three `[rows·heads, n]` buffers with row stride
+/// `row_stride` (thread = (bh, slot); neighbouring threads read neighbouring slots).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn observe_columns(
+    probs: &Tensor<f32>,
+    sum: &mut Tensor<f32>,
+    sum_sq: &mut Tensor<f32>,
+    last: &mut Tensor<f32>,
+    queries: u32,
+    slots: u32,
+    first_row: u32,
+    row_stride: u32,
+    total: u32,
+) {
+    let idx = ABSOLUTE_POS as usize;
+    if idx >= total as usize {
+        terminate!();
+    }
+    let n = slots as usize;
+    let s = queries as usize;
+    let bh = idx / n;
+    let j = idx % n;
+    let mut acc = f32::new(0.0);
+    let mut acc_sq = f32::new(0.0);
+    let mut p = f32::new(0.0);
+    for q in 0..s {
+        p = probs[(bh * s + q) * n + j];
+        acc += p;
+        acc_sq += p * p;
+    }
+    let out = (first_row as usize + bh) * row_stride as usize + j;
+    sum[out] = acc;
+    sum_sq[out] = acc_sq;
+    last[out] = p;
 }
 
 /// `out[z] = a[z]·b[z]` in f32 without tensor cores (burn's CUDA products of f32 run as TF32):

@@ -226,15 +226,46 @@ pub fn split_rope<B: Backend>(
     queries: (&Tensor<B, 2>, &Tensor<B, 2>),
     keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
 ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 3>> {
-    on_runtime!(split_rope_on::<B>(qkv, heads, queries, keys), qkv)
+    split_rope_any(qkv, heads, queries, keys, None).map(|(q, kv)| match kv {
+        Some((k, v)) => (q, k, v),
+        None => unreachable!("fresh key and value tensors are returned when no cache is given"),
+    })
 }
 
+fn split_rope_any<B: Backend>(
+    qkv: Tensor<B, 3>,
+    heads: HeadShape,
+    queries: (&Tensor<B, 2>, &Tensor<B, 2>),
+    keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
+    cache: Option<((&Tensor<B, 4>, &Tensor<B, 4>), usize)>,
+) -> Result<SplitHeads<B>, Tensor<B, 3>> {
+    on_runtime!(split_rope_on::<B>(qkv, heads, queries, keys, cache), qkv)
+}
+
+/// [`split_rope`] writing k and v straight into a cache's buffers (`[batch, hkv, capacity,
+/// d]`, contiguous last axis) at slots `at..at + s` instead of new tensors: returns q.
+pub fn split_rope_into<B: Backend>(
+    qkv: Tensor<B, 3>,
+    heads: HeadShape,
+    queries: (&Tensor<B, 2>, &Tensor<B, 2>),
+    keys: (&Tensor<B, 2>, &Tensor<B, 2>),
+    cache: (&Tensor<B, 4>, &Tensor<B, 4>),
+    at: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 3>> {
+    split_rope_any(qkv, heads, queries, Some(keys), Some((cache, at))).map(|(q, _)| q)
+}
+
+/// q, and k and v unless they went into `cache`'s buffers.
+type SplitHeads<B> = (Tensor<B, 4>, Option<(Tensor<B, 4>, Tensor<B, 4>)>);
+
+#[allow(clippy::type_complexity)]
 fn split_rope_on<B: Backend, R: CubeRuntime>(
     qkv: Tensor<B, 3>,
     heads: HeadShape,
     queries: (&Tensor<B, 2>, &Tensor<B, 2>),
     keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
-) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 3>> {
+    cache: Option<((&Tensor<B, 4>, &Tensor<B, 4>), usize)>,
+) -> Result<SplitHeads<B>, Tensor<B, 3>> {
     let [b, s, width] = qkv.dims();
     let HeadShape {
         q_heads: hq,
@@ -248,10 +279,19 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
         .into_iter()
         .chain(keys.into_iter().flat_map(|(c, s)| [c.dims(), s.dims()]))
         .all(|dims| dims == [s, d]);
+    let cache_fits = cache.is_none_or(|((k, v), at)| {
+        let [cb, ch, capacity, cd] = k.dims();
+        k.dims() == v.dims()
+            && [cb, ch, cd] == [b, hkv, d]
+            && at + s <= capacity
+            && k.dtype() == qkv.dtype()
+            && v.dtype() == qkv.dtype()
+    });
     if !applies("split_rope", &[qkv.dtype(), angle_dtypes[0], angle_dtypes[1]])
         || angle_dtypes[0] != angle_dtypes[1]
         || !same_angles
         || !angle_shapes
+        || !cache_fits
         || width != (hq + 2 * hkv) * d
         || d % 2 != 0
         || total == 0
@@ -259,6 +299,25 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
     {
         return Err(qkv);
     }
+    // Where k and v go: the cache's buffers (their strides; slots from `at`) or new tensors.
+    let (k, v, at, fresh) = match cache {
+        Some(((k, v), at)) => {
+            let (k, v) = (cube_view(k.clone()), cube_view(v.clone()));
+            let strides = |t: &CubeTensor<R>| cache_strides(t, 1);
+            match (strides(&k), strides(&v)) {
+                (Some(ks), Some(vs)) if ks == vs => (k, v, at, false),
+                _ => return Err(qkv),
+            }
+        }
+        None => {
+            let like = cube_view(qkv.clone());
+            let fresh = |_| empty_like(&like, vec![b, hkv, s, d], like.dtype);
+            (fresh(0), fresh(1), 0, true)
+        }
+    };
+    let Some([batch_stride, head_stride, slot_stride]) = cache_strides(&k, 1) else {
+        return Err(qkv);
+    };
     let qkv = cube(qkv);
     let (q_cos, q_sin) = (cube(queries.0.clone()), cube(queries.1.clone()));
     let rotate_keys = keys.is_some();
@@ -268,8 +327,6 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
     };
     let dtype = qkv.dtype;
     let q = empty_like(&qkv, vec![b, hq, s, d], dtype);
-    let k = empty_like(&qkv, vec![b, hkv, s, d], dtype);
-    let v = empty_like(&qkv, vec![b, hkv, s, d], dtype);
     let client = qkv.client.clone();
     let cube_dim = CubeDim::new_1d(256);
     let dtypes = [dtype.into(), q_cos.dtype.into(), DType::F32.into()];
@@ -289,17 +346,15 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
         hq as u32,
         hkv as u32,
         d as u32,
+        batch_stride,
+        head_stride,
+        slot_stride,
+        at as u32,
         total as u32,
         rotate_keys,
         dtypes,
     );
-    Ok((tensor(q), tensor(k), tensor(v)))
-}
-
-/// Whether every plane of `client`'s device is 32 wide (the plane reductions assume it).
-fn planes_of_32<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>) -> bool {
-    let hw = &client.properties().hardware;
-    hw.plane_size_min == 32 && hw.plane_size_max == 32
+    Ok((tensor(q), fresh.then(|| (tensor(k), tensor(v)))))
 }
 
 /// `x·Wᵀ` for one row `x` (`[1, in]`) and `W` `[rows, in]`, both in `W`'s dtype, followed by
@@ -309,16 +364,42 @@ pub fn gemv<B: Backend>(
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    on_runtime!(gemv_on::<B>(x, w, epilogue), x)
+    on_runtime!(gemv_on::<B>(x, w, epilogue, None), x)
 }
+
+/// [`gemv`] of the RMS-normalized `x` (`x / rms(x) · gamma`, `gamma` `[in]`, the norm in f32
+/// and rounded to `x`'s dtype as [`rms_norm`] rounds it): the norm runs inside the product's
+/// kernel instead of a launch of its own.
+pub fn gemv_normed<B: Backend>(
+    x: Tensor<B, 2>,
+    gamma: &Tensor<B, 1>,
+    eps: f64,
+    w: &Tensor<B, 2>,
+    epilogue: GemvEpilogue<'_, B>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    on_runtime!(gemv_on::<B>(x, w, epilogue, Some((gamma, eps))), x)
+}
+
+/// Whether every plane of `client`'s device is 32 wide (the plane reductions assume it).
+fn planes_of_32<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>) -> bool {
+    let hw = &client.properties().hardware;
+    hw.plane_size_min == 32 && hw.plane_size_max == 32
+}
+
+/// Shared memory a normalizing [`gemv`] may stage its input in.
+const GEMV_NORM_BYTES: usize = 32 << 10;
 
 fn gemv_on<B: Backend, R: CubeRuntime>(
     x: Tensor<B, 2>,
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
+    norm: Option<(&Tensor<B, 1>, f64)>,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let [w_rows, w_inp] = w.dims();
+    let norm_fits = norm.is_none_or(|(g, _)| {
+        g.dims() == [inp] && is_float(g.dtype()) && inp * x.dtype().size() <= GEMV_NORM_BYTES && enabled("rms_norm")
+    });
     let out = match epilogue {
         GemvEpilogue::Swiglu => w_rows / 2,
         _ => w_rows,
@@ -334,6 +415,7 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
         || x.dtype() != w.dtype()
         || out == 0
         || !epilogue_fits
+        || !norm_fits
     {
         return Err(x);
     }
@@ -345,8 +427,13 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
         GemvEpilogue::AddResidual(r) => cube(r.clone()),
         _ => empty_like(&x, vec![1], x.dtype),
     };
+    let (gamma, eps) = match norm {
+        Some((g, eps)) => (cube(g.clone()), eps as f32),
+        None => (empty_like(&x, vec![1], DType::F32), 0.0),
+    };
+    let norm_vectors = if norm.is_some() { inp / vector } else { 0 };
     let client = x.client.clone();
-    let dtypes = [x.dtype.into(), DType::F32.into(), x.dtype.into()];
+    let dtypes = [x.dtype.into(), DType::F32.into(), x.dtype.into(), gamma.dtype.into()];
     let tuning = tuning();
     let rows_per_cube = tuning.gemv_rows_per_cube.clamp(1, 8);
     kernels::gemv::launch::<R>(
@@ -357,12 +444,15 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
         x.into_tensor_arg(),
         w.into_tensor_arg(),
         residual.into_tensor_arg(),
+        gamma.into_tensor_arg(),
         y.clone().into_tensor_arg(),
         out as u32,
         (inp / vector) as u32,
+        eps,
         matches!(epilogue, GemvEpilogue::AddResidual(_)),
         matches!(epilogue, GemvEpilogue::Swiglu),
         tuning.gemv_plane_reduce && planes_of_32(&client),
+        norm_vectors,
         dtypes,
     );
     Ok(tensor(y))
@@ -547,10 +637,105 @@ fn attention_values_on<B: Backend, R: CubeRuntime>(
     Ok(tensor(out))
 }
 
+/// Decode attention `softmax(q·keysᵀ)·values` over the first `slots` slots of a cache's
+/// buffers, read in place, in two launches (ranges of slots over many cubes, then their join)
+/// where the three of [`attention_scores`], [`softmax_rows`] and [`attention_values`] would
+/// write and reread the scores: for steps whose probabilities nobody observes.
+///
+/// # Shapes
+/// - `q`: `[batch, kv_heads, rows, d]`; `keys`, `values`: `[batch, kv_heads, capacity, d]` (any
+///   strides with a contiguous last axis) → `[batch, kv_heads, rows, d]` in `q`'s dtype
+pub fn decode_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    slots: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    on_runtime!(decode_attention_on::<B>(q, keys, values, slots), q)
+}
+
+fn decode_attention_on<B: Backend, R: CubeRuntime>(
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    n: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let [b, h, r, d] = q.dims();
+    let [kb, kh, capacity, kd] = keys.dims();
+    let vector = vector_size(d, q.dtype());
+    let lanes = d / vector;
+    if !applies("attention", &[q.dtype(), keys.dtype(), values.dtype()])
+        || q.dtype() != keys.dtype()
+        || q.dtype() != values.dtype()
+        || [kb, kh, kd] != [b, h, d]
+        || values.dims() != keys.dims()
+        || n > capacity
+        || r > DECODE_ROWS
+        || n == 0
+        || b * h * r == 0
+        || lanes == 0
+        || lanes > 64
+        || 256 % lanes != 0
+    {
+        return Err(q);
+    }
+    let (k, v) = (cube_view(keys.clone()), cube_view(values.clone()));
+    let (Some(ks), Some(vs)) = (cache_strides(&k, vector), cache_strides(&v, vector)) else {
+        return Err(q);
+    };
+    if ks != vs {
+        return Err(q);
+    }
+    let [batch_stride, head_stride, slot_stride] = ks;
+    let q = cube(q);
+    let rows = b * h * r;
+    let splits = n.div_ceil(kernels::DECODE_SPLIT as usize);
+    let partial = empty_like(&q, vec![rows * splits * (2 + d)], DType::F32);
+    let out = empty_like(&q, vec![b, h, r, d], q.dtype);
+    let client = q.client.clone();
+    let groups = (256 / lanes) as u32;
+    kernels::decode_attention::launch::<R>(
+        &client,
+        CubeCount::Static(rows as u32, splits as u32, 1),
+        CubeDim::new_2d(lanes as u32, groups),
+        vector,
+        q.clone().into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        partial.clone().into_tensor_arg(),
+        r as u32,
+        n as u32,
+        h as u32,
+        batch_stride,
+        head_stride,
+        slot_stride,
+        groups,
+        [q.dtype.into(), DType::F32.into()],
+    );
+    let total = rows * d;
+    let cube_dim = CubeDim::new_1d(256);
+    kernels::combine_ranges::launch::<R>(
+        &client,
+        calculate_cube_count_elemwise(&client, total, cube_dim),
+        cube_dim,
+        partial.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        splits as u32,
+        d as u32,
+        total as u32,
+        [q.dtype.into(), DType::F32.into()],
+    );
+    Ok(tensor(out))
+}
+
 /// Slots per cube of [`attention_values`] beyond which a head's slots are split over cubes.
 const VALUE_SLOTS_PER_SPLIT: usize = 256;
 /// At most this many slot ranges per head.
 const MAX_VALUE_SPLITS: usize = 32;
+
+/// Rows up to this many slots are ranked by sorting in shared memory ([`kernels::sort_ranks`],
+/// 32 KB of keys and slots at most); longer ones by counting ([`kernels::row_ranks`]).
+const SORT_RANK_SLOTS: usize = 4096;
 
 /// Slots per cube of [`kernels::row_ranks`].
 const RANK_BLOCK: usize = 256;
@@ -588,6 +773,19 @@ fn row_ranks_on<B: Backend, R: CubeRuntime>(key: Tensor<B, 3>) -> Result<Tensor<
     }
     let key = cube(key.cast(DType::F32));
     let ranks = empty_like(&key, dims.to_vec(), DType::F32);
+    let padded = n.next_power_of_two().max(2);
+    if padded <= SORT_RANK_SLOTS {
+        kernels::sort_ranks::launch::<R>(
+            &key.client.clone(),
+            CubeCount::Static((rows * h) as u32, 1, 1),
+            CubeDim::new_1d((padded / 2).min(1024) as u32),
+            key.into_tensor_arg(),
+            ranks.clone().into_tensor_arg(),
+            n as u32,
+            padded,
+        );
+        return Ok(tensor(ranks));
+    }
     kernels::row_ranks::launch::<R>(
         &key.client.clone(),
         CubeCount::Static((rows * h * blocks) as u32, 1, 1),
@@ -598,6 +796,68 @@ fn row_ranks_on<B: Backend, R: CubeRuntime>(key: Tensor<B, 3>) -> Result<Tensor<
         blocks as u32,
     );
     Ok(tensor(ranks))
+}
+
+/// Writes the column statistics of `probs` (`[batch, heads, s, slots]`, f32) into rows
+/// `row..row + batch` of the `[rows, heads, slots]` f32 buffers `[sum, sum_sq, last]` in place:
+/// the [`easykv_core::ObservationWriter`] of cubecl backends (one launch per layer and chunk
+/// instead of four, and no stacking of the layers' rows afterwards).
+pub fn write_observation<B: Backend>(
+    probs: Tensor<B, 4>,
+    buffers: [&Tensor<B, 3>; 3],
+    row: usize,
+) -> Result<(), Tensor<B, 4>> {
+    on_runtime!(write_observation_on::<B>(probs, buffers, row), probs)
+}
+
+fn write_observation_on<B: Backend, R: CubeRuntime>(
+    probs: Tensor<B, 4>,
+    buffers: [&Tensor<B, 3>; 3],
+    row: usize,
+) -> Result<(), Tensor<B, 4>> {
+    let [b, h, s, n] = probs.dims();
+    let [rows, bh, bn] = buffers[0].dims();
+    let total = b * h * n;
+    let shapes_fit = buffers
+        .iter()
+        .all(|t| t.dims() == [rows, bh, bn] && t.dtype() == DType::F32);
+    if !applies("observe", &[probs.dtype()])
+        || probs.dtype() != DType::F32
+        || !shapes_fit
+        || [bh, bn] != [h, n]
+        || row + b > rows
+        || total == 0
+        || total > u32::MAX as usize
+    {
+        return Err(probs);
+    }
+    let views = buffers.map(|t| cube_view(t.clone()));
+    // Rows of `n` values, `[rows, heads]` of them one after another (padding between rows is
+    // fine; heads of a row must follow each other at that stride).
+    let strides = views[0].meta.strides().to_vec();
+    let uniform = views.iter().all(|v| v.meta.strides().to_vec() == strides);
+    if !uniform || strides[2] != 1 || strides[0] != h * strides[1] || strides[1] > u32::MAX as usize {
+        return Err(probs);
+    }
+    let probs = cube(probs);
+    let client = probs.client.clone();
+    let cube_dim = CubeDim::new_1d(256);
+    let [sum, sum_sq, last] = views;
+    kernels::observe_columns::launch::<R>(
+        &client,
+        calculate_cube_count_elemwise(&client, total, cube_dim),
+        cube_dim,
+        probs.into_tensor_arg(),
+        sum.into_tensor_arg(),
+        sum_sq.into_tensor_arg(),
+        last.into_tensor_arg(),
+        s as u32,
+        n as u32,
+        (row * h) as u32,
+        strides[1] as u32,
+        total as u32,
+    );
+    Ok(())
 }
 
 /// `a·B` in f32 arithmetic (no TF32), per batch and head, for f32 tensors: `a` `[batch, heads,

@@ -17,16 +17,16 @@
 //! comparisons on the same build).
 
 mod check;
-mod timing;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod kernels;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod launch;
+mod timing;
 
 pub use check::{check_kernels, check_model, KernelCheck};
-pub use timing::{time_kernels, KernelTiming};
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub use launch::*;
+pub use timing::{time_kernels, KernelTiming};
 
 #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 mod fallback {
@@ -65,8 +65,29 @@ mod fallback {
         Err(qkv)
     }
 
+    pub fn split_rope_into<B: Backend>(
+        qkv: Tensor<B, 3>,
+        _heads: super::HeadShape,
+        _queries: (&Tensor<B, 2>, &Tensor<B, 2>),
+        _keys: (&Tensor<B, 2>, &Tensor<B, 2>),
+        _cache: (&Tensor<B, 4>, &Tensor<B, 4>),
+        _at: usize,
+    ) -> Result<Tensor<B, 4>, Tensor<B, 3>> {
+        Err(qkv)
+    }
+
     pub fn gemv<B: Backend>(
         x: Tensor<B, 2>,
+        _w: &Tensor<B, 2>,
+        _epilogue: super::GemvEpilogue<'_, B>,
+    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+        Err(x)
+    }
+
+    pub fn gemv_normed<B: Backend>(
+        x: Tensor<B, 2>,
+        _gamma: &Tensor<B, 1>,
+        _eps: f64,
         _w: &Tensor<B, 2>,
         _epilogue: super::GemvEpilogue<'_, B>,
     ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
@@ -86,6 +107,23 @@ mod fallback {
         _values: &Tensor<B, 4>,
         _slots: usize,
     ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+        Err(probs)
+    }
+
+    pub fn decode_attention<B: Backend>(
+        q: Tensor<B, 4>,
+        _keys: &Tensor<B, 4>,
+        _values: &Tensor<B, 4>,
+        _slots: usize,
+    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+        Err(q)
+    }
+
+    pub fn write_observation<B: Backend>(
+        probs: Tensor<B, 4>,
+        _buffers: [&Tensor<B, 3>; 3],
+        _row: usize,
+    ) -> Result<(), Tensor<B, 4>> {
         Err(probs)
     }
 
@@ -192,8 +230,9 @@ pub struct HeadShape {
 }
 
 /// The kernels, by the names `EASYKV_GPU_KERNELS` takes.
-pub const KERNELS: [&str; 8] = [
+pub const KERNELS: [&str; 9] = [
     "matmul",
+    "observe",
     "rms_norm",
     "softmax",
     "swiglu",
@@ -203,11 +242,12 @@ pub const KERNELS: [&str; 8] = [
     "rank",
 ];
 
-/// Lets evicting caches on `B` rank slots with [`row_ranks`] (cubecl backends only; a no-op
-/// elsewhere and once installed).
-pub fn install_row_ranker<B: burn::tensor::backend::Backend>() {
+/// Lets evicting caches on `B` rank slots with [`row_ranks`] and record prefill chunks with
+/// [`write_observation`] (cubecl backends only; a no-op elsewhere and once installed).
+pub fn install_cache_kernels<B: burn::tensor::backend::Backend>() {
     if is_cube_backend::<B>() {
         easykv_core::install_row_ranker::<B>(row_ranks::<B>);
+        easykv_core::install_observation_writer::<B>(write_observation::<B>);
     }
 }
 

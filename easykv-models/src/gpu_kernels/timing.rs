@@ -68,7 +68,13 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
     // Bandwidth burn's element-wise kernels reach (reads two, writes one).
     let big = random::<B, 1>([64 << 20], dtype, device);
     let us = time::<B, _>(device, 20, || big.clone() + big.clone());
-    push("burn add", "[64 Mi]".into(), None, us, Some(3.0 * (64 << 20) as f64 * bytes));
+    push(
+        "burn add",
+        "[64 Mi]".into(),
+        None,
+        us,
+        Some(3.0 * (64 << 20) as f64 * bytes),
+    );
 
     // The decode step's products: (name, rows, cols, epilogue).
     let shapes = [
@@ -104,13 +110,25 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 break;
             }
             let us = time::<B, _>(device, reps, run);
-            push(&format!("gemv {name}"), format!("[{rows}, {cols}]"), Some(tuning), us, moved);
+            push(
+                &format!("gemv {name}"),
+                format!("[{rows}, {cols}]"),
+                Some(tuning),
+                us,
+                moved,
+            );
         }
         super::set_tuning(None);
         // burn's own product for comparison (its autotuned matmul).
         let wt = w.clone().transpose();
         let us = time::<B, _>(device, reps, || x.clone().matmul(wt.clone()));
-        push(&format!("burn matmul {name}"), format!("[{rows}, {cols}]"), None, us, moved);
+        push(
+            &format!("burn matmul {name}"),
+            format!("[{rows}, {cols}]"),
+            None,
+            us,
+            moved,
+        );
     }
 
     // Decode attention over a cache of capacity 4352 (32 heads of 128).
@@ -124,7 +142,13 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             break;
         };
         let us = time::<B, _>(device, reps, || super::attention_scores(q.clone(), &keys, n));
-        push("attention scores", format!("{heads} heads × {n} slots"), None, us, kv_bytes);
+        push(
+            "attention scores",
+            format!("{heads} heads × {n} slots"),
+            None,
+            us,
+            kv_bytes,
+        );
         let us = time::<B, _>(device, reps, || super::softmax_rows(scores.clone(), None, None, dtype));
         push("softmax", format!("{heads} heads × {n} slots"), None, us, None);
         let Ok((_, probs)) = super::softmax_rows(scores, None, None, dtype) else {
@@ -137,7 +161,13 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             };
             super::set_tuning(Some(tuning));
             let us = time::<B, _>(device, reps, || super::attention_values(probs.clone(), &values, n));
-            push("attention values", format!("{heads} heads × {n} slots"), Some(tuning), us, kv_bytes);
+            push(
+                "attention values",
+                format!("{heads} heads × {n} slots"),
+                Some(tuning),
+                us,
+                kv_bytes,
+            );
         }
         super::set_tuning(None);
     }
