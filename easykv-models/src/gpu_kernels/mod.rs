@@ -200,9 +200,25 @@ impl Default for Tuning {
 
 static TUNING: std::sync::Mutex<Option<Tuning>> = std::sync::Mutex::new(None);
 
-/// The launch shapes in use.
+/// The launch shapes in use: as [`set_tuning`] set them, else the defaults with
+/// `EASYKV_GEMV=ROWS,PLANE` (rows per cube 1–8, plane reduction 0/1) applied, for comparing
+/// whole runs on one build.
 pub fn tuning() -> Tuning {
-    TUNING.lock().ok().and_then(|t| *t).unwrap_or_default()
+    static FROM_ENV: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
+    TUNING.lock().ok().and_then(|t| *t).unwrap_or_else(|| {
+        *FROM_ENV.get_or_init(|| {
+            let mut t = Tuning::default();
+            let value = std::env::var("EASYKV_GEMV").unwrap_or_default();
+            let mut parts = value.split(',').map(str::trim);
+            if let Some(rows) = parts.next().and_then(|r| r.parse::<u32>().ok()) {
+                t.gemv_rows_per_cube = rows.clamp(1, 8);
+            }
+            if let Some(plane) = parts.next() {
+                t.gemv_plane_reduce = plane == "1" || plane == "true";
+            }
+            t
+        })
+    })
 }
 
 /// Replaces the launch shapes (`None`: the defaults), for measuring alternatives.

@@ -119,6 +119,28 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             );
         }
         super::set_tuning(None);
+        // With the RMS norm inside (the decode step's qkv and gate_up products).
+        if epilogue != 1 && cols == 4096 {
+            let gamma = random::<B, 1>([cols], DType::F32, device);
+            let normed = || {
+                let e = if epilogue == 2 { GemvEpilogue::Swiglu } else { GemvEpilogue::Plain };
+                super::gemv_normed(x.clone(), &gamma, 1e-5, &w, e)
+            };
+            for (rows_per_cube, plane) in variants {
+                let tuning = Tuning {
+                    gemv_rows_per_cube: rows_per_cube,
+                    gemv_plane_reduce: plane,
+                    ..Tuning::default()
+                };
+                super::set_tuning(Some(tuning));
+                if normed().is_err() {
+                    break;
+                }
+                let us = time::<B, _>(device, reps, normed);
+                push(&format!("gemv normed {name}"), format!("[{rows}, {cols}]"), Some(tuning), us, moved);
+            }
+            super::set_tuning(None);
+        }
         // burn's own product for comparison (its autotuned matmul).
         let wt = w.clone().transpose();
         let us = time::<B, _>(device, reps, || x.clone().matmul(wt.clone()));
@@ -170,6 +192,8 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             );
         }
         super::set_tuning(None);
+        let us = time::<B, _>(device, reps, || super::decode_attention(q.clone(), &keys, &values, n));
+        push("decode attention (one pass)", format!("{heads} heads × {n} slots"), None, us, Some(2.0 * kv_bytes.unwrap_or(0.0)));
     }
 
     // Eviction's ranking: every head of every layer (32 × 32 rows) at once.
