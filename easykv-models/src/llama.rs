@@ -1041,7 +1041,6 @@ impl<'a, B: Backend> ChunkTrace<'a, B> {
     fn lap(&self) -> f64 {
         let _ = B::sync(self.device);
         let now = std::time::Instant::now();
-        let ms = now.duration_since(self.since.replace(now)).as_secs_f64() * 1e3;
-        ms
+        now.duration_since(self.since.replace(now)).as_secs_f64() * 1e3
     }
 }

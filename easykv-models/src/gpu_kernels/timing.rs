@@ -123,7 +123,11 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
         if epilogue != 1 && cols == 4096 {
             let gamma = random::<B, 1>([cols], DType::F32, device);
             let normed = || {
-                let e = if epilogue == 2 { GemvEpilogue::Swiglu } else { GemvEpilogue::Plain };
+                let e = if epilogue == 2 {
+                    GemvEpilogue::Swiglu
+                } else {
+                    GemvEpilogue::Plain
+                };
                 super::gemv_normed(x.clone(), &gamma, 1e-5, &w, e)
             };
             for (rows_per_cube, plane) in variants {
@@ -137,7 +141,13 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                     break;
                 }
                 let us = time::<B, _>(device, reps, normed);
-                push(&format!("gemv normed {name}"), format!("[{rows}, {cols}]"), Some(tuning), us, moved);
+                push(
+                    &format!("gemv normed {name}"),
+                    format!("[{rows}, {cols}]"),
+                    Some(tuning),
+                    us,
+                    moved,
+                );
             }
             super::set_tuning(None);
         }
@@ -193,7 +203,14 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
         }
         super::set_tuning(None);
         let us = time::<B, _>(device, reps, || super::decode_attention(q.clone(), &keys, &values, n));
-        push("decode attention (one pass)", format!("{heads} heads × {n} slots"), None, us, Some(2.0 * kv_bytes.unwrap_or(0.0)));
+        let both = (2 * heads * n * d) as f64 * bytes;
+        push(
+            "decode attention (one pass)",
+            format!("{heads} heads × {n} slots"),
+            None,
+            us,
+            Some(both),
+        );
     }
 
     // Eviction's ranking: every head of every layer (32 × 32 rows) at once.
