@@ -16,6 +16,7 @@ mod layer_kv;
 mod observation;
 mod policy;
 mod ranking;
+mod registry;
 
 pub use budget::{Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL};
 pub use cache::{uniform_chunks, CachedKv, KvCache};

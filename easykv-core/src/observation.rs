@@ -7,10 +7,9 @@
 //! what a prefill's short strides wait for. A backend with a kernel for it installs an
 //! [`ObservationWriter`] (the kernels live with the model code, as the row rankers do).
 
-use std::any::{Any, TypeId};
-use std::sync::RwLock;
-
 use burn::tensor::{backend::Backend, Tensor};
+
+use crate::registry::PerBackend;
 
 /// Writes the column statistics of `probs` (`[batch, heads, s, slots]`, f32) — the sum over
 /// its `s` queries, the sum of squares, the last query's row — into rows `row..row + batch` of
@@ -18,25 +17,17 @@ use burn::tensor::{backend::Backend, Tensor};
 /// the values). Hands `probs` back when it cannot.
 pub type ObservationWriter<B> = fn(Tensor<B, 4>, [&Tensor<B, 3>; 3], usize) -> std::result::Result<(), Tensor<B, 4>>;
 
-static WRITERS: RwLock<Vec<(TypeId, Box<dyn Any + Send + Sync>)>> = RwLock::new(Vec::new());
+static WRITERS: PerBackend = PerBackend::new();
 
 /// Makes `writer` the way evicting caches on backend `B` record prefill chunks.
 pub fn install_observation_writer<B: Backend>(writer: ObservationWriter<B>) {
-    if observation_writer::<B>().is_some_and(|w| std::ptr::fn_addr_eq(w, writer)) {
-        return;
-    }
-    let id = TypeId::of::<B>();
-    if let Ok(mut writers) = WRITERS.write() {
-        writers.retain(|(t, _)| *t != id);
-        writers.push((id, Box::new(writer)));
-    }
+    WRITERS.install::<B, _>(
+        writer,
+        std::ptr::fn_addr_eq::<ObservationWriter<B>, ObservationWriter<B>>,
+    );
 }
 
 /// The writer installed for `B`, if any.
 pub(crate) fn observation_writer<B: Backend>() -> Option<ObservationWriter<B>> {
-    let writers = WRITERS.read().ok()?;
-    writers
-        .iter()
-        .find(|(t, _)| *t == TypeId::of::<B>())
-        .and_then(|(_, f)| f.downcast_ref::<ObservationWriter<B>>().copied())
+    WRITERS.get::<B, ObservationWriter<B>>()
 }

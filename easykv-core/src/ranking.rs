@@ -9,10 +9,9 @@
 //! flex): a partial selection per row instead of burn's full sort (~100 µs per 3×650 call on
 //! flex). All give the same answer: ties go to the lower slot.
 
-use std::any::{Any, TypeId};
-use std::sync::RwLock;
-
 use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::registry::PerBackend;
 
 /// A device kernel that ranks every slot within its row: for `key` `[rows, heads, slots]`, how
 /// many slots of the row come before each in (key, slot) order, as f32 — what
@@ -20,30 +19,17 @@ use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor, Tensor
 /// back when it cannot run (another backend, an unsupported size).
 pub type RowRanker<B> = fn(Tensor<B, 3>) -> std::result::Result<Tensor<B, 3>, Tensor<B, 3>>;
 
-/// Row rankers by backend type. The kernels live with the model code (which holds the GPU
-/// dependencies); the cache, which decides when to rank, finds them here.
-static ROW_RANKERS: RwLock<Vec<(TypeId, Box<dyn Any + Send + Sync>)>> = RwLock::new(Vec::new());
+/// Row rankers by backend type (see [`crate::registry`]).
+static ROW_RANKERS: PerBackend = PerBackend::new();
 
 /// Makes `ranker` the way [`Ranking::Pairwise`] ranks on backend `B` (replacing any earlier one).
 pub fn install_row_ranker<B: Backend>(ranker: RowRanker<B>) {
-    // Models install theirs on every forward pass: the read lock answers the common case.
-    if row_ranker::<B>().is_some_and(|r| std::ptr::fn_addr_eq(r, ranker)) {
-        return;
-    }
-    let id = TypeId::of::<B>();
-    if let Ok(mut rankers) = ROW_RANKERS.write() {
-        rankers.retain(|(t, _)| *t != id);
-        rankers.push((id, Box::new(ranker)));
-    }
+    ROW_RANKERS.install::<B, _>(ranker, std::ptr::fn_addr_eq::<RowRanker<B>, RowRanker<B>>);
 }
 
 /// The row ranker installed for `B`, if any.
 fn row_ranker<B: Backend>() -> Option<RowRanker<B>> {
-    let rankers = ROW_RANKERS.read().ok()?;
-    rankers
-        .iter()
-        .find(|(t, _)| *t == TypeId::of::<B>())
-        .and_then(|(_, f)| f.downcast_ref::<RowRanker<B>>().copied())
+    ROW_RANKERS.get::<B, RowRanker<B>>()
 }
 
 /// How k-smallest selections are computed.
@@ -382,7 +368,7 @@ mod tests {
     fn an_installed_row_ranker_does_the_pairwise_ranking() {
         install_row_ranker::<Flex>(counting_ranker);
         install_row_ranker::<Flex>(counting_ranker);
-        assert_eq!(ROW_RANKERS.read().unwrap().len(), 1);
+        assert_eq!(ROW_RANKERS.len(), 1);
         let before = RANKER_CALLS.load(std::sync::atomic::Ordering::SeqCst);
         let key = keys(vec![3.0, 1.0, 2.0, 1.0], [1, 1, 4]);
         assert_eq!(

@@ -99,26 +99,24 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             super::gemv(x.clone(), &w, e)
         };
         let moved = Some((rows * cols) as f64 * bytes);
-        for (rows_per_cube, plane) in variants {
-            let tuning = Tuning {
-                gemv_rows_per_cube: rows_per_cube,
-                gemv_plane_reduce: plane,
-                ..Tuning::default()
-            };
-            super::set_tuning(Some(tuning));
-            if run().is_err() {
-                break;
+        // Every launch shape of `kernel` (stops at the first it declines).
+        let mut each_shape = |label: String, kernel: &dyn Fn() -> Result<Tensor<B, 2>, Tensor<B, 2>>| {
+            for (rows_per_cube, plane) in variants {
+                let tuning = Tuning {
+                    gemv_rows_per_cube: rows_per_cube,
+                    gemv_plane_reduce: plane,
+                    ..Tuning::default()
+                };
+                super::set_tuning(Some(tuning));
+                if kernel().is_err() {
+                    break;
+                }
+                let us = time::<B, _>(device, reps, kernel);
+                push(&label, format!("[{rows}, {cols}]"), Some(tuning), us, moved);
             }
-            let us = time::<B, _>(device, reps, run);
-            push(
-                &format!("gemv {name}"),
-                format!("[{rows}, {cols}]"),
-                Some(tuning),
-                us,
-                moved,
-            );
-        }
-        super::set_tuning(None);
+            super::set_tuning(None);
+        };
+        each_shape(format!("gemv {name}"), &run);
         // With the RMS norm inside (the decode step's qkv and gate_up products).
         if epilogue != 1 && cols == 4096 {
             let gamma = random::<B, 1>([cols], DType::F32, device);
@@ -130,26 +128,7 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 };
                 super::gemv_normed(x.clone(), &gamma, 1e-5, &w, e)
             };
-            for (rows_per_cube, plane) in variants {
-                let tuning = Tuning {
-                    gemv_rows_per_cube: rows_per_cube,
-                    gemv_plane_reduce: plane,
-                    ..Tuning::default()
-                };
-                super::set_tuning(Some(tuning));
-                if normed().is_err() {
-                    break;
-                }
-                let us = time::<B, _>(device, reps, normed);
-                push(
-                    &format!("gemv normed {name}"),
-                    format!("[{rows}, {cols}]"),
-                    Some(tuning),
-                    us,
-                    moved,
-                );
-            }
-            super::set_tuning(None);
+            each_shape(format!("gemv normed {name}"), &normed);
         }
         // burn's own product for comparison (its autotuned matmul).
         let wt = w.clone().transpose();
