@@ -461,7 +461,9 @@ impl<B: Backend> Attention<B> {
             return Ok(Err(qkv));
         }
         let (hkv, d) = (self.n_kv_heads, self.head_dim);
-        let Some(room) = cache.reserve_slots(layer, [b, hkv, s, d], qkv.dtype(), &qkv.device())? else {
+        // The cache keeps the weights' precision (the kernel declines if the projection's differs).
+        let kv_dtype = self.qkv.weight.val().dtype();
+        let Some(room) = cache.reserve_slots(layer, [b, hkv, s, d], kv_dtype, &qkv.device())? else {
             return Ok(Err(qkv));
         };
         let heads = HeadShape {
