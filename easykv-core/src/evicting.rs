@@ -180,12 +180,13 @@ impl<B: Backend> EvictingCache<B> {
     /// where there is none (or for one-query steps, which need no reduction).
     fn write_observation(&mut self, layer: usize, probs: Tensor<B, 4>) -> std::result::Result<(), Tensor<B, 4>> {
         let [b, h, s, n] = probs.dims();
+        // One-query steps (decoding) need no reduction: nothing to look up for them.
+        if s == 1 || probs.dtype() != DType::F32 {
+            return Err(probs);
+        }
         let Some(writer) = crate::observation::observation_writer::<B>() else {
             return Err(probs);
         };
-        if s == 1 || probs.dtype() != burn::tensor::DType::F32 {
-            return Err(probs);
-        }
         let rows = self.n_layers() * b;
         let fits = |w: &([Tensor<B, 3>; 3], Vec<bool>)| w.0[0].dims() == [rows, h, n] && !w.1[layer];
         if !self.written.as_ref().is_some_and(fits) {
