@@ -121,22 +121,29 @@ fn time_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult
             continue;
         }
         println!(
-            "{:<6} {:<40} {:<24} {:<18} {:>10} {:>9}",
+            "{:<6} {:<40} {:<24} {:<36} {:>10} {:>9}",
             "dtype", "kernel", "shape", "launch shape", "µs", "GB/s"
         );
         for t in timings {
-            let tuning = t.tuning.map_or(String::new(), |u| {
-                format!(
+            let tuning = t.tuning.map_or(String::new(), |u| match t.kernel.starts_with("rows ") {
+                true => format!(
+                    "planes {} unroll {} cols {} per cube {}",
+                    u.rows_planes,
+                    u.rows_unroll,
+                    16 * u.rows_col_blocks,
+                    u.rows_planes_per_cube
+                ),
+                false => format!(
                     "rows {} plane {} splits {}",
                     u.gemv_rows_per_cube,
                     u8::from(u.gemv_plane_reduce),
                     u.value_splits
-                )
+                ),
             });
             let gbs = t.gigabytes_per_second.map_or(String::new(), |g| format!("{g:.0}"));
             let dt = format!("{dtype:?}").to_lowercase();
             println!(
-                "{dt:<6} {:<40} {:<24} {tuning:<18} {:>10.1} {gbs:>9}",
+                "{dt:<6} {:<40} {:<24} {tuning:<36} {:>10.1} {gbs:>9}",
                 t.kernel, t.shape, t.micros_per_launch
             );
         }

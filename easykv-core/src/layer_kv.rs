@@ -2,7 +2,23 @@
 
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorCreationOptions};
 
+use crate::registry::PerBackend;
 use crate::{host_resident, CachedKv, Error, Result};
+
+/// A device kernel that compacts one layer's key and value buffers (`[batch, kv_heads,
+/// capacity, head_dim]`): new buffers of the same shape whose first `kept` slots are the slots
+/// `keep` (`[batch, kv_heads, kept]`) lists, in that order (what lies beyond is unspecified).
+/// `None` when it cannot run. One launch per layer instead of two row selections and the row
+/// numbers they need.
+pub type SlotGatherer<B> = fn(&Tensor<B, 4>, &Tensor<B, 4>, Tensor<B, 3, Int>) -> Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// Slot gatherers by backend type (see [`crate::registry`]).
+static GATHERERS: PerBackend = PerBackend::new();
+
+/// Makes `gatherer` the way caches on backend `B` compact keys and values.
+pub fn install_slot_gatherer<B: Backend>(gatherer: SlotGatherer<B>) {
+    GATHERERS.install::<B, _>(gatherer, std::ptr::fn_addr_eq::<SlotGatherer<B>, SlotGatherer<B>>);
+}
 
 /// Growth step of a buffer that outgrows its capacity, at least.
 const MIN_GROWTH: usize = 64;
@@ -257,6 +273,29 @@ impl<B: Backend> LayerKv<B> {
         let n = layers.len();
         let b = rows / n.max(1);
         let device = keep.device();
+        if let Some(gather) = GATHERERS.get::<B, SlotGatherer<B>>() {
+            let mut declined = false;
+            for (i, layer) in layers.clone().enumerate() {
+                let Some(Some(e)) = self.layers.get_mut(layer) else {
+                    continue;
+                };
+                match gather(&e.k, &e.v, keep.clone().slice_dim(0, i * b..(i + 1) * b)) {
+                    Some((k, v)) => {
+                        e.k = k;
+                        e.v = v;
+                        e.len = kept;
+                    }
+                    // Only the first layer can decline (they are all alike): none compacted yet.
+                    None => {
+                        declined = true;
+                        break;
+                    }
+                }
+            }
+            if !declined {
+                return;
+            }
+        }
         let keep = match kept < capacity {
             true => Tensor::cat(
                 vec![
@@ -355,5 +394,50 @@ mod tests {
                 assert_eq!(used(x), used(y), "layer {l}");
             }
         }
+    }
+
+    static GATHER_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// A stand-in for a device kernel: the kept slots copied on the host, counted.
+    fn counting_gatherer(
+        k: &Tensor<Flex, 4>,
+        v: &Tensor<Flex, 4>,
+        keep: Tensor<Flex, 3, Int>,
+    ) -> Option<(Tensor<Flex, 4>, Tensor<Flex, 4>)> {
+        GATHER_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let kept = keep.dims()[2];
+        let order = ascending_rows(keep)?;
+        Some((
+            compact_in_place(k.clone(), &order, kept),
+            compact_in_place(v.clone(), &order, kept),
+        ))
+    }
+
+    /// An installed slot gatherer compacts each layer's keys and values in the device path.
+    #[test]
+    fn an_installed_slot_gatherer_compacts_every_layer() {
+        install_slot_gatherer::<Flex>(counting_gatherer);
+        let dev = Default::default();
+        let mut kv = LayerKv::<Flex>::new(2);
+        kv.reserve(6);
+        let slots = |l: f32| {
+            Tensor::<Flex, 1, Int>::arange(0..4, &dev)
+                .float()
+                .add_scalar(10.0 * l)
+                .reshape([1, 1, 4, 1])
+        };
+        for l in 0..2 {
+            kv.append_in_place(l, slots(l as f32), slots(l as f32).neg()).unwrap();
+        }
+        let before = GATHER_CALLS.load(std::sync::atomic::Ordering::SeqCst);
+        let keep = Tensor::<Flex, 3, Int>::from_data(TensorData::new(vec![1i64, 3, 0, 2], [2, 1, 2]), &dev);
+        kv.retain_layers_by_rows(0..2, keep, 6);
+        // (Other tests may compact at the same time, with this gatherer too.)
+        assert!(GATHER_CALLS.load(std::sync::atomic::Ordering::SeqCst) >= before + 2);
+        let used = |t: &Tensor<Flex, 4>| t.clone().slice_dim(2, 0..2).into_data().to_vec::<f32>().unwrap();
+        let (l0, l1) = (kv.layers[0].clone().unwrap(), kv.layers[1].clone().unwrap());
+        assert_eq!((l0.len, l1.len), (2, 2));
+        assert_eq!((used(&l0.k), used(&l0.v)), (vec![1.0, 3.0], vec![-1.0, -3.0]));
+        assert_eq!((used(&l1.k), used(&l1.v)), (vec![10.0, 12.0], vec![-10.0, -12.0]));
     }
 }

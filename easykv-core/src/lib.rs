@@ -23,6 +23,7 @@ pub use cache::{uniform_chunks, CachedKv, KvCache};
 pub use error::{Error, Result};
 pub use evicting::EvictingCache;
 pub use full::FullCache;
+pub use layer_kv::{install_slot_gatherer, SlotGatherer};
 pub use observation::{install_observation_writer, ObservationWriter};
 pub use policy::{slot_mask, EvictionContext, EvictionPolicy, Phase, SlotStats};
-pub use ranking::{host_resident, install_row_ranker, Ranking, RowRanker};
+pub use ranking::{host_resident, install_row_ranker, install_slot_lister, Ranking, RowRanker, SlotLister};

@@ -27,6 +27,20 @@ pub fn install_row_ranker<B: Backend>(ranker: RowRanker<B>) {
     ROW_RANKERS.install::<B, _>(ranker, std::ptr::fn_addr_eq::<RowRanker<B>, RowRanker<B>>);
 }
 
+/// A device kernel that lists the true slots of every row of a mask (`[rows, heads, slots]`)
+/// in ascending order, `count` per row (`[rows, heads, count]`; a row with fewer fills the rest
+/// with slot 0, one with more keeps its first `count`) — what [`Ranking::true_slots`] otherwise
+/// builds from a prefix sum and a scatter. Hands the mask back when it cannot run.
+pub type SlotLister<B> = fn(Tensor<B, 3, Bool>, usize) -> std::result::Result<Tensor<B, 3, Int>, Tensor<B, 3, Bool>>;
+
+/// Slot listers by backend type.
+static SLOT_LISTERS: PerBackend = PerBackend::new();
+
+/// Makes `lister` the way [`Ranking::Pairwise`] lists true slots on backend `B`.
+pub fn install_slot_lister<B: Backend>(lister: SlotLister<B>) {
+    SLOT_LISTERS.install::<B, _>(lister, std::ptr::fn_addr_eq::<SlotLister<B>, SlotLister<B>>);
+}
+
 /// The row ranker installed for `B`, if any.
 fn row_ranker<B: Backend>() -> Option<RowRanker<B>> {
     ROW_RANKERS.get::<B, RowRanker<B>>()
@@ -183,6 +197,13 @@ impl Ranking {
                 Tensor::from_data(TensorData::new(slots, [rows, h, count]), &device)
             }
             Self::Pairwise => {
+                let mask = match SLOT_LISTERS.get::<B, SlotLister<B>>() {
+                    Some(list) => match list(mask, count) {
+                        Ok(slots) => return slots,
+                        Err(mask) => mask,
+                    },
+                    None => mask,
+                };
                 // A true slot goes to column (true slots before it); the rest to a spare column.
                 let m = mask.float();
                 // A row with more than `count` true slots sends the excess to the spare column
@@ -380,5 +401,30 @@ mod tests {
             Ranking::for_backend::<Flex>(&Default::default(), 96, 4096),
             Ranking::Host
         );
+    }
+
+    static LISTER_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// A stand-in for a device kernel: the true slots listed on the host, counted.
+    #[allow(clippy::result_large_err)] // the shape `SlotLister` asks for
+    fn counting_lister(
+        mask: Tensor<Flex, 3, Bool>,
+        count: usize,
+    ) -> std::result::Result<Tensor<Flex, 3, Int>, Tensor<Flex, 3, Bool>> {
+        LISTER_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Ranking::Host.true_slots(mask, count))
+    }
+
+    /// An installed slot lister replaces the prefix sum and scatter of pairwise listing.
+    #[test]
+    fn an_installed_slot_lister_lists_the_true_slots() {
+        install_slot_lister::<Flex>(counting_lister);
+        let before = LISTER_CALLS.load(std::sync::atomic::Ordering::SeqCst);
+        let mask: Tensor<Flex, 3, Bool> = Tensor::from_data(
+            TensorData::new(vec![false, true, true, false, true, false], [2, 1, 3]),
+            &Default::default(),
+        );
+        assert_eq!(ints(Ranking::Pairwise.true_slots(mask, 1)), vec![1, 1]);
+        assert!(LISTER_CALLS.load(std::sync::atomic::Ordering::SeqCst) > before);
     }
 }

@@ -111,7 +111,10 @@ impl<B: Backend> Linear<B> {
         let out = w.dims()[0];
         let activation = x.dtype();
         let x = x.reshape([b * s, inp]).cast(w.dtype());
-        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain).or_else(|x| exact_f32_rows(x, &w)) {
+        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain)
+            .or_else(|x| gpu_kernels::matmul_rows(x, &w, GemvEpilogue::Plain))
+            .or_else(|x| exact_f32_rows(x, &w))
+        {
             Ok(y) => y,
             Err(x) if b * s <= SMALL_ROWS => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
             Err(x) => x.matmul(w.transpose()),
@@ -133,16 +136,11 @@ impl<B: Backend> Linear<B> {
     /// - `x`: `[batch, s, in]`, `residual`: `[batch, s, out]` → `[batch, s, out]`
     pub fn forward_residual(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, out] = residual.dims();
-        let x = if b * s == 1 {
-            let r = residual.clone().reshape([1, out]);
-            match self.fused(x, GemvEpilogue::AddResidual(&r), None) {
-                Ok(y) => return y.reshape([b, s, out]),
-                Err(x) => x,
-            }
-        } else {
-            x
-        };
-        residual + self.forward(x)
+        let r = residual.clone().reshape([b * s, out]);
+        match self.fused(x, GemvEpilogue::AddResidual(&r), None) {
+            Ok(y) => y.reshape([b, s, out]),
+            Err(x) => residual + self.forward(x),
+        }
     }
 
     /// `silu(gate)·up` of the stacked gate|up projection `forward(norm(x))` (`[.., 2·inter]` →
@@ -150,15 +148,14 @@ impl<B: Backend> Linear<B> {
     pub fn forward_swiglu_normed(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let inter = self.weight.dims()[0] / 2;
-        let x = if b * s == 1 {
-            match self.fused(x, GemvEpilogue::Swiglu, Some(norm)) {
-                Ok(y) => return y.reshape([b, s, inter]),
-                Err(x) => x,
-            }
-        } else {
-            x
+        let x = match self.fused(x, GemvEpilogue::Swiglu, Some(norm)) {
+            Ok(y) => return y.reshape([b, s, inter]),
+            Err(x) => normalize(norm, x),
         };
-        crate::host_kernels::swiglu(self.forward(normalize(norm, x)))
+        match self.fused(x, GemvEpilogue::Swiglu, None) {
+            Ok(y) => y.reshape([b, s, inter]),
+            Err(x) => crate::host_kernels::swiglu(self.forward(x)),
+        }
     }
 
     /// `forward(norm(x))`: one kernel for a decode step (norm included) where there is one.
@@ -175,9 +172,10 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// The one-row product of `x` (RMS-normalized first when `norm` says) followed by
-    /// `epilogue`, as one kernel where there is one and there is no bias (and the activations
-    /// are in the weights' dtype); else `x` back, not normalized.
+    /// The product of `x` followed by `epilogue` as one kernel (one row, RMS-normalized first
+    /// when `norm` says) or two (a few rows, not normalized: [`gpu_kernels::matmul_rows`])
+    /// where there is one and there is no bias (and the activations are in the weights'
+    /// dtype); else `x` back, not normalized.
     fn fused(
         &self,
         x: Tensor<B, 3>,
@@ -192,7 +190,7 @@ impl<B: Backend> Linear<B> {
         let x = x.reshape([b * s, inp]);
         match norm {
             Some(n) => gpu_kernels::gemv_normed(x, &n.gamma.val(), n.epsilon, &w, epilogue),
-            None => gpu_kernels::gemv(x, &w, epilogue),
+            None => gpu_kernels::gemv(x, &w, epilogue).or_else(|x| gpu_kernels::matmul_rows(x, &w, epilogue)),
         }
         .map_err(|x| x.reshape([b, s, inp]))
     }
@@ -269,7 +267,10 @@ impl<B: Backend> EmbeddingTable<B> {
         let w = self.weight.val();
         let vocab = w.dims()[0];
         let x = x.reshape([b * s, hidden]).cast(w.dtype());
-        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain).or_else(|x| exact_f32_rows(x, &w)) {
+        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain)
+            .or_else(|x| gpu_kernels::matmul_rows(x, &w, GemvEpilogue::Plain))
+            .or_else(|x| exact_f32_rows(x, &w))
+        {
             Ok(y) => y,
             Err(x) => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
         };

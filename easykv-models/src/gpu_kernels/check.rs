@@ -330,6 +330,56 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     });
     record("gemv_normed", normed.into());
 
+    // A few rows on tensor cores (f16 and bf16 only), over launch shapes that split the inner
+    // axis differently; rows that are not whole 16-row tiles; the epilogues.
+    let rows = [
+        (64usize, 4096usize, 3072usize, 0u8),
+        (20, 576, 960, 0),
+        (64, 1536, 576, 1),
+        (7, 576, 1536, 2),
+        (64, 11008, 512, 1),
+    ]
+    .map(|(rows, inp, out, epilogue)| {
+        let scale = if epilogue == 2 { 0.1 } else { 1.0 };
+        let x = random::<B, 2>([rows, inp], dtype, device).mul_scalar(scale);
+        let w_rows = if epilogue == 2 { 2 * out } else { out };
+        let w = random::<B, 2>([w_rows, inp], dtype, device);
+        let residual = random::<B, 2>([rows, out], dtype, device);
+        let product = x
+            .clone()
+            .cast(DType::F32)
+            .matmul(w.clone().cast(DType::F32).transpose());
+        let (want, epilogue) = match epilogue {
+            0 => (product, super::GemvEpilogue::Plain),
+            1 => (
+                product + residual.clone().cast(DType::F32),
+                super::GemvEpilogue::AddResidual(&residual),
+            ),
+            _ => (crate::host_kernels::swiglu_by_ops(product), super::GemvEpilogue::Swiglu),
+        };
+        let variants = [(2048u32, 4u32, 2u32), (256, 1, 1), (100_000, 8, 2)].map(|(planes, unroll, cols)| {
+            super::set_tuning(Some(super::Tuning {
+                rows_planes: planes,
+                rows_unroll: unroll,
+                rows_col_blocks: cols,
+                ..super::Tuning::default()
+            }));
+            let got = super::matmul_rows(x.clone(), &w, epilogue).ok();
+            super::set_tuning(None);
+            got.map(|got| {
+                let d = compare(got, want.clone());
+                Diff {
+                    max: d.max / (inp as f32).sqrt(),
+                    detail: format!("planes {planes}, unroll {unroll}, col blocks {cols}: {}", d.detail),
+                }
+            })
+        });
+        variants.into_iter().try_fold(None, |worst: Option<Diff>, d| {
+            d.map(|d| Some(worst.map_or(d.clone(), |w| w.and(d))))
+        })?
+    });
+    record("matmul_rows", rows.into());
+
     // Decode attention over a cache buffer of 64 slots, all or the first 50 in use; 1 and 4
     // rows per head; scores and values apart; references on the host.
     // (query rows, head dim, slots, capacity): long caches are split over cubes.
@@ -475,6 +525,70 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         super::row_ranks(key).ok().map(|got| compare_host(got, &want))
     });
     record("rank", rank.into());
+
+    // Listing kept slots: rows with exactly, fewer and more true slots than asked for; longer
+    // rows than a cube's 256 threads.
+    let list = [
+        (3usize, 10usize, 5usize),
+        (2, 700, 300),
+        (64, 2112, 1056),
+        (2, 5000, 4000),
+    ]
+    .map(|(rows, n, count)| {
+        let mask = Tensor::<B, 3>::random([rows, 2, n], Distribution::Uniform(0.0, 1.0), device).lower_elem(0.5);
+        let flags: Vec<bool> = mask
+            .clone()
+            .into_data()
+            .convert::<bool>()
+            .into_vec()
+            .unwrap_or_default();
+        let want: Vec<f32> = flags
+            .chunks(n)
+            .flat_map(|row| {
+                let mut slots: Vec<f32> = (0..n).filter(|&j| row[j]).map(|j| j as f32).collect();
+                slots.resize(count, 0.0);
+                slots
+            })
+            .collect();
+        super::list_true_slots(mask, count)
+            .ok()
+            .map(|got| compare_host(got.float(), &want))
+    });
+    record("list_slots", list.into());
+
+    // Compacting a layer's keys and values to listed slots (the first `kept` of the new buffers).
+    let gather =
+        [(1usize, 4usize, 50usize, 128usize, 30usize), (2, 3, 700, 64, 590)].map(|(b, h, capacity, d, kept)| {
+            let keys = random::<B, 4>([b, h, capacity, d], dtype, device);
+            let values = random::<B, 4>([b, h, capacity, d], dtype, device);
+            // Every row keeps `kept` ascending slots: all but every seventh, shifted per row.
+            let keep: Vec<i64> = (0..b * h)
+                .flat_map(|r| {
+                    (0..capacity as i64)
+                        .filter(move |j| (j + r as i64) % 7 != 0)
+                        .take(kept)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let want = |t: &Tensor<B, 4>| {
+                let all = host(t);
+                keep.iter()
+                    .enumerate()
+                    .flat_map(|(i, &slot)| {
+                        let bh = i / kept;
+                        let from = (bh * capacity + slot as usize) * d;
+                        all[from..from + d].to_vec()
+                    })
+                    .collect::<Vec<f32>>()
+            };
+            let (want_k, want_v) = (want(&keys), want(&values));
+            let keep =
+                Tensor::<B, 3, Int>::from_data(burn::tensor::TensorData::new(keep.clone(), [b, h, kept]), device);
+            super::gather_slots(&keys, &values, keep).map(|(k, v)| {
+                compare_host(k.slice_dim(2, 0..kept), &want_k).and(compare_host(v.slice_dim(2, 0..kept), &want_v))
+            })
+        });
+    record("gather", gather.into());
     checks
 }
 

@@ -913,3 +913,256 @@ pub fn matmul_f32(
         }
     }
 }
+
+/// A product with few rows on tensor cores: `partial[split] = x·Wᵀ` over the split's share of
+/// the inner axis, `x` `[16·m_blocks, k]` and `W` `[n, k]` contiguous in `F` (f16 or bf16),
+/// `partial` `[splits, 16·m_blocks, n]` in f32, summed by [`sum_partials`].
+///
+/// A prefill stride of 64 tokens reads every weight once for 64 rows: bound by the weights'
+/// bytes like a decode step, while tiled matrix products of outputs only 4096 wide leave most
+/// of the GPU idle. Here a plane (32 threads) owns `16·col_blocks` output columns for all rows
+/// and one range of the inner axis (`CUBE_POS_Y`), loading its weight tiles straight from
+/// memory, `unroll` steps of 16 ahead so several loads are in flight; the few rows of `x` come
+/// from cache. (Staging them in shared memory for the cube's planes measured slower.)
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rows<F: Float, A: Float>(
+    x: &Tensor<F>,
+    w: &Tensor<F>,
+    partial: &mut Tensor<A>,
+    k: u32,
+    n: u32,
+    steps_per_split: u32,
+    #[comptime] m_blocks: usize,
+    #[comptime] col_blocks: usize,
+    #[comptime] unroll: usize,
+    #[define(F, A)] _dtypes: [StorageType; 2],
+) {
+    let inner = k as usize;
+    let cols = n as usize;
+    let col0 = ((CUBE_POS_X * CUBE_DIM_Y) as usize + UNIT_POS_Y as usize) * 16usize * col_blocks;
+    if col0 >= cols {
+        terminate!();
+    }
+    let split = CUBE_POS_Y as usize;
+    let begin = split * steps_per_split as usize * 16usize;
+    let mut end = begin + steps_per_split as usize * 16usize;
+    if end > inner {
+        end = inner;
+    }
+    let mut acc = Sequence::<cmma::Matrix<A>>::new();
+    #[unroll]
+    for _ in 0..m_blocks * col_blocks {
+        acc.push(cmma::Matrix::<A>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            A::new(0.0),
+        ));
+    }
+    let a = cmma::Matrix::<F>::from_value(
+        cmma::MatrixIdent::A,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::RowMajor,
+        F::new(0.0),
+    );
+    let mut b = Sequence::<cmma::Matrix<F>>::new();
+    #[unroll]
+    for _ in 0..unroll * col_blocks {
+        b.push(cmma::Matrix::<F>::from_value(
+            cmma::MatrixIdent::B,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::ColMajor,
+            F::new(0.0),
+        ));
+    }
+    let x_len = x.len();
+    let w_len = w.len();
+    let mut kk = begin;
+    // `unroll` steps at a time (split lengths are whole multiples): all their weight tiles
+    // requested before the first product.
+    while kk < end {
+        #[unroll]
+        for u in 0..unroll {
+            #[unroll]
+            for c in 0..col_blocks {
+                let start = (col0 + c * 16usize) * inner + kk + u * 16usize;
+                cmma::load(b.index(u * col_blocks + c), &w.slice(start, w_len), k);
+            }
+        }
+        #[unroll]
+        for u in 0..unroll {
+            #[unroll]
+            for mb in 0..m_blocks {
+                cmma::load(&a, &x.slice(mb * 16usize * inner + kk + u * 16usize, x_len), k);
+                #[unroll]
+                for c in 0..col_blocks {
+                    let tile = acc.index(mb * col_blocks + c);
+                    cmma::execute::<F, F, A, A>(&a, b.index(u * col_blocks + c), tile, tile);
+                }
+            }
+        }
+        kk += 16usize * unroll;
+    }
+    let rows = m_blocks * 16usize;
+    let p_len = partial.len();
+    #[unroll]
+    for mb in 0..m_blocks {
+        #[unroll]
+        for c in 0..col_blocks {
+            let start = (split * rows + mb * 16usize) * cols + col0 + c * 16usize;
+            cmma::store(
+                &mut partial.slice_mut(start, p_len),
+                acc.index(mb * col_blocks + c),
+                n,
+                cmma::MatrixLayout::RowMajor,
+            );
+        }
+    }
+}
+
+/// The sum of [`matmul_rows`]' splits for the first `rows` rows (`partial` `[splits,
+/// padded_rows, n]`), then the epilogue: plus `residual` (`[rows, out_cols]`), or SwiGLU of
+/// the gate columns `j` and up columns `out_cols + j`; in `O` (thread = output element).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn sum_partials<A: Float, O: Float>(
+    partial: &Tensor<A>,
+    residual: &Tensor<O>,
+    out: &mut Tensor<O>,
+    splits: u32,
+    padded_rows: u32,
+    n: u32,
+    out_cols: u32,
+    total: u32,
+    #[comptime] add_residual: bool,
+    #[comptime] swiglu: bool,
+    #[define(A, O)] _dtypes: [StorageType; 2],
+) {
+    let idx = ABSOLUTE_POS as usize;
+    if idx >= total as usize {
+        terminate!();
+    }
+    let width = out_cols as usize;
+    let row = idx / width;
+    let j = idx % width;
+    let plane = padded_rows as usize * n as usize;
+    let base = row * n as usize + j;
+    let mut y = A::new(0.0);
+    let mut up = A::new(0.0);
+    for s in 0..splits as usize {
+        y += partial[s * plane + base];
+        if swiglu {
+            up += partial[s * plane + base + width];
+        }
+    }
+    if swiglu {
+        y = y / (A::new(1.0) + (A::new(0.0) - y).exp()) * up;
+    }
+    if add_residual {
+        y += A::cast_from(residual[idx]);
+    }
+    out[idx] = O::cast_from(y);
+}
+
+/// One layer's keys and values compacted: slot `keep[bh, j]` of `keys`/`values` to slot `j`
+/// of `new_keys`/`new_values` (all `[bh, capacity, lanes]` vectors; thread = vector of both).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn gather_slots<F: Float, I: Int, N: Size>(
+    keys: &Tensor<Vector<F, N>>,
+    values: &Tensor<Vector<F, N>>,
+    keep: &Tensor<I>,
+    new_keys: &mut Tensor<Vector<F, N>>,
+    new_values: &mut Tensor<Vector<F, N>>,
+    capacity: u32,
+    kept: u32,
+    lanes: u32,
+    total: u32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let idx = ABSOLUTE_POS as usize;
+    if idx >= total as usize {
+        terminate!();
+    }
+    let l = lanes as usize;
+    let lane = idx % l;
+    let t = idx / l;
+    let j = t % kept as usize;
+    let bh = t / kept as usize;
+    let slot = u32::cast_from(keep[bh * kept as usize + j]) as usize;
+    let from = (bh * capacity as usize + slot) * l + lane;
+    let to = (bh * capacity as usize + j) * l + lane;
+    new_keys[to] = keys[from];
+    new_values[to] = values[from];
+}
+
+/// The slots of each row of `mask` (`[rows, n]`, 1.0 = true) that are true, ascending, the
+/// first `count` of them; a row with fewer fills the rest with 0 (cube = row: each thread
+/// counts a run of slots, a prefix sum over the threads places the runs).
+#[cube(launch)]
+pub fn list_true_slots<I: Int>(
+    mask: &Tensor<f32>,
+    out: &mut Tensor<I>,
+    n: u32,
+    count: u32,
+    #[define(I)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize;
+    let tid = UNIT_POS as usize;
+    let len = n as usize;
+    let chunk = len.div_ceil(256usize);
+    let start = tid * chunk;
+    let mut end = start + chunk;
+    if end > len {
+        end = len;
+    }
+    let base = row * len;
+    let mut c = 0u32;
+    let mut j = start;
+    while j < end {
+        if mask[base + j] > 0.5 {
+            c += 1u32;
+        }
+        j += 1usize;
+    }
+    let mut prefix = SharedMemory::<u32>::new(256usize);
+    prefix[tid] = c;
+    sync_cube();
+    let mut offset = 1usize;
+    while offset < 256usize {
+        let mut add = 0u32;
+        if tid >= offset {
+            add = prefix[tid - offset];
+        }
+        sync_cube();
+        prefix[tid] = prefix[tid] + add;
+        sync_cube();
+        offset *= 2usize;
+    }
+    let total = prefix[255usize];
+    let wanted = count as usize;
+    let out_base = row * wanted;
+    let mut pos = (prefix[tid] - c) as usize;
+    j = start;
+    while j < end {
+        if mask[base + j] > 0.5 {
+            if pos < wanted {
+                out[out_base + pos] = I::cast_from(j as u32);
+            }
+            pos += 1usize;
+        }
+        j += 1usize;
+    }
+    let mut p = total as usize + tid;
+    while p < wanted {
+        out[out_base + p] = I::cast_from(0u32);
+        p += 256usize;
+    }
+}

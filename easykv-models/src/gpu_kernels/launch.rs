@@ -17,7 +17,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::wgpu::WgpuRuntime;
 
 use super::kernels::{self, ROW_BLOCK};
-use super::{enabled, tuning, GemvEpilogue, HeadShape};
+use super::{enabled, tuning, GemvEpilogue, HeadShape, MATMUL_ROWS_MAX};
 
 /// Whether `B`'s float tensors are burn's unfused tensors of runtime `R`.
 fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
@@ -397,8 +397,13 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let [w_rows, w_inp] = w.dims();
+    let fuse_norm = tuning().gemv_fused_norm;
     let norm_fits = norm.is_none_or(|(g, _)| {
-        g.dims() == [inp] && is_float(g.dtype()) && inp * x.dtype().size() <= GEMV_NORM_BYTES && enabled("rms_norm")
+        fuse_norm
+            && g.dims() == [inp]
+            && is_float(g.dtype())
+            && inp * x.dtype().size() <= GEMV_NORM_BYTES
+            && enabled("rms_norm")
     });
     let out = match epilogue {
         GemvEpilogue::Swiglu => w_rows / 2,
@@ -931,4 +936,272 @@ fn matmul_f32_on<B: Backend, R: CubeRuntime>(
         b_col as u32,
     );
     Ok(tensor(out))
+}
+
+/// `x·Wᵀ` for a few rows (2 to [`MATMUL_ROWS_MAX`]) of `x` (`[rows, in]`) and `W` `[out, in]`,
+/// both f16 or both bf16, on tensor cores, followed by `epilogue` (its residual `[rows, out]`):
+/// `[rows, out]` in `x`'s dtype (the residual's with one). CUDA only.
+pub fn matmul_rows<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    epilogue: GemvEpilogue<'_, B>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    // Cooperative matrices on wgpu are untested (lavapipe has none), so CUDA alone.
+    #[cfg(feature = "cuda")]
+    if is_runtime::<B, CudaRuntime>() {
+        return matmul_rows_on::<B, CudaRuntime>(x, w, epilogue);
+    }
+    let _ = (w, epilogue);
+    Err(x)
+}
+
+#[cfg(feature = "cuda")]
+fn matmul_rows_on<B: Backend, R: CubeRuntime>(
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    epilogue: GemvEpilogue<'_, B>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let [rows, inp] = x.dims();
+    let [w_rows, w_inp] = w.dims();
+    let out = match epilogue {
+        GemvEpilogue::Swiglu => w_rows / 2,
+        _ => w_rows,
+    };
+    let epilogue_fits = match epilogue {
+        GemvEpilogue::Plain => true,
+        GemvEpilogue::AddResidual(r) => r.dims() == [rows, out] && is_float(r.dtype()),
+        GemvEpilogue::Swiglu => w_rows % 2 == 0,
+    };
+    let sizes_fit = [rows * inp, w_rows * w_inp, rows * w_rows * 16]
+        .iter()
+        .all(|&v| v <= u32::MAX as usize);
+    let tuning = tuning();
+    if !applies("rows", &[x.dtype(), w.dtype()])
+        || w_rows > tuning.rows_max_out as usize
+        || !matches!(w.dtype(), DType::F16 | DType::BF16)
+        || x.dtype() != w.dtype()
+        || !(2..=MATMUL_ROWS_MAX).contains(&rows)
+        || inp != w_inp
+        || inp % 16 != 0
+        || w_rows % 16 != 0
+        || out == 0
+        || !epilogue_fits
+        || !sizes_fit
+    {
+        return Err(x);
+    }
+    let w = cube::<B, R, 2>(w.clone());
+    let mma = cubecl::features::MmaConfig {
+        a_type: w.dtype.into(),
+        b_type: w.dtype.into(),
+        cd_type: DType::F32.into(),
+        m: 16,
+        n: 16,
+        k: 16,
+    };
+    if !w.client.features().matmul.cmma.contains(&mma) {
+        return Err(x);
+    }
+    // Rows padded to whole 16-row tiles.
+    let m_blocks = rows.div_ceil(16);
+    let padded = m_blocks * 16;
+    let x = match padded - rows {
+        0 => x,
+        pad => Tensor::cat(
+            vec![
+                x.clone(),
+                Tensor::<B, 2>::zeros([pad, inp], &x.device()).cast(x.dtype()),
+            ],
+            0,
+        ),
+    };
+    let x = cube::<B, R, 2>(x);
+    let col_blocks = if w_rows % 32 == 0 {
+        tuning.rows_col_blocks.clamp(1, 2) as usize
+    } else {
+        1
+    };
+    let planes = w_rows / (16 * col_blocks);
+    let steps = inp / 16;
+    // Steps of 16 staged at once: a whole number of them along the inner axis.
+    let unroll = (1..=tuning.rows_unroll.clamp(1, 8) as usize)
+        .rev()
+        .find(|u| steps % u == 0)
+        .unwrap_or(1);
+    // Enough planes over the whole GPU to keep many weight loads in flight; each split
+    // writes (and the sum rereads) an f32 copy of the output, so no more than needed.
+    let splits = (tuning.rows_planes as usize / planes).clamp(1, 16).min(steps / unroll);
+    let steps_per_split = (steps / unroll).div_ceil(splits) * unroll;
+    let splits = steps.div_ceil(steps_per_split);
+    let planes_per_cube = tuning.rows_planes_per_cube.clamp(1, 8) as usize;
+    let client = x.client.clone();
+    let partial = empty_like(&x, vec![splits, padded, w_rows], DType::F32);
+    kernels::matmul_rows::launch::<R>(
+        &client,
+        CubeCount::Static(planes.div_ceil(planes_per_cube) as u32, splits as u32, 1),
+        CubeDim::new_2d(32, planes_per_cube as u32),
+        x.clone().into_tensor_arg(),
+        w.into_tensor_arg(),
+        partial.clone().into_tensor_arg(),
+        inp as u32,
+        w_rows as u32,
+        steps_per_split as u32,
+        m_blocks,
+        col_blocks,
+        unroll,
+        [x.dtype.into(), DType::F32.into()],
+    );
+    let (residual, out_dtype) = match epilogue {
+        GemvEpilogue::AddResidual(r) => {
+            let r = cube::<B, R, 2>(r.clone());
+            let dtype = r.dtype;
+            (r, dtype)
+        }
+        _ => (empty_like(&x, vec![1], x.dtype), x.dtype),
+    };
+    let y = empty_like(&x, vec![rows, out], out_dtype);
+    let total = rows * out;
+    let cube_dim = CubeDim::new_1d(256);
+    kernels::sum_partials::launch::<R>(
+        &client,
+        calculate_cube_count_elemwise(&client, total, cube_dim),
+        cube_dim,
+        partial.into_tensor_arg(),
+        residual.into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        splits as u32,
+        padded as u32,
+        w_rows as u32,
+        out as u32,
+        total as u32,
+        matches!(epilogue, GemvEpilogue::AddResidual(_)),
+        matches!(epilogue, GemvEpilogue::Swiglu),
+        [DType::F32.into(), out_dtype.into()],
+    );
+    Ok(tensor(y))
+}
+
+/// The runtime's tensor inside an integer `t`, contiguous (see [`cube`]).
+fn int_cube<B: Backend, R: CubeRuntime, const D: usize>(t: Tensor<B, D, Int>) -> CubeTensor<R> {
+    let any: Box<dyn Any> = Box::new(t.into_primitive());
+    match any.downcast::<CubeTensor<R>>() {
+        Ok(c) => into_contiguous(*c),
+        Err(_) => unreachable!("callers check the backend's runtime"),
+    }
+}
+
+/// A runtime tensor back as a `B` integer tensor (see [`tensor`]).
+fn int_tensor<B: Backend, R: CubeRuntime, const D: usize>(c: CubeTensor<R>) -> Tensor<B, D, Int> {
+    let any: Box<dyn Any> = Box::new(c);
+    match any.downcast::<B::IntTensorPrimitive>() {
+        Ok(p) => Tensor::from_primitive(*p),
+        Err(_) => unreachable!("callers check the backend's runtime"),
+    }
+}
+
+/// One layer's keys and values compacted to the slots `keep` lists, as the cache's
+/// [`easykv_core::SlotGatherer`]: one launch for both buffers.
+///
+/// # Shapes
+/// - `keys`, `values`: `[batch, kv_heads, capacity, d]`; `keep`: `[batch, kv_heads, kept]` →
+///   two new `[batch, kv_heads, capacity, d]` buffers, their first `kept` slots filled
+pub fn gather_slots<B: Backend>(
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    keep: Tensor<B, 3, Int>,
+) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+    #[cfg(feature = "cuda")]
+    if is_runtime::<B, CudaRuntime>() {
+        return gather_slots_on::<B, CudaRuntime>(keys, values, keep);
+    }
+    #[cfg(feature = "wgpu")]
+    if is_runtime::<B, WgpuRuntime>() {
+        return gather_slots_on::<B, WgpuRuntime>(keys, values, keep);
+    }
+    let _ = (keys, values, keep);
+    None
+}
+
+fn gather_slots_on<B: Backend, R: CubeRuntime>(
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    keep: Tensor<B, 3, Int>,
+) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+    let [b, h, capacity, d] = keys.dims();
+    let [kb, kh, kept] = keep.dims();
+    let vector = vector_size(d, keys.dtype());
+    let lanes = d / vector;
+    let total = b * h * kept * lanes;
+    if !applies("gather", &[keys.dtype(), values.dtype()])
+        || values.dims() != keys.dims()
+        || values.dtype() != keys.dtype()
+        || [kb, kh] != [b, h]
+        || kept == 0
+        || kept > capacity
+        || b * h * capacity * d > u32::MAX as usize
+        || total > u32::MAX as usize
+    {
+        return None;
+    }
+    let (k, v) = (cube(keys.clone()), cube(values.clone()));
+    let keep = int_cube::<B, R, 3>(keep);
+    let new_k = empty_like(&k, vec![b, h, capacity, d], k.dtype);
+    let new_v = empty_like(&k, vec![b, h, capacity, d], k.dtype);
+    let client = k.client.clone();
+    let cube_dim = CubeDim::new_1d(256);
+    let dtypes = [k.dtype.into(), keep.dtype.into()];
+    kernels::gather_slots::launch::<R>(
+        &client,
+        calculate_cube_count_elemwise(&client, total, cube_dim),
+        cube_dim,
+        vector,
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        keep.into_tensor_arg(),
+        new_k.clone().into_tensor_arg(),
+        new_v.clone().into_tensor_arg(),
+        capacity as u32,
+        kept as u32,
+        lanes as u32,
+        total as u32,
+        dtypes,
+    );
+    Some((tensor(new_k), tensor(new_v)))
+}
+
+/// The true slots of every row of `mask`, ascending, `count` per row, as the cache's
+/// [`easykv_core::SlotLister`]: one launch (and a cast of the mask) instead of a prefix sum
+/// and a scatter.
+///
+/// # Shapes
+/// - `mask`: `[rows, heads, slots]` → `[rows, heads, count]`
+pub fn list_true_slots<B: Backend>(
+    mask: Tensor<B, 3, Bool>,
+    count: usize,
+) -> Result<Tensor<B, 3, Int>, Tensor<B, 3, Bool>> {
+    on_runtime!(list_true_slots_on::<B>(mask, count), mask)
+}
+
+fn list_true_slots_on<B: Backend, R: CubeRuntime>(
+    mask: Tensor<B, 3, Bool>,
+    count: usize,
+) -> Result<Tensor<B, 3, Int>, Tensor<B, 3, Bool>> {
+    let [rows, h, n] = mask.dims();
+    if !enabled("gather") || rows * h == 0 || rows * h > 65_535 || count == 0 || n > u32::MAX as usize {
+        return Err(mask);
+    }
+    let m = cube::<B, R, 3>(mask.float().cast(DType::F32));
+    let int = <B::IntElem as burn::tensor::Element>::dtype();
+    let out = empty_like(&m, vec![rows, h, count], int);
+    kernels::list_true_slots::launch::<R>(
+        &m.client.clone(),
+        CubeCount::Static((rows * h) as u32, 1, 1),
+        CubeDim::new_1d(256),
+        m.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        n as u32,
+        count as u32,
+        int.into(),
+    );
+    Ok(int_tensor(out))
 }

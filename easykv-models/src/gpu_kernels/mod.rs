@@ -135,6 +135,29 @@ mod fallback {
         false
     }
 
+    pub fn gather_slots<B: Backend>(
+        _keys: &Tensor<B, 4>,
+        _values: &Tensor<B, 4>,
+        _keep: Tensor<B, 3, Int>,
+    ) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+        None
+    }
+
+    pub fn list_true_slots<B: Backend>(
+        mask: Tensor<B, 3, Bool>,
+        _count: usize,
+    ) -> Result<Tensor<B, 3, Int>, Tensor<B, 3, Bool>> {
+        Err(mask)
+    }
+
+    pub fn matmul_rows<B: Backend>(
+        x: Tensor<B, 2>,
+        _w: &Tensor<B, 2>,
+        _epilogue: super::GemvEpilogue<'_, B>,
+    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+        Err(x)
+    }
+
     pub fn matmul_f32<B: Backend>(
         a: Tensor<B, 4>,
         _b: &Tensor<B, 4>,
@@ -164,6 +187,10 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
+/// Rows up to which `matmul_rows` takes a product (a prefill stride of 64 tokens; beyond,
+/// burn's tuned products tile well).
+pub const MATMUL_ROWS_MAX: usize = 64;
+
 /// What `gemv` does with the product before writing it.
 #[derive(Debug)]
 pub enum GemvEpilogue<'a, B: burn::tensor::backend::Backend> {
@@ -184,8 +211,24 @@ pub struct Tuning {
     /// Whether [`gemv`] adds its lanes' sums by a plane reduction (where planes are 32 wide)
     /// instead of through shared memory.
     pub gemv_plane_reduce: bool,
+    /// Whether [`gemv_normed`] normalizes inside the product (else it declines, and callers
+    /// normalize by [`rms_norm`] first: one more launch, but no cube repeats the norm).
+    pub gemv_fused_norm: bool,
     /// Slot ranges [`attention_values`] spreads a head's slots over; 0: by the slot count.
     pub value_splits: u32,
+    /// Planes `matmul_rows` aims to spread a product over (by splitting the inner axis).
+    pub rows_planes: u32,
+    /// Inner-axis steps of 16 whose weight tiles a `matmul_rows` plane loads at once (1–8).
+    pub rows_unroll: u32,
+    /// 16-column tiles per `matmul_rows` plane (1–2).
+    pub rows_col_blocks: u32,
+    /// Planes per `matmul_rows` cube (1–8).
+    pub rows_planes_per_cube: u32,
+    /// Output columns above which products of a few rows stay with burn's matmul
+    /// (`matmul_rows` declines). On the H200 at 64 rows burn's tuned products won for the
+    /// 12,288- and 22,016-wide qkv and gate|up projections (90 vs 108 µs, 116 vs 185 µs) and
+    /// `matmul_rows` for the 4,096-wide ones (47 vs 56 µs, 96 vs 187 µs).
+    pub rows_max_out: u32,
 }
 
 impl Default for Tuning {
@@ -193,7 +236,13 @@ impl Default for Tuning {
         Tuning {
             gemv_rows_per_cube: 8,
             gemv_plane_reduce: false,
+            gemv_fused_norm: true,
             value_splits: 0,
+            rows_planes: 2048,
+            rows_unroll: 4,
+            rows_col_blocks: 2,
+            rows_planes_per_cube: 4,
+            rows_max_out: 8192,
         }
     }
 }
@@ -201,8 +250,10 @@ impl Default for Tuning {
 static TUNING: std::sync::Mutex<Option<Tuning>> = std::sync::Mutex::new(None);
 
 /// The launch shapes in use: as [`set_tuning`] set them, else the defaults with
-/// `EASYKV_GEMV=ROWS,PLANE` (rows per cube 1–8, plane reduction 0/1) applied, for comparing
-/// whole runs on one build.
+/// `EASYKV_GEMV=ROWS,PLANE,FUSED_NORM` (rows per cube 1–8, plane reduction 0/1, norm inside
+/// the product 0/1) and
+/// `EASYKV_ROWS=PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT` (`matmul_rows`) applied, for comparing whole runs on
+/// one build.
 pub fn tuning() -> Tuning {
     static FROM_ENV: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
     TUNING.lock().ok().and_then(|t| *t).unwrap_or_else(|| {
@@ -215,6 +266,26 @@ pub fn tuning() -> Tuning {
             }
             if let Some(plane) = parts.next() {
                 t.gemv_plane_reduce = plane == "1" || plane == "true";
+            }
+            if let Some(fuse) = parts.next() {
+                t.gemv_fused_norm = !(fuse == "0" || fuse == "false");
+            }
+            let value = std::env::var("EASYKV_ROWS").unwrap_or_default();
+            let mut parts = value.split(',').map(|p| p.trim().parse::<u32>().ok());
+            if let Some(Some(planes)) = parts.next() {
+                t.rows_planes = planes.max(1);
+            }
+            if let Some(Some(unroll)) = parts.next() {
+                t.rows_unroll = unroll.clamp(1, 8);
+            }
+            if let Some(Some(cols)) = parts.next() {
+                t.rows_col_blocks = cols.clamp(1, 2);
+            }
+            if let Some(Some(per_cube)) = parts.next() {
+                t.rows_planes_per_cube = per_cube.clamp(1, 8);
+            }
+            if let Some(Some(max_out)) = parts.next() {
+                t.rows_max_out = max_out;
             }
             t
         })
@@ -246,8 +317,10 @@ pub struct HeadShape {
 }
 
 /// The kernels, by the names `EASYKV_GPU_KERNELS` takes.
-pub const KERNELS: [&str; 9] = [
+pub const KERNELS: [&str; 11] = [
     "matmul",
+    "rows",
+    "gather",
     "observe",
     "rms_norm",
     "softmax",
@@ -258,12 +331,15 @@ pub const KERNELS: [&str; 9] = [
     "rank",
 ];
 
-/// Lets evicting caches on `B` rank slots with [`row_ranks`] and record prefill chunks with
-/// [`write_observation`] (cubecl backends only; a no-op elsewhere and once installed).
+/// Lets evicting caches on `B` rank slots with [`row_ranks`], record prefill chunks with
+/// [`write_observation`], list kept slots with [`list_true_slots`] and compact keys and values
+/// with [`gather_slots`] (cubecl backends only; a no-op elsewhere and once installed).
 pub fn install_cache_kernels<B: burn::tensor::backend::Backend>() {
     if is_cube_backend::<B>() {
         easykv_core::install_row_ranker::<B>(row_ranks::<B>);
         easykv_core::install_observation_writer::<B>(write_observation::<B>);
+        easykv_core::install_slot_lister::<B>(list_true_slots::<B>);
+        easykv_core::install_slot_gatherer::<B>(gather_slots::<B>);
     }
 }
 

@@ -129,6 +129,25 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 super::gemv_normed(x.clone(), &gamma, 1e-5, &w, e)
             };
             each_shape(format!("gemv normed {name}"), &normed);
+            // The norm as a launch of its own, then the plain product.
+            let apart = || {
+                let e = if epilogue == 2 {
+                    GemvEpilogue::Swiglu
+                } else {
+                    GemvEpilogue::Plain
+                };
+                super::rms_norm(x.clone(), &gamma, 1e-5).and_then(|xn| super::gemv(xn, &w, e))
+            };
+            if apart().is_ok() {
+                let us = time::<B, _>(device, reps, apart);
+                push(
+                    &format!("norm, then gemv {name}"),
+                    format!("[{rows}, {cols}]"),
+                    None,
+                    us,
+                    moved,
+                );
+            }
         }
         // burn's own product for comparison (its autotuned matmul).
         let wt = w.clone().transpose();
@@ -136,6 +155,71 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
         push(
             &format!("burn matmul {name}"),
             format!("[{rows}, {cols}]"),
+            None,
+            us,
+            moved,
+        );
+    }
+
+    // A prefill stride's products (64 rows) on tensor cores, per launch shape, against burn's.
+    let prefill = [
+        ("qkv", 12288usize, 4096usize, 0u8),
+        ("o + residual", 4096, 4096, 1),
+        ("gate_up + swiglu", 22016, 4096, 2),
+        ("down + residual", 4096, 11008, 1),
+    ];
+    let rows = super::MATMUL_ROWS_MAX;
+    for (name, w_rows, cols, epilogue) in prefill {
+        let w = random::<B, 2>([w_rows, cols], dtype, device);
+        let x = random::<B, 2>([rows, cols], dtype, device);
+        let out_cols = if epilogue == 2 { w_rows / 2 } else { w_rows };
+        let residual = random::<B, 2>([rows, out_cols], dtype, device);
+        let moved = Some((w_rows * cols) as f64 * bytes);
+        let run = || {
+            let e = match epilogue {
+                1 => GemvEpilogue::AddResidual(&residual),
+                2 => GemvEpilogue::Swiglu,
+                _ => GemvEpilogue::Plain,
+            };
+            super::matmul_rows(x.clone(), &w, e)
+        };
+        let shapes = [
+            (2048, 4, 2, 4),
+            (1024, 4, 2, 4),
+            (4096, 4, 2, 4),
+            (2048, 8, 2, 4),
+            (2048, 2, 2, 4),
+            (2048, 4, 2, 8),
+        ];
+        for (planes, unroll, col_blocks, per_cube) in shapes {
+            let tuning = Tuning {
+                rows_planes: planes,
+                rows_unroll: unroll,
+                rows_col_blocks: col_blocks,
+                rows_planes_per_cube: per_cube,
+                // Timed at every width, including those burn's products take by default.
+                rows_max_out: u32::MAX,
+                ..Tuning::default()
+            };
+            super::set_tuning(Some(tuning));
+            if run().is_err() {
+                break;
+            }
+            let us = time::<B, _>(device, reps, run);
+            push(
+                &format!("rows {name}"),
+                format!("{rows} × [{w_rows}, {cols}]"),
+                Some(tuning),
+                us,
+                moved,
+            );
+        }
+        super::set_tuning(None);
+        let wt = w.clone().transpose();
+        let us = time::<B, _>(device, reps, || x.clone().matmul(wt.clone()));
+        push(
+            &format!("burn matmul {name}"),
+            format!("{rows} × [{w_rows}, {cols}]"),
             None,
             us,
             moved,
