@@ -281,25 +281,15 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         };
         // Every launch shape the timing run compares (plane reductions apply where planes are
         // 32 wide).
-        let variants = [(8, false), (4, true), (2, true)].map(|(rows_per_cube, plane)| {
-            super::set_tuning(Some(super::Tuning {
+        let tunings = [(8, false), (4, true), (2, true)].map(|(rows_per_cube, plane)| {
+            let tuning = super::Tuning {
                 gemv_rows_per_cube: rows_per_cube,
                 gemv_plane_reduce: plane,
                 ..super::Tuning::default()
-            }));
-            let got = super::gemv(x.clone(), &w, epilogue).ok();
-            super::set_tuning(None);
-            got.map(|got| {
-                let d = compare(got, want.clone());
-                Diff {
-                    max: d.max / (inp as f32).sqrt(),
-                    detail: format!("rows/cube {rows_per_cube}, plane {plane}: {}", d.detail),
-                }
-            })
+            };
+            (tuning, format!("rows/cube {rows_per_cube}, plane {plane}"))
         });
-        variants.into_iter().try_fold(None, |worst: Option<Diff>, d| {
-            d.map(|d| Some(worst.map_or(d.clone(), |w| w.and(d))))
-        })?
+        worst_over_tunings(&tunings, inp, &want, || super::gemv(x.clone(), &w, epilogue))
     });
     record("gemv", gemv.into());
 
@@ -357,26 +347,16 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             ),
             _ => (crate::host_kernels::swiglu_by_ops(product), super::GemvEpilogue::Swiglu),
         };
-        let variants = [(2048u32, 4u32, 2u32), (256, 1, 1), (100_000, 8, 2)].map(|(planes, unroll, cols)| {
-            super::set_tuning(Some(super::Tuning {
+        let tunings = [(2048u32, 4u32, 2u32), (256, 1, 1), (100_000, 8, 2)].map(|(planes, unroll, cols)| {
+            let tuning = super::Tuning {
                 rows_planes: planes,
                 rows_unroll: unroll,
                 rows_col_blocks: cols,
                 ..super::Tuning::default()
-            }));
-            let got = super::matmul_rows(x.clone(), &w, epilogue).ok();
-            super::set_tuning(None);
-            got.map(|got| {
-                let d = compare(got, want.clone());
-                Diff {
-                    max: d.max / (inp as f32).sqrt(),
-                    detail: format!("planes {planes}, unroll {unroll}, col blocks {cols}: {}", d.detail),
-                }
-            })
+            };
+            (tuning, format!("planes {planes}, unroll {unroll}, col blocks {cols}"))
         });
-        variants.into_iter().try_fold(None, |worst: Option<Diff>, d| {
-            d.map(|d| Some(worst.map_or(d.clone(), |w| w.and(d))))
-        })?
+        worst_over_tunings(&tunings, inp, &want, || super::matmul_rows(x.clone(), &w, epilogue))
     });
     record("matmul_rows", rows.into());
 
@@ -590,6 +570,33 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         });
     record("gather", gather.into());
     checks
+}
+
+/// The worst difference between `kernel`'s product and `want` over launch shapes `tunings`
+/// (each with its label), relative to `√inp` (sums of `inp` products); `None` if a launch shape
+/// declined.
+fn worst_over_tunings<B: Backend>(
+    tunings: &[(super::Tuning, String)],
+    inp: usize,
+    want: &Tensor<B, 2>,
+    kernel: impl Fn() -> Result<Tensor<B, 2>, Tensor<B, 2>>,
+) -> Option<Diff> {
+    let mut worst: Option<Diff> = None;
+    for (tuning, label) in tunings {
+        super::set_tuning(Some(*tuning));
+        let got = kernel().ok();
+        super::set_tuning(None);
+        let d = compare(got?, want.clone());
+        let d = Diff {
+            max: d.max / (inp as f32).sqrt(),
+            detail: format!("{label}: {}", d.detail),
+        };
+        worst = Some(match worst {
+            Some(w) => w.and(d),
+            None => d,
+        });
+    }
+    worst
 }
 
 /// `1 / rms(x)` over the last axis, in f32.

@@ -972,7 +972,8 @@ fn matmul_rows_on<B: Backend, R: CubeRuntime>(
         GemvEpilogue::AddResidual(r) => r.dims() == [rows, out] && is_float(r.dtype()),
         GemvEpilogue::Swiglu => w_rows % 2 == 0,
     };
-    let sizes_fit = [rows * inp, w_rows * w_inp, rows * w_rows * 16]
+    // x padded to 64 rows, W, and the partial sums of up to 16 splits, indexed in u32.
+    let sizes_fit = [MATMUL_ROWS_MAX * inp, w_rows * w_inp, MATMUL_ROWS_MAX * w_rows * 16]
         .iter()
         .all(|&v| v <= u32::MAX as usize);
     let tuning = tuning();
