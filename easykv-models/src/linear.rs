@@ -130,7 +130,8 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// `residual + forward(x)`: one kernel for a decode step where there is one.
+    /// `residual + forward(x)`: one kernel for a decode step and two for a few rows (a prefill
+    /// stride), where there are.
     ///
     /// # Shapes
     /// - `x`: `[batch, s, in]`, `residual`: `[batch, s, out]` → `[batch, s, out]`
@@ -144,7 +145,8 @@ impl<B: Backend> Linear<B> {
     }
 
     /// `silu(gate)·up` of the stacked gate|up projection `forward(norm(x))` (`[.., 2·inter]` →
-    /// `[.., inter]`): one kernel for a decode step (norm included) where there is one.
+    /// `[.., inter]`): one kernel for a decode step (norm included), and the product with
+    /// SwiGLU in two for a few rows, where there are.
     pub fn forward_swiglu_normed(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let inter = self.weight.dims()[0] / 2;
