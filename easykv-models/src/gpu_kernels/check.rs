@@ -260,36 +260,19 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         (576, 1536, 2),
     ]
     .map(|(inp, out, epilogue)| {
-        // SwiGLU multiplies two sums: smaller inputs keep its outputs where half precision
-        // still resolves the tolerance.
-        let scale = if epilogue == 2 { 0.1 } else { 1.0 };
-        let x = random::<B, 2>([1, inp], dtype, device).mul_scalar(scale);
-        let rows = if epilogue == 2 { 2 * out } else { out };
-        let w = random::<B, 2>([rows, inp], dtype, device);
-        let residual = random::<B, 2>([1, out], dtype, device);
-        let product = x
-            .clone()
-            .cast(DType::F32)
-            .matmul(w.clone().cast(DType::F32).transpose());
-        let (want, epilogue) = match epilogue {
-            0 => (product, super::GemvEpilogue::Plain),
-            1 => (
-                product + residual.clone().cast(DType::F32),
-                super::GemvEpilogue::AddResidual(&residual),
-            ),
-            _ => (crate::host_kernels::swiglu_by_ops(product), super::GemvEpilogue::Swiglu),
-        };
-        // Every launch shape the timing run compares (plane reductions apply where planes are
-        // 32 wide).
-        let tunings = [(8, false), (4, true), (2, true)].map(|(rows_per_cube, plane)| {
-            let tuning = super::Tuning {
-                gemv_rows_per_cube: rows_per_cube,
-                gemv_plane_reduce: plane,
-                ..super::Tuning::default()
-            };
-            (tuning, format!("rows/cube {rows_per_cube}, plane {plane}"))
-        });
-        worst_over_tunings(&tunings, inp, &want, || super::gemv(x.clone(), &w, epilogue))
+        product_case::<B>([1, inp, out], epilogue, dtype, device, |x, w, e, want| {
+            // Every launch shape the timing run compares (plane reductions apply where planes
+            // are 32 wide).
+            let tunings = [(8, false), (4, true), (2, true)].map(|(rows_per_cube, plane)| {
+                let tuning = super::Tuning {
+                    gemv_rows_per_cube: rows_per_cube,
+                    gemv_plane_reduce: plane,
+                    ..super::Tuning::default()
+                };
+                (tuning, format!("rows/cube {rows_per_cube}, plane {plane}"))
+            });
+            worst_over_tunings(&tunings, inp, want, || super::gemv(x.clone(), w, e))
+        })
     });
     record("gemv", gemv.into());
 
@@ -330,33 +313,18 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         (64, 11008, 512, 1),
     ]
     .map(|(rows, inp, out, epilogue)| {
-        let scale = if epilogue == 2 { 0.1 } else { 1.0 };
-        let x = random::<B, 2>([rows, inp], dtype, device).mul_scalar(scale);
-        let w_rows = if epilogue == 2 { 2 * out } else { out };
-        let w = random::<B, 2>([w_rows, inp], dtype, device);
-        let residual = random::<B, 2>([rows, out], dtype, device);
-        let product = x
-            .clone()
-            .cast(DType::F32)
-            .matmul(w.clone().cast(DType::F32).transpose());
-        let (want, epilogue) = match epilogue {
-            0 => (product, super::GemvEpilogue::Plain),
-            1 => (
-                product + residual.clone().cast(DType::F32),
-                super::GemvEpilogue::AddResidual(&residual),
-            ),
-            _ => (crate::host_kernels::swiglu_by_ops(product), super::GemvEpilogue::Swiglu),
-        };
-        let tunings = [(2048u32, 4u32, 2u32), (256, 1, 1), (100_000, 8, 2)].map(|(planes, unroll, cols)| {
-            let tuning = super::Tuning {
-                rows_planes: planes,
-                rows_unroll: unroll,
-                rows_col_blocks: cols,
-                ..super::Tuning::default()
-            };
-            (tuning, format!("planes {planes}, unroll {unroll}, col blocks {cols}"))
-        });
-        worst_over_tunings(&tunings, inp, &want, || super::matmul_rows(x.clone(), &w, epilogue))
+        product_case::<B>([rows, inp, out], epilogue, dtype, device, |x, w, e, want| {
+            let tunings = [(2048u32, 4u32, 2u32), (256, 1, 1), (100_000, 8, 2)].map(|(planes, unroll, cols)| {
+                let tuning = super::Tuning {
+                    rows_planes: planes,
+                    rows_unroll: unroll,
+                    rows_col_blocks: cols,
+                    ..super::Tuning::default()
+                };
+                (tuning, format!("planes {planes}, unroll {unroll}, col blocks {cols}"))
+            });
+            worst_over_tunings(&tunings, inp, want, || super::matmul_rows(x.clone(), w, e))
+        })
     });
     record("matmul_rows", rows.into());
 
@@ -570,6 +538,38 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         });
     record("gather", gather.into());
     checks
+}
+
+/// A product case: random `x` (`[rows, inp]`) and `W` (`[out, inp]`, twice the rows for SwiGLU)
+/// in `dtype`, an epilogue (0: none, 1: plus a random residual, 2: SwiGLU) and the reference in
+/// f32 burn operations, handed to `check` as (x, W, epilogue, reference).
+fn product_case<B: Backend>(
+    [rows, inp, out]: [usize; 3],
+    epilogue: u8,
+    dtype: DType,
+    device: &B::Device,
+    check: impl FnOnce(&Tensor<B, 2>, &Tensor<B, 2>, super::GemvEpilogue<'_, B>, &Tensor<B, 2>) -> Option<Diff>,
+) -> Option<Diff> {
+    // SwiGLU multiplies two sums: smaller inputs keep its outputs where half precision still
+    // resolves the tolerance.
+    let scale = if epilogue == 2 { 0.1 } else { 1.0 };
+    let x = random::<B, 2>([rows, inp], dtype, device).mul_scalar(scale);
+    let w_rows = if epilogue == 2 { 2 * out } else { out };
+    let w = random::<B, 2>([w_rows, inp], dtype, device);
+    let residual = random::<B, 2>([rows, out], dtype, device);
+    let product = x
+        .clone()
+        .cast(DType::F32)
+        .matmul(w.clone().cast(DType::F32).transpose());
+    let (want, e) = match epilogue {
+        0 => (product, super::GemvEpilogue::Plain),
+        1 => (
+            product + residual.clone().cast(DType::F32),
+            super::GemvEpilogue::AddResidual(&residual),
+        ),
+        _ => (crate::host_kernels::swiglu_by_ops(product), super::GemvEpilogue::Swiglu),
+    };
+    check(&x, &w, e, &want)
 }
 
 /// The worst difference between `kernel`'s product and `want` over launch shapes `tunings`
