@@ -266,15 +266,13 @@ impl<B: Backend> LayerKv<B> {
     }
 
     /// [`retain_layers`](Self::retain_layers)' device path: `layers` hold `capacity` slots each.
-    /// Rows of each flattened `[b·h·capacity, d]` buffer are selected: whole rows are copied,
+    /// By the backend's [`SlotGatherer`] where one is installed (one launch per layer), else
+    /// rows of each flattened `[b·h·capacity, d]` buffer are selected: whole rows are copied,
     /// far cheaper than an element-wise gather; the spare capacity is refilled with row 0.
     fn retain_layers_by_rows(&mut self, layers: std::ops::Range<usize>, keep: Tensor<B, 3, Int>, capacity: usize) {
-        let [rows, h, kept] = keep.dims();
-        let n = layers.len();
-        let b = rows / n.max(1);
-        let device = keep.device();
+        let [rows, _, kept] = keep.dims();
+        let b = rows / layers.len().max(1);
         if let Some(gather) = GATHERERS.get::<B, SlotGatherer<B>>() {
-            let mut declined = false;
             for (i, layer) in layers.clone().enumerate() {
                 let Some(Some(e)) = self.layers.get_mut(layer) else {
                     continue;
@@ -285,17 +283,24 @@ impl<B: Backend> LayerKv<B> {
                         e.v = v;
                         e.len = kept;
                     }
-                    // Only the first layer can decline (they are all alike): none compacted yet.
+                    // The layers not compacted yet go by row selection.
                     None => {
-                        declined = true;
-                        break;
+                        let rest = keep.slice_dim(0, i * b..rows);
+                        return self.select_rows(layer..layers.end, rest, capacity);
                     }
                 }
             }
-            if !declined {
-                return;
-            }
+            return;
         }
+        self.select_rows(layers, keep, capacity);
+    }
+
+    /// [`retain_layers_by_rows`](Self::retain_layers_by_rows) by row selection.
+    fn select_rows(&mut self, layers: std::ops::Range<usize>, keep: Tensor<B, 3, Int>, capacity: usize) {
+        let [rows, h, kept] = keep.dims();
+        let n = layers.len();
+        let b = rows / n.max(1);
+        let device = keep.device();
         let keep = match kept < capacity {
             true => Tensor::cat(
                 vec![
@@ -398,13 +403,18 @@ mod tests {
 
     static GATHER_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-    /// A stand-in for a device kernel: the kept slots copied on the host, counted.
+    /// A stand-in for a device kernel: the kept slots copied on the host, counted; it declines
+    /// buffers whose first key is 10 or more (the second layer below).
     fn counting_gatherer(
         k: &Tensor<Flex, 4>,
         v: &Tensor<Flex, 4>,
         keep: Tensor<Flex, 3, Int>,
     ) -> Option<(Tensor<Flex, 4>, Tensor<Flex, 4>)> {
         GATHER_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let first: Vec<f32> = k.clone().slice_dim(2, 0..1).into_data().to_vec().ok()?;
+        if first.first().is_some_and(|&f| f >= 10.0) {
+            return None;
+        }
         let kept = keep.dims()[2];
         let order = ascending_rows(keep)?;
         Some((
@@ -413,7 +423,8 @@ mod tests {
         ))
     }
 
-    /// An installed slot gatherer compacts each layer's keys and values in the device path.
+    /// An installed slot gatherer compacts each layer's keys and values in the device path;
+    /// the layers it declines are compacted by row selection, the others not twice.
     #[test]
     fn an_installed_slot_gatherer_compacts_every_layer() {
         install_slot_gatherer::<Flex>(counting_gatherer);

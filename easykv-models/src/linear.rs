@@ -111,10 +111,7 @@ impl<B: Backend> Linear<B> {
         let out = w.dims()[0];
         let activation = x.dtype();
         let x = x.reshape([b * s, inp]).cast(w.dtype());
-        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain)
-            .or_else(|x| gpu_kernels::matmul_rows(x, &w, GemvEpilogue::Plain))
-            .or_else(|x| exact_f32_rows(x, &w))
-        {
+        let y = match device_product(x, &w) {
             Ok(y) => y,
             Err(x) if b * s <= SMALL_ROWS => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
             Err(x) => x.matmul(w.transpose()),
@@ -207,6 +204,14 @@ pub(crate) fn normalize<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tenso
     })
 }
 
+/// `x·Wᵀ` (`[rows, in]` × `[out, in]`, both in `W`'s dtype) by whichever GPU kernel takes it:
+/// the GEMV for one row, the tensor-core product for a few, the exact-f32 product; else `x` back.
+fn device_product<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    gpu_kernels::gemv(x, w, GemvEpilogue::Plain)
+        .or_else(|x| gpu_kernels::matmul_rows(x, w, GemvEpilogue::Plain))
+        .or_else(|x| exact_f32_rows(x, w))
+}
+
 /// `x·Wᵀ` (`[rows, in]` × `[out, in]`) in f32 arithmetic where a kernel can (f32 on GPUs, whose
 /// matrix products otherwise run f32 as TF32 and lose `--dtype f32`'s exactness); else `x` back.
 fn exact_f32_rows<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
@@ -269,10 +274,7 @@ impl<B: Backend> EmbeddingTable<B> {
         let w = self.weight.val();
         let vocab = w.dims()[0];
         let x = x.reshape([b * s, hidden]).cast(w.dtype());
-        let y = match gpu_kernels::gemv(x, &w, GemvEpilogue::Plain)
-            .or_else(|x| gpu_kernels::matmul_rows(x, &w, GemvEpilogue::Plain))
-            .or_else(|x| exact_f32_rows(x, &w))
-        {
+        let y = match device_product(x, &w) {
             Ok(y) => y,
             Err(x) => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
         };
