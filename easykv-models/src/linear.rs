@@ -135,34 +135,69 @@ impl<B: Backend> Linear<B> {
     pub fn forward_residual(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, out] = residual.dims();
         let r = residual.clone().reshape([b * s, out]);
-        match self.fused(x, GemvEpilogue::AddResidual(&r), None) {
+        match self.fused(x, GemvEpilogue::AddResidual(&r), RowNorm::None) {
             Ok(y) => y.reshape([b, s, out]),
             Err(x) => residual + self.forward(x),
+        }
+    }
+
+    /// [`forward_residual`](Self::forward_residual) and, for a decode step where a kernel can,
+    /// the result times the `γ` of `next` (the norm the next product applies to it), made by
+    /// the same kernel: the next product's `scaled` argument.
+    pub fn forward_residual_scaling(
+        &self,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        next: Option<&RmsNorm<B>>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
+        let [b, s, out] = residual.dims();
+        let w = self.weight.val();
+        let Some(next) = next.filter(|_| b * s == 1 && self.bias.is_none() && x.dtype() == w.dtype()) else {
+            return (self.forward_residual(x, residual), None);
+        };
+        let inp = x.dims()[2];
+        let r = residual.clone().reshape([1, out]);
+        match gpu_kernels::gemv_scaling(
+            x.reshape([1, inp]),
+            &w,
+            GemvEpilogue::AddResidual(&r),
+            &next.gamma.val(),
+        ) {
+            Ok((y, scaled)) => (y.reshape([b, s, out]), Some(scaled.reshape([b, s, out]))),
+            Err(x) => (self.forward_residual(x.reshape([b, s, inp]), residual), None),
         }
     }
 
     /// `silu(gate)·up` of the stacked gate|up projection `forward(norm(x))` (`[.., 2·inter]` →
     /// `[.., inter]`): one kernel for a decode step (norm included), and the product with
     /// SwiGLU in two for a few rows, where there are.
-    pub fn forward_swiglu_normed(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
+    /// `scaled`: `x·γ` where the product that made `x` wrote it
+    /// ([`forward_residual_scaling`](Self::forward_residual_scaling)).
+    pub fn forward_swiglu_normed(
+        &self,
+        x: Tensor<B, 3>,
+        scaled: Option<Tensor<B, 3>>,
+        norm: &RmsNorm<B>,
+    ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let inter = self.weight.dims()[0] / 2;
-        let x = match self.fused(x, GemvEpilogue::Swiglu, Some(norm)) {
+        let x = match self.fused(x, GemvEpilogue::Swiglu, RowNorm::new(norm, scaled)) {
             Ok(y) => return y.reshape([b, s, inter]),
             Err(x) => normalize(norm, x),
         };
-        match self.fused(x, GemvEpilogue::Swiglu, None) {
+        match self.fused(x, GemvEpilogue::Swiglu, RowNorm::None) {
             Ok(y) => y.reshape([b, s, inter]),
             Err(x) => crate::host_kernels::swiglu(self.forward(x)),
         }
     }
 
-    /// `forward(norm(x))`: one kernel for a decode step (norm included) where there is one.
-    pub fn forward_normed(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
+    /// `forward(norm(x))`: one kernel for a decode step (norm included) where there is one;
+    /// `scaled` as for [`forward_swiglu_normed`](Self::forward_swiglu_normed).
+    pub fn forward_normed(&self, x: Tensor<B, 3>, scaled: Option<Tensor<B, 3>>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let out = self.weight.dims()[0];
         if b * s == 1 {
-            match self.fused(x, GemvEpilogue::Plain, Some(norm)) {
+            match self.fused(x, GemvEpilogue::Plain, RowNorm::new(norm, scaled)) {
                 Ok(y) => y.reshape([b, s, out]),
                 Err(x) => self.forward(normalize(norm, x)),
             }
@@ -179,7 +214,7 @@ impl<B: Backend> Linear<B> {
         &self,
         x: Tensor<B, 3>,
         epilogue: GemvEpilogue<'_, B>,
-        norm: Option<&RmsNorm<B>>,
+        norm: RowNorm<'_, B>,
     ) -> Result<Tensor<B, 2>, Tensor<B, 3>> {
         let [b, s, inp] = x.dims();
         let w = self.weight.val();
@@ -187,11 +222,33 @@ impl<B: Backend> Linear<B> {
             return Err(x);
         }
         let x = x.reshape([b * s, inp]);
+        let staged = |x, n: &RmsNorm<B>| gpu_kernels::gemv_normed(x, &n.gamma.val(), n.epsilon, &w, epilogue);
         match norm {
-            Some(n) => gpu_kernels::gemv_normed(x, &n.gamma.val(), n.epsilon, &w, epilogue),
-            None => gpu_kernels::gemv(x, &w, epilogue).or_else(|x| gpu_kernels::matmul_rows(x, &w, epilogue)),
+            RowNorm::Scaled(n, scaled) => {
+                gpu_kernels::gemv_prescaled(x, &scaled.reshape([b * s, inp]), n.epsilon, &w, epilogue)
+                    .or_else(|x| staged(x, n))
+            }
+            RowNorm::By(n) => staged(x, n),
+            RowNorm::None => gpu_kernels::gemv(x, &w, epilogue).or_else(|x| gpu_kernels::matmul_rows(x, &w, epilogue)),
         }
         .map_err(|x| x.reshape([b, s, inp]))
+    }
+}
+
+/// What a fused product normalizes its input by.
+enum RowNorm<'a, B: Backend> {
+    None,
+    By(&'a RmsNorm<B>),
+    /// The norm, and its input times the norm's `γ` (written by the product that made the input).
+    Scaled(&'a RmsNorm<B>, Tensor<B, 3>),
+}
+
+impl<'a, B: Backend> RowNorm<'a, B> {
+    fn new(norm: &'a RmsNorm<B>, scaled: Option<Tensor<B, 3>>) -> Self {
+        match scaled {
+            Some(s) => RowNorm::Scaled(norm, s),
+            None => RowNorm::By(norm),
+        }
     }
 }
 

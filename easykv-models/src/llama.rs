@@ -6,7 +6,7 @@
 use burn::module::Param;
 use burn::nn::RmsNorm;
 use burn::prelude::*;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{DType, TensorCreationOptions, TensorData};
 
 use easykv_core::{CachedKv, KvCache};
 
@@ -27,14 +27,23 @@ pub trait WeightSource {
 
 /// Rotary position embedding, rotate-half layout.
 ///
-/// Angles are computed on the device for the positions a forward pass needs, not tabulated for
-/// the whole context: the context length comes from the model file, and a table sized by it
-/// could be forged into a huge allocation.
+/// Angles are computed for the positions a forward pass needs, not tabulated for the whole
+/// context: the context length comes from the model file, and a table sized by it could be
+/// forged into a huge allocation.
 #[derive(Module, Debug)]
 pub struct Rope<B: Backend> {
     /// `[head_dim / 2]`
     inv_freq: Tensor<B, 1>,
     max_positions: usize,
+    head_dim: usize,
+    theta: f32,
+}
+
+/// `1 / θ^(2i/d)` for `i < d/2`, in f32 as HF computes them.
+fn inverse_frequencies(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+        .collect()
 }
 
 /// `cos` and `sin` for a run of positions, with the sign of rotate-half folded into `sin`'s
@@ -93,13 +102,11 @@ pub enum RopeLayoutAxes {
 impl<B: Backend> Rope<B> {
     pub fn new(head_dim: usize, theta: f32, max_positions: usize, device: &B::Device) -> Self {
         let half = head_dim / 2;
-        // f32 throughout, as HF computes its frequencies, so positions round the same way.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
-            .collect();
         Self {
-            inv_freq: Tensor::from_data(TensorData::new(inv_freq, [half]), device),
+            inv_freq: Tensor::from_data(TensorData::new(inverse_frequencies(head_dim, theta), [half]), device),
             max_positions,
+            head_dim,
+            theta,
         }
     }
 
@@ -117,27 +124,58 @@ impl<B: Backend> Rope<B> {
         axes: RopeLayoutAxes,
         dtype: DType,
     ) -> RopeAngles<B> {
-        let device = self.inv_freq.device();
-        let half = self.inv_freq.dims()[0];
-        let d = 2 * half;
-        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &device)
-            .float()
-            .reshape([len, 1]);
-        let angles = positions * self.inv_freq.clone().reshape([1, half]);
-        debug_assert_eq!(d, 2 * half);
-        let (cos, sin) = (angles.clone().cos().mul_scalar(scale), angles.sin().mul_scalar(scale));
-        let (cos, sin) = (
-            Tensor::cat(vec![cos.clone(), cos], 1).cast(dtype),
-            Tensor::cat(vec![sin.clone().neg(), sin], 1).cast(dtype),
-        );
+        let rows = match len {
+            1 => self.rows_on_host(start, scale, dtype),
+            _ => self.rows_on_device(start, len, scale, dtype),
+        };
         RopeAngles {
-            rows: (cos, sin),
+            rows,
             batch,
             heads,
             axes,
             expanded: Default::default(),
             rotation: Default::default(),
         }
+    }
+
+    /// `cos` and `sin` rows (`[len, head_dim]`) by tensor operations on the device.
+    fn rows_on_device(&self, start: usize, len: usize, scale: f64, dtype: DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let device = self.inv_freq.device();
+        let half = self.inv_freq.dims()[0];
+        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &device)
+            .float()
+            .reshape([len, 1]);
+        let angles = positions * self.inv_freq.clone().reshape([1, half]);
+        let (cos, sin) = (angles.clone().cos().mul_scalar(scale), angles.sin().mul_scalar(scale));
+        (
+            Tensor::cat(vec![cos.clone(), cos], 1).cast(dtype),
+            Tensor::cat(vec![sin.clone().neg(), sin], 1).cast(dtype),
+        )
+    }
+
+    /// The one row of a decode step, computed on the host and uploaded: on GPUs the dozen
+    /// tensor operations cost more host time than the upload, and a decode step's first
+    /// launches are what its GPU waits for (RoCo 0.25 on the H200: 171.9 vs 166.3 tok/s).
+    /// Prefill chunks keep the device operations (a long chunk is many sines for one host
+    /// thread; RoCo's strided prefill measured the same either way, 0.94 s).
+    fn rows_on_host(&self, position: usize, scale: f64, dtype: DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let device = self.inv_freq.device();
+        let inv_freq = inverse_frequencies(self.head_dim, self.theta);
+        let scale = scale as f32;
+        // f32 throughout, as the device operations compute them.
+        let (c, s): (Vec<f32>, Vec<f32>) = inv_freq
+            .iter()
+            .map(|f| position as f32 * f)
+            .map(|a| (a.cos() * scale, a.sin() * scale))
+            .unzip();
+        let cos = [c.clone(), c].concat();
+        let sin = [s.iter().map(|v| -v).collect(), s].concat();
+        let upload = |v: Vec<f32>| {
+            let d = v.len();
+            let options = TensorCreationOptions::new(device.clone()).with_dtype(dtype);
+            Tensor::<B, 2>::from_data(TensorData::new(v, [1, d]), options)
+        };
+        (upload(cos), upload(sin))
     }
 
     /// Rotates `x` by `angles` (rotate-half pairs along the last axis).
@@ -424,18 +462,21 @@ impl<B: Backend> Attention<B> {
     ///
     /// # Shapes
     /// - `x`: `[batch, s, hidden]`; `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞),
-    ///   `None` when it hides nothing
+    ///   `None` when it hides nothing; `scaled`: `x·γ` of `norm` (`x`'s shape) where the product
+    ///   that wrote `x` wrote it too
     /// - returns `[batch, n_heads, s, head_dim]`
+    #[allow(clippy::too_many_arguments)]
     fn forward<C: KvCache<B> + ?Sized>(
         &self,
         layer: usize,
         x: Tensor<B, 3>,
+        scaled: Option<Tensor<B, 3>>,
         norm: &RmsNorm<B>,
         angles: &ChunkAngles<B>,
         mask: Option<&Tensor<B, 4>>,
         cache: &mut C,
     ) -> Result<Tensor<B, 4>> {
-        let qkv = self.qkv.forward_normed(x, norm);
+        let qkv = self.qkv.forward_normed(x, scaled, norm);
         // Where a kernel can, keys and values go straight into the cache's buffers.
         let qkv = match self.project_into_cache(layer, qkv, angles, cache)? {
             Ok((q, cached)) => return self.attend_cached(layer, q, &cached, None, mask, cache),
@@ -506,41 +547,56 @@ impl From<Logits> for Needed {
 impl<B: Backend> DecoderLayer<B> {
     /// The residual stream after this layer, given its attention output `attn`
     /// (`[batch, n_heads, s, head_dim]`), for the positions `needed` says: `[batch, s, hidden]`,
-    /// `[batch, 1, hidden]` (last), or `x` untouched (nothing).
-    fn finish(&self, x: Tensor<B, 3>, attn: Tensor<B, 4>, needed: Needed) -> Tensor<B, 3> {
+    /// `[batch, 1, hidden]` (last), or `x` untouched (nothing). With it, for a decode step
+    /// where a kernel can, the stream times the `γ` of `next` (the norm that reads it next).
+    fn finish(
+        &self,
+        x: Tensor<B, 3>,
+        attn: Tensor<B, 4>,
+        needed: Needed,
+        next: Option<&RmsNorm<B>>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
         let (s, s_attn) = (x.dims()[1], attn.dims()[2]);
         match needed {
-            Needed::Nothing => x,
+            Needed::Nothing => (x, None),
             Needed::Last if s > 1 => {
                 let attn = attn.slice_dim(2, s_attn - 1..s_attn);
-                self.finish_merged(x.slice_dim(1, s - 1..s), Attention::merge_heads(attn, true))
+                let x = self.finish_merged(x.slice_dim(1, s - 1..s), Attention::merge_heads(attn, true));
+                (x, None)
             }
-            _ => self.finish_merged(x, Attention::merge_heads(attn, false)),
+            _ => self.finish_scaling(x, Attention::merge_heads(attn, false), next),
         }
     }
 
     /// [`finish`](Self::finish) for an attention output with its heads merged
     /// (`[batch, s, n_heads·head_dim]`).
     fn finish_merged(&self, x: Tensor<B, 3>, heads: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.attn.o.forward_residual(heads, x);
-        self.ffn.forward_residual(x.clone(), &self.ffn_norm, x)
+        self.finish_scaling(x, heads, None).0
+    }
+
+    /// [`finish_merged`](Self::finish_merged), and the stream times `next`'s `γ` where a
+    /// kernel wrote it.
+    fn finish_scaling(
+        &self,
+        x: Tensor<B, 3>,
+        heads: Tensor<B, 3>,
+        next: Option<&RmsNorm<B>>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
+        let (x, scaled) = self.attn.o.forward_residual_scaling(heads, x, Some(&self.ffn_norm));
+        let hidden = self
+            .ffn
+            .gate_up
+            .forward_swiglu_normed(x.clone(), scaled, &self.ffn_norm);
+        self.ffn.down.forward_residual_scaling(hidden, x, next)
     }
 }
 
-/// SwiGLU feed-forward block.
+/// SwiGLU feed-forward block (run by [`DecoderLayer::finish`]).
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {
     /// Gate and up projections stacked into one product: `[2·intermediate, hidden]`.
     pub gate_up: Linear<B>,
     pub down: Linear<B>,
-}
-
-impl<B: Backend> FeedForward<B> {
-    /// `residual + FFN(norm(x))`.
-    fn forward_residual(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down
-            .forward_residual(self.gate_up.forward_swiglu_normed(x, norm), residual)
-    }
 }
 
 #[derive(Module, Debug)]
@@ -631,11 +687,21 @@ impl<B: Backend> Llama<B> {
         let mask = self.attention_mask(b, s, cache.slots(0) + s, &device);
         let last = self.layers.len().saturating_sub(1);
         let trace = ChunkTrace::<B>::start(&device);
+        // A decode step's residual stream times the next norm's γ, where the product that
+        // wrote the stream wrote that too (the next product then normalizes without a wait).
+        let mut scaled = None;
         for (l, layer) in self.layers.iter().enumerate() {
-            let attn = layer
-                .attn
-                .forward(l, x.clone(), &layer.attn_norm, &angles, mask.as_ref(), cache)?;
-            x = layer.finish(x, attn, if l == last { needed } else { Needed::All });
+            let attn = layer.attn.forward(
+                l,
+                x.clone(),
+                scaled.take(),
+                &layer.attn_norm,
+                &angles,
+                mask.as_ref(),
+                cache,
+            )?;
+            let next = self.layers.get(l + 1).map(|n| &n.attn_norm);
+            (x, scaled) = layer.finish(x, attn, if l == last { needed } else { Needed::All }, next);
         }
         let layers_done = trace.as_ref().map(|t| t.lap());
         cache.end_chunk()?;
@@ -793,7 +859,7 @@ impl<B: Backend> Llama<B> {
                 (true, Needed::Nothing) => x,
                 // The last chunk holds the last position.
                 (true, Needed::Last) => match outs.pop() {
-                    Some(out) => layer.finish(x, out, Needed::Last),
+                    Some(out) => layer.finish(x, out, Needed::Last, None).0,
                     None => x,
                 },
                 _ => layer.finish_merged(x, join_positions_first(outs)),

@@ -291,17 +291,59 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             0 => (product, super::GemvEpilogue::Plain),
             _ => (crate::host_kernels::swiglu_by_ops(product), super::GemvEpilogue::Swiglu),
         };
-        super::gemv_normed(x.reshape([1, inp]), &gamma, 1e-5, &w, epilogue)
-            .ok()
-            .map(|got| {
-                let d = compare(got, want);
-                Diff {
-                    max: d.max / (inp as f32).sqrt(),
-                    ..d
-                }
+        // The norm staged per cube, and inline from `x·γ` (as the previous product writes it:
+        // rounded to `dtype`), over the launch shapes.
+        let x = x.reshape([1, inp]);
+        let x_scaled = (x.clone().cast(DType::F32) * gamma.clone().unsqueeze()).cast(dtype);
+        let tunings: Vec<_> = [(8, false), (2, true)]
+            .into_iter()
+            .map(|(rows_per_cube, plane)| {
+                let tuning = super::Tuning {
+                    gemv_rows_per_cube: rows_per_cube,
+                    gemv_plane_reduce: plane,
+                    ..super::Tuning::default()
+                };
+                (tuning, format!("rows/cube {rows_per_cube}, plane {plane}"))
             })
+            .collect();
+        let staged = worst_over_tunings(&tunings, inp, &want, || {
+            super::gemv_normed(x.clone(), &gamma, 1e-5, &w, epilogue)
+        });
+        let inline = worst_over_tunings(&tunings, inp, &want, || {
+            super::gemv_prescaled(x.clone(), &x_scaled, 1e-5, &w, epilogue)
+        });
+        staged.zip(inline).map(|(s, i)| s.and(i))
     });
     record("gemv_normed", normed.into());
+
+    // The residual product that also writes its output times the next norm's `γ` (the input
+    // of `gemv_prescaled`): the sum as the plain product's check, the scaled copy against the
+    // kernel's own rounded output times `γ`.
+    let scaling = [(4096usize, 3000usize), (576, 1536)].map(|(inp, out)| {
+        // Outputs of the residual stream's size (a few units): the scaled copy's rounding to
+        // `dtype` stays well inside the tolerance.
+        let x = random::<B, 2>([1, inp], dtype, device).mul_scalar(1.0 / (inp as f64).sqrt());
+        let w = random::<B, 2>([out, inp], dtype, device);
+        let residual = random::<B, 2>([1, out], dtype, device);
+        let gamma = random::<B, 1>([out], DType::F32, device).mul_scalar(0.1);
+        let want = residual.clone().cast(DType::F32)
+            + x.clone()
+                .cast(DType::F32)
+                .matmul(w.clone().cast(DType::F32).transpose());
+        let (y, scaled) = super::gemv_scaling(x, &w, super::GemvEpilogue::AddResidual(&residual), &gamma).ok()?;
+        let want_scaled = y.clone().cast(DType::F32) * gamma.unsqueeze();
+        let d = compare(y, want);
+        let sum = Diff {
+            max: d.max / (inp as f32).sqrt(),
+            detail: format!("sum: {}", d.detail),
+        };
+        let d = compare(scaled, want_scaled);
+        Some(sum.and(Diff {
+            detail: format!("scaled: {}", d.detail),
+            ..d
+        }))
+    });
+    record("gemv_scaling", scaling.into());
 
     // A few rows on tensor cores (f16 and bf16 only), over launch shapes that split the inner
     // axis differently; rows that are not whole 16-row tiles; the epilogues.

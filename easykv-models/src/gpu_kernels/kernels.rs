@@ -252,22 +252,27 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
 
 /// `y = W·x` for one activation row: `W` `[rows, cols]` row-major, read as vectors of `N`
 /// (16 bytes for half precision). 32 threads per output row, `CUBE_DIM_Y` rows per cube; each
-/// group streams its row once, which is what bounds decoding. The 32 partial sums meet in
-/// shared memory (not a plane reduction: planes are 32 wide on NVIDIA, narrower elsewhere).
+/// group streams its row once, which is what bounds decoding. The 32 partial sums meet by a
+/// plane reduction where planes are 32 wide (`plane_reduce`), else in shared memory.
 /// The output's element type `O` is the inputs' `F` under another name: a scalar buffer of
 /// the type the vectorized inputs use was laid out as vectors too (measured on lavapipe).
 ///
 /// Epilogues fold the next operation in: `add_residual` returns `residual + W·x` (the
 /// residual stream's addition), `swiglu` reads `W` as `[2·rows, cols]` (gate rows, then up
 /// rows) and returns `silu(W_g·x)·(W_u·x)` (the feed-forward block's activation).
+/// `scale_out` also writes `out·γ` into `out_scaled` (`γ` `[rows]`: the next norm's), which a
+/// later launch takes as `x_scaled` with `norm_inline`. `gamma` is that next norm's `γ`, or
+/// with `norm_vectors > 0` this product's own norm's (`[cols]`, staged in shared memory).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
     x: &Tensor<Vector<F, N>>,
+    x_scaled: &Tensor<Vector<F, N>>,
     w: &Tensor<Vector<F, N>>,
     residual: &Tensor<O>,
     gamma: &Tensor<G>,
     out: &mut Tensor<O>,
+    out_scaled: &mut Tensor<O>,
     rows: u32,
     vectors_per_row: u32,
     eps: f32,
@@ -275,6 +280,8 @@ pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
     #[comptime] swiglu: bool,
     #[comptime] plane_reduce: bool,
     #[comptime] norm_vectors: usize,
+    #[comptime] norm_inline: bool,
+    #[comptime] scale_out: bool,
     #[define(F, A, O, G)] _dtypes: [StorageType; 4],
 ) {
     let lane = UNIT_POS_X as usize;
@@ -330,6 +337,11 @@ pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
     }
     let mut acc = A::new(0.0);
     let mut acc_up = A::new(0.0);
+    // With `norm_inline`, every plane normalizes on its own, with no shared memory and no
+    // wait for the cube: it sums the squares of the `x` it reads anyway, multiplies `W` by
+    // `x_scaled` (`x·γ`, written by the product that made `x`: see `scale_out`) and scales
+    // its finished sums by `1/rms(x)`.
+    let mut sq = A::new(0.0);
     if live {
         let mut c = lane;
         // Four independent loads in flight per thread (a 4096-wide f16 row is 16 loads per
@@ -349,12 +361,26 @@ pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
                 x2 = xs[c + 64usize];
                 x3 = xs[c + 96usize];
             }
+            let mut a0 = Vector::<A, N>::cast_from(x0);
+            let mut a1 = Vector::<A, N>::cast_from(x1);
+            let mut a2 = Vector::<A, N>::cast_from(x2);
+            let mut a3 = Vector::<A, N>::cast_from(x3);
+            if norm_inline {
+                #[unroll]
+                for e in 0..N::value() {
+                    sq += a0[e] * a0[e] + a1[e] * a1[e] + a2[e] * a2[e] + a3[e] * a3[e];
+                }
+                a0 = Vector::<A, N>::cast_from(x_scaled[c]);
+                a1 = Vector::<A, N>::cast_from(x_scaled[c + 32usize]);
+                a2 = Vector::<A, N>::cast_from(x_scaled[c + 64usize]);
+                a3 = Vector::<A, N>::cast_from(x_scaled[c + 96usize]);
+            }
             #[unroll]
             for e in 0..N::value() {
-                acc += A::cast_from(w0[e]) * A::cast_from(x0[e]);
-                acc += A::cast_from(w1[e]) * A::cast_from(x1[e]);
-                acc += A::cast_from(w2[e]) * A::cast_from(x2[e]);
-                acc += A::cast_from(w3[e]) * A::cast_from(x3[e]);
+                acc += A::cast_from(w0[e]) * a0[e];
+                acc += A::cast_from(w1[e]) * a1[e];
+                acc += A::cast_from(w2[e]) * a2[e];
+                acc += A::cast_from(w3[e]) * a3[e];
             }
             if swiglu {
                 let u0 = w[up_base + c];
@@ -363,10 +389,10 @@ pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
                 let u3 = w[up_base + c + 96usize];
                 #[unroll]
                 for e in 0..N::value() {
-                    acc_up += A::cast_from(u0[e]) * A::cast_from(x0[e]);
-                    acc_up += A::cast_from(u1[e]) * A::cast_from(x1[e]);
-                    acc_up += A::cast_from(u2[e]) * A::cast_from(x2[e]);
-                    acc_up += A::cast_from(u3[e]) * A::cast_from(x3[e]);
+                    acc_up += A::cast_from(u0[e]) * a0[e];
+                    acc_up += A::cast_from(u1[e]) * a1[e];
+                    acc_up += A::cast_from(u2[e]) * a2[e];
+                    acc_up += A::cast_from(u3[e]) * a3[e];
                 }
             }
             c += 128usize;
@@ -376,16 +402,24 @@ pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
             if norm {
                 xv = xs[c];
             }
+            let mut av = Vector::<A, N>::cast_from(xv);
+            if norm_inline {
+                #[unroll]
+                for e in 0..N::value() {
+                    sq += av[e] * av[e];
+                }
+                av = Vector::<A, N>::cast_from(x_scaled[c]);
+            }
             let wv = w[base + c];
             #[unroll]
             for e in 0..N::value() {
-                acc += A::cast_from(wv[e]) * A::cast_from(xv[e]);
+                acc += A::cast_from(wv[e]) * av[e];
             }
             if swiglu {
                 let uv = w[up_base + c];
                 #[unroll]
                 for e in 0..N::value() {
-                    acc_up += A::cast_from(uv[e]) * A::cast_from(xv[e]);
+                    acc_up += A::cast_from(uv[e]) * av[e];
                 }
             }
             c += 32usize;
@@ -395,18 +429,26 @@ pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
     // through shared memory.
     let mut total = acc;
     let mut total_up = acc_up;
+    let mut total_sq = sq;
     if plane_reduce {
         total = plane_sum(total);
         if swiglu {
             total_up = plane_sum(total_up);
         }
+        if norm_inline {
+            total_sq = plane_sum(total_sq);
+        }
     } else {
         let mut shared = SharedMemory::<A>::new(256usize);
         let mut shared_up = SharedMemory::<A>::new(256usize);
+        let mut shared_sq = SharedMemory::<A>::new(256usize);
         let slot = group * 32 + lane;
         shared[slot] = total;
         if swiglu {
             shared_up[slot] = total_up;
+        }
+        if norm_inline {
+            shared_sq[slot] = total_sq;
         }
         sync_cube();
         let mut stride = 16usize;
@@ -416,6 +458,9 @@ pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
                 if swiglu {
                     shared_up[slot] = shared_up[slot] + shared_up[slot + stride];
                 }
+                if norm_inline {
+                    shared_sq[slot] = shared_sq[slot] + shared_sq[slot + stride];
+                }
             }
             sync_cube();
             stride /= 2;
@@ -424,6 +469,15 @@ pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
         if swiglu {
             total_up = shared_up[slot];
         }
+        if norm_inline {
+            total_sq = shared_sq[slot];
+        }
+    }
+    if norm_inline {
+        let cols = A::cast_from(per_row * N::value());
+        let inv = A::new(1.0) / (total_sq / cols + A::cast_from(eps)).sqrt();
+        total = total * inv;
+        total_up = total_up * inv;
     }
     if live && lane == 0 {
         let mut y = total;
@@ -433,7 +487,13 @@ pub fn gemv<F: Float, A: Float, O: Float, G: Float, N: Size>(
         if swiglu {
             y = y / (A::new(1.0) + (A::new(0.0) - y).exp()) * total_up;
         }
-        out[r] = O::cast_from(y);
+        let rounded = O::cast_from(y);
+        out[r] = rounded;
+        // `scale_out`: also the output times `γ` (of the norm the next product applies),
+        // from the rounded output, as that norm would read it.
+        if scale_out {
+            out_scaled[r] = O::cast_from(A::cast_from(rounded) * A::cast_from(gamma[r]));
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::wgpu::WgpuRuntime;
 
 use super::kernels::{self, ROW_BLOCK};
-use super::{enabled, tuning, GemvEpilogue, HeadShape, MATMUL_ROWS_MAX};
+use super::{enabled, tuning, GemvEpilogue, GemvNorm, HeadShape, MATMUL_ROWS_MAX};
 
 /// Whether `B`'s float tensors are burn's unfused tensors of runtime `R`.
 fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
@@ -364,12 +364,12 @@ pub fn gemv<B: Backend>(
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    on_runtime!(gemv_on::<B>(x, w, epilogue, None), x)
+    gemv_any(x, w, epilogue, RowNorm::None, None).map(|(y, _)| y)
 }
 
-/// [`gemv`] of the RMS-normalized `x` (`x / rms(x) · gamma`, `gamma` `[in]`, the norm in f32
-/// and rounded to `x`'s dtype as [`rms_norm`] rounds it): the norm runs inside the product's
-/// kernel instead of a launch of its own.
+/// [`gemv`] of the RMS-normalized `x` (`x / rms(x) · gamma`, `gamma` `[in]`, the norm in f32,
+/// rounded to `x`'s dtype as [`rms_norm`] rounds it): each cube normalizes the row into shared
+/// memory before its planes stream weights (declines for [`GemvNorm::Separate`]).
 pub fn gemv_normed<B: Backend>(
     x: Tensor<B, 2>,
     gamma: &Tensor<B, 1>,
@@ -377,7 +377,65 @@ pub fn gemv_normed<B: Backend>(
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    on_runtime!(gemv_on::<B>(x, w, epilogue, Some((gamma, eps))), x)
+    if tuning().gemv_norm == GemvNorm::Separate {
+        return Err(x);
+    }
+    gemv_any(x, w, epilogue, RowNorm::Staged(gamma, eps), None).map(|(y, _)| y)
+}
+
+/// [`gemv_normed`] given `x_scaled` = `x·γ` (`[1, in]`, as [`gemv_scaling`] writes it) instead
+/// of `γ`: no plane waits for its cube, each sums the squares of `x` as it reads it
+/// ([`GemvNorm::Inline`] only). The normalized row is `x_scaled / rms(x)`, never rounded.
+pub fn gemv_prescaled<B: Backend>(
+    x: Tensor<B, 2>,
+    x_scaled: &Tensor<B, 2>,
+    eps: f64,
+    w: &Tensor<B, 2>,
+    epilogue: GemvEpilogue<'_, B>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    if tuning().gemv_norm != GemvNorm::Inline {
+        return Err(x);
+    }
+    gemv_any(x, w, epilogue, RowNorm::Prescaled(x_scaled, eps), None).map(|(y, _)| y)
+}
+
+/// [`gemv`] that also returns its output times `next_gamma` (`[out]`, the γ of the norm the
+/// next product applies to this output), both `[1, out]`: the next product then needs no
+/// pass over `γ` ([`gemv_prescaled`]; [`GemvNorm::Inline`] only).
+pub fn gemv_scaling<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    epilogue: GemvEpilogue<'_, B>,
+    next_gamma: &Tensor<B, 1>,
+) -> Result<(Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 2>> {
+    if tuning().gemv_norm != GemvNorm::Inline {
+        return Err(x);
+    }
+    match gemv_any(x, w, epilogue, RowNorm::None, Some(next_gamma))? {
+        (y, Some(scaled)) => Ok((y, scaled)),
+        // Not reached: the kernel writes the scaled output whenever it is asked for one.
+        (y, None) => Err(y),
+    }
+}
+
+/// How a one-row product normalizes its input.
+enum RowNorm<'a, B: Backend> {
+    None,
+    /// By `γ` and `ε`, staged in shared memory by each cube.
+    Staged(&'a Tensor<B, 1>, f64),
+    /// By `x·γ` (written by the previous product) and `ε`.
+    Prescaled(&'a Tensor<B, 2>, f64),
+}
+
+#[allow(clippy::type_complexity)]
+fn gemv_any<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    epilogue: GemvEpilogue<'_, B>,
+    norm: RowNorm<'_, B>,
+    scale_next: Option<&Tensor<B, 1>>,
+) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Tensor<B, 2>> {
+    on_runtime!(gemv_on::<B>(x, w, epilogue, norm, scale_next), x)
 }
 
 /// Whether every plane of `client`'s device is 32 wide (the plane reductions assume it).
@@ -389,26 +447,28 @@ fn planes_of_32<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>) -> bo
 /// Shared memory a normalizing [`gemv`] may stage its input in.
 const GEMV_NORM_BYTES: usize = 32 << 10;
 
+#[allow(clippy::type_complexity)]
 fn gemv_on<B: Backend, R: CubeRuntime>(
     x: Tensor<B, 2>,
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
-    norm: Option<(&Tensor<B, 1>, f64)>,
-) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    norm: RowNorm<'_, B>,
+    scale_next: Option<&Tensor<B, 1>>,
+) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let [w_rows, w_inp] = w.dims();
-    let fuse_norm = tuning().gemv_fused_norm;
-    let norm_fits = norm.is_none_or(|(g, _)| {
-        fuse_norm
-            && g.dims() == [inp]
-            && is_float(g.dtype())
-            && inp * x.dtype().size() <= GEMV_NORM_BYTES
-            && enabled("rms_norm")
-    });
     let out = match epilogue {
         GemvEpilogue::Swiglu => w_rows / 2,
         _ => w_rows,
     };
+    let gamma_fits = |g: &Tensor<B, 1>, len: usize| g.dims() == [len] && is_float(g.dtype());
+    let norm_fits = enabled("rms_norm")
+        && match norm {
+            RowNorm::None => true,
+            RowNorm::Staged(g, _) => gamma_fits(g, inp) && inp * x.dtype().size() <= GEMV_NORM_BYTES,
+            RowNorm::Prescaled(xs, _) => xs.dims() == [1, inp] && xs.dtype() == x.dtype(),
+        };
+    let scale_fits = scale_next.is_none_or(|g| gamma_fits(g, out) && matches!(norm, RowNorm::None));
     let epilogue_fits = match epilogue {
         GemvEpilogue::Plain => true,
         GemvEpilogue::AddResidual(r) => r.dims() == [1, out] && r.dtype() == w.dtype(),
@@ -421,6 +481,7 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
         || out == 0
         || !epilogue_fits
         || !norm_fits
+        || !scale_fits
     {
         return Err(x);
     }
@@ -428,29 +489,44 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
     let vector = vector_size(inp, w.dtype());
     let (x, w) = (cube(x), cube(w.clone()));
     let y = empty_like(&x, vec![1, out], x.dtype);
+    let y_scaled = scale_next.map(|_| empty_like(&x, vec![1, out], x.dtype));
     let residual = match epilogue {
         GemvEpilogue::AddResidual(r) => cube(r.clone()),
         _ => empty_like(&x, vec![1], x.dtype),
     };
-    let (gamma, eps) = match norm {
-        Some((g, eps)) => (cube(g.clone()), eps as f32),
-        None => (empty_like(&x, vec![1], DType::F32), 0.0),
+    let (gamma, eps) = match (&norm, scale_next) {
+        (RowNorm::Staged(g, eps), _) => (cube((*g).clone()), *eps as f32),
+        (_, Some(g)) => (cube(g.clone()), 0.0),
+        (RowNorm::Prescaled(_, eps), None) => (empty_like(&x, vec![1], DType::F32), *eps as f32),
+        (RowNorm::None, None) => (empty_like(&x, vec![1], DType::F32), 0.0),
     };
-    let norm_vectors = if norm.is_some() { inp / vector } else { 0 };
+    let x_scaled = match &norm {
+        RowNorm::Prescaled(xs, _) => cube((*xs).clone()),
+        _ => x.clone(),
+    };
+    let norm_vectors = if matches!(norm, RowNorm::Staged(..)) {
+        inp / vector
+    } else {
+        0
+    };
+    let norm_inline = matches!(norm, RowNorm::Prescaled(..));
     let client = x.client.clone();
     let dtypes = [x.dtype.into(), DType::F32.into(), x.dtype.into(), gamma.dtype.into()];
     let tuning = tuning();
     let rows_per_cube = tuning.gemv_rows_per_cube.clamp(1, 8);
+    let scaled_arg = y_scaled.clone().unwrap_or_else(|| empty_like(&x, vec![1], x.dtype));
     kernels::gemv::launch::<R>(
         &client,
         CubeCount::Static((out as u32).div_ceil(rows_per_cube), 1, 1),
         CubeDim::new_2d(32, rows_per_cube),
         vector,
         x.into_tensor_arg(),
+        x_scaled.into_tensor_arg(),
         w.into_tensor_arg(),
         residual.into_tensor_arg(),
         gamma.into_tensor_arg(),
         y.clone().into_tensor_arg(),
+        scaled_arg.into_tensor_arg(),
         out as u32,
         (inp / vector) as u32,
         eps,
@@ -458,9 +534,11 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
         matches!(epilogue, GemvEpilogue::Swiglu),
         tuning.gemv_plane_reduce && planes_of_32(&client),
         norm_vectors,
+        norm_inline,
+        scale_next.is_some(),
         dtypes,
     );
-    Ok(tensor(y))
+    Ok((tensor(y), y_scaled.map(tensor)))
 }
 
 /// Query rows per KV head up to which attention runs as the decode kernels below (beyond, a

@@ -94,6 +94,25 @@ mod fallback {
         Err(x)
     }
 
+    pub fn gemv_prescaled<B: Backend>(
+        x: Tensor<B, 2>,
+        _x_scaled: &Tensor<B, 2>,
+        _eps: f64,
+        _w: &Tensor<B, 2>,
+        _epilogue: super::GemvEpilogue<'_, B>,
+    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+        Err(x)
+    }
+
+    pub fn gemv_scaling<B: Backend>(
+        x: Tensor<B, 2>,
+        _w: &Tensor<B, 2>,
+        _epilogue: super::GemvEpilogue<'_, B>,
+        _next_gamma: &Tensor<B, 1>,
+    ) -> Result<(Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 2>> {
+        Err(x)
+    }
+
     pub fn attention_scores<B: Backend>(
         q: Tensor<B, 4>,
         _keys: &Tensor<B, 4>,
@@ -202,6 +221,23 @@ pub enum GemvEpilogue<'a, B: burn::tensor::backend::Backend> {
     Swiglu,
 }
 
+/// Where the RMS norm before a one-row product runs (`EASYKV_GEMV`'s third field: 0, 1, 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum GemvNorm {
+    /// [`gemv_normed`] declines and callers normalize by [`rms_norm`] first: one more launch,
+    /// the normalized row rounded to the weights' precision as the CPU path rounds it.
+    Separate,
+    /// Each cube normalizes the row into shared memory first (rounded as [`rms_norm`] rounds
+    /// it), its planes waiting for the whole cube before they stream weights.
+    Staged,
+    /// The product that writes a row of the residual stream also writes it times the next
+    /// norm's `γ` ([`gemv_scaling`]); the normalizing product ([`gemv_prescaled`]) sums the
+    /// squares of `x` as its planes read it, multiplies `W` by `x·γ` and scales the finished
+    /// sums by `1/rms(x)`: no plane waits for its cube. Rows no product wrote (the first
+    /// layer's input) are [`Staged`](Self::Staged).
+    Inline,
+}
+
 /// Launch shapes of the kernels that have more than one sensible choice; `easykv
 /// check-kernels --time` measures the alternatives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -211,9 +247,8 @@ pub struct Tuning {
     /// Whether [`gemv`] adds its lanes' sums by a plane reduction (where planes are 32 wide)
     /// instead of through shared memory.
     pub gemv_plane_reduce: bool,
-    /// Whether [`gemv_normed`] normalizes inside the product (else it declines, and callers
-    /// normalize by [`rms_norm`] first: one more launch, but no cube repeats the norm).
-    pub gemv_fused_norm: bool,
+    /// Where [`gemv_normed`] normalizes its input.
+    pub gemv_norm: GemvNorm,
     /// Slot ranges [`attention_values`] spreads a head's slots over; 0: by the slot count.
     pub value_splits: u32,
     /// Planes `matmul_rows` aims to spread a product over (by splitting the inner axis).
@@ -234,9 +269,11 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            gemv_rows_per_cube: 8,
-            gemv_plane_reduce: false,
-            gemv_fused_norm: true,
+            // With the norm inline, 4 rows per cube and plane reductions decoded fastest on the
+            // H200 (RoCo 0.25: 180.0 tok/s; 8 rows and shared-memory sums 176.4).
+            gemv_rows_per_cube: 4,
+            gemv_plane_reduce: true,
+            gemv_norm: GemvNorm::Inline,
             value_splits: 0,
             rows_planes: 2048,
             rows_unroll: 4,
@@ -250,8 +287,8 @@ impl Default for Tuning {
 static TUNING: std::sync::Mutex<Option<Tuning>> = std::sync::Mutex::new(None);
 
 /// The launch shapes in use: as [`set_tuning`] set them, else the defaults with
-/// `EASYKV_GEMV=ROWS,PLANE,FUSED_NORM` (rows per cube 1–8, plane reduction 0/1, norm inside
-/// the product 0/1) and
+/// `EASYKV_GEMV=ROWS,PLANE,NORM` (rows per cube 1–8, plane reduction 0/1, [`GemvNorm`]
+/// 0 separate / 1 staged / 2 inline) and
 /// `EASYKV_ROWS=PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT` (`matmul_rows`) applied, for comparing whole runs on
 /// one build.
 pub fn tuning() -> Tuning {
@@ -267,8 +304,12 @@ pub fn tuning() -> Tuning {
             if let Some(plane) = parts.next() {
                 t.gemv_plane_reduce = plane == "1" || plane == "true";
             }
-            if let Some(fuse) = parts.next() {
-                t.gemv_fused_norm = !(fuse == "0" || fuse == "false");
+            if let Some(norm) = parts.next() {
+                t.gemv_norm = match norm {
+                    "0" | "false" => GemvNorm::Separate,
+                    "1" => GemvNorm::Staged,
+                    _ => GemvNorm::Inline,
+                };
             }
             let value = std::env::var("EASYKV_ROWS").unwrap_or_default();
             let mut parts = value.split(',').map(|p| p.trim().parse::<u32>().ok());

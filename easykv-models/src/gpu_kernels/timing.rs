@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 
-use super::{GemvEpilogue, Tuning};
+use super::{GemvEpilogue, GemvNorm, Tuning};
 
 /// One kernel at one shape.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -100,44 +100,46 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
         };
         let moved = Some((rows * cols) as f64 * bytes);
         // Every launch shape of `kernel` (stops at the first it declines).
-        let mut each_shape = |label: String, kernel: &dyn Fn() -> Result<Tensor<B, 2>, Tensor<B, 2>>| {
-            for (rows_per_cube, plane) in variants {
-                let tuning = Tuning {
-                    gemv_rows_per_cube: rows_per_cube,
-                    gemv_plane_reduce: plane,
-                    ..Tuning::default()
-                };
-                super::set_tuning(Some(tuning));
-                if kernel().is_err() {
-                    break;
+        let mut each_shape =
+            |label: String, norm: GemvNorm, kernel: &dyn Fn() -> Result<Tensor<B, 2>, Tensor<B, 2>>| {
+                for (rows_per_cube, plane) in variants {
+                    let tuning = Tuning {
+                        gemv_rows_per_cube: rows_per_cube,
+                        gemv_plane_reduce: plane,
+                        gemv_norm: norm,
+                        ..Tuning::default()
+                    };
+                    super::set_tuning(Some(tuning));
+                    if kernel().is_err() {
+                        break;
+                    }
+                    let us = time::<B, _>(device, reps, kernel);
+                    push(&label, format!("[{rows}, {cols}]"), Some(tuning), us, moved);
                 }
-                let us = time::<B, _>(device, reps, kernel);
-                push(&label, format!("[{rows}, {cols}]"), Some(tuning), us, moved);
-            }
-            super::set_tuning(None);
-        };
-        each_shape(format!("gemv {name}"), &run);
+                super::set_tuning(None);
+            };
+        each_shape(format!("gemv {name}"), GemvNorm::Inline, &run);
+        // The residual products also write their output times the next norm's γ.
+        if epilogue == 1 {
+            let gamma = random::<B, 1>([out_rows], DType::F32, device);
+            let scaling =
+                || super::gemv_scaling(x.clone(), &w, GemvEpilogue::AddResidual(&residual), &gamma).map(|(y, _)| y);
+            each_shape(format!("gemv scaling {name}"), GemvNorm::Inline, &scaling);
+        }
         // With the RMS norm inside (the decode step's qkv and gate_up products).
         if epilogue != 1 && cols == 4096 {
             let gamma = random::<B, 1>([cols], DType::F32, device);
-            let normed = || {
-                let e = if epilogue == 2 {
-                    GemvEpilogue::Swiglu
-                } else {
-                    GemvEpilogue::Plain
-                };
-                super::gemv_normed(x.clone(), &gamma, 1e-5, &w, e)
+            let x_scaled = x.clone().cast(DType::F32).mul(gamma.clone().unsqueeze()).cast(dtype);
+            let e = || match epilogue {
+                2 => GemvEpilogue::Swiglu,
+                _ => GemvEpilogue::Plain,
             };
-            each_shape(format!("gemv normed {name}"), &normed);
+            let inline = || super::gemv_prescaled(x.clone(), &x_scaled, 1e-5, &w, e());
+            each_shape(format!("gemv normed {name}"), GemvNorm::Inline, &inline);
+            let staged = || super::gemv_normed(x.clone(), &gamma, 1e-5, &w, e());
+            each_shape(format!("gemv normed (staged) {name}"), GemvNorm::Staged, &staged);
             // The norm as a launch of its own, then the plain product.
-            let apart = || {
-                let e = if epilogue == 2 {
-                    GemvEpilogue::Swiglu
-                } else {
-                    GemvEpilogue::Plain
-                };
-                super::rms_norm(x.clone(), &gamma, 1e-5).and_then(|xn| super::gemv(xn, &w, e))
-            };
+            let apart = || super::rms_norm(x.clone(), &gamma, 1e-5).and_then(|xn| super::gemv(xn, &w, e()));
             if apart().is_ok() {
                 let us = time::<B, _>(device, reps, apart);
                 push(

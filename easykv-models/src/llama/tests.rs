@@ -406,3 +406,34 @@ fn window_mask_hides_what_lies_behind_the_window() {
     // Queries at positions 3 and 4 see 2–3 and 3–4.
     assert_eq!(m, vec![inf, inf, 0.0, 0.0, inf, inf, inf, inf, 0.0, 0.0]);
 }
+
+/// A decode step's RoPE row, made on the host, equals the device operations' (which prefill
+/// chunks use) in f32 and rounds the same way in f16; `sin` carries rotate-half's sign.
+#[test]
+fn decode_angles_on_host_match_device_operations() {
+    let dev = Default::default();
+    let rope = Rope::<Flex>::new(64, 10_000.0, 8192, &dev);
+    let values = |t: Tensor<Flex, 2>| t.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
+    for (position, scale) in [(0usize, 1.0), (7, 0.125), (4095, 1.0), (8191, 0.088)] {
+        for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::F16, 1e-3)] {
+            let (host_cos, host_sin) = rope.rows_on_host(position, scale, dtype);
+            let (dev_cos, dev_sin) = rope.rows_on_device(position, 1, scale, dtype);
+            assert_eq!(host_cos.dims(), [1, 64]);
+            assert_eq!(host_cos.dtype(), dtype);
+            for (host, device) in [
+                (values(host_cos), values(dev_cos)),
+                (values(host_sin.clone()), values(dev_sin)),
+            ] {
+                let worst = host
+                    .iter()
+                    .zip(&device)
+                    .map(|(h, d)| (h - d).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst <= tolerance, "position {position}, {dtype:?}: {worst}");
+            }
+            // Rotate-half: the first half of `sin` is the negated second half.
+            let sin = values(host_sin);
+            assert!(sin[..32].iter().zip(&sin[32..]).all(|(a, b)| *a == -*b));
+        }
+    }
+}
