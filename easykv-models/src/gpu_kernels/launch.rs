@@ -411,11 +411,7 @@ pub fn gemv_scaling<B: Backend>(
     if tuning().gemv_norm != GemvNorm::Inline {
         return Err(x);
     }
-    match gemv_any(x, w, epilogue, RowNorm::None, Some(next_gamma))? {
-        (y, Some(scaled)) => Ok((y, scaled)),
-        // Not reached: the kernel writes the scaled output whenever it is asked for one.
-        (y, None) => Err(y),
-    }
+    gemv_any(x, w, epilogue, RowNorm::None, Some(next_gamma))
 }
 
 /// How a one-row product normalizes its input.
@@ -434,7 +430,7 @@ fn gemv_any<B: Backend>(
     epilogue: GemvEpilogue<'_, B>,
     norm: RowNorm<'_, B>,
     scale_next: Option<&Tensor<B, 1>>,
-) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Tensor<B, 2>> {
+) -> Result<(Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 2>> {
     on_runtime!(gemv_on::<B>(x, w, epilogue, norm, scale_next), x)
 }
 
@@ -454,7 +450,7 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
     epilogue: GemvEpilogue<'_, B>,
     norm: RowNorm<'_, B>,
     scale_next: Option<&Tensor<B, 1>>,
-) -> Result<(Tensor<B, 2>, Option<Tensor<B, 2>>), Tensor<B, 2>> {
+) -> Result<(Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let [w_rows, w_inp] = w.dims();
     let out = match epilogue {
@@ -489,7 +485,12 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
     let vector = vector_size(inp, w.dtype());
     let (x, w) = (cube(x), cube(w.clone()));
     let y = empty_like(&x, vec![1, out], x.dtype);
-    let y_scaled = scale_next.map(|_| empty_like(&x, vec![1, out], x.dtype));
+    // `y·γ` where asked for, else a one-element stand-in nobody writes.
+    let y_scaled = empty_like(
+        &x,
+        if scale_next.is_some() { vec![1, out] } else { vec![1, 1] },
+        x.dtype,
+    );
     let residual = match epilogue {
         GemvEpilogue::AddResidual(r) => cube(r.clone()),
         _ => empty_like(&x, vec![1], x.dtype),
@@ -514,7 +515,6 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
     let dtypes = [x.dtype.into(), DType::F32.into(), x.dtype.into(), gamma.dtype.into()];
     let tuning = tuning();
     let rows_per_cube = tuning.gemv_rows_per_cube.clamp(1, 8);
-    let scaled_arg = y_scaled.clone().unwrap_or_else(|| empty_like(&x, vec![1], x.dtype));
     kernels::gemv::launch::<R>(
         &client,
         CubeCount::Static((out as u32).div_ceil(rows_per_cube), 1, 1),
@@ -526,7 +526,7 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
         residual.into_tensor_arg(),
         gamma.into_tensor_arg(),
         y.clone().into_tensor_arg(),
-        scaled_arg.into_tensor_arg(),
+        y_scaled.clone().into_tensor_arg(),
         out as u32,
         (inp / vector) as u32,
         eps,
@@ -538,7 +538,7 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
         scale_next.is_some(),
         dtypes,
     );
-    Ok((tensor(y), y_scaled.map(tensor)))
+    Ok((tensor(y), tensor(y_scaled)))
 }
 
 /// Query rows per KV head up to which attention runs as the decode kernels below (beyond, a
