@@ -53,8 +53,10 @@ impl FromStr for Budget {
             return Ok(Budget::Tokens(n));
         }
         let v: f64 = t.parse().map_err(|_| bad())?;
-        if !(v.is_finite() && v > 0.0) {
-            return Err(Error::InvalidBudget(format!("'{s}' must be positive")));
+        if !(v.is_finite() && v > 0.0 && v <= 1.0) {
+            return Err(Error::InvalidBudget(format!(
+                "'{s}': a ratio of the prompt must be in (0, 1] (tokens are whole numbers: 512)"
+            )));
         }
         Ok(Budget::Ratio(v))
     }
@@ -92,7 +94,7 @@ impl FromStr for Mode {
             "encoding" => Ok(Mode::Encoding),
             "decoding" => Ok(Mode::Decoding),
             "auto" => Ok(Mode::Auto),
-            _ => Err(Error::InvalidBudget(format!(
+            _ => Err(Error::InvalidSetting(format!(
                 "unknown mode '{s}' (expected encoding, decoding or auto)"
             ))),
         }
@@ -141,6 +143,9 @@ impl Default for EvictionConfig {
     }
 }
 
+/// The largest prefill or decode stride accepted (far beyond any context length in use).
+pub const MAX_STRIDE: usize = 1 << 20;
+
 /// Share of the budget kept as the recent window while decoding (EasyKV's constant).
 pub const DECODE_RECENT_RATIO: f64 = 0.3;
 /// Trailing slots that the robust (σ) scope never offers for eviction (EasyKV's constant).
@@ -180,17 +185,37 @@ pub struct Schedule {
 impl EvictionConfig {
     /// Resolves the schedule for a prompt of `prompt_len` tokens; `chunk_size` splits the part
     /// of the prompt that is prefilled before eviction starts.
-    pub fn schedule(&self, prompt_len: usize, chunk_size: usize, kv_bytes_per_token: u64) -> Result<Schedule> {
-        let s = self.stride;
-        if s == 0 || self.decode_stride == 0 {
-            return Err(Error::InvalidBudget("stride and decode stride must be ≥ 1".into()));
+    /// Checks the settings that do not depend on a prompt: every caller (CLI flags, eval
+    /// cells, server requests) goes through this one rule set.
+    pub fn validate(&self) -> Result<()> {
+        if self.stride == 0 || self.decode_stride == 0 {
+            return Err(Error::InvalidSetting("stride and decode stride must be ≥ 1".into()));
+        }
+        if self.stride > MAX_STRIDE || self.decode_stride > MAX_STRIDE {
+            return Err(Error::InvalidSetting(format!(
+                "stride and decode stride must be at most {MAX_STRIDE}"
+            )));
         }
         if !(0.0..1.0).contains(&self.recent_ratio) {
-            return Err(Error::InvalidBudget(format!(
+            return Err(Error::InvalidSetting(format!(
                 "recent ratio must be in [0, 1), got {}",
                 self.recent_ratio
             )));
         }
+        if matches!(self.mode, Mode::Decoding | Mode::Auto) && matches!(self.budget, Budget::Ratio(_)) {
+            let mode = if self.mode == Mode::Auto { "auto" } else { "decoding" };
+            return Err(Error::InvalidBudget(format!(
+                "{mode} mode needs a budget in tokens or bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Resolves the schedule for a prompt of `prompt_len` tokens; `chunk_size` splits the part
+    /// of the prompt that is prefilled before eviction starts.
+    pub fn schedule(&self, prompt_len: usize, chunk_size: usize, kv_bytes_per_token: u64) -> Result<Schedule> {
+        self.validate()?;
+        let s = self.stride;
         if prompt_len == 0 {
             return Err(Error::InvalidBudget("the prompt is empty".into()));
         }
@@ -224,20 +249,10 @@ impl EvictionConfig {
                 self.encoding_prefill(&mut sched, t + s, false, chunk_size)?;
             }
             Mode::Decoding => {
-                if matches!(self.budget, Budget::Ratio(_)) {
-                    return Err(Error::InvalidBudget(
-                        "decoding mode needs a budget in tokens or bytes".into(),
-                    ));
-                }
                 let d = tokens.unwrap_or(usize::MAX);
                 self.decoding(&mut sched, prompt_len, d)?;
             }
             Mode::Auto => {
-                if matches!(self.budget, Budget::Ratio(_)) {
-                    return Err(Error::InvalidBudget(
-                        "auto mode needs a budget in tokens or bytes".into(),
-                    ));
-                }
                 let t = tokens.unwrap_or(usize::MAX);
                 if t > prompt_len {
                     self.decoding(&mut sched, prompt_len, t - prompt_len)?;
@@ -375,6 +390,24 @@ mod tests {
             ..Default::default()
         };
         assert!(cfg.schedule(1000, 64, 1).is_err());
+    }
+
+    /// One rule set for every caller: ratios in (0, 1], strides in 1..=MAX_STRIDE, modes by
+    /// name, and the mode's error says it is about the mode.
+    #[test]
+    fn settings_are_validated_once_with_messages_that_name_the_problem() {
+        assert_eq!("1.0".parse::<Budget>(), Ok(Budget::Ratio(1.0)));
+        let too_big = "1.5".parse::<Budget>().unwrap_err().to_string();
+        assert!(too_big.contains("(0, 1]"), "{too_big}");
+        let mode = "nonsense".parse::<Mode>().unwrap_err().to_string();
+        assert!(mode.contains("unknown mode") && !mode.contains("budget"), "{mode}");
+        let huge = EvictionConfig {
+            stride: usize::MAX,
+            ..Default::default()
+        };
+        let err = huge.validate().unwrap_err().to_string();
+        assert!(err.contains(&MAX_STRIDE.to_string()), "{err}");
+        assert!(EvictionConfig::default().validate().is_ok());
     }
 
     #[test]

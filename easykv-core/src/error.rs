@@ -5,6 +5,8 @@ pub enum Error {
     LayerOutOfRange { layer: usize, layers: usize },
     #[error("invalid budget: {0}")]
     InvalidBudget(String),
+    #[error("invalid eviction setting: {0}")]
+    InvalidSetting(String),
     #[error("the cache would hold {needed} tokens, more than the model's context of {context}")]
     ContextExceeded { needed: usize, context: usize },
     #[error(

@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 use crate::budget::Schedule;
 use crate::layer_kv::{ascending_rows, LayerKv};
 use crate::policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
-use crate::{host_resident, CachedKv, Error, KvCache, Ranking, Result};
+use crate::{CacheKernels, CachedKv, Error, KvCache, Ranker, Result};
 
 /// Per-layer progress. Layers move in step while decoding; a layer-major prefill runs one
 /// layer through several chunks before the next layer starts.
@@ -98,7 +98,7 @@ pub struct EvictingCache<B: Backend> {
     stats: Stats<B>,
     /// Attention observed during the chunk in flight, per layer, reduced over its queries.
     pending: Vec<Option<Observed<B>>>,
-    /// This chunk's statistics of every layer, written in place by an installed
+    /// This chunk's statistics of every layer, written in place by the backend's
     /// [`ObservationWriter`](crate::ObservationWriter): sums, sums of squares, last rows
     /// (`[layers·batch, heads, slots]` each), and which layers' rows are written.
     written: Option<([Tensor<B, 3>; 3], Vec<bool>)>,
@@ -119,9 +119,16 @@ impl<B: Backend> std::fmt::Debug for EvictingCache<B> {
 }
 
 impl<B: Backend> EvictingCache<B> {
-    pub fn new(n_layers: usize, policy: Box<dyn EvictionPolicy<B>>, schedule: Schedule) -> Self {
+    /// A cache of `n_layers` layers that evicts by `policy` as `schedule` says, on a backend
+    /// that offers `kernels`.
+    pub fn new(
+        n_layers: usize,
+        policy: Box<dyn EvictionPolicy<B>>,
+        schedule: Schedule,
+        kernels: CacheKernels<B>,
+    ) -> Self {
         Self {
-            kv: LayerKv::new(n_layers),
+            kv: LayerKv::new(n_layers, kernels),
             stats: Stats::Stacked(None),
             pending: vec![None; n_layers],
             written: None,
@@ -142,16 +149,14 @@ impl<B: Backend> EvictingCache<B> {
 
     /// How k-smallest selections over `stats` run: as configured, or what suits the backend
     /// and the size of the problem.
-    fn ranking(&self, stats: &SlotStats<B>) -> Ranking {
+    fn ranking(&self, stats: &SlotStats<B>) -> Ranker<B> {
         let [rows, heads, slots] = stats.sum.dims();
-        self.schedule
+        let kernels = self.kv.kernels();
+        let strategy = self
+            .schedule
             .ranking
-            .or_else(|| {
-                self.kv
-                    .device()
-                    .map(|d| Ranking::for_backend::<B>(&d, rows * heads, slots))
-            })
-            .unwrap_or(Ranking::Sort)
+            .unwrap_or_else(|| kernels.ranking(rows * heads, slots));
+        Ranker::new(strategy, kernels)
     }
 
     fn n_layers(&self) -> usize {
@@ -176,7 +181,7 @@ impl<B: Backend> EvictingCache<B> {
     }
 
     /// A multi-query chunk's statistics of `layer` written into the stacked rows of every
-    /// layer by the backend's [`ObservationWriter`](crate::ObservationWriter); `probs` back
+    /// layer by the backend's [`ObservationWriter`](crate::ObservationWriter) where it has one; `probs` back
     /// where there is none (or for one-query steps, which need no reduction).
     fn write_observation(&mut self, layer: usize, probs: Tensor<B, 4>) -> std::result::Result<(), Tensor<B, 4>> {
         let [b, h, s, n] = probs.dims();
@@ -184,7 +189,7 @@ impl<B: Backend> EvictingCache<B> {
         if s == 1 || probs.dtype() != DType::F32 {
             return Err(probs);
         }
-        let Some(writer) = crate::observation::observation_writer::<B>() else {
+        let Some(writer) = self.kv.kernels().observation_writer else {
             return Err(probs);
         };
         let rows = self.n_layers() * b;
@@ -314,7 +319,7 @@ impl<B: Backend> EvictingCache<B> {
             0 => Some(st),
             dead => {
                 let keep = live_slots(&st, dead, self.ranking(&st));
-                Some(pick_slots(st, keep))
+                Some(pick_slots(st, keep, self.kv.kernels().host_resident()))
             }
         }
     }
@@ -412,7 +417,7 @@ impl<B: Backend> EvictingCache<B> {
     }
 
     /// The facts of evicting `n_evict` of the live slots of `layers`' rows.
-    fn context(&self, stats: &SlotStats<B>, layers: Range<usize>, n_evict: usize) -> EvictionContext {
+    fn context(&self, stats: &SlotStats<B>, layers: Range<usize>, n_evict: usize) -> EvictionContext<B> {
         let first = layers.start;
         let phase = self.phase(first);
         let sched = &self.schedule;
@@ -525,7 +530,7 @@ impl<B: Backend> EvictingCache<B> {
     /// every layer's keys and values.
     fn compact(&mut self, stats: SlotStats<B>, layers: Range<usize>, keep: Tensor<B, 3, Int>) -> SlotStats<B> {
         self.kv.retain_layers(layers, keep.clone());
-        pick_slots(stats, keep)
+        pick_slots(stats, keep, self.kv.kernels().host_resident())
     }
 
     /// Ends the chunk in flight for `layers` (all of them in step): absorbs what they observed
@@ -577,17 +582,17 @@ impl<B: Backend> EvictingCache<B> {
 }
 
 /// The live slots (position ≥ 0) of every row, in order, `dead` fewer than the row holds.
-fn live_slots<B: Backend>(stats: &SlotStats<B>, dead: usize, ranking: Ranking) -> Tensor<B, 3, Int> {
+fn live_slots<B: Backend>(stats: &SlotStats<B>, dead: usize, ranking: Ranker<B>) -> Tensor<B, 3, Int> {
     let n = stats.positions.dims()[2];
     ranking.true_slots(stats.positions.clone().greater_equal_elem(0), n - dead)
 }
 
 /// The statistics of the slots `keep` lists (`[rows, heads, kept]`).
-fn pick_slots<B: Backend>(stats: SlotStats<B>, keep: Tensor<B, 3, Int>) -> SlotStats<B> {
+fn pick_slots<B: Backend>(stats: SlotStats<B>, keep: Tensor<B, 3, Int>, host: bool) -> SlotStats<B> {
     let [rows, h, n] = stats.sum.dims();
     let kept = keep.dims()[2];
     let device = keep.device();
-    if host_resident::<B>(&device) {
+    if host {
         if let Some(order) = ascending_rows(keep.clone()).filter(|o| o.iter().all(|&i| i < n)) {
             return pick_slots_on_host(stats, &order, kept);
         }

@@ -1,7 +1,7 @@
 use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::layer_kv::LayerKv;
-use crate::{CachedKv, KvCache, Result};
+use crate::{CacheKernels, CachedKv, KvCache, Result};
 
 /// A cache that never evicts: the reference every policy is measured against.
 #[derive(Debug, Clone)]
@@ -11,9 +11,10 @@ pub struct FullCache<B: Backend> {
 }
 
 impl<B: Backend> FullCache<B> {
-    pub fn new(n_layers: usize) -> Self {
+    /// A cache of `n_layers` layers on a backend that offers `kernels`.
+    pub fn new(n_layers: usize, kernels: CacheKernels<B>) -> Self {
         Self {
-            kv: LayerKv::new(n_layers),
+            kv: LayerKv::new(n_layers, kernels),
             tokens_seen: 0,
         }
     }
@@ -86,7 +87,7 @@ mod tests {
     #[test]
     fn appends_along_the_sequence_and_counts_bytes() {
         let dev = Default::default();
-        let mut cache = FullCache::<Flex>::new(2);
+        let mut cache = FullCache::<Flex>::new(2, CacheKernels::host());
         for step in 0..3 {
             for layer in 0..2 {
                 let k = Tensor::<Flex, 4>::ones([1, 2, 4, 8], &dev).mul_scalar(step as f32);
@@ -99,7 +100,7 @@ mod tests {
         assert_eq!(cache.slots(1), 12);
         // Buffers grow with room to spare; a reservation allocates exactly.
         assert!(cache.bytes() >= 2 * 2 * (2 * 12 * 8 * 4));
-        let mut reserved = FullCache::<Flex>::new(2);
+        let mut reserved = FullCache::<Flex>::new(2, CacheKernels::host());
         reserved.reserve(12);
         for layer in 0..2 {
             for _ in 0..3 {
@@ -120,7 +121,7 @@ mod tests {
     #[test]
     fn append_in_place_returns_the_buffers_and_the_slots_in_use() {
         let dev = Default::default();
-        let mut cache = FullCache::<Flex>::new(1);
+        let mut cache = FullCache::<Flex>::new(1, CacheKernels::host());
         cache.reserve(8);
         let t = |v: f32| Tensor::<Flex, 4>::full([1, 2, 3, 4], v, &dev);
         let first = cache.append_in_place(0, t(1.0), t(2.0)).unwrap();
@@ -144,7 +145,7 @@ mod tests {
     #[test]
     fn reserved_slots_count_once_committed() {
         let dev = Default::default();
-        let mut cache = FullCache::<Flex>::new(2);
+        let mut cache = FullCache::<Flex>::new(2, CacheKernels::host());
         let t = |v: f32| Tensor::<Flex, 4>::full([1, 2, 3, 4], v, &dev);
         cache.append_in_place(0, t(1.0), t(2.0)).unwrap();
         let room = cache

@@ -2,23 +2,7 @@
 
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorCreationOptions};
 
-use crate::registry::PerBackend;
-use crate::{host_resident, CachedKv, Error, Result};
-
-/// A device kernel that compacts one layer's key and value buffers (`[batch, kv_heads,
-/// capacity, head_dim]`): new buffers of the same shape whose first `kept` slots are the slots
-/// `keep` (`[batch, kv_heads, kept]`) lists, in that order (what lies beyond is unspecified).
-/// `None` when it cannot run. One launch per layer instead of two row selections and the row
-/// numbers they need.
-pub type SlotGatherer<B> = fn(&Tensor<B, 4>, &Tensor<B, 4>, Tensor<B, 3, Int>) -> Option<(Tensor<B, 4>, Tensor<B, 4>)>;
-
-/// Slot gatherers by backend type (see [`crate::registry`]).
-static GATHERERS: PerBackend = PerBackend::new();
-
-/// Makes `gatherer` the way caches on backend `B` compact keys and values.
-pub fn install_slot_gatherer<B: Backend>(gatherer: SlotGatherer<B>) {
-    GATHERERS.install::<B, _>(gatherer, std::ptr::fn_addr_eq::<SlotGatherer<B>, SlotGatherer<B>>);
-}
+use crate::{CacheKernels, CachedKv, Error, Result};
 
 /// Growth step of a buffer that outgrows its capacity, at least.
 const MIN_GROWTH: usize = 64;
@@ -44,11 +28,11 @@ impl<B: Backend> Buffers<B> {
 /// flex's `slice_assign` copies the whole destination first (its contiguity check keeps a
 /// second reference to the buffer, so the copy-on-write always copies): on host-resident
 /// backends the slots are written into the buffer's own bytes instead.
-fn write_slots<B: Backend>(buffer: Tensor<B, 4>, new: Tensor<B, 4>, at: usize) -> Tensor<B, 4> {
+fn write_slots<B: Backend>(buffer: Tensor<B, 4>, new: Tensor<B, 4>, at: usize, host: bool) -> Tensor<B, 4> {
     let [b, h, capacity, d] = buffer.dims();
     let s = new.dims()[2];
     let device = buffer.device();
-    if !host_resident::<B>(&device) {
+    if !host {
         return buffer.slice_assign([0..b, 0..h, at..at + s, 0..d], new);
     }
     let dtype = buffer.dtype();
@@ -103,14 +87,20 @@ pub(crate) struct LayerKv<B: Backend> {
     /// Slots to allocate at least when a buffer is created or grows (a cache that knows its
     /// bound allocates once).
     reserve: usize,
+    kernels: CacheKernels<B>,
 }
 
 impl<B: Backend> LayerKv<B> {
-    pub(crate) fn new(n_layers: usize) -> Self {
+    pub(crate) fn new(n_layers: usize, kernels: CacheKernels<B>) -> Self {
         Self {
             layers: vec![None; n_layers],
             reserve: 0,
+            kernels,
         }
+    }
+
+    pub(crate) fn kernels(&self) -> &CacheKernels<B> {
+        &self.kernels
     }
 
     /// Allocate room for at least `slots` slots per layer when buffers are created or grow.
@@ -139,8 +129,8 @@ impl<B: Backend> LayerKv<B> {
             return Err(Error::LayerOutOfRange { layer, layers });
         };
         self.layers[layer] = Some(Buffers {
-            k: write_slots(k, keys, at),
-            v: write_slots(v, values, at),
+            k: write_slots(k, keys, at, self.kernels.host_resident()),
+            v: write_slots(v, values, at, self.kernels.host_resident()),
             len,
         });
         self.commit_slots(layer, s)
@@ -223,7 +213,7 @@ impl<B: Backend> LayerKv<B> {
         };
         let kept = keep.dims()[2];
         let capacity = e.capacity();
-        if host_resident::<B>(&keep.device()) {
+        if self.kernels.host_resident() {
             // Ascending indices below the slot count: compacted in place.
             let valid = |order: &Vec<usize>| order.iter().all(|&i| i < e.len);
             if let Some(order) = ascending_rows(keep.clone()).filter(valid) {
@@ -249,14 +239,13 @@ impl<B: Backend> LayerKv<B> {
         let [rows, h, _] = keep.dims();
         let n = layers.len();
         let b = rows / n.max(1);
-        let device = keep.device();
         let shapes: Vec<Option<[usize; 4]>> = layers
             .clone()
             .map(|l| self.layers.get(l).and_then(|e| e.as_ref()).map(|e| e.k.dims()))
             .collect();
         let first = shapes.first().copied().flatten();
         let uniform = first.is_some_and(|f| f[..2] == [b, h]) && shapes.iter().all(|s| *s == first);
-        let (Some([_, _, capacity, _]), true, false) = (first, uniform, host_resident::<B>(&device)) else {
+        let (Some([_, _, capacity, _]), true, false) = (first, uniform, self.kernels.host_resident()) else {
             for (i, layer) in layers.enumerate() {
                 self.retain(layer, keep.clone().slice_dim(0, i * b..(i + 1) * b));
             }
@@ -266,13 +255,13 @@ impl<B: Backend> LayerKv<B> {
     }
 
     /// [`retain_layers`](Self::retain_layers)' device path: `layers` hold `capacity` slots each.
-    /// By the backend's [`SlotGatherer`] where one is installed (one launch per layer), else
+    /// By the backend's [`SlotGatherer`](crate::SlotGatherer) where there is one (one launch per layer), else
     /// rows of each flattened `[b·h·capacity, d]` buffer are selected: whole rows are copied,
     /// far cheaper than an element-wise gather; the spare capacity is refilled with row 0.
     fn retain_layers_by_rows(&mut self, layers: std::ops::Range<usize>, keep: Tensor<B, 3, Int>, capacity: usize) {
         let [rows, _, kept] = keep.dims();
         let b = rows / layers.len().max(1);
-        if let Some(gather) = GATHERERS.get::<B, SlotGatherer<B>>() {
+        if let Some(gather) = self.kernels.slot_gatherer {
             for (i, layer) in layers.clone().enumerate() {
                 let Some(Some(e)) = self.layers.get_mut(layer) else {
                     continue;
@@ -371,7 +360,7 @@ mod tests {
     fn retaining_layers_by_rows_equals_retaining_each_layer() {
         let dev = Default::default();
         let (layers, b, h, s, d) = (3, 2, 2, 7, 4);
-        let mut each = LayerKv::<Flex>::new(layers);
+        let mut each = LayerKv::<Flex>::new(layers, CacheKernels::host());
         each.reserve(10);
         for l in 0..layers {
             let t = || Tensor::<Flex, 4>::random([b, h, s, d], Distribution::Normal(0.0, 1.0), &dev);
@@ -423,13 +412,16 @@ mod tests {
         ))
     }
 
-    /// An installed slot gatherer compacts each layer's keys and values in the device path;
-    /// the layers it declines are compacted by row selection, the others not twice.
+    /// A slot gatherer compacts each layer's keys and values in the device path; the layers
+    /// it declines are compacted by row selection, the others not twice.
     #[test]
-    fn an_installed_slot_gatherer_compacts_every_layer() {
-        install_slot_gatherer::<Flex>(counting_gatherer);
+    fn a_slot_gatherer_compacts_every_layer() {
+        let kernels = CacheKernels {
+            slot_gatherer: Some(counting_gatherer),
+            ..CacheKernels::plain(crate::Memory::Gpu)
+        };
         let dev = Default::default();
-        let mut kv = LayerKv::<Flex>::new(2);
+        let mut kv = LayerKv::<Flex>::new(2, kernels);
         kv.reserve(6);
         let slots = |l: f32| {
             Tensor::<Flex, 1, Int>::arange(0..4, &dev)
@@ -443,8 +435,7 @@ mod tests {
         let before = GATHER_CALLS.load(std::sync::atomic::Ordering::SeqCst);
         let keep = Tensor::<Flex, 3, Int>::from_data(TensorData::new(vec![1i64, 3, 0, 2], [2, 1, 2]), &dev);
         kv.retain_layers_by_rows(0..2, keep, 6);
-        // (Other tests may compact at the same time, with this gatherer too.)
-        assert!(GATHER_CALLS.load(std::sync::atomic::Ordering::SeqCst) >= before + 2);
+        assert_eq!(GATHER_CALLS.load(std::sync::atomic::Ordering::SeqCst), before + 2);
         let used = |t: &Tensor<Flex, 4>| t.clone().slice_dim(2, 0..2).into_data().to_vec::<f32>().unwrap();
         let (l0, l1) = (kv.layers[0].clone().unwrap(), kv.layers[1].clone().unwrap());
         assert_eq!((l0.len, l1.len), (2, 2));

@@ -55,7 +55,7 @@ pub enum Phase {
 
 /// The facts of one eviction step.
 #[derive(Debug, Clone)]
-pub struct EvictionContext {
+pub struct EvictionContext<B: Backend> {
     pub phase: Phase,
     /// Live slots held now (before eviction).
     pub slots: usize,
@@ -75,8 +75,8 @@ pub struct EvictionContext {
     pub step: u64,
     /// The layers the statistics' rows belong to, `batch` rows each, in order.
     pub layers: std::ops::Range<usize>,
-    /// How k-smallest selections are computed on this backend.
-    pub ranking: crate::Ranking,
+    /// How k-smallest selections are computed on this backend, with its kernels.
+    pub ranking: crate::Ranker<B>,
 }
 
 /// Chooses which slots to drop. Implementations live in `easykv-policies`.
@@ -93,7 +93,7 @@ pub trait EvictionPolicy<B: Backend>: Send {
     ///
     /// # Shapes
     /// - returns `[rows, kv_heads, n_evict]`
-    fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Int>;
+    fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3, Int>;
 
     /// [`select`](Self::select)'s slots as a mask over the `ctx.slots` slots. Policies that
     /// rank every slot answer this directly: compaction wants the mask, and turning a mask
@@ -102,7 +102,7 @@ pub trait EvictionPolicy<B: Backend>: Send {
     ///
     /// # Shapes
     /// - returns `[rows, kv_heads, slots]`
-    fn select_mask(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
+    fn select_mask(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3, Bool> {
         slot_mask(self.select(stats, ctx), ctx.slots)
     }
 }

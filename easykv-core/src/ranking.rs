@@ -11,40 +11,7 @@
 
 use burn::tensor::{backend::Backend, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use crate::registry::PerBackend;
-
-/// A device kernel that ranks every slot within its row: for `key` `[rows, heads, slots]`, how
-/// many slots of the row come before each in (key, slot) order, as f32 — what
-/// [`Ranking::Pairwise`] otherwise builds from `slots²` comparisons in memory. Hands `key`
-/// back when it cannot run (another backend, an unsupported size).
-pub type RowRanker<B> = fn(Tensor<B, 3>) -> std::result::Result<Tensor<B, 3>, Tensor<B, 3>>;
-
-/// Row rankers by backend type (see [`crate::registry`]).
-static ROW_RANKERS: PerBackend = PerBackend::new();
-
-/// Makes `ranker` the way [`Ranking::Pairwise`] ranks on backend `B` (replacing any earlier one).
-pub fn install_row_ranker<B: Backend>(ranker: RowRanker<B>) {
-    ROW_RANKERS.install::<B, _>(ranker, std::ptr::fn_addr_eq::<RowRanker<B>, RowRanker<B>>);
-}
-
-/// A device kernel that lists the true slots of every row of a mask (`[rows, heads, slots]`)
-/// in ascending order, `count` per row (`[rows, heads, count]`; a row with fewer fills the rest
-/// with slot 0, one with more keeps its first `count`) — what [`Ranking::true_slots`] otherwise
-/// builds from a prefix sum and a scatter. Hands the mask back when it cannot run.
-pub type SlotLister<B> = fn(Tensor<B, 3, Bool>, usize) -> std::result::Result<Tensor<B, 3, Int>, Tensor<B, 3, Bool>>;
-
-/// Slot listers by backend type.
-static SLOT_LISTERS: PerBackend = PerBackend::new();
-
-/// Makes `lister` the way [`Ranking::Pairwise`] lists true slots on backend `B`.
-pub fn install_slot_lister<B: Backend>(lister: SlotLister<B>) {
-    SLOT_LISTERS.install::<B, _>(lister, std::ptr::fn_addr_eq::<SlotLister<B>, SlotLister<B>>);
-}
-
-/// The row ranker installed for `B`, if any.
-fn row_ranker<B: Backend>() -> Option<RowRanker<B>> {
-    ROW_RANKERS.get::<B, RowRanker<B>>()
-}
+use crate::{CacheKernels, RowRanker, SlotLister};
 
 /// How k-smallest selections are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -71,12 +38,6 @@ impl std::str::FromStr for Ranking {
     }
 }
 
-/// Whether `B` keeps tensors in host memory, so reading one back is free (flex: no copy for
-/// a tensor nothing else shares).
-pub fn host_resident<B: Backend>(device: &B::Device) -> bool {
-    B::name(device) == "flex"
-}
-
 impl Ranking {
     /// Compared pairs (`rows × heads × slots²`) above which a GPU ranks on the host instead.
     ///
@@ -85,22 +46,6 @@ impl Ranking {
     /// shape, 32 heads × 2,112 slots) peaked at 28.7 GB ranking pairwise and 19.4 GB ranking on
     /// the host, for 3.88 vs 4.56 s. An eviction library should not spend 9 GB to save 0.7 s.
     pub const PAIRWISE_MAX_PAIRS: usize = 1 << 24;
-
-    /// The strategy that suits `B` for `rows_heads` rows of `slots` slots: host selection where
-    /// tensors live in host memory; on cubecl (GPU) backends pairwise while the comparisons stay
-    /// below [`Self::PAIRWISE_MAX_PAIRS`], host selection above; burn's sort elsewhere.
-    pub fn for_backend<B: Backend>(device: &B::Device, rows_heads: usize, slots: usize) -> Self {
-        if host_resident::<B>(device) {
-            Self::Host
-        } else if row_ranker::<B>().is_some() {
-            // A kernel ranks without materializing the comparisons: no size limit.
-            Self::Pairwise
-        } else if B::name(device).contains("cubecl") {
-            Self::for_gpu(rows_heads, slots)
-        } else {
-            Self::Sort
-        }
-    }
 
     /// What a GPU uses for `rows_heads` rows of `slots` slots.
     pub fn for_gpu(rows_heads: usize, slots: usize) -> Self {
@@ -111,24 +56,71 @@ impl Ranking {
             Self::Host
         }
     }
+}
+
+/// A [`Ranking`] strategy with the backend's kernels for it.
+pub struct Ranker<B: Backend> {
+    pub strategy: Ranking,
+    row_ranker: Option<RowRanker<B>>,
+    slot_lister: Option<SlotLister<B>>,
+}
+
+// By hand: derived, both would demand `B: Clone` / `B: Debug`.
+impl<B: Backend> Clone for Ranker<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Ranker<B> {}
+
+impl<B: Backend> std::fmt::Debug for Ranker<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ranker({:?})", self.strategy)
+    }
+}
+
+impl<B: Backend> Ranker<B> {
+    /// `strategy` with the ranking kernels of `kernels`.
+    pub fn new(strategy: Ranking, kernels: &CacheKernels<B>) -> Self {
+        Self {
+            strategy,
+            row_ranker: kernels.row_ranker,
+            slot_lister: kernels.slot_lister,
+        }
+    }
+
+    /// `strategy` by burn's tensor operations alone.
+    pub fn plain(strategy: Ranking) -> Self {
+        Self {
+            strategy,
+            row_ranker: None,
+            slot_lister: None,
+        }
+    }
+
+    /// The same kernels with another strategy.
+    pub fn with_strategy(self, strategy: Ranking) -> Self {
+        Self { strategy, ..self }
+    }
 
     /// Whether each slot is among the `k` smallest keys of its row (ties to the lower slot).
     ///
     /// # Shapes
     /// - `key`: `[rows, heads, slots]` → the same, bool
-    pub fn smallest_mask<B: Backend>(self, key: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Bool> {
+    pub fn smallest_mask(&self, key: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Bool> {
         let [rows, h, n] = key.dims();
         let k = k.min(n);
         let device = key.device();
-        match self {
-            Self::Sort => {
+        match self.strategy {
+            Ranking::Sort => {
                 let chosen = key.argsort(2).slice_dim(2, 0..k);
                 Tensor::<B, 3, Int>::zeros([rows, h, n], &device)
                     .scatter(2, chosen, Tensor::ones([rows, h, k], &device), IndexingUpdateOp::Add)
                     .greater_elem(0)
             }
-            Self::Pairwise => pairwise_ranks(key).lower_elem(k as f32 - 0.5),
-            Self::Host => {
+            Ranking::Pairwise => pairwise_ranks(key, self.row_ranker).lower_elem(k as f32 - 0.5),
+            Ranking::Host => {
                 let mut mask = vec![false; rows * h * n];
                 for (r, row) in host_rows(key).chunks(n.max(1)).enumerate() {
                     for j in k_smallest(row, k) {
@@ -145,14 +137,14 @@ impl Ranking {
     ///
     /// # Shapes
     /// - `key`: `[rows, heads, slots]` → `[rows, heads, k]`
-    pub fn smallest<B: Backend>(self, key: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
-        match self {
-            Self::Sort => key.argsort(2).slice_dim(2, 0..k),
-            Self::Pairwise => {
+    pub fn smallest(&self, key: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
+        match self.strategy {
+            Ranking::Sort => key.argsort(2).slice_dim(2, 0..k),
+            Ranking::Pairwise => {
                 let mask = self.smallest_mask(key, k);
                 self.true_slots(mask, k)
             }
-            Self::Host => {
+            Ranking::Host => {
                 let [rows, h, n] = key.dims();
                 let device = key.device();
                 let k = k.min(n);
@@ -171,7 +163,7 @@ impl Ranking {
     ///
     /// # Shapes
     /// - `mask`: `[rows, heads, slots]` → `[rows, heads, count]`
-    pub fn true_slots<B: Backend>(self, mask: Tensor<B, 3, Bool>, count: usize) -> Tensor<B, 3, Int> {
+    pub fn true_slots(&self, mask: Tensor<B, 3, Bool>, count: usize) -> Tensor<B, 3, Int> {
         let [rows, h, n] = mask.dims();
         let device = mask.device();
         let index = || {
@@ -180,13 +172,13 @@ impl Ranking {
                 .reshape([1, 1, n])
                 .repeat(&[rows, h, 1])
         };
-        match self {
-            Self::Sort => {
+        match self.strategy {
+            Ranking::Sort => {
                 // Sort `false·n + index`: the true slots come first, in order.
                 let key = mask.bool_not().float().mul_scalar(n as f32) + index();
                 key.argsort(2).slice_dim(2, 0..count)
             }
-            Self::Host => {
+            Ranking::Host => {
                 let flags: Vec<bool> = mask.into_data().convert::<bool>().into_vec().unwrap_or_default();
                 let mut slots = Vec::with_capacity(rows * h * count);
                 for row in flags.chunks(n.max(1)) {
@@ -196,8 +188,8 @@ impl Ranking {
                 }
                 Tensor::from_data(TensorData::new(slots, [rows, h, count]), &device)
             }
-            Self::Pairwise => {
-                let mask = match SLOT_LISTERS.get::<B, SlotLister<B>>() {
+            Ranking::Pairwise => {
+                let mask = match self.slot_lister {
                     Some(list) => match list(mask, count) {
                         Ok(slots) => return slots,
                         Err(mask) => mask,
@@ -218,7 +210,6 @@ impl Ranking {
         }
     }
 }
-
 /// A float tensor's values on the host (no copy on flex when nothing else holds the buffer).
 fn host_rows<B: Backend>(key: Tensor<B, 3>) -> Vec<f32> {
     key.into_data().convert::<f32>().into_vec().unwrap_or_default()
@@ -235,13 +226,13 @@ fn k_smallest(row: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
-/// For every slot, how many slots of its row come before it in (key, slot) order: by the
-/// backend's [`RowRanker`] where one is installed, else from every pair of slots.
+/// For every slot, how many slots of its row come before it in (key, slot) order: by
+/// `row_ranker` where there is one, else from every pair of slots.
 ///
 /// # Shapes
 /// - `key`: `[rows, heads, slots]` → the same (float ranks, exact below 2²⁴ slots)
-fn pairwise_ranks<B: Backend>(key: Tensor<B, 3>) -> Tensor<B, 3> {
-    let key = match row_ranker::<B>() {
+fn pairwise_ranks<B: Backend>(key: Tensor<B, 3>, row_ranker: Option<RowRanker<B>>) -> Tensor<B, 3> {
+    let key = match row_ranker {
         Some(rank) => match rank(key) {
             Ok(ranks) => return ranks,
             Err(key) => key,
@@ -310,7 +301,7 @@ mod tests {
                     }
                     want_slots.extend(chosen.iter().map(|&j| j as i64));
                 }
-                for ranking in [Ranking::Sort, Ranking::Pairwise, Ranking::Host] {
+                for ranking in [Ranking::Sort, Ranking::Pairwise, Ranking::Host].map(Ranker::plain) {
                     let t = keys(v.clone(), [rows, h, n]);
                     assert_eq!(
                         bools(ranking.smallest_mask(t.clone(), k)),
@@ -320,9 +311,9 @@ mod tests {
                     let slots = ranking.true_slots(ranking.smallest_mask(t, k), k);
                     assert_eq!(ints(slots), want_slots, "{ranking:?} slots");
                 }
-                let mut by_pairs = ints(Ranking::Pairwise.smallest(keys(v.clone(), [rows, h, n]), k));
-                let mut by_sort = ints(Ranking::Sort.smallest(keys(v.clone(), [rows, h, n]), k));
-                let mut by_host = ints(Ranking::Host.smallest(keys(v.clone(), [rows, h, n]), k));
+                let mut by_pairs = ints(Ranker::plain(Ranking::Pairwise).smallest(keys(v.clone(), [rows, h, n]), k));
+                let mut by_sort = ints(Ranker::plain(Ranking::Sort).smallest(keys(v.clone(), [rows, h, n]), k));
+                let mut by_host = ints(Ranker::plain(Ranking::Host).smallest(keys(v.clone(), [rows, h, n]), k));
                 for row in by_host.chunks_mut(k.max(1)) {
                     row.sort_unstable();
                 }
@@ -341,7 +332,7 @@ mod tests {
             TensorData::new(vec![true, false, true, false, false, false, true, true], [2, 1, 4]),
             &Default::default(),
         );
-        for ranking in [Ranking::Sort, Ranking::Pairwise, Ranking::Host] {
+        for ranking in [Ranking::Sort, Ranking::Pairwise, Ranking::Host].map(Ranker::plain) {
             assert_eq!(
                 ints(ranking.true_slots(mask.clone(), 2)),
                 vec![0, 2, 2, 3],
@@ -351,11 +342,7 @@ mod tests {
     }
 
     #[test]
-    fn backends_get_their_strategy_and_large_gpu_problems_rank_on_the_host() {
-        assert_eq!(
-            Ranking::for_backend::<Flex>(&Default::default(), 96, 4096),
-            Ranking::Host
-        );
+    fn large_gpu_problems_rank_on_the_host() {
         // SmolLM2 (3 KV heads, ~650 slots) and Qwen2.5-1.5B (2 heads, 2,112 slots): pairwise.
         assert_eq!(Ranking::for_gpu(3, 650), Ranking::Pairwise);
         assert_eq!(Ranking::for_gpu(2, 2112), Ranking::Pairwise);
@@ -383,24 +370,26 @@ mod tests {
         Ok(Tensor::from_data(TensorData::new(ranks, [rows, h, n]), &key.device()))
     }
 
-    /// An installed row ranker replaces the pairwise comparisons (installing twice is one
-    /// installation); host-resident backends still rank on the host.
+    /// A row ranker handed over with the kernels replaces the pairwise comparisons.
     #[test]
-    fn an_installed_row_ranker_does_the_pairwise_ranking() {
-        install_row_ranker::<Flex>(counting_ranker);
-        install_row_ranker::<Flex>(counting_ranker);
-        assert_eq!(ROW_RANKERS.len(), 1);
+    fn a_row_ranker_does_the_pairwise_ranking() {
+        let kernels = CacheKernels::<Flex> {
+            row_ranker: Some(counting_ranker),
+            ..CacheKernels::plain(crate::Memory::Gpu)
+        };
         let before = RANKER_CALLS.load(std::sync::atomic::Ordering::SeqCst);
         let key = keys(vec![3.0, 1.0, 2.0, 1.0], [1, 1, 4]);
         assert_eq!(
-            bools(Ranking::Pairwise.smallest_mask(key, 2)),
+            bools(Ranker::new(Ranking::Pairwise, &kernels).smallest_mask(key.clone(), 2)),
             vec![false, true, false, true]
         );
-        assert!(RANKER_CALLS.load(std::sync::atomic::Ordering::SeqCst) > before);
+        assert_eq!(RANKER_CALLS.load(std::sync::atomic::Ordering::SeqCst), before + 1);
+        // Without it, the comparisons give the same answer.
         assert_eq!(
-            Ranking::for_backend::<Flex>(&Default::default(), 96, 4096),
-            Ranking::Host
+            bools(Ranker::plain(Ranking::Pairwise).smallest_mask(key, 2)),
+            vec![false, true, false, true]
         );
+        assert_eq!(RANKER_CALLS.load(std::sync::atomic::Ordering::SeqCst), before + 1);
     }
 
     static LISTER_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -412,19 +401,23 @@ mod tests {
         count: usize,
     ) -> std::result::Result<Tensor<Flex, 3, Int>, Tensor<Flex, 3, Bool>> {
         LISTER_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(Ranking::Host.true_slots(mask, count))
+        Ok(Ranker::plain(Ranking::Host).true_slots(mask, count))
     }
 
-    /// An installed slot lister replaces the prefix sum and scatter of pairwise listing.
+    /// A slot lister handed over with the kernels replaces the prefix sum and scatter of
+    /// pairwise listing.
     #[test]
-    fn an_installed_slot_lister_lists_the_true_slots() {
-        install_slot_lister::<Flex>(counting_lister);
+    fn a_slot_lister_lists_the_true_slots() {
+        let kernels = CacheKernels::<Flex> {
+            slot_lister: Some(counting_lister),
+            ..CacheKernels::plain(crate::Memory::Gpu)
+        };
         let before = LISTER_CALLS.load(std::sync::atomic::Ordering::SeqCst);
         let mask: Tensor<Flex, 3, Bool> = Tensor::from_data(
             TensorData::new(vec![false, true, true, false, true, false], [2, 1, 3]),
             &Default::default(),
         );
-        assert_eq!(ints(Ranking::Pairwise.true_slots(mask, 1)), vec![1, 1]);
+        assert_eq!(ints(Ranker::new(Ranking::Pairwise, &kernels).true_slots(mask, 1)), vec![1, 1]);
         assert!(LISTER_CALLS.load(std::sync::atomic::Ordering::SeqCst) > before);
     }
 }

@@ -1,11 +1,11 @@
 use burn::tensor::{backend::Backend, Bool, ElementConversion, Int, Tensor};
-use easykv_core::{slot_mask, EvictionContext, EvictionPolicy, Ranking, SlotStats};
+use easykv_core::{slot_mask, EvictionContext, EvictionPolicy, Ranker, SlotStats};
 
 /// Importance of every slot; the lowest are evicted first.
 pub trait ScoreCalculator<B: Backend>: Send {
     /// # Shapes
     /// - returns `[batch, kv_heads, slots]`
-    fn score(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3>;
+    fn score(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3>;
 
     /// Whether the score reads attention statistics.
     fn uses_attention(&self) -> bool {
@@ -25,14 +25,14 @@ pub enum Scope<B: Backend> {
 
 /// Which slots may be evicted.
 pub trait ScopeBuilder<B: Backend>: Send {
-    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Scope<B>;
+    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Scope<B>;
 }
 
 /// Candidates whose rank is checked before a single eviction falls back to sorting.
 const RANK_TRIES: usize = 4;
 
 /// The mask of the `k` smallest keys (ties to the lower slot), never a key at [`NEVER`].
-pub fn smallest_mask<B: Backend>(key: Tensor<B, 3>, k: usize, ranking: Ranking) -> Tensor<B, 3, Bool> {
+pub fn smallest_mask<B: Backend>(key: Tensor<B, 3>, k: usize, ranking: Ranker<B>) -> Tensor<B, 3, Bool> {
     ranking.smallest_mask(key.clone(), k).bool_and(key.lower_elem(NEVER))
 }
 
@@ -50,7 +50,7 @@ fn lowest_among_smallest<B: Backend>(
     score: Tensor<B, 3>,
     key: Tensor<B, 3>,
     k: usize,
-    ranking: Ranking,
+    ranking: Ranker<B>,
 ) -> Tensor<B, 3, Int> {
     let [b, h, n] = key.dims();
     let rows = b * h;
@@ -116,7 +116,7 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
         self.score.uses_attention()
     }
 
-    fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Int> {
+    fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3, Int> {
         let masked = match self.masked_score(stats, ctx) {
             Masked::Scores(masked) => masked,
             Masked::Victim(victim) => return victim,
@@ -129,7 +129,7 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
         }
     }
 
-    fn select_mask(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
+    fn select_mask(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3, Bool> {
         match self.masked_score(stats, ctx) {
             Masked::Scores(masked) if ctx.n_evict > 1 => ctx.ranking.smallest_mask(masked, ctx.n_evict),
             Masked::Scores(masked) => slot_mask(masked.argmin(2), ctx.slots),
@@ -146,7 +146,7 @@ enum Masked<B: Backend> {
 }
 
 impl<B: Backend> ScoredPolicy<B> {
-    fn masked_score(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Masked<B> {
+    fn masked_score(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Masked<B> {
         let score = self.score.score(stats, ctx);
         // NaN or huge scores must not outrank real ones.
         let score = score
@@ -170,6 +170,7 @@ impl<B: Backend> ScoredPolicy<B> {
 mod tests {
     use super::*;
     use burn::backend::Flex;
+    use easykv_core::Ranking;
     use burn::tensor::TensorData;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -200,10 +201,10 @@ mod tests {
             }
             let t = |v: Vec<f32>| Tensor::<Flex, 3>::from_data(TensorData::new(v, [b, h, n]), &dev);
             let (key, score) = (t(key), t(score));
-            let ranking = [Ranking::Sort, Ranking::Pairwise, Ranking::Host][case % 3];
+            let ranking = Ranker::plain([Ranking::Sort, Ranking::Pairwise, Ranking::Host][case % 3]);
             let fast = lowest_among_smallest(score.clone(), key.clone(), k, ranking);
             let sorted = score
-                .mask_fill(smallest_mask(key, k, Ranking::Sort).bool_not(), NEVER)
+                .mask_fill(smallest_mask(key, k, Ranker::plain(Ranking::Sort)).bool_not(), NEVER)
                 .argmin(2);
             assert_eq!(
                 fast.into_data().convert::<i64>(),

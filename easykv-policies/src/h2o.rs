@@ -10,7 +10,7 @@ use crate::scope::SinksAndRecent;
 pub struct SumAttention;
 
 impl<B: Backend> ScoreCalculator<B> for SumAttention {
-    fn score(&self, stats: &SlotStats<B>, _ctx: &EvictionContext) -> Tensor<B, 3> {
+    fn score(&self, stats: &SlotStats<B>, _ctx: &EvictionContext<B>) -> Tensor<B, 3> {
         stats.sum.clone()
     }
 }

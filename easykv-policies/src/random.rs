@@ -13,7 +13,7 @@ use crate::scope::SinksOnly;
 pub struct SeededRandom;
 
 impl<B: Backend> ScoreCalculator<B> for SeededRandom {
-    fn score(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3> {
+    fn score(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3> {
         let [rows, h, n] = stats.sum.dims();
         let per_layer = rows / ctx.layers.len().max(1);
         let mut values = Vec::with_capacity(rows * h * n);

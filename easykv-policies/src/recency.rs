@@ -10,7 +10,7 @@ use crate::scope::SinksOnly;
 pub struct Position;
 
 impl<B: Backend> ScoreCalculator<B> for Position {
-    fn score(&self, stats: &SlotStats<B>, _ctx: &EvictionContext) -> Tensor<B, 3> {
+    fn score(&self, stats: &SlotStats<B>, _ctx: &EvictionContext<B>) -> Tensor<B, 3> {
         stats.positions.clone().float()
     }
 

@@ -12,7 +12,7 @@ use crate::scope::{newest, protected};
 pub struct MeanAttention;
 
 impl<B: Backend> ScoreCalculator<B> for MeanAttention {
-    fn score(&self, stats: &SlotStats<B>, _ctx: &EvictionContext) -> Tensor<B, 3> {
+    fn score(&self, stats: &SlotStats<B>, _ctx: &EvictionContext<B>) -> Tensor<B, 3> {
         let unseen = stats.count.clone().lower_equal_elem(0.0);
         (stats.sum.clone() / stats.count.clone().clamp_min(1.0)).mask_fill(unseen, NEVER)
     }
@@ -24,7 +24,7 @@ pub struct RobustStdScope;
 
 impl RobustStdScope {
     /// σ per slot, with excluded slots at [`NEVER`].
-    pub fn std<B: Backend>(stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3> {
+    pub fn std<B: Backend>(stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3> {
         let c = stats.count.clone().clamp_min(1.0);
         let mean = stats.sum.clone() / c.clone();
         // EasyKV takes sqrt of a difference that float noise can push below zero (NaN): clamp.
@@ -38,7 +38,7 @@ impl RobustStdScope {
 }
 
 impl<B: Backend> ScopeBuilder<B> for RobustStdScope {
-    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Scope<B> {
+    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Scope<B> {
         // When fewer than k slots are allowed at all, the k smallest would include excluded
         // ones (EasyKV then evicts sinks): those are keyed NEVER and never offered.
         Scope::Smallest {

@@ -8,7 +8,7 @@ use crate::compose::{Scope, ScopeBuilder};
 ///
 /// Sinks are never evicted, so the first `sinks` live slots always hold positions
 /// `0..sinks`: stating them as positions names the same slots as EasyKV's slot range.
-pub(crate) fn protected<B: Backend>(stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3, Bool> {
+pub(crate) fn protected<B: Backend>(stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3, Bool> {
     stats
         .positions
         .clone()
@@ -43,7 +43,7 @@ pub struct SinksAndRecent {
 }
 
 impl<B: Backend> ScopeBuilder<B> for SinksAndRecent {
-    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Scope<B> {
+    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Scope<B> {
         let recent = if ctx.phase == Phase::Decode && !self.recent_in_decode {
             0
         } else {
@@ -57,7 +57,7 @@ impl<B: Backend> ScopeBuilder<B> for SinksAndRecent {
 pub struct SinksOnly;
 
 impl<B: Backend> ScopeBuilder<B> for SinksOnly {
-    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Scope<B> {
+    fn scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Scope<B> {
         Scope::Mask(protected(stats, ctx).bool_not())
     }
 }

@@ -7,15 +7,20 @@
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use easykv_core::{
-    Budget, EvictingCache, EvictionConfig, KvCache, Mode, Phase, Ranking, Schedule, DECODE_RECENT_RATIO,
+    Budget, CacheKernels, EvictingCache, EvictionPolicy, EvictionConfig, KvCache, Mode, Phase, Ranking, Schedule, DECODE_RECENT_RATIO,
     ROBUST_PROTECTED_TAIL,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::policy_by_name;
+use crate::{PolicyEntry, PolicyTable, ScoreCalculator, ScoredPolicy, SinksOnly};
 
 type B = Flex;
+
+/// A fresh built-in policy by name.
+fn build(policy: &str) -> Box<dyn EvictionPolicy<B>> {
+    PolicyTable::<B>::builtin().build(policy).unwrap().unwrap()
+}
 
 /// One slot of the reference cache.
 #[derive(Debug, Clone)]
@@ -219,7 +224,7 @@ fn run_case(
         return false;
     };
     let dev = Default::default();
-    let mut cache = EvictingCache::<B>::new(n_layers, policy_by_name::<B>(policy).unwrap().unwrap(), sched.clone());
+    let mut cache = EvictingCache::<B>::new(n_layers, build(policy), sched.clone(), CacheKernels::host());
     let mut reference = Reference {
         policy: policy.into(),
         sched: sched.clone(),
@@ -477,7 +482,7 @@ fn layer_by_layer_prefill_matches_chunk_by_chunk() {
             let Ok(sched) = cfg.schedule(prompt, 16, 1) else {
                 continue;
             };
-            let new = || EvictingCache::<B>::new(layers, policy_by_name::<B>(policy).unwrap().unwrap(), sched.clone());
+            let new = || EvictingCache::<B>::new(layers, build(policy), sched.clone(), CacheKernels::host());
             let (mut by_chunk, mut by_layer) = (new(), new());
             let chunks = by_chunk.prefill_chunks(prompt, 16);
             for (c, &s) in chunks.iter().enumerate() {
@@ -532,7 +537,7 @@ fn random_policy_keeps_invariants_and_is_reproducible() {
             ..Default::default()
         };
         let sched = cfg.schedule(80, 16, 1).unwrap();
-        let mut cache = EvictingCache::<B>::new(1, policy_by_name::<B>("random").unwrap().unwrap(), sched.clone());
+        let mut cache = EvictingCache::<B>::new(1, build("random"), sched.clone(), CacheKernels::host());
         let dev = Default::default();
         for s in cache.prefill_chunks(80, 16) {
             let k = Tensor::<B, 4>::zeros([1, 2, s, 2], &dev);
@@ -553,9 +558,66 @@ fn random_policy_keeps_invariants_and_is_reproducible() {
 
 #[test]
 fn unknown_policy_lists_the_valid_ones() {
-    let err = policy_by_name::<B>("lru").err().unwrap().to_string();
+    let err = PolicyTable::<B>::builtin().build("lru").err().unwrap().to_string();
     assert!(
         err.contains("roco") && err.contains("random") && err.contains("full"),
         "{err}"
     );
+}
+
+#[test]
+fn aliases_name_their_policies_and_full_evicts_nothing() {
+    let table = PolicyTable::<B>::builtin();
+    assert_eq!(table.get("h2o_head").unwrap().name, "h2o");
+    assert_eq!(table.get("streamingllm").unwrap().name, "recency");
+    assert_eq!(build("h2o_head").name(), "h2o");
+    assert!(table.build("full").unwrap().is_none());
+    assert_eq!(table.names(), ["roco", "h2o", "tova", "recency", "random", "full"]);
+    assert_eq!(crate::canonical_policy_name("streamingllm"), Ok("recency"));
+}
+
+/// A toy policy: the newest slots go first (the opposite of recency).
+struct NewestFirst;
+
+impl ScoreCalculator<B> for NewestFirst {
+    fn score(&self, stats: &easykv_core::SlotStats<B>, _ctx: &easykv_core::EvictionContext<B>) -> Tensor<B, 3> {
+        stats.positions.clone().float().neg()
+    }
+
+    fn uses_attention(&self) -> bool {
+        false
+    }
+}
+
+/// Adding a policy is its file plus one table row: a row registered here is found by name,
+/// listed, and runs in an evicting cache.
+#[test]
+fn a_registered_toy_policy_runs_by_name() {
+    let table = PolicyTable::<B>::builtin().with(PolicyEntry::evicting(
+        "newest-first",
+        &["lifo"],
+        "evicts the newest slots (a toy)",
+        || Box::new(ScoredPolicy::new("newest-first", NewestFirst, SinksOnly)),
+    ));
+    assert!(table.names().contains(&"newest-first"));
+    let policy = table.build("lifo").unwrap().unwrap();
+    assert_eq!(policy.name(), "newest-first");
+    let cfg = EvictionConfig {
+        budget: Budget::Tokens(8),
+        stride: 4,
+        sinks: 2,
+        ..Default::default()
+    };
+    let sched = cfg.schedule(24, 4, 1).unwrap();
+    let mut cache = EvictingCache::<B>::new(1, policy, sched, CacheKernels::host());
+    let dev = Default::default();
+    for s in cache.prefill_chunks(24, 4) {
+        let k = Tensor::<B, 4>::zeros([1, 1, s, 2], &dev);
+        cache.append(0, k.clone(), k).unwrap();
+        cache.end_chunk().unwrap();
+    }
+    let kept = &cache.kept_positions(0)[0];
+    // Every eviction took the newest slots: the oldest are what is left.
+    assert!(cache.evicted() > 0 && kept.len() < 24);
+    assert_eq!(*kept, (0..kept.len()).collect::<Vec<_>>());
 }

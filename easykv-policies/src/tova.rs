@@ -13,7 +13,7 @@ pub struct LastQuery {
 }
 
 impl<B: Backend> ScoreCalculator<B> for LastQuery {
-    fn score(&self, stats: &SlotStats<B>, ctx: &EvictionContext) -> Tensor<B, 3> {
+    fn score(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3> {
         let [_, h, _] = stats.last.dims();
         if self.head_mean_in_prefill && ctx.phase == Phase::Prefill {
             stats.last.clone().mean_dim(1).repeat_dim(1, h)
