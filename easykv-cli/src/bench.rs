@@ -7,7 +7,7 @@ use burn::tensor::TensorData;
 use clap::Args;
 use easykv_core::KvCache;
 use easykv_models::{
-    build_cache, generate, prefill, GenerateConfig, Llama, Logits, ModelConfig, RandomModel, SamplingConfig,
+    build_cache, generate, prefill, CausalLm, GenerateConfig, Logits, ModelConfig, RandomModel, SamplingConfig,
     WeightDType,
 };
 use serde_json::json;
@@ -52,7 +52,7 @@ pub struct BenchArgs {
 
 /// The model under test and its prompt.
 struct Subject<B: Backend> {
-    model: Llama<B>,
+    model: Box<dyn CausalLm<B>>,
     config: ModelConfig,
     dtype: WeightDType,
     name: String,
@@ -66,7 +66,8 @@ impl<B: Backend> Subject<B> {
         if let Some(shape) = &args.random_weights {
             let shape = RandomModel::by_name(shape)?;
             let config = shape.config();
-            let model = shape.build::<B>(dtype, 0, device)?;
+            let mut model: Box<dyn CausalLm<B>> = Box::new(shape.build::<B>(dtype, 0, device)?);
+            args.model.kernels.apply(model.as_mut())?;
             // Ids from a fixed LCG: the same prompt every run, spread over the vocabulary.
             let prompt = (0..args.prompt_tokens as u64)
                 .map(|i| ((i * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) >> 33) % config.vocab_size as u64)
@@ -133,7 +134,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
     let time = || -> CliResult<Speed> {
         let mut cache = args
             .eviction
-            .cache::<B>(&loaded.config, loaded.dtype, prompt.len(), args.chunk_size)?;
+            .cache::<B>(&loaded.config, loaded.model.profile(), loaded.dtype, prompt.len(), args.chunk_size)?;
         let out = generate(&loaded.model, cache.as_mut(), prompt, &cfg, |_| {
             std::ops::ControlFlow::Continue(())
         })?;
@@ -177,7 +178,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
         decode,
         kv_bytes,
     } = best.unwrap_or_default();
-    let versus = if args.against_full && args.eviction.policy != "full" {
+    let versus = if args.against_full && args.eviction.policy.0.evicts {
         Some(against_full(&loaded, prompt, args)?)
     } else {
         None
@@ -194,7 +195,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
             "prefill_tokens_per_second": prefill,
             "decode_tokens_per_second": decode,
             "kv_cache_bytes": kv_bytes,
-            "policy": args.eviction.policy,
+            "policy": args.eviction.policy.name(),
             "budget": args.eviction.budget,
             "mode": args.eviction.mode,
             "stride": args.eviction.stride,
@@ -242,14 +243,15 @@ impl Versus {
 /// machine, load that drifts over seconds hits both alike.
 fn against_full<B: Backend>(loaded: &Subject<B>, prompt: &[u32], args: &BenchArgs) -> CliResult<Versus> {
     let model = &loaded.model;
-    let device = model.embed.weight.device();
+    let device = model.device();
     let mut policy = args
         .eviction
-        .cache::<B>(&loaded.config, loaded.dtype, prompt.len(), args.chunk_size)?;
+        .cache::<B>(&loaded.config, loaded.model.profile(), loaded.dtype, prompt.len(), args.chunk_size)?;
     let mut full = build_cache::<B>(
         "full",
         &args.eviction.config()?,
         &loaded.config,
+        model.profile(),
         loaded.dtype,
         prompt.len(),
         args.chunk_size,

@@ -1,13 +1,10 @@
 //! `easykv check-kernels`: the fused GPU kernels against the burn operations they replace.
 
-use burn::prelude::*;
 use clap::Args;
 
-use easykv_models::gpu_kernels::{check_kernels, check_model, time_kernels};
 use easykv_models::linear::WeightDType;
 
-use crate::backend::with_backend;
-use crate::common::{CliError, CliResult};
+use crate::common::CliResult;
 
 #[derive(Args, Debug)]
 pub struct CheckKernelsArgs {
@@ -37,116 +34,138 @@ pub struct CheckKernelsArgs {
 }
 
 pub fn run(args: CheckKernelsArgs) -> CliResult {
-    let device = args.device.clone();
-    with_backend!(&device, run_on(&args))
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    return {
+        use gpu::run_on;
+        let device = args.device.clone();
+        crate::backend::with_backend!(&device, run_on(&args))
+    };
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = args;
+        Err(crate::common::CliError(
+            "check-kernels needs a build with `--features cuda` or `--features wgpu` (this build has no GPU kernels)".into(),
+        ))
+    }
 }
 
-fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult {
-    if args.time {
-        return time_on::<B>(device, args);
-    }
-    let mut failed = Vec::new();
-    let (mut kernel_json, mut model_json) = (Vec::new(), Vec::new());
-    let mut rows = Vec::new();
-    for dtype in &args.dtype {
-        for check in check_kernels::<B>(dtype.dtype(), device) {
-            if !check.passed() {
-                failed.push(format!("{} ({dtype:?})", check.kernel));
-            }
-            rows.push((*dtype, check));
+/// The checks and timings, in builds that have the kernels.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod gpu {
+    use burn::prelude::*;
+    use easykv_models::gpu_kernels::{check_kernels, check_model, time_kernels};
+    use easykv_models::linear::WeightDType;
+
+    use super::CheckKernelsArgs;
+    use crate::common::{CliError, CliResult};
+
+    pub(super) fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult {
+        if args.time {
+            return time_on::<B>(device, args);
         }
-    }
-    if args.json {
-        let json: Vec<_> = rows
-            .iter()
-            .map(|(dtype, c)| serde_json::json!({"dtype": dtype, "kernel": c.kernel, "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance, "passed": c.passed(), "cases": c.cases}))
-            .collect();
-        kernel_json = json;
-    } else {
-        println!(
-            "{:<6} {:<16} {:>14} {:>10}",
-            "dtype", "kernel", "max |diff|", "tolerance"
-        );
-        for (dtype, check) in &rows {
-            let diff = check
-                .max_abs_diff
-                .map_or("declined".to_string(), |d| format!("{d:.3e}"));
-            let kernel = check.kernel;
-            let dtype = format!("{dtype:?}").to_lowercase();
-            println!("{dtype:<6} {kernel:<16} {diff:>14} {:>10.1e}", check.tolerance);
-            if !check.passed() || args.verbose {
-                for case in &check.cases {
-                    println!("       {case}");
-                }
-            }
-        }
-    }
-    // Whole models: logits of kernels against burn's operations, relative to the logits' scale.
-    let tolerance = |dtype: &WeightDType| if *dtype == WeightDType::F32 { 1e-3 } else { 5e-2 };
-    for shape in args.models.iter().filter(|m| !m.is_empty()) {
+        let mut failed = Vec::new();
+        let (mut kernel_json, mut model_json) = (Vec::new(), Vec::new());
+        let mut rows = Vec::new();
         for dtype in &args.dtype {
-            for (setting, diff) in check_model::<B>(shape, *dtype, device) {
-                let ok = diff.is_some_and(|d| d <= tolerance(dtype));
-                if !ok {
-                    failed.push(format!("{shape} with {setting} ({dtype:?})"));
+            for check in check_kernels::<B>(dtype.dtype(), device) {
+                if !check.passed() {
+                    failed.push(format!("{} ({dtype:?})", check.kernel));
                 }
-                let diff = diff.map_or("failed to run".to_string(), |d| format!("{d:.3e}"));
+                rows.push((*dtype, check));
+            }
+        }
+        if args.json {
+            let json: Vec<_> = rows
+                .iter()
+                .map(|(dtype, c)| serde_json::json!({"dtype": dtype, "kernel": c.kernel, "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance, "passed": c.passed(), "cases": c.cases}))
+                .collect();
+            kernel_json = json;
+        } else {
+            println!(
+                "{:<6} {:<16} {:>14} {:>10}",
+                "dtype", "kernel", "max |diff|", "tolerance"
+            );
+            for (dtype, check) in &rows {
+                let diff = check
+                    .max_abs_diff
+                    .map_or("declined".to_string(), |d| format!("{d:.3e}"));
+                let kernel = check.kernel;
                 let dtype = format!("{dtype:?}").to_lowercase();
-                if args.json {
-                    model_json.push(serde_json::json!({"model": shape, "dtype": dtype, "kernels": setting, "max_logit_diff": diff, "passed": ok}));
-                } else {
-                    println!("{dtype:<6} {shape} with {setting:<12} logits max |diff| {diff}");
+                println!("{dtype:<6} {kernel:<16} {diff:>14} {:>10.1e}", check.tolerance);
+                if !check.passed() || args.verbose {
+                    for case in &check.cases {
+                        println!("       {case}");
+                    }
                 }
             }
         }
-    }
-    if args.json {
-        println!("{}", serde_json::json!({"kernels": kernel_json, "models": model_json}));
-    }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError(format!("kernels off tolerance: {}", failed.join(", "))))
-    }
-}
-
-fn time_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult {
-    if args.slots.iter().any(|&n| n == 0 || n > 4352) {
-        return Err(CliError("--slots: each between 1 and 4352".into()));
-    }
-    for dtype in &args.dtype {
-        let timings = time_kernels::<B>(dtype.dtype(), &args.slots, device);
+        // Whole models: logits of kernels against burn's operations, relative to the logits' scale.
+        let tolerance = |dtype: &WeightDType| if *dtype == WeightDType::F32 { 1e-3 } else { 5e-2 };
+        for shape in args.models.iter().filter(|m| !m.is_empty()) {
+            for dtype in &args.dtype {
+                for (setting, diff) in check_model::<B>(shape, *dtype, device) {
+                    let ok = diff.is_some_and(|d| d <= tolerance(dtype));
+                    if !ok {
+                        failed.push(format!("{shape} with {setting} ({dtype:?})"));
+                    }
+                    let diff = diff.map_or("failed to run".to_string(), |d| format!("{d:.3e}"));
+                    let dtype = format!("{dtype:?}").to_lowercase();
+                    if args.json {
+                        model_json.push(serde_json::json!({"model": shape, "dtype": dtype, "kernels": setting, "max_logit_diff": diff, "passed": ok}));
+                    } else {
+                        println!("{dtype:<6} {shape} with {setting:<12} logits max |diff| {diff}");
+                    }
+                }
+            }
+        }
         if args.json {
-            println!("{}", serde_json::json!({"dtype": dtype, "timings": timings}));
-            continue;
+            println!("{}", serde_json::json!({"kernels": kernel_json, "models": model_json}));
         }
-        println!(
-            "{:<6} {:<40} {:<24} {:<36} {:>10} {:>9}",
-            "dtype", "kernel", "shape", "launch shape", "µs", "GB/s"
-        );
-        for t in timings {
-            let tuning = t.tuning.map_or(String::new(), |u| match t.kernel.starts_with("rows ") {
-                true => format!(
-                    "planes {} unroll {} cols {} per cube {}",
-                    u.rows_planes,
-                    u.rows_unroll,
-                    16 * u.rows_col_blocks,
-                    u.rows_planes_per_cube
-                ),
-                false => format!(
-                    "rows {} plane {} splits {}",
-                    u.gemv_rows_per_cube,
-                    u8::from(u.gemv_plane_reduce),
-                    u.value_splits
-                ),
-            });
-            let gbs = t.gigabytes_per_second.map_or(String::new(), |g| format!("{g:.0}"));
-            let dt = format!("{dtype:?}").to_lowercase();
-            println!(
-                "{dt:<6} {:<40} {:<24} {tuning:<36} {:>10.1} {gbs:>9}",
-                t.kernel, t.shape, t.micros_per_launch
-            );
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(CliError(format!("kernels off tolerance: {}", failed.join(", "))))
         }
     }
-    Ok(())
+
+    fn time_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult {
+        if args.slots.iter().any(|&n| n == 0 || n > 4352) {
+            return Err(CliError("--slots: each between 1 and 4352".into()));
+        }
+        for dtype in &args.dtype {
+            let timings = time_kernels::<B>(dtype.dtype(), &args.slots, device);
+            if args.json {
+                println!("{}", serde_json::json!({"dtype": dtype, "timings": timings}));
+                continue;
+            }
+            println!(
+                "{:<6} {:<40} {:<24} {:<36} {:>10} {:>9}",
+                "dtype", "kernel", "shape", "launch shape", "µs", "GB/s"
+            );
+            for t in timings {
+                let tuning = t.tuning.map_or(String::new(), |u| match t.kernel.starts_with("rows ") {
+                    true => format!(
+                        "planes {} unroll {} cols {} per cube {}",
+                        u.rows_planes,
+                        u.rows_unroll,
+                        16 * u.rows_col_blocks,
+                        u.rows_planes_per_cube
+                    ),
+                    false => format!(
+                        "rows {} plane {} splits {}",
+                        u.gemv_rows_per_cube,
+                        u8::from(u.gemv_plane_reduce),
+                        u.value_splits
+                    ),
+                });
+                let gbs = t.gigabytes_per_second.map_or(String::new(), |g| format!("{g:.0}"));
+                let dt = format!("{dtype:?}").to_lowercase();
+                println!(
+                    "{dt:<6} {:<40} {:<24} {tuning:<36} {:>10.1} {gbs:>9}",
+                    t.kernel, t.shape, t.micros_per_launch
+                );
+            }
+        }
+        Ok(())
+    }
 }

@@ -3,9 +3,11 @@
 use std::time::Instant;
 
 use burn::prelude::Backend;
-use clap::Args;
+use clap::builder::PossibleValue;
+use clap::{Args, ValueEnum};
 use easykv_core::{Budget, EvictionConfig, KvCache, Mode, Ranking};
-use easykv_models::{build_cache, fetch, LoadedModel, ModelConfig, WeightDType};
+use easykv_models::{build_cache, fetch, BackendProfile, CausalLm, KernelSet, LoadedModel, ModelConfig, WeightDType};
+use easykv_policies::{builtin_policies, PolicyInfo};
 
 /// The error every subcommand returns: printed as one line, exit code 2.
 #[derive(Debug)]
@@ -49,6 +51,55 @@ pub struct ModelArgs {
     /// Quiet: no progress or statistics on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub kernels: KernelArgs,
+}
+
+/// Which GPU kernels run, and their launch shapes: for comparisons on one build (GPU builds;
+/// elsewhere no kernel runs).
+#[derive(Args, Debug, Clone)]
+pub struct KernelArgs {
+    /// GPU kernels allowed to run: all, none, a list (gemv,softmax) or all but a list
+    /// (-gemv,-softmax). Names: matmul, rows, gather, observe, rms_norm, softmax, swiglu,
+    /// split_rope, gemv, attention, rank.
+    #[arg(long, default_value = "all", value_parser = parse_kernels)]
+    pub kernels: KernelSet,
+    /// GEMV launch shape ROWS,PLANE,NORM: output rows per cube (1–8), plane reduction (0/1),
+    /// where the RMS norm runs (0 separate, 1 staged, 2 inline). Empty fields keep the default.
+    #[arg(long, value_name = "ROWS,PLANE,NORM")]
+    pub gemv: Option<String>,
+    /// Few-row product launch shape PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT.
+    #[arg(long, value_name = "PLANES,UNROLL,COLS,PER_CUBE,MAX_OUT")]
+    pub rows: Option<String>,
+}
+
+fn parse_kernels(s: &str) -> Result<KernelSet, String> {
+    s.parse()
+}
+
+impl KernelArgs {
+    /// `base` with these settings applied.
+    pub fn profile(&self, base: BackendProfile) -> CliResult<BackendProfile> {
+        let mut tuning = base.tuning;
+        if let Some(spec) = &self.gemv {
+            tuning = tuning.with_gemv(spec).map_err(CliError)?;
+        }
+        if let Some(spec) = &self.rows {
+            tuning = tuning.with_rows(spec).map_err(CliError)?;
+        }
+        Ok(BackendProfile {
+            kernels: self.kernels,
+            tuning,
+            ..base
+        })
+    }
+
+    /// Applies these settings to `model`'s backend profile.
+    pub fn apply<B: Backend>(&self, model: &mut dyn CausalLm<B>) -> CliResult {
+        let profile = self.profile(*model.profile())?;
+        model.set_profile(profile);
+        Ok(())
+    }
 }
 
 impl ModelArgs {
@@ -67,7 +118,8 @@ impl ModelArgs {
             }
         })?;
         let t = Instant::now();
-        let loaded = LoadedModel::open(&path, self.dtype, device)?;
+        let mut loaded = LoadedModel::open(&path, self.dtype, device)?;
+        self.kernels.apply(loaded.model.as_mut())?;
         self.log(&format!(
             "loaded {} ({} layers, {} KV heads × {}) in {:.2}s",
             loaded.name,
@@ -87,12 +139,53 @@ pub fn print_json(value: &serde_json::Value) -> CliResult {
     Ok(())
 }
 
+/// A policy of the built-in table, by its name or an alias: clap lists the table's names and
+/// summaries in `--help` and its error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyName(pub PolicyInfo);
+
+impl PolicyName {
+    pub fn name(&self) -> &'static str {
+        self.0.name
+    }
+
+    /// Every evicting policy of the table (eval's default).
+    pub fn evicting() -> Vec<PolicyName> {
+        all_policies().iter().copied().filter(|p| p.0.evicts).collect()
+    }
+}
+
+fn all_policies() -> &'static [PolicyName] {
+    static ALL: std::sync::OnceLock<Vec<PolicyName>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| builtin_policies().into_iter().map(PolicyName).collect())
+}
+
+impl ValueEnum for PolicyName {
+    fn value_variants<'a>() -> &'a [Self] {
+        all_policies()
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(
+            PossibleValue::new(self.0.name)
+                .help(self.0.summary)
+                .aliases(self.0.aliases.iter().copied()),
+        )
+    }
+}
+
+impl std::fmt::Display for PolicyName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.name)
+    }
+}
+
 /// Which eviction policy, under which budget.
 #[derive(Args, Debug, Clone)]
 pub struct EvictionArgs {
-    /// Eviction policy: roco, h2o, tova, recency, random, or full (no eviction).
-    #[arg(long, default_value = "full")]
-    pub policy: String,
+    /// Eviction policy (full: no eviction).
+    #[arg(long, default_value = "full", value_enum)]
+    pub policy: PolicyName,
     /// KV budget: a ratio of the prompt (0.5), tokens (512) or bytes (64MiB).
     #[arg(long, default_value = "0.5")]
     pub budget: String,
@@ -152,42 +245,30 @@ impl EvictionArgs {
     /// Checks the flags before a model is loaded, so bad input fails fast.
     pub fn validate(&self) -> CliResult {
         let cfg = self.config()?;
-        if cfg.streaming && self.policy == "full" {
+        if cfg.streaming && !self.policy.0.evicts {
             return Err(CliError(
                 "--streaming needs an evicting --policy (with full, positions are already compact)".into(),
             ));
         }
-        if !easykv_policies::POLICY_NAMES.contains(&self.policy.as_str()) && self.policy != "h2o_head" {
-            return Err(CliError(format!(
-                "unknown policy '{}' (valid: {})",
-                self.policy,
-                easykv_policies::POLICY_NAMES.join(", ")
-            )));
-        }
-        if !(0.0..1.0).contains(&cfg.recent_ratio) {
-            return Err(CliError(format!(
-                "--recent-ratio must be in [0, 1), got {}",
-                cfg.recent_ratio
-            )));
-        }
-        if cfg.stride == 0 || cfg.decode_stride == 0 {
-            return Err(CliError("--stride and --decode-stride must be ≥ 1".into()));
-        }
+        cfg.validate()?;
         Ok(())
     }
 
-    /// The cache for a prompt of `prompt_len` tokens.
+    /// The cache for a prompt of `prompt_len` tokens, for `model` (its shape, backend and
+    /// weights' precision).
     pub fn cache<B: Backend>(
         &self,
         model: &ModelConfig,
+        profile: &BackendProfile,
         kv_dtype: WeightDType,
         prompt_len: usize,
         chunk_size: usize,
     ) -> CliResult<Box<dyn KvCache<B>>> {
         Ok(build_cache::<B>(
-            &self.policy,
+            self.policy.name(),
             &self.config()?,
             model,
+            profile,
             kv_dtype,
             prompt_len,
             chunk_size,

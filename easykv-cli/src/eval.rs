@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::with_backend;
-use crate::common::{CliError, CliResult, ModelArgs};
+use crate::common::{CliError, CliResult, ModelArgs, PolicyName};
 
 const TASKS: &[&str] = &["ppl", "passkey", "niah", "fidelity", "suite"];
 
@@ -30,9 +30,10 @@ pub struct EvalArgs {
     pub preset: Option<String>,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Policies to compare (the full cache always runs as the reference).
-    #[arg(long, default_value = "roco,h2o,tova,recency,random", value_delimiter = ',')]
-    pub policies: Vec<String>,
+    /// Policies to compare (the full cache always runs as the reference); default: every
+    /// evicting policy.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = PolicyName::evicting())]
+    pub policies: Vec<PolicyName>,
     /// KV budgets: ratios of the prompt (0.5) or tokens (512).
     #[arg(long, default_value = "0.25,0.5,0.75", value_delimiter = ',')]
     pub budgets: Vec<String>,
@@ -166,29 +167,9 @@ fn validate(args: &EvalArgs) -> CliResult<Settings> {
     if args.task == "suite" {
         apply_preset(&mut args);
     }
-    for p in &args.policies {
-        if p == "full" {
-            continue;
-        }
-        if !easykv_policies::POLICY_NAMES.contains(&p.as_str()) && p != "h2o_head" {
-            return Err(CliError(format!(
-                "unknown policy '{p}' (valid: {})",
-                easykv_policies::POLICY_NAMES.join(", ")
-            )));
-        }
-    }
+    // Budgets follow the one rule set of the core (ratios in (0, 1], tokens, sizes).
     for b in &args.budgets {
-        let budget: Budget = b.parse()?;
-        let ok = match budget {
-            Budget::Ratio(r) => r > 0.0 && r < 1.0,
-            Budget::Tokens(t) => t > 0,
-            Budget::Bytes(n) => n > 0,
-        };
-        if !ok {
-            return Err(CliError(format!(
-                "budget '{b}' must be a ratio in (0, 1) or a positive size"
-            )));
-        }
+        b.parse::<Budget>()?;
     }
     args.mode.parse::<Mode>()?;
     if args.samples == 0 || args.lengths.is_empty() || args.lengths.contains(&0) || args.stride == 0 {
@@ -216,7 +197,7 @@ fn validate(args: &EvalArgs) -> CliResult<Settings> {
         tasks,
         model: args.model.model.clone(),
         dtype: format!("{:?}", args.model.dtype).to_lowercase(),
-        policies: args.policies.clone(),
+        policies: args.policies.iter().map(|p| p.name().to_string()).collect(),
         budgets: args.budgets.clone(),
         mode: args.mode.clone(),
         stride: args.stride,
@@ -476,7 +457,8 @@ fn run_cell<B: Backend>(
         Sample::Retrieval { ids, .. } => (ids.len(), 12),
         Sample::Fidelity { ids } => (ids.len(), settings.new_tokens),
     };
-    let mut cache = build_cache::<B>(policy, &eviction, &loaded.config, loaded.dtype, prompt_len, chunk)?;
+    let profile = loaded.model.profile();
+    let mut cache = build_cache::<B>(policy, &eviction, &loaded.config, profile, loaded.dtype, prompt_len, chunk)?;
     let mut metrics = BTreeMap::new();
     let mut cell = Cell {
         task: String::new(),

@@ -131,7 +131,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
     };
     let mut cache = args
         .eviction
-        .cache::<B>(&loaded.config, loaded.dtype, ids.len(), args.chunk_size)?;
+        .cache::<B>(&loaded.config, loaded.model.profile(), loaded.dtype, ids.len(), args.chunk_size)?;
     let mut stream = loaded.tokenizer.stream(true);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
@@ -176,7 +176,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
             "prefill_tokens_per_second": prefill_tps,
             "decode_tokens_per_second": decode_tps,
             "kv_cache_bytes": cache.bytes(),
-            "policy": args.eviction.policy,
+            "policy": args.eviction.policy.name(),
             "slots_per_layer": (0..loaded.config.n_layers).map(|l| cache.slots(l)).collect::<Vec<_>>(),
             "evicted_per_head": cache.evicted(),
             "top_logprobs": out.top_logprobs,

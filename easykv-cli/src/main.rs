@@ -20,7 +20,7 @@ Examples:
   easykv score --text-file book.txt --max-tokens 512 --json
   easykv bench --prompt-tokens 512 --new-tokens 64
 
-Under a KV-cache budget (policies: roco, h2o, tova, recency, random, full):
+Under a KV-cache budget (`--help` of a command lists the policies):
   easykv generate --prompt-file long.txt --policy roco --budget 0.5 --stride 8 --stats
   easykv generate --chat --prompt \"Tell a long story.\" --policy h2o --mode decoding --budget 256
   easykv score --text-file book.txt --max-tokens 2048 --policy roco --budget 64MiB
@@ -54,6 +54,25 @@ enum Command {
     CheckKernels(check_kernels::CheckKernelsArgs),
 }
 
+/// A flag clap refused, as one line (the possible values appended), exit 2; help and version
+/// print as clap prints them.
+fn flag_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+        let _ = e.print();
+        return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+    }
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("bad arguments").trim_start_matches("error: ");
+    let valid = lines
+        .find_map(|l| l.strip_prefix("[possible values: ").and_then(|v| v.strip_suffix(']')))
+        .map(|v| format!(" (valid: {v})"))
+        .unwrap_or_default();
+    eprintln!("error: {first}{valid}");
+    ExitCode::from(2)
+}
+
 /// Inference allocates and frees tensors of tens of megabytes every layer; the system
 /// allocator returns them to the kernel each time and pays page faults to get them back
 /// (measured: prefill 152 → 178 tok/s and decode 17.5 → 20.1 tok/s with glibc tuned to keep
@@ -62,7 +81,16 @@ enum Command {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Logs on stderr, by `RUST_LOG` (e.g. `RUST_LOG=easykv::chunks=debug` times each prefill
+    // chunk's layers and cache step); errors only when unset.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return flag_error(e),
+    };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),

@@ -418,7 +418,7 @@ fn eval_bad_input_is_a_one_line_error() {
     assert_one_line_error(&easykv(&["eval", "speed", "--out", &o]), "unknown task");
     assert_one_line_error(
         &easykv(&["eval", "ppl", "--policies", "lru", "--out", &o]),
-        "unknown policy",
+        "invalid value 'lru' for '--policies <POLICIES>' (valid: roco, h2o, tova, recency, random, full)",
     );
     assert_one_line_error(&easykv(&["eval", "ppl", "--budgets", "0", "--out", &o]), "budget");
     assert_one_line_error(&easykv(&["eval", "ppl", "--budgets", "half", "--out", &o]), "budget");

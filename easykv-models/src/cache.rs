@@ -2,34 +2,54 @@
 
 use burn::prelude::Backend;
 use easykv_core::{EvictingCache, EvictionConfig, FullCache, KvCache};
-use easykv_policies::policy_by_name;
+use easykv_policies::PolicyTable;
 
+use crate::backend::BackendProfile;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::linear::WeightDType;
 
-/// A cache for a prompt of `prompt_len` tokens: `policy` by name (`full` never evicts) under
-/// `eviction`'s budget and mode. Byte budgets count `kv_dtype` elements (the cache holds keys
-/// and values in the weights' precision).
+/// A cache for a prompt of `prompt_len` tokens: the built-in `policy` by name (`full` never
+/// evicts) under `eviction`'s budget and mode, with the device kernels `profile` offers. Byte
+/// budgets count `kv_dtype` elements (the cache holds keys and values in the weights'
+/// precision).
+#[allow(clippy::too_many_arguments)]
 pub fn build_cache<B: Backend>(
     policy: &str,
     eviction: &EvictionConfig,
     model: &ModelConfig,
+    profile: &BackendProfile,
     kv_dtype: WeightDType,
     prompt_len: usize,
     chunk_size: usize,
 ) -> Result<Box<dyn KvCache<B>>> {
-    let evicting = policy_by_name::<B>(policy).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    build_cache_from(&PolicyTable::builtin(), policy, eviction, model, profile, kv_dtype, prompt_len, chunk_size)
+}
+
+/// [`build_cache`] with the policies of `table` (the built-in ones and any a caller added).
+#[allow(clippy::too_many_arguments)]
+pub fn build_cache_from<B: Backend>(
+    table: &PolicyTable<B>,
+    policy: &str,
+    eviction: &EvictionConfig,
+    model: &ModelConfig,
+    profile: &BackendProfile,
+    kv_dtype: WeightDType,
+    prompt_len: usize,
+    chunk_size: usize,
+) -> Result<Box<dyn KvCache<B>>> {
+    let evicting = table.build(policy).map_err(|e| Error::InvalidInput(e.to_string()))?;
     if let (Some(w), true) = (model.sliding_window, evicting.is_some()) {
         return Err(Error::Unsupported(format!(
             "this model attends a sliding window of {w} positions, which easykv applies with the full cache only (--policy full)"
         )));
     }
+    let kernels = profile.cache_kernels::<B>();
     match evicting {
-        None => Ok(Box::new(FullCache::new(model.n_layers))),
+        None => Ok(Box::new(FullCache::new(model.n_layers, kernels))),
         Some(p) => {
             let schedule = eviction.schedule(prompt_len, chunk_size, model.kv_bytes_per_token(kv_dtype.size()))?;
-            Ok(Box::new(EvictingCache::new(model.n_layers, p, schedule)))
+            Ok(Box::new(EvictingCache::new(model.n_layers, p, schedule, kernels)))
         }
     }
 }
@@ -49,12 +69,13 @@ mod tests {
             ..RandomModel::by_name("smollm2")?.config()
         };
         let eviction = EvictionConfig::default();
-        let refused = build_cache::<Flex>("roco", &eviction, &cfg, WeightDType::F32, 500, 512)
+        let p = BackendProfile::host();
+        let refused = build_cache::<Flex>("roco", &eviction, &cfg, &p, WeightDType::F32, 500, 512)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(refused.contains("sliding window of 64"), "{refused}");
-        assert!(build_cache::<Flex>("full", &eviction, &cfg, WeightDType::F32, 500, 512).is_ok());
+        assert!(build_cache::<Flex>("full", &eviction, &cfg, &p, WeightDType::F32, 500, 512).is_ok());
         Ok(())
     }
 }

@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetaValue};
 use crate::hf::hf_name;
 use crate::linear::WeightDType;
-use crate::llama::{deinterleave_rows, WeightSource};
+use crate::llama::deinterleave_rows;
+use crate::weights::WeightSource;
 use crate::tokenizer::TextTokenizer;
 
 /// One tensor ready to be written.

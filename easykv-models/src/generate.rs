@@ -10,7 +10,8 @@ use burn::tensor::TensorData;
 use easykv_core::KvCache;
 
 use crate::error::{Error, Result};
-use crate::llama::{Llama, Logits};
+use crate::llama::Logits;
+use crate::model::CausalLm;
 use crate::sampling::{Sampler, SamplingConfig};
 
 /// Settings of one generation.
@@ -75,8 +76,8 @@ fn row(logits: Tensor<impl Backend, 3>) -> Result<Vec<f32>> {
         .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))
 }
 
-fn check_ids<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Result<()> {
-    let vocab = model.embed.vocab_size();
+fn check_ids<B: Backend>(model: &(impl CausalLm<B> + ?Sized), ids: &[u32]) -> Result<()> {
+    let vocab = model.vocab_size();
     match ids.iter().find(|&&i| i as usize >= vocab) {
         Some(bad) => Err(Error::InvalidInput(format!(
             "token id {bad} is outside the vocabulary of {vocab}"
@@ -86,9 +87,9 @@ fn check_ids<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Result<()> {
 }
 
 /// Feeds `prompt` in chunks of `chunk_size` and returns the logits of its last position.
-pub fn prefill<B: Backend, C: KvCache<B> + ?Sized>(
-    model: &Llama<B>,
-    cache: &mut C,
+pub fn prefill<B: Backend>(
+    model: &(impl CausalLm<B> + ?Sized),
+    cache: &mut dyn KvCache<B>,
     prompt: &[u32],
     chunk_size: usize,
 ) -> Result<Vec<f32>> {
@@ -99,7 +100,7 @@ pub fn prefill<B: Backend, C: KvCache<B> + ?Sized>(
         return Err(Error::InvalidInput("chunk size must be ≥ 1".into()));
     }
     check_ids(model, prompt)?;
-    let device = model.embed.weight.device();
+    let device = model.device();
     let groups = chunk_groups(&cache.prefill_chunks(prompt.len(), chunk_size), chunk_size);
     let (mut start, n_groups) = (0, groups.len());
     let mut last = None;
@@ -139,14 +140,14 @@ pub fn chunk_groups(chunks: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
 
 /// Generates a continuation of `prompt`, calling `on_token` with each new id as it is chosen;
 /// `on_token` may stop early with `ControlFlow::Break`.
-pub fn generate<B: Backend, C: KvCache<B> + ?Sized>(
-    model: &Llama<B>,
-    cache: &mut C,
+pub fn generate<B: Backend>(
+    model: &(impl CausalLm<B> + ?Sized),
+    cache: &mut dyn KvCache<B>,
     prompt: &[u32],
     cfg: &GenerateConfig,
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generation> {
-    let context = model.rope.max_positions();
+    let context = model.context_length();
     if prompt.len() > context {
         return Err(Error::InvalidInput(format!(
             "the prompt has {} tokens, more than the model's context of {context}",
@@ -154,7 +155,7 @@ pub fn generate<B: Backend, C: KvCache<B> + ?Sized>(
         )));
     }
     let mut sampler = Sampler::new(cfg.sampling.clone())?;
-    let device = model.embed.weight.device();
+    let device = model.device();
     cache.reserve(prompt.len() + cfg.max_new_tokens);
     let t0 = Instant::now();
     let mut logits = prefill(model, cache, prompt, cfg.chunk_size)?;
@@ -205,9 +206,9 @@ pub struct Score {
 }
 
 /// Scores `ids` (teacher forcing), feeding chunks of `chunk_size` through `cache`.
-pub fn score<B: Backend, C: KvCache<B> + ?Sized>(
-    model: &Llama<B>,
-    cache: &mut C,
+pub fn score<B: Backend>(
+    model: &(impl CausalLm<B> + ?Sized),
+    cache: &mut dyn KvCache<B>,
     ids: &[u32],
     chunk_size: usize,
 ) -> Result<Score> {
@@ -220,7 +221,7 @@ pub fn score<B: Backend, C: KvCache<B> + ?Sized>(
     if chunk_size == 0 {
         return Err(Error::InvalidInput("chunk size must be ≥ 1".into()));
     }
-    let context = model.rope.max_positions();
+    let context = model.context_length();
     if ids.len() > context {
         return Err(Error::InvalidInput(format!(
             "the text has {} tokens, more than the model's context of {context}",
@@ -228,7 +229,7 @@ pub fn score<B: Backend, C: KvCache<B> + ?Sized>(
         )));
     }
     check_ids(model, ids)?;
-    let device = model.embed.weight.device();
+    let device = model.device();
     let mut nll = Vec::with_capacity(ids.len() - 1);
     let mut start = 0;
     for group in chunk_groups(&cache.prefill_chunks(ids.len() - 1, chunk_size), chunk_size) {

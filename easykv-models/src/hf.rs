@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::config::{Architecture, ModelConfig, RopeLayout};
 use crate::error::{Error, Result};
-use crate::llama::WeightSource;
+use crate::weights::WeightSource;
 
 /// The files a model directory must hold (the weights: one of the two safetensors forms).
 pub const REQUIRED_FILES: &[&str] = &["config.json", "tokenizer.json"];

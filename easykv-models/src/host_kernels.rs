@@ -1,6 +1,7 @@
 //! Work that flex does slowly, done on the tensors' own buffers for backends whose tensors
-//! live in host memory (reading a flex tensor nothing else shares is free). Other backends
-//! keep burn's operations.
+//! live in host memory (reading a flex tensor nothing else shares is free). The ops layer
+//! calls these only where the backend profile says tensors live in host memory; each hands
+//! back what it cannot take (a buffer that is not f32).
 //!
 //! - Softmax and SwiGLU: flex computes `exp` one element at a time through libm on one
 //!   core (~4.5 ns per element on the CI machine), which took more of a strided prefill than
@@ -13,11 +14,8 @@
 use std::borrow::Cow;
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
-
-use easykv_core::host_resident;
 
 /// Elements below which a kernel stays on the calling thread (spawning costs more).
 const PARALLEL_ELEMENTS: usize = 1 << 15;
@@ -89,10 +87,6 @@ fn softmax_row(row: &mut [f32]) {
     }
 }
 
-/// Whether `x` is an f32 tensor of a host-resident backend.
-fn on_host<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
-    x.dtype() == DType::F32 && host_resident::<B>(&x.device())
-}
 
 /// Runs `kernel` on the values of `x` in place (no copy when nothing else holds the buffer);
 /// hands `x` back as the error when its buffer cannot be viewed as f32.
@@ -109,10 +103,10 @@ fn in_place<B: Backend, const D: usize>(
     Ok(Tensor::from_data(data, &device))
 }
 
-/// Softmax along the last axis.
-pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if !on_host(&x) {
-        return softmax(x, D - 1);
+/// Softmax along the last axis of an f32 tensor in host memory; `x` back otherwise.
+pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if x.dtype() != DType::F32 {
+        return Err(x);
     }
     let n = x.dims()[D - 1].max(1);
     let kernel = |v: &mut [f32]| {
@@ -125,20 +119,20 @@ pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D>
             v.chunks_mut(n).for_each(softmax_row);
         }
     };
-    in_place(x, kernel).unwrap_or_else(|x| softmax(x, D - 1))
+    in_place(x, kernel)
 }
 
 /// SwiGLU's `silu(gate) · up` for the gate and up projections stacked along the last axis
-/// (one product makes both).
+/// (one product makes both), of an f32 tensor in host memory; `x` back otherwise.
 ///
 /// # Shapes
 /// - `x`: `[.., 2·i]` (gate, then up) → `[.., i]`
-pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let mut dims = x.dims();
     let i = dims[D - 1] / 2;
     dims[D - 1] = i;
-    if !on_host(&x) || i == 0 {
-        return crate::gpu_kernels::swiglu(x).unwrap_or_else(swiglu_by_ops);
+    if x.dtype() != DType::F32 || i == 0 {
+        return Err(x);
     }
     let device = x.device();
     let data = x.into_data();
@@ -161,7 +155,7 @@ pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     } else {
         kernel(&mut out, &v);
     }
-    Tensor::from_data(TensorData::new(out, dims), &device)
+    Ok(Tensor::from_data(TensorData::new(out, dims), &device))
 }
 
 /// [`swiglu`] in tensor operations: `g / (1 + e^−g) · u`, five operations where burn's `silu`
@@ -172,20 +166,19 @@ pub(crate) fn swiglu_by_ops<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tens
     g.clone() / (g.neg().exp() + 1.0) * u
 }
 
-/// `W·X` for a tall `W` (`[out, in]`) and a thin `X` (`[in, r]`, a few rows of activations),
-/// with `W`'s rows split over rayon's threads where tensors live in host memory.
+/// `W·X` for a tall `W` (`[out, in]`) and a thin `X` (`[in, r]`, a few rows of activations)
+/// in host memory, with `W`'s rows split over rayon's threads.
 ///
 /// Decoding multiplies every weight matrix by one column: a pass over the weights, bound by
 /// memory bandwidth. flex hands products this small to gemm single-threaded (its threshold is
 /// 192³ multiply-adds), which reads weights at one core's bandwidth (11.6 GB/s measured here,
 /// 18.6 GB/s with both cores). Row blocks of `W` are views (flex multiplies strided views
-/// without copying), so each thread streams its own share of the weights. Other backends
-/// (GPUs parallelize on their own) get the plain product.
+/// without copying), so each thread streams its own share of the weights.
 pub fn matmul_rows_parallel<B: Backend>(w: &Tensor<B, 2>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     let out = w.dims()[0];
     // Four blocks per thread balance uneven progress; blocks below 64 rows are not worth a task.
     let blocks = (rayon::current_num_threads() * 4).min(out / 64).max(1);
-    if blocks == 1 || !host_resident::<B>(&w.device()) {
+    if blocks == 1 {
         return w.clone().matmul(x);
     }
     let per = out.div_ceil(blocks);
@@ -230,7 +223,7 @@ impl<B: Backend> HeadsFirstChunks<B> {
     /// # Shapes
     /// - `x`: `[batch, positions, heads, head_dim]`
     pub fn new(x: Tensor<B, 4>) -> Self {
-        if on_host(&x) {
+        if x.dtype() == DType::F32 {
             let (dims, device) = (x.dims(), x.device());
             return Self::Host {
                 data: x.into_data(),
@@ -271,7 +264,7 @@ pub fn join_positions_first<B: Backend>(outs: Vec<Tensor<B, 4>>) -> Tensor<B, 3>
     };
     let [b, h, _, d] = first.dims();
     let total: usize = outs.iter().map(|t| t.dims()[2]).sum();
-    if outs.iter().any(|t| !on_host(t)) {
+    if outs.iter().any(|t| t.dtype() != DType::F32) {
         return Tensor::cat(outs, 2).swap_dims(1, 2).reshape([b, total, h * d]);
     }
     let device = first.device();
@@ -299,7 +292,7 @@ pub fn join_positions_first<B: Backend>(outs: Vec<Tensor<B, 4>>) -> Tensor<B, 3>
 mod tests {
     use super::*;
     use burn::backend::Flex;
-    use burn::tensor::activation::silu;
+    use burn::tensor::activation::{silu, softmax};
     use burn::tensor::Distribution;
 
     #[test]
@@ -347,7 +340,7 @@ mod tests {
                 .collect();
             let mask = Tensor::<Flex, 2>::from_data(TensorData::new(mask, [s, n]), &dev).reshape([1, 1, s, n]);
             let x = x + mask;
-            let ours = softmax_last(x.clone());
+            let ours = softmax_last(x.clone()).unwrap();
             let probs = ours.clone().into_data().to_vec::<f32>().unwrap();
             assert!(probs[n..2 * n].iter().all(|&p| p == 0.0), "a fully masked row is zeros");
             // burn gives NaN for the fully masked row: compare the others.
@@ -356,7 +349,7 @@ mod tests {
             close(ours.slice_dim(2, 2..s), theirs.slice_dim(2, 2..s), 1e-5);
             let (g, u) = (x.clone().clamp(-80.0, 80.0), x.clamp(-3.0, 3.0).neg());
             let stacked = Tensor::cat(vec![g.clone(), u.clone()], 3);
-            close(swiglu(stacked.clone()), silu(g.clone()) * u.clone(), 1e-5);
+            close(swiglu(stacked.clone()).unwrap(), silu(g.clone()) * u.clone(), 1e-5);
             close(swiglu_by_ops(stacked), silu(g) * u, 1e-5);
         }
     }

@@ -4,6 +4,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod atomic;
+pub mod backend;
 pub mod cache;
 pub mod chat;
 pub mod config;
@@ -19,18 +20,24 @@ pub mod host_kernels;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+pub mod model;
+pub mod ops;
 pub mod random_weights;
 pub mod sampling;
 pub mod tokenizer;
+pub mod weights;
 
-pub use cache::build_cache;
+pub use cache::{build_cache, build_cache_from};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeLayout};
 pub use error::{Error, Result};
 pub use generate::{generate, prefill, score, top_logprobs, GenerateConfig, Generation, Score, StopReason};
 pub use linear::WeightDType;
-pub use llama::{Llama, Logits, WeightSource};
+pub use backend::{BackendProfile, Kernel, KernelSet};
+pub use llama::{Llama, Logits};
+pub use weights::WeightSource;
 pub use loader::LoadedModel;
+pub use model::{load_model, CausalLm};
 pub use random_weights::{RandomModel, RANDOM_MODELS};
 pub use sampling::{Sampler, SamplingConfig};
 pub use tokenizer::TextTokenizer;

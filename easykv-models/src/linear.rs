@@ -9,7 +9,9 @@ use burn::nn::RmsNorm;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
-use crate::gpu_kernels::{self, GemvEpilogue};
+use crate::backend::BackendProfile;
+use crate::gpu_kernels::GemvEpilogue;
+use crate::ops::{self, RowNorm};
 
 /// Storage precision of weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -46,10 +48,6 @@ impl std::str::FromStr for WeightDType {
         }
     }
 }
-
-/// Up to this many rows, `W·xᵀ` beats `x·Wᵀ` (measured with flex on 2 cores: 75 vs 116 ms
-/// over SmolLM2's layer weights at 8 rows); above it the plain product wins.
-const SMALL_ROWS: usize = 32;
 
 /// `y = x·Wᵀ + b` with `W` stored `[out, in]` (the file's layout) in any float dtype.
 #[derive(Module, Debug)]
@@ -105,18 +103,13 @@ impl<B: Backend> Linear<B> {
 
     /// # Shapes
     /// - `x`: `[batch, s, in]` → `[batch, s, out]`, in `x`'s dtype
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, p: &BackendProfile, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, inp] = x.dims();
         let w = self.weight.val();
         let out = w.dims()[0];
         let activation = x.dtype();
         let x = x.reshape([b * s, inp]).cast(w.dtype());
-        let y = match device_product(x, &w) {
-            Ok(y) => y,
-            Err(x) if b * s <= SMALL_ROWS => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
-            Err(x) => x.matmul(w.transpose()),
-        };
-        let y = y.cast(activation).reshape([b, s, out]);
+        let y = ops::product(p, x, &w).cast(activation).reshape([b, s, out]);
         match &self.bias {
             // Biases are kept in f32; the addition runs in the activations' precision.
             Some(b) => {
@@ -132,12 +125,12 @@ impl<B: Backend> Linear<B> {
     ///
     /// # Shapes
     /// - `x`: `[batch, s, in]`, `residual`: `[batch, s, out]` → `[batch, s, out]`
-    pub fn forward_residual(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward_residual(&self, p: &BackendProfile, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, out] = residual.dims();
         let r = residual.clone().reshape([b * s, out]);
-        match self.fused(x, GemvEpilogue::AddResidual(&r), RowNorm::None) {
+        match self.fused(p, x, GemvEpilogue::AddResidual(&r), RowNorm::None) {
             Ok(y) => y.reshape([b, s, out]),
-            Err(x) => residual + self.forward(x),
+            Err(x) => residual + self.forward(p, x),
         }
     }
 
@@ -146,6 +139,7 @@ impl<B: Backend> Linear<B> {
     /// the same kernel: the next product's `scaled` argument.
     pub fn forward_residual_scaling(
         &self,
+        p: &BackendProfile,
         x: Tensor<B, 3>,
         residual: Tensor<B, 3>,
         next: Option<&RmsNorm<B>>,
@@ -153,18 +147,13 @@ impl<B: Backend> Linear<B> {
         let [b, s, out] = residual.dims();
         let w = self.weight.val();
         let Some(next) = next.filter(|_| b * s == 1 && self.bias.is_none() && x.dtype() == w.dtype()) else {
-            return (self.forward_residual(x, residual), None);
+            return (self.forward_residual(p, x, residual), None);
         };
         let inp = x.dims()[2];
         let r = residual.clone().reshape([1, out]);
-        match gpu_kernels::gemv_scaling(
-            x.reshape([1, inp]),
-            &w,
-            GemvEpilogue::AddResidual(&r),
-            &next.gamma.val(),
-        ) {
+        match ops::product_residual_scaling(p, x.reshape([1, inp]), &w, &r, &next.gamma.val()) {
             Ok((y, scaled)) => (y.reshape([b, s, out]), Some(scaled.reshape([b, s, out]))),
-            Err(x) => (self.forward_residual(x.reshape([b, s, inp]), residual), None),
+            Err(x) => (self.forward_residual(p, x.reshape([b, s, inp]), residual), None),
         }
     }
 
@@ -175,115 +164,71 @@ impl<B: Backend> Linear<B> {
     /// ([`forward_residual_scaling`](Self::forward_residual_scaling)).
     pub fn forward_swiglu_normed(
         &self,
+        p: &BackendProfile,
         x: Tensor<B, 3>,
         scaled: Option<Tensor<B, 3>>,
         norm: &RmsNorm<B>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let inter = self.weight.dims()[0] / 2;
-        let x = match self.fused(x, GemvEpilogue::Swiglu, RowNorm::new(norm, scaled)) {
+        let x = match self.fused(p, x, GemvEpilogue::Swiglu, row_norm(norm, scaled)) {
             Ok(y) => return y.reshape([b, s, inter]),
-            Err(x) => normalize(norm, x),
+            Err(x) => ops::rms_norm(p, norm, x),
         };
-        match self.fused(x, GemvEpilogue::Swiglu, RowNorm::None) {
+        match self.fused(p, x, GemvEpilogue::Swiglu, RowNorm::None) {
             Ok(y) => y.reshape([b, s, inter]),
-            Err(x) => crate::host_kernels::swiglu(self.forward(x)),
+            Err(x) => ops::swiglu(p, self.forward(p, x)),
         }
     }
 
     /// `forward(norm(x))`: one kernel for a decode step (norm included) where there is one;
     /// `scaled` as for [`forward_swiglu_normed`](Self::forward_swiglu_normed).
-    pub fn forward_normed(&self, x: Tensor<B, 3>, scaled: Option<Tensor<B, 3>>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
+    pub fn forward_normed(
+        &self,
+        p: &BackendProfile,
+        x: Tensor<B, 3>,
+        scaled: Option<Tensor<B, 3>>,
+        norm: &RmsNorm<B>,
+    ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let out = self.weight.dims()[0];
         if b * s == 1 {
-            match self.fused(x, GemvEpilogue::Plain, RowNorm::new(norm, scaled)) {
+            match self.fused(p, x, GemvEpilogue::Plain, row_norm(norm, scaled)) {
                 Ok(y) => y.reshape([b, s, out]),
-                Err(x) => self.forward(normalize(norm, x)),
+                Err(x) => self.forward(p, ops::rms_norm(p, norm, x)),
             }
         } else {
-            self.forward(normalize(norm, x))
+            self.forward(p, ops::rms_norm(p, norm, x))
         }
     }
 
-    /// The product of `x` followed by `epilogue` as one kernel (one row, RMS-normalized first
-    /// when `norm` says) or two (a few rows, not normalized: [`gpu_kernels::matmul_rows`])
-    /// where there is one and there is no bias (and the activations are in the weights'
-    /// dtype); else `x` back, not normalized.
+    /// [`ops::product_with`] for `x` `[batch, s, in]` where there is no bias; `x` back.
     fn fused(
         &self,
+        p: &BackendProfile,
         x: Tensor<B, 3>,
         epilogue: GemvEpilogue<'_, B>,
         norm: RowNorm<'_, B>,
     ) -> Result<Tensor<B, 2>, Tensor<B, 3>> {
         let [b, s, inp] = x.dims();
-        let w = self.weight.val();
-        if self.bias.is_some() || x.dtype() != w.dtype() {
+        if self.bias.is_some() {
             return Err(x);
         }
-        let x = x.reshape([b * s, inp]);
-        let staged = |x, n: &RmsNorm<B>| gpu_kernels::gemv_normed(x, &n.gamma.val(), n.epsilon, &w, epilogue);
-        match norm {
-            RowNorm::Scaled(n, scaled) => {
-                gpu_kernels::gemv_prescaled(x, &scaled.reshape([b * s, inp]), n.epsilon, &w, epilogue)
-                    .or_else(|x| staged(x, n))
-            }
-            RowNorm::By(n) => staged(x, n),
-            RowNorm::None => gpu_kernels::gemv(x, &w, epilogue).or_else(|x| gpu_kernels::matmul_rows(x, &w, epilogue)),
+        ops::product_with(p, x.reshape([b * s, inp]), &self.weight.val(), epilogue, norm)
+            .map_err(|x| x.reshape([b, s, inp]))
+    }
+}
+
+/// The norm a fused product applies: by `γ`, or by `x·γ` where the product that wrote `x`
+/// wrote that too.
+fn row_norm<B: Backend>(norm: &RmsNorm<B>, scaled: Option<Tensor<B, 3>>) -> RowNorm<'_, B> {
+    match scaled {
+        Some(s) => {
+            let [b, t, inp] = s.dims();
+            RowNorm::Scaled(norm, s.reshape([b * t, inp]))
         }
-        .map_err(|x| x.reshape([b, s, inp]))
+        None => RowNorm::By(norm),
     }
-}
-
-/// What a fused product normalizes its input by.
-enum RowNorm<'a, B: Backend> {
-    None,
-    By(&'a RmsNorm<B>),
-    /// The norm, and its input times the norm's `γ` (written by the product that made the input).
-    Scaled(&'a RmsNorm<B>, Tensor<B, 3>),
-}
-
-impl<'a, B: Backend> RowNorm<'a, B> {
-    fn new(norm: &'a RmsNorm<B>, scaled: Option<Tensor<B, 3>>) -> Self {
-        match scaled {
-            Some(s) => RowNorm::Scaled(norm, s),
-            None => RowNorm::By(norm),
-        }
-    }
-}
-
-/// RMS normalization in f32 whatever the activations' precision (as Hugging Face computes
-/// it: squares of half-precision activations overflow), returned in the input's dtype.
-pub(crate) fn normalize<B: Backend>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    gpu_kernels::rms_norm(x, &norm.gamma.val(), norm.epsilon).unwrap_or_else(|x| {
-        let dtype = x.dtype();
-        norm.forward(x.cast(DType::F32)).cast(dtype)
-    })
-}
-
-/// `x·Wᵀ` (`[rows, in]` × `[out, in]`, both in `W`'s dtype) by whichever GPU kernel takes it:
-/// the GEMV for one row, the tensor-core product for a few, the exact-f32 product; else `x` back.
-fn device_product<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    gpu_kernels::gemv(x, w, GemvEpilogue::Plain)
-        .or_else(|x| gpu_kernels::matmul_rows(x, w, GemvEpilogue::Plain))
-        .or_else(|x| exact_f32_rows(x, w))
-}
-
-/// `x·Wᵀ` (`[rows, in]` × `[out, in]`) in f32 arithmetic where a kernel can (f32 on GPUs, whose
-/// matrix products otherwise run f32 as TF32 and lose `--dtype f32`'s exactness); else `x` back.
-fn exact_f32_rows<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    if x.dtype() != DType::F32 || !gpu_kernels::is_cube_backend::<B>() {
-        return Err(x);
-    }
-    let ([rows, inp], out) = (x.dims(), w.dims()[0]);
-    gpu_kernels::matmul_f32(
-        x.reshape([1, 1, rows, inp]),
-        &w.clone().reshape([1, 1, out, inp]),
-        true,
-        out,
-    )
-    .map(|y| y.reshape([rows, out]))
-    .map_err(|x| x.reshape([rows, inp]))
 }
 
 /// Token embedding that doubles as the output projection when the model ties them.
@@ -326,16 +271,12 @@ impl<B: Backend> EmbeddingTable<B> {
     ///
     /// # Shapes
     /// - `x`: `[batch, s, hidden]` → `[batch, s, vocab]` (f32)
-    pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn logits(&self, p: &BackendProfile, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, hidden] = x.dims();
         let w = self.weight.val();
         let vocab = w.dims()[0];
         let x = x.reshape([b * s, hidden]).cast(w.dtype());
-        let y = match device_product(x, &w) {
-            Ok(y) => y,
-            Err(x) => crate::host_kernels::matmul_rows_parallel(&w, x.transpose()).transpose(),
-        };
-        y.cast(DType::F32).reshape([b, s, vocab])
+        ops::product_into_logits(p, x, &w).cast(DType::F32).reshape([b, s, vocab])
     }
 }
 
@@ -369,10 +310,11 @@ mod tests {
                 (a, Linear::stacked(clones))
             };
             assert_eq!(stacked.weight.dims(), [12, 6]);
+            let p = BackendProfile::host();
             for rows in [1, 40] {
                 let x = Tensor::<Flex, 3>::random([1, rows, 6], Distribution::Normal(0.0, 1.0), &dev);
-                let want = Tensor::cat(a.iter().map(|l| l.forward(x.clone())).collect(), 2);
-                let got = stacked.forward(x);
+                let want = Tensor::cat(a.iter().map(|l| l.forward(&p, x.clone())).collect(), 2);
+                let got = stacked.forward(&p, x);
                 let diff = (got - want).abs().max().into_scalar();
                 assert!(diff < 1e-4, "{dtype:?}, {rows} rows: {diff}");
             }

@@ -10,13 +10,12 @@ use crate::error::Result;
 use crate::gguf::{GgufFile, MetaValue};
 use crate::hf::{self, HfModelDir};
 use crate::linear::WeightDType;
-use crate::llama::Llama;
+use crate::model::{load_model, CausalLm};
 use crate::tokenizer::TextTokenizer;
 
 /// Everything loaded from one model file.
-#[derive(Debug)]
 pub struct LoadedModel<B: Backend> {
-    pub model: Llama<B>,
+    pub model: Box<dyn CausalLm<B>>,
     pub config: ModelConfig,
     pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
@@ -51,7 +50,7 @@ impl<B: Backend> LoadedModel<B> {
                 tok_cfg.eos_token.clone().unwrap_or_default(),
             )
         });
-        let model = Llama::load(&config, &weights, dtype, device)?;
+        let model = load_model(&config, &weights, dtype, device)?;
         let name = dir
             .file_name()
             .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
@@ -93,7 +92,7 @@ impl<B: Backend> LoadedModel<B> {
                     token_text("tokenizer.ggml.eos_token_id"),
                 )
             });
-        let model = Llama::load(&config, &file, dtype, device)?;
+        let model = load_model(&config, &file, dtype, device)?;
         let name = file
             .meta("general.name")
             .and_then(MetaValue::as_str)

@@ -243,7 +243,7 @@ mod tests {
         let smol = RandomModel::by_name("smollm2")?;
         let logits = |seed| -> Result<Vec<f32>> {
             let model = smol.build::<Flex>(WeightDType::F32, seed, &dev)?;
-            let mut cache = easykv_core::FullCache::new(model.layers.len());
+            let mut cache = model.full_cache();
             let tokens = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![1i64, 50, 900], [1, 3]), &dev);
             let out = model.forward(tokens, &mut cache, crate::llama::Logits::Last)?;
             Ok(out.into_data().to_vec::<f32>().unwrap_or_default())

@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 
 use burn::backend::Flex;
 use easykv_core::{EvictingCache, EvictionConfig, KvCache};
-use easykv_models::{generate, GenerateConfig, LoadedModel, SamplingConfig, StopReason, WeightDType};
-use easykv_policies::policy_by_name;
+use easykv_models::{generate, CausalLm, GenerateConfig, LoadedModel, SamplingConfig, StopReason, WeightDType};
+use easykv_policies::PolicyTable;
 use serde_json::Value;
 
 mod common;
@@ -37,7 +37,9 @@ fn run(policy: &str) -> (String, Vec<Vec<Vec<usize>>>) {
         .collect();
     let cfg = EvictionConfig::default();
     let schedule = cfg.schedule(prompt.len(), 512, m.config.kv_bytes_per_token(4)).unwrap();
-    let mut cache = EvictingCache::<Flex>::new(m.config.n_layers, policy_by_name(policy).unwrap().unwrap(), schedule);
+    let policy = PolicyTable::<Flex>::builtin().build(policy).unwrap().unwrap();
+    let kernels = m.model.profile().cache_kernels();
+    let mut cache = EvictingCache::<Flex>::new(m.config.n_layers, policy, schedule, kernels);
     let gen = GenerateConfig {
         max_new_tokens: 32,
         chunk_size: 512,

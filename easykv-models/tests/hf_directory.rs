@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 
 use burn::backend::Flex;
-use easykv_core::FullCache;
 use easykv_models::convert::gguf_to_hf_dir;
 use easykv_models::fetch::{easykv_home, fetch_model, known_model};
 use easykv_models::{generate, prefill, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig, WeightDType};
@@ -21,7 +20,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn greedy(m: &LoadedModel<Flex>, prompt: &[u32]) -> Vec<u32> {
-    let mut cache = FullCache::new(m.config.n_layers);
+    let mut cache = m.model.full_cache();
     let cfg = GenerateConfig {
         max_new_tokens: 12,
         chunk_size: 512,
@@ -71,7 +70,7 @@ fn converted_directory_runs_the_same_model() {
         // f32 holds the dequantized weights exactly: the logits are the same numbers. f16
         // rounds the weights: close, and the same greedy answer.
         let logits =
-            |m: &LoadedModel<Flex>| prefill(&m.model, &mut FullCache::new(m.config.n_layers), &prompt, 512).unwrap();
+            |m: &LoadedModel<Flex>| prefill(&m.model, &mut m.model.full_cache(), &prompt, 512).unwrap();
         let (a, b) = (logits(&original), logits(&converted));
         let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         let bound = if dtype == WeightDType::F32 { 1e-4 } else { 0.5 };

@@ -10,7 +10,6 @@
 use std::sync::OnceLock;
 
 use burn::backend::Flex;
-use easykv_core::FullCache;
 use easykv_models::{generate, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig, WeightDType};
 use serde_json::Value;
 
@@ -57,7 +56,7 @@ fn qwen_greedy_ids_and_top10_logprobs_match_hf() {
             stop_ids: m.tokenizer.stop_ids.clone(),
             top_logprobs: 10,
         };
-        let mut cache = FullCache::new(m.config.n_layers);
+        let mut cache = m.model.full_cache();
         let out = generate(&m.model, &mut cache, &ids(&case["prompt_ids"]), &cfg, |_| {
             std::ops::ControlFlow::Continue(())
         })

@@ -10,7 +10,6 @@ use std::sync::OnceLock;
 use burn::backend::Flex;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
-use easykv_core::FullCache;
 use easykv_models::{generate, prefill, score, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig, WeightDType};
 use serde_json::Value;
 
@@ -29,7 +28,7 @@ fn model() -> &'static LoadedModel<Flex> {
 
 /// Log-probabilities (log-softmax on the device) at the last position of `prompt`.
 fn last_logprobs(m: &LoadedModel<Flex>, prompt: &[u32]) -> Vec<f32> {
-    let mut cache = FullCache::new(m.config.n_layers);
+    let mut cache = m.model.full_cache();
     let logits = prefill(&m.model, &mut cache, prompt, 512).unwrap();
     let n = logits.len();
     let logits = Tensor::<Flex, 1>::from_data(TensorData::new(logits, [n]), &Default::default());
@@ -91,7 +90,7 @@ fn greedy_ids_and_top10_logprobs_match_hf() {
             stop_ids: m.tokenizer.stop_ids.clone(),
             top_logprobs: 0,
         };
-        let mut cache = FullCache::new(m.config.n_layers);
+        let mut cache = m.model.full_cache();
         let out = generate(&m.model, &mut cache, &prompt, &cfg, |_| {
             std::ops::ControlFlow::Continue(())
         })
@@ -112,7 +111,7 @@ fn perplexity_of_512_tokens_within_half_a_percent() {
     let text = std::fs::read_to_string(shared("data/last_of_the_mohicans.txt")).unwrap();
     let mut ids = m.tokenizer.encode(&text).unwrap();
     ids.truncate(r["first_tokens"].as_u64().unwrap() as usize);
-    let mut cache = FullCache::new(m.config.n_layers);
+    let mut cache = m.model.full_cache();
     let s = score(&m.model, &mut cache, &ids, 200).unwrap();
     assert_eq!(s.nll.len() as u64, r["n_scored"].as_u64().unwrap());
     let want = r["ppl"].as_f64().unwrap();

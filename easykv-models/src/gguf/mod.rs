@@ -9,7 +9,7 @@ pub use reader::{GgufFile, MetaValue, TensorInfo};
 #[cfg(test)]
 mod tests;
 
-impl crate::llama::WeightSource for GgufFile {
+impl crate::weights::WeightSource for GgufFile {
     /// GGUF lists dimensions fastest-first; weight sources answer row-major, slowest-first.
     fn tensor(&self, name: &str) -> crate::error::Result<(Vec<f32>, Vec<usize>)> {
         let (data, mut dims) = self.dequantize(name)?;

@@ -5,9 +5,9 @@
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 
-use easykv_core::FullCache;
 
-use super::{with_kernels, HeadShape, KERNELS};
+use super::{launch, HeadShape, Tuning};
+use crate::backend::{Kernel, KernelSet};
 use crate::linear::WeightDType;
 use crate::llama::Logits;
 use crate::random_weights::RandomModel;
@@ -129,14 +129,14 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         let x = random::<B, 3>([1, rows, 4096], dtype, device);
         let gamma = random::<B, 1>([4096], DType::F32, device);
         let want = (x.clone().cast(DType::F32) * norm_scale(&x) * gamma.clone().unsqueeze()).cast(dtype);
-        super::rms_norm(x, &gamma, 1e-5).ok().map(|got| compare(got, want))
+        launch::rms_norm(x, &gamma, 1e-5).ok().map(|got| compare(got, want))
     });
     record("rms_norm", rms.into());
 
     let swiglu = [1, 5].map(|rows| {
         let x = random::<B, 3>([1, rows, 2 * 11008], dtype, device);
         let want = crate::host_kernels::swiglu_by_ops(x.clone().cast(DType::F32)).cast(dtype);
-        super::swiglu(x).ok().map(|got| compare(got, want))
+        launch::swiglu(x).ok().map(|got| compare(got, want))
     });
     record("swiglu", swiglu.into());
 
@@ -196,7 +196,7 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
                 logits.into_iter().map(move |l| ((l - max).exp() / sum) as f32)
             })
             .collect();
-        super::softmax_rows(scores, mask.as_ref(), bias.as_ref(), dtype)
+        launch::softmax_rows(scores, mask.as_ref(), bias.as_ref(), dtype)
             .ok()
             .map(|(p, q)| compare_host(p, &want).and(compare_host(q, &want)))
     });
@@ -219,7 +219,7 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         };
         let (qa, ka) = (angles(0.37), angles(0.11));
         let want = rope_by_ops(qkv.clone(), heads, &qa, &ka);
-        let fresh = super::split_rope(qkv.clone(), heads, (&qa.0, &qa.1), Some((&ka.0, &ka.1)))
+        let fresh = launch::split_rope(qkv.clone(), heads, (&qa.0, &qa.1), Some((&ka.0, &ka.1)))
             .ok()
             .map(|(q, k, v)| {
                 compare(q, want.0.clone())
@@ -231,7 +231,7 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         let buffer = || random::<B, 4>([1, heads.kv_heads, capacity, heads.head_dim], dtype, device);
         let (kb, vb) = (buffer(), buffer());
         let (k_before, v_before) = (kb.clone().add_scalar(0.0), vb.clone().add_scalar(0.0));
-        let into = super::split_rope_into(qkv, heads, (&qa.0, &qa.1), (&ka.0, &ka.1), (&kb, &vb), at)
+        let into = launch::split_rope_into(qkv, heads, (&qa.0, &qa.1), (&ka.0, &ka.1), (&kb, &vb), at)
             .ok()
             .map(|q| {
                 let expect = |before: Tensor<B, 4>, new: Tensor<B, 4>| {
@@ -264,14 +264,14 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             // Every launch shape the timing run compares (plane reductions apply where planes
             // are 32 wide).
             let tunings = [(8, false), (4, true), (2, true)].map(|(rows_per_cube, plane)| {
-                let tuning = super::Tuning {
+                let tuning = Tuning {
                     gemv_rows_per_cube: rows_per_cube,
                     gemv_plane_reduce: plane,
-                    ..super::Tuning::default()
+                    ..Tuning::default()
                 };
                 (tuning, format!("rows/cube {rows_per_cube}, plane {plane}"))
             });
-            worst_over_tunings(&tunings, inp, want, || super::gemv(x.clone(), w, e))
+            worst_over_tunings(&tunings, inp, want, |t| launch::gemv(x.clone(), w, e, t))
         })
     });
     record("gemv", gemv.into());
@@ -298,19 +298,19 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         let tunings: Vec<_> = [(8, false), (2, true)]
             .into_iter()
             .map(|(rows_per_cube, plane)| {
-                let tuning = super::Tuning {
+                let tuning = Tuning {
                     gemv_rows_per_cube: rows_per_cube,
                     gemv_plane_reduce: plane,
-                    ..super::Tuning::default()
+                    ..Tuning::default()
                 };
                 (tuning, format!("rows/cube {rows_per_cube}, plane {plane}"))
             })
             .collect();
-        let staged = worst_over_tunings(&tunings, inp, &want, || {
-            super::gemv_normed(x.clone(), &gamma, 1e-5, &w, epilogue)
+        let staged = worst_over_tunings(&tunings, inp, &want, |t| {
+            launch::gemv_normed(x.clone(), &gamma, 1e-5, &w, epilogue, t)
         });
-        let inline = worst_over_tunings(&tunings, inp, &want, || {
-            super::gemv_prescaled(x.clone(), &x_scaled, 1e-5, &w, epilogue)
+        let inline = worst_over_tunings(&tunings, inp, &want, |t| {
+            launch::gemv_prescaled(x.clone(), &x_scaled, 1e-5, &w, epilogue, t)
         });
         staged.zip(inline).map(|(s, i)| s.and(i))
     });
@@ -330,7 +330,14 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             + x.clone()
                 .cast(DType::F32)
                 .matmul(w.clone().cast(DType::F32).transpose());
-        let (y, scaled) = super::gemv_scaling(x, &w, super::GemvEpilogue::AddResidual(&residual), &gamma).ok()?;
+        let (y, scaled) = launch::gemv_scaling(
+            x,
+            &w,
+            super::GemvEpilogue::AddResidual(&residual),
+            &gamma,
+            &Tuning::default(),
+        )
+        .ok()?;
         let want_scaled = y.clone().cast(DType::F32) * gamma.unsqueeze();
         let d = compare(y, want);
         let sum = Diff {
@@ -357,15 +364,15 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     .map(|(rows, inp, out, epilogue)| {
         product_case::<B>([rows, inp, out], epilogue, dtype, device, |x, w, e, want| {
             let tunings = [(2048u32, 4u32, 2u32), (256, 1, 1), (100_000, 8, 2)].map(|(planes, unroll, cols)| {
-                let tuning = super::Tuning {
+                let tuning = Tuning {
                     rows_planes: planes,
                     rows_unroll: unroll,
                     rows_col_blocks: cols,
-                    ..super::Tuning::default()
+                    ..Tuning::default()
                 };
                 (tuning, format!("planes {planes}, unroll {unroll}, col blocks {cols}"))
             });
-            worst_over_tunings(&tunings, inp, want, || super::matmul_rows(x.clone(), w, e))
+            worst_over_tunings(&tunings, inp, want, |t| launch::matmul_rows(x.clone(), w, e, t))
         })
     });
     record("matmul_rows", rows.into());
@@ -420,13 +427,13 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
                     .sum::<f64>() as f32
             })
             .collect();
-        let fused = super::decode_attention(q.clone(), &keys, &values, n)
+        let fused = launch::decode_attention(q.clone(), &keys, &values, n)
             .ok()
             .map(|got| compare_host(got, &want_fused));
-        let scores = super::attention_scores(q, &keys, n)
+        let scores = launch::attention_scores(q, &keys, n)
             .ok()
             .map(|got| compare_host(got, &want_scores));
-        let out = super::attention_values(probs, &values, n)
+        let out = launch::attention_values(probs, &values, n, &Tuning::default())
             .ok()
             .map(|got| compare_host(got, &want_out));
         (scores, out, fused)
@@ -462,7 +469,7 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
                     .sum::<f64>() as f32
             })
             .collect();
-        super::matmul_f32(a, &b, transposed, n)
+        launch::matmul_f32(a, &b, transposed, n)
             .ok()
             .map(|got| compare_host(got, &want))
     });
@@ -475,7 +482,7 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         let buffer = || Tensor::<B, 3>::zeros([3 * b, 4, n], device);
         let buffers = [buffer(), buffer(), buffer()];
         let [sum, sum_sq, last] = &buffers;
-        super::write_observation(probs, [sum, sum_sq, last], b).ok().map(|()| {
+        launch::write_observation(probs, [sum, sum_sq, last], b).ok().map(|()| {
             let column = |f: &dyn Fn(usize, usize, usize) -> f32| -> Vec<f32> {
                 (0..3 * b * 4 * n)
                     .map(|i| {
@@ -512,7 +519,7 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
                 (0..n).filter(|&o| r[o] < r[j] || (r[o] == r[j] && o < j)).count() as f32
             })
             .collect();
-        super::row_ranks(key).ok().map(|got| compare_host(got, &want))
+        launch::row_ranks(key).ok().map(|got| compare_host(got, &want))
     });
     record("rank", rank.into());
 
@@ -540,7 +547,7 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
                 slots
             })
             .collect();
-        super::list_true_slots(mask, count)
+        launch::list_true_slots(mask, count)
             .ok()
             .map(|got| compare_host(got.float(), &want))
     });
@@ -574,7 +581,7 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             let (want_k, want_v) = (want(&keys), want(&values));
             let keep =
                 Tensor::<B, 3, Int>::from_data(burn::tensor::TensorData::new(keep.clone(), [b, h, kept]), device);
-            super::gather_slots(&keys, &values, keep).map(|(k, v)| {
+            launch::gather_slots(&keys, &values, keep).map(|(k, v)| {
                 compare_host(k.slice_dim(2, 0..kept), &want_k).and(compare_host(v.slice_dim(2, 0..kept), &want_v))
             })
         });
@@ -618,16 +625,14 @@ fn product_case<B: Backend>(
 /// (each with its label), relative to `√inp` (sums of `inp` products); `None` if a launch shape
 /// declined.
 fn worst_over_tunings<B: Backend>(
-    tunings: &[(super::Tuning, String)],
+    tunings: &[(Tuning, String)],
     inp: usize,
     want: &Tensor<B, 2>,
-    kernel: impl Fn() -> Result<Tensor<B, 2>, Tensor<B, 2>>,
+    kernel: impl Fn(&Tuning) -> Result<Tensor<B, 2>, Tensor<B, 2>>,
 ) -> Option<Diff> {
     let mut worst: Option<Diff> = None;
     for (tuning, label) in tunings {
-        super::set_tuning(Some(*tuning));
-        let got = kernel().ok();
-        super::set_tuning(None);
+        let got = kernel(tuning).ok();
         let d = compare(got?, want.clone());
         let d = Diff {
             max: d.max / (inp as f32).sqrt(),
@@ -685,39 +690,38 @@ fn rope_by_ops<B: Backend>(
 /// burn's operations only: the largest logit difference over a 20-token prefill and three
 /// decode steps, per setting (`None`: the model could not be built or run).
 pub fn check_model<B: Backend>(shape: &str, dtype: WeightDType, device: &B::Device) -> Vec<(String, Option<f32>)> {
-    let Ok(model) = RandomModel::by_name(shape).and_then(|m| m.build::<B>(dtype, 0, device)) else {
+    let Ok(mut model) = RandomModel::by_name(shape).and_then(|m| m.build::<B>(dtype, 0, device)) else {
         return vec![(shape.to_string(), None)];
     };
     let vocab = model.embed.vocab_size() as i64;
-    let n_layers = model.layers.len();
-    let run = |setting: &str| {
-        with_kernels(setting, || {
-            let mut cache = FullCache::<B>::new(n_layers);
-            let ids = |n: i64, from: i64| {
-                Tensor::<B, 1, Int>::arange(from..from + n, device)
-                    .mul_scalar(7919)
-                    .remainder_scalar(vocab)
-                    .reshape([1, n as usize])
-            };
-            let mut logits = Vec::new();
-            let mut step = model.forward(ids(20, 0), &mut cache, Logits::Last);
-            for t in 0..3 {
-                logits.push(step.ok()?.cast(DType::F32));
-                step = model.forward(ids(1, 20 + t), &mut cache, Logits::Last);
-            }
+    let base = model.profile;
+    let mut run = |kernels: KernelSet| {
+        model.set_profile(crate::BackendProfile { kernels, ..base });
+        let mut cache = model.full_cache();
+        let ids = |n: i64, from: i64| {
+            Tensor::<B, 1, Int>::arange(from..from + n, device)
+                .mul_scalar(7919)
+                .remainder_scalar(vocab)
+                .reshape([1, n as usize])
+        };
+        let mut logits = Vec::new();
+        let mut step = model.forward(ids(20, 0), &mut cache, Logits::Last);
+        for t in 0..3 {
             logits.push(step.ok()?.cast(DType::F32));
-            Some(Tensor::cat(logits, 1))
-        })
+            step = model.forward(ids(1, 20 + t), &mut cache, Logits::Last);
+        }
+        logits.push(step.ok()?.cast(DType::F32));
+        Some(Tensor::cat(logits, 1))
     };
-    let Some(reference) = run("off") else {
-        return vec![("off".to_string(), None)];
+    let Some(reference) = run(KernelSet::NONE) else {
+        return vec![("none".to_string(), None)];
     };
-    KERNELS
+    Kernel::ALL
         .iter()
-        .map(|k| k.to_string())
-        .chain(["all".to_string()])
-        .map(|setting| {
-            let diff = run(&setting).map(|got| compare(got, reference.clone()).max);
+        .map(|k| (k.name().to_string(), KernelSet::only(&[*k])))
+        .chain([("all".to_string(), KernelSet::ALL)])
+        .map(|(setting, kernels)| {
+            let diff = run(kernels).map(|got| compare(got, reference.clone()).max);
             (setting, diff)
         })
         .collect()

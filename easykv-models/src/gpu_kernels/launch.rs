@@ -17,7 +17,9 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::wgpu::WgpuRuntime;
 
 use super::kernels::{self, ROW_BLOCK};
-use super::{enabled, tuning, GemvEpilogue, GemvNorm, HeadShape, MATMUL_ROWS_MAX};
+use super::{GemvEpilogue, GemvNorm, HeadShape, Tuning};
+#[cfg(feature = "cuda")]
+use super::MATMUL_ROWS_MAX;
 
 /// Whether `B`'s float tensors are burn's unfused tensors of runtime `R`.
 fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
@@ -43,9 +45,9 @@ fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
-/// Whether kernel `name` may run on these tensors.
-fn applies(name: &str, dtypes: &[DType]) -> bool {
-    dtypes.iter().all(|d| is_float(*d)) && enabled(name)
+/// Whether every dtype is one the kernels take (the ops layer decided the kernel may run).
+fn floats(dtypes: &[DType]) -> bool {
+    dtypes.iter().all(|d| is_float(*d))
 }
 
 /// The runtime's tensor inside `t`. Only called once [`is_runtime`] said `B` is `R`'s.
@@ -100,7 +102,7 @@ fn rms_norm_on<B: Backend, R: CubeRuntime, const D: usize>(
     let dims = x.dims();
     let cols = dims[D - 1];
     let rows = dims.iter().product::<usize>() / cols.max(1);
-    if !applies("rms_norm", &[x.dtype(), gamma.dtype()]) || rows == 0 || gamma.dims()[0] != cols {
+    if !floats(&[x.dtype(), gamma.dtype()]) || rows == 0 || gamma.dims()[0] != cols {
         return Err(x);
     }
     let (x, gamma) = (cube(x), cube(gamma.clone()));
@@ -130,7 +132,7 @@ fn swiglu_on<B: Backend, R: CubeRuntime, const D: usize>(x: Tensor<B, D>) -> Res
     let inner = dims[D - 1] / 2;
     dims[D - 1] = inner;
     let total = dims.iter().product::<usize>();
-    if !applies("swiglu", &[x.dtype()]) || total == 0 || total > u32::MAX as usize {
+    if !floats(&[x.dtype()]) || total == 0 || total > u32::MAX as usize {
         return Err(x);
     }
     let x = cube(x);
@@ -175,7 +177,7 @@ fn softmax_rows_on<B: Backend, R: CubeRuntime>(
     dtypes.extend(mask.map(|m| m.dtype()));
     dtypes.extend(bias.map(|m| m.dtype()));
     let shapes_fit = mask.is_none_or(|m| m.dims() == dims) && bias.is_none_or(|x| x.dims() == [b, h, 1, n]);
-    if !applies("softmax", &dtypes) || !shapes_fit || b * h * r == 0 || n == 0 {
+    if !floats(&dtypes) || !shapes_fit || b * h * r == 0 || n == 0 {
         return Err(scores);
     }
     let scores = cube(scores);
@@ -287,7 +289,7 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
             && k.dtype() == qkv.dtype()
             && v.dtype() == qkv.dtype()
     });
-    if !applies("split_rope", &[qkv.dtype(), angle_dtypes[0], angle_dtypes[1]])
+    if !floats(&[qkv.dtype(), angle_dtypes[0], angle_dtypes[1]])
         || angle_dtypes[0] != angle_dtypes[1]
         || !same_angles
         || !angle_shapes
@@ -363,8 +365,9 @@ pub fn gemv<B: Backend>(
     x: Tensor<B, 2>,
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
+    tuning: &Tuning,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    gemv_any(x, w, epilogue, RowNorm::None, None).map(|(y, _)| y)
+    gemv_any(x, w, epilogue, RowNorm::None, None, tuning).map(|(y, _)| y)
 }
 
 /// [`gemv`] of the RMS-normalized `x` (`x / rms(x) · gamma`, `gamma` `[in]`, the norm in f32,
@@ -376,11 +379,12 @@ pub fn gemv_normed<B: Backend>(
     eps: f64,
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
+    tuning: &Tuning,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    if tuning().gemv_norm == GemvNorm::Separate {
+    if tuning.gemv_norm == GemvNorm::Separate {
         return Err(x);
     }
-    gemv_any(x, w, epilogue, RowNorm::Staged(gamma, eps), None).map(|(y, _)| y)
+    gemv_any(x, w, epilogue, RowNorm::Staged(gamma, eps), None, tuning).map(|(y, _)| y)
 }
 
 /// [`gemv_normed`] given `x_scaled` = `x·γ` (`[1, in]`, as [`gemv_scaling`] writes it) instead
@@ -392,11 +396,12 @@ pub fn gemv_prescaled<B: Backend>(
     eps: f64,
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
+    tuning: &Tuning,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    if tuning().gemv_norm != GemvNorm::Inline {
+    if tuning.gemv_norm != GemvNorm::Inline {
         return Err(x);
     }
-    gemv_any(x, w, epilogue, RowNorm::Prescaled(x_scaled, eps), None).map(|(y, _)| y)
+    gemv_any(x, w, epilogue, RowNorm::Prescaled(x_scaled, eps), None, tuning).map(|(y, _)| y)
 }
 
 /// [`gemv`] that also returns its output times `next_gamma` (`[out]`, the γ of the norm the
@@ -407,11 +412,12 @@ pub fn gemv_scaling<B: Backend>(
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
     next_gamma: &Tensor<B, 1>,
+    tuning: &Tuning,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 2>> {
-    if tuning().gemv_norm != GemvNorm::Inline {
+    if tuning.gemv_norm != GemvNorm::Inline {
         return Err(x);
     }
-    gemv_any(x, w, epilogue, RowNorm::None, Some(next_gamma))
+    gemv_any(x, w, epilogue, RowNorm::None, Some(next_gamma), tuning)
 }
 
 /// How a one-row product normalizes its input.
@@ -430,8 +436,9 @@ fn gemv_any<B: Backend>(
     epilogue: GemvEpilogue<'_, B>,
     norm: RowNorm<'_, B>,
     scale_next: Option<&Tensor<B, 1>>,
+    tuning: &Tuning,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 2>> {
-    on_runtime!(gemv_on::<B>(x, w, epilogue, norm, scale_next), x)
+    on_runtime!(gemv_on::<B>(x, w, epilogue, norm, scale_next, tuning), x)
 }
 
 /// Whether every plane of `client`'s device is 32 wide (the plane reductions assume it).
@@ -450,6 +457,7 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
     epilogue: GemvEpilogue<'_, B>,
     norm: RowNorm<'_, B>,
     scale_next: Option<&Tensor<B, 1>>,
+    tuning: &Tuning,
 ) -> Result<(Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let [w_rows, w_inp] = w.dims();
@@ -458,19 +466,18 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
         _ => w_rows,
     };
     let gamma_fits = |g: &Tensor<B, 1>, len: usize| g.dims() == [len] && is_float(g.dtype());
-    let norm_fits = enabled("rms_norm")
-        && match norm {
-            RowNorm::None => true,
-            RowNorm::Staged(g, _) => gamma_fits(g, inp) && inp * x.dtype().size() <= GEMV_NORM_BYTES,
-            RowNorm::Prescaled(xs, _) => xs.dims() == [1, inp] && xs.dtype() == x.dtype(),
-        };
+    let norm_fits = match norm {
+        RowNorm::None => true,
+        RowNorm::Staged(g, _) => gamma_fits(g, inp) && inp * x.dtype().size() <= GEMV_NORM_BYTES,
+        RowNorm::Prescaled(xs, _) => xs.dims() == [1, inp] && xs.dtype() == x.dtype(),
+    };
     let scale_fits = scale_next.is_none_or(|g| gamma_fits(g, out) && matches!(norm, RowNorm::None));
     let epilogue_fits = match epilogue {
         GemvEpilogue::Plain => true,
         GemvEpilogue::AddResidual(r) => r.dims() == [1, out] && r.dtype() == w.dtype(),
         GemvEpilogue::Swiglu => w_rows % 2 == 0,
     };
-    if !applies("gemv", &[x.dtype(), w.dtype()])
+    if !floats(&[x.dtype(), w.dtype()])
         || rows != 1
         || inp != w_inp
         || x.dtype() != w.dtype()
@@ -513,7 +520,6 @@ fn gemv_on<B: Backend, R: CubeRuntime>(
     let norm_inline = matches!(norm, RowNorm::Prescaled(..));
     let client = x.client.clone();
     let dtypes = [x.dtype.into(), DType::F32.into(), x.dtype.into(), gamma.dtype.into()];
-    let tuning = tuning();
     let rows_per_cube = tuning.gemv_rows_per_cube.clamp(1, 8);
     kernels::gemv::launch::<R>(
         &client,
@@ -586,7 +592,7 @@ fn attention_scores_on<B: Backend, R: CubeRuntime>(
     let [b, h, r, d] = q.dims();
     let [kb, kh, capacity, kd] = keys.dims();
     let total = b * h * r * n;
-    if !applies("attention", &[q.dtype(), keys.dtype()])
+    if !floats(&[q.dtype(), keys.dtype()])
         || q.dtype() != keys.dtype()
         || [kb, kh, kd] != [b, h, d]
         || n > capacity
@@ -637,20 +643,22 @@ pub fn attention_values<B: Backend>(
     probs: Tensor<B, 4>,
     values: &Tensor<B, 4>,
     slots: usize,
+    tuning: &Tuning,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    on_runtime!(attention_values_on::<B>(probs, values, slots), probs)
+    on_runtime!(attention_values_on::<B>(probs, values, slots, tuning), probs)
 }
 
 fn attention_values_on<B: Backend, R: CubeRuntime>(
     probs: Tensor<B, 4>,
     values: &Tensor<B, 4>,
     slots: usize,
+    tuning: &Tuning,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let [b, h, r, n] = probs.dims();
     let [vb, vh, capacity, d] = values.dims();
     let vector = vector_size(d, values.dtype());
     let lanes = d / vector;
-    if !applies("attention", &[probs.dtype(), values.dtype()])
+    if !floats(&[probs.dtype(), values.dtype()])
         || [vb, vh] != [b, h]
         || n != slots
         || n > capacity
@@ -671,7 +679,7 @@ fn attention_values_on<B: Backend, R: CubeRuntime>(
     // 256 threads per cube: the head dimension's vectors × slot groups; a long cache is spread
     // over several cubes per head (one cube per head left most of the GPU idle).
     let groups = (256 / lanes) as u32;
-    let splits = match tuning().value_splits {
+    let splits = match tuning.value_splits {
         0 => n.div_ceil(VALUE_SLOTS_PER_SPLIT).min(MAX_VALUE_SPLITS),
         s => s as usize,
     }
@@ -747,7 +755,7 @@ fn decode_attention_on<B: Backend, R: CubeRuntime>(
     let [kb, kh, capacity, kd] = keys.dims();
     let vector = vector_size(d, q.dtype());
     let lanes = d / vector;
-    if !applies("attention", &[q.dtype(), keys.dtype(), values.dtype()])
+    if !floats(&[q.dtype(), keys.dtype(), values.dtype()])
         || q.dtype() != keys.dtype()
         || q.dtype() != values.dtype()
         || [kb, kh, kd] != [b, h, d]
@@ -851,7 +859,7 @@ fn row_ranks_on<B: Backend, R: CubeRuntime>(key: Tensor<B, 3>) -> Result<Tensor<
     let blocks = n.div_ceil(RANK_BLOCK);
     // Ranks are exact in f32 below 2²⁴.
     let fits = (rows * h * blocks) as u64 <= u32::MAX as u64 && n < 1 << 24;
-    if !applies("rank", &[key.dtype()]) || rows * h * n == 0 || !fits {
+    if !floats(&[key.dtype()]) || rows * h * n == 0 || !fits {
         return Err(key);
     }
     let key = cube(key.cast(DType::F32));
@@ -904,7 +912,7 @@ fn write_observation_on<B: Backend, R: CubeRuntime>(
     let shapes_fit = buffers
         .iter()
         .all(|t| t.dims() == [rows, bh, bn] && t.dtype() == DType::F32);
-    if !applies("observe", &[probs.dtype()])
+    if !floats(&[probs.dtype()])
         || probs.dtype() != DType::F32
         || !shapes_fit
         || [bh, bn] != [h, n]
@@ -974,7 +982,7 @@ fn matmul_f32_on<B: Backend, R: CubeRuntime>(
         .all(|&v| v > 0 && v <= u32::MAX as usize)
         && z <= 65_535
         && m.div_ceil(16) <= 65_535;
-    if !applies("matmul", &[a.dtype()])
+    if !floats(&[a.dtype()])
         || a.dtype() != DType::F32
         || b.dtype() != DType::F32
         || [bb, bh] != [batch, heads]
@@ -1023,13 +1031,14 @@ pub fn matmul_rows<B: Backend>(
     x: Tensor<B, 2>,
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
+    tuning: &Tuning,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     // Cooperative matrices on wgpu are untested (lavapipe has none), so CUDA alone.
     #[cfg(feature = "cuda")]
     if is_runtime::<B, CudaRuntime>() {
-        return matmul_rows_on::<B, CudaRuntime>(x, w, epilogue);
+        return matmul_rows_on::<B, CudaRuntime>(x, w, epilogue, tuning);
     }
-    let _ = (w, epilogue);
+    let _ = (w, epilogue, tuning);
     Err(x)
 }
 
@@ -1038,6 +1047,7 @@ fn matmul_rows_on<B: Backend, R: CubeRuntime>(
     x: Tensor<B, 2>,
     w: &Tensor<B, 2>,
     epilogue: GemvEpilogue<'_, B>,
+    tuning: &Tuning,
 ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     let [rows, inp] = x.dims();
     let [w_rows, w_inp] = w.dims();
@@ -1054,8 +1064,7 @@ fn matmul_rows_on<B: Backend, R: CubeRuntime>(
     let sizes_fit = [MATMUL_ROWS_MAX * inp, w_rows * w_inp, MATMUL_ROWS_MAX * w_rows * 16]
         .iter()
         .all(|&v| v <= u32::MAX as usize);
-    let tuning = tuning();
-    if !applies("rows", &[x.dtype(), w.dtype()])
+    if !floats(&[x.dtype(), w.dtype()])
         || w_rows > tuning.rows_max_out as usize
         || !matches!(w.dtype(), DType::F16 | DType::BF16)
         || x.dtype() != w.dtype()
@@ -1211,7 +1220,7 @@ fn gather_slots_on<B: Backend, R: CubeRuntime>(
     let vector = vector_size(d, keys.dtype());
     let lanes = d / vector;
     let total = b * h * kept * lanes;
-    if !applies("gather", &[keys.dtype(), values.dtype()])
+    if !floats(&[keys.dtype(), values.dtype()])
         || values.dims() != keys.dims()
         || values.dtype() != keys.dtype()
         || [kb, kh] != [b, h]
@@ -1266,7 +1275,7 @@ fn list_true_slots_on<B: Backend, R: CubeRuntime>(
     count: usize,
 ) -> Result<Tensor<B, 3, Int>, Tensor<B, 3, Bool>> {
     let [rows, h, n] = mask.dims();
-    if !enabled("gather") || rows * h == 0 || rows * h > 65_535 || count == 0 || n > u32::MAX as usize {
+    if rows * h == 0 || rows * h > 65_535 || count == 0 || n > u32::MAX as usize {
         return Err(mask);
     }
     let m = cube::<B, R, 3>(mask.float().cast(DType::F32));

@@ -1,194 +1,30 @@
-//! Fused CUDA kernels for the operations a decode step repeats in every layer.
+//! Fused CubeCL kernels for the operations a decode step repeats in every layer, and the
+//! types their callers use.
 //!
 //! On a GPU every burn tensor operation is a kernel launch, and on burn's CUDA backend each
 //! launch costs the host ~12–16 µs: a Llama-2-7B decode step was ~40 launches per layer, bound
-//! by the host, not by the GPU. Each function here does in one launch what took several
-//! (RMSNorm: 8, softmax with its casts and biases: up to 8, SwiGLU: 5, splitting and rotating
-//! q/k/v: 5); `gemv` streams a weight matrix once per decoded token, and the decode attention
-//! kernels read the cache's buffers in place; `row_ranks` ranks slots for eviction on the
-//! device (installed into the cache as its [`easykv_core::RowRanker`]).
+//! by the host, not by the GPU. Each kernel does in one launch what took several (RMSNorm: 8,
+//! softmax with its casts and biases: up to 8, SwiGLU: 5, splitting and rotating q/k/v: 5);
+//! `gemv` streams a weight matrix once per decoded token, and the decode attention kernels read
+//! the cache's buffers in place; `row_ranks` ranks slots for eviction on the device.
 //!
-//! They apply where the tensors are burn's unfused CUDA tensors (`--device cuda`), found by
-//! type at run time, so the model code stays generic over the backend: every function hands
-//! its input back (`Err`) for any other backend, shape or dtype it does not cover, and the
-//! caller runs burn's operations instead. By default all but [`OFF_BY_DEFAULT`] run;
-//! `EASYKV_GPU_KERNELS=all` turns every one on, `EASYKV_GPU_KERNELS=off` all off,
-//! `EASYKV_GPU_KERNELS=-gemv,-softmax` all but those, `EASYKV_GPU_KERNELS=gemv` only that one (for
-//! comparisons on the same build).
+//! Only the ops layer ([`crate::ops`]) calls them, where the [`crate::BackendProfile`] says
+//! they run; each hands its input back (`Err`) for a shape or dtype it does not cover. The
+//! kernels exist in builds with the `cuda` or `wgpu` feature only.
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod check;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod kernels;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-mod launch;
+pub(crate) mod launch;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod timing;
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub use check::{check_kernels, check_model, KernelCheck};
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-pub use launch::*;
 pub use timing::{time_kernels, KernelTiming};
-
-#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
-mod fallback {
-    //! Builds without a CubeCL runtime: every kernel declines.
-    use burn::prelude::*;
-    use burn::tensor::DType;
-
-    pub fn rms_norm<B: Backend, const D: usize>(
-        x: Tensor<B, D>,
-        _gamma: &Tensor<B, 1>,
-        _eps: f64,
-    ) -> Result<Tensor<B, D>, Tensor<B, D>> {
-        Err(x)
-    }
-
-    pub fn swiglu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
-        Err(x)
-    }
-
-    pub fn softmax_rows<B: Backend>(
-        scores: Tensor<B, 4>,
-        _mask: Option<&Tensor<B, 4>>,
-        _bias: Option<&Tensor<B, 4>>,
-        _product: DType,
-    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4>> {
-        Err(scores)
-    }
-
-    #[allow(clippy::type_complexity)]
-    pub fn split_rope<B: Backend>(
-        qkv: Tensor<B, 3>,
-        _heads: super::HeadShape,
-        _queries: (&Tensor<B, 2>, &Tensor<B, 2>),
-        _keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
-    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 3>> {
-        Err(qkv)
-    }
-
-    pub fn split_rope_into<B: Backend>(
-        qkv: Tensor<B, 3>,
-        _heads: super::HeadShape,
-        _queries: (&Tensor<B, 2>, &Tensor<B, 2>),
-        _keys: (&Tensor<B, 2>, &Tensor<B, 2>),
-        _cache: (&Tensor<B, 4>, &Tensor<B, 4>),
-        _at: usize,
-    ) -> Result<Tensor<B, 4>, Tensor<B, 3>> {
-        Err(qkv)
-    }
-
-    pub fn gemv<B: Backend>(
-        x: Tensor<B, 2>,
-        _w: &Tensor<B, 2>,
-        _epilogue: super::GemvEpilogue<'_, B>,
-    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-        Err(x)
-    }
-
-    pub fn gemv_normed<B: Backend>(
-        x: Tensor<B, 2>,
-        _gamma: &Tensor<B, 1>,
-        _eps: f64,
-        _w: &Tensor<B, 2>,
-        _epilogue: super::GemvEpilogue<'_, B>,
-    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-        Err(x)
-    }
-
-    pub fn gemv_prescaled<B: Backend>(
-        x: Tensor<B, 2>,
-        _x_scaled: &Tensor<B, 2>,
-        _eps: f64,
-        _w: &Tensor<B, 2>,
-        _epilogue: super::GemvEpilogue<'_, B>,
-    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-        Err(x)
-    }
-
-    pub fn gemv_scaling<B: Backend>(
-        x: Tensor<B, 2>,
-        _w: &Tensor<B, 2>,
-        _epilogue: super::GemvEpilogue<'_, B>,
-        _next_gamma: &Tensor<B, 1>,
-    ) -> Result<(Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 2>> {
-        Err(x)
-    }
-
-    pub fn attention_scores<B: Backend>(
-        q: Tensor<B, 4>,
-        _keys: &Tensor<B, 4>,
-        _slots: usize,
-    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-        Err(q)
-    }
-
-    pub fn attention_values<B: Backend>(
-        probs: Tensor<B, 4>,
-        _values: &Tensor<B, 4>,
-        _slots: usize,
-    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-        Err(probs)
-    }
-
-    pub fn decode_attention<B: Backend>(
-        q: Tensor<B, 4>,
-        _keys: &Tensor<B, 4>,
-        _values: &Tensor<B, 4>,
-        _slots: usize,
-    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-        Err(q)
-    }
-
-    pub fn write_observation<B: Backend>(
-        probs: Tensor<B, 4>,
-        _buffers: [&Tensor<B, 3>; 3],
-        _row: usize,
-    ) -> Result<(), Tensor<B, 4>> {
-        Err(probs)
-    }
-
-    pub fn row_ranks<B: Backend>(key: Tensor<B, 3>) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
-        Err(key)
-    }
-
-    pub fn is_cube_backend<B: Backend>() -> bool {
-        false
-    }
-
-    pub fn gather_slots<B: Backend>(
-        _keys: &Tensor<B, 4>,
-        _values: &Tensor<B, 4>,
-        _keep: Tensor<B, 3, Int>,
-    ) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
-        None
-    }
-
-    pub fn list_true_slots<B: Backend>(
-        mask: Tensor<B, 3, Bool>,
-        _count: usize,
-    ) -> Result<Tensor<B, 3, Int>, Tensor<B, 3, Bool>> {
-        Err(mask)
-    }
-
-    pub fn matmul_rows<B: Backend>(
-        x: Tensor<B, 2>,
-        _w: &Tensor<B, 2>,
-        _epilogue: super::GemvEpilogue<'_, B>,
-    ) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-        Err(x)
-    }
-
-    pub fn matmul_f32<B: Backend>(
-        a: Tensor<B, 4>,
-        _b: &Tensor<B, 4>,
-        _transposed: bool,
-        _n: usize,
-    ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-        Err(a)
-    }
-}
-
-#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
-pub use fallback::*;
 
 /// A fingerprint of the kernels' source. cubecl caches compiled kernels on disk by the kernel's
 /// name and types, not its code: a cache kept across easykv builds would run a changed kernel's
@@ -221,7 +57,7 @@ pub enum GemvEpilogue<'a, B: burn::tensor::backend::Backend> {
     Swiglu,
 }
 
-/// Where the RMS norm before a one-row product runs (`EASYKV_GEMV`'s third field: 0, 1, 2).
+/// Where the RMS norm before a one-row product runs (`--gemv`'s third field: 0, 1, 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum GemvNorm {
     /// [`gemv_normed`] declines and callers normalize by [`rms_norm`] first: one more launch,
@@ -239,7 +75,7 @@ pub enum GemvNorm {
 }
 
 /// Launch shapes of the kernels that have more than one sensible choice; `easykv
-/// check-kernels --time` measures the alternatives.
+/// check-kernels --time` measures the alternatives, `--gemv` and `--rows` set them for a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Tuning {
     /// Output rows (one plane of 32 threads each) per cube of [`gemv`].
@@ -284,59 +120,57 @@ impl Default for Tuning {
     }
 }
 
-static TUNING: std::sync::Mutex<Option<Tuning>> = std::sync::Mutex::new(None);
+impl Tuning {
+    /// With `spec` = `ROWS,PLANE,NORM` applied (`--gemv`): rows per cube 1–8, plane reduction
+    /// 0/1, [`GemvNorm`] 0 separate / 1 staged / 2 inline; empty fields keep their value.
+    pub fn with_gemv(mut self, spec: &str) -> Result<Self, String> {
+        let bad = || format!("--gemv '{spec}': expected ROWS,PLANE,NORM (e.g. 4,1,2)");
+        let mut parts = spec.split(',').map(str::trim);
+        if let Some(rows) = parts.next().filter(|r| !r.is_empty()) {
+            self.gemv_rows_per_cube = rows.parse::<u32>().map_err(|_| bad())?.clamp(1, 8);
+        }
+        if let Some(plane) = parts.next().filter(|p| !p.is_empty()) {
+            self.gemv_plane_reduce = match plane {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => return Err(bad()),
+            };
+        }
+        if let Some(norm) = parts.next().filter(|n| !n.is_empty()) {
+            self.gemv_norm = match norm {
+                "0" => GemvNorm::Separate,
+                "1" => GemvNorm::Staged,
+                "2" => GemvNorm::Inline,
+                _ => return Err(bad()),
+            };
+        }
+        match parts.next() {
+            None => Ok(self),
+            Some(_) => Err(bad()),
+        }
+    }
 
-/// The launch shapes in use: as [`set_tuning`] set them, else the defaults with
-/// `EASYKV_GEMV=ROWS,PLANE,NORM` (rows per cube 1–8, plane reduction 0/1, [`GemvNorm`]
-/// 0 separate / 1 staged / 2 inline) and
-/// `EASYKV_ROWS=PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT` (`matmul_rows`) applied, for comparing whole runs on
-/// one build.
-pub fn tuning() -> Tuning {
-    static FROM_ENV: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
-    TUNING.lock().ok().and_then(|t| *t).unwrap_or_else(|| {
-        *FROM_ENV.get_or_init(|| {
-            let mut t = Tuning::default();
-            let value = std::env::var("EASYKV_GEMV").unwrap_or_default();
-            let mut parts = value.split(',').map(str::trim);
-            if let Some(rows) = parts.next().and_then(|r| r.parse::<u32>().ok()) {
-                t.gemv_rows_per_cube = rows.clamp(1, 8);
+    /// With `spec` = `PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT` applied (`--rows`,
+    /// `matmul_rows`' launch shape); empty fields keep their value.
+    pub fn with_rows(mut self, spec: &str) -> Result<Self, String> {
+        let bad = || format!("--rows '{spec}': expected PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT");
+        let fields: Vec<&str> = spec.split(',').map(str::trim).collect();
+        if fields.len() > 5 {
+            return Err(bad());
+        }
+        let mut values = [None; 5];
+        for (v, f) in values.iter_mut().zip(&fields) {
+            if !f.is_empty() {
+                *v = Some(f.parse::<u32>().map_err(|_| bad())?);
             }
-            if let Some(plane) = parts.next() {
-                t.gemv_plane_reduce = plane == "1" || plane == "true";
-            }
-            if let Some(norm) = parts.next() {
-                t.gemv_norm = match norm {
-                    "0" | "false" => GemvNorm::Separate,
-                    "1" => GemvNorm::Staged,
-                    _ => GemvNorm::Inline,
-                };
-            }
-            let value = std::env::var("EASYKV_ROWS").unwrap_or_default();
-            let mut parts = value.split(',').map(|p| p.trim().parse::<u32>().ok());
-            if let Some(Some(planes)) = parts.next() {
-                t.rows_planes = planes.max(1);
-            }
-            if let Some(Some(unroll)) = parts.next() {
-                t.rows_unroll = unroll.clamp(1, 8);
-            }
-            if let Some(Some(cols)) = parts.next() {
-                t.rows_col_blocks = cols.clamp(1, 2);
-            }
-            if let Some(Some(per_cube)) = parts.next() {
-                t.rows_planes_per_cube = per_cube.clamp(1, 8);
-            }
-            if let Some(Some(max_out)) = parts.next() {
-                t.rows_max_out = max_out;
-            }
-            t
-        })
-    })
-}
-
-/// Replaces the launch shapes (`None`: the defaults), for measuring alternatives.
-pub fn set_tuning(tuning: Option<Tuning>) {
-    if let Ok(mut t) = TUNING.lock() {
-        *t = tuning;
+        }
+        let [planes, unroll, cols, per_cube, max_out] = values;
+        self.rows_planes = planes.map_or(self.rows_planes, |v| v.max(1));
+        self.rows_unroll = unroll.map_or(self.rows_unroll, |v| v.clamp(1, 8));
+        self.rows_col_blocks = cols.map_or(self.rows_col_blocks, |v| v.clamp(1, 2));
+        self.rows_planes_per_cube = per_cube.map_or(self.rows_planes_per_cube, |v| v.clamp(1, 8));
+        self.rows_max_out = max_out.unwrap_or(self.rows_max_out);
+        Ok(self)
     }
 }
 
@@ -357,119 +191,20 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
-/// The kernels, by the names `EASYKV_GPU_KERNELS` takes.
-pub const KERNELS: [&str; 11] = [
-    "matmul",
-    "rows",
-    "gather",
-    "observe",
-    "rms_norm",
-    "softmax",
-    "swiglu",
-    "split_rope",
-    "gemv",
-    "attention",
-    "rank",
-];
-
-/// Lets evicting caches on `B` rank slots with [`row_ranks`], record prefill chunks with
-/// [`write_observation`], list kept slots with [`list_true_slots`] and compact keys and values
-/// with [`gather_slots`] (cubecl backends only; a no-op elsewhere and once installed).
-pub fn install_cache_kernels<B: burn::tensor::backend::Backend>() {
-    if is_cube_backend::<B>() {
-        easykv_core::install_row_ranker::<B>(row_ranks::<B>);
-        easykv_core::install_observation_writer::<B>(write_observation::<B>);
-        easykv_core::install_slot_lister::<B>(list_true_slots::<B>);
-        easykv_core::install_slot_gatherer::<B>(gather_slots::<B>);
-    }
-}
-
-/// Kernels off unless asked for (`EASYKV_GPU_KERNELS=all`): none now. (softmax and attention
-/// were, while their outputs on the H200 differed: burn's CUDA allocator pads rows whose bytes
-/// miss its pitch alignment, and the kernels wrote such outputs unpadded. Outputs are
-/// allocated contiguous now.)
-pub const OFF_BY_DEFAULT: [&str; 0] = [];
-
-/// Which kernels `EASYKV_GPU_KERNELS` turns on.
-#[derive(Debug)]
-enum Setting {
-    All,
-    None,
-    AllBut(Vec<String>),
-    Only(Vec<String>),
-}
-
-impl Setting {
-    /// Unset or empty: all but [`OFF_BY_DEFAULT`]; `all`: all; `off`: none; `-a,-b`: all but a
-    /// and b; `a,b`: only a and b.
-    fn parse(value: &str) -> Setting {
-        let names = || {
-            value
-                .split(',')
-                .map(|s| s.trim().trim_start_matches('-').to_string())
-                .collect()
-        };
-        match value.trim() {
-            "" => Setting::AllBut(OFF_BY_DEFAULT.iter().map(|k| k.to_string()).collect()),
-            "on" | "all" => Setting::All,
-            "off" | "0" | "none" => Setting::None,
-            list if list.starts_with('-') => Setting::AllBut(names()),
-            _ => Setting::Only(names()),
-        }
-    }
-
-    fn allows(&self, name: &str) -> bool {
-        match self {
-            Setting::All => true,
-            Setting::None => false,
-            Setting::AllBut(names) => !names.iter().any(|n| n == name),
-            Setting::Only(names) => names.iter().any(|n| n == name),
-        }
-    }
-}
-
-/// A setting that replaces `EASYKV_GPU_KERNELS` while [`with_kernels`] runs.
-static OVERRIDE: std::sync::Mutex<Option<Setting>> = std::sync::Mutex::new(None);
-
-/// Runs `body` with the kernels `setting` names on (the syntax of `EASYKV_GPU_KERNELS`), for
-/// comparisons within one process.
-pub fn with_kernels<T>(setting: &str, body: impl FnOnce() -> T) -> T {
-    let set = |s: Option<Setting>| {
-        if let Ok(mut o) = OVERRIDE.lock() {
-            *o = s;
-        }
-    };
-    set(Some(Setting::parse(setting)));
-    let out = body();
-    set(None);
-    out
-}
-
-/// Whether kernel `name` is on: as [`with_kernels`] says while it runs, else as
-/// `EASYKV_GPU_KERNELS` says (read once).
-pub fn enabled(name: &str) -> bool {
-    if let Some(allowed) = OVERRIDE.lock().ok().and_then(|o| o.as_ref().map(|s| s.allows(name))) {
-        return allowed;
-    }
-    static SETTING: std::sync::OnceLock<Setting> = std::sync::OnceLock::new();
-    SETTING
-        .get_or_init(|| Setting::parse(&std::env::var("EASYKV_GPU_KERNELS").unwrap_or_default()))
-        .allows(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn settings_pick_the_kernels_they_name() {
-        let on = |setting: &str, name: &str| Setting::parse(setting).allows(name);
-        assert!(on("", "gemv") && on("", "softmax") && on("", "attention"));
-        assert!(on("all", "softmax") && !on("off", "gemv"));
-        assert!(!on("-gemv,-swiglu", "gemv") && on("-gemv,-swiglu", "softmax"));
-        assert!(on("gemv, rms_norm", "rms_norm") && !on("gemv,rms_norm", "swiglu"));
-        // An override holds while its body runs, and only then.
-        assert!(with_kernels("off", || !enabled("gemv")));
-        assert!(with_kernels("softmax", || enabled("softmax") && !enabled("gemv")));
+    fn launch_shapes_parse_from_their_flags() {
+        let t = Tuning::default().with_gemv("8,0,1").unwrap();
+        assert_eq!((t.gemv_rows_per_cube, t.gemv_plane_reduce, t.gemv_norm), (8, false, GemvNorm::Staged));
+        let t = Tuning::default().with_gemv(",,0").unwrap();
+        assert_eq!((t.gemv_rows_per_cube, t.gemv_norm), (4, GemvNorm::Separate));
+        assert!(Tuning::default().with_gemv("4,1,9").is_err());
+        assert!(Tuning::default().with_gemv("x").is_err());
+        let t = Tuning::default().with_rows("1024,,,,12288").unwrap();
+        assert_eq!((t.rows_planes, t.rows_unroll, t.rows_max_out), (1024, 4, 12288));
+        assert!(Tuning::default().with_rows("1,2,3,4,5,6").is_err());
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 
-use super::{GemvEpilogue, GemvNorm, Tuning};
+use super::{launch, GemvEpilogue, GemvNorm, Tuning};
 
 /// One kernel at one shape.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -47,6 +47,8 @@ fn random<B: Backend, const D: usize>(shape: [usize; D], dtype: DType, device: &
 pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Device) -> Vec<KernelTiming> {
     let mut out = Vec::new();
     let reps = 50;
+    // The launch shape the kernels below run with, set per variant timed.
+    let current = std::cell::Cell::new(Tuning::default());
     let bytes = dtype.size() as f64;
     let mut push = |kernel: &str, shape: String, tuning: Option<Tuning>, micros: f64, moved: Option<f64>| {
         out.push(KernelTiming {
@@ -61,8 +63,8 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
     // The host's cost of one launch: a kernel with almost nothing to do.
     let tiny = random::<B, 2>([1, 64], dtype, device);
     let gamma = random::<B, 1>([64], DType::F32, device);
-    if super::rms_norm(tiny.clone(), &gamma, 1e-5).is_ok() {
-        let us = time::<B, _>(device, 500, || super::rms_norm(tiny.clone(), &gamma, 1e-5));
+    if launch::rms_norm(tiny.clone(), &gamma, 1e-5).is_ok() {
+        let us = time::<B, _>(device, 500, || launch::rms_norm(tiny.clone(), &gamma, 1e-5));
         push("rms_norm (64 values: launch cost)", "[1, 64]".into(), None, us, None);
     }
     // Bandwidth burn's element-wise kernels reach (reads two, writes one).
@@ -96,7 +98,7 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 2 => GemvEpilogue::Swiglu,
                 _ => GemvEpilogue::Plain,
             };
-            super::gemv(x.clone(), &w, e)
+            launch::gemv(x.clone(), &w, e, &current.get())
         };
         let moved = Some((rows * cols) as f64 * bytes);
         // Every launch shape of `kernel` (stops at the first it declines).
@@ -109,21 +111,21 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                         gemv_norm: norm,
                         ..Tuning::default()
                     };
-                    super::set_tuning(Some(tuning));
+                    current.set(tuning);
                     if kernel().is_err() {
                         break;
                     }
                     let us = time::<B, _>(device, reps, kernel);
                     push(&label, format!("[{rows}, {cols}]"), Some(tuning), us, moved);
                 }
-                super::set_tuning(None);
+                current.set(Tuning::default());
             };
         each_shape(format!("gemv {name}"), GemvNorm::Inline, &run);
         // The residual products also write their output times the next norm's γ.
         if epilogue == 1 {
             let gamma = random::<B, 1>([out_rows], DType::F32, device);
             let scaling =
-                || super::gemv_scaling(x.clone(), &w, GemvEpilogue::AddResidual(&residual), &gamma).map(|(y, _)| y);
+                || launch::gemv_scaling(x.clone(), &w, GemvEpilogue::AddResidual(&residual), &gamma, &current.get()).map(|(y, _)| y);
             each_shape(format!("gemv scaling {name}"), GemvNorm::Inline, &scaling);
         }
         // With the RMS norm inside (the decode step's qkv and gate_up products).
@@ -134,12 +136,12 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 2 => GemvEpilogue::Swiglu,
                 _ => GemvEpilogue::Plain,
             };
-            let inline = || super::gemv_prescaled(x.clone(), &x_scaled, 1e-5, &w, e());
+            let inline = || launch::gemv_prescaled(x.clone(), &x_scaled, 1e-5, &w, e(), &current.get());
             each_shape(format!("gemv normed {name}"), GemvNorm::Inline, &inline);
-            let staged = || super::gemv_normed(x.clone(), &gamma, 1e-5, &w, e());
+            let staged = || launch::gemv_normed(x.clone(), &gamma, 1e-5, &w, e(), &current.get());
             each_shape(format!("gemv normed (staged) {name}"), GemvNorm::Staged, &staged);
             // The norm as a launch of its own, then the plain product.
-            let apart = || super::rms_norm(x.clone(), &gamma, 1e-5).and_then(|xn| super::gemv(xn, &w, e()));
+            let apart = || launch::rms_norm(x.clone(), &gamma, 1e-5).and_then(|xn| launch::gemv(xn, &w, e(), &current.get()));
             if apart().is_ok() {
                 let us = time::<B, _>(device, reps, apart);
                 push(
@@ -183,7 +185,7 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 2 => GemvEpilogue::Swiglu,
                 _ => GemvEpilogue::Plain,
             };
-            super::matmul_rows(x.clone(), &w, e)
+            launch::matmul_rows(x.clone(), &w, e, &current.get())
         };
         let shapes = [
             (2048, 4, 2, 4),
@@ -203,7 +205,7 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 rows_max_out: u32::MAX,
                 ..Tuning::default()
             };
-            super::set_tuning(Some(tuning));
+            current.set(tuning);
             if run().is_err() {
                 break;
             }
@@ -216,7 +218,7 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 moved,
             );
         }
-        super::set_tuning(None);
+        current.set(Tuning::default());
         let wt = w.clone().transpose();
         let us = time::<B, _>(device, reps, || x.clone().matmul(wt.clone()));
         push(
@@ -235,10 +237,10 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
     let q = random::<B, 4>([1, heads, 1, d], dtype, device);
     for &n in slots {
         let kv_bytes = Some((heads * n * d) as f64 * bytes);
-        let Ok(scores) = super::attention_scores(q.clone(), &keys, n) else {
+        let Ok(scores) = launch::attention_scores(q.clone(), &keys, n) else {
             break;
         };
-        let us = time::<B, _>(device, reps, || super::attention_scores(q.clone(), &keys, n));
+        let us = time::<B, _>(device, reps, || launch::attention_scores(q.clone(), &keys, n));
         push(
             "attention scores",
             format!("{heads} heads × {n} slots"),
@@ -246,9 +248,9 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             us,
             kv_bytes,
         );
-        let us = time::<B, _>(device, reps, || super::softmax_rows(scores.clone(), None, None, dtype));
+        let us = time::<B, _>(device, reps, || launch::softmax_rows(scores.clone(), None, None, dtype));
         push("softmax", format!("{heads} heads × {n} slots"), None, us, None);
-        let Ok((_, probs)) = super::softmax_rows(scores, None, None, dtype) else {
+        let Ok((_, probs)) = launch::softmax_rows(scores, None, None, dtype) else {
             break;
         };
         for splits in [1u32, 4, 8, 16, 0] {
@@ -256,8 +258,8 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 value_splits: splits,
                 ..Tuning::default()
             };
-            super::set_tuning(Some(tuning));
-            let us = time::<B, _>(device, reps, || super::attention_values(probs.clone(), &values, n));
+            current.set(tuning);
+            let us = time::<B, _>(device, reps, || launch::attention_values(probs.clone(), &values, n, &current.get()));
             push(
                 "attention values",
                 format!("{heads} heads × {n} slots"),
@@ -266,8 +268,8 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 kv_bytes,
             );
         }
-        super::set_tuning(None);
-        let us = time::<B, _>(device, reps, || super::decode_attention(q.clone(), &keys, &values, n));
+        current.set(Tuning::default());
+        let us = time::<B, _>(device, reps, || launch::decode_attention(q.clone(), &keys, &values, n));
         let both = (2 * heads * n * d) as f64 * bytes;
         push(
             "decode attention (one pass)",
@@ -281,10 +283,10 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
     // Eviction's ranking: every head of every layer (32 × 32 rows) at once.
     for &n in slots {
         let stats = Tensor::<B, 3>::random([32, 32, n], Distribution::Uniform(0.0, 1.0), device);
-        if super::row_ranks(stats.clone()).is_err() {
+        if launch::row_ranks(stats.clone()).is_err() {
             break;
         }
-        let us = time::<B, _>(device, 5, || super::row_ranks(stats.clone()));
+        let us = time::<B, _>(device, 5, || launch::row_ranks(stats.clone()));
         push("rank", format!("32 × 32 rows × {n} slots"), None, us, None);
     }
     out

@@ -1,7 +1,9 @@
 use super::*;
-use crate::config::Architecture;
+use crate::config::{Architecture, ModelConfig, RopeLayout};
+use crate::linear::WeightDType;
+use crate::weights::WeightSource;
 use burn::backend::Flex;
-use easykv_core::{FullCache, KvCache};
+use easykv_core::{CacheKernels, FullCache, KvCache};
 use std::collections::HashMap;
 
 /// Random weights of a tiny Llama, named as in GGUF.
@@ -103,12 +105,12 @@ fn chunked_prefill_and_decode_match_one_full_pass() {
     let cfg = tiny_config();
     let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 1), WeightDType::F32, &Default::default()).unwrap();
     let ids = [3, 17, 42, 5, 9, 33, 0, 12, 49, 21];
-    let mut full = FullCache::new(cfg.n_layers);
+    let mut full = FullCache::new(cfg.n_layers, CacheKernels::host());
     let all = to_vec(model.forward(tokens(&ids), &mut full, Logits::All).unwrap());
     assert_eq!(all.len(), ids.len() * cfg.vocab_size);
 
     // Chunks of 3, then one token at a time: each position's logits must agree.
-    let mut cache = FullCache::new(cfg.n_layers);
+    let mut cache = FullCache::new(cfg.n_layers, CacheKernels::host());
     let mut got = Vec::new();
     for chunk in ids[..6].chunks(3) {
         got.extend(to_vec(model.forward(tokens(chunk), &mut cache, Logits::All).unwrap()));
@@ -145,12 +147,16 @@ fn half_precision_activations_track_the_f32_model() {
     let dev = Default::default();
     let exact = Llama::<Flex>::load(&cfg, &weights, WeightDType::F32, &dev).unwrap();
     let mut half = Llama::<Flex>::load(&cfg, &weights, WeightDType::F16, &dev).unwrap();
-    half.layers.iter_mut().for_each(|l| l.attn.half_products = true);
+    // As on GPUs: half-precision products, the residual stream in the weights' precision.
+    half.set_profile(BackendProfile {
+        half_products: true,
+        ..half.profile
+    });
     assert_eq!(half.activation_dtype(), DType::F16);
     assert_eq!(exact.activation_dtype(), DType::F32);
     let ids = [3, 17, 42, 5, 9, 33, 0, 12];
     let run = |model: &Llama<Flex>| {
-        let mut cache = FullCache::new(cfg.n_layers);
+        let mut cache = FullCache::new(cfg.n_layers, CacheKernels::host());
         let mut out = to_vec(model.forward(tokens(&ids[..5]), &mut cache, Logits::All).unwrap());
         for id in &ids[5..] {
             out.extend(to_vec(model.forward(tokens(&[*id]), &mut cache, Logits::Last).unwrap()));
@@ -175,7 +181,7 @@ fn skipping_unread_positions_changes_neither_logits_nor_cache() {
     let v = cfg.vocab_size;
     let all = to_vec(
         model
-            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::All)
+            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::All)
             .unwrap(),
     );
     let want = &all[all.len() - v..];
@@ -187,12 +193,12 @@ fn skipping_unread_positions_changes_neither_logits_nor_cache() {
     };
     close(&to_vec(
         model
-            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::Last)
+            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::Last)
             .unwrap(),
     ));
     // Layer by layer over chunks, and chunk by chunk (a single chunk).
     for chunks in [vec![4, 3, 3], vec![10]] {
-        let mut cache = FullCache::new(cfg.n_layers);
+        let mut cache = FullCache::new(cfg.n_layers, CacheKernels::host());
         close(&to_vec(
             model
                 .forward_chunks(tokens(&ids), &chunks, &mut cache, Logits::Last)
@@ -200,11 +206,11 @@ fn skipping_unread_positions_changes_neither_logits_nor_cache() {
         ));
     }
     // A cache filled without the unread outputs continues exactly as one filled with them.
-    let mut filled = FullCache::new(cfg.n_layers);
+    let mut filled = FullCache::new(cfg.n_layers, CacheKernels::host());
     model
         .fill_cache_chunks(tokens(&ids[..9]), &[4, 3, 2], &mut filled)
         .unwrap();
-    let mut cache = FullCache::new(cfg.n_layers);
+    let mut cache = FullCache::new(cfg.n_layers, CacheKernels::host());
     model
         .forward_hidden_chunks(tokens(&ids[..9]), &[4, 3, 2], &mut cache)
         .unwrap();
@@ -280,7 +286,7 @@ fn wrong_shapes_and_missing_tensors_are_errors() {
 fn positions_past_the_context_are_an_error() {
     let cfg = tiny_config();
     let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 3), WeightDType::F32, &Default::default()).unwrap();
-    let mut cache = FullCache::new(cfg.n_layers);
+    let mut cache = FullCache::new(cfg.n_layers, CacheKernels::host());
     let ids: Vec<i32> = (0..65).map(|i| i % 50).collect();
     assert!(model.forward(tokens(&ids), &mut cache, Logits::Last).is_err());
 }
@@ -298,15 +304,15 @@ fn streaming_positions_match_absolute_until_something_is_evicted() {
         }
         out
     };
-    let absolute = run(&mut FullCache::new(cfg.n_layers));
+    let absolute = run(&mut FullCache::new(cfg.n_layers, CacheKernels::host()));
     // A budget of the whole prompt evicts nothing: compact positions are the absolute ones.
     let streaming = EvictionConfig {
         budget: Budget::Ratio(1.0),
         streaming: true,
         ..Default::default()
     };
-    let policy = easykv_policies::policy_by_name::<Flex>("recency").unwrap().unwrap();
-    let mut cache = EvictingCache::new(cfg.n_layers, policy, streaming.schedule(ids.len(), 4, 1).unwrap());
+    let policy = easykv_policies::PolicyTable::<Flex>::builtin().build("recency").unwrap().unwrap();
+    let mut cache = EvictingCache::new(cfg.n_layers, policy, streaming.schedule(ids.len(), 4, 1).unwrap(), CacheKernels::host());
     let got = run(&mut cache);
     for (a, b) in absolute.iter().zip(&got) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
@@ -319,8 +325,8 @@ fn streaming_positions_match_absolute_until_something_is_evicted() {
         streaming: true,
         ..Default::default()
     };
-    let policy = easykv_policies::policy_by_name::<Flex>("recency").unwrap().unwrap();
-    let mut cache = EvictingCache::new(cfg.n_layers, policy, tight.schedule(ids.len(), 4, 1).unwrap());
+    let policy = easykv_policies::PolicyTable::<Flex>::builtin().build("recency").unwrap().unwrap();
+    let mut cache = EvictingCache::new(cfg.n_layers, policy, tight.schedule(ids.len(), 4, 1).unwrap(), CacheKernels::host());
     let mut logits = Vec::new();
     for len in cache.prefill_chunks(ids.len(), 4) {
         let start = cache.tokens_seen();
@@ -351,17 +357,17 @@ fn a_sliding_window_of_one_sees_only_the_token_itself() {
         .flat_map(|&id| {
             to_vec(
                 model
-                    .forward(tokens(&[id]), &mut FullCache::new(cfg.n_layers), Logits::Last)
+                    .forward(tokens(&[id]), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::Last)
                     .unwrap(),
             )
         })
         .collect();
     let all = to_vec(
         model
-            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::All)
+            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::All)
             .unwrap(),
     );
-    let mut cache = FullCache::new(cfg.n_layers);
+    let mut cache = FullCache::new(cfg.n_layers, CacheKernels::host());
     let mut stepwise = to_vec(model.forward(tokens(&ids[..3]), &mut cache, Logits::All).unwrap());
     for &id in &ids[3..] {
         stepwise.extend(to_vec(model.forward(tokens(&[id]), &mut cache, Logits::Last).unwrap()));
@@ -374,7 +380,7 @@ fn a_sliding_window_of_one_sees_only_the_token_itself() {
     let plain = Llama::<Flex>::load(&tiny_config(), &weights, WeightDType::F32, &Default::default()).unwrap();
     let reference = to_vec(
         plain
-            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::All)
+            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::All)
             .unwrap(),
     );
     for (window, same) in [(ids.len(), true), (2, false)] {
@@ -384,7 +390,7 @@ fn a_sliding_window_of_one_sees_only_the_token_itself() {
         };
         let m = Llama::<Flex>::load(&cfg, &weights, WeightDType::F32, &Default::default()).unwrap();
         let got = to_vec(
-            m.forward(tokens(&ids), &mut FullCache::new(cfg.n_layers), Logits::All)
+            m.forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::All)
                 .unwrap(),
         );
         let worst = reference

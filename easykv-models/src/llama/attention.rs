@@ -1,0 +1,270 @@
+//! Grouped-query self-attention with an explicit softmax, whose probabilities the cache sees.
+
+use burn::nn::RmsNorm;
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use easykv_core::{CachedKv, KvCache};
+
+use super::rope::{ChunkAngles, Rope, RopeAngles};
+use crate::backend::BackendProfile;
+use crate::error::Result;
+use crate::gpu_kernels::HeadShape;
+use crate::linear::Linear;
+use crate::ops;
+
+
+/// Grouped-query self-attention with an explicit softmax.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Queries, keys and values stacked into one product (one pass over `x`, one kernel
+    /// instead of three): `[(n_heads + 2·n_kv_heads)·head_dim, hidden]`.
+    pub qkv: Linear<B>,
+    pub o: Linear<B>,
+    pub(super) n_heads: usize,
+    pub(super) n_kv_heads: usize,
+    pub(super) head_dim: usize,
+    /// Positions attention reaches back (the query's own included); 0: the whole context.
+    pub(super) window: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Queries (rotated, attention scale folded in), keys (rotated unless `angles.slots` says
+    /// StreamingLLM rotates them by slot after caching) and values of the stacked projection
+    /// `qkv`.
+    ///
+    /// # Shapes
+    /// - `qkv`: `[batch, s, (n_heads + 2·n_kv_heads)·head_dim]`; `angles`: for the `s` positions
+    /// - returns `[batch, heads, s, head_dim]` with `n_heads`, `n_kv_heads`, `n_kv_heads` heads
+    fn project(
+        &self,
+        p: &BackendProfile,
+        qkv: Tensor<B, 3>,
+        angles: &ChunkAngles<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let heads = HeadShape {
+            q_heads: self.n_heads,
+            kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        };
+        let (q_rows, k_rows) = (&angles.queries.rows, &angles.keys.rows);
+        let keys = angles.slots.is_none().then_some((&k_rows.0, &k_rows.1));
+        // One kernel where there is one (CUDA), instead of copies, rotations and transposes.
+        match ops::split_rope(p, qkv, heads, (&q_rows.0, &q_rows.1), keys) {
+            Ok(qkv) => qkv,
+            Err(qkv) => {
+                let (q, k, v) = self.split_positions_first(qkv, angles);
+                (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2))
+            }
+        }
+    }
+
+    /// [`project`](Self::project) in the projections' own layout, `[batch, s, heads, head_dim]`.
+    pub(super) fn project_positions_first(
+        &self,
+        p: &BackendProfile,
+        x: Tensor<B, 3>,
+        angles: &ChunkAngles<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        self.split_positions_first(self.qkv.forward(p, x), angles)
+    }
+
+    /// The stacked projection `qkv` (`[batch, s, (hq + 2·hkv)·d]`) as q, k, v in the
+    /// projections' layout, rotated as [`project`](Self::project) says.
+    fn split_positions_first(
+        &self,
+        qkv: Tensor<B, 3>,
+        angles: &ChunkAngles<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, s, _] = qkv.dims();
+        let (d, hq, hkv) = (self.head_dim, self.n_heads, self.n_kv_heads);
+        // `h` heads from head `first` of the stacked projection, rotated (where asked) in the
+        // projection's own layout.
+        let heads = |first: usize, h: usize| {
+            qkv.clone()
+                .slice_dim(2, first * d..(first + h) * d)
+                .reshape([b, s, h, d])
+        };
+        let q = Rope::apply(heads(0, hq), &angles.queries);
+        let k = match angles.slots {
+            None => Rope::apply(heads(hq, hkv), &angles.keys),
+            Some(_) => heads(hq, hkv),
+        };
+        let v = heads(hq + hkv, hkv);
+        (q, k, v)
+    }
+
+    /// Appends `k`, `v` to the cache and attends `q` over everything it holds, handing the
+    /// probabilities to the cache when it wants them.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, n_heads, s, head_dim]`; `k`, `v`: `[batch, n_kv_heads, s, head_dim]`
+    /// - `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞), `None` when it
+    ///   hides nothing
+    /// - returns `[batch, n_heads, s, head_dim]`
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend<C: KvCache<B> + ?Sized>(
+        &self,
+        p: &BackendProfile,
+        layer: usize,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        slot_angles: Option<&RopeAngles<B>>,
+        mask: Option<&Tensor<B, 4>>,
+        cache: &mut C,
+    ) -> Result<Tensor<B, 4>> {
+        // Keys and values are cached in the weights' precision (f16 halves the cache).
+        let kv_dtype = self.qkv.weight.val().dtype();
+        let cached = cache.append_in_place(layer, k.cast(kv_dtype), v.cast(kv_dtype))?;
+        self.attend_cached(p, layer, q, &cached, slot_angles, mask, cache)
+    }
+
+    /// [`attend`](Self::attend) once the chunk's keys and values are in the cache (`cached`).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_cached<C: KvCache<B> + ?Sized>(
+        &self,
+        p: &BackendProfile,
+        layer: usize,
+        q: Tensor<B, 4>,
+        cached: &CachedKv<B>,
+        slot_angles: Option<&RopeAngles<B>>,
+        mask: Option<&Tensor<B, 4>>,
+        cache: &mut C,
+    ) -> Result<Tensor<B, 4>> {
+        let [b, _, s, d] = q.dims();
+        let activation = q.dtype();
+        let (hq, hkv) = (self.n_heads, self.n_kv_heads);
+        let g = hq / hkv;
+        // The products run in the cache's precision where the backend is fast at it (and for
+        // single decode steps everywhere: widening the whole cache every step cost flex more
+        // than the f16 products, 20 → 15 tok/s); the softmax and what the cache observes stay
+        // in f32.
+        let kv_dtype = self.qkv.weight.val().dtype();
+        let product = if p.half_products || s == 1 {
+            kv_dtype
+        } else {
+            DType::F32
+        };
+        let n = cached.len;
+        // Kernels read the cache's buffers in place; burn's products need the slots in use
+        // cut out (StreamingLLM: keys are stored unrotated and rotated by their slot index).
+        let in_place = slot_angles.is_none() && product == kv_dtype;
+        // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
+        // repeating K and V.
+        let q = q.reshape([b, hkv, g * s, d]).cast(product);
+        // Nothing to mask and nobody observing: one pass that never writes the scores out.
+        let q = match in_place && mask.is_none() && !cache.wants_attention(layer) && cache.slot_bias(layer).is_none() {
+            true => match ops::decode_attention(p, q, &cached.keys, &cached.values, n) {
+                Ok(out) => return Ok(out.cast(activation).reshape([b, hq, s, d])),
+                Err(q) => q,
+            },
+            false => q,
+        };
+        // The scale 1/√d is already in the queries.
+        let scores = match in_place {
+            true => ops::attention_scores(p, q, &cached.keys, n, true),
+            false => {
+                let keys = cached.used().0;
+                let keys = match slot_angles {
+                    Some(a) => Rope::apply(keys.cast(DType::F32), a).cast(product),
+                    None => keys.cast(product),
+                };
+                ops::attention_scores(p, q, &keys, n, false)
+            }
+        };
+        // Slots the cache evicted but has not compacted away yet.
+        let bias = cache.slot_bias(layer);
+        let (probs, product_probs) = ops::attention_softmax(p, scores, mask, bias.as_ref(), product);
+        if cache.wants_attention(layer) {
+            let grouped = match g {
+                1 => probs,
+                _ => probs.reshape([b, hkv, g, s, n]).mean_dim(2).reshape([b, hkv, s, n]),
+            };
+            cache.observe(layer, grouped)?;
+        }
+        let out = match in_place {
+            true => ops::attention_values(p, product_probs, &cached.values, n, true),
+            false => ops::attention_values(p, product_probs, &cached.used().1.cast(product), n, false),
+        };
+        Ok(out.cast(activation).reshape([b, hq, s, d]))
+    }
+
+    /// `[batch, n_heads, s, head_dim]` → the heads side by side, `[batch, s, n_heads·head_dim]`
+    /// (the output projection's input). A whole one-position output (a decode step) is that
+    /// already; `view`: `out` is a cut of a larger tensor (the last position of a prefill
+    /// chunk), which is copied instead — reshaping such a strided view directly gave wrong
+    /// products on cubecl backends.
+    pub(super) fn merge_heads(out: Tensor<B, 4>, view: bool) -> Tensor<B, 3> {
+        let [b, h, s, d] = out.dims();
+        match s == 1 && !view {
+            true => out.reshape([b, s, h * d]),
+            false => out.swap_dims(1, 2).reshape([b, s, h * d]),
+        }
+    }
+
+    /// Attention of `norm(x)` before the output projection (see [`merge`](Self::merge)).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, s, hidden]`; `mask`: `[batch, kv_heads, group·s, slots]` additive (0 or −∞),
+    ///   `None` when it hides nothing; `scaled`: `x·γ` of `norm` (`x`'s shape) where the product
+    ///   that wrote `x` wrote it too
+    /// - returns `[batch, n_heads, s, head_dim]`
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward<C: KvCache<B> + ?Sized>(
+        &self,
+        p: &BackendProfile,
+        layer: usize,
+        x: Tensor<B, 3>,
+        scaled: Option<Tensor<B, 3>>,
+        norm: &RmsNorm<B>,
+        angles: &ChunkAngles<B>,
+        mask: Option<&Tensor<B, 4>>,
+        cache: &mut C,
+    ) -> Result<Tensor<B, 4>> {
+        let qkv = self.qkv.forward_normed(p, x, scaled, norm);
+        // Where a kernel can, keys and values go straight into the cache's buffers.
+        let qkv = match self.project_into_cache(p, layer, qkv, angles, cache)? {
+            Ok((q, cached)) => return self.attend_cached(p, layer, q, &cached, None, mask, cache),
+            Err(qkv) => qkv,
+        };
+        let (q, k, v) = self.project(p, qkv, angles);
+        self.attend(p, layer, q, k, v, angles.slots.as_ref(), mask, cache)
+    }
+
+    /// Rotated queries of the stacked projection `qkv`, its keys and values written into
+    /// `layer`'s cache buffers by one kernel, and the cache after the append; `qkv` back where
+    /// there is no such kernel (or the cache offers no room, or keys are rotated after caching).
+    #[allow(clippy::type_complexity)]
+    fn project_into_cache<C: KvCache<B> + ?Sized>(
+        &self,
+        p: &BackendProfile,
+        layer: usize,
+        qkv: Tensor<B, 3>,
+        angles: &ChunkAngles<B>,
+        cache: &mut C,
+    ) -> Result<std::result::Result<(Tensor<B, 4>, CachedKv<B>), Tensor<B, 3>>> {
+        let [b, s, _] = qkv.dims();
+        if angles.slots.is_some() || !p.runs(crate::backend::Kernel::SplitRope) {
+            return Ok(Err(qkv));
+        }
+        let (hkv, d) = (self.n_kv_heads, self.head_dim);
+        // The cache keeps the weights' precision (the kernel declines if the projection's differs).
+        let kv_dtype = self.qkv.weight.val().dtype();
+        let Some(room) = cache.reserve_slots(layer, [b, hkv, s, d], kv_dtype, &qkv.device())? else {
+            return Ok(Err(qkv));
+        };
+        let heads = HeadShape {
+            q_heads: self.n_heads,
+            kv_heads: hkv,
+            head_dim: d,
+        };
+        let (q_rows, k_rows) = (&angles.queries.rows, &angles.keys.rows);
+        let buffers = (&room.keys, &room.values);
+        let at = room.len;
+        match ops::split_rope_into(p, qkv, heads, (&q_rows.0, &q_rows.1), (&k_rows.0, &k_rows.1), buffers, at) {
+            Ok(q) => Ok(Ok((q, cache.commit_slots(layer, s)?))),
+            Err(qkv) => Ok(Err(qkv)),
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Building a Llama-family model's modules from named weights.
+
+use burn::module::Param;
+use burn::nn::RmsNorm;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use super::{Attention, DecoderLayer, FeedForward, Llama, Rope};
+use crate::backend::BackendProfile;
+use crate::config::{ModelConfig, RopeLayout};
+use crate::error::{Error, Result};
+use crate::linear::{EmbeddingTable, Linear, WeightDType};
+use crate::weights::WeightSource;
+
+impl<B: Backend> Llama<B> {
+    /// Loads weights named as in GGUF from `source`, laid out for [`Llama::forward`], with
+    /// matrices stored in `dtype`.
+    pub fn load(cfg: &ModelConfig, source: &impl WeightSource, dtype: WeightDType, device: &B::Device) -> Result<Self> {
+        Self::assemble(
+            cfg,
+            &FileParams {
+                cfg,
+                source,
+                dtype,
+                device,
+            },
+            device,
+        )
+    }
+
+    /// Builds every module from `params`, by GGUF tensor name.
+    pub(crate) fn assemble(cfg: &ModelConfig, params: &impl ParamSource<B>, device: &B::Device) -> Result<Self> {
+        cfg.validate()?;
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let embed = params.table("token_embd.weight", cfg.vocab_size, h)?;
+        let lm_head = if params.has("output.weight") {
+            Some(params.table("output.weight", cfg.vocab_size, h)?)
+        } else {
+            None
+        };
+        let norm = params.norm("output_norm.weight", h)?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let name = |t: &str| format!("blk.{i}.{t}");
+            let attn = Attention {
+                qkv: Linear::stacked(vec![
+                    params.linear(&name("attn_q"), cfg.n_heads * d, h, Some(cfg.n_heads))?,
+                    params.linear(&name("attn_k"), cfg.n_kv_heads * d, h, Some(cfg.n_kv_heads))?,
+                    params.linear(&name("attn_v"), cfg.n_kv_heads * d, h, None)?,
+                ]),
+                o: params.linear(&name("attn_output"), h, cfg.n_heads * d, None)?,
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                head_dim: d,
+                window: cfg.sliding_window.unwrap_or(0),
+            };
+            let ffn = FeedForward {
+                gate_up: Linear::stacked(vec![
+                    params.linear(&name("ffn_gate"), cfg.intermediate_size, h, None)?,
+                    params.linear(&name("ffn_up"), cfg.intermediate_size, h, None)?,
+                ]),
+                down: params.linear(&name("ffn_down"), h, cfg.intermediate_size, None)?,
+            };
+            layers.push(DecoderLayer {
+                attn_norm: params.norm(&name("attn_norm.weight"), h)?,
+                attn,
+                ffn_norm: params.norm(&name("ffn_norm.weight"), h)?,
+                ffn,
+            });
+        }
+        let rope = Rope::new(d, cfg.rope_theta, cfg.context_length, device);
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            profile: BackendProfile::detect::<B>(device),
+        })
+    }
+}
+
+/// Makes a model's modules by GGUF tensor name: from a weight file, or at random.
+pub(crate) trait ParamSource<B: Backend> {
+    /// The projection `name` (`blk.N.attn_q`, without `.weight`), `[out, in]`; `rope_heads` is
+    /// set for query and key projections, whose rows RoPE rotates in pairs.
+    fn linear(&self, name: &str, out: usize, inp: usize, rope_heads: Option<usize>) -> Result<Linear<B>>;
+    /// An embedding or output table `[rows, cols]`.
+    fn table(&self, name: &str, rows: usize, cols: usize) -> Result<EmbeddingTable<B>>;
+    fn norm(&self, name: &str, len: usize) -> Result<RmsNorm<B>>;
+    fn has(&self, name: &str) -> bool;
+}
+
+/// Modules from a [`WeightSource`] (a GGUF file).
+struct FileParams<'a, S: WeightSource, B: Backend> {
+    cfg: &'a ModelConfig,
+    source: &'a S,
+    dtype: WeightDType,
+    device: &'a B::Device,
+}
+
+impl<S: WeightSource, B: Backend> ParamSource<B> for FileParams<'_, S, B> {
+    fn linear(&self, name: &str, out: usize, inp: usize, rope_heads: Option<usize>) -> Result<Linear<B>> {
+        let (source, d) = (self.source, self.cfg.head_dim);
+        let mut w = matrix(source, &format!("{name}.weight"), out, inp)?;
+        let bias_name = format!("{name}.bias");
+        let mut bias = if self.cfg.qkv_bias && source.has(&bias_name) {
+            Some(vector(source, &bias_name, out)?)
+        } else {
+            None
+        };
+        if let (Some(heads), RopeLayout::Interleaved) = (rope_heads, self.cfg.rope_layout) {
+            // Reorder each head's rows from interleaved pairs to rotate-half pairs; the same
+            // permutation on Q and K leaves every QKᵀ score unchanged.
+            w = deinterleave_rows(&w, heads, d, inp);
+            bias = bias.map(|b| deinterleave_rows(&b, heads, d, 1));
+        }
+        Ok(Linear::new(w, out, inp, bias, self.dtype, self.device))
+    }
+
+    fn table(&self, name: &str, rows: usize, cols: usize) -> Result<EmbeddingTable<B>> {
+        let w = matrix(self.source, name, rows, cols)?;
+        Ok(EmbeddingTable::new(w, rows, cols, self.dtype, self.device))
+    }
+
+    fn norm(&self, name: &str, len: usize) -> Result<RmsNorm<B>> {
+        rms_norm(self.source, name, len, self.cfg.rms_eps, self.device)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.source.has(name)
+    }
+}
+
+fn matrix(source: &impl WeightSource, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let (data, dims) = source.tensor(name)?;
+    let flat: usize = dims.iter().product();
+    if flat != rows * cols || data.len() != flat {
+        return Err(Error::TensorShape {
+            name: name.into(),
+            found: dims,
+            expected: vec![rows, cols],
+        });
+    }
+    Ok(data)
+}
+
+fn vector(source: &impl WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
+    matrix(source, name, 1, len)
+}
+
+/// Within each head, rows `0,2,4,…` then `1,3,5,…`: interleaved RoPE pairs → rotate-half pairs.
+pub(crate) fn deinterleave_rows(w: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(w.len());
+    let half = head_dim / 2;
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let r = h * head_dim + 2 * i + j;
+                out.extend_from_slice(&w[r * cols..(r + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn rms_norm<B: Backend>(
+    source: &impl WeightSource,
+    name: &str,
+    len: usize,
+    eps: f32,
+    device: &B::Device,
+) -> Result<RmsNorm<B>> {
+    let gamma = vector(source, name, len)?;
+    Ok(RmsNorm {
+        gamma: Param::from_tensor(Tensor::from_data(TensorData::new(gamma, [len]), device)),
+        epsilon: eps as f64,
+    })
+}
+

@@ -1,0 +1,150 @@
+//! Attention's operations: splitting and rotating the stacked projection (writing keys and
+//! values into the cache where a kernel can), scores, softmax and values.
+
+// Arguments only kernels read are unused where the kernels are compiled out.
+#![cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use super::cube;
+use crate::backend::{BackendProfile, Kernel};
+use crate::gpu_kernels::HeadShape;
+
+/// `cos` and `sin` rows (`[s, head_dim]`) of a chunk's positions.
+pub type AngleRows<'a, B> = (&'a Tensor<B, 2>, &'a Tensor<B, 2>);
+
+/// The stacked projection `qkv` split into rotated queries, (rotated unless `keys` is `None`)
+/// keys and values, heads first, by one kernel; `qkv` back where none runs (the caller then
+/// splits and rotates by tensor operations).
+///
+/// # Shapes
+/// - `qkv`: `[batch, s, (hq + 2·hkv)·d]` → `[batch, heads, s, d]` with hq, hkv, hkv heads
+#[allow(clippy::type_complexity)]
+pub fn split_rope<B: Backend>(
+    p: &BackendProfile,
+    qkv: Tensor<B, 3>,
+    heads: HeadShape,
+    queries: AngleRows<'_, B>,
+    keys: Option<AngleRows<'_, B>>,
+) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 3>> {
+    cube!(p, Kernel::SplitRope, qkv => crate::gpu_kernels::launch::split_rope(qkv, heads, queries, keys))
+}
+
+/// [`split_rope`] writing keys and values straight into a cache's buffers (`[batch, hkv,
+/// capacity, d]`) at slots `at..at + s`: the rotated queries; `qkv` back where no kernel runs.
+pub fn split_rope_into<B: Backend>(
+    p: &BackendProfile,
+    qkv: Tensor<B, 3>,
+    heads: HeadShape,
+    queries: AngleRows<'_, B>,
+    keys: AngleRows<'_, B>,
+    cache: (&Tensor<B, 4>, &Tensor<B, 4>),
+    at: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 3>> {
+    cube!(p, Kernel::SplitRope, qkv => crate::gpu_kernels::launch::split_rope_into(qkv, heads, queries, keys, cache, at))
+}
+
+/// `softmax(q·keysᵀ)·values` over the first `slots` slots of a cache's buffers, read in place
+/// and never writing the scores out (for steps nobody observes); `q` back where no kernel runs.
+///
+/// # Shapes
+/// - `q`: `[batch, kv_heads, rows, d]`; `keys`, `values`: `[batch, kv_heads, capacity, d]`
+///   → `[batch, kv_heads, rows, d]` in `q`'s dtype
+pub fn decode_attention<B: Backend>(
+    p: &BackendProfile,
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    slots: usize,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    cube!(p, Kernel::Attention, q => crate::gpu_kernels::launch::decode_attention(q, keys, values, slots))
+}
+
+/// Attention scores `q·keysᵀ` over the first `slots` slots of `keys`.
+///
+/// `buffers`: `keys` are the cache's buffers (`[batch, kv_heads, capacity, d]`, `slots` of
+/// them in use), which kernels read in place; otherwise `keys` holds exactly the slots. On
+/// GPUs an attention kernel, else an exact-f32 product (burn's run f32 as TF32), else burn's.
+///
+/// # Shapes
+/// - `q`: `[batch, kv_heads, rows, d]` → `[batch, kv_heads, rows, slots]`
+pub fn attention_scores<B: Backend>(
+    p: &BackendProfile,
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    slots: usize,
+    buffers: bool,
+) -> Tensor<B, 4> {
+    let q = match buffers {
+        true => cube!(p, Kernel::Attention, q => crate::gpu_kernels::launch::attention_scores(q, keys, slots))
+            .or_else(|q| cube!(p, Kernel::Matmul, q => crate::gpu_kernels::launch::matmul_f32(q, keys, true, slots))),
+        false => Err(q),
+    };
+    q.unwrap_or_else(|q| {
+        let keys = match keys.dims()[2] == slots {
+            true => keys.clone(),
+            false => keys.clone().slice_dim(2, 0..slots),
+        };
+        q.matmul(keys.swap_dims(2, 3))
+    })
+}
+
+/// Attention values `probs·values` over the first `slots` slots of `values` (`buffers` as for
+/// [`attention_scores`]).
+///
+/// # Shapes
+/// - `probs`: `[batch, kv_heads, rows, slots]` → `[batch, kv_heads, rows, d]`
+pub fn attention_values<B: Backend>(
+    p: &BackendProfile,
+    probs: Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    slots: usize,
+    buffers: bool,
+) -> Tensor<B, 4> {
+    let d = values.dims()[3];
+    let probs = match buffers {
+        true => cube!(p, Kernel::Attention, probs => crate::gpu_kernels::launch::attention_values(probs, values, slots, &p.tuning))
+            .or_else(|probs| cube!(p, Kernel::Matmul, probs => crate::gpu_kernels::launch::matmul_f32(probs, values, false, d))),
+        false => Err(probs),
+    };
+    probs.unwrap_or_else(|probs| {
+        let values = match values.dims()[2] == slots {
+            true => values.clone(),
+            false => values.clone().slice_dim(2, 0..slots),
+        };
+        probs.matmul(values)
+    })
+}
+
+/// Softmax over the slots of attention `scores` plus the additive `mask` (the scores' shape)
+/// and slot `bias` (`[batch, kv_heads, 1, slots]`, repeated over the rows): the probabilities
+/// in f32 (what the cache observes) and in `product` (what multiplies the values).
+///
+/// # Shapes
+/// - `scores`: `[batch, kv_heads, rows, slots]` → twice the same
+pub fn attention_softmax<B: Backend>(
+    p: &BackendProfile,
+    scores: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4>>,
+    bias: Option<&Tensor<B, 4>>,
+    product: DType,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let scores = match cube!(p, Kernel::Softmax, scores => crate::gpu_kernels::launch::softmax_rows(scores, mask, bias, product)) {
+        Ok(probs) => return probs,
+        Err(scores) => scores.cast(DType::F32),
+    };
+    let rows = scores.dims()[2];
+    // The mask has the scores' full shape: flex adds equal shapes far faster than it broadcasts.
+    let scores = match mask {
+        Some(m) => scores + m.clone(),
+        None => scores,
+    };
+    let scores = match bias {
+        // Repeated to the scores' shape: flex adds equal shapes ~30× faster than it broadcasts.
+        Some(bias) => scores + bias.clone().repeat_dim(2, rows),
+        None => scores,
+    };
+    let probs = super::softmax_last(p, scores);
+    (probs.clone(), probs.cast(product))
+}

@@ -1,0 +1,12 @@
+//! Where weights come from, as the model loaders see it.
+
+use crate::error::Result;
+
+/// Where weights come from: a GGUF file, a safetensors directory, or a random generator.
+///
+/// Names follow GGUF (`blk.3.attn_q.weight`); matrices are returned row-major as
+/// `[out_features, in_features]`, vectors as `[len]`.
+pub trait WeightSource {
+    fn tensor(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)>;
+    fn has(&self, name: &str) -> bool;
+}
