@@ -4,23 +4,22 @@
 //! Cells are saved as they finish (written to a temporary file, then renamed), so an
 //! interrupted run resumes where it stopped; `--force` recomputes.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use burn::prelude::Backend;
 use clap::Args;
-use easykv_core::{Budget, EvictionConfig, Mode};
-use easykv_models::eval::{self, metrics, tasks};
-use easykv_models::{build_cache, fetch, generate, score, ChatMessage, GenerateConfig, LoadedModel, SamplingConfig};
+use easykv_core::{Budget, Mode};
+use easykv_models::eval::{self, main_metrics, run_matrix, to_csv, EvalSettings, Results, TASKS};
+use easykv_models::fetch;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
 use crate::backend::with_backend;
 use crate::common::{CliError, CliResult, ModelArgs, PolicyName};
 
-const TASKS: &[&str] = &["ppl", "passkey", "niah", "fidelity", "suite"];
+/// The library's tasks, and `suite` (all of them).
+fn task_names() -> Vec<&'static str> {
+    TASKS.iter().copied().chain(["suite"]).collect()
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -71,71 +70,6 @@ pub struct EvalArgs {
     pub force: bool,
 }
 
-/// What a run was asked to do: results are resumed only under identical settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct Settings {
-    tasks: Vec<String>,
-    model: String,
-    dtype: String,
-    policies: Vec<String>,
-    budgets: Vec<String>,
-    mode: String,
-    stride: usize,
-    samples: usize,
-    lengths: Vec<usize>,
-    depths: Vec<f64>,
-    ppl_tokens: usize,
-    new_tokens: usize,
-    text_file: Option<String>,
-    seed: u64,
-}
-
-/// One measured cell: a task sample under one policy and budget.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Cell {
-    task: String,
-    sample: String,
-    policy: String,
-    budget: String,
-    metrics: BTreeMap<String, f64>,
-    /// Full-cache outputs, kept as the fidelity reference.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    output: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    ids: Option<Vec<u32>>,
-    seconds: f64,
-}
-
-impl Cell {
-    fn key(&self) -> String {
-        format!("{}|{}|{}|{}", self.task, self.sample, self.policy, self.budget)
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Results {
-    easykv_version: String,
-    model_sha256: String,
-    settings: Settings,
-    cells: Vec<Cell>,
-}
-
-/// One sample of a task: its prompt (or text) and what scores it.
-#[derive(Debug, Clone)]
-enum Sample {
-    Perplexity {
-        ids: Vec<u32>,
-    },
-    Retrieval {
-        ids: Vec<u32>,
-        answer: String,
-        needle: String,
-    },
-    Fidelity {
-        ids: Vec<u32>,
-    },
-}
-
 pub fn run(args: EvalArgs) -> CliResult {
     let settings = validate(&args)?;
     let device = args.model.device.clone();
@@ -143,19 +77,17 @@ pub fn run(args: EvalArgs) -> CliResult {
 }
 
 /// Checks every flag before a model is loaded.
-fn validate(args: &EvalArgs) -> CliResult<Settings> {
-    if !TASKS.contains(&args.task.as_str()) {
+fn validate(args: &EvalArgs) -> CliResult<EvalSettings> {
+    if !task_names().contains(&args.task.as_str()) {
         return Err(CliError(format!(
             "unknown task '{}' (valid: {})",
             args.task,
-            TASKS.join(", ")
+            task_names().join(", ")
         )));
     }
     let mut args = args.clone();
     let tasks: Vec<String> = match (args.task.as_str(), args.preset.as_deref()) {
-        ("suite", None | Some("quick") | Some("full")) => {
-            ["ppl", "passkey", "niah", "fidelity"].map(String::from).to_vec()
-        }
+        ("suite", None | Some("quick") | Some("full")) => TASKS.iter().map(|t| t.to_string()).collect(),
         ("suite", Some(p)) => return Err(CliError(format!("unknown suite preset '{p}' (valid: quick, full)"))),
         (_, Some(p)) => {
             return Err(CliError(format!(
@@ -193,7 +125,7 @@ fn validate(args: &EvalArgs) -> CliResult<Settings> {
     let probe = args.out.join(".easykv-write-test");
     std::fs::write(&probe, b"").map_err(|e| CliError(format!("{} is not writable: {e}", args.out.display())))?;
     let _ = std::fs::remove_file(probe);
-    Ok(Settings {
+    Ok(EvalSettings {
         tasks,
         model: args.model.model.clone(),
         dtype: format!("{:?}", args.model.dtype).to_lowercase(),
@@ -229,81 +161,38 @@ fn apply_preset(args: &mut EvalArgs) {
     }
 }
 
-fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: Settings) -> CliResult {
+fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: EvalSettings) -> CliResult {
     let results_path = args.out.join("results.json");
     let loaded = args.model.load::<B>(device)?;
     let model_sha256 = fetch::sha256_file(&loaded.path)?;
-    let mut done: Vec<Cell> = Vec::new();
-    if results_path.is_file() && !args.force {
-        let text =
-            std::fs::read_to_string(&results_path).map_err(|e| CliError(format!("{}: {e}", results_path.display())))?;
-        let previous: Results = serde_json::from_str(&text).map_err(|e| {
-            CliError(format!(
-                "{}: not an easykv results file ({e}); use --force",
-                results_path.display()
-            ))
-        })?;
-        if previous.settings != settings || previous.model_sha256 != model_sha256 {
-            return Err(CliError(format!(
-                "{} holds results of other settings; use --force to replace them or choose another --out",
-                results_path.display()
-            )));
-        }
-        done = previous.cells;
-        args.model.log(&format!("resuming: {} finished cells kept", done.len()));
+    let mut results = Results::open(&results_path, &settings, &model_sha256, args.force)?;
+    if !results.cells.is_empty() {
+        args.model.log(&format!("resuming: {} finished cells kept", results.cells.len()));
     }
-    let mut results = Results {
-        easykv_version: env!("CARGO_PKG_VERSION").into(),
-        model_sha256,
-        settings: settings.clone(),
-        cells: done,
-    };
-    let samples = build_samples(&loaded, args, &settings)?;
-    let mut policies: Vec<&str> = vec!["full"];
-    policies.extend(settings.policies.iter().map(String::as_str).filter(|p| *p != "full"));
-    let mut todo = Vec::new();
-    for (task, name, sample) in &samples {
-        for &policy in &policies {
-            let budgets: Vec<&str> = if policy == "full" {
-                vec!["-"]
-            } else {
-                settings.budgets.iter().map(String::as_str).collect()
-            };
-            for budget in budgets {
-                let key = format!("{task}|{name}|{policy}|{budget}");
-                if !results.cells.iter().any(|c| c.key() == key) {
-                    todo.push((task.clone(), name.clone(), sample, policy, budget));
-                }
-            }
+    let quiet = args.model.quiet;
+    let samples = eval::matrix::build_samples(&loaded, &settings, &mut |m| {
+        if !quiet {
+            eprintln!("{m}")
         }
-    }
-    let bar = if args.model.quiet {
+    })?;
+    let pending = eval::matrix::pending_cells(&settings, &samples, &results).len();
+    let bar = if quiet {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(todo.len() as u64)
+        ProgressBar::new(pending as u64)
     };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} cells, {elapsed} elapsed, ETA {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    for (task, name, sample, policy, budget) in todo {
+    run_matrix(&loaded, &samples, &mut results, &mut |results, (task, _, _, policy, budget)| {
         bar.set_message(format!("{task} {policy} {budget}"));
-        let t = Instant::now();
-        let reference = results
-            .cells
-            .iter()
-            .find(|c| c.task == task && c.sample == name && c.policy == "full")
-            .cloned();
-        let mut cell = run_cell(&loaded, &settings, sample, policy, budget, reference.as_ref())?;
-        cell.task = task;
-        cell.sample = name;
-        cell.seconds = t.elapsed().as_secs_f64();
-        results.cells.push(cell);
-        write_atomic(&results_path, &to_json(&results)?)?;
         bar.inc(1);
-    }
+        results.save(&results_path)
+    })?;
     bar.finish_and_clear();
-    write_atomic(&results_path, &to_json(&results)?)?;
+    results.save(&results_path)?;
+    let policies = settings.policies_with_full();
     write_atomic(&args.out.join("results.csv"), &to_csv(&results))?;
     let md = to_markdown(&results, &policies, &settings.budgets, &loaded.name);
     write_atomic(&args.out.join("results.md"), &md)?;
@@ -314,255 +203,9 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: Settings) -
     Ok(())
 }
 
-/// Every (task, sample name, sample) the settings ask for.
-fn build_samples<B: Backend>(
-    loaded: &LoadedModel<B>,
-    args: &EvalArgs,
-    settings: &Settings,
-) -> CliResult<Vec<(String, String, Sample)>> {
-    let tok = &loaded.tokenizer;
-    let needs_text = settings.tasks.iter().any(|t| t != "passkey");
-    let texts: Vec<(String, String)> = match (&args.text_file, needs_text) {
-        (_, false) => Vec::new(),
-        (Some(f), true) => {
-            let text = std::fs::read_to_string(f).map_err(|e| CliError(format!("{}: {e}", f.display())))?;
-            vec![(f.display().to_string(), text)]
-        }
-        (None, true) => {
-            let quiet = args.model.quiet;
-            let corpus = eval::fetch_corpus(&fetch::easykv_home(), &mut |m| {
-                if !quiet {
-                    eprintln!("{m}")
-                }
-            })?;
-            ["paradise_lost", "tempest", "hamlet", "macbeth", "lear"]
-                .iter()
-                .map(|n| Ok((n.to_string(), corpus.text(n)?)))
-                .collect::<CliResult<_>>()?
-        }
-    };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(settings.seed);
-    let mut out = Vec::new();
-    for task in &settings.tasks {
-        match task.as_str() {
-            "ppl" => {
-                let (name, text) = &texts[0];
-                let ids: Vec<u32> = tok.encode(text)?.into_iter().take(settings.ppl_tokens).collect();
-                if ids.len() < 16 {
-                    return Err(CliError(format!("{name}: too little text to score")));
-                }
-                out.push((
-                    task.clone(),
-                    format!("{name} {} tokens", ids.len()),
-                    Sample::Perplexity { ids },
-                ));
-            }
-            "passkey" | "niah" => {
-                for &len in &settings.lengths {
-                    for &depth in &settings.depths {
-                        for i in 0..settings.samples {
-                            let p = if task == "passkey" {
-                                tasks::passkey_prompt(tok, rng.random_range(10_000..100_000), len, depth)?
-                            } else {
-                                // A different play for each sample.
-                                let (_, text) = &texts[(i % (texts.len().max(2) - 1)) + usize::from(texts.len() > 1)];
-                                tasks::niah_prompt(tok, text, len, depth)?
-                            };
-                            let ids = tok.encode(&p.text)?;
-                            out.push((
-                                task.clone(),
-                                format!("len {len} depth {depth} #{i}"),
-                                Sample::Retrieval {
-                                    ids,
-                                    answer: p.answer,
-                                    needle: p.needle,
-                                },
-                            ));
-                        }
-                    }
-                }
-            }
-            "fidelity" => {
-                for &len in &settings.lengths {
-                    for i in 0..settings.samples {
-                        let (name, text) = &texts[(i + 1) % texts.len()];
-                        for (kind, ids) in fidelity_prompts(loaded, text, len)? {
-                            out.push((
-                                task.clone(),
-                                format!("{kind} {name} len {len}"),
-                                Sample::Fidelity { ids },
-                            ));
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
-}
-
-/// Summarize, answer and continue prompts over a document of about `len` tokens.
-fn fidelity_prompts<B: Backend>(
-    loaded: &LoadedModel<B>,
-    text: &str,
-    len: usize,
-) -> CliResult<Vec<(&'static str, Vec<u32>)>> {
-    let tok = &loaded.tokenizer;
-    let all = tok.encode(text)?;
-    // Skip the title page; take the document from a quarter of the way in.
-    let start = (all.len() / 4).min(all.len().saturating_sub(len));
-    let doc_ids = &all[start..(start + len).min(all.len())];
-    let doc = tok.decode(doc_ids, true)?;
-    let mut prompts = vec![("continue", doc_ids.to_vec())];
-    if let Some(template) = &loaded.chat_template {
-        for (kind, instruction) in [
-            ("summarize", "Summarize the text above in a few sentences."),
-            (
-                "question",
-                "Which characters speak in the text above, and what do they want?",
-            ),
-        ] {
-            let user = format!("{doc}\n\n{instruction}");
-            let rendered = template.render(&[ChatMessage::new("user", &user)], true)?;
-            prompts.push((kind, tok.encode(&rendered)?));
-        }
-    }
-    Ok(prompts)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_cell<B: Backend>(
-    loaded: &LoadedModel<B>,
-    settings: &Settings,
-    sample: &Sample,
-    policy: &str,
-    budget: &str,
-    reference: Option<&Cell>,
-) -> CliResult<Cell> {
-    let eviction = EvictionConfig {
-        budget: if budget == "-" {
-            Budget::Ratio(0.5)
-        } else {
-            budget.parse()?
-        },
-        mode: settings.mode.parse()?,
-        stride: settings.stride,
-        seed: settings.seed,
-        ..Default::default()
-    };
-    let chunk = 512;
-    let (prompt_len, new_tokens) = match sample {
-        Sample::Perplexity { ids } => (ids.len() - 1, 0),
-        Sample::Retrieval { ids, .. } => (ids.len(), 12),
-        Sample::Fidelity { ids } => (ids.len(), settings.new_tokens),
-    };
-    let profile = loaded.model.profile();
-    let mut cache = build_cache::<B>(policy, &eviction, &loaded.config, profile, loaded.dtype, prompt_len, chunk)?;
-    let mut metrics = BTreeMap::new();
-    let mut cell = Cell {
-        task: String::new(),
-        sample: String::new(),
-        policy: policy.into(),
-        budget: budget.into(),
-        metrics: BTreeMap::new(),
-        output: None,
-        ids: None,
-        seconds: 0.0,
-    };
-    let mut decode = |ids: &[u32]| -> CliResult<(Vec<u32>, String)> {
-        let cfg = GenerateConfig {
-            max_new_tokens: new_tokens,
-            chunk_size: chunk,
-            sampling: SamplingConfig::default(),
-            stop_ids: loaded.tokenizer.stop_ids.clone(),
-            top_logprobs: 0,
-        };
-        let g = generate(&loaded.model, cache.as_mut(), ids, &cfg, |_| {
-            std::ops::ControlFlow::Continue(())
-        })?;
-        let text = loaded.tokenizer.decode(&g.ids, true)?;
-        Ok((g.ids, text))
-    };
-    match sample {
-        Sample::Perplexity { ids } => {
-            let s = score(&loaded.model, cache.as_mut(), ids, chunk)?;
-            metrics.insert("perplexity".into(), s.perplexity);
-            metrics.insert("mean_nll".into(), s.mean_nll);
-        }
-        Sample::Retrieval { ids, answer, needle } => {
-            let (_, text) = decode(ids)?;
-            metrics.insert("found".into(), f64::from(u8::from(tasks::answer_found(&text, answer))));
-            metrics.insert("rouge_l_recall".into(), metrics::rouge_l(&text, needle).recall);
-            cell.output = Some(text);
-        }
-        Sample::Fidelity { ids } => {
-            let (out_ids, text) = decode(ids)?;
-            if policy == "full" {
-                cell.ids = Some(out_ids);
-            } else {
-                let reference =
-                    reference.ok_or_else(|| CliError("internal: the full-cache reference is missing".into()))?;
-                let ref_text = reference.output.clone().unwrap_or_default();
-                let ref_ids = reference.ids.clone().unwrap_or_default();
-                let r = metrics::rouge_l(&text, &ref_text);
-                metrics.insert("rouge_l_f1".into(), r.f1);
-                metrics.insert("bleu".into(), metrics::bleu(&text, &ref_text));
-                metrics.insert(
-                    "exact_match".into(),
-                    f64::from(u8::from(metrics::exact_match(&text, &ref_text))),
-                );
-                let diverge = metrics::first_divergence(&out_ids, &ref_ids).unwrap_or(out_ids.len().max(ref_ids.len()));
-                metrics.insert("first_divergence".into(), diverge as f64);
-            }
-            cell.output = Some(text);
-        }
-    }
-    cell.metrics = metrics;
-    Ok(cell)
-}
-
-fn to_json(results: &Results) -> CliResult<String> {
-    serde_json::to_string_pretty(results).map_err(|e| CliError(e.to_string()))
-}
-
 /// Writes `text` next to `path` and renames it into place: a reader never sees half a file.
 fn write_atomic(path: &Path, text: &str) -> CliResult {
     Ok(easykv_models::atomic::write_atomic(path, text)?)
-}
-
-fn to_csv(results: &Results) -> String {
-    let mut s = String::from("task,sample,policy,budget,metric,value\n");
-    for c in &results.cells {
-        for (m, v) in &c.metrics {
-            s.push_str(&format!(
-                "{},\"{}\",{},{},{m},{v}\n",
-                c.task, c.sample, c.policy, c.budget
-            ));
-        }
-    }
-    s
-}
-
-/// The metric each task's main table shows, and how to print it.
-fn main_metrics(task: &str) -> &'static [&'static str] {
-    match task {
-        "ppl" => &["perplexity"],
-        "passkey" => &["found"],
-        "niah" => &["found", "rouge_l_recall"],
-        _ => &["rouge_l_f1", "bleu", "exact_match", "first_divergence"],
-    }
-}
-
-/// The mean of `metric` over the samples of one (task, policy, budget), if any were measured.
-fn cell_mean(results: &Results, task: &str, metric: &str, policy: &str, budget: &str) -> Option<f64> {
-    let v: Vec<f64> = results
-        .cells
-        .iter()
-        .filter(|c| c.task == task && c.policy == policy && c.budget == budget)
-        .filter_map(|c| c.metrics.get(metric).copied())
-        .collect();
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
 /// One table per task and metric: rows policies, columns budgets, cells means over samples.
@@ -574,7 +217,7 @@ fn to_markdown(results: &Results, policies: &[&str], budgets: &[String], model: 
     );
     for task in &s.tasks {
         for metric in main_metrics(task) {
-            let mean = |policy: &str, budget: &str| cell_mean(results, task, metric, policy, budget);
+            let mean = |policy: &str, budget: &str| results.mean(task, metric, policy, budget);
             if policies.iter().all(|p| budgets.iter().all(|b| mean(p, b).is_none())) && mean("full", "-").is_none() {
                 continue;
             }
@@ -613,7 +256,7 @@ fn plot(results: &Results, policies: &[&str], budgets: &[String], out: &Path) ->
     let mut files = Vec::new();
     for task in &results.settings.tasks {
         for metric in main_metrics(task) {
-            let mean = |policy: &str, budget: &str| cell_mean(results, task, metric, policy, budget);
+            let mean = |policy: &str, budget: &str| results.mean(task, metric, policy, budget);
             let lines: Vec<(&str, Vec<(f64, f64)>)> = policies
                 .iter()
                 .filter(|p| **p != "full")

@@ -1,10 +1,12 @@
-//! What `easykv eval` measures: scorers, prompt builders for the retrieval tasks, and the
-//! public-domain text they run on.
+//! What `easykv eval` measures: scorers, prompt builders for the retrieval tasks, the
+//! public-domain text they run on, and the policies × budgets matrix that runs them.
 
 pub mod corpus;
+pub mod matrix;
 pub mod metrics;
 pub mod tasks;
 
 pub use corpus::{fetch_corpus, Corpus};
 pub use metrics::{bleu, exact_match, first_divergence, rouge_l, RougeL};
-pub use tasks::{niah_prompt, passkey_prompt, RetrievalPrompt, NEEDLE_ANSWER};
+pub use matrix::{main_metrics, run_matrix, to_csv, Cell, EvalSettings, Results, Sample, TASKS};
+pub use tasks::{answer_found, niah_prompt, passkey_prompt, RetrievalPrompt, NEEDLE_ANSWER};
