@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# easykv on a GPU machine, by named configuration (docs/gpu.md says how to build and carry the
+# binary). Run from the repository root on the device:
+#
+#   scripts/gpu.sh table     the Llama-2-7B-shape table: full cache, roco and h2o at 0.5 and 0.25
+#   scripts/gpu.sh compare   rows of the table, this binary and a baseline binary alternating
+#                            (ROWS picks them; default "full roco50")
+#   scripts/gpu.sh check     every fused kernel against host references (easykv check-kernels)
+#   scripts/gpu.sh time      the decode kernels timed at 7B shapes (check-kernels --time)
+#   scripts/gpu.sh smollm2   SmolLM2 against the HF and EasyKV references (f32 chat and
+#                            summarize, f16 chat)
+#   scripts/gpu.sh hf        HF transformers with a static cache (bench/hf_baseline.py)
+#   scripts/gpu.sh trace     where a roco 0.25 run's prefill chunks and decode steps go
+#
+# Several names run in order: `scripts/gpu.sh check table`.
+#
+# Files (git-ignored, under .gpu/): easykv.xz (the binary, `--features cuda`), easykv-base.xz
+# (compare's baseline), kernels.tar.xz (a kernel cache of the same kernels' source, optional),
+# smollm2.gguf and smollm2-135m-q4_1.json (smollm2). Environment: DEV (default cuda),
+# BENCH_TIMEOUT (seconds per row), EXTRA (flags for every row, e.g. "--gemv 8,0,2"), OUT (where
+# outputs are copied; none when unset).
+set -u
+cd "$(dirname "$0")/.."
+export EASYKV_HOME=${EASYKV_HOME:-/tmp/easykv-home}
+OUT=${OUT:-}
+unpack() { # unpack NAME: .gpu/NAME.xz → /tmp/NAME
+  [ -x "/tmp/$1" ] || { xz -dc ".gpu/$1.xz" > "/tmp/$1" && chmod +x "/tmp/$1"; }
+}
+unpack easykv
+if [ -f .gpu/kernels.tar.xz ] && [ ! -d "$EASYKV_HOME/kernels" ]; then
+  mkdir -p "$EASYKV_HOME" && tar -C "$EASYKV_HOME" -xJf .gpu/kernels.tar.xz
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+# The table's rows: name, then flags.
+declare -A ROW=(
+  [full]=""
+  [roco50]="--policy roco --budget 0.5 --stride 64"
+  [h2o50]="--policy h2o --budget 0.5 --stride 64"
+  [roco25]="--policy roco --budget 0.25 --stride 64"
+  [h2o25]="--policy h2o --budget 0.25 --stride 64"
+)
+
+# bench BINARY TAG ROW: one row in its own process, peak device memory sampled every 50 ms.
+bench() {
+  local bin=$1 tag=$2 row=$3
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "/tmp/mem.$tag" &
+  local smi=$!
+  # shellcheck disable=SC2086 # flags are word lists
+  timeout "${BENCH_TIMEOUT:-200}" "$bin" bench --device "${DEV:-cuda}" --random-weights llama2-7b --dtype f16 \
+    --prompt-tokens 4096 --new-tokens 256 --chunk-size 4096 --repeat 1 --json ${ROW[$row]} ${EXTRA:-} \
+    > "/tmp/out.$tag" 2> "/tmp/err.$tag"
+  local rc=$?
+  kill "$smi"; wait "$smi" 2>/dev/null
+  python3 - "$tag" "$rc" "$(sort -n "/tmp/mem.$tag" | tail -1)" <<'EOF'
+import json, sys
+tag, rc, peak = sys.argv[1:]
+try:
+    d = json.load(open(f"/tmp/out.{tag}"))
+    prefill = d["prompt_tokens"] / d["prefill_tokens_per_second"]
+    print(f"{tag:<16} rc={rc} prefill {prefill:.3f} s  decode {d['decode_tokens_per_second']:.1f} tok/s  "
+          f"KV {d['kv_cache_bytes'] / 1e9:.2f} GB  peak {int(peak) / 1024:.1f} GiB")
+except Exception as e:
+    print(f"{tag:<16} rc={rc} no result ({e}); stderr:")
+    print(open(f"/tmp/err.{tag}").read()[-600:])
+EOF
+  [ -n "$OUT" ] && cp "/tmp/out.$tag" "$OUT/" 2>/dev/null
+  return 0
+}
+
+for config in "$@"; do
+  echo "== $config"
+  case $config in
+    table)
+      for row in full roco50 h2o50 roco25 h2o25; do bench /tmp/easykv "$row" "$row"; done ;;
+    compare)
+      unpack easykv-base
+      # Alternating A B A B per row: drift of the machine hits both binaries alike.
+      for row in ${ROWS:-full roco50}; do
+        for round in 1 2; do
+          bench /tmp/easykv-base "base.$row.$round" "$row"
+          bench /tmp/easykv "new.$row.$round" "$row"
+        done
+      done ;;
+    check)
+      timeout 300 /tmp/easykv check-kernels --device "${DEV:-cuda}" 2>&1 | cut -c1-300 | grep -vE "^\s+[0-9]" ;;
+    time)
+      timeout 300 /tmp/easykv check-kernels --device "${DEV:-cuda}" --time --dtype f16 --slots 1088,2112 ;;
+    smollm2)
+      V="python3 scripts/verify_device.py /tmp/easykv"
+      R="--model .gpu/smollm2.gguf --reference .gpu/smollm2-135m-q4_1.json"
+      # shellcheck disable=SC2086
+      {
+        timeout 200 $V "${DEV:-cuda}" $R --checks chat | tail -8
+        timeout 300 $V "${DEV:-cuda}" $R --checks summarize | tail -6
+        timeout 200 $V "${DEV:-cuda}" $R --dtype f16 --tolerance 5e-2 --checks chat | tail -8
+      } ;;
+    hf)
+      timeout 400 python3 bench/hf_baseline.py | tail -8 ;;
+    trace)
+      RUST_LOG=easykv::chunks=debug timeout 200 /tmp/easykv bench --device "${DEV:-cuda}" --random-weights llama2-7b \
+        --dtype f16 --prompt-tokens 4096 --new-tokens 24 --chunk-size 4096 --repeat 1 --policy roco --budget 0.25 \
+        --stride 64 2>&1 | grep -E "chunk" | tail -8 ;;
+    *)
+      echo "unknown configuration '$config' (table, compare, check, time, smollm2, hf, trace)"; exit 2 ;;
+  esac
+done
+if [ -n "$OUT" ] && [ -d "$EASYKV_HOME/kernels" ]; then tar -C "$EASYKV_HOME" -cJf "$OUT/kernels.tar.xz" kernels; fi
