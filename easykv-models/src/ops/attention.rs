@@ -81,13 +81,7 @@ pub fn attention_scores<B: Backend>(
             .or_else(|q| cube!(p, Kernel::Matmul, q => crate::gpu_kernels::launch::matmul_f32(q, keys, true, slots))),
         false => Err(q),
     };
-    q.unwrap_or_else(|q| {
-        let keys = match keys.dims()[2] == slots {
-            true => keys.clone(),
-            false => keys.clone().slice_dim(2, 0..slots),
-        };
-        q.matmul(keys.swap_dims(2, 3))
-    })
+    q.unwrap_or_else(|q| q.matmul(first_slots(keys, slots).swap_dims(2, 3)))
 }
 
 /// Attention values `probs·values` over the first `slots` slots of `values` (`buffers` as for
@@ -108,13 +102,15 @@ pub fn attention_values<B: Backend>(
             .or_else(|probs| cube!(p, Kernel::Matmul, probs => crate::gpu_kernels::launch::matmul_f32(probs, values, false, d))),
         false => Err(probs),
     };
-    probs.unwrap_or_else(|probs| {
-        let values = match values.dims()[2] == slots {
-            true => values.clone(),
-            false => values.clone().slice_dim(2, 0..slots),
-        };
-        probs.matmul(values)
-    })
+    probs.unwrap_or_else(|probs| probs.matmul(first_slots(values, slots)))
+}
+
+/// The first `slots` slots of a cache buffer `[batch, heads, capacity, d]` (itself when full).
+fn first_slots<B: Backend>(t: &Tensor<B, 4>, slots: usize) -> Tensor<B, 4> {
+    match t.dims()[2] == slots {
+        true => t.clone(),
+        false => t.clone().slice_dim(2, 0..slots),
+    }
 }
 
 /// Softmax over the slots of attention `scores` plus the additive `mask` (the scores' shape)
