@@ -16,7 +16,8 @@
 #
 # Files (git-ignored, under .gpu/): easykv.xz (the binary, `--features cuda`), easykv-base.xz
 # (compare's baseline), kernels.tar.xz (a kernel cache of the same kernels' source, optional),
-# smollm2.gguf and smollm2-135m-q4_1.json (smollm2). Environment: DEV (default cuda),
+# smollm2.gguf and smollm2-135m-q4_1.json (smollm2). Environment: DEV (default cuda), MODELS
+# (check's random-weight model shapes, default smollm2; qwen2.5-1.5b adds minutes),
 # BENCH_TIMEOUT (seconds per row), EXTRA (flags for every row, e.g. "--gemv 8,0,2"), OUT (where
 # outputs are copied; none when unset).
 set -u
@@ -83,7 +84,8 @@ for config in "$@"; do
         done
       done ;;
     check)
-      timeout 300 /tmp/easykv check-kernels --device "${DEV:-cuda}" 2>&1 | cut -c1-300 | grep -vE "^\s+[0-9]" ;;
+      timeout 400 /tmp/easykv check-kernels --device "${DEV:-cuda}" --models "${MODELS:-smollm2}" 2>&1 | cut -c1-300 \
+        | grep -vE "^\s+[0-9]" ;;
     time)
       timeout 300 /tmp/easykv check-kernels --device "${DEV:-cuda}" --time --dtype f16 --slots 1088,2112 ;;
     smollm2)

@@ -132,9 +132,13 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let time = || -> CliResult<Speed> {
-        let mut cache = args
-            .eviction
-            .cache::<B>(&loaded.config, loaded.model.profile(), loaded.dtype, prompt.len(), args.chunk_size)?;
+        let mut cache = args.eviction.cache::<B>(
+            &loaded.config,
+            loaded.model.profile(),
+            loaded.dtype,
+            prompt.len(),
+            args.chunk_size,
+        )?;
         let out = generate(&loaded.model, cache.as_mut(), prompt, &cfg, |_| {
             std::ops::ControlFlow::Continue(())
         })?;
@@ -244,9 +248,13 @@ impl Versus {
 fn against_full<B: Backend>(loaded: &Subject<B>, prompt: &[u32], args: &BenchArgs) -> CliResult<Versus> {
     let model = &loaded.model;
     let device = model.device();
-    let mut policy = args
-        .eviction
-        .cache::<B>(&loaded.config, loaded.model.profile(), loaded.dtype, prompt.len(), args.chunk_size)?;
+    let mut policy = args.eviction.cache::<B>(
+        &loaded.config,
+        loaded.model.profile(),
+        loaded.dtype,
+        prompt.len(),
+        args.chunk_size,
+    )?;
     let mut full = build_cache::<B>(
         "full",
         &args.eviction.config()?,

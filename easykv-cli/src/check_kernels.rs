@@ -44,7 +44,8 @@ pub fn run(args: CheckKernelsArgs) -> CliResult {
     {
         let _ = args;
         Err(crate::common::CliError(
-            "check-kernels needs a build with `--features cuda` or `--features wgpu` (this build has no GPU kernels)".into(),
+            "check-kernels needs a build with `--features cuda` or `--features wgpu` (this build has no GPU kernels)"
+                .into(),
         ))
     }
 }

@@ -167,7 +167,8 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: EvalSetting
     let model_sha256 = fetch::sha256_file(&loaded.path)?;
     let mut results = Results::open(&results_path, &settings, &model_sha256, args.force)?;
     if !results.cells.is_empty() {
-        args.model.log(&format!("resuming: {} finished cells kept", results.cells.len()));
+        args.model
+            .log(&format!("resuming: {} finished cells kept", results.cells.len()));
     }
     let quiet = args.model.quiet;
     let samples = eval::matrix::build_samples(&loaded, &settings, &mut |m| {
@@ -185,11 +186,16 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: EvalSetting
         ProgressStyle::with_template("{bar:30} {pos}/{len} cells, {elapsed} elapsed, ETA {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    run_matrix(&loaded, &samples, &mut results, &mut |results, (task, _, _, policy, budget)| {
-        bar.set_message(format!("{task} {policy} {budget}"));
-        bar.inc(1);
-        results.save(&results_path)
-    })?;
+    run_matrix(
+        &loaded,
+        &samples,
+        &mut results,
+        &mut |results, (task, _, _, policy, budget)| {
+            bar.set_message(format!("{task} {policy} {budget}"));
+            bar.inc(1);
+            results.save(&results_path)
+        },
+    )?;
     bar.finish_and_clear();
     results.save(&results_path)?;
     let policies = settings.policies_with_full();

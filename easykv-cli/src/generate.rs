@@ -129,9 +129,13 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
         stop_ids: loaded.tokenizer.stop_ids.clone(),
         top_logprobs: args.logprobs,
     };
-    let mut cache = args
-        .eviction
-        .cache::<B>(&loaded.config, loaded.model.profile(), loaded.dtype, ids.len(), args.chunk_size)?;
+    let mut cache = args.eviction.cache::<B>(
+        &loaded.config,
+        loaded.model.profile(),
+        loaded.dtype,
+        ids.len(),
+        args.chunk_size,
+    )?;
     let mut stream = loaded.tokenizer.stream(true);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;

@@ -57,9 +57,13 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> CliResult {
         )));
     }
     // The last token is only predicted, never fed: the schedule covers the tokens fed.
-    let mut cache = args
-        .eviction
-        .cache::<B>(&loaded.config, loaded.model.profile(), loaded.dtype, ids.len() - 1, args.chunk_size)?;
+    let mut cache = args.eviction.cache::<B>(
+        &loaded.config,
+        loaded.model.profile(),
+        loaded.dtype,
+        ids.len() - 1,
+        args.chunk_size,
+    )?;
     let s = score(&loaded.model, cache.as_mut(), &ids, args.chunk_size)?;
     if args.json {
         print_json(&json!({

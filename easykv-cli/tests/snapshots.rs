@@ -16,7 +16,9 @@ fn easykv(args: &[&str]) -> Output {
 }
 
 fn shared(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared").join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared")
+        .join(path)
 }
 
 #[test]
@@ -40,9 +42,27 @@ fn bad_input_error_lines() {
         &["generate", "--prompt", "hi", "--policy", "roco", "--budget=-0.5"],
         &["generate", "--prompt", "hi", "--policy", "roco", "--mode", "sideways"],
         &["generate", "--prompt", "hi", "--policy", "roco", "--stride", "0"],
-        &["generate", "--prompt", "hi", "--policy", "roco", "--stride", "18446744073709551615"],
-        &["generate", "--prompt", "hi", "--policy", "roco", "--recent-ratio", "1.5"],
-        &["generate", "--prompt", "hi", "--policy", "roco", "--mode", "decoding", "--budget", "0.5"],
+        &[
+            "generate",
+            "--prompt",
+            "hi",
+            "--policy",
+            "roco",
+            "--stride",
+            "18446744073709551615",
+        ],
+        &[
+            "generate",
+            "--prompt",
+            "hi",
+            "--policy",
+            "roco",
+            "--recent-ratio",
+            "1.5",
+        ],
+        &[
+            "generate", "--prompt", "hi", "--policy", "roco", "--mode", "decoding", "--budget", "0.5",
+        ],
         &["generate", "--prompt", "hi", "--policy", "full", "--streaming"],
         &["generate", "--prompt", "hi", "--ranking", "bubble"],
         &["generate", "--prompt", "hi", "--kernels", "gemv,fast"],
@@ -53,7 +73,14 @@ fn bad_input_error_lines() {
         &["bench", "--new-tokens", "0"],
         &["eval", "speed", "--out", "/tmp/easykv-snap-eval"],
         &["eval", "ppl", "--budgets", "half", "--out", "/tmp/easykv-snap-eval"],
-        &["eval", "ppl", "--policies", "roco,lru", "--out", "/tmp/easykv-snap-eval"],
+        &[
+            "eval",
+            "ppl",
+            "--policies",
+            "roco,lru",
+            "--out",
+            "/tmp/easykv-snap-eval",
+        ],
         &["check-kernels"],
     ];
     let mut lines = String::new();
@@ -79,8 +106,19 @@ fn eval_tables_have_their_shape() {
     let text = shared("data/last_of_the_mohicans.txt");
     let (text, dir) = (text.display().to_string(), out.display().to_string());
     let o = easykv(&[
-        "eval", "ppl", "-q", "--policies", "roco,recency", "--budgets", "0.25,0.5", "--ppl-tokens", "160",
-        "--text-file", &text, "--out", &dir,
+        "eval",
+        "ppl",
+        "-q",
+        "--policies",
+        "roco,recency",
+        "--budgets",
+        "0.25,0.5",
+        "--ppl-tokens",
+        "160",
+        "--text-file",
+        &text,
+        "--out",
+        &dir,
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();

@@ -120,7 +120,10 @@ mod tests {
     #[test]
     fn each_memory_gets_its_ranking() {
         assert_eq!(CacheKernels::<Flex>::host().ranking(96, 4096), Ranking::Host);
-        assert_eq!(CacheKernels::<Flex>::plain(Memory::Other).ranking(96, 4096), Ranking::Sort);
+        assert_eq!(
+            CacheKernels::<Flex>::plain(Memory::Other).ranking(96, 4096),
+            Ranking::Sort
+        );
         // A GPU without a ranking kernel ranks large problems on the host.
         let gpu = CacheKernels::<Flex>::plain(Memory::Gpu);
         assert_eq!(gpu.ranking(3, 650), Ranking::Pairwise);

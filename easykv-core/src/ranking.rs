@@ -417,7 +417,10 @@ mod tests {
             TensorData::new(vec![false, true, true, false, true, false], [2, 1, 3]),
             &Default::default(),
         );
-        assert_eq!(ints(Ranker::new(Ranking::Pairwise, &kernels).true_slots(mask, 1)), vec![1, 1]);
+        assert_eq!(
+            ints(Ranker::new(Ranking::Pairwise, &kernels).true_slots(mask, 1)),
+            vec![1, 1]
+        );
         assert!(LISTER_CALLS.load(std::sync::atomic::Ordering::SeqCst) > before);
     }
 }

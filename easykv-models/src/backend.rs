@@ -100,6 +100,10 @@ impl KernelSet {
         KernelSet(self.0 & !kernel.bit())
     }
 
+    pub fn with(self, kernel: Kernel) -> Self {
+        KernelSet(self.0 | kernel.bit())
+    }
+
     /// The kernels on, by name.
     pub fn names(self) -> Vec<&'static str> {
         Kernel::ALL

@@ -23,7 +23,16 @@ pub fn build_cache<B: Backend>(
     prompt_len: usize,
     chunk_size: usize,
 ) -> Result<Box<dyn KvCache<B>>> {
-    build_cache_from(&PolicyTable::builtin(), policy, eviction, model, profile, kv_dtype, prompt_len, chunk_size)
+    build_cache_from(
+        &PolicyTable::builtin(),
+        policy,
+        eviction,
+        model,
+        profile,
+        kv_dtype,
+        prompt_len,
+        chunk_size,
+    )
 }
 
 /// [`build_cache`] with the policies of `table` (the built-in ones and any a caller added).

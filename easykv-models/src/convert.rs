@@ -19,8 +19,8 @@ use crate::gguf::{GgufFile, MetaValue};
 use crate::hf::hf_name;
 use crate::linear::WeightDType;
 use crate::llama::deinterleave_rows;
-use crate::weights::WeightSource;
 use crate::tokenizer::TextTokenizer;
+use crate::weights::WeightSource;
 
 /// One tensor ready to be written.
 struct Encoded {

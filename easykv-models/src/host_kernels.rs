@@ -87,7 +87,6 @@ fn softmax_row(row: &mut [f32]) {
     }
 }
 
-
 /// Runs `kernel` on the values of `x` in place (no copy when nothing else holds the buffer);
 /// hands `x` back as the error when its buffer cannot be viewed as f32.
 fn in_place<B: Backend, const D: usize>(

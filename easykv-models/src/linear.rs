@@ -276,7 +276,9 @@ impl<B: Backend> EmbeddingTable<B> {
         let w = self.weight.val();
         let vocab = w.dims()[0];
         let x = x.reshape([b * s, hidden]).cast(w.dtype());
-        ops::product_into_logits(p, x, &w).cast(DType::F32).reshape([b, s, vocab])
+        ops::product_into_logits(p, x, &w)
+            .cast(DType::F32)
+            .reshape([b, s, vocab])
     }
 }
 

@@ -163,8 +163,6 @@ pub fn load_model<B: Backend>(
     device: &B::Device,
 ) -> Result<Box<dyn CausalLm<B>>> {
     Ok(match cfg.architecture {
-        Architecture::Llama | Architecture::Qwen2 => {
-            Box::new(Llama::load(cfg, source, dtype, device)?)
-        }
+        Architecture::Llama | Architecture::Qwen2 => Box::new(Llama::load(cfg, source, dtype, device)?),
     })
 }

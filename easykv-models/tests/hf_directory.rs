@@ -69,8 +69,7 @@ fn converted_directory_runs_the_same_model() {
 
         // f32 holds the dequantized weights exactly: the logits are the same numbers. f16
         // rounds the weights: close, and the same greedy answer.
-        let logits =
-            |m: &LoadedModel<Flex>| prefill(&m.model, &mut m.model.full_cache(), &prompt, 512).unwrap();
+        let logits = |m: &LoadedModel<Flex>| prefill(&m.model, &mut m.model.full_cache(), &prompt, 512).unwrap();
         let (a, b) = (logits(&original), logits(&converted));
         let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         let bound = if dtype == WeightDType::F32 { 1e-4 } else { 0.5 };

@@ -170,8 +170,8 @@ impl<B: Backend> ScoredPolicy<B> {
 mod tests {
     use super::*;
     use burn::backend::Flex;
-    use easykv_core::Ranking;
     use burn::tensor::TensorData;
+    use easykv_core::Ranking;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 

@@ -75,12 +75,9 @@ fn builtin_rows<B: Backend>() -> Vec<PolicyEntry<B>> {
             "accumulated attention, outside the sinks and a recent window (Zhang et al. 2023)",
             || Box::new(h2o()),
         ),
-        PolicyEntry::evicting(
-            "tova",
-            &[],
-            "the latest query's attention (Oren et al. 2024)",
-            || Box::new(tova()),
-        ),
+        PolicyEntry::evicting("tova", &[], "the latest query's attention (Oren et al. 2024)", || {
+            Box::new(tova())
+        }),
         PolicyEntry::evicting(
             "recency",
             &["streamingllm"],

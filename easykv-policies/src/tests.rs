@@ -7,8 +7,8 @@
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use easykv_core::{
-    Budget, CacheKernels, EvictingCache, EvictionPolicy, EvictionConfig, KvCache, Mode, Phase, Ranking, Schedule, DECODE_RECENT_RATIO,
-    ROBUST_PROTECTED_TAIL,
+    Budget, CacheKernels, EvictingCache, EvictionConfig, EvictionPolicy, KvCache, Mode, Phase, Ranking, Schedule,
+    DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -11,16 +11,14 @@ use easykv_core::{Budget, EvictionConfig};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    answer_found, bleu, exact_match, fetch_corpus, first_divergence, niah_prompt, passkey_prompt, rouge_l,
-};
+use super::{answer_found, bleu, exact_match, fetch_corpus, first_divergence, niah_prompt, passkey_prompt, rouge_l};
+use crate::build_cache;
 use crate::chat::ChatMessage;
 use crate::error::{Error, Result};
 use crate::generate::{generate, score, GenerateConfig};
 use crate::loader::LoadedModel;
 use crate::model::CausalLm;
 use crate::sampling::SamplingConfig;
-use crate::build_cache;
 
 /// JSON has no NaN: metrics that are not finite go out as `null` and come back as NaN, so a
 /// results file always reads back.
@@ -111,7 +109,6 @@ pub enum Sample {
     },
 }
 
-
 impl EvalSettings {
     /// The full cache first, then the settings' policies.
     pub fn policies_with_full(&self) -> Vec<&str> {
@@ -128,7 +125,10 @@ impl Results {
         if path.is_file() && !fresh {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
             let previous: Results = serde_json::from_str(&text).map_err(|e| {
-                Error::InvalidInput(format!("{}: not an easykv results file ({e}); use --force", path.display()))
+                Error::InvalidInput(format!(
+                    "{}: not an easykv results file ({e}); use --force",
+                    path.display()
+                ))
             })?;
             if previous.settings != *settings || previous.model_sha256 != model_sha256 {
                 return Err(Error::InvalidInput(format!(
@@ -180,7 +180,11 @@ pub type PendingCell = (String, String, usize, String, String);
 
 /// The cells of the matrix `results` does not hold yet, full-cache cells of a sample before
 /// its policies' (fidelity compares against them).
-pub fn pending_cells(settings: &EvalSettings, samples: &[(String, String, Sample)], results: &Results) -> Vec<PendingCell> {
+pub fn pending_cells(
+    settings: &EvalSettings,
+    samples: &[(String, String, Sample)],
+    results: &Results,
+) -> Vec<PendingCell> {
     let mut todo = Vec::new();
     for (i, (task, name, _)) in samples.iter().enumerate() {
         for policy in settings.policies_with_full() {
@@ -216,7 +220,14 @@ pub fn run_matrix<B: Backend>(
             .iter()
             .find(|c| c.task == *task && c.sample == *name && c.policy == "full")
             .cloned();
-        let mut cell = run_cell(loaded, &settings, &samples[*index].2, policy, budget, reference.as_ref())?;
+        let mut cell = run_cell(
+            loaded,
+            &settings,
+            &samples[*index].2,
+            policy,
+            budget,
+            reference.as_ref(),
+        )?;
         cell.task = task.clone();
         cell.sample = name.clone();
         cell.seconds = t.elapsed().as_secs_f64();
@@ -339,7 +350,6 @@ fn fidelity_prompts<B: Backend>(
     Ok(prompts)
 }
 
-
 /// Runs one cell: `sample` under `policy` and `budget` (`-` for the full cache), scored
 /// against `reference` (the full cache's cell of the same sample) for fidelity.
 pub fn run_cell<B: Backend>(
@@ -368,7 +378,15 @@ pub fn run_cell<B: Backend>(
         Sample::Fidelity { ids } => (ids.len(), settings.new_tokens),
     };
     let profile = loaded.model.profile();
-    let mut cache = build_cache::<B>(policy, &eviction, &loaded.config, profile, loaded.dtype, prompt_len, chunk)?;
+    let mut cache = build_cache::<B>(
+        policy,
+        &eviction,
+        &loaded.config,
+        profile,
+        loaded.dtype,
+        prompt_len,
+        chunk,
+    )?;
     let mut metrics = BTreeMap::new();
     let mut cell = Cell {
         task: String::new(),
@@ -418,10 +436,7 @@ pub fn run_cell<B: Backend>(
                 let r = rouge_l(&text, &ref_text);
                 metrics.insert("rouge_l_f1".into(), r.f1);
                 metrics.insert("bleu".into(), bleu(&text, &ref_text));
-                metrics.insert(
-                    "exact_match".into(),
-                    f64::from(u8::from(exact_match(&text, &ref_text))),
-                );
+                metrics.insert("exact_match".into(), f64::from(u8::from(exact_match(&text, &ref_text))));
                 let diverge = first_divergence(&out_ids, &ref_ids).unwrap_or(out_ids.len().max(ref_ids.len()));
                 metrics.insert("first_divergence".into(), diverge as f64);
             }
@@ -431,7 +446,6 @@ pub fn run_cell<B: Backend>(
     cell.metrics = metrics;
     Ok(cell)
 }
-
 
 /// Every metric of every cell, one CSV row each.
 pub fn to_csv(results: &Results) -> String {
@@ -488,7 +502,11 @@ mod tests {
     #[test]
     fn the_matrix_plans_full_first_and_resumes() {
         let s = settings();
-        let samples = vec![("ppl".to_string(), "s".to_string(), Sample::Perplexity { ids: vec![1, 2, 3] })];
+        let samples = vec![(
+            "ppl".to_string(),
+            "s".to_string(),
+            Sample::Perplexity { ids: vec![1, 2, 3] },
+        )];
         let dir = std::env::temp_dir().join(format!("easykv-matrix-{}", std::process::id()));
         let path = dir.join("results.json");
         let _ = std::fs::create_dir_all(&dir);
@@ -507,7 +525,10 @@ mod tests {
         results.save(&path).unwrap();
         // Same settings and model: resumed; other settings: refused, naming the way out.
         assert_eq!(Results::open(&path, &s, "abc", false).unwrap().cells.len(), 3);
-        let other = EvalSettings { stride: 4, ..settings() };
+        let other = EvalSettings {
+            stride: 4,
+            ..settings()
+        };
         let err = Results::open(&path, &other, "abc", false).unwrap_err().to_string();
         assert!(err.contains("--force"), "{err}");
         assert!(Results::open(&path, &s, "another model", false).is_err());

@@ -7,6 +7,6 @@ pub mod metrics;
 pub mod tasks;
 
 pub use corpus::{fetch_corpus, Corpus};
-pub use metrics::{bleu, exact_match, first_divergence, rouge_l, RougeL};
 pub use matrix::{main_metrics, run_matrix, to_csv, Cell, EvalSettings, Results, Sample, TASKS};
+pub use metrics::{bleu, exact_match, first_divergence, rouge_l, RougeL};
 pub use tasks::{answer_found, niah_prompt, passkey_prompt, RetrievalPrompt, NEEDLE_ANSWER};

@@ -17,9 +17,9 @@ use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::wgpu::WgpuRuntime;
 
 use super::kernels::{self, ROW_BLOCK};
-use super::{GemvEpilogue, GemvNorm, HeadShape, Tuning};
 #[cfg(feature = "cuda")]
 use super::MATMUL_ROWS_MAX;
+use super::{GemvEpilogue, GemvNorm, HeadShape, Tuning};
 
 /// Whether `B`'s float tensors are burn's unfused tensors of runtime `R`.
 fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {

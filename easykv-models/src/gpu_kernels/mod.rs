@@ -198,7 +198,10 @@ mod tests {
     #[test]
     fn launch_shapes_parse_from_their_flags() {
         let t = Tuning::default().with_gemv("8,0,1").unwrap();
-        assert_eq!((t.gemv_rows_per_cube, t.gemv_plane_reduce, t.gemv_norm), (8, false, GemvNorm::Staged));
+        assert_eq!(
+            (t.gemv_rows_per_cube, t.gemv_plane_reduce, t.gemv_norm),
+            (8, false, GemvNorm::Staged)
+        );
         let t = Tuning::default().with_gemv(",,0").unwrap();
         assert_eq!((t.gemv_rows_per_cube, t.gemv_norm), (4, GemvNorm::Separate));
         assert!(Tuning::default().with_gemv("4,1,9").is_err());

@@ -124,8 +124,16 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
         // The residual products also write their output times the next norm's γ.
         if epilogue == 1 {
             let gamma = random::<B, 1>([out_rows], DType::F32, device);
-            let scaling =
-                || launch::gemv_scaling(x.clone(), &w, GemvEpilogue::AddResidual(&residual), &gamma, &current.get()).map(|(y, _)| y);
+            let scaling = || {
+                launch::gemv_scaling(
+                    x.clone(),
+                    &w,
+                    GemvEpilogue::AddResidual(&residual),
+                    &gamma,
+                    &current.get(),
+                )
+                .map(|(y, _)| y)
+            };
             each_shape(format!("gemv scaling {name}"), GemvNorm::Inline, &scaling);
         }
         // With the RMS norm inside (the decode step's qkv and gate_up products).
@@ -141,7 +149,8 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             let staged = || launch::gemv_normed(x.clone(), &gamma, 1e-5, &w, e(), &current.get());
             each_shape(format!("gemv normed (staged) {name}"), GemvNorm::Staged, &staged);
             // The norm as a launch of its own, then the plain product.
-            let apart = || launch::rms_norm(x.clone(), &gamma, 1e-5).and_then(|xn| launch::gemv(xn, &w, e(), &current.get()));
+            let apart =
+                || launch::rms_norm(x.clone(), &gamma, 1e-5).and_then(|xn| launch::gemv(xn, &w, e(), &current.get()));
             if apart().is_ok() {
                 let us = time::<B, _>(device, reps, apart);
                 push(
@@ -259,7 +268,9 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
                 ..Tuning::default()
             };
             current.set(tuning);
-            let us = time::<B, _>(device, reps, || launch::attention_values(probs.clone(), &values, n, &current.get()));
+            let us = time::<B, _>(device, reps, || {
+                launch::attention_values(probs.clone(), &values, n, &current.get())
+            });
             push(
                 "attention values",
                 format!("{heads} heads × {n} slots"),

@@ -13,7 +13,6 @@ use crate::gpu_kernels::HeadShape;
 use crate::linear::Linear;
 use crate::ops;
 
-
 /// Grouped-query self-attention with an explicit softmax.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -262,7 +261,15 @@ impl<B: Backend> Attention<B> {
         let (q_rows, k_rows) = (&angles.queries.rows, &angles.keys.rows);
         let buffers = (&room.keys, &room.values);
         let at = room.len;
-        match ops::split_rope_into(p, qkv, heads, (&q_rows.0, &q_rows.1), (&k_rows.0, &k_rows.1), buffers, at) {
+        match ops::split_rope_into(
+            p,
+            qkv,
+            heads,
+            (&q_rows.0, &q_rows.1),
+            (&k_rows.0, &k_rows.1),
+            buffers,
+            at,
+        ) {
             Ok(q) => Ok(Ok((q, cache.commit_slots(layer, s)?))),
             Err(qkv) => Ok(Err(qkv)),
         }

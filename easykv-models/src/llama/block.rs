@@ -8,7 +8,6 @@ use super::{Attention, Needed};
 use crate::backend::BackendProfile;
 use crate::linear::Linear;
 
-
 impl<B: Backend> DecoderLayer<B> {
     /// The residual stream after this layer, given its attention output `attn`
     /// (`[batch, n_heads, s, head_dim]`), for the positions `needed` says: `[batch, s, hidden]`,
@@ -73,4 +72,3 @@ pub struct DecoderLayer<B: Backend> {
     pub ffn_norm: RmsNorm<B>,
     pub ffn: FeedForward<B>,
 }
-

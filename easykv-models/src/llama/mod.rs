@@ -286,9 +286,10 @@ impl<B: Backend> Llama<B> {
         let (mut mask_for, mut mask) = (None, None);
         let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = layer
-                .attn
-                .project_positions_first(p, ops::rms_norm(p, &layer.attn_norm, x.clone()), &angles);
+            let (q, k, v) =
+                layer
+                    .attn
+                    .project_positions_first(p, ops::rms_norm(p, &layer.attn_norm, x.clone()), &angles);
             let (q, k, v) = (
                 HeadsFirstChunks::new(q),
                 HeadsFirstChunks::new(k),
@@ -348,7 +349,6 @@ impl<B: Backend> Llama<B> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         Ok(head.logits(&self.profile, ops::rms_norm(&self.profile, &self.norm, x)))
     }
-
 }
 
 #[cfg(test)]

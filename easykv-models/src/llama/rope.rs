@@ -119,7 +119,13 @@ impl<B: Backend> Rope<B> {
     }
 
     /// `cos` and `sin` rows (`[len, head_dim]`) by tensor operations on the device.
-    pub(crate) fn rows_on_device(&self, start: usize, len: usize, scale: f64, dtype: DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    pub(crate) fn rows_on_device(
+        &self,
+        start: usize,
+        len: usize,
+        scale: f64,
+        dtype: DType,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let device = self.inv_freq.device();
         let half = self.inv_freq.dims()[0];
         let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &device)

@@ -181,7 +181,11 @@ fn skipping_unread_positions_changes_neither_logits_nor_cache() {
     let v = cfg.vocab_size;
     let all = to_vec(
         model
-            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::All)
+            .forward(
+                tokens(&ids),
+                &mut FullCache::new(cfg.n_layers, CacheKernels::host()),
+                Logits::All,
+            )
             .unwrap(),
     );
     let want = &all[all.len() - v..];
@@ -193,7 +197,11 @@ fn skipping_unread_positions_changes_neither_logits_nor_cache() {
     };
     close(&to_vec(
         model
-            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::Last)
+            .forward(
+                tokens(&ids),
+                &mut FullCache::new(cfg.n_layers, CacheKernels::host()),
+                Logits::Last,
+            )
             .unwrap(),
     ));
     // Layer by layer over chunks, and chunk by chunk (a single chunk).
@@ -311,8 +319,16 @@ fn streaming_positions_match_absolute_until_something_is_evicted() {
         streaming: true,
         ..Default::default()
     };
-    let policy = easykv_policies::PolicyTable::<Flex>::builtin().build("recency").unwrap().unwrap();
-    let mut cache = EvictingCache::new(cfg.n_layers, policy, streaming.schedule(ids.len(), 4, 1).unwrap(), CacheKernels::host());
+    let policy = easykv_policies::PolicyTable::<Flex>::builtin()
+        .build("recency")
+        .unwrap()
+        .unwrap();
+    let mut cache = EvictingCache::new(
+        cfg.n_layers,
+        policy,
+        streaming.schedule(ids.len(), 4, 1).unwrap(),
+        CacheKernels::host(),
+    );
     let got = run(&mut cache);
     for (a, b) in absolute.iter().zip(&got) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
@@ -325,8 +341,16 @@ fn streaming_positions_match_absolute_until_something_is_evicted() {
         streaming: true,
         ..Default::default()
     };
-    let policy = easykv_policies::PolicyTable::<Flex>::builtin().build("recency").unwrap().unwrap();
-    let mut cache = EvictingCache::new(cfg.n_layers, policy, tight.schedule(ids.len(), 4, 1).unwrap(), CacheKernels::host());
+    let policy = easykv_policies::PolicyTable::<Flex>::builtin()
+        .build("recency")
+        .unwrap()
+        .unwrap();
+    let mut cache = EvictingCache::new(
+        cfg.n_layers,
+        policy,
+        tight.schedule(ids.len(), 4, 1).unwrap(),
+        CacheKernels::host(),
+    );
     let mut logits = Vec::new();
     for len in cache.prefill_chunks(ids.len(), 4) {
         let start = cache.tokens_seen();
@@ -357,14 +381,22 @@ fn a_sliding_window_of_one_sees_only_the_token_itself() {
         .flat_map(|&id| {
             to_vec(
                 model
-                    .forward(tokens(&[id]), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::Last)
+                    .forward(
+                        tokens(&[id]),
+                        &mut FullCache::new(cfg.n_layers, CacheKernels::host()),
+                        Logits::Last,
+                    )
                     .unwrap(),
             )
         })
         .collect();
     let all = to_vec(
         model
-            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::All)
+            .forward(
+                tokens(&ids),
+                &mut FullCache::new(cfg.n_layers, CacheKernels::host()),
+                Logits::All,
+            )
             .unwrap(),
     );
     let mut cache = FullCache::new(cfg.n_layers, CacheKernels::host());
@@ -380,7 +412,11 @@ fn a_sliding_window_of_one_sees_only_the_token_itself() {
     let plain = Llama::<Flex>::load(&tiny_config(), &weights, WeightDType::F32, &Default::default()).unwrap();
     let reference = to_vec(
         plain
-            .forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::All)
+            .forward(
+                tokens(&ids),
+                &mut FullCache::new(cfg.n_layers, CacheKernels::host()),
+                Logits::All,
+            )
             .unwrap(),
     );
     for (window, same) in [(ids.len(), true), (2, false)] {
@@ -390,8 +426,12 @@ fn a_sliding_window_of_one_sees_only_the_token_itself() {
         };
         let m = Llama::<Flex>::load(&cfg, &weights, WeightDType::F32, &Default::default()).unwrap();
         let got = to_vec(
-            m.forward(tokens(&ids), &mut FullCache::new(cfg.n_layers, CacheKernels::host()), Logits::All)
-                .unwrap(),
+            m.forward(
+                tokens(&ids),
+                &mut FullCache::new(cfg.n_layers, CacheKernels::host()),
+                Logits::All,
+            )
+            .unwrap(),
         );
         let worst = reference
             .iter()

@@ -177,4 +177,3 @@ fn rms_norm<B: Backend>(
         epsilon: eps as f64,
     })
 }
-

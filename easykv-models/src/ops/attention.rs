@@ -126,7 +126,8 @@ pub fn attention_softmax<B: Backend>(
     bias: Option<&Tensor<B, 4>>,
     product: DType,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let scores = match cube!(p, Kernel::Softmax, scores => crate::gpu_kernels::launch::softmax_rows(scores, mask, bias, product)) {
+    let scores = match cube!(p, Kernel::Softmax, scores => crate::gpu_kernels::launch::softmax_rows(scores, mask, bias, product))
+    {
         Ok(probs) => return probs,
         Err(scores) => scores.cast(DType::F32),
     };

@@ -9,7 +9,9 @@
 mod attention;
 mod product;
 
-pub use attention::{attention_scores, attention_softmax, attention_values, decode_attention, split_rope, split_rope_into};
+pub use attention::{
+    attention_scores, attention_softmax, attention_values, decode_attention, split_rope, split_rope_into,
+};
 pub use product::{product, product_into_logits, product_residual_scaling, product_with, RowNorm};
 
 use burn::nn::RmsNorm;
@@ -39,7 +41,10 @@ pub(crate) use cube;
 
 /// Whether `B`'s tensors are ones this build's kernels run on (burn's unfused CubeCL tensors
 /// of the CUDA or wgpu runtime). Asked once, by [`BackendProfile::detect`].
-#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(clippy::extra_unused_type_parameters))]
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "wgpu")),
+    allow(clippy::extra_unused_type_parameters)
+)]
 pub(crate) fn cube_backend<B: Backend>() -> bool {
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     return crate::gpu_kernels::launch::is_cube_backend::<B>();

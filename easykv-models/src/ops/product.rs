@@ -52,7 +52,11 @@ fn few_rows<B: Backend>(p: &BackendProfile, w: &Tensor<B, 2>, x: Tensor<B, 2>) -
 }
 
 /// The GPU kernels of [`product`]; `x` back where none runs.
-fn device_product<B: Backend>(p: &BackendProfile, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+fn device_product<B: Backend>(
+    p: &BackendProfile,
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     let plain = GemvEpilogue::<B>::Plain;
     cube!(p, Kernel::Gemv, x => crate::gpu_kernels::launch::gemv(x, w, plain, &p.tuning))
         .or_else(|x| cube!(p, Kernel::Rows, x => crate::gpu_kernels::launch::matmul_rows(x, w, plain, &p.tuning)))
@@ -61,7 +65,11 @@ fn device_product<B: Backend>(p: &BackendProfile, x: Tensor<B, 2>, w: &Tensor<B,
 
 /// `x·Wᵀ` in f32 arithmetic where a kernel can (f32 on GPUs, whose matrix products otherwise
 /// run f32 as TF32 and lose `--dtype f32`'s exactness); else `x` back.
-fn exact_f32_rows<B: Backend>(p: &BackendProfile, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+fn exact_f32_rows<B: Backend>(
+    p: &BackendProfile,
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     if x.dtype() != DType::F32 {
         return Err(x);
     }
@@ -106,7 +114,9 @@ pub fn product_with<B: Backend>(
         .or_else(|x| staged(x, n)),
         RowNorm::By(n) => staged(x, n),
         RowNorm::None => cube!(p, Kernel::Gemv, x => crate::gpu_kernels::launch::gemv(x, w, epilogue, &p.tuning))
-            .or_else(|x| cube!(p, Kernel::Rows, x => crate::gpu_kernels::launch::matmul_rows(x, w, epilogue, &p.tuning))),
+            .or_else(
+                |x| cube!(p, Kernel::Rows, x => crate::gpu_kernels::launch::matmul_rows(x, w, epilogue, &p.tuning)),
+            ),
     }
 }
 
