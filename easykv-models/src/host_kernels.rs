@@ -14,7 +14,7 @@
 use std::borrow::Cow;
 
 use burn::prelude::*;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{DType, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 /// Elements below which a kernel stays on the calling thread (spawning costs more).
@@ -192,6 +192,109 @@ pub fn matmul_rows_parallel<B: Backend>(w: &Tensor<B, 2>, x: Tensor<B, 2>) -> Te
     Tensor::cat(parts, 0)
 }
 
+/// Lanes of the running sums in [`dot`]: four vector registers of independent sums, so the
+/// additions do not wait on each other.
+const DOT_LANES: usize = 16;
+
+/// The lanes of [`dot`] added in a fixed tree.
+#[inline(always)]
+fn lanes_sum(a: &[f32; DOT_LANES]) -> f32 {
+    let mut h = [0f32; 8];
+    for k in 0..8 {
+        h[k] = a[k] + a[k + 8];
+    }
+    ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7]))
+}
+
+/// `Σ a[i]·b[i]` in a fixed order: lane `k` sums the products at `i ≡ k (mod 16)` in turn, the
+/// lanes are added in a fixed tree, then the tail. No reassociation is left to the compiler, so
+/// the loop vectorizes and the result never depends on what else is computed alongside.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dots::<1>(a, [b])[0]
+}
+
+/// [`dot`] of `w` with `R` rows at once, each sum exactly as [`dot`] makes it: one pass over
+/// `w` serves `R` rows (its loads are shared, its sums are not).
+#[inline(always)]
+fn dots<const R: usize>(w: &[f32], x: [&[f32]; R]) -> [f32; R] {
+    let mut acc = [[0f32; DOT_LANES]; R];
+    let n = w.len() / DOT_LANES * DOT_LANES;
+    for c in (0..n).step_by(DOT_LANES) {
+        let wc = &w[c..c + DOT_LANES];
+        for (a, xj) in acc.iter_mut().zip(&x) {
+            let xc = &xj[c..c + DOT_LANES];
+            for k in 0..DOT_LANES {
+                a[k] += wc[k] * xc[k];
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for ((o, a), xj) in out.iter_mut().zip(&acc).zip(&x) {
+        let tail: f32 = w[n..].iter().zip(&xj[n..]).map(|(p, q)| p * q).sum();
+        *o = lanes_sum(a) + tail;
+    }
+    out
+}
+
+/// `x·Wᵀ` for a few f32 rows `x` (`[rows, in]`) and `W` (`[out, in]`) in host memory: `[rows,
+/// out]`, every element the same [`dot`] whatever `rows` is — a sequence decoded in a batch gets
+/// exactly the logits it gets alone (flex's products differ in the last bits between widths).
+/// Weight rows are split over rayon's threads, and each weight row is read once for all rows of
+/// `x`. `x` back when either is not f32.
+pub fn rows_times_weights<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let ([rows, inp], [out, w_inp]) = (x.dims(), w.dims());
+    if x.dtype() != DType::F32 || w.dtype() != DType::F32 || inp != w_inp || rows == 0 {
+        return Err(x);
+    }
+    let Some(w_flex) = flex_tensor(w) else {
+        return Err(x);
+    };
+    let Some(ws) = w_flex.as_slice::<f32>() else {
+        return Err(x);
+    };
+    let device = x.device();
+    let x_data = x.into_data();
+    let xs = f32_values(&x_data);
+    // Output laid out [out, rows] while computing (each task owns whole weight rows), then
+    // transposed.
+    let mut y = vec![0f32; out * rows];
+    let per_task = (PARALLEL_ELEMENTS / inp.max(1)).clamp(1, 256);
+    y.par_chunks_mut(per_task * rows).enumerate().for_each(|(t, block)| {
+        for (i, y_o) in block.chunks_mut(rows).enumerate() {
+            let o = t * per_task + i;
+            let w_o = &ws[o * inp..(o + 1) * inp];
+            let mut j = 0;
+            while j + 2 <= rows {
+                let x2 = [0, 1].map(|k| &xs[(j + k) * inp..(j + k + 1) * inp]);
+                y_o[j..j + 2].copy_from_slice(&dots(w_o, x2));
+                j += 2;
+            }
+            for (jj, y_oj) in y_o.iter_mut().enumerate().skip(j) {
+                *y_oj = dot(w_o, &xs[jj * inp..(jj + 1) * inp]);
+            }
+        }
+    });
+    let mut yt = vec![0f32; rows * out];
+    for (o, col) in y.chunks(rows).enumerate() {
+        for (j, v) in col.iter().enumerate() {
+            yt[j * out + o] = *v;
+        }
+    }
+    Ok(Tensor::from_data(TensorData::new(yt, [rows, out]), &device))
+}
+
+/// flex's tensor inside `t` (sharing its buffer, no copy): how a host kernel reads a tensor that
+/// something else also holds (weights), where `into_data` would copy it. `None` for another
+/// backend's tensors.
+fn flex_tensor<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<burn::backend::flex::FlexTensor> {
+    let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
+        return None;
+    };
+    let any: Box<dyn std::any::Any> = Box::new(p);
+    any.downcast::<burn::backend::flex::FlexTensor>().ok().map(|b| *b)
+}
+
 /// The values of f32 data: borrowed, or copied where its bytes are not aligned for f32.
 fn f32_values(data: &TensorData) -> Cow<'_, [f32]> {
     match data.as_slice::<f32>() {
@@ -321,6 +424,33 @@ mod tests {
         }
     }
 
+    /// Each row's products are the same bits whatever the number of rows (1, 3, 4, 9: the
+    /// two-row and one-row paths), and close to burn's product.
+    #[test]
+    fn rows_times_weights_is_exact_across_widths_and_close_to_burn() {
+        let dev = Default::default();
+        for (out, inp) in [(67, 13), (300, 576)] {
+            let w = Tensor::<Flex, 2>::random([out, inp], Distribution::Normal(0.0, 1.0), &dev);
+            let x = Tensor::<Flex, 2>::random([9, inp], Distribution::Normal(0.0, 1.0), &dev);
+            let alone: Vec<Vec<f32>> = (0..9)
+                .map(|j| {
+                    let y = rows_times_weights(x.clone().slice_dim(0, j..j + 1), &w).unwrap();
+                    y.into_data().to_vec::<f32>().unwrap()
+                })
+                .collect();
+            for rows in [3, 4, 9] {
+                let y = rows_times_weights(x.clone().slice_dim(0, 0..rows), &w).unwrap();
+                let y = y.into_data().to_vec::<f32>().unwrap();
+                for (j, a) in alone.iter().enumerate().take(rows) {
+                    assert_eq!(&y[j * out..(j + 1) * out], &a[..], "{rows} rows, row {j}");
+                }
+            }
+            let want = x.clone().matmul(w.clone().transpose());
+            let diff = (rows_times_weights(x, &w).unwrap() - want).abs().max().into_scalar();
+            assert!(diff < 1e-4 * inp as f32, "{diff}");
+        }
+    }
+
     #[test]
     fn softmax_and_silu_match_burns_small_and_large() {
         let dev = Default::default();
@@ -381,3 +511,4 @@ mod tests {
         }
     }
 }
+

@@ -43,10 +43,13 @@ pub fn product_into_logits<B: Backend>(p: &BackendProfile, x: Tensor<B, 2>, w: &
     device_product(p, x, w).unwrap_or_else(|x| few_rows(p, w, x))
 }
 
-/// `W·xᵀ`, transposed back: split over threads where tensors live in host memory.
+/// `x·Wᵀ` for a few rows. In host memory: f32 rows by a kernel whose every output is the same
+/// sum whatever the number of rows (a sequence decoded in a batch gets the logits it gets
+/// alone), other dtypes by `W·xᵀ` split over threads; elsewhere `W·xᵀ`.
 fn few_rows<B: Backend>(p: &BackendProfile, w: &Tensor<B, 2>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     match p.host_resident() {
-        true => host_kernels::matmul_rows_parallel(w, x.transpose()).transpose(),
+        true => host_kernels::rows_times_weights(x, w)
+            .unwrap_or_else(|x| host_kernels::matmul_rows_parallel(w, x.transpose()).transpose()),
         false => w.clone().matmul(x.transpose()).transpose(),
     }
 }
