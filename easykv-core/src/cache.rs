@@ -116,6 +116,13 @@ pub trait KvCache<B: Backend> {
     /// generation): caches that keep buffers with spare room allocate once instead of growing.
     fn reserve(&mut self, _tokens: usize) {}
 
+    /// The most slots per (layer, KV head) this cache holds at once over `tokens` tokens (prompt
+    /// and generation): what [`reserve`](Self::reserve) allocates, and so what a memory pool
+    /// must set aside for it. A cache that never evicts holds them all.
+    fn peak_slots(&self, tokens: usize) -> usize {
+        tokens
+    }
+
     /// Slots evicted per (layer, KV head) so far.
     fn evicted(&self) -> usize {
         0

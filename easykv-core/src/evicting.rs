@@ -776,6 +776,11 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn reserve(&mut self, tokens: usize) {
+        let peak = self.peak_slots(tokens);
+        self.kv.reserve(peak);
+    }
+
+    fn peak_slots(&self, tokens: usize) -> usize {
         // The most slots the schedule ever holds at once: a chunk on top of a full prefill
         // cache, a decode step plus evicted slots awaiting compaction, or (no decode budget)
         // what prefill kept plus every generated token.
@@ -789,7 +794,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
             Some(c) => (c + sched.decode_stride + DEAD_SLOTS_BEFORE_COMPACTION).min(kept + generated),
             None => kept + generated,
         };
-        self.kv.reserve(prefill_peak.max(decode_peak));
+        prefill_peak.max(decode_peak)
     }
 
     fn evicted(&self) -> usize {

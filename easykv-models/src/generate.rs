@@ -63,7 +63,7 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     order.into_iter().map(|i| (i, logits[i as usize] - log_z)).collect()
 }
 
-fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+pub(crate) fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
     let data: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
 }

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod convert;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fetch;
@@ -29,6 +30,7 @@ pub mod weights;
 
 pub use backend::{BackendProfile, Kernel, KernelSet};
 pub use cache::{build_cache, build_cache_from};
+pub use engine::{Engine, EngineConfig, EngineStats, Event, Request, RequestId};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeLayout};
 pub use error::{Error, Result};

@@ -37,6 +37,12 @@ pub trait CausalLm<B: Backend>: Send + Sync {
     /// [`forward_chunks`](Self::forward_chunks) only to fill `cache` (no logits).
     fn fill_cache_chunks(&self, tokens: Tensor<B, 2, Int>, chunks: &[usize], cache: &mut dyn KvCache<B>) -> Result<()>;
 
+    /// One decode step of several sequences, each appending its token to its own cache:
+    /// logits `[sequences, vocab]`. A sequence's logits equal those of
+    /// [`forward`](Self::forward) of its token alone where the backend's products are the same
+    /// sums whatever the number of rows (the CPU in f32).
+    fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut dyn KvCache<B>]) -> Result<Tensor<B, 2>>;
+
     fn vocab_size(&self) -> usize;
 
     /// Positions the model can take (its context length).
@@ -74,6 +80,10 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
 
     fn fill_cache_chunks(&self, tokens: Tensor<B, 2, Int>, chunks: &[usize], cache: &mut dyn KvCache<B>) -> Result<()> {
         Llama::fill_cache_chunks(self, tokens, chunks, cache)
+    }
+
+    fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut dyn KvCache<B>]) -> Result<Tensor<B, 2>> {
+        Llama::decode_batch(self, tokens, caches)
     }
 
     fn vocab_size(&self) -> usize {
@@ -123,6 +133,10 @@ impl<B: Backend, M: CausalLm<B> + ?Sized> CausalLm<B> for Box<M> {
 
     fn fill_cache_chunks(&self, tokens: Tensor<B, 2, Int>, chunks: &[usize], cache: &mut dyn KvCache<B>) -> Result<()> {
         (**self).fill_cache_chunks(tokens, chunks, cache)
+    }
+
+    fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut dyn KvCache<B>]) -> Result<Tensor<B, 2>> {
+        (**self).decode_batch(tokens, caches)
     }
 
     fn vocab_size(&self) -> usize {

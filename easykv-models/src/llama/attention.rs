@@ -222,6 +222,21 @@ impl<B: Backend> Attention<B> {
         cache: &mut C,
     ) -> Result<Tensor<B, 4>> {
         let qkv = self.qkv.forward_normed(p, x, scaled, norm);
+        self.attend_projected(p, layer, qkv, angles, mask, cache)
+    }
+
+    /// [`forward`](Self::forward) from the stacked projection `qkv` (`[batch, s, (hq + 2·hkv)·d]`)
+    /// on: a batched decode step projects every sequence's row at once, then attends each over
+    /// its own cache.
+    pub(super) fn attend_projected<C: KvCache<B> + ?Sized>(
+        &self,
+        p: &BackendProfile,
+        layer: usize,
+        qkv: Tensor<B, 3>,
+        angles: &ChunkAngles<B>,
+        mask: Option<&Tensor<B, 4>>,
+        cache: &mut C,
+    ) -> Result<Tensor<B, 4>> {
         // Where a kernel can, keys and values go straight into the cache's buffers.
         let qkv = match self.project_into_cache(p, layer, qkv, angles, cache)? {
             Ok((q, cached)) => return self.attend_cached(p, layer, q, &cached, None, mask, cache),

@@ -168,6 +168,57 @@ impl<B: Backend> Llama<B> {
         Ok(x)
     }
 
+    /// One decode step of several sequences, each with its own cache (its own policy, budget,
+    /// slot count and position): every product runs once over all the sequences' rows — the
+    /// weights are read once per step for all of them — and attention runs per sequence over
+    /// its own cache. Each cache ends its chunk (and may evict) as after a step alone.
+    ///
+    /// # Shapes
+    /// - `tokens`: one id per sequence, `caches[i]` the cache of sequence `i`
+    /// - returns the logits `[sequences, vocab]` (f32)
+    pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut dyn KvCache<B>]) -> Result<Tensor<B, 2>> {
+        let n = tokens.len();
+        if n == 0 || caches.len() != n {
+            return Err(Error::InvalidInput(format!(
+                "a batched step needs one cache per token, got {n} tokens and {} caches",
+                caches.len()
+            )));
+        }
+        let p = &self.profile;
+        let device = self.embed.weight.device();
+        // Each sequence's position, rotation and mask (a sliding window may hide its first slots).
+        let mut angles = Vec::with_capacity(n);
+        let mut masks = Vec::with_capacity(n);
+        for cache in caches.iter() {
+            let start = self.first_position(&**cache, 1)?;
+            let slots = cache.compact_positions().then(|| cache.slots(0) + 1);
+            angles.push(self.chunk_angles(1, start, 1, slots));
+            masks.push(self.attention_mask(1, 1, cache.slots(0) + 1, &device));
+        }
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
+        let mut x = self.embed.embed(ids).cast(self.activation_dtype());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let qkv = layer
+                .attn
+                .qkv
+                .forward_normed(p, x.clone(), None, &layer.attn_norm);
+            let mut outs = Vec::with_capacity(n);
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let row = qkv.clone().slice_dim(0, i..i + 1);
+                outs.push(layer.attn.attend_projected(p, l, row, &angles[i], masks[i].as_ref(), &mut **cache)?);
+            }
+            x = layer.finish(p, x, Tensor::cat(outs, 0), Needed::All, None).0;
+        }
+        for cache in caches.iter_mut() {
+            cache.end_chunk()?;
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = head.logits(p, ops::rms_norm(p, &self.norm, x));
+        let vocab = logits.dims()[2];
+        Ok(logits.reshape([n, vocab]))
+    }
+
     /// The position of the first of `len` new tokens, if all of them fit in the context.
     fn first_position<C: KvCache<B> + ?Sized>(&self, cache: &C, len: usize) -> Result<usize> {
         let start = cache.next_position();

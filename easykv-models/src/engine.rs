@@ -1,0 +1,374 @@
+//! The batched engine: many sequences at once, each under its own policy and budget, their
+//! key/value caches drawn from one memory pool of a fixed size.
+//!
+//! A request is admitted when the pool can set aside its cache's peak footprint (what its
+//! budget lets it hold at most, or prompt + new tokens for the full cache; see
+//! [`KvCache::peak_slots`]); its cache then allocates exactly that, once. Every
+//! [`step`](Engine::step) prefills one chunk group of one waiting prompt (so a long prompt
+//! never stalls the others for more than a group) and advances every decoding sequence by one
+//! token in a single batched forward pass, which reads the weights once for all of them.
+//! Finished and cancelled sequences hand their memory back at once.
+//!
+//! Why one contiguous buffer per (sequence, layer) rather than fixed-size blocks: a budgeted
+//! sequence's peak is known when it is admitted, and eviction compacts a sequence's slots within
+//! its own buffer, so a block table would add an indirection to every attention read without
+//! freeing more memory; the pool accounts whole reservations, which is what admission needs.
+
+use std::collections::VecDeque;
+
+use burn::prelude::*;
+use easykv_core::{EvictionConfig, KvCache};
+
+use crate::backend::BackendProfile;
+use crate::cache::build_cache;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::generate::{chunk_groups, token_tensor, StopReason};
+use crate::linear::WeightDType;
+use crate::llama::Logits;
+use crate::model::CausalLm;
+use crate::sampling::{Sampler, SamplingConfig};
+
+/// One generation asked of the engine.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    /// A policy of the built-in table (`full` never evicts).
+    pub policy: String,
+    pub eviction: EvictionConfig,
+    pub sampling: SamplingConfig,
+    /// Ids that end the generation (not emitted).
+    pub stop_ids: Vec<u32>,
+}
+
+/// Identifies a submitted request.
+pub type RequestId = u64;
+
+/// What a step produced for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Token { id: RequestId, token: u32 },
+    Finished { id: RequestId, stop: StopReason },
+}
+
+/// The engine's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Bytes of keys and values all running sequences may hold together.
+    pub pool_bytes: u64,
+    /// Sequences running at once, at most.
+    pub max_running: usize,
+    /// Prompt tokens per prefill pass (a policy's strides inside it are its own).
+    pub chunk_size: usize,
+}
+
+/// Where the engine stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EngineStats {
+    pub queued: usize,
+    pub running: usize,
+    /// Bytes set aside for the running sequences' caches.
+    pub reserved_bytes: u64,
+    /// Bytes their caches hold now.
+    pub kv_bytes: u64,
+    pub pool_bytes: u64,
+    pub finished: u64,
+}
+
+/// A running sequence.
+struct Sequence<B: Backend> {
+    id: RequestId,
+    request: Request,
+    cache: Box<dyn KvCache<B>>,
+    sampler: Sampler,
+    footprint: u64,
+    /// Prefill groups not run yet, and where the next starts in the prompt.
+    groups: VecDeque<Vec<usize>>,
+    prefilled: usize,
+    /// The token to feed at the next decode step.
+    pending: Option<u32>,
+    generated: usize,
+}
+
+/// Sequences at once under one pool (see the module's documentation).
+pub struct Engine<B: Backend> {
+    model: Box<dyn CausalLm<B>>,
+    model_config: ModelConfig,
+    kv_dtype: WeightDType,
+    config: EngineConfig,
+    queue: VecDeque<(RequestId, Request, u64)>,
+    running: Vec<Sequence<B>>,
+    next_id: RequestId,
+    reserved: u64,
+    finished: u64,
+}
+
+impl<B: Backend> Engine<B> {
+    /// An engine over `model` (of shape `model_config`, caching keys and values in `kv_dtype`).
+    pub fn new(
+        model: Box<dyn CausalLm<B>>,
+        model_config: ModelConfig,
+        kv_dtype: WeightDType,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        if config.max_running == 0 || config.chunk_size == 0 || config.pool_bytes == 0 {
+            return Err(Error::InvalidInput(
+                "the engine needs a pool, a chunk size and room for at least one sequence".into(),
+            ));
+        }
+        Ok(Self {
+            model,
+            model_config,
+            kv_dtype,
+            config,
+            queue: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            reserved: 0,
+            finished: 0,
+        })
+    }
+
+    pub fn model(&self) -> &dyn CausalLm<B> {
+        self.model.as_ref()
+    }
+
+    fn profile(&self) -> BackendProfile {
+        *self.model.profile()
+    }
+
+    /// A cache for `request`, and the bytes the pool must set aside for it.
+    fn cache_for(&self, request: &Request) -> Result<(Box<dyn KvCache<B>>, u64)> {
+        let profile = self.profile();
+        let cache = build_cache::<B>(
+            &request.policy,
+            &request.eviction,
+            &self.model_config,
+            &profile,
+            self.kv_dtype,
+            request.prompt.len(),
+            self.config.chunk_size,
+        )?;
+        let tokens = request.prompt.len() + request.max_new_tokens;
+        let per_token = self.model_config.kv_bytes_per_token(self.kv_dtype.size());
+        let footprint = (cache.peak_slots(tokens) as u64).saturating_mul(per_token);
+        Ok((cache, footprint))
+    }
+
+    /// Queues `request`; refused at once if it could never run (an empty prompt or one past
+    /// the context, a bad policy or budget, a footprint larger than the whole pool).
+    pub fn submit(&mut self, request: Request) -> Result<RequestId> {
+        let context = self.model.context_length();
+        if request.prompt.is_empty() {
+            return Err(Error::InvalidInput("the prompt is empty".into()));
+        }
+        if request.prompt.len() > context {
+            return Err(Error::InvalidInput(format!(
+                "the prompt has {} tokens, more than the model's context of {context}",
+                request.prompt.len()
+            )));
+        }
+        let vocab = self.model.vocab_size();
+        if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Sampler::new(request.sampling.clone())?;
+        let (_, footprint) = self.cache_for(&request)?;
+        if footprint > self.config.pool_bytes {
+            return Err(Error::InvalidInput(format!(
+                "the request's cache needs {footprint} bytes, more than the pool's {}",
+                self.config.pool_bytes
+            )));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.queue.push_back((id, request, footprint));
+        Ok(id)
+    }
+
+    /// Drops request `id`, queued or running, and frees its memory; `false` if unknown.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        if let Some(i) = self.queue.iter().position(|(q, _, _)| *q == id) {
+            self.queue.remove(i);
+            return true;
+        }
+        match self.running.iter().position(|s| s.id == id) {
+            Some(i) => {
+                let seq = self.running.swap_remove(i);
+                self.reserved -= seq.footprint;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            queued: self.queue.len(),
+            running: self.running.len(),
+            reserved_bytes: self.reserved,
+            kv_bytes: self.running.iter().map(|s| s.cache.bytes()).sum(),
+            pool_bytes: self.config.pool_bytes,
+            finished: self.finished,
+        }
+    }
+
+    /// Whether nothing is queued or running.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.running.is_empty()
+    }
+
+    /// Running sequences' ids with their cache bytes and the bytes set aside for them.
+    pub fn running(&self) -> Vec<(RequestId, u64, u64)> {
+        self.running
+            .iter()
+            .map(|s| (s.id, s.cache.bytes(), s.footprint))
+            .collect()
+    }
+
+    /// Admits queued requests in order while the pool and `max_running` allow.
+    fn admit(&mut self) -> Result<()> {
+        while self.running.len() < self.config.max_running {
+            let Some((_, _, footprint)) = self.queue.front() else {
+                break;
+            };
+            if self.reserved + footprint > self.config.pool_bytes {
+                break;
+            }
+            let Some((id, request, footprint)) = self.queue.pop_front() else {
+                break;
+            };
+            let (mut cache, _) = self.cache_for(&request)?;
+            cache.reserve(request.prompt.len() + request.max_new_tokens);
+            let groups = chunk_groups(
+                &cache.prefill_chunks(request.prompt.len(), self.config.chunk_size),
+                self.config.chunk_size,
+            );
+            self.reserved += footprint;
+            self.running.push(Sequence {
+                id,
+                sampler: Sampler::new(request.sampling.clone())?,
+                request,
+                cache,
+                footprint,
+                groups: groups.into(),
+                prefilled: 0,
+                pending: None,
+                generated: 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Admits what fits, prefills one chunk group of the oldest prompt still prefilling, and
+    /// decodes one token for every other running sequence in one batched pass.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        self.admit()?;
+        let mut events = Vec::new();
+        let context = self.model.context_length();
+        let device = self.model.device();
+        // Decode first: the sequences whose prefill finished in an earlier step.
+        let decoding: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].pending.is_some())
+            .collect();
+        if !decoding.is_empty() {
+            let tokens: Vec<u32> = decoding.iter().filter_map(|&i| self.running[i].pending).collect();
+            let mut caches: Vec<&mut dyn KvCache<B>> = Vec::with_capacity(decoding.len());
+            for (i, seq) in self.running.iter_mut().enumerate() {
+                if seq.pending.is_some() {
+                    debug_assert!(decoding.contains(&i));
+                    caches.push(seq.cache.as_mut());
+                }
+            }
+            let logits = self.model.decode_batch(&tokens, &mut caches)?;
+            let vocab = logits.dims()[1];
+            let rows = logits
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
+            for (r, &i) in decoding.iter().enumerate() {
+                let seq = &mut self.running[i];
+                seq.pending = None;
+                Self::next_token(seq, &rows[r * vocab..(r + 1) * vocab], context, &mut events);
+            }
+        }
+        // One prefill group of the oldest sequence still prefilling.
+        if let Some(seq) = self.running.iter_mut().find(|s| !s.groups.is_empty()) {
+            if let Some(group) = seq.groups.pop_front() {
+                let len: usize = group.iter().sum();
+                let ids = &seq.request.prompt[seq.prefilled..seq.prefilled + len];
+                let tokens = token_tensor::<B>(ids, &device);
+                seq.prefilled += len;
+                if seq.groups.is_empty() {
+                    let logits = self
+                        .model
+                        .forward_chunks(tokens, &group, seq.cache.as_mut(), Logits::Last)?;
+                    let row = logits
+                        .into_data()
+                        .convert::<f32>()
+                        .into_vec::<f32>()
+                        .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
+                    Self::next_token(seq, &row, context, &mut events);
+                } else {
+                    self.model.fill_cache_chunks(tokens, &group, seq.cache.as_mut())?;
+                }
+            }
+        }
+        // Finished sequences return their memory now.
+        let finished: Vec<RequestId> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Finished { id, .. } => Some(*id),
+                Event::Token { .. } => None,
+            })
+            .collect();
+        for id in finished {
+            if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                let seq = self.running.swap_remove(i);
+                self.reserved -= seq.footprint;
+                self.finished += 1;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Samples `seq`'s next token from `logits` as [`crate::generate`] does: a stop id ends it
+    /// unemitted; a token is emitted, and ends it at the token limit or the context's end;
+    /// otherwise it is fed at the next step.
+    fn next_token(seq: &mut Sequence<B>, logits: &[f32], context: usize, events: &mut Vec<Event>) {
+        let id = seq.id;
+        let finish = |stop| Event::Finished { id, stop };
+        if seq.generated >= seq.request.max_new_tokens {
+            events.push(finish(StopReason::MaxTokens));
+            return;
+        }
+        let token = seq.sampler.sample(logits);
+        if seq.request.stop_ids.contains(&token) {
+            events.push(finish(StopReason::StopToken));
+            return;
+        }
+        seq.generated += 1;
+        events.push(Event::Token { id, token });
+        if seq.generated >= seq.request.max_new_tokens {
+            events.push(finish(StopReason::MaxTokens));
+        } else if seq.cache.next_position() >= context {
+            events.push(finish(StopReason::ContextFull));
+        } else {
+            seq.pending = Some(token);
+        }
+    }
+
+    /// Steps until every request has finished, handing each event to `on_event`.
+    pub fn run(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        while !self.is_idle() {
+            for e in self.step()? {
+                on_event(&e);
+            }
+        }
+        Ok(())
+    }
+}
