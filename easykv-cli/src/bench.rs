@@ -7,8 +7,8 @@ use burn::tensor::TensorData;
 use clap::Args;
 use easykv_core::KvCache;
 use easykv_models::{
-    build_cache, generate, prefill, CausalLm, GenerateConfig, Logits, ModelConfig, RandomModel, SamplingConfig,
-    WeightDType,
+    build_cache, generate, prefill, CausalLm, Engine, EngineConfig, Event, GenerateConfig, Logits, ModelConfig,
+    RandomModel, Request, SamplingConfig, WeightDType,
 };
 use serde_json::json;
 
@@ -46,6 +46,18 @@ pub struct BenchArgs {
     /// separate commands would measure.
     #[arg(long)]
     pub against_full: bool,
+    /// Serve this many requests through the batched engine (each `--prompt-tokens` long, each
+    /// generating `--new-tokens`, prompts rotated so they differ; all queued at the start)
+    /// and report throughput, latency and memory instead of one generation's speed.
+    #[arg(long, value_name = "M")]
+    pub requests: Option<usize>,
+    /// With `--requests`: sequences decoded together at most.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// With `--requests`: bytes of KV cache all running sequences may hold together (64MiB,
+    /// 40GiB); unlimited by default.
+    #[arg(long, value_name = "SIZE")]
+    pub kv_pool: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -122,6 +134,9 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
     let t = Instant::now();
     let loaded = Subject::<B>::load(args, device)?;
     let load_seconds = t.elapsed().as_secs_f64();
+    if let Some(requests) = args.requests {
+        return serve_requests(loaded, args, requests);
+    }
     let prompt = &loaded.prompt;
     let cfg = GenerateConfig {
         max_new_tokens: args.new_tokens,
@@ -310,4 +325,124 @@ fn argmax(row: &[f32]) -> u32 {
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map_or(0, |(i, _)| i as u32)
+}
+
+/// `--requests M`: M requests through the batched engine, `--concurrency` at a time.
+fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: usize) -> CliResult {
+    if requests == 0 || args.concurrency == 0 {
+        return Err(CliError("--requests and --concurrency must be ≥ 1".into()));
+    }
+    let pool = match &args.kv_pool {
+        None => u64::MAX / 2,
+        Some(size) => match size.parse::<easykv_core::Budget>()? {
+            easykv_core::Budget::Bytes(b) => b,
+            _ => return Err(CliError(format!("--kv-pool '{size}': give a size (64MiB, 40GiB)"))),
+        },
+    };
+    let Subject {
+        model,
+        config,
+        dtype,
+        name,
+        prompt,
+    } = loaded;
+    let mut engine = Engine::new(
+        model,
+        config,
+        dtype,
+        EngineConfig {
+            pool_bytes: pool,
+            max_running: args.concurrency,
+            chunk_size: args.chunk_size,
+        },
+    )?;
+    let eviction = args.eviction.config()?;
+    let start = Instant::now();
+    let mut first: Vec<Option<f64>> = vec![None; requests];
+    let mut last: Vec<f64> = vec![0.0; requests];
+    let mut gaps: Vec<f64> = Vec::new();
+    let mut ids = Vec::with_capacity(requests);
+    for i in 0..requests {
+        // Each request's prompt starts elsewhere in the text (or the random ids).
+        let shift = (i * 7) % prompt.len().max(1);
+        let p: Vec<u32> = prompt[shift..].iter().chain(&prompt[..shift]).copied().collect();
+        ids.push(engine.submit(Request {
+            prompt: p,
+            max_new_tokens: args.new_tokens,
+            policy: args.eviction.policy.name().to_string(),
+            eviction: eviction.clone(),
+            sampling: SamplingConfig::default(),
+            stop_ids: Vec::new(),
+        })?);
+    }
+    let index = |id: u64| ids.iter().position(|&x| x == id).unwrap_or(0);
+    let (mut tokens, mut peak_kv, mut peak_reserved, mut in_flight) = (0usize, 0u64, 0u64, 0usize);
+    while !engine.is_idle() {
+        for e in engine.step()? {
+            if let Event::Token { id, .. } = e {
+                let (i, now) = (index(id), start.elapsed().as_secs_f64());
+                match first[i] {
+                    None => first[i] = Some(now),
+                    Some(_) => gaps.push(now - last[i]),
+                }
+                last[i] = now;
+                tokens += 1;
+            }
+        }
+        let s = engine.stats();
+        peak_kv = peak_kv.max(s.kv_bytes);
+        peak_reserved = peak_reserved.max(s.reserved_bytes);
+        in_flight = in_flight.max(s.running);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let mut ttft: Vec<f64> = first.into_iter().flatten().collect();
+    let pct = |v: &mut Vec<f64>, q: f64| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+            * 1e3
+    };
+    let report = json!({
+        "model": name,
+        "device": args.model.device,
+        "policy": args.eviction.policy.name(),
+        "budget": args.eviction.budget,
+        "requests": requests,
+        "concurrency": args.concurrency,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "output_tokens": tokens,
+        "seconds": wall,
+        "output_tokens_per_second": tokens as f64 / wall,
+        "ttft_ms_p50": pct(&mut ttft, 0.5),
+        "ttft_ms_p99": pct(&mut ttft, 0.99),
+        "itl_ms_p50": pct(&mut gaps, 0.5),
+        "itl_ms_p99": pct(&mut gaps, 0.99),
+        "peak_kv_bytes": peak_kv,
+        "peak_reserved_bytes": peak_reserved,
+        "max_in_flight": in_flight,
+    });
+    if args.json {
+        return print_json(&report);
+    }
+    let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
+    println!(
+        "model: {name}\npolicy: {} (budget {})\nrequests: {requests} × ({} prompt + {} new tokens), {} at a time\n\
+         output: {tokens} tokens in {wall:.2} s = {:.1} tokens/s\ntime to first token: p50 {:.0} ms, p99 {:.0} ms\n\
+         inter-token latency: p50 {:.1} ms, p99 {:.1} ms\npeak KV held: {:.2} MiB (set aside {:.2} MiB), in flight at most {in_flight}",
+        args.eviction.policy,
+        args.eviction.budget,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.concurrency,
+        f("output_tokens_per_second"),
+        f("ttft_ms_p50"),
+        f("ttft_ms_p99"),
+        f("itl_ms_p50"),
+        f("itl_ms_p99"),
+        peak_kv as f64 / (1 << 20) as f64,
+        peak_reserved as f64 / (1 << 20) as f64,
+    );
+    Ok(())
 }

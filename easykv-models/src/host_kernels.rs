@@ -192,53 +192,102 @@ pub fn matmul_rows_parallel<B: Backend>(w: &Tensor<B, 2>, x: Tensor<B, 2>) -> Te
     Tensor::cat(parts, 0)
 }
 
-/// Lanes of the running sums in [`dot`]: four vector registers of independent sums, so the
-/// additions do not wait on each other.
-const DOT_LANES: usize = 16;
+/// Vector accumulators per output in [`BlockDots`]: independent sums, so the fused
+/// multiply-adds of a tile do not wait on each other.
+const DOT_ACCUMULATORS: usize = 2;
 
-/// The lanes of [`dot`] added in a fixed tree.
-#[inline(always)]
-fn lanes_sum(a: &[f32; DOT_LANES]) -> f32 {
-    let mut h = [0f32; 8];
-    for k in 0..8 {
-        h[k] = a[k] + a[k + 8];
-    }
-    ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7]))
+/// `out[o][j] = Σ w_o[i]·x_j[i]` for a block of weight rows and every row `x_j`, in SIMD
+/// registers of the width the CPU offers (chosen at run time by `pulp`). Every output is summed
+/// the same way — the first accumulator takes the even vectors, the second the odd ones, then
+/// the two are added, reduced,
+/// and the scalar tail added — whether its rows are tiled with others or alone, so the number
+/// of rows never changes a result. Tiles of 2 weight rows × 2 rows load each vector once for
+/// two products.
+struct BlockDots<'a> {
+    /// `[block rows, in]`
+    w: &'a [f32],
+    inp: usize,
+    xs: &'a [&'a [f32]],
+    /// `[block rows, rows]`
+    out: &'a mut [f32],
 }
 
-/// `Σ a[i]·b[i]` in a fixed order: lane `k` sums the products at `i ≡ k (mod 16)` in turn, the
-/// lanes are added in a fixed tree, then the tail. No reassociation is left to the compiler, so
-/// the loop vectorizes and the result never depends on what else is computed alongside.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dots::<1>(a, [b])[0]
-}
+impl pulp::WithSimd for BlockDots<'_> {
+    type Output = ();
 
-/// [`dot`] of `w` with `R` rows at once, each sum exactly as [`dot`] makes it: one pass over
-/// `w` serves `R` rows (its loads are shared, its sums are not).
-#[inline(always)]
-fn dots<const R: usize>(w: &[f32], x: [&[f32]; R]) -> [f32; R] {
-    let mut acc = [[0f32; DOT_LANES]; R];
-    let n = w.len() / DOT_LANES * DOT_LANES;
-    for c in (0..n).step_by(DOT_LANES) {
-        let wc = &w[c..c + DOT_LANES];
-        for (a, xj) in acc.iter_mut().zip(&x) {
-            let xc = &xj[c..c + DOT_LANES];
-            for k in 0..DOT_LANES {
-                a[k] += wc[k] * xc[k];
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let rows = self.xs.len();
+        let xs: Vec<(&[S::f32s], &[f32])> = self.xs.iter().map(|x| S::as_simd_f32s(x)).collect();
+        let ws: Vec<(&[S::f32s], &[f32])> = self.w.chunks(self.inp).map(|w| S::as_simd_f32s(w)).collect();
+        let zero = [simd.splat_f32s(0.0); DOT_ACCUMULATORS];
+        let finish = |acc: [S::f32s; DOT_ACCUMULATORS], w_tail: &[f32], x_tail: &[f32]| {
+            let tail: f32 = w_tail.iter().zip(x_tail).map(|(a, b)| a * b).sum();
+            simd.reduce_sum_f32s(simd.add_f32s(acc[0], acc[1])) + tail
+        };
+        let mut o = 0;
+        while o < ws.len() {
+            let pair_w = o + 1 < ws.len();
+            let (w0, w0t) = ws[o];
+            let (w1, w1t) = if pair_w { ws[o + 1] } else { ws[o] };
+            let mut j = 0;
+            while j < rows {
+                let pair_x = j + 1 < rows;
+                let (x0, x0t) = xs[j];
+                let (x1, x1t) = if pair_x { xs[j + 1] } else { xs[j] };
+                // Two accumulators per output as named registers: vectors 2c go to the first,
+                // 2c + 1 to the second (and an odd last vector to the first).
+                let (mut a00, mut a01, mut a10, mut a11) = (zero, zero, zero, zero);
+                let fma = |acc: &mut [S::f32s; DOT_ACCUMULATORS], k: usize, a: S::f32s, b: S::f32s| {
+                    acc[k] = simd.mul_add_f32s(a, b, acc[k]);
+                };
+                let (c0, c1, c2, c3) = (
+                    w0.chunks_exact(2),
+                    w1.chunks_exact(2),
+                    x0.chunks_exact(2),
+                    x1.chunks_exact(2),
+                );
+                let odd = (c0.remainder(), c1.remainder(), c2.remainder(), c3.remainder());
+                for (((p, q), u), v) in c0.zip(c1).zip(c2).zip(c3) {
+                    let (mut e00, mut f00) = (a00[0], a00[1]);
+                    let (mut e01, mut f01) = (a01[0], a01[1]);
+                    let (mut e10, mut f10) = (a10[0], a10[1]);
+                    let (mut e11, mut f11) = (a11[0], a11[1]);
+                    e00 = simd.mul_add_f32s(p[0], u[0], e00);
+                    f00 = simd.mul_add_f32s(p[1], u[1], f00);
+                    e01 = simd.mul_add_f32s(p[0], v[0], e01);
+                    f01 = simd.mul_add_f32s(p[1], v[1], f01);
+                    e10 = simd.mul_add_f32s(q[0], u[0], e10);
+                    f10 = simd.mul_add_f32s(q[1], u[1], f10);
+                    e11 = simd.mul_add_f32s(q[0], v[0], e11);
+                    f11 = simd.mul_add_f32s(q[1], v[1], f11);
+                    (a00, a01, a10, a11) = ([e00, f00], [e01, f01], [e10, f10], [e11, f11]);
+                }
+                if let ([p], [q], [u], [v]) = odd {
+                    fma(&mut a00, 0, *p, *u);
+                    fma(&mut a01, 0, *p, *v);
+                    fma(&mut a10, 0, *q, *u);
+                    fma(&mut a11, 0, *q, *v);
+                }
+                self.out[o * rows + j] = finish(a00, w0t, x0t);
+                if pair_x {
+                    self.out[o * rows + j + 1] = finish(a01, w0t, x1t);
+                }
+                if pair_w {
+                    self.out[(o + 1) * rows + j] = finish(a10, w1t, x0t);
+                    if pair_x {
+                        self.out[(o + 1) * rows + j + 1] = finish(a11, w1t, x1t);
+                    }
+                }
+                j += 2;
             }
+            o += 2;
         }
     }
-    let mut out = [0f32; R];
-    for ((o, a), xj) in out.iter_mut().zip(&acc).zip(&x) {
-        let tail: f32 = w[n..].iter().zip(&xj[n..]).map(|(p, q)| p * q).sum();
-        *o = lanes_sum(a) + tail;
-    }
-    out
 }
 
 /// `x·Wᵀ` for a few f32 rows `x` (`[rows, in]`) and `W` (`[out, in]`) in host memory: `[rows,
-/// out]`, every element the same [`dot`] whatever `rows` is — a sequence decoded in a batch gets
+/// out]`, every element the same sum ([`BlockDots`]) whatever `rows` is — a sequence decoded in a batch gets
 /// exactly the logits it gets alone (flex's products differ in the last bits between widths).
 /// Weight rows are split over rayon's threads, and each weight row is read once for all rows of
 /// `x`. `x` back when either is not f32.
@@ -260,20 +309,17 @@ pub fn rows_times_weights<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Resu
     // transposed.
     let mut y = vec![0f32; out * rows];
     let per_task = (PARALLEL_ELEMENTS / inp.max(1)).clamp(1, 256);
+    let x_rows: Vec<&[f32]> = xs.chunks(inp).collect();
+    let arch = pulp::Arch::new();
     y.par_chunks_mut(per_task * rows).enumerate().for_each(|(t, block)| {
-        for (i, y_o) in block.chunks_mut(rows).enumerate() {
-            let o = t * per_task + i;
-            let w_o = &ws[o * inp..(o + 1) * inp];
-            let mut j = 0;
-            while j + 2 <= rows {
-                let x2 = [0, 1].map(|k| &xs[(j + k) * inp..(j + k + 1) * inp]);
-                y_o[j..j + 2].copy_from_slice(&dots(w_o, x2));
-                j += 2;
-            }
-            for (jj, y_oj) in y_o.iter_mut().enumerate().skip(j) {
-                *y_oj = dot(w_o, &xs[jj * inp..(jj + 1) * inp]);
-            }
-        }
+        let first = t * per_task;
+        let w = &ws[first * inp..(first + block.len() / rows) * inp];
+        arch.dispatch(BlockDots {
+            w,
+            inp,
+            xs: &x_rows,
+            out: block,
+        });
     });
     let mut yt = vec![0f32; rows * out];
     for (o, col) in y.chunks(rows).enumerate() {
@@ -425,7 +471,7 @@ mod tests {
     }
 
     /// Each row's products are the same bits whatever the number of rows (1, 3, 4, 9: the
-    /// two-row and one-row paths), and close to burn's product.
+    /// two-row and one-row paths, widths with and without a scalar tail), and close to burn's.
     #[test]
     fn rows_times_weights_is_exact_across_widths_and_close_to_burn() {
         let dev = Default::default();
@@ -511,4 +557,3 @@ mod tests {
         }
     }
 }
-

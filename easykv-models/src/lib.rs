@@ -30,9 +30,9 @@ pub mod weights;
 
 pub use backend::{BackendProfile, Kernel, KernelSet};
 pub use cache::{build_cache, build_cache_from};
-pub use engine::{Engine, EngineConfig, EngineStats, Event, Request, RequestId};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeLayout};
+pub use engine::{Engine, EngineConfig, EngineStats, Event, Request, RequestId};
 pub use error::{Error, Result};
 pub use generate::{generate, prefill, score, top_logprobs, GenerateConfig, Generation, Score, StopReason};
 pub use linear::WeightDType;

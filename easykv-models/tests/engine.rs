@@ -12,8 +12,8 @@ use std::ops::ControlFlow;
 use burn::backend::Flex;
 use easykv_core::{Budget, EvictionConfig, Mode};
 use easykv_models::{
-    build_cache, generate, CausalLm, Engine, EngineConfig, Event, GenerateConfig, LoadedModel, Request,
-    SamplingConfig, WeightDType,
+    build_cache, generate, CausalLm, Engine, EngineConfig, Event, GenerateConfig, LoadedModel, Request, SamplingConfig,
+    WeightDType,
 };
 
 use common::{load_model, shared};
@@ -112,7 +112,10 @@ fn a_batch_decodes_what_each_sequence_decodes_alone() {
         let stats = engine.stats();
         assert!(stats.reserved_bytes <= pool, "{stats:?}");
         for (id, bytes, footprint) in engine.running() {
-            assert!(bytes <= footprint, "request {id}: {bytes} bytes held, {footprint} set aside");
+            assert!(
+                bytes <= footprint,
+                "request {id}: {bytes} bytes held, {footprint} set aside"
+            );
         }
         max_running = max_running.max(stats.running);
         steps += 1;
@@ -121,7 +124,12 @@ fn a_batch_decodes_what_each_sequence_decodes_alone() {
     assert_eq!(finished, reqs.len());
     assert!(max_running >= 2, "sequences ran together");
     for (i, id) in ids.iter().enumerate() {
-        assert_eq!(got.get(id).cloned().unwrap_or_default(), want[i], "request {i} ({})", reqs[i].policy);
+        assert_eq!(
+            got.get(id).cloned().unwrap_or_default(),
+            want[i],
+            "request {i} ({})",
+            reqs[i].policy
+        );
     }
     assert_eq!(engine.stats().reserved_bytes, 0);
 }

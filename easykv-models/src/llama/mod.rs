@@ -199,14 +199,15 @@ impl<B: Backend> Llama<B> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
         let mut x = self.embed.embed(ids).cast(self.activation_dtype());
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = layer
-                .attn
-                .qkv
-                .forward_normed(p, x.clone(), None, &layer.attn_norm);
+            let qkv = layer.attn.qkv.forward_normed(p, x.clone(), None, &layer.attn_norm);
             let mut outs = Vec::with_capacity(n);
             for (i, cache) in caches.iter_mut().enumerate() {
                 let row = qkv.clone().slice_dim(0, i..i + 1);
-                outs.push(layer.attn.attend_projected(p, l, row, &angles[i], masks[i].as_ref(), &mut **cache)?);
+                outs.push(
+                    layer
+                        .attn
+                        .attend_projected(p, l, row, &angles[i], masks[i].as_ref(), &mut **cache)?,
+                );
             }
             x = layer.finish(p, x, Tensor::cat(outs, 0), Needed::All, None).0;
         }
