@@ -45,6 +45,15 @@ pub struct GenerateArgs {
     /// Read the prompt as token ids from a JSON array file (exact reproduction).
     #[arg(long, conflicts_with_all = ["prompt", "prompt_file", "chat"])]
     pub prompt_ids_file: Option<PathBuf>,
+    /// Run several requests together through the batched engine: one JSON object per line
+    /// with `prompt` (or `prompt_ids`) and optionally `max_new_tokens`, `policy`, `budget`,
+    /// `mode`, `stride`, `temperature`, `seed` (the flags give the rest); prints one JSON line
+    /// per request, in input order.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["prompt", "prompt_file", "prompt_ids_file", "chat", "json", "stats"])]
+    pub requests_file: Option<PathBuf>,
+    /// With --requests-file: sequences decoded together at most.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
     #[command(flatten)]
     pub eviction: EvictionArgs,
     /// With --json: the N most likely tokens and their log-probabilities at every step.
@@ -87,6 +96,12 @@ fn prompt_ids_file(path: &std::path::Path) -> CliResult<Vec<u32>> {
 
 fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
     args.eviction.validate()?;
+    if let Some(path) = &args.requests_file {
+        if args.concurrency == 0 {
+            return Err(CliError("--concurrency must be ≥ 1".into()));
+        }
+        return crate::requests::run_on::<B>(device, args, path);
+    }
     let given_ids = args.prompt_ids_file.as_deref().map(prompt_ids_file).transpose()?;
     let text = if given_ids.is_some() {
         String::new()

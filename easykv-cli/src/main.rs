@@ -6,6 +6,7 @@ mod check_kernels;
 mod common;
 mod eval;
 mod generate;
+mod requests;
 mod score;
 
 use std::process::ExitCode;

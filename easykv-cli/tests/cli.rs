@@ -436,3 +436,62 @@ fn eval_bad_input_is_a_one_line_error() {
     let _ = std::fs::remove_file(empty);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `--requests-file`: each line's output (greedy, its own policy) equals `generate` alone with
+/// the same settings, printed in input order; a bad line is a one-line error before loading.
+#[test]
+fn requests_file_runs_together_what_generate_runs_alone() {
+    let dir = temp_dir("requests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("requests.jsonl");
+    let long =
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who went out every morning";
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n\n{}\n",
+            r#"{"prompt": "The capital of France is", "max_new_tokens": 8}"#,
+            format_args!(
+                r#"{{"prompt": "{long}", "max_new_tokens": 6, "policy": "roco", "budget": "0.5", "stride": 2}}"#
+            )
+        ),
+    )
+    .unwrap();
+    let o = easykv(&["generate", "-q", "--requests-file", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let alone = |args: &[&str]| -> serde_json::Value {
+        let o = easykv(&[&["generate", "-q", "--json"], args].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let a = alone(&["--prompt", "The capital of France is", "--max-new-tokens", "8"]);
+    let b = alone(&[
+        "--prompt",
+        long,
+        "--max-new-tokens",
+        "6",
+        "--policy",
+        "roco",
+        "--budget",
+        "0.5",
+        "--stride",
+        "2",
+    ]);
+    assert_eq!(lines[0]["ids"], a["ids"]);
+    assert_eq!(lines[1]["ids"], b["ids"]);
+    assert_eq!(
+        (lines[0]["request"].as_u64(), lines[1]["policy"].as_str()),
+        (Some(1), Some("roco"))
+    );
+    std::fs::write(&file, r#"{"prompt": "hi", "prompt_ids": [1]}"#).unwrap();
+    assert_one_line_error(
+        &easykv(&["generate", "--requests-file", file.to_str().unwrap()]),
+        "give exactly one of prompt and prompt_ids",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

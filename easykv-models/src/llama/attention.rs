@@ -70,7 +70,7 @@ impl<B: Backend> Attention<B> {
 
     /// The stacked projection `qkv` (`[batch, s, (hq + 2·hkv)·d]`) as q, k, v in the
     /// projections' layout, rotated as [`project`](Self::project) says.
-    fn split_positions_first(
+    pub(super) fn split_positions_first(
         &self,
         qkv: Tensor<B, 3>,
         angles: &ChunkAngles<B>,

@@ -187,27 +187,53 @@ impl<B: Backend> Llama<B> {
         let p = &self.profile;
         let device = self.embed.weight.device();
         // Each sequence's position, rotation and mask (a sliding window may hide its first slots).
+        let mut positions = Vec::with_capacity(n);
         let mut angles = Vec::with_capacity(n);
         let mut masks = Vec::with_capacity(n);
         for cache in caches.iter() {
             let start = self.first_position(&**cache, 1)?;
+            positions.push(start);
             let slots = cache.compact_positions().then(|| cache.slots(0) + 1);
             angles.push(self.chunk_angles(1, start, 1, slots));
             masks.push(self.attention_mask(1, 1, cache.slots(0) + 1, &device));
         }
+        // Without a kernel that writes keys and values into each cache, queries and keys of all
+        // the sequences are split and rotated at once (each row at its own position).
+        let shared = (!p.runs(crate::backend::Kernel::SplitRope) && caches.iter().all(|c| !c.compact_positions()))
+            .then(|| self.decode_angles(&positions));
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
         let mut x = self.embed.embed(ids).cast(self.activation_dtype());
         for (l, layer) in self.layers.iter().enumerate() {
             let qkv = layer.attn.qkv.forward_normed(p, x.clone(), None, &layer.attn_norm);
             let mut outs = Vec::with_capacity(n);
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let row = qkv.clone().slice_dim(0, i..i + 1);
-                outs.push(
-                    layer
-                        .attn
-                        .attend_projected(p, l, row, &angles[i], masks[i].as_ref(), &mut **cache)?,
-                );
+            match &shared {
+                Some(all) => {
+                    let width = qkv.dims()[2];
+                    let (q, k, v) = layer.attn.split_positions_first(qkv.reshape([1, n, width]), all);
+                    let row = |t: &Tensor<B, 4>, i: usize| t.clone().slice_dim(1, i..i + 1).swap_dims(1, 2);
+                    for (i, cache) in caches.iter_mut().enumerate() {
+                        let (qi, ki, vi) = (row(&q, i), row(&k, i), row(&v, i));
+                        outs.push(
+                            layer
+                                .attn
+                                .attend(p, l, qi, ki, vi, None, masks[i].as_ref(), &mut **cache)?,
+                        );
+                    }
+                }
+                None => {
+                    for (i, cache) in caches.iter_mut().enumerate() {
+                        let row = qkv.clone().slice_dim(0, i..i + 1);
+                        outs.push(layer.attn.attend_projected(
+                            p,
+                            l,
+                            row,
+                            &angles[i],
+                            masks[i].as_ref(),
+                            &mut **cache,
+                        )?);
+                    }
+                }
             }
             x = layer.finish(p, x, Tensor::cat(outs, 0), Needed::All, None).0;
         }

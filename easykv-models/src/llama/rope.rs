@@ -118,6 +118,19 @@ impl<B: Backend> Rope<B> {
         }
     }
 
+    /// [`angles`](Self::angles) for one token at each of `positions`, laid out as `len =
+    /// positions.len()` positions of one batch (a batched decode step's rows).
+    pub fn angles_at(&self, positions: &[usize], heads: usize, scale: f64, dtype: DType) -> RopeAngles<B> {
+        RopeAngles {
+            rows: self.rows_at(positions, scale, dtype),
+            batch: 1,
+            heads,
+            axes: RopeLayoutAxes::PositionsFirst,
+            expanded: Default::default(),
+            rotation: Default::default(),
+        }
+    }
+
     /// `cos` and `sin` rows (`[len, head_dim]`) by tensor operations on the device.
     pub(crate) fn rows_on_device(
         &self,
@@ -145,21 +158,32 @@ impl<B: Backend> Rope<B> {
     /// Prefill chunks keep the device operations (a long chunk is many sines for one host
     /// thread; RoCo's strided prefill measured the same either way, 0.94 s).
     pub(crate) fn rows_on_host(&self, position: usize, scale: f64, dtype: DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        self.rows_at(&[position], scale, dtype)
+    }
+
+    /// [`rows_on_host`](Self::rows_on_host) for any positions, one row each (`[n, head_dim]`):
+    /// the rows of a batched decode step, whose sequences stand at different positions.
+    pub(crate) fn rows_at(&self, positions: &[usize], scale: f64, dtype: DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let device = self.inv_freq.device();
         let inv_freq = inverse_frequencies(self.head_dim, self.theta);
         let scale = scale as f32;
-        // f32 throughout, as the device operations compute them.
-        let (c, s): (Vec<f32>, Vec<f32>) = inv_freq
-            .iter()
-            .map(|f| position as f32 * f)
-            .map(|a| (a.cos() * scale, a.sin() * scale))
-            .unzip();
-        let cos = [c.clone(), c].concat();
-        let sin = [s.iter().map(|v| -v).collect(), s].concat();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for &position in positions {
+            // f32 throughout, as the device operations compute them.
+            let (c, s): (Vec<f32>, Vec<f32>) = inv_freq
+                .iter()
+                .map(|f| position as f32 * f)
+                .map(|a| (a.cos() * scale, a.sin() * scale))
+                .unzip();
+            cos.extend_from_slice(&c);
+            cos.extend_from_slice(&c);
+            sin.extend(s.iter().map(|v| -v));
+            sin.extend_from_slice(&s);
+        }
         let upload = |v: Vec<f32>| {
-            let d = v.len();
+            let n = positions.len();
             let options = TensorCreationOptions::new(device.clone()).with_dtype(dtype);
-            Tensor::<B, 2>::from_data(TensorData::new(v, [1, d]), options)
+            Tensor::<B, 2>::from_data(TensorData::new(v, [n, self.head_dim]), options)
         };
         (upload(cos), upload(sin))
     }
@@ -215,6 +239,21 @@ pub(super) struct ChunkAngles<B: Backend> {
 impl<B: Backend> Llama<B> {
     /// Angles for `len` tokens from position `start` (and, for StreamingLLM caches, for
     /// `slots` cached slots by slot index).
+    /// Angles for one token at each of `positions`, the sequences of a batched decode step laid
+    /// out as positions of one batch.
+    pub(super) fn decode_angles(&self, positions: &[usize]) -> ChunkAngles<B> {
+        let (hq, hkv, d) = self
+            .layers
+            .first()
+            .map_or((1, 1, 2), |l| (l.attn.n_heads, l.attn.n_kv_heads, l.attn.head_dim));
+        let dt = self.activation_dtype();
+        ChunkAngles {
+            queries: self.rope.angles_at(positions, hq, (d as f64).powf(-0.5), dt),
+            keys: self.rope.angles_at(positions, hkv, 1.0, dt),
+            slots: None,
+        }
+    }
+
     pub(super) fn chunk_angles(&self, batch: usize, start: usize, len: usize, slots: Option<usize>) -> ChunkAngles<B> {
         let (hq, hkv, d) = self
             .layers
