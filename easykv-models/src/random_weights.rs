@@ -102,6 +102,22 @@ pub const RANDOM_MODELS: &[RandomModel] = &[
         qkv_bias: false,
         tied_embeddings: true,
     },
+    RandomModel {
+        name: "tiny",
+        description: "a tiny Llama for tests: 2 layers, GQA 4/2, hidden 64, vocabulary 256",
+        architecture: Architecture::Llama,
+        vocab_size: 256,
+        hidden_size: 64,
+        intermediate_size: 128,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        context_length: 2048,
+        qkv_bias: false,
+        tied_embeddings: true,
+    },
 ];
 
 impl RandomModel {

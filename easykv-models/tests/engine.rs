@@ -133,3 +133,126 @@ fn a_batch_decodes_what_each_sequence_decodes_alone() {
     }
     assert_eq!(engine.stats().reserved_bytes, 0);
 }
+
+/// Random arrivals, prompt lengths, token limits, policies and budgets on a tiny random model,
+/// some requests cancelled: the pool is never over its size, no cache holds more than was set
+/// aside for it, every request that was not cancelled finishes with its tokens, and a finished
+/// or cancelled request's memory is back in the pool at once.
+#[test]
+fn random_traffic_keeps_every_bound_and_finishes() {
+    use easykv_models::RandomModel;
+    use rand::{Rng, SeedableRng};
+
+    let shape = RandomModel::by_name("tiny").unwrap();
+    let config = shape.config();
+    let per_token = config.kv_bytes_per_token(4);
+    let policies = ["full", "roco", "h2o", "tova", "recency", "random"];
+    for seed in 0..8u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let model: Box<dyn CausalLm<Flex>> = Box::new(
+            shape
+                .build::<Flex>(WeightDType::F32, seed, &Default::default())
+                .unwrap(),
+        );
+        let pool = rng.random_range(300..900) as u64 * per_token;
+        let mut engine = Engine::new(
+            model,
+            config.clone(),
+            WeightDType::F32,
+            EngineConfig {
+                pool_bytes: pool,
+                max_running: rng.random_range(1..6),
+                chunk_size: rng.random_range(8..64),
+            },
+        )
+        .unwrap();
+        let mut expected: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut tokens: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut done: BTreeMap<u64, bool> = BTreeMap::new();
+        let mut cancelled = Vec::new();
+        let (mut submitted, mut steps) = (0, 0);
+        while submitted < 12 || !engine.is_idle() {
+            if submitted < 12 && rng.random_bool(0.4) {
+                let policy = policies[rng.random_range(0..policies.len())];
+                let len = rng.random_range(20..200);
+                let eviction = EvictionConfig {
+                    budget: Budget::Ratio(rng.random_range(0.3..0.9)),
+                    stride: rng.random_range(1..8),
+                    ..Default::default()
+                };
+                let max_new = rng.random_range(0..20);
+                let prompt = (0..len).map(|_| rng.random_range(0..256u32)).collect();
+                let request = Request {
+                    prompt,
+                    max_new_tokens: max_new,
+                    policy: policy.into(),
+                    eviction,
+                    sampling: SamplingConfig::default(),
+                    stop_ids: Vec::new(),
+                };
+                if let Ok(id) = engine.submit(request) {
+                    expected.insert(id, max_new);
+                }
+                submitted += 1;
+            }
+            if rng.random_bool(0.05) {
+                if let Some(&id) = expected
+                    .keys()
+                    .find(|id| !done.contains_key(*id) && !cancelled.contains(*id))
+                {
+                    let before = engine.stats().reserved_bytes;
+                    let was_running = engine.running().iter().find(|r| r.0 == id).map(|r| r.2);
+                    assert!(engine.cancel(id));
+                    cancelled.push(id);
+                    if let Some(footprint) = was_running {
+                        assert_eq!(
+                            engine.stats().reserved_bytes,
+                            before - footprint,
+                            "memory back at cancel"
+                        );
+                    }
+                }
+            }
+            for e in engine.step().unwrap() {
+                match e {
+                    Event::Token { id, .. } => *tokens.entry(id).or_default() += 1,
+                    Event::Finished { id, .. } => {
+                        assert!(done.insert(id, true).is_none(), "request {id} finished twice");
+                    }
+                }
+            }
+            let stats = engine.stats();
+            assert!(stats.reserved_bytes <= pool, "seed {seed}: {stats:?}");
+            let running = engine.running();
+            assert_eq!(running.iter().map(|r| r.2).sum::<u64>(), stats.reserved_bytes);
+            for (id, bytes, footprint) in running {
+                assert!(bytes <= footprint, "seed {seed}, request {id}: {bytes} > {footprint}");
+            }
+            steps += 1;
+            assert!(steps < 5000, "seed {seed}: the engine does not finish");
+        }
+        for (id, max_new) in &expected {
+            if cancelled.contains(id) {
+                continue;
+            }
+            assert!(done.contains_key(id), "seed {seed}: request {id} never finished");
+            // Random weights and no stop ids: every request runs to its limit or the context.
+            assert_eq!(
+                tokens.get(id).copied().unwrap_or(0),
+                *max_new,
+                "seed {seed}: request {id}"
+            );
+        }
+        assert_eq!(engine.stats().reserved_bytes, 0);
+        let generated: usize = tokens.values().sum();
+        eprintln!(
+            "seed {seed}: {} requests, {} cancelled, {generated} tokens, {steps} steps",
+            expected.len(),
+            cancelled.len()
+        );
+        assert!(
+            expected.len() >= 8 && generated > 0,
+            "seed {seed}: too few requests ran"
+        );
+    }
+}
