@@ -11,6 +11,9 @@
 #                            summarize, f16 chat)
 #   scripts/gpu.sh hf        HF transformers with a static cache (bench/hf_baseline.py)
 #   scripts/gpu.sh trace     where a roco 0.25 run's prefill chunks and decode steps go
+#   scripts/gpu.sh engine    REQUESTS (64) requests of 4096 + 256 tokens through the batched
+#                            engine in a 40 GiB KV pool: full, roco 0.5, roco 0.25, h2o 0.25
+#                            (ENGINE_ROWS picks them)
 #
 # Several names run in order: `scripts/gpu.sh check table`.
 #
@@ -99,12 +102,30 @@ for config in "$@"; do
       } ;;
     hf)
       timeout 400 python3 bench/hf_baseline.py | tail -8 ;;
+    engine)
+      for row in ${ENGINE_ROWS:-full roco50 roco25 h2o25}; do
+        # shellcheck disable=SC2086
+        timeout "${BENCH_TIMEOUT:-280}" /tmp/easykv bench --device "${DEV:-cuda}" --random-weights llama2-7b --dtype f16 \
+          --prompt-tokens 4096 --new-tokens 256 --chunk-size 4096 --requests "${REQUESTS:-64}" --concurrency 64 \
+          --kv-pool 40GiB --json ${ROW[$row]} ${EXTRA:-} > "/tmp/engine.$row" 2> "/tmp/engine_err.$row"
+        python3 - "$row" <<'EOF2'
+import json, sys
+row = sys.argv[1]
+try:
+    d = json.load(open(f"/tmp/engine.{row}"))
+    print(f"{row:<8} {d['output_tokens_per_second']:.1f} tok/s in {d['seconds']:.1f} s, in flight {d['max_in_flight']}, "
+          f"TTFT p50 {d['ttft_ms_p50']:.0f} ms, ITL p50 {d['itl_ms_p50']:.1f} ms p99 {d['itl_ms_p99']:.1f} ms, "
+          f"peak KV {d['peak_kv_bytes'] / 2**30:.1f} GiB")
+except Exception as e:
+    print(f"{row:<8} no result ({e}):", open(f"/tmp/engine_err.{row}").read()[-400:])
+EOF2
+      done ;;
     trace)
       RUST_LOG=easykv::chunks=debug timeout 200 /tmp/easykv bench --device "${DEV:-cuda}" --random-weights llama2-7b \
         --dtype f16 --prompt-tokens 4096 --new-tokens 24 --chunk-size 4096 --repeat 1 --policy roco --budget 0.25 \
         --stride 64 2>&1 | grep -E "chunk" | tail -8 ;;
     *)
-      echo "unknown configuration '$config' (table, compare, check, time, smollm2, hf, trace)"; exit 2 ;;
+      echo "unknown configuration '$config' (table, compare, check, time, smollm2, hf, trace, engine)"; exit 2 ;;
   esac
 done
 if [ -n "$OUT" ] && [ -d "$EASYKV_HOME/kernels" ]; then tar -C "$EASYKV_HOME" -cJf "$OUT/kernels.tar.xz" kernels; fi
