@@ -231,55 +231,52 @@ impl pulp::WithSimd for BlockDots<'_> {
             let (w0, w0t) = ws[o];
             let (w1, w1t) = if pair_w { ws[o + 1] } else { ws[o] };
             let mut j = 0;
-            while j < rows {
-                let pair_x = j + 1 < rows;
+            while j + 1 < rows {
                 let (x0, x0t) = xs[j];
-                let (x1, x1t) = if pair_x { xs[j + 1] } else { xs[j] };
+                let (x1, x1t) = xs[j + 1];
                 // Two accumulators per output as named registers: vectors 2c go to the first,
                 // 2c + 1 to the second (and an odd last vector to the first).
                 let (mut a00, mut a01, mut a10, mut a11) = (zero, zero, zero, zero);
-                let fma = |acc: &mut [S::f32s; DOT_ACCUMULATORS], k: usize, a: S::f32s, b: S::f32s| {
-                    acc[k] = simd.mul_add_f32s(a, b, acc[k]);
-                };
-                let (c0, c1, c2, c3) = (
-                    w0.chunks_exact(2),
-                    w1.chunks_exact(2),
-                    x0.chunks_exact(2),
-                    x1.chunks_exact(2),
-                );
+                let (c0, c1, c2, c3) = (w0.chunks_exact(2), w1.chunks_exact(2), x0.chunks_exact(2), x1.chunks_exact(2));
                 let odd = (c0.remainder(), c1.remainder(), c2.remainder(), c3.remainder());
                 for (((p, q), u), v) in c0.zip(c1).zip(c2).zip(c3) {
-                    let (mut e00, mut f00) = (a00[0], a00[1]);
-                    let (mut e01, mut f01) = (a01[0], a01[1]);
-                    let (mut e10, mut f10) = (a10[0], a10[1]);
-                    let (mut e11, mut f11) = (a11[0], a11[1]);
-                    e00 = simd.mul_add_f32s(p[0], u[0], e00);
-                    f00 = simd.mul_add_f32s(p[1], u[1], f00);
-                    e01 = simd.mul_add_f32s(p[0], v[0], e01);
-                    f01 = simd.mul_add_f32s(p[1], v[1], f01);
-                    e10 = simd.mul_add_f32s(q[0], u[0], e10);
-                    f10 = simd.mul_add_f32s(q[1], u[1], f10);
-                    e11 = simd.mul_add_f32s(q[0], v[0], e11);
-                    f11 = simd.mul_add_f32s(q[1], v[1], f11);
-                    (a00, a01, a10, a11) = ([e00, f00], [e01, f01], [e10, f10], [e11, f11]);
+                    a00 = [simd.mul_add_f32s(p[0], u[0], a00[0]), simd.mul_add_f32s(p[1], u[1], a00[1])];
+                    a01 = [simd.mul_add_f32s(p[0], v[0], a01[0]), simd.mul_add_f32s(p[1], v[1], a01[1])];
+                    a10 = [simd.mul_add_f32s(q[0], u[0], a10[0]), simd.mul_add_f32s(q[1], u[1], a10[1])];
+                    a11 = [simd.mul_add_f32s(q[0], v[0], a11[0]), simd.mul_add_f32s(q[1], v[1], a11[1])];
                 }
                 if let ([p], [q], [u], [v]) = odd {
-                    fma(&mut a00, 0, *p, *u);
-                    fma(&mut a01, 0, *p, *v);
-                    fma(&mut a10, 0, *q, *u);
-                    fma(&mut a11, 0, *q, *v);
+                    a00[0] = simd.mul_add_f32s(*p, *u, a00[0]);
+                    a01[0] = simd.mul_add_f32s(*p, *v, a01[0]);
+                    a10[0] = simd.mul_add_f32s(*q, *u, a10[0]);
+                    a11[0] = simd.mul_add_f32s(*q, *v, a11[0]);
                 }
                 self.out[o * rows + j] = finish(a00, w0t, x0t);
-                if pair_x {
-                    self.out[o * rows + j + 1] = finish(a01, w0t, x1t);
-                }
+                self.out[o * rows + j + 1] = finish(a01, w0t, x1t);
                 if pair_w {
                     self.out[(o + 1) * rows + j] = finish(a10, w1t, x0t);
-                    if pair_x {
-                        self.out[(o + 1) * rows + j + 1] = finish(a11, w1t, x1t);
-                    }
+                    self.out[(o + 1) * rows + j + 1] = finish(a11, w1t, x1t);
                 }
                 j += 2;
+            }
+            if j < rows {
+                // The last (or only) row: the same sums, without a partner row to compute.
+                let (x0, x0t) = xs[j];
+                let (mut a00, mut a10) = (zero, zero);
+                let (c0, c1, c2) = (w0.chunks_exact(2), w1.chunks_exact(2), x0.chunks_exact(2));
+                let odd = (c0.remainder(), c1.remainder(), c2.remainder());
+                for ((p, q), u) in c0.zip(c1).zip(c2) {
+                    a00 = [simd.mul_add_f32s(p[0], u[0], a00[0]), simd.mul_add_f32s(p[1], u[1], a00[1])];
+                    a10 = [simd.mul_add_f32s(q[0], u[0], a10[0]), simd.mul_add_f32s(q[1], u[1], a10[1])];
+                }
+                if let ([p], [q], [u]) = odd {
+                    a00[0] = simd.mul_add_f32s(*p, *u, a00[0]);
+                    a10[0] = simd.mul_add_f32s(*q, *u, a10[0]);
+                }
+                self.out[o * rows + j] = finish(a00, w0t, x0t);
+                if pair_w {
+                    self.out[(o + 1) * rows + j] = finish(a10, w1t, x0t);
+                }
             }
             o += 2;
         }
