@@ -131,11 +131,15 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
         ));
     }
     args.eviction.validate()?;
+    if args.requests == Some(0) || args.concurrency == 0 {
+        return Err(CliError("--requests and --concurrency must be ≥ 1".into()));
+    }
+    let pool = kv_pool(args)?;
     let t = Instant::now();
     let loaded = Subject::<B>::load(args, device)?;
     let load_seconds = t.elapsed().as_secs_f64();
     if let Some(requests) = args.requests {
-        return serve_requests(loaded, args, requests);
+        return serve_requests(loaded, args, requests, pool);
     }
     let prompt = &loaded.prompt;
     let cfg = GenerateConfig {
@@ -328,17 +332,18 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 /// `--requests M`: M requests through the batched engine, `--concurrency` at a time.
-fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: usize) -> CliResult {
-    if requests == 0 || args.concurrency == 0 {
-        return Err(CliError("--requests and --concurrency must be ≥ 1".into()));
-    }
-    let pool = match &args.kv_pool {
-        None => u64::MAX / 2,
+/// `--kv-pool` in bytes (unlimited when not given).
+fn kv_pool(args: &BenchArgs) -> CliResult<u64> {
+    match &args.kv_pool {
+        None => Ok(u64::MAX / 2),
         Some(size) => match size.parse::<easykv_core::Budget>()? {
-            easykv_core::Budget::Bytes(b) => b,
-            _ => return Err(CliError(format!("--kv-pool '{size}': give a size (64MiB, 40GiB)"))),
+            easykv_core::Budget::Bytes(b) => Ok(b),
+            _ => Err(CliError(format!("--kv-pool '{size}': give a size (64MiB, 40GiB)"))),
         },
-    };
+    }
+}
+
+fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: usize, pool: u64) -> CliResult {
     let Subject {
         model,
         config,

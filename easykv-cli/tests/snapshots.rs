@@ -71,6 +71,8 @@ fn bad_input_error_lines() {
         &["generate", "--prompt", "hi", "--device", "tpu"],
         &["generate", "--prompt", "hi", "--unknown-flag"],
         &["bench", "--new-tokens", "0"],
+        &["bench", "--requests", "4", "--kv-pool", "0.5"],
+        &["bench", "--requests", "0"],
         &["eval", "speed", "--out", "/tmp/easykv-snap-eval"],
         &["eval", "ppl", "--budgets", "half", "--out", "/tmp/easykv-snap-eval"],
         &[

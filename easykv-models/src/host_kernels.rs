@@ -237,13 +237,30 @@ impl pulp::WithSimd for BlockDots<'_> {
                 // Two accumulators per output as named registers: vectors 2c go to the first,
                 // 2c + 1 to the second (and an odd last vector to the first).
                 let (mut a00, mut a01, mut a10, mut a11) = (zero, zero, zero, zero);
-                let (c0, c1, c2, c3) = (w0.chunks_exact(2), w1.chunks_exact(2), x0.chunks_exact(2), x1.chunks_exact(2));
+                let (c0, c1, c2, c3) = (
+                    w0.chunks_exact(2),
+                    w1.chunks_exact(2),
+                    x0.chunks_exact(2),
+                    x1.chunks_exact(2),
+                );
                 let odd = (c0.remainder(), c1.remainder(), c2.remainder(), c3.remainder());
                 for (((p, q), u), v) in c0.zip(c1).zip(c2).zip(c3) {
-                    a00 = [simd.mul_add_f32s(p[0], u[0], a00[0]), simd.mul_add_f32s(p[1], u[1], a00[1])];
-                    a01 = [simd.mul_add_f32s(p[0], v[0], a01[0]), simd.mul_add_f32s(p[1], v[1], a01[1])];
-                    a10 = [simd.mul_add_f32s(q[0], u[0], a10[0]), simd.mul_add_f32s(q[1], u[1], a10[1])];
-                    a11 = [simd.mul_add_f32s(q[0], v[0], a11[0]), simd.mul_add_f32s(q[1], v[1], a11[1])];
+                    a00 = [
+                        simd.mul_add_f32s(p[0], u[0], a00[0]),
+                        simd.mul_add_f32s(p[1], u[1], a00[1]),
+                    ];
+                    a01 = [
+                        simd.mul_add_f32s(p[0], v[0], a01[0]),
+                        simd.mul_add_f32s(p[1], v[1], a01[1]),
+                    ];
+                    a10 = [
+                        simd.mul_add_f32s(q[0], u[0], a10[0]),
+                        simd.mul_add_f32s(q[1], u[1], a10[1]),
+                    ];
+                    a11 = [
+                        simd.mul_add_f32s(q[0], v[0], a11[0]),
+                        simd.mul_add_f32s(q[1], v[1], a11[1]),
+                    ];
                 }
                 if let ([p], [q], [u], [v]) = odd {
                     a00[0] = simd.mul_add_f32s(*p, *u, a00[0]);
@@ -266,8 +283,14 @@ impl pulp::WithSimd for BlockDots<'_> {
                 let (c0, c1, c2) = (w0.chunks_exact(2), w1.chunks_exact(2), x0.chunks_exact(2));
                 let odd = (c0.remainder(), c1.remainder(), c2.remainder());
                 for ((p, q), u) in c0.zip(c1).zip(c2) {
-                    a00 = [simd.mul_add_f32s(p[0], u[0], a00[0]), simd.mul_add_f32s(p[1], u[1], a00[1])];
-                    a10 = [simd.mul_add_f32s(q[0], u[0], a10[0]), simd.mul_add_f32s(q[1], u[1], a10[1])];
+                    a00 = [
+                        simd.mul_add_f32s(p[0], u[0], a00[0]),
+                        simd.mul_add_f32s(p[1], u[1], a00[1]),
+                    ];
+                    a10 = [
+                        simd.mul_add_f32s(q[0], u[0], a10[0]),
+                        simd.mul_add_f32s(q[1], u[1], a10[1]),
+                    ];
                 }
                 if let ([p], [q], [u]) = odd {
                     a00[0] = simd.mul_add_f32s(*p, *u, a00[0]);
