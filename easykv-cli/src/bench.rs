@@ -111,6 +111,19 @@ impl<B: Backend> Subject<B> {
     }
 }
 
+impl<B: Backend> Subject<B> {
+    /// A fresh cache of the policy the flags name, for this subject's prompt.
+    fn policy_cache(&self, args: &BenchArgs) -> CliResult<Box<dyn KvCache<B>>> {
+        args.eviction.cache::<B>(
+            &self.config,
+            self.model.profile(),
+            self.dtype,
+            self.prompt.len(),
+            args.chunk_size,
+        )
+    }
+}
+
 /// Throughput of one timed generation.
 #[derive(Debug, Clone, Copy, Default)]
 struct Speed {
@@ -134,6 +147,9 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
     if args.requests == Some(0) || args.concurrency == 0 {
         return Err(CliError("--requests and --concurrency must be ≥ 1".into()));
     }
+    if args.requests.is_some_and(|r| r > MAX_REQUESTS) {
+        return Err(CliError(format!("--requests: at most {MAX_REQUESTS}")));
+    }
     let pool = kv_pool(args)?;
     let t = Instant::now();
     let loaded = Subject::<B>::load(args, device)?;
@@ -151,13 +167,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let time = || -> CliResult<Speed> {
-        let mut cache = args.eviction.cache::<B>(
-            &loaded.config,
-            loaded.model.profile(),
-            loaded.dtype,
-            prompt.len(),
-            args.chunk_size,
-        )?;
+        let mut cache = loaded.policy_cache(args)?;
         let out = generate(&loaded.model, cache.as_mut(), prompt, &cfg, |_| {
             std::ops::ControlFlow::Continue(())
         })?;
@@ -267,13 +277,7 @@ impl Versus {
 fn against_full<B: Backend>(loaded: &Subject<B>, prompt: &[u32], args: &BenchArgs) -> CliResult<Versus> {
     let model = &loaded.model;
     let device = model.device();
-    let mut policy = args.eviction.cache::<B>(
-        &loaded.config,
-        loaded.model.profile(),
-        loaded.dtype,
-        prompt.len(),
-        args.chunk_size,
-    )?;
+    let mut policy = loaded.policy_cache(args)?;
     let mut full = build_cache::<B>(
         "full",
         &args.eviction.config()?,
@@ -330,6 +334,9 @@ fn argmax(row: &[f32]) -> u32 {
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map_or(0, |(i, _)| i as u32)
 }
+
+/// The most requests one `bench --requests` run takes (its bookkeeping is sized by the count).
+const MAX_REQUESTS: usize = 1 << 16;
 
 /// `--requests M`: M requests through the batched engine, `--concurrency` at a time.
 /// `--kv-pool` in bytes (unlimited when not given).

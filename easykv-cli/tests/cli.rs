@@ -2,19 +2,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn easykv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_easykv"))
-        .args(args)
-        .output()
-        .expect("run easykv")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{easykv, shared, stderr};
 
 /// Bad input: exit code 2 and exactly one line on stderr, naming the problem.
 fn assert_one_line_error(o: &Output, needle: &str) {
@@ -25,12 +18,6 @@ fn assert_one_line_error(o: &Output, needle: &str) {
     assert!(lines[0].contains(needle), "expected {needle:?} in {err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(o.stdout.is_empty(), "stdout must stay empty on error");
-}
-
-fn shared(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared")
-        .join(path)
 }
 
 #[test]

@@ -4,22 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn easykv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_easykv"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run easykv")
-}
-
-fn shared(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared")
-        .join(path)
-}
+use common::{easykv, shared};
 
 #[test]
 fn help_of_every_command() {

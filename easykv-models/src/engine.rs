@@ -23,7 +23,7 @@ use crate::backend::BackendProfile;
 use crate::cache::build_cache;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::generate::{chunk_groups, token_tensor, StopReason};
+use crate::generate::{check_ids, chunk_groups, row, token_tensor, StopReason};
 use crate::linear::WeightDType;
 use crate::llama::Logits;
 use crate::model::CausalLm;
@@ -91,13 +91,23 @@ struct Sequence<B: Backend> {
     generated: usize,
 }
 
+/// A request waiting for room in the pool.
+struct Queued<B: Backend> {
+    id: RequestId,
+    request: Request,
+    cache: Box<dyn KvCache<B>>,
+    footprint: u64,
+}
+
 /// Sequences at once under one pool (see the module's documentation).
 pub struct Engine<B: Backend> {
     model: Box<dyn CausalLm<B>>,
     model_config: ModelConfig,
     kv_dtype: WeightDType,
     config: EngineConfig,
-    queue: VecDeque<(RequestId, Request, u64)>,
+    /// Requests waiting, each with its cache (built at submit, allocated at admission) and the
+    /// bytes to set aside for it.
+    queue: VecDeque<Queued<B>>,
     running: Vec<Sequence<B>>,
     next_id: RequestId,
     reserved: u64,
@@ -169,14 +179,9 @@ impl<B: Backend> Engine<B> {
                 request.prompt.len()
             )));
         }
-        let vocab = self.model.vocab_size();
-        if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
+        check_ids(self.model.as_ref(), &request.prompt)?;
         Sampler::new(request.sampling.clone())?;
-        let (_, footprint) = self.cache_for(&request)?;
+        let (cache, footprint) = self.cache_for(&request)?;
         if footprint > self.config.pool_bytes {
             return Err(Error::InvalidInput(format!(
                 "the request's cache needs {footprint} bytes, more than the pool's {}",
@@ -185,13 +190,18 @@ impl<B: Backend> Engine<B> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.queue.push_back((id, request, footprint));
+        self.queue.push_back(Queued {
+            id,
+            request,
+            cache,
+            footprint,
+        });
         Ok(id)
     }
 
     /// Drops request `id`, queued or running, and frees its memory; `false` if unknown.
     pub fn cancel(&mut self, id: RequestId) -> bool {
-        if let Some(i) = self.queue.iter().position(|(q, _, _)| *q == id) {
+        if let Some(i) = self.queue.iter().position(|q| q.id == id) {
             self.queue.remove(i);
             return true;
         }
@@ -232,16 +242,19 @@ impl<B: Backend> Engine<B> {
     /// Admits queued requests in order while the pool and `max_running` allow.
     fn admit(&mut self) -> Result<()> {
         while self.running.len() < self.config.max_running {
-            let Some((_, _, footprint)) = self.queue.front() else {
-                break;
-            };
-            if self.reserved + footprint > self.config.pool_bytes {
-                break;
+            match self.queue.front() {
+                Some(q) if self.reserved + q.footprint <= self.config.pool_bytes => {}
+                _ => break,
             }
-            let Some((id, request, footprint)) = self.queue.pop_front() else {
+            let Some(Queued {
+                id,
+                request,
+                mut cache,
+                footprint,
+            }) = self.queue.pop_front()
+            else {
                 break;
             };
-            let (mut cache, _) = self.cache_for(&request)?;
             cache.reserve(request.prompt.len() + request.max_new_tokens);
             let groups = chunk_groups(
                 &cache.prefill_chunks(request.prompt.len(), self.config.chunk_size),
@@ -271,25 +284,19 @@ impl<B: Backend> Engine<B> {
         let context = self.model.context_length();
         let device = self.model.device();
         // Decode first: the sequences whose prefill finished in an earlier step.
-        let decoding: Vec<usize> = (0..self.running.len())
-            .filter(|&i| self.running[i].pending.is_some())
-            .collect();
-        if !decoding.is_empty() {
-            let tokens: Vec<u32> = decoding.iter().filter_map(|&i| self.running[i].pending).collect();
-            let mut caches: Vec<&mut dyn KvCache<B>> = Vec::with_capacity(decoding.len());
-            for (i, seq) in self.running.iter_mut().enumerate() {
-                if seq.pending.is_some() {
-                    debug_assert!(decoding.contains(&i));
-                    caches.push(seq.cache.as_mut());
-                }
+        let (mut decoding, mut tokens, mut caches) = (Vec::new(), Vec::new(), Vec::<&mut dyn KvCache<B>>::new());
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            if let Some(token) = seq.pending {
+                decoding.push(i);
+                tokens.push(token);
+                caches.push(seq.cache.as_mut());
             }
+        }
+        if !decoding.is_empty() {
             let logits = self.model.decode_batch(&tokens, &mut caches)?;
+            drop(caches);
             let vocab = logits.dims()[1];
-            let rows = logits
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
+            let rows = row(logits)?;
             for (r, &i) in decoding.iter().enumerate() {
                 let seq = &mut self.running[i];
                 seq.pending = None;
@@ -307,12 +314,7 @@ impl<B: Backend> Engine<B> {
                     let logits = self
                         .model
                         .forward_chunks(tokens, &group, seq.cache.as_mut(), Logits::Last)?;
-                    let row = logits
-                        .into_data()
-                        .convert::<f32>()
-                        .into_vec::<f32>()
-                        .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))?;
-                    Self::next_token(seq, &row, context, &mut events);
+                    Self::next_token(seq, &row(logits)?, context, &mut events);
                 } else {
                     self.model.fill_cache_chunks(tokens, &group, seq.cache.as_mut())?;
                 }

@@ -68,7 +68,8 @@ pub(crate) fn token_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tenso
     Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
 }
 
-fn row(logits: Tensor<impl Backend, 3>) -> Result<Vec<f32>> {
+/// Logits (any rank) as f32 values on the host, row after row.
+pub(crate) fn row<const D: usize>(logits: Tensor<impl Backend, D>) -> Result<Vec<f32>> {
     logits
         .into_data()
         .convert::<f32>()
@@ -76,7 +77,7 @@ fn row(logits: Tensor<impl Backend, 3>) -> Result<Vec<f32>> {
         .map_err(|e| Error::InvalidInput(format!("reading logits: {e:?}")))
 }
 
-fn check_ids<B: Backend>(model: &(impl CausalLm<B> + ?Sized), ids: &[u32]) -> Result<()> {
+pub(crate) fn check_ids<B: Backend>(model: &(impl CausalLm<B> + ?Sized), ids: &[u32]) -> Result<()> {
     let vocab = model.vocab_size();
     match ids.iter().find(|&&i| i as usize >= vocab) {
         Some(bad) => Err(Error::InvalidInput(format!(

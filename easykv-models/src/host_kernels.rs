@@ -219,7 +219,7 @@ impl pulp::WithSimd for BlockDots<'_> {
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         let rows = self.xs.len();
         let xs: Vec<(&[S::f32s], &[f32])> = self.xs.iter().map(|x| S::as_simd_f32s(x)).collect();
-        let ws: Vec<(&[S::f32s], &[f32])> = self.w.chunks(self.inp).map(|w| S::as_simd_f32s(w)).collect();
+        let ws: Vec<(&[S::f32s], &[f32])> = self.w.chunks(self.inp.max(1)).map(|w| S::as_simd_f32s(w)).collect();
         let zero = [simd.splat_f32s(0.0); DOT_ACCUMULATORS];
         let finish = |acc: [S::f32s; DOT_ACCUMULATORS], w_tail: &[f32], x_tail: &[f32]| {
             let tail: f32 = w_tail.iter().zip(x_tail).map(|(a, b)| a * b).sum();
@@ -230,6 +230,8 @@ impl pulp::WithSimd for BlockDots<'_> {
             let pair_w = o + 1 < ws.len();
             let (w0, w0t) = ws[o];
             let (w1, w1t) = if pair_w { ws[o + 1] } else { ws[o] };
+            // The 2 × 2 and 2 × 1 tiles are written out: one function generic over the tile's
+            // width measured 12–19 % slower (16 rows of 3072 × 576: 0.685 vs 0.577 ms).
             let mut j = 0;
             while j + 1 < rows {
                 let (x0, x0t) = xs[j];
@@ -313,7 +315,7 @@ impl pulp::WithSimd for BlockDots<'_> {
 /// `x`. `x` back when either is not f32.
 pub fn rows_times_weights<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
     let ([rows, inp], [out, w_inp]) = (x.dims(), w.dims());
-    if x.dtype() != DType::F32 || w.dtype() != DType::F32 || inp != w_inp || rows == 0 {
+    if x.dtype() != DType::F32 || w.dtype() != DType::F32 || inp != w_inp || rows == 0 || inp == 0 {
         return Err(x);
     }
     let Some(w_flex) = flex_tensor(w) else {
@@ -341,13 +343,20 @@ pub fn rows_times_weights<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Resu
             out: block,
         });
     });
-    let mut yt = vec![0f32; rows * out];
-    for (o, col) in y.chunks(rows).enumerate() {
-        for (j, v) in col.iter().enumerate() {
-            yt[j * out + o] = *v;
+    // One row (a decode step alone) is laid out the same either way.
+    let y = match rows {
+        1 => y,
+        _ => {
+            let mut yt = vec![0f32; rows * out];
+            for (o, col) in y.chunks(rows).enumerate() {
+                for (j, v) in col.iter().enumerate() {
+                    yt[j * out + o] = *v;
+                }
+            }
+            yt
         }
-    }
-    Ok(Tensor::from_data(TensorData::new(yt, [rows, out]), &device))
+    };
+    Ok(Tensor::from_data(TensorData::new(y, [rows, out]), &device))
 }
 
 /// flex's tensor inside `t` (sharing its buffer, no copy): how a host kernel reads a tensor that
