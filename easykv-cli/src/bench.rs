@@ -55,9 +55,17 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
     /// With `--requests`: bytes of KV cache all running sequences may hold together (64MiB,
-    /// 40GiB); unlimited by default.
+    /// 40GiB); default: half the memory available on the CPU, unlimited on a GPU.
     #[arg(long, value_name = "SIZE")]
     pub kv_pool: Option<String>,
+    /// With `--requests`: requests arrive at this mean rate per second (a Poisson process with
+    /// a fixed seed) instead of all at the start; time to first token counts from arrival.
+    #[arg(long, value_name = "PER_SECOND")]
+    pub arrival_rate: Option<f64>,
+    /// With `--requests`: untimed requests (each the prompt's length, 2 new tokens) run
+    /// first so kernels are compiled and buffers allocated before the clock starts.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -150,7 +158,13 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
     if args.requests.is_some_and(|r| r > MAX_REQUESTS) {
         return Err(CliError(format!("--requests: at most {MAX_REQUESTS}")));
     }
-    let pool = kv_pool(args)?;
+    if args.arrival_rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err(CliError("--arrival-rate must be a positive number".into()));
+    }
+    if args.warmup > MAX_WARMUP {
+        return Err(CliError(format!("--warmup: at most {MAX_WARMUP}")));
+    }
+    let pool = kv_pool(args.kv_pool.as_deref())?;
     let t = Instant::now();
     let loaded = Subject::<B>::load(args, device)?;
     let load_seconds = t.elapsed().as_secs_f64();
@@ -338,19 +352,48 @@ fn argmax(row: &[f32]) -> u32 {
 /// The most requests one `bench --requests` run takes (its bookkeeping is sized by the count).
 const MAX_REQUESTS: usize = 1 << 16;
 
-/// `--requests M`: M requests through the batched engine, `--concurrency` at a time.
-/// `--kv-pool` in bytes (unlimited when not given).
-fn kv_pool(args: &BenchArgs) -> CliResult<u64> {
-    match &args.kv_pool {
-        None => Ok(u64::MAX / 2),
+/// The most warm-up requests.
+const MAX_WARMUP: usize = 64;
+
+/// `--kv-pool` in bytes, `None` when not given.
+pub fn kv_pool(size: Option<&str>) -> CliResult<Option<u64>> {
+    match size {
+        None => Ok(None),
         Some(size) => match size.parse::<easykv_core::Budget>()? {
-            easykv_core::Budget::Bytes(b) => Ok(b),
+            easykv_core::Budget::Bytes(b) if b > 0 => Ok(Some(b)),
             _ => Err(CliError(format!("--kv-pool '{size}': give a size (64MiB, 40GiB)"))),
         },
     }
 }
 
-fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: usize, pool: u64) -> CliResult {
+/// The pool for an engine over `model`: `--kv-pool`, or by default half the memory available
+/// where caches live in host memory, and no limit on a GPU.
+pub fn pool_bytes<B: Backend>(given: Option<u64>, model: &dyn CausalLm<B>) -> u64 {
+    given.unwrap_or_else(|| match model.profile().host_resident() {
+        true => easykv_models::default_host_pool_bytes().unwrap_or(u64::MAX / 2),
+        false => u64::MAX / 2,
+    })
+}
+
+/// Seconds after the start at which each of `n` requests arrives: all at once, or a Poisson
+/// process of `rate` per second (seeded, so runs compare).
+fn arrivals(n: usize, rate: Option<f64>) -> Vec<f64> {
+    let Some(rate) = rate else {
+        return vec![0.0; n];
+    };
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x5eed);
+    let mut t = 0.0;
+    (0..n)
+        .map(|_| {
+            let at = t;
+            // Exponential gaps: −ln(U)/rate, U in (0, 1].
+            t += -(1.0f64 - rand::Rng::random::<f64>(&mut rng)).ln() / rate;
+            at
+        })
+        .collect()
+}
+
+fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: usize, pool: Option<u64>) -> CliResult {
     let Subject {
         model,
         config,
@@ -358,6 +401,7 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
         name,
         prompt,
     } = loaded;
+    let pool = pool_bytes(pool, model.as_ref());
     let mut engine = Engine::new(
         model,
         config,
@@ -366,35 +410,53 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
             pool_bytes: pool,
             max_running: args.concurrency,
             chunk_size: args.chunk_size,
+            max_queued: None,
         },
     )?;
     let eviction = args.eviction.config()?;
-    let start = Instant::now();
-    let mut first: Vec<Option<f64>> = vec![None; requests];
-    let mut last: Vec<f64> = vec![0.0; requests];
-    let mut gaps: Vec<f64> = Vec::new();
-    let mut ids = Vec::with_capacity(requests);
-    for i in 0..requests {
+    let request = |i: usize, new_tokens: usize| {
         // Each request's prompt starts elsewhere in the text (or the random ids).
         let shift = (i * 7) % prompt.len().max(1);
-        let p: Vec<u32> = prompt[shift..].iter().chain(&prompt[..shift]).copied().collect();
-        ids.push(engine.submit(Request {
-            prompt: p,
-            max_new_tokens: args.new_tokens,
+        Request {
+            prompt: prompt[shift..].iter().chain(&prompt[..shift]).copied().collect(),
+            max_new_tokens: new_tokens,
             policy: args.eviction.policy.name().to_string(),
             eviction: eviction.clone(),
             sampling: SamplingConfig::default(),
             stop_ids: Vec::new(),
-        })?);
+            logprobs: None,
+        }
+    };
+    for i in 0..args.warmup.min(requests) {
+        engine.submit(request(requests + i, 2))?;
     }
-    let index = |id: u64| ids.iter().position(|&x| x == id).unwrap_or(0);
+    engine.run(&mut |_| {})?;
+    let at = arrivals(requests, args.arrival_rate);
+    let start = Instant::now();
+    let mut first: Vec<Option<f64>> = vec![None; requests];
+    let mut last: Vec<f64> = vec![0.0; requests];
+    let mut gaps: Vec<f64> = Vec::new();
+    let mut ids: Vec<u64> = Vec::with_capacity(requests);
     let (mut tokens, mut peak_kv, mut peak_reserved, mut in_flight) = (0usize, 0u64, 0u64, 0usize);
-    while !engine.is_idle() {
+    while ids.len() < requests || !engine.is_idle() {
+        let now = start.elapsed().as_secs_f64();
+        while ids.len() < requests && at[ids.len()] <= now {
+            ids.push(engine.submit(request(ids.len(), args.new_tokens))?);
+        }
+        if engine.is_idle() {
+            // Nothing to do before the next arrival.
+            if let Some(&next) = at.get(ids.len()) {
+                std::thread::sleep(Duration::from_secs_f64((next - now).max(0.0)));
+            }
+            continue;
+        }
         for e in engine.step()? {
             if let Event::Token { id, .. } = e {
-                let (i, now) = (index(id), start.elapsed().as_secs_f64());
+                // Ids are handed out in order from the first timed request on.
+                let i = (id - ids[0]) as usize;
+                let now = start.elapsed().as_secs_f64();
                 match first[i] {
-                    None => first[i] = Some(now),
+                    None => first[i] = Some(now - at[i]),
                     Some(_) => gaps.push(now - last[i]),
                 }
                 last[i] = now;
@@ -422,6 +484,8 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
         "budget": args.eviction.budget,
         "requests": requests,
         "concurrency": args.concurrency,
+        "arrival_rate": args.arrival_rate,
+        "kv_pool_bytes": pool,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "output_tokens": tokens,

@@ -101,18 +101,21 @@ pub fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs, path: &Path) 
             eviction,
             sampling,
             stop_ids: loaded.tokenizer.stop_ids.clone(),
+            logprobs: None,
         });
     }
     let (config, dtype, tokenizer) = (loaded.config.clone(), loaded.dtype, loaded.tokenizer);
     let model: Box<dyn CausalLm<B>> = loaded.model;
+    let pool_bytes = crate::bench::pool_bytes(None, model.as_ref());
     let mut engine = Engine::new(
         model,
         config,
         dtype,
         EngineConfig {
-            pool_bytes: u64::MAX / 2,
+            pool_bytes,
             max_running: args.concurrency,
             chunk_size: args.chunk_size,
+            max_queued: None,
         },
     )?;
     let mut ids = Vec::with_capacity(requests.len());
@@ -125,7 +128,7 @@ pub fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs, path: &Path) 
     let mut out: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
     let mut stops = BTreeMap::new();
     engine.run(&mut |e| match e {
-        Event::Token { id, token } => out.entry(*id).or_default().push(*token),
+        Event::Token { id, token, .. } => out.entry(*id).or_default().push(*token),
         Event::Finished { id, stop } => {
             stops.insert(*id, *stop);
         }

@@ -28,6 +28,9 @@ pub enum Error {
     ChatTemplate(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A bounded queue is full; the same request may succeed later.
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("model fetch failed: {0}")]
     Fetch(String),
     #[error("checksum mismatch for {path}: expected sha256 {expected}, got {found}")]

@@ -32,7 +32,10 @@ pub use backend::{BackendProfile, Kernel, KernelSet};
 pub use cache::{build_cache, build_cache_from};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeLayout};
-pub use engine::{Engine, EngineConfig, EngineStats, Event, Request, RequestId};
+pub use engine::{
+    default_host_pool_bytes, Engine, EngineConfig, EngineHandle, EngineStats, Event, EventSink, Rejection, Request,
+    RequestId, TokenLogprobs, Update,
+};
 pub use error::{Error, Result};
 pub use generate::{generate, prefill, score, top_logprobs, GenerateConfig, Generation, Score, StopReason};
 pub use linear::WeightDType;

@@ -12,8 +12,8 @@ use std::ops::ControlFlow;
 use burn::backend::Flex;
 use easykv_core::{Budget, EvictionConfig, Mode};
 use easykv_models::{
-    build_cache, generate, CausalLm, Engine, EngineConfig, Event, GenerateConfig, LoadedModel, Request, SamplingConfig,
-    WeightDType,
+    build_cache, generate, CausalLm, Engine, EngineConfig, EngineHandle, Event, GenerateConfig, LoadedModel, Rejection,
+    Request, SamplingConfig, Update, WeightDType,
 };
 
 use common::{load_model, shared};
@@ -50,11 +50,22 @@ fn requests(m: &LoadedModel<Flex>) -> Vec<Request> {
             eviction,
             sampling: SamplingConfig::default(),
             stop_ids: Vec::new(),
+            logprobs: None,
         })
         .collect()
 }
 
 fn alone(m: &LoadedModel<Flex>, r: &Request, chunk: usize) -> Vec<u32> {
+    alone_with_logprobs(m, r, chunk, 0).0
+}
+
+/// The ids `r` generates alone, with each step's `top` most likely alternatives.
+fn alone_with_logprobs(
+    m: &LoadedModel<Flex>,
+    r: &Request,
+    chunk: usize,
+    top: usize,
+) -> (Vec<u32>, Vec<Vec<(u32, f32)>>) {
     let mut cache = build_cache::<Flex>(
         &r.policy,
         &r.eviction,
@@ -70,11 +81,10 @@ fn alone(m: &LoadedModel<Flex>, r: &Request, chunk: usize) -> Vec<u32> {
         chunk_size: chunk,
         sampling: r.sampling.clone(),
         stop_ids: r.stop_ids.clone(),
-        top_logprobs: 0,
+        top_logprobs: top,
     };
-    generate(&m.model, cache.as_mut(), &r.prompt, &cfg, |_| ControlFlow::Continue(()))
-        .unwrap()
-        .ids
+    let g = generate(&m.model, cache.as_mut(), &r.prompt, &cfg, |_| ControlFlow::Continue(())).unwrap();
+    (g.ids, g.top_logprobs)
 }
 
 #[test]
@@ -96,6 +106,7 @@ fn a_batch_decodes_what_each_sequence_decodes_alone() {
             pool_bytes: pool,
             max_running: 8,
             chunk_size: chunk,
+            max_queued: None,
         },
     )
     .unwrap();
@@ -105,7 +116,7 @@ fn a_batch_decodes_what_each_sequence_decodes_alone() {
     while !engine.is_idle() {
         for e in engine.step().unwrap() {
             match e {
-                Event::Token { id, token } => got.entry(id).or_default().push(token),
+                Event::Token { id, token, .. } => got.entry(id).or_default().push(token),
                 Event::Finished { .. } => finished += 1,
             }
         }
@@ -163,6 +174,7 @@ fn random_traffic_keeps_every_bound_and_finishes() {
                 pool_bytes: pool,
                 max_running: rng.random_range(1..6),
                 chunk_size: rng.random_range(8..64),
+                max_queued: None,
             },
         )
         .unwrap();
@@ -189,6 +201,7 @@ fn random_traffic_keeps_every_bound_and_finishes() {
                     eviction,
                     sampling: SamplingConfig::default(),
                     stop_ids: Vec::new(),
+                    logprobs: None,
                 };
                 if let Ok(id) = engine.submit(request) {
                     expected.insert(id, max_new);
@@ -255,4 +268,108 @@ fn random_traffic_keeps_every_bound_and_finishes() {
             "seed {seed}: too few requests ran"
         );
     }
+}
+
+/// Through the handle (the engine on its own thread, as a server drives it): requests sent
+/// from several threads get the tokens they get alone, with the log-probabilities `generate`
+/// reports; a sink that stops listening cancels its request and frees its memory; a full
+/// queue and a bad request are refused with their reasons.
+#[test]
+fn the_handle_streams_each_request_its_own_tokens() {
+    let chunk = 64;
+    let m = load_model("smollm2", WeightDType::F32);
+    let mut reqs = requests(&m);
+    reqs.truncate(4);
+    reqs[1].logprobs = Some(3);
+    let want: Vec<(Vec<u32>, Vec<Vec<(u32, f32)>>)> = reqs
+        .iter()
+        .map(|r| alone_with_logprobs(&m, r, chunk, r.logprobs.unwrap_or(0)))
+        .collect();
+    let config = m.config.clone();
+    let handle = std::sync::Arc::new(
+        EngineHandle::spawn::<Flex>(
+            m.model,
+            config,
+            WeightDType::F32,
+            EngineConfig {
+                pool_bytes: 1 << 30,
+                max_running: 8,
+                chunk_size: chunk,
+                max_queued: Some(6),
+            },
+        )
+        .unwrap(),
+    );
+    let threads: Vec<_> = reqs
+        .iter()
+        .cloned()
+        .map(|r| {
+            let handle = handle.clone();
+            std::thread::spawn(move || {
+                let (tx, rx) = std::sync::mpsc::channel();
+                handle.submit(r, Box::new(move |u| tx.send(u).is_ok()));
+                let mut updates = Vec::new();
+                while let Ok(u) = rx.recv() {
+                    let end = matches!(u, Update::Event(Event::Finished { .. }) | Update::Rejected(_));
+                    updates.push(u);
+                    if end {
+                        break;
+                    }
+                }
+                updates
+            })
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        let updates = t.join().unwrap();
+        assert_eq!(updates.first(), Some(&Update::Accepted), "request {i}");
+        let mut ids = Vec::new();
+        let mut tops = Vec::new();
+        for u in &updates[1..] {
+            if let Update::Event(Event::Token { token, logprobs, .. }) = u {
+                ids.push(*token);
+                if let Some(lp) = logprobs {
+                    assert_eq!(lp.top.first().map(|t| t.0), Some(*token), "greedy picks the top token");
+                    assert_eq!(lp.top.first().map(|t| t.1), Some(lp.logprob));
+                    tops.push(lp.top.clone());
+                }
+            }
+        }
+        assert!(matches!(updates.last(), Some(Update::Event(Event::Finished { .. }))));
+        assert_eq!(ids, want[i].0, "request {i}");
+        assert_eq!(tops, want[i].1, "request {i}'s log-probabilities");
+    }
+    // A listener that leaves after two tokens: the request is cancelled and its memory freed.
+    let mut long = reqs[0].clone();
+    long.max_new_tokens = 500;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut heard = 0;
+    handle.submit(
+        long,
+        Box::new(move |u| {
+            heard += 1;
+            heard <= 3 && tx.send(u).is_ok()
+        }),
+    );
+    assert_eq!(rx.recv().unwrap(), Update::Accepted);
+    while rx.recv().is_ok() {}
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while handle.stats().running > 0 || handle.stats().reserved_bytes > 0 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", handle.stats());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(handle.stats().generated_tokens < 500 + want.iter().map(|w| w.0.len() as u64).sum::<u64>());
+    // A bad request is refused with its reason.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut bad = reqs[0].clone();
+    bad.prompt = Vec::new();
+    handle.submit(bad, Box::new(move |u| tx.send(u).is_ok()));
+    match rx.recv().unwrap() {
+        Update::Rejected(Rejection::Invalid(m)) => assert!(m.contains("empty"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    handle.drain();
+    let (tx, rx) = std::sync::mpsc::channel();
+    handle.submit(reqs[0].clone(), Box::new(move |u| tx.send(u).is_ok()));
+    assert_eq!(rx.recv().unwrap(), Update::Rejected(Rejection::ShuttingDown));
 }

@@ -14,6 +14,8 @@
 //! its own buffer, so a block table would add an indirection to every attention read without
 //! freeing more memory; the pool accounts whole reservations, which is what admission needs.
 
+mod handle;
+
 use std::collections::VecDeque;
 
 use burn::prelude::*;
@@ -23,11 +25,16 @@ use crate::backend::BackendProfile;
 use crate::cache::build_cache;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::generate::{check_ids, chunk_groups, row, token_tensor, StopReason};
+use crate::generate::{check_ids, chunk_groups, row, token_tensor, top_logprobs, StopReason};
 use crate::linear::WeightDType;
 use crate::llama::Logits;
 use crate::model::CausalLm;
 use crate::sampling::{Sampler, SamplingConfig};
+
+pub use handle::{EngineHandle, EventSink, Rejection, Update};
+
+/// The most alternatives a token's log-probabilities list (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// One generation asked of the engine.
 #[derive(Debug, Clone)]
@@ -40,16 +47,35 @@ pub struct Request {
     pub sampling: SamplingConfig,
     /// Ids that end the generation (not emitted).
     pub stop_ids: Vec<u32>,
+    /// Report each token's log-probability, and this many most likely alternatives (at most
+    /// [`MAX_TOP_LOGPROBS`]); `None`: neither.
+    pub logprobs: Option<usize>,
 }
 
 /// Identifies a submitted request.
 pub type RequestId = u64;
 
+/// A generated token's log-probability (natural log, of the model's distribution before
+/// temperature and truncation) and the most likely alternatives at its step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
 /// What a step produced for a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Token { id: RequestId, token: u32 },
-    Finished { id: RequestId, stop: StopReason },
+    Token {
+        id: RequestId,
+        token: u32,
+        /// Present when the request asked for log-probabilities.
+        logprobs: Option<TokenLogprobs>,
+    },
+    Finished {
+        id: RequestId,
+        stop: StopReason,
+    },
 }
 
 /// The engine's settings.
@@ -61,6 +87,21 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Prompt tokens per prefill pass (a policy's strides inside it are its own).
     pub chunk_size: usize,
+    /// Requests waiting for room, at most (a full queue refuses new ones); `None`: no limit.
+    pub max_queued: Option<usize>,
+}
+
+/// The share of the memory available now that a pool takes when no size is given.
+pub const DEFAULT_POOL_SHARE: f64 = 0.5;
+
+/// A default pool size for caches in host memory: [`DEFAULT_POOL_SHARE`] of the memory the
+/// system reports available (Linux's `MemAvailable`, read after the model is loaded); `None`
+/// where that cannot be read (the caller then asks for an explicit size).
+pub fn default_host_pool_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib.saturating_mul(1024) as f64 * DEFAULT_POOL_SHARE) as u64)
 }
 
 /// Where the engine stands.
@@ -74,6 +115,11 @@ pub struct EngineStats {
     pub kv_bytes: u64,
     pub pool_bytes: u64,
     pub finished: u64,
+    /// Prompt tokens prefilled and tokens generated, since the engine started.
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    /// Slots evicted per (layer, KV head), summed over every sequence so far.
+    pub evicted_slots: u64,
 }
 
 /// A running sequence.
@@ -111,7 +157,11 @@ pub struct Engine<B: Backend> {
     running: Vec<Sequence<B>>,
     next_id: RequestId,
     reserved: u64,
+    /// Counters of [`EngineStats`]; `evicted` counts sequences that have left.
     finished: u64,
+    prompt_tokens: u64,
+    generated_tokens: u64,
+    evicted: u64,
 }
 
 impl<B: Backend> Engine<B> {
@@ -137,6 +187,9 @@ impl<B: Backend> Engine<B> {
             next_id: 0,
             reserved: 0,
             finished: 0,
+            prompt_tokens: 0,
+            generated_tokens: 0,
+            evicted: 0,
         })
     }
 
@@ -179,8 +232,18 @@ impl<B: Backend> Engine<B> {
                 request.prompt.len()
             )));
         }
+        if let Some(limit) = self.config.max_queued {
+            if self.queue.len() >= limit {
+                return Err(Error::Busy(format!("{limit} requests are already waiting")));
+            }
+        }
         check_ids(self.model.as_ref(), &request.prompt)?;
         Sampler::new(request.sampling.clone())?;
+        if request.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(Error::InvalidInput(format!(
+                "at most {MAX_TOP_LOGPROBS} alternatives per token"
+            )));
+        }
         let (cache, footprint) = self.cache_for(&request)?;
         if footprint > self.config.pool_bytes {
             return Err(Error::InvalidInput(format!(
@@ -207,12 +270,18 @@ impl<B: Backend> Engine<B> {
         }
         match self.running.iter().position(|s| s.id == id) {
             Some(i) => {
-                let seq = self.running.swap_remove(i);
-                self.reserved -= seq.footprint;
+                self.release(i);
                 true
             }
             None => false,
         }
+    }
+
+    /// Removes running sequence `i`, returning its memory to the pool.
+    fn release(&mut self, i: usize) {
+        let seq = self.running.swap_remove(i);
+        self.reserved -= seq.footprint;
+        self.evicted += seq.cache.evicted() as u64;
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -223,6 +292,9 @@ impl<B: Backend> Engine<B> {
             kv_bytes: self.running.iter().map(|s| s.cache.bytes()).sum(),
             pool_bytes: self.config.pool_bytes,
             finished: self.finished,
+            prompt_tokens: self.prompt_tokens,
+            generated_tokens: self.generated_tokens,
+            evicted_slots: self.evicted + self.running.iter().map(|s| s.cache.evicted() as u64).sum::<u64>(),
         }
     }
 
@@ -310,6 +382,7 @@ impl<B: Backend> Engine<B> {
                 let ids = &seq.request.prompt[seq.prefilled..seq.prefilled + len];
                 let tokens = token_tensor::<B>(ids, &device);
                 seq.prefilled += len;
+                self.prompt_tokens += len as u64;
                 if seq.groups.is_empty() {
                     let logits = self
                         .model
@@ -330,11 +403,11 @@ impl<B: Backend> Engine<B> {
             .collect();
         for id in finished {
             if let Some(i) = self.running.iter().position(|s| s.id == id) {
-                let seq = self.running.swap_remove(i);
-                self.reserved -= seq.footprint;
+                self.release(i);
                 self.finished += 1;
             }
         }
+        self.generated_tokens += events.iter().filter(|e| matches!(e, Event::Token { .. })).count() as u64;
         Ok(events)
     }
 
@@ -354,7 +427,16 @@ impl<B: Backend> Engine<B> {
             return;
         }
         seq.generated += 1;
-        events.push(Event::Token { id, token });
+        let logprobs = seq.request.logprobs.map(|k| {
+            let mut top = top_logprobs(logits, k.max(1));
+            let logprob = match top.first() {
+                Some(&(best, lp)) if best == token => lp,
+                _ => log_probability(logits, token),
+            };
+            top.truncate(k);
+            TokenLogprobs { logprob, top }
+        });
+        events.push(Event::Token { id, token, logprobs });
         if seq.generated >= seq.request.max_new_tokens {
             events.push(finish(StopReason::MaxTokens));
         } else if seq.cache.next_position() >= context {
@@ -373,4 +455,11 @@ impl<B: Backend> Engine<B> {
         }
         Ok(())
     }
+}
+
+/// The natural-log probability of `token` under `logits`' softmax.
+fn log_probability(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - log_z)
 }
