@@ -59,6 +59,9 @@ fn alone(m: &LoadedModel<Flex>, r: &Request, chunk: usize) -> Vec<u32> {
     alone_with_logprobs(m, r, chunk, 0).0
 }
 
+/// Per step, the most likely `(id, log-probability)` pairs.
+type Alternatives = Vec<Vec<(u32, f32)>>;
+
 /// The ids `r` generates alone, with each step's `top` most likely alternatives.
 fn alone_with_logprobs(
     m: &LoadedModel<Flex>,
@@ -281,7 +284,7 @@ fn the_handle_streams_each_request_its_own_tokens() {
     let mut reqs = requests(&m);
     reqs.truncate(4);
     reqs[1].logprobs = Some(3);
-    let want: Vec<(Vec<u32>, Vec<Vec<(u32, f32)>>)> = reqs
+    let want: Vec<(Vec<u32>, Alternatives)> = reqs
         .iter()
         .map(|r| alone_with_logprobs(&m, r, chunk, r.logprobs.unwrap_or(0)))
         .collect();
