@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod requests;
 mod score;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -53,7 +54,17 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Check the fused GPU kernels against the tensor operations they replace (on the GPU).
     CheckKernels(check_kernels::CheckKernelsArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (completions, chat completions,
+    /// streaming), each request with its own eviction policy and budget.
+    #[command(after_help = SERVE_EXAMPLES)]
+    Serve(serve::ServeArgs),
 }
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  easykv serve --port 8000 --policy roco --budget 0.5
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{\"model\": \"SmolLM2-135M-Instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"kv_budget\": 0.25}'";
 
 /// A flag clap refused, as one line (the possible values appended), exit 2; help and version
 /// print as clap prints them.
@@ -89,23 +100,30 @@ fn flag_error(e: clap::Error) -> ExitCode {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // Logs on stderr, by `RUST_LOG` (e.g. `RUST_LOG=easykv::chunks=debug` times each prefill
-    // chunk's layers and cache step); errors only when unset.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return flag_error(e),
     };
+    // Logs on stderr, by `RUST_LOG` (e.g. `RUST_LOG=easykv::chunks=debug` times each prefill
+    // chunk's layers and cache step); when unset, errors only — and the server's request log.
+    let default = match cli.command {
+        Command::Serve(_) => "error,easykv::serve=info",
+        _ => "error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::CheckKernels(args) => check_kernels::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,19 @@ pub enum Budget {
     Bytes(u64),
 }
 
+/// The form [`FromStr`] reads back: `0.5`, `512`, `67108864B`.
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // 1.0 stays a ratio: "1" would read back as one token.
+            Budget::Ratio(r) if r.fract() == 0.0 => write!(f, "{r:.1}"),
+            Budget::Ratio(r) => write!(f, "{r}"),
+            Budget::Tokens(n) => write!(f, "{n}"),
+            Budget::Bytes(b) => write!(f, "{b}B"),
+        }
+    }
+}
+
 impl FromStr for Budget {
     type Err = Error;
 
@@ -333,6 +346,9 @@ mod tests {
         assert_eq!("1.5GB".parse::<Budget>().unwrap(), Budget::Bytes(1_500_000_000));
         for bad in ["", "abc", "-1", "0", "0.0", "NaN", "-2MiB", "inf"] {
             assert!(bad.parse::<Budget>().is_err(), "{bad}");
+        }
+        for b in [Budget::Ratio(0.25), Budget::Ratio(1.0), Budget::Tokens(1), Budget::Bytes(64 << 20)] {
+            assert_eq!(b.to_string().parse::<Budget>().unwrap(), b, "{b}");
         }
     }
 

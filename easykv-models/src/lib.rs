@@ -33,7 +33,7 @@ pub use cache::{build_cache, build_cache_from};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeLayout};
 pub use engine::{
-    default_host_pool_bytes, Engine, EngineConfig, EngineHandle, EngineStats, Event, EventSink, Rejection, Request,
+    default_host_pool_bytes, Engine, MAX_TOP_LOGPROBS, EngineConfig, EngineHandle, EngineStats, Event, EventSink, Rejection, Request,
     RequestId, TokenLogprobs, Update,
 };
 pub use error::{Error, Result};
@@ -44,5 +44,5 @@ pub use loader::LoadedModel;
 pub use model::{load_model, CausalLm};
 pub use random_weights::{RandomModel, RANDOM_MODELS};
 pub use sampling::{Sampler, SamplingConfig};
-pub use tokenizer::TextTokenizer;
+pub use tokenizer::{TextStream, TextTokenizer};
 pub use weights::WeightSource;

@@ -284,14 +284,8 @@ impl TextTokenizer {
     }
 
     /// A streaming decoder: feed ids one at a time, get text as soon as it is whole UTF-8.
-    pub fn stream(&self, skip_special: bool) -> TextStream<'_> {
-        TextStream {
-            tokenizer: self,
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
-            skip_special,
-        }
+    pub fn stream(&self, skip_special: bool) -> TextStream<&Self> {
+        TextStream::new(self, skip_special)
     }
 }
 
@@ -299,8 +293,9 @@ impl TextTokenizer {
 ///
 /// Each step decodes only the ids since the last emitted text (plus the few before them that
 /// give it context), so the cost per token stays constant however long the output grows.
-pub struct TextStream<'a> {
-    tokenizer: &'a TextTokenizer,
+/// `T` is how the tokenizer is held: borrowed, or shared (`Arc`) by a server's streams.
+pub struct TextStream<T: std::ops::Deref<Target = TextTokenizer>> {
+    tokenizer: T,
     ids: Vec<u32>,
     /// Start of the context window: decoding `ids[prefix..read]` gives the text already emitted.
     prefix: usize,
@@ -309,7 +304,17 @@ pub struct TextStream<'a> {
     skip_special: bool,
 }
 
-impl TextStream<'_> {
+impl<T: std::ops::Deref<Target = TextTokenizer>> TextStream<T> {
+    pub fn new(tokenizer: T, skip_special: bool) -> Self {
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            skip_special,
+        }
+    }
+
     /// Adds one id; returns the new text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
