@@ -16,10 +16,13 @@ use crate::backend::with_backend;
 use crate::common::{print_json, CliError, CliResult, EvictionArgs, ModelArgs};
 
 /// Public-domain text (the opening of Melville's *Moby-Dick*) repeated to build bench prompts.
-const BENCH_TEXT: &str = "Call me Ishmael. Some years ago—never mind how long precisely—having little or no money in my purse, and nothing particular to interest me on shore, I thought I would sail about a little and see the watery part of the world. It is a way I have of driving off the spleen and regulating the circulation. Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; whenever I find myself involuntarily pausing before coffin warehouses, and bringing up the rear of every funeral I meet; and especially whenever my hypos get such an upper hand of me, that it requires a strong moral principle to prevent me from deliberately stepping into the street, and methodically knocking people's hats off—then, I account it high time to get to sea as soon as I can. ";
+pub const BENCH_TEXT: &str = "Call me Ishmael. Some years ago—never mind how long precisely—having little or no money in my purse, and nothing particular to interest me on shore, I thought I would sail about a little and see the watery part of the world. It is a way I have of driving off the spleen and regulating the circulation. Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; whenever I find myself involuntarily pausing before coffin warehouses, and bringing up the rear of every funeral I meet; and especially whenever my hypos get such an upper hand of me, that it requires a strong moral principle to prevent me from deliberately stepping into the street, and methodically knocking people's hats off—then, I account it high time to get to sea as soon as I can. ";
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub target: Option<BenchTarget>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt length in tokens.
@@ -140,7 +143,18 @@ struct Speed {
     kv_bytes: u64,
 }
 
+/// What else `bench` measures.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchTarget {
+    /// Load-test a running `easykv serve`: N streaming clients for T seconds; tokens/s, time
+    /// to first token, inter-token latency, errors and the server's memory over time.
+    Serve(crate::bench_serve::LoadArgs),
+}
+
 pub fn run(args: BenchArgs) -> CliResult {
+    if let Some(BenchTarget::Serve(load)) = &args.target {
+        return crate::bench_serve::run(load);
+    }
     let device = args.model.device.clone();
     with_backend!(&device, run_on(&args))
 }

@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod bench_serve;
 mod check_kernels;
 mod common;
 mod eval;

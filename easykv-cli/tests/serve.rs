@@ -42,9 +42,11 @@ impl Server {
         });
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let line = log
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the server never said where it listens");
+            let Ok(line) = log.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("the server never said where it listens ({status:?})");
+            };
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let base = rest.split_whitespace().next().unwrap().to_string();
                 return Server {
@@ -83,7 +85,10 @@ impl Server {
 
     fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let (status, text) = self.call(path, Some(&body.to_string()), None);
-        (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+        )
     }
 
     fn metric(&self, name: &str) -> f64 {
@@ -152,7 +157,8 @@ fn reference_chats() -> Vec<(String, String, usize)> {
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(shared("reference/smollm2-135m-q4_1.json")).unwrap()).unwrap();
     let path = easykv_models::fetch::resolve_model("smollm2", &mut |_| {}).unwrap();
-    let tokenizer = easykv_models::TextTokenizer::from_gguf(&easykv_models::gguf::GgufFile::open(&path).unwrap()).unwrap();
+    let tokenizer =
+        easykv_models::TextTokenizer::from_gguf(&easykv_models::gguf::GgufFile::open(&path).unwrap()).unwrap();
     reference["chat"]
         .as_array()
         .unwrap()
@@ -200,7 +206,11 @@ fn endpoints_answers_streams_and_errors() {
             .collect();
         assert_eq!(text, want, "{user} (streamed)");
         assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk"));
-        let finish: Vec<&Value> = events.iter().map(|e| &e["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+        let finish: Vec<&Value> = events
+            .iter()
+            .map(|e| &e["choices"][0]["finish_reason"])
+            .filter(|f| !f.is_null())
+            .collect();
         assert_eq!(finish.len(), 1, "one chunk ends the answer");
         let last = events.last().unwrap();
         assert_eq!(last["choices"], json!([]), "the usage chunk comes last");
@@ -216,7 +226,10 @@ fn endpoints_answers_streams_and_errors() {
     body["kv_stride"] = json!(2);
     let (status, answer) = server.post("/v1/completions", &body);
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["kv"], json!({"policy": "roco", "budget": "0.5", "mode": "encoding", "stride": 2}));
+    assert_eq!(
+        answer["kv"],
+        json!({"policy": "roco", "budget": "0.5", "mode": "encoding", "stride": 2})
+    );
     assert_eq!(answer["choices"][0]["finish_reason"], "length");
     // Log-probabilities: the greedy token is the most likely one.
     let mut body = completion("The capital of France is", 3);
@@ -225,7 +238,12 @@ fn endpoints_answers_streams_and_errors() {
     let lp = &answer["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 3, "{answer}");
     for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
-        let best = top.as_object().unwrap().values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        let best = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
         assert_eq!(lp["token_logprobs"][i].as_f64().unwrap(), best);
     }
     // A stop string ends the answer before it.
@@ -238,12 +256,25 @@ fn endpoints_answers_streams_and_errors() {
     // Bad requests: 4xx with an OpenAI-style body, and the server carries on.
     let post = |body: &str| {
         let (status, text) = server.call("/v1/completions", Some(body), None);
-        (status, serde_json::from_str::<Value>(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+        (
+            status,
+            serde_json::from_str::<Value>(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+        )
     };
     assert_error(post("{\"model\": "), 400, None, "malformed JSON");
     assert_error(post("[1, 2]"), 400, None, "invalid");
-    assert_error(post(r#"{"model": "smollm2", "prompt": "hi", "max_tokens": "ten"}"#), 400, Some("max_tokens"), "invalid");
-    assert_error(post(r#"{"model": "smollm2", "prompt": 7}"#), 400, Some("prompt"), "invalid");
+    assert_error(
+        post(r#"{"model": "smollm2", "prompt": "hi", "max_tokens": "ten"}"#),
+        400,
+        Some("max_tokens"),
+        "invalid",
+    );
+    assert_error(
+        post(r#"{"model": "smollm2", "prompt": 7}"#),
+        400,
+        Some("prompt"),
+        "invalid",
+    );
     assert_error(post(r#"{"model": "smollm2"}"#), 400, None, "prompt");
     assert_error(post(r#"{"prompt": "hi"}"#), 400, Some("model"), "model");
     let with = |k: &str, v: Value| {
@@ -254,7 +285,12 @@ fn endpoints_answers_streams_and_errors() {
     assert_error(with("model", json!("gpt-4")), 404, Some("model"), "does not exist");
     assert_error(with("max_tokens", json!(100_000)), 400, Some("max_tokens"), "context");
     assert_error(with("max_tokens", json!(0)), 400, Some("max_tokens"), "≥ 1");
-    assert_error(with("prompt", json!("word ".repeat(600))), 400, Some("prompt"), "at most 512");
+    assert_error(
+        with("prompt", json!("word ".repeat(600))),
+        400,
+        Some("prompt"),
+        "at most 512",
+    );
     assert_error(with("prompt", json!("")), 400, Some("prompt"), "empty");
     assert_error(with("prompt", json!([1, 99_999_999])), 400, None, "vocabulary");
     assert_error(with("prompt", json!(["a", "b"])), 400, Some("prompt"), "one prompt");
@@ -262,10 +298,20 @@ fn endpoints_answers_streams_and_errors() {
     assert_error(with("temperature", json!(3.5)), 400, Some("temperature"), "temperature");
     assert_error(with("top_p", json!(0)), 400, Some("top_p"), "top_p");
     assert_error(with("logprobs", json!(9)), 400, Some("logprobs"), "logprobs");
-    assert_error(with("stop", json!(["a", "b", "c", "d", "e"])), 400, Some("stop"), "stop");
+    assert_error(
+        with("stop", json!(["a", "b", "c", "d", "e"])),
+        400,
+        Some("stop"),
+        "stop",
+    );
     assert_error(with("kv_budget", json!("lots")), 400, Some("kv_budget"), "ratio");
     assert_error(with("kv_budget", json!(1.5)), 400, Some("kv_budget"), "(0, 1]");
-    assert_error(with("kv_policy", json!("nope")), 400, Some("kv_policy"), "unknown policy");
+    assert_error(
+        with("kv_policy", json!("nope")),
+        400,
+        Some("kv_policy"),
+        "unknown policy",
+    );
     assert_error(with("kv_mode", json!("sideways")), 400, Some("kv_mode"), "mode");
     assert_error(with("kv_stride", json!(0)), 400, None, "stride");
     assert_error(with("echo", json!(true)), 400, Some("echo"), "echo");
@@ -279,7 +325,12 @@ fn endpoints_answers_streams_and_errors() {
     assert_error(chat(json!({"messages": []})), 400, Some("messages"), "empty");
     assert_error(chat(json!({"messages": "Hi"})), 400, Some("messages"), "invalid");
     assert_error(chat(json!({"top_logprobs": 3})), 400, Some("top_logprobs"), "logprobs");
-    assert_error(chat(json!({"logprobs": true, "top_logprobs": 21})), 400, Some("top_logprobs"), "0 to 20");
+    assert_error(
+        chat(json!({"logprobs": true, "top_logprobs": 21})),
+        400,
+        Some("top_logprobs"),
+        "0 to 20",
+    );
     assert_error(chat(json!({"tools": []})), 400, Some("tools"), "tools");
     assert_error(
         chat(json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})),
@@ -305,6 +356,28 @@ fn endpoints_answers_streams_and_errors() {
     assert!(server.metric("easykv_generation_tokens_total") > 0.0);
     assert_eq!(server.metric("easykv_requests_in_flight"), 0.0);
     assert!(server.metric("easykv_kv_pool_bytes") > 0.0);
+
+    // The load test against it: bounded (2 clients, 2 seconds), no errors, memory sampled.
+    let out = Command::new(env!("CARGO_BIN_EXE_easykv"))
+        .args([
+            "bench",
+            "serve",
+            "--url",
+            &server.base,
+            "--clients",
+            "2",
+            "--duration",
+            "2",
+        ])
+        .args(["--max-tokens", "4", "--prompt-words", "20", "--warmup", "0", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let load: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(load["errors"], 0, "{load}");
+    assert!(load["requests"].as_u64().unwrap() >= 2, "{load}");
+    assert!(load["output_tokens"].as_u64().unwrap() > 0, "{load}");
+    assert!(load["rss_mib_max"].as_f64().unwrap() > 10.0, "{load}");
 }
 
 /// 32 clients at once get, each, the answer the same request gets alone; a client that leaves
@@ -312,7 +385,9 @@ fn endpoints_answers_streams_and_errors() {
 #[test]
 fn concurrent_clients_get_their_own_answers_and_leaving_cancels() {
     let server = Server::start(&["--max-concurrent", "32"]);
-    let prompts: Vec<String> = (0..32).map(|i| format!("Story {i}: once upon a time, in a land of {i} rivers,")).collect();
+    let prompts: Vec<String> = (0..32)
+        .map(|i| format!("Story {i}: once upon a time, in a land of {i} rivers,"))
+        .collect();
     let alone: Vec<Value> = prompts
         .iter()
         .map(|p| server.post("/v1/completions", &completion(p, 8)).1["choices"][0]["text"].clone())
@@ -325,7 +400,10 @@ fn concurrent_clients_get_their_own_answers_and_leaving_cancels() {
                 s.spawn(move || server.post("/v1/completions", &completion(p, 8)))
             })
             .collect();
-        threads.into_iter().map(|t| t.join().unwrap().1["choices"][0]["text"].clone()).collect()
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap().1["choices"][0]["text"].clone())
+            .collect()
     });
     assert_eq!(together, alone);
     assert_eq!(server.metric("easykv_requests_total{status=\"200\"}"), 64.0);
@@ -333,7 +411,8 @@ fn concurrent_clients_get_their_own_answers_and_leaving_cancels() {
     // A streaming client that reads one chunk and hangs up.
     let address = server.base.trim_start_matches("http://").to_string();
     let mut socket = std::net::TcpStream::connect(&address).unwrap();
-    let body = json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 4000, "stream": true}).to_string();
+    let body =
+        json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 4000, "stream": true}).to_string();
     write!(
         socket,
         "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -384,7 +463,13 @@ fn api_key_full_queue_and_graceful_shutdown() {
     // SIGTERM with a request in flight: it is answered, then the process exits 0.
     let pid = server.child.id().to_string();
     let answer = std::thread::scope(|s| {
-        let t = s.spawn(|| server.call("/v1/completions", Some(&completion("Once upon a time", 40).to_string()), Some("sekret")));
+        let t = s.spawn(|| {
+            server.call(
+                "/v1/completions",
+                Some(&completion("Once upon a time", 40).to_string()),
+                Some("sekret"),
+            )
+        });
         std::thread::sleep(Duration::from_millis(400));
         assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
         t.join().unwrap()
@@ -425,6 +510,10 @@ fn the_openai_python_client_works() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("ok: chat") && stdout.contains("ok: stream"), "{stdout}");
 }

@@ -347,7 +347,12 @@ mod tests {
         for bad in ["", "abc", "-1", "0", "0.0", "NaN", "-2MiB", "inf"] {
             assert!(bad.parse::<Budget>().is_err(), "{bad}");
         }
-        for b in [Budget::Ratio(0.25), Budget::Ratio(1.0), Budget::Tokens(1), Budget::Bytes(64 << 20)] {
+        for b in [
+            Budget::Ratio(0.25),
+            Budget::Ratio(1.0),
+            Budget::Tokens(1),
+            Budget::Bytes(64 << 20),
+        ] {
             assert_eq!(b.to_string().parse::<Budget>().unwrap(), b, "{b}");
         }
     }

@@ -33,8 +33,8 @@ pub use cache::{build_cache, build_cache_from};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig, RopeLayout};
 pub use engine::{
-    default_host_pool_bytes, Engine, MAX_TOP_LOGPROBS, EngineConfig, EngineHandle, EngineStats, Event, EventSink, Rejection, Request,
-    RequestId, TokenLogprobs, Update,
+    default_host_pool_bytes, Engine, EngineConfig, EngineHandle, EngineStats, Event, EventSink, Rejection, Request,
+    RequestId, TokenLogprobs, Update, MAX_TOP_LOGPROBS,
 };
 pub use error::{Error, Result};
 pub use generate::{generate, prefill, score, top_logprobs, GenerateConfig, Generation, Score, StopReason};

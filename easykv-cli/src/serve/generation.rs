@@ -65,7 +65,10 @@ impl StopMatcher {
             .map(|s| {
                 (1..s.len().min(self.held.len() + 1))
                     .rev()
-                    .find(|&k| self.held.is_char_boundary(self.held.len() - k) && s.starts_with(&self.held[self.held.len() - k..]))
+                    .find(|&k| {
+                        self.held.is_char_boundary(self.held.len() - k)
+                            && s.starts_with(&self.held[self.held.len() - k..])
+                    })
                     .unwrap_or(0)
             })
             .max()
@@ -113,7 +116,10 @@ impl Generation {
             state,
             ticket,
             updates,
-            stops: StopMatcher { stops, held: String::new() },
+            stops: StopMatcher {
+                stops,
+                held: String::new(),
+            },
             pending: Vec::new(),
             prompt_tokens,
             completion_tokens: 0,
@@ -191,7 +197,9 @@ fn rejection(r: Rejection) -> ApiError {
         Rejection::Invalid(m) => ApiError::invalid(m, None),
         Rejection::Busy(m) => ApiError::invalid(format!("the server is busy: {m}; retry later"), None)
             .with_status(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
-        Rejection::ShuttingDown => ApiError::server(r.to_string()).with_status(StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        Rejection::ShuttingDown => {
+            ApiError::server(r.to_string()).with_status(StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+        }
         Rejection::Failed(m) => ApiError::server(m),
     }
 }

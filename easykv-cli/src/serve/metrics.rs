@@ -61,10 +61,20 @@ impl Metrics {
             .iter()
             .map(|(status, n)| (format!("{{status=\"{status}\"}}"), *n))
             .collect();
-        metric("requests_total", "counter", "HTTP responses by status code.", &responses);
+        metric(
+            "requests_total",
+            "counter",
+            "HTTP responses by status code.",
+            &responses,
+        );
         let one = |v: u64| [(String::new(), v)];
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        metric("requests_in_flight", "gauge", "Generations in progress (queued or running).", &one(load(&self.in_flight)));
+        metric(
+            "requests_in_flight",
+            "gauge",
+            "Generations in progress (queued or running).",
+            &one(load(&self.in_flight)),
+        );
         metric(
             "prompt_tokens_total",
             "counter",
@@ -77,25 +87,66 @@ impl Metrics {
             "Tokens generated for clients.",
             &one(load(&self.generated_tokens)),
         );
-        metric("queue_length", "gauge", "Requests waiting for room in the KV pool.", &one(engine.queued as u64));
-        metric("sequences_running", "gauge", "Sequences being prefilled or decoded.", &one(engine.running as u64));
-        metric("kv_bytes_in_use", "gauge", "Bytes of keys and values the running sequences hold.", &one(engine.kv_bytes));
+        metric(
+            "queue_length",
+            "gauge",
+            "Requests waiting for room in the KV pool.",
+            &one(engine.queued as u64),
+        );
+        metric(
+            "sequences_running",
+            "gauge",
+            "Sequences being prefilled or decoded.",
+            &one(engine.running as u64),
+        );
+        metric(
+            "kv_bytes_in_use",
+            "gauge",
+            "Bytes of keys and values the running sequences hold.",
+            &one(engine.kv_bytes),
+        );
         metric(
             "kv_bytes_reserved",
             "gauge",
             "Bytes of the pool set aside for the running sequences.",
             &one(engine.reserved_bytes),
         );
-        metric("kv_pool_bytes", "gauge", "Size of the KV memory pool.", &one(engine.pool_bytes));
+        metric(
+            "kv_pool_bytes",
+            "gauge",
+            "Size of the KV memory pool.",
+            &one(engine.pool_bytes),
+        );
         metric(
             "evicted_slots_total",
             "counter",
             "Cache slots evicted per (layer, KV head), over all sequences.",
             &one(engine.evicted_slots),
         );
-        metric("sequences_finished_total", "counter", "Sequences that ran to their end.", &one(engine.finished));
+        metric(
+            "sequences_finished_total",
+            "counter",
+            "Sequences that ran to their end.",
+            &one(engine.finished),
+        );
+        if let Some(rss) = resident_bytes() {
+            metric(
+                "process_resident_memory_bytes",
+                "gauge",
+                "The server's resident memory.",
+                &one(rss),
+            );
+        }
         out
     }
+}
+
+/// This process's resident memory (Linux: `VmRSS` of /proc/self/status).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

@@ -108,7 +108,9 @@ impl AppState {
     /// A seed for a request that gives none: different for every request.
     fn next_seed(&self) -> u64 {
         let n = self.seeds.fetch_add(1, Ordering::Relaxed);
-        (self.started ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(n.wrapping_add(1)).rotate_left(17)
+        (self.started ^ 0x9e37_79b9_7f4a_7c15)
+            .wrapping_mul(n.wrapping_add(1))
+            .rotate_left(17)
     }
 
     fn is_draining(&self) -> bool {
@@ -197,7 +199,10 @@ fn run_on<B: Backend>(device: &B::Device, args: &ServeArgs) -> CliResult {
 /// The name the API shows (`--served-model-name`, else `--model` as given when it is a known
 /// name, else the file's stem), then the other names a request may use.
 fn model_names(args: &ServeArgs, loaded_name: &str, path: &std::path::Path) -> Vec<String> {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
     let given = &args.model.model;
     let shown = match &args.served_model_name {
         Some(n) => n.clone(),
@@ -232,13 +237,19 @@ async fn serve(state: Arc<AppState>, addr: SocketAddr, args: &ServeArgs) -> CliR
         .await
         .map_err(|e| CliError(format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr().map_err(|e| CliError(e.to_string()))?;
-    eprintln!("easykv serve: listening on http://{local} (model {})", state.model_names[0]);
+    eprintln!(
+        "easykv serve: listening on http://{local} (model {})",
+        state.model_names[0]
+    );
     let deadline = Duration::from_secs(args.shutdown_timeout);
     let draining = state.clone();
     let shutdown = async move {
         stop_signal().await;
         draining.draining.store(true, Ordering::Relaxed);
-        eprintln!("easykv serve: shutting down (requests in flight get {} s)", deadline.as_secs());
+        eprintln!(
+            "easykv serve: shutting down (requests in flight get {} s)",
+            deadline.as_secs()
+        );
         // Past the deadline the process ends whatever still runs.
         tokio::spawn(async move {
             tokio::time::sleep(deadline).await;
@@ -295,7 +306,8 @@ fn check_access(state: &AppState, request: &Request, path: &str) -> Result<(), A
         return Ok(());
     }
     if state.is_draining() {
-        return Err(ApiError::server("the server is shutting down").with_status(StatusCode::SERVICE_UNAVAILABLE, "shutting_down"));
+        return Err(ApiError::server("the server is shutting down")
+            .with_status(StatusCode::SERVICE_UNAVAILABLE, "shutting_down"));
     }
     let Some(key) = &state.api_key else {
         return Ok(());

@@ -81,13 +81,22 @@ fn prepare(
         None => return Err(bad("you must provide a model parameter".into(), "model")),
         Some(m) if state.model_names.iter().any(|n| n == m) => m.clone(),
         Some(m) => {
-            return Err(ApiError::invalid(format!("the model '{m}' does not exist; this server has '{}'", state.model_names[0]), Some("model"))
-                .with_status(StatusCode::NOT_FOUND, "model_not_found"))
+            return Err(ApiError::invalid(
+                format!(
+                    "the model '{m}' does not exist; this server has '{}'",
+                    state.model_names[0]
+                ),
+                Some("model"),
+            )
+            .with_status(StatusCode::NOT_FOUND, "model_not_found"))
         }
     };
     for (name, value) in [("n", common.n), ("best_of", common.best_of)] {
         if value.is_some_and(|v| v != 1) {
-            return Err(bad(format!("{name} > 1 is not supported: send one request per answer"), name));
+            return Err(bad(
+                format!("{name} > 1 is not supported: send one request per answer"),
+                name,
+            ));
         }
     }
     for (name, value) in [
@@ -103,7 +112,10 @@ fn prepare(
     }
     let temperature = common.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(bad(format!("temperature must be in [0, 2], got {temperature}"), "temperature"));
+        return Err(bad(
+            format!("temperature must be in [0, 2], got {temperature}"),
+            "temperature",
+        ));
     }
     if let Some(p) = common.top_p {
         if !(p > 0.0 && p <= 1.0) {
@@ -122,7 +134,10 @@ fn prepare(
         return Err(bad(format!("at most {MAX_STOPS} stop sequences"), "stop"));
     }
     if stops.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
-        return Err(bad(format!("stop sequences must be 1 to {MAX_STOP_BYTES} bytes"), "stop"));
+        return Err(bad(
+            format!("stop sequences must be 1 to {MAX_STOP_BYTES} bytes"),
+            "stop",
+        ));
     }
     if prompt.is_empty() {
         return Err(bad("the prompt is empty".into(), prompt_param));
@@ -130,7 +145,11 @@ fn prepare(
     let context = state.context;
     if prompt.len() > state.max_prompt_tokens {
         return Err(bad(
-            format!("the prompt has {} tokens; this server takes at most {}", prompt.len(), state.max_prompt_tokens),
+            format!(
+                "the prompt has {} tokens; this server takes at most {}",
+                prompt.len(),
+                state.max_prompt_tokens
+            ),
             prompt_param,
         )
         .with_status(StatusCode::BAD_REQUEST, "context_length_exceeded"));
@@ -152,8 +171,11 @@ fn prepare(
         None => state.default_max_tokens.min(room),
     };
     if max_new == 0 {
-        return Err(bad(format!("the prompt fills the model's context of {context} tokens"), prompt_param)
-            .with_status(StatusCode::BAD_REQUEST, "context_length_exceeded"));
+        return Err(bad(
+            format!("the prompt fills the model's context of {context} tokens"),
+            prompt_param,
+        )
+        .with_status(StatusCode::BAD_REQUEST, "context_length_exceeded"));
     }
     let (policy, eviction) = kv_settings(state, common)?;
     let sampling = SamplingConfig {
@@ -209,7 +231,9 @@ fn kv_settings(state: &AppState, common: &CommonParams) -> Result<(String, Evict
     if let Some(s) = common.kv_stride {
         eviction.stride = usize::try_from(s).unwrap_or(usize::MAX);
     }
-    eviction.validate().map_err(|e| ApiError::invalid(e.to_string(), None))?;
+    eviction
+        .validate()
+        .map_err(|e| ApiError::invalid(e.to_string(), None))?;
     Ok((policy, eviction))
 }
 
@@ -229,24 +253,23 @@ async fn completion(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -
     if req.suffix.is_some() {
         return Err(fail(ApiError::invalid("suffix is not supported", Some("suffix"))));
     }
-    let one = |n: usize| match n {
-        1 => Ok(()),
-        _ => Err(fail(ApiError::invalid(
+    let several = || {
+        fail(ApiError::invalid(
             "send one prompt per request (a list of several is not supported)",
             Some("prompt"),
-        ))),
+        ))
     };
     let prompt = match req.prompt {
         PromptInput::Text(t) => encode(&state, &t).map_err(fail)?,
         PromptInput::Ids(ids) => ids,
-        PromptInput::Texts(t) => {
-            one(t.len())?;
-            encode(&state, &t[0]).map_err(fail)?
-        }
-        PromptInput::IdLists(l) => {
-            one(l.len())?;
-            l.into_iter().next().unwrap_or_default()
-        }
+        PromptInput::Texts(t) => match t.as_slice() {
+            [only] => encode(&state, only).map_err(fail)?,
+            _ => return Err(several()),
+        },
+        PromptInput::IdLists(mut l) => match (l.pop(), l.is_empty()) {
+            (Some(ids), true) => ids,
+            _ => return Err(several()),
+        },
     };
     let logprobs = match req.logprobs {
         Some(n) if n > MAX_COMPLETION_LOGPROBS => {
@@ -337,11 +360,18 @@ async fn chat(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Resu
 fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
     if text.len() > state.max_prompt_tokens.saturating_mul(64) {
         return Err(ApiError::invalid(
-            format!("the prompt is {} bytes, too long for {} tokens", text.len(), state.max_prompt_tokens),
+            format!(
+                "the prompt is {} bytes, too long for {} tokens",
+                text.len(),
+                state.max_prompt_tokens
+            ),
             Some("prompt"),
         ));
     }
-    state.tokenizer.encode(text).map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
+    state
+        .tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -515,7 +545,8 @@ fn sse_stream(
                     let choice = h.choice(text, &piece.tokens, finish, true);
                     // The last chunk carries the settings that ran (and the usage unless a
                     // separate usage chunk follows).
-                    let usage = (finish.is_some() && !include_usage).then(|| Usage::new(g.prompt_tokens, g.completion_tokens));
+                    let usage =
+                        (finish.is_some() && !include_usage).then(|| Usage::new(g.prompt_tokens, g.completion_tokens));
                     let mut body = h.body(vec![choice], usage, true);
                     if finish.is_some() {
                         body["kv"] = h.kv.clone();
@@ -556,7 +587,11 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     match state.is_draining() {
         false => Json(json!({"status": "ok"})).into_response(),
-        true => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting down"}))).into_response(),
+        true => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting down"})),
+        )
+            .into_response(),
     }
 }
 
