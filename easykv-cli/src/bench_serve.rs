@@ -26,6 +26,10 @@ pub struct LoadArgs {
     /// Words of English text per prompt (about 1.3 tokens each).
     #[arg(long, default_value_t = 96)]
     pub prompt_words: usize,
+    /// Instead of text, prompts of this many token ids drawn over the vocabulary (what a
+    /// server of `--random-weights` takes; the vocabulary's size comes from /v1/models).
+    #[arg(long, conflicts_with = "prompt_words")]
+    pub prompt_tokens: Option<usize>,
     /// max_tokens of every request (an answer may end earlier, at a stop token).
     #[arg(long, default_value_t = 64)]
     pub max_tokens: u64,
@@ -42,6 +46,9 @@ pub struct LoadArgs {
     pub kv_budget: Option<String>,
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Seconds to wait for the server to answer at the start.
+    #[arg(long, default_value_t = 120.0)]
+    pub wait: f64,
     #[arg(long)]
     pub json: bool,
 }
@@ -65,6 +72,9 @@ pub fn run(args: &LoadArgs) -> CliResult {
     if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 86_400.0) {
         return Err(CliError("--duration must be a number of seconds in (0, 86400]".into()));
     }
+    if !(args.wait.is_finite() && args.wait >= 0.0) {
+        return Err(CliError("--wait must be a number of seconds ≥ 0".into()));
+    }
     if args.prompt_words == 0 || args.prompt_words > 100_000 || args.max_tokens == 0 {
         return Err(CliError(
             "--prompt-words (≤ 100000) and --max-tokens must be ≥ 1".into(),
@@ -82,16 +92,27 @@ pub fn run(args: &LoadArgs) -> CliResult {
             .into_string()
             .map_err(|e| CliError(e.to_string()))
     };
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None => {
-            let models: Value = serde_json::from_str(&get("/v1/models")?).map_err(|e| CliError(e.to_string()))?;
-            models["data"][0]["id"]
-                .as_str()
-                .ok_or_else(|| CliError(format!("{url}/v1/models lists no model")))?
-                .to_string()
+    // A server just started may still be loading its model: wait for it a while.
+    let waited = Instant::now();
+    let models = loop {
+        match get("/v1/models") {
+            Ok(text) => break text,
+            Err(e) if waited.elapsed() > Duration::from_secs_f64(args.wait) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
         }
     };
+    let models: Value = serde_json::from_str(&models).map_err(|e| CliError(e.to_string()))?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => models["data"][0]["id"]
+            .as_str()
+            .ok_or_else(|| CliError(format!("{url}/v1/models lists no model")))?
+            .to_string(),
+    };
+    let vocab = models["data"][0]["vocab_size"].as_u64().unwrap_or(32_000).max(1);
+    if args.prompt_tokens.is_some_and(|n| n == 0 || n > 1 << 20) {
+        return Err(CliError("--prompt-tokens must be 1 to 1048576".into()));
+    }
     let words: Vec<&str> = BENCH_TEXT.split_whitespace().collect();
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.duration);
@@ -118,11 +139,27 @@ pub fn run(args: &LoadArgs) -> CliResult {
                     let mut outcomes = Vec::new();
                     let mut i = 0;
                     while Instant::now() < deadline {
-                        // Each request's prompt starts elsewhere in the text.
-                        let at = (c * 31 + i * 7) % words.len();
-                        let prompt: Vec<&str> =
-                            words.iter().cycle().skip(at).take(args.prompt_words).copied().collect();
-                        outcomes.push(one_request(agent, url, model, &prompt.join(" "), args));
+                        // Each request's prompt starts elsewhere in the text (or the ids).
+                        let at = c * 31 + i * 7;
+                        let prompt = match args.prompt_tokens {
+                            Some(n) => json!((0..n as u64)
+                                .map(
+                                    |k| ((at as u64 + k) * 6_364_136_223_846_793_005 + 1_442_695_040_888_963_407) >> 33
+                                )
+                                .map(|x| x % vocab)
+                                .collect::<Vec<_>>()),
+                            None => {
+                                let text: Vec<&str> = words
+                                    .iter()
+                                    .cycle()
+                                    .skip(at % words.len())
+                                    .take(args.prompt_words)
+                                    .copied()
+                                    .collect();
+                                json!(text.join(" "))
+                            }
+                        };
+                        outcomes.push(one_request(agent, url, model, prompt, args));
                         i += 1;
                     }
                     outcomes
@@ -137,7 +174,7 @@ pub fn run(args: &LoadArgs) -> CliResult {
 }
 
 /// One streamed completion, timed.
-fn one_request(agent: &ureq::Agent, url: &str, model: &str, prompt: &str, args: &LoadArgs) -> Outcome {
+fn one_request(agent: &ureq::Agent, url: &str, model: &str, prompt: Value, args: &LoadArgs) -> Outcome {
     let mut body = json!({"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0,
                           "stream": true, "stream_options": {"include_usage": true}});
     if let Some(p) = &args.kv_policy {

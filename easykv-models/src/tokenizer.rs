@@ -246,6 +246,27 @@ impl TextTokenizer {
         })
     }
 
+    /// A stand-in for models with random weights, which have no vocabulary: token `i` is the
+    /// word `t<i>`, words are split on whitespace, and there are no stop tokens.
+    pub fn numbered(vocab_size: usize) -> Result<Self> {
+        let vocab: std::collections::HashMap<String, u32> =
+            (0..vocab_size as u32).map(|i| (format!("t{i}"), i)).collect();
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("t0".into())
+            .build()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut inner = Tokenizer::new(model);
+        inner.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::WhitespaceSplit));
+        Ok(Self {
+            inner,
+            stop_ids: Vec::new(),
+            bos_id: None,
+            add_bos: false,
+            vocab_size,
+        })
+    }
+
     /// The tokenizer as Hugging Face `tokenizer.json` text.
     pub fn to_json(&self) -> Result<String> {
         self.inner.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))
@@ -396,5 +417,13 @@ mod tests {
             ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġapples"]
         );
         assert!(pre_tokenizer("no-such-pre").is_err());
+    }
+
+    #[test]
+    fn numbered_tokens_round_trip() {
+        let t = TextTokenizer::numbered(100).unwrap();
+        assert_eq!(t.encode("t5 t99  t0").unwrap(), vec![5, 99, 0]);
+        assert_eq!(t.decode(&[5, 99], true).unwrap(), "t5 t99");
+        assert!(t.stop_ids.is_empty());
     }
 }

@@ -75,6 +75,11 @@ pub struct ServeArgs {
     /// The model's name in the API (default: the loaded model's name).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Instead of --model, a model of this shape with seeded random weights (llama2-7b,
+    /// llama3-8b, qwen2.5-1.5b, smollm2): for load tests of speed and memory. Its tokens are
+    /// the words t0, t1, …; send prompts as token ids or such words.
+    #[arg(long, value_name = "SHAPE")]
+    pub random_weights: Option<String>,
     /// The default eviction settings (a request's kv_* fields override them).
     #[command(flatten)]
     pub eviction: EvictionArgs,
@@ -87,6 +92,7 @@ pub struct AppState {
     chat_template: Option<ChatTemplate>,
     /// The served name first, then other names accepted for it.
     model_names: Vec<String>,
+    vocab_size: usize,
     context: usize,
     max_prompt_tokens: usize,
     default_max_tokens: usize,
@@ -151,10 +157,17 @@ fn run_on<B: Backend>(device: &B::Device, args: &ServeArgs) -> CliResult {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .map_err(|e| CliError(format!("--host {} --port {}: {e}", args.host, args.port)))?;
-    let loaded = args.model.load::<B>(device)?;
+    let loaded = match &args.random_weights {
+        Some(shape) => random_model::<B>(shape, args, device)?,
+        None => args.model.load::<B>(device)?,
+    };
     let context = loaded.model.context_length();
     let pool_bytes = crate::bench::pool_bytes(pool, loaded.model.as_ref());
-    let model_names = model_names(args, &loaded.name, &loaded.path);
+    let model_names = match &args.random_weights {
+        Some(shape) => vec![args.served_model_name.clone().unwrap_or_else(|| shape.clone())],
+        None => model_names(args, &loaded.name, &loaded.path),
+    };
+    let vocab_size = loaded.config.vocab_size;
     let engine = EngineHandle::spawn::<B>(
         loaded.model,
         loaded.config,
@@ -171,6 +184,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &ServeArgs) -> CliResult {
         tokenizer: Arc::new(loaded.tokenizer),
         chat_template: loaded.chat_template,
         model_names,
+        vocab_size,
         context,
         max_prompt_tokens: args.max_prompt_tokens.unwrap_or(context).min(context),
         default_max_tokens: args.default_max_tokens,
@@ -194,6 +208,27 @@ fn run_on<B: Backend>(device: &B::Device, args: &ServeArgs) -> CliResult {
     let served = runtime.block_on(serve(state.clone(), addr, args));
     state.engine.drain();
     served
+}
+
+/// A model of `shape` with seeded random weights and a numbered stand-in tokenizer.
+fn random_model<B: Backend>(
+    shape: &str,
+    args: &ServeArgs,
+    device: &B::Device,
+) -> CliResult<easykv_models::LoadedModel<B>> {
+    let shape = easykv_models::RandomModel::by_name(shape)?;
+    let config = shape.config();
+    let mut model: Box<dyn easykv_models::CausalLm<B>> = Box::new(shape.build::<B>(args.model.dtype, 0, device)?);
+    args.model.kernels.apply(model.as_mut())?;
+    Ok(easykv_models::LoadedModel {
+        model,
+        tokenizer: TextTokenizer::numbered(config.vocab_size)?,
+        config,
+        chat_template: None,
+        path: std::path::PathBuf::new(),
+        name: shape.name.to_string(),
+        dtype: args.model.dtype,
+    })
 }
 
 /// The name the API shows (`--served-model-name`, else `--model` as given when it is a known

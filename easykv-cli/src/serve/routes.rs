@@ -579,6 +579,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
             "created": state.started,
             "owned_by": "easykv",
             "max_model_len": state.context,
+            "vocab_size": state.vocab_size,
         }],
     }))
 }
