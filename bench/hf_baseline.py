@@ -9,6 +9,11 @@ appends without eviction, as EasyKV does). Prints one JSON object per configurat
 prefill seconds and tokens/s, decode tokens/s, peak GPU memory, KV bytes held.
 
     python3 bench/hf_baseline.py --prompt-tokens 4096 --new-tokens 256 --budgets full,0.5,0.25 --policies roco,h2o --stride 64
+
+With `--batch N` (N > 1) it measures what a server would run instead: N prompts at once through
+`generate` with a static cache (SDPA attention, the full cache, greedy, every sequence decoding
+`--new-tokens`), and prints the output tokens/s over the whole run (prefill included), per
+sequence, and the peak memory.
 """
 
 import argparse
@@ -159,6 +164,29 @@ def run(model, prompt, new_tokens, policy, budget, stride):
     }
 
 
+def run_batch(model, prompts, new_tokens):
+    """N sequences together through generate() with a static cache; output tokens/s."""
+    batch, n = prompts.shape
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                             pad_token_id=0)
+    sync()
+    seconds = time.perf_counter() - t0
+    generated = (out.shape[1] - n) * batch
+    return {
+        "batch": batch, "prompt_tokens": n, "new_tokens": new_tokens, "seconds": round(seconds, 3),
+        "output_tokens_per_second": round(generated / seconds, 1),
+        "per_sequence_tokens_per_second": round(generated / batch / seconds, 1),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
@@ -168,16 +196,23 @@ def main():
     ap.add_argument("--policies", default="roco,h2o")
     ap.add_argument("--stride", type=int, default=64)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--batch", type=int, default=1, help="N > 1: N sequences at once, static cache")
     args = ap.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     config = LlamaConfig(**SHAPES[args.shape])
-    config._attn_implementation = "eager"
+    # Eviction reads the attention probabilities (eager); the batched baseline runs SDPA.
+    config._attn_implementation = "sdpa" if args.batch > 1 else "eager"
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(config, torch_dtype=dtype).eval()
-    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device="cuda")
+    prompt = torch.randint(0, config.vocab_size, (max(args.batch, 1), args.prompt_tokens), device="cuda")
     print(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
                       "gpu": torch.cuda.get_device_name(), "shape": args.shape, "dtype": args.dtype}))
+    if args.batch > 1:
+        run_batch(model, prompt[:, :512], 8)  # warm-up (kernels, allocator)
+        print(json.dumps(run_batch(model, prompt, args.new_tokens)), flush=True)
+        return
+    prompt = prompt[:1]
     run(model, prompt[:, :512], 8, "full", 1.0, args.stride)  # warm-up (kernels, allocator)
     for budget in args.budgets.split(","):
         for policy in (["full"] if budget == "full" else args.policies.split(",")):

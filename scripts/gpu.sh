@@ -11,9 +11,13 @@
 #                            summarize, f16 chat)
 #   scripts/gpu.sh hf        HF transformers with a static cache (bench/hf_baseline.py)
 #   scripts/gpu.sh trace     where a roco 0.25 run's prefill chunks and decode steps go
-#   scripts/gpu.sh engine    REQUESTS (64) requests of 4096 + 256 tokens through the batched
+#   scripts/gpu.sh engine    REQUESTS (64) requests of 4096 + NEW (256) tokens through the batched
 #                            engine in a 40 GiB KV pool: full, roco 0.5, roco 0.25, h2o 0.25
 #                            (ENGINE_ROWS picks them)
+#   scripts/gpu.sh serve     the same requests through HTTP: `easykv serve` and REQUESTS clients
+#                            of `easykv bench serve` sending one request each (SERVE_ROWS)
+#   scripts/gpu.sh hfbatch   HF transformers, 16 sequences of 4096 + NEW tokens at once with a
+#                            static cache (the batched baseline)
 #
 # Several names run in order: `scripts/gpu.sh check table`.
 #
@@ -106,7 +110,7 @@ for config in "$@"; do
       for row in ${ENGINE_ROWS:-full roco50 roco25 h2o25}; do
         # shellcheck disable=SC2086
         timeout "${BENCH_TIMEOUT:-280}" /tmp/easykv bench --device "${DEV:-cuda}" --random-weights llama2-7b --dtype f16 \
-          --prompt-tokens 4096 --new-tokens 256 --chunk-size 4096 --requests "${REQUESTS:-64}" --concurrency 64 \
+          --prompt-tokens 4096 --new-tokens "${NEW:-256}" --chunk-size 4096 --requests "${REQUESTS:-64}" --concurrency 64 \
           --kv-pool 40GiB --json ${ROW[$row]} ${EXTRA:-} > "/tmp/engine.$row" 2> "/tmp/engine_err.$row"
         python3 - "$row" <<'EOF2'
 import json, sys
@@ -119,13 +123,39 @@ try:
 except Exception as e:
     print(f"{row:<8} no result ({e}):", open(f"/tmp/engine_err.{row}").read()[-400:])
 EOF2
+        [ -n "$OUT" ] && cp "/tmp/engine.$row" "$OUT/" 2>/dev/null
       done ;;
+    serve)
+      for row in ${SERVE_ROWS:-roco25}; do
+        # shellcheck disable=SC2086
+        /tmp/easykv serve --device "${DEV:-cuda}" --random-weights llama2-7b --dtype f16 --port 8300 --quiet \
+          --kv-pool 40GiB --max-concurrent 64 --chunk-size 4096 ${ROW[$row]} ${EXTRA:-} 2> "/tmp/serve_err.$row" &
+        local_server=$!
+        # Each client sends one request (the deadline passes while it runs).
+        timeout "${BENCH_TIMEOUT:-280}" /tmp/easykv bench serve --url http://127.0.0.1:8300 --clients "${REQUESTS:-64}" \
+          --duration 1 --warmup 0 --prompt-tokens 4096 --max-tokens "${NEW:-256}" --wait 200 --json > "/tmp/serve.$row"
+        kill -INT "$local_server"; wait "$local_server" 2>/dev/null
+        python3 - "$row" <<'EOF2'
+import json, sys
+row = sys.argv[1]
+try:
+    d = json.load(open(f"/tmp/serve.{row}"))
+    print(f"{row:<8} HTTP {d['output_tokens_per_second']:.1f} tok/s in {d['seconds']:.1f} s, {d['requests']} requests, "
+          f"{d['errors']} errors, TTFT p50 {d['ttft_ms_p50']:.0f} ms, ITL p50 {d['itl_ms_p50']:.1f} ms p99 {d['itl_ms_p99']:.1f} ms, "
+          f"RSS max {d['rss_mib_max']:.0f} MiB")
+except Exception as e:
+    print(f"{row:<8} no result ({e}):", open(f"/tmp/serve_err.{row}").read()[-400:])
+EOF2
+        [ -n "$OUT" ] && cp "/tmp/serve.$row" "$OUT/" 2>/dev/null
+      done ;;
+    hfbatch)
+      timeout 500 python3 bench/hf_baseline.py --batch 16 --new-tokens "${NEW:-256}" | tail -2 ;;
     trace)
       RUST_LOG=easykv::chunks=debug timeout 200 /tmp/easykv bench --device "${DEV:-cuda}" --random-weights llama2-7b \
         --dtype f16 --prompt-tokens 4096 --new-tokens 24 --chunk-size 4096 --repeat 1 --policy roco --budget 0.25 \
         --stride 64 2>&1 | grep -E "chunk" | tail -8 ;;
     *)
-      echo "unknown configuration '$config' (table, compare, check, time, smollm2, hf, trace, engine)"; exit 2 ;;
+      echo "unknown configuration '$config' (table, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve)"; exit 2 ;;
   esac
 done
 if [ -n "$OUT" ] && [ -d "$EASYKV_HOME/kernels" ]; then tar -C "$EASYKV_HOME" -cJf "$OUT/kernels.tar.xz" kernels; fi

@@ -13,7 +13,7 @@ use easykv_models::{
 use serde_json::json;
 
 use crate::backend::with_backend;
-use crate::common::{print_json, CliError, CliResult, EvictionArgs, ModelArgs};
+use crate::common::{outln, print_json, CliError, CliResult, EvictionArgs, ModelArgs};
 
 /// Public-domain text (the opening of Melville's *Moby-Dick*) repeated to build bench prompts.
 pub const BENCH_TEXT: &str = "Call me Ishmael. Some years ago—never mind how long precisely—having little or no money in my purse, and nothing particular to interest me on shore, I thought I would sail about a little and see the watery part of the world. It is a way I have of driving off the spleen and regulating the circulation. Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; whenever I find myself involuntarily pausing before coffin warehouses, and bringing up the rear of every funeral I meet; and especially whenever my hypos get such an upper hand of me, that it requires a strong moral principle to prevent me from deliberately stepping into the street, and methodically knocking people's hats off—then, I account it high time to get to sea as soon as I can. ";
@@ -269,17 +269,17 @@ fn run_on<B: Backend>(device: &B::Device, args: &BenchArgs) -> CliResult {
             })),
         }))
     } else {
-        println!("model: {}\ndevice: {} ({threads} threads)\npolicy: {} (budget {}, mode {}, stride {})\nprompt: {} tokens, chunk {}\nprefill: {prefill:.1} tokens/s\ndecode: {decode:.1} tokens/s ({} tokens)\nKV cache: {:.2} MiB\nload: {load_seconds:.2} s",
-            loaded.name, args.model.device, args.eviction.policy, args.eviction.budget, args.eviction.mode, args.eviction.stride, args.prompt_tokens, args.chunk_size, args.new_tokens, kv_bytes as f64 / (1 << 20) as f64);
+        outln!("model: {}\ndevice: {} ({threads} threads)\npolicy: {} (budget {}, mode {}, stride {})\nprompt: {} tokens, chunk {}\nprefill: {prefill:.1} tokens/s\ndecode: {decode:.1} tokens/s ({} tokens)\nKV cache: {:.2} MiB\nload: {load_seconds:.2} s",
+            loaded.name, args.model.device, args.eviction.policy, args.eviction.budget, args.eviction.mode, args.eviction.stride, args.prompt_tokens, args.chunk_size, args.new_tokens, kv_bytes as f64 / (1 << 20) as f64)?;
         if let Some(v) = versus {
-            println!(
+            outln!(
                 "interleaved decode ({} steps each): {} {:.1} tokens/s, full cache {:.1} tokens/s\ndecode overhead vs full cache: {:.1} %",
                 v.steps,
                 args.eviction.policy,
                 v.policy,
                 v.full,
                 v.overhead_percent()
-            );
+            )?;
         }
         Ok(())
     }
@@ -517,7 +517,7 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
         return print_json(&report);
     }
     let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
-    println!(
+    outln!(
         "model: {name}\npolicy: {} (budget {})\nrequests: {requests} × ({} prompt + {} new tokens), {} at a time\n\
          output: {tokens} tokens in {wall:.2} s = {:.1} tokens/s\ntime to first token: p50 {:.0} ms, p99 {:.0} ms\n\
          inter-token latency: p50 {:.1} ms, p99 {:.1} ms\npeak KV held: {:.2} MiB (set aside {:.2} MiB), in flight at most {in_flight}",
@@ -533,6 +533,6 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
         f("itl_ms_p99"),
         peak_kv as f64 / (1 << 20) as f64,
         peak_reserved as f64 / (1 << 20) as f64,
-    );
+    )?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::bench::BENCH_TEXT;
-use crate::common::{print_json, CliError, CliResult};
+use crate::common::{outln, print_json, CliError, CliResult};
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
@@ -273,7 +273,7 @@ fn report(args: &LoadArgs, model: &str, wall: f64, outcomes: &[Outcome], rss: &[
         return print_json(&report);
     }
     let f = |k: &str| report[k].as_f64().unwrap_or(0.0);
-    println!(
+    outln!(
         "server: {} ({model}), {} clients for {wall:.1} s\nrequests: {} ({:.2}/s), errors: {errors}\n\
          output: {tokens} tokens = {:.1} tokens/s\ntime to first token: p50 {:.0} ms, p99 {:.0} ms\n\
          inter-token latency: p50 {:.1} ms, p99 {:.1} ms\nserver RSS: {:.0} MiB after warm-up, max {:.0}, last {:.0}",
@@ -289,6 +289,6 @@ fn report(args: &LoadArgs, model: &str, wall: f64, outcomes: &[Outcome], rss: &[
         mib(rss_after_warmup),
         mib(rss_max),
         mib(rss_last),
-    );
+    )?;
     Ok(())
 }

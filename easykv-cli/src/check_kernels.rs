@@ -58,7 +58,7 @@ mod gpu {
     use easykv_models::linear::WeightDType;
 
     use super::CheckKernelsArgs;
-    use crate::common::{CliError, CliResult};
+    use crate::common::{outln, CliError, CliResult};
 
     pub(super) fn run_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs) -> CliResult {
         if args.time {
@@ -82,20 +82,20 @@ mod gpu {
                 .collect();
             kernel_json = json;
         } else {
-            println!(
+            outln!(
                 "{:<6} {:<16} {:>14} {:>10}",
                 "dtype", "kernel", "max |diff|", "tolerance"
-            );
+            )?;
             for (dtype, check) in &rows {
                 let diff = check
                     .max_abs_diff
                     .map_or("declined".to_string(), |d| format!("{d:.3e}"));
                 let kernel = check.kernel;
                 let dtype = format!("{dtype:?}").to_lowercase();
-                println!("{dtype:<6} {kernel:<16} {diff:>14} {:>10.1e}", check.tolerance);
+                outln!("{dtype:<6} {kernel:<16} {diff:>14} {:>10.1e}", check.tolerance)?;
                 if !check.passed() || args.verbose {
                     for case in &check.cases {
-                        println!("       {case}");
+                        outln!("       {case}")?;
                     }
                 }
             }
@@ -114,13 +114,13 @@ mod gpu {
                     if args.json {
                         model_json.push(serde_json::json!({"model": shape, "dtype": dtype, "kernels": setting, "max_logit_diff": diff, "passed": ok}));
                     } else {
-                        println!("{dtype:<6} {shape} with {setting:<12} logits max |diff| {diff}");
+                        outln!("{dtype:<6} {shape} with {setting:<12} logits max |diff| {diff}")?;
                     }
                 }
             }
         }
         if args.json {
-            println!("{}", serde_json::json!({"kernels": kernel_json, "models": model_json}));
+            outln!("{}", serde_json::json!({"kernels": kernel_json, "models": model_json}))?;
         }
         if failed.is_empty() {
             Ok(())
@@ -136,13 +136,13 @@ mod gpu {
         for dtype in &args.dtype {
             let timings = time_kernels::<B>(dtype.dtype(), &args.slots, device);
             if args.json {
-                println!("{}", serde_json::json!({"dtype": dtype, "timings": timings}));
+                outln!("{}", serde_json::json!({"dtype": dtype, "timings": timings}))?;
                 continue;
             }
-            println!(
+            outln!(
                 "{:<6} {:<40} {:<24} {:<36} {:>10} {:>9}",
                 "dtype", "kernel", "shape", "launch shape", "µs", "GB/s"
-            );
+            )?;
             for t in timings {
                 let tuning = t.tuning.map_or(String::new(), |u| match t.kernel.starts_with("rows ") {
                     true => format!(
@@ -161,10 +161,10 @@ mod gpu {
                 });
                 let gbs = t.gigabytes_per_second.map_or(String::new(), |g| format!("{g:.0}"));
                 let dt = format!("{dtype:?}").to_lowercase();
-                println!(
+                outln!(
                     "{dt:<6} {:<40} {:<24} {tuning:<36} {:>10.1} {gbs:>9}",
                     t.kernel, t.shape, t.micros_per_launch
-                );
+                )?;
             }
         }
         Ok(())

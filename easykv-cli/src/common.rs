@@ -132,12 +132,33 @@ impl ModelArgs {
     }
 }
 
+/// `println!` that returns an error instead of panicking (see [`write_line`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::common::write_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
 /// Writes JSON to stdout, one document.
 pub fn print_json(value: &serde_json::Value) -> CliResult {
     let text = serde_json::to_string_pretty(value).map_err(|e| CliError(e.to_string()))?;
-    println!("{text}");
-    Ok(())
+    outln!("{text}")
 }
+
+/// Writes a line to stdout (what `outln!` expands to). A closed pipe (`| head`) is the reader's
+/// choice: the process ends quietly with exit 0, as a Unix tool killed by SIGPIPE would. Any
+/// other failure (a full disk) is an error, never a panic.
+pub fn write_line(args: std::fmt::Arguments) -> CliResult {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(CliError(format!("writing output: {e}"))),
+    }
+}
+
 
 /// A policy of the built-in table, by its name or an alias: clap lists the table's names and
 /// summaries in `--help` and its error messages.

@@ -14,7 +14,7 @@ use easykv_models::fetch;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::with_backend;
-use crate::common::{CliError, CliResult, ModelArgs, PolicyName};
+use crate::common::{outln, CliError, CliResult, ModelArgs, PolicyName};
 
 /// The library's tasks, and `suite` (all of them).
 fn task_names() -> Vec<&'static str> {
@@ -204,7 +204,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: EvalSetting
     write_atomic(&args.out.join("results.md"), &md)?;
     let plots = plot(&results, &policies, &settings.budgets, &args.out)?;
     args.model.log(&format!("{} plots", plots.len()));
-    println!("{md}");
+    outln!("{md}")?;
     args.model.log(&format!("results in {}", args.out.display()));
     Ok(())
 }

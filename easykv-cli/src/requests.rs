@@ -10,7 +10,7 @@ use easykv_models::{CausalLm, Engine, EngineConfig, Event, Request, SamplingConf
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::common::{CliError, CliResult};
+use crate::common::{outln, CliError, CliResult};
 use crate::generate::GenerateArgs;
 
 /// The largest requests file read (a bound on memory, not a limit anyone should meet).
@@ -149,7 +149,7 @@ pub fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs, path: &Path) 
             "temperature": r.sampling.temperature,
             "seed": r.sampling.seed,
         });
-        println!("{line}");
+        outln!("{line}")?;
     }
     Ok(())
 }

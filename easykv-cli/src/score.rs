@@ -8,7 +8,7 @@ use easykv_models::score;
 use serde_json::json;
 
 use crate::backend::with_backend;
-use crate::common::{print_json, CliError, CliResult, EvictionArgs, ModelArgs};
+use crate::common::{outln, print_json, CliError, CliResult, EvictionArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -77,13 +77,13 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> CliResult {
             "nll": s.nll,
         }))
     } else {
-        println!(
+        outln!(
             "tokens: {}\nscored: {}\nmean NLL: {:.6}\nperplexity: {:.4}",
             ids.len(),
             s.nll.len(),
             s.mean_nll,
             s.perplexity
-        );
+        )?;
         Ok(())
     }
 }
