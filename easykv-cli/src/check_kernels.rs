@@ -84,7 +84,10 @@ mod gpu {
         } else {
             outln!(
                 "{:<6} {:<16} {:>14} {:>10}",
-                "dtype", "kernel", "max |diff|", "tolerance"
+                "dtype",
+                "kernel",
+                "max |diff|",
+                "tolerance"
             )?;
             for (dtype, check) in &rows {
                 let diff = check
@@ -141,7 +144,12 @@ mod gpu {
             }
             outln!(
                 "{:<6} {:<40} {:<24} {:<36} {:>10} {:>9}",
-                "dtype", "kernel", "shape", "launch shape", "µs", "GB/s"
+                "dtype",
+                "kernel",
+                "shape",
+                "launch shape",
+                "µs",
+                "GB/s"
             )?;
             for t in timings {
                 let tuning = t.tuning.map_or(String::new(), |u| match t.kernel.starts_with("rows ") {
@@ -163,7 +171,9 @@ mod gpu {
                 let dt = format!("{dtype:?}").to_lowercase();
                 outln!(
                     "{dt:<6} {:<40} {:<24} {tuning:<36} {:>10.1} {gbs:>9}",
-                    t.kernel, t.shape, t.micros_per_launch
+                    t.kernel,
+                    t.shape,
+                    t.micros_per_launch
                 )?;
             }
         }

@@ -146,19 +146,68 @@ pub fn print_json(value: &serde_json::Value) -> CliResult {
     outln!("{text}")
 }
 
+/// The most bytes read from a text file (a prompt, a text to score): beyond any context, and
+/// the end of reading an endless file (`/dev/urandom`).
+pub const MAX_TEXT_BYTES: u64 = 64 << 20;
+
+/// Bytes one token spans at most in any text a tokenizer is given here (real text averages 3–5).
+const MAX_BYTES_PER_TOKEN: usize = 64;
+
+/// A text file's contents, read up to [`MAX_TEXT_BYTES`].
+pub fn read_text(path: &std::path::Path) -> CliResult<String> {
+    use std::io::Read;
+    let name = path.display();
+    let file = std::fs::File::open(path).map_err(|e| CliError(format!("{name}: {e}")))?;
+    if file.metadata().is_ok_and(|m| m.is_dir()) {
+        return Err(CliError(format!("{name} is a directory")));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_TEXT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| CliError(format!("{name}: {e}")))?;
+    if bytes.len() as u64 > MAX_TEXT_BYTES {
+        return Err(CliError(format!("{name} is larger than {} MiB", MAX_TEXT_BYTES >> 20)));
+    }
+    String::from_utf8(bytes).map_err(|e| CliError(format!("{name} is not UTF-8 text ({e})")))
+}
+
+/// The first `max_tokens` tokens of `text` (fewer if it is shorter), tokenizing only a prefix
+/// long enough for them: a long file costs no more than its first tokens.
+pub fn encode_prefix(tokenizer: &easykv_models::TextTokenizer, text: &str, max_tokens: usize) -> CliResult<Vec<u32>> {
+    let cut = max_tokens.saturating_add(1).saturating_mul(MAX_BYTES_PER_TOKEN);
+    if text.len() > cut {
+        let mut end = cut;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        // One token past the limit proves the cut did not change the first `max_tokens`.
+        let mut ids = tokenizer.encode(&text[..end])?;
+        if ids.len() > max_tokens {
+            ids.truncate(max_tokens);
+            return Ok(ids);
+        }
+    }
+    let mut ids = tokenizer.encode(text)?;
+    ids.truncate(max_tokens);
+    Ok(ids)
+}
+
 /// Writes a line to stdout (what `outln!` expands to). A closed pipe (`| head`) is the reader's
 /// choice: the process ends quietly with exit 0, as a Unix tool killed by SIGPIPE would. Any
 /// other failure (a full disk) is an error, never a panic.
 pub fn write_line(args: std::fmt::Arguments) -> CliResult {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush()) {
+    match out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+    {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => Err(CliError(format!("writing output: {e}"))),
     }
 }
-
 
 /// A policy of the built-in table, by its name or an alias: clap lists the table's names and
 /// summaries in `--help` and its error messages.

@@ -116,7 +116,7 @@ fn validate(args: &EvalArgs) -> CliResult<EvalSettings> {
         return Err(CliError("--ppl-tokens must be ≥ 16 and --new-tokens ≥ 1".into()));
     }
     if let Some(f) = &args.text_file {
-        let text = std::fs::read_to_string(f).map_err(|e| CliError(format!("{}: {e}", f.display())))?;
+        let text = crate::common::read_text(f)?;
         if text.trim().is_empty() {
             return Err(CliError(format!("{}: the text is empty", f.display())));
         }
@@ -164,6 +164,14 @@ fn apply_preset(args: &mut EvalArgs) {
 fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: EvalSettings) -> CliResult {
     let results_path = args.out.join("results.json");
     let loaded = args.model.load::<B>(device)?;
+    // Before any prompt is built: a length past the context could never run (and building a
+    // prompt of a billion tokens would take hours).
+    let context = loaded.model.context_length();
+    if let Some(&too_long) = settings.lengths.iter().find(|&&l| l > context) {
+        return Err(CliError(format!(
+            "--lengths {too_long} is longer than the model's context of {context} tokens"
+        )));
+    }
     let model_sha256 = fetch::sha256_file(&loaded.path)?;
     let mut results = Results::open(&results_path, &settings, &model_sha256, args.force)?;
     if !results.cells.is_empty() {
@@ -223,7 +231,9 @@ fn to_markdown(results: &Results, policies: &[&str], budgets: &[String], model: 
     );
     for task in &s.tasks {
         for metric in main_metrics(task) {
-            let mean = |policy: &str, budget: &str| results.mean(task, metric, policy, budget);
+            // A cell that is not a number (a NaN perplexity) has no point to draw.
+            let mean =
+                |policy: &str, budget: &str| results.mean(task, metric, policy, budget).filter(|v| v.is_finite());
             if policies.iter().all(|p| budgets.iter().all(|b| mean(p, b).is_none())) && mean("full", "-").is_none() {
                 continue;
             }
@@ -262,7 +272,9 @@ fn plot(results: &Results, policies: &[&str], budgets: &[String], out: &Path) ->
     let mut files = Vec::new();
     for task in &results.settings.tasks {
         for metric in main_metrics(task) {
-            let mean = |policy: &str, budget: &str| results.mean(task, metric, policy, budget);
+            // A cell that is not a number (a NaN perplexity) has no point to draw.
+            let mean =
+                |policy: &str, budget: &str| results.mean(task, metric, policy, budget).filter(|v| v.is_finite());
             let lines: Vec<(&str, Vec<(f64, f64)>)> = policies
                 .iter()
                 .filter(|p| **p != "full")

@@ -10,7 +10,7 @@ use easykv_models::{generate, ChatMessage, GenerateConfig, SamplingConfig};
 use serde_json::json;
 
 use crate::backend::with_backend;
-use crate::common::{print_json, CliError, CliResult, EvictionArgs, ModelArgs};
+use crate::common::{encode_prefix, print_json, read_text, CliError, CliResult, EvictionArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -75,7 +75,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
 fn prompt_text(args: &GenerateArgs) -> CliResult<String> {
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| CliError(format!("{}: {e}", f.display())))?,
+        (None, Some(f)) => read_text(f)?,
         (None, None) => return Err(CliError("give a prompt with --prompt or --prompt-file".into())),
     };
     if text.trim().is_empty() {
@@ -85,7 +85,7 @@ fn prompt_text(args: &GenerateArgs) -> CliResult<String> {
 }
 
 fn prompt_ids_file(path: &std::path::Path) -> CliResult<Vec<u32>> {
-    let text = std::fs::read_to_string(path).map_err(|e| CliError(format!("{}: {e}", path.display())))?;
+    let text = read_text(path)?;
     let ids: Vec<u32> = serde_json::from_str(&text)
         .map_err(|e| CliError(format!("{}: not a JSON array of token ids: {e}", path.display())))?;
     if ids.is_empty() {
@@ -133,9 +133,10 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
     } else {
         text
     };
+    // One token past the context is enough to refuse a prompt: tokenize no more.
     let ids = match given_ids {
         Some(ids) => ids,
-        None => loaded.tokenizer.encode(&prompt)?,
+        None => encode_prefix(&loaded.tokenizer, &prompt, loaded.model.context_length() + 1)?,
     };
     let cfg = GenerateConfig {
         max_new_tokens: args.max_new_tokens,

@@ -118,19 +118,45 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Score(args) => score::run(args),
-        Command::Bench(args) => bench::run(args),
-        Command::Eval(args) => eval::run(args),
-        Command::CheckKernels(args) => check_kernels::run(args),
-        Command::Serve(args) => serve::run(args),
-    };
+    // A panic anywhere (a bug, or a library failing on a file we did not check enough) still
+    // ends as one line on stderr and exit code 2, never a backtrace.
+    let cause: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let seen = cause.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        if let Ok(mut slot) = seen.lock() {
+            slot.get_or_insert(format!("{}{place}", text.lines().next().unwrap_or_default()));
+        }
+    }));
+    let result = std::panic::catch_unwind(|| run(cli)).unwrap_or_else(|_| {
+        let cause = cause.lock().ok().and_then(|c| c.clone()).unwrap_or_default();
+        Err(common::CliError(format!("internal error (please report it): {cause}")))
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn run(cli: Cli) -> common::CliResult {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Score(args) => score::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::CheckKernels(args) => check_kernels::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

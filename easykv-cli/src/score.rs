@@ -8,7 +8,7 @@ use easykv_models::score;
 use serde_json::json;
 
 use crate::backend::with_backend;
-use crate::common::{outln, print_json, CliError, CliResult, EvictionArgs, ModelArgs};
+use crate::common::{encode_prefix, outln, print_json, read_text, CliError, CliResult, EvictionArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -36,8 +36,7 @@ pub fn run(args: ScoreArgs) -> CliResult {
 }
 
 fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> CliResult {
-    let text =
-        std::fs::read_to_string(&args.text_file).map_err(|e| CliError(format!("{}: {e}", args.text_file.display())))?;
+    let text = read_text(&args.text_file)?;
     if text.trim().is_empty() {
         return Err(CliError(format!("{} is empty", args.text_file.display())));
     }
@@ -46,10 +45,13 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> CliResult {
     }
     args.eviction.validate()?;
     let loaded = args.model.load::<B>(device)?;
-    let mut ids = loaded.tokenizer.encode(&text)?;
-    if let Some(n) = args.max_tokens {
-        ids.truncate(n);
-    }
+    // Past the context a text cannot be scored: tokenize no more than that.
+    let context = loaded.model.context_length();
+    let ids = encode_prefix(
+        &loaded.tokenizer,
+        &text,
+        args.max_tokens.unwrap_or(usize::MAX).min(context + 2),
+    )?;
     if ids.len() < 2 {
         return Err(CliError(format!(
             "{} has fewer than 2 tokens",

@@ -21,6 +21,33 @@ impl ChatMessage {
     }
 }
 
+/// Instructions a template may run per rendering: far above what any chat template needs
+/// (thousands), far below what makes a hang (nested `range` loops).
+const TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// Bytes a rendering may write beyond the messages' own text.
+const TEMPLATE_OVERHEAD_BYTES: usize = 1 << 20;
+
+/// A writer that refuses to grow past its limit.
+struct Capped {
+    out: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other("output too large"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A model's chat template.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -41,6 +68,8 @@ impl ChatTemplate {
     /// Renders `messages`, ending with the assistant's turn opened when `add_generation_prompt`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let mut env = Environment::new();
+        // The template comes from a model file: bound its work and its output.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         // Templates written for Python's Jinja call str methods (.strip(), .startswith(), ...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -54,13 +83,31 @@ impl ChatTemplate {
         let tmpl = env
             .get_template("chat")
             .map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-        })
-        .map_err(|e| Error::ChatTemplate(e.to_string()))
+        let text: usize = messages.iter().map(|m| m.content.len() + m.role.len()).sum();
+        let mut out = Capped {
+            out: Vec::new(),
+            limit: text.saturating_mul(4).saturating_add(TEMPLATE_OVERHEAD_BYTES),
+        };
+        let limit = out.limit;
+        tmpl.render_captured_to(
+            context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            },
+            &mut out,
+        )
+        .map_err(|e| match e.kind() {
+            minijinja::ErrorKind::WriteFailure => Error::ChatTemplate(format!(
+                "the template writes more than {limit} bytes for these messages"
+            )),
+            minijinja::ErrorKind::OutOfFuel => Error::ChatTemplate(format!(
+                "the template runs more than {TEMPLATE_FUEL} instructions (a runaway loop?)"
+            )),
+            _ => Error::ChatTemplate(e.to_string()),
+        })?;
+        String::from_utf8(out.out).map_err(|e| Error::ChatTemplate(e.to_string()))
     }
 }
 
@@ -69,6 +116,26 @@ mod tests {
     use super::*;
 
     const SMOL: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn runaway_templates_stop_with_an_error() {
+        let loops = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "",
+            "",
+        );
+        let err = loops
+            .render(&[ChatMessage::new("user", "Hi")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("instructions"), "{err}");
+        let big = ChatTemplate::new("{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}", "", "");
+        let err = big
+            .render(&[ChatMessage::new("user", "Hi")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("writes more than"), "{err}");
+    }
 
     #[test]
     fn renders_default_system_prompt_and_generation_prompt() {

@@ -41,6 +41,13 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
 }
 
+/// Upper bounds of a model's shape (far above any real model's).
+const MAX_LAYERS: usize = 1024;
+const MAX_VOCAB: usize = 1 << 22;
+const MAX_WIDTH: usize = 1 << 17;
+const MAX_HEADS: usize = 1024;
+const MAX_HEAD_DIM: usize = 1024;
+
 impl ModelConfig {
     /// Reads the `<arch>.*` keys of a GGUF file.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
@@ -114,6 +121,25 @@ impl ModelConfig {
         }
         if self.context_length == 0 || self.context_length > 1 << 20 {
             return bad("context length out of range");
+        }
+        // Bounds no real model comes near, checked before anything is sized by them.
+        for (what, value, max) in [
+            ("layers", self.n_layers, MAX_LAYERS),
+            ("vocabulary", self.vocab_size, MAX_VOCAB),
+            ("hidden size", self.hidden_size, MAX_WIDTH),
+            ("intermediate size", self.intermediate_size, MAX_WIDTH * 8),
+            ("attention heads", self.n_heads, MAX_HEADS),
+            ("head dimension", self.head_dim, MAX_HEAD_DIM),
+        ] {
+            if value > max {
+                return bad(&format!("{value} {what} (at most {max})"));
+            }
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(&format!("rope theta {} must be a positive number", self.rope_theta));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps > 0.0 && self.rms_eps < 1.0) {
+            return bad(&format!("RMS norm epsilon {} must be in (0, 1)", self.rms_eps));
         }
         if self.sliding_window == Some(0) {
             return bad("sliding window of zero positions");

@@ -70,7 +70,14 @@ pub fn resolve_model(spec: &str, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         return fetch_model(model, &easykv_home(), log);
     }
     if spec.ends_with(".gguf") || spec.contains(std::path::MAIN_SEPARATOR) {
-        return Err(Error::InvalidInput(format!("model file {spec} does not exist")));
+        // Say what is wrong with the path: missing, unreadable, or not a file at all.
+        return Err(match std::fs::metadata(as_path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Error::InvalidInput(format!("model file {spec} does not exist"))
+            }
+            Err(e) => Error::io(as_path, e),
+            Ok(_) => Error::InvalidInput(format!("{spec} is not a regular file or a model directory")),
+        });
     }
     Err(Error::InvalidInput(format!(
         "unknown model '{spec}': give a .gguf path or one of: {}",

@@ -157,7 +157,8 @@ pub fn generate<B: Backend>(
     }
     let mut sampler = Sampler::new(cfg.sampling.clone())?;
     let device = model.device();
-    cache.reserve(prompt.len() + cfg.max_new_tokens);
+    // Generation stops at the context's end, however many tokens were asked for.
+    cache.reserve(prompt.len().saturating_add(cfg.max_new_tokens).min(context));
     let t0 = Instant::now();
     let mut logits = prefill(model, cache, prompt, cfg.chunk_size)?;
     let prefill_time = t0.elapsed();

@@ -296,6 +296,7 @@ fn by_blocks(src: &[u8], dst: &mut [f32], convert: impl Fn(&[u16], &mut [f32])) 
 /// The fields of `tokenizer_config.json` easykv reads.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct HfTokenizerConfig {
+    #[serde(default, deserialize_with = "chat_template")]
     pub chat_template: Option<String>,
     #[serde(default, deserialize_with = "token_text")]
     pub bos_token: Option<String>,
@@ -312,6 +313,30 @@ fn token_text<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Opt
         Some(serde_json::Value::String(s)) => Some(s),
         Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_owned),
         _ => None,
+    })
+}
+
+/// A chat template is a string, or (newer Hugging Face files) a list of `{"name", "template"}`
+/// of which the one named `default` (else the first) is the chat template.
+fn chat_template<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Named {
+        name: Option<String>,
+        template: String,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        One(String),
+        Many(Vec<Named>),
+    }
+    Ok(match Option::<Form>::deserialize(d)? {
+        None => None,
+        Some(Form::One(t)) => Some(t),
+        Some(Form::Many(list)) => {
+            let default = list.iter().position(|t| t.name.as_deref() == Some("default"));
+            list.into_iter().nth(default.unwrap_or(0)).map(|t| t.template)
+        }
     })
 }
 
@@ -359,6 +384,43 @@ mod tests {
         );
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn chat_template_as_a_string_or_a_named_list() {
+        let read = |t: &str| serde_json::from_str::<HfTokenizerConfig>(t).unwrap().chat_template;
+        assert_eq!(read(r#"{"chat_template": "A"}"#).as_deref(), Some("A"));
+        assert_eq!(
+            read(r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#)
+                .as_deref(),
+            Some("D")
+        );
+        assert_eq!(
+            read(r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#).as_deref(),
+            Some("R")
+        );
+        assert_eq!(read("{}"), None);
+    }
+
+    #[test]
+    fn absurd_or_meaningless_shapes_are_refused_before_anything_is_allocated() {
+        for (key, value, needle) in [
+            ("num_hidden_layers", serde_json::json!(1u64 << 62), "layers"),
+            ("vocab_size", serde_json::json!(1_000_000_000_000u64), "vocabulary"),
+            ("rope_theta", serde_json::json!(-1.0), "rope theta"),
+            ("rms_norm_eps", serde_json::json!(0.0), "epsilon"),
+        ] {
+            let mut v = serde_json::json!({"model_type": "llama", "vocab_size": 32, "hidden_size": 16,
+                "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "rms_norm_eps": 1e-5, "max_position_embeddings": 64});
+            v[key] = value;
+            let err = serde_json::from_value::<HfConfig>(v)
+                .map_err(|e| Error::InvalidInput(e.to_string()))
+                .and_then(|c| c.model_config())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{key}: {err}");
+        }
     }
 
     fn config(extra: &str) -> Result<ModelConfig> {

@@ -139,6 +139,18 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
     }
 }
 
+/// Runs a call into the tokenizers crate, whose panics on some files (found by fuzzing) become
+/// errors naming `what`.
+fn guarded<T>(what: &str, call: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::Tokenizer(format!("{what}: {e}"))),
+        Err(_) => Err(Error::Tokenizer(format!(
+            "{what}: the tokenizer library failed on this tokenizer"
+        ))),
+    }
+}
+
 impl TextTokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` keys: byte-level BPE
     /// (`gpt2`: Llama 3, Qwen2, SmolLM) or SentencePiece BPE (`llama`: Llama 2, Mistral).
@@ -224,7 +236,7 @@ impl TextTokenizer {
         config: &crate::hf::HfTokenizerConfig,
         extra_stop: &[u32],
     ) -> Result<Self> {
-        let inner = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = guarded(&path.display().to_string(), || Tokenizer::from_file(path))?;
         let id = |t: &Option<String>| t.as_deref().and_then(|t| inner.token_to_id(t));
         let mut stop_ids: Vec<u32> = extra_stop.to_vec();
         let eos = id(&config.eos_token);
@@ -280,10 +292,7 @@ impl TextTokenizer {
     /// Token ids of `text`; control tokens written in the text (`<|im_start|>`) are recognized.
     /// A BOS is prepended only when the model asks for one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = guarded("encoding", || self.inner.encode(text, false))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if self.add_bos {
             ids.extend(self.bos_id);
@@ -294,9 +303,7 @@ impl TextTokenizer {
 
     /// Text of `ids`; special tokens are dropped when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        guarded("decoding", || self.inner.decode(ids, skip_special))
     }
 
     /// The id of a token written out, if the vocabulary has it.
@@ -425,5 +432,25 @@ mod tests {
         assert_eq!(t.encode("t5 t99  t0").unwrap(), vec![5, 99, 0]);
         assert_eq!(t.decode(&[5, 99], true).unwrap(), "t5 t99");
         assert!(t.stop_ids.is_empty());
+    }
+
+    #[test]
+    fn a_tokenizer_with_an_empty_replace_pattern_returns() {
+        // A `Replace` normalizer with an empty pattern has made the tokenizers crate panic.
+        let dir = std::env::temp_dir().join(format!("easykv-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        std::fs::write(
+            &path,
+            r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+                "normalizer": {"type": "Replace", "pattern": {"Regex": ""}, "content": "x"},
+                "pre_tokenizer": null, "post_processor": null, "decoder": null,
+                "model": {"type": "WordLevel", "vocab": {"a": 0, "x": 1}, "unk_token": "a"}}"#,
+        )
+        .unwrap();
+        // Whatever the library makes of it (this version encodes it), the call returns.
+        let result = TextTokenizer::from_hf_file(&path, &Default::default(), &[]).and_then(|t| t.encode("hello"));
+        assert!(matches!(result, Ok(_) | Err(Error::Tokenizer(_))), "{result:?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -201,6 +201,11 @@ impl<B: Backend> Engine<B> {
         *self.model.profile()
     }
 
+    /// The most tokens `request` can hold: prompt and new tokens, never past the context.
+    fn tokens_for(&self, request: &Request) -> usize {
+        (request.prompt.len().saturating_add(request.max_new_tokens)).min(self.model.context_length())
+    }
+
     /// A cache for `request`, and the bytes the pool must set aside for it.
     fn cache_for(&self, request: &Request) -> Result<(Box<dyn KvCache<B>>, u64)> {
         let profile = self.profile();
@@ -213,7 +218,7 @@ impl<B: Backend> Engine<B> {
             request.prompt.len(),
             self.config.chunk_size,
         )?;
-        let tokens = request.prompt.len() + request.max_new_tokens;
+        let tokens = self.tokens_for(request);
         let per_token = self.model_config.kv_bytes_per_token(self.kv_dtype.size());
         let footprint = (cache.peak_slots(tokens) as u64).saturating_mul(per_token);
         Ok((cache, footprint))
@@ -327,7 +332,7 @@ impl<B: Backend> Engine<B> {
             else {
                 break;
             };
-            cache.reserve(request.prompt.len() + request.max_new_tokens);
+            cache.reserve(self.tokens_for(&request));
             let groups = chunk_groups(
                 &cache.prefill_chunks(request.prompt.len(), self.config.chunk_size),
                 self.config.chunk_size,

@@ -140,16 +140,24 @@ impl GgufFile {
         cur.ensure_room(n_kv, 13, "metadata count")?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
+            let at = cur.pos;
             let key = cur.string("metadata key")?;
             let ty = cur.u32("metadata type")?;
             let value = cur.value(ty, &key, 0)?;
+            if metadata.contains_key(&key) {
+                return Err(Error::gguf(at, format!("metadata key '{key}' appears twice")));
+            }
             metadata.insert(key, value);
         }
         cur.ensure_room(n_tensors, 32, "tensor count")?;
         let mut infos = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for _ in 0..n_tensors {
             let at = cur.pos;
             let name = cur.string("tensor name")?;
+            if !names.insert(name.clone()) {
+                return Err(Error::gguf(at, format!("tensor '{name}' appears twice")));
+            }
             let n_dims = cur.u32("tensor dims")?;
             if n_dims == 0 || n_dims > MAX_DIMS {
                 return Err(Error::gguf(at, format!("tensor '{name}' has {n_dims} dimensions")));
@@ -194,6 +202,13 @@ impl GgufFile {
             },
         };
         let data_start = (cur.pos as u64).div_ceil(alignment) * alignment;
+        // Tensors of zero bytes still need their data section to start inside the file.
+        if !infos.is_empty() && data_start > bytes.len() as u64 {
+            return Err(Error::gguf(
+                cur.pos,
+                format!("the data section (aligned to {alignment}) starts past the end of the file"),
+            ));
+        }
         let data_len = (bytes.len() as u64).saturating_sub(data_start);
         for t in &infos {
             if t.offset % alignment != 0 {
@@ -253,10 +268,13 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// The raw encoded bytes of a tensor (bounds were checked at parse time).
+    /// The raw encoded bytes of a tensor (bounds were checked at parse time; an info from
+    /// elsewhere that points outside the file gets no bytes).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        let start = self.data_start + info.offset as usize;
-        &self.bytes[start..start + info.n_bytes as usize]
+        let start = self.data_start.saturating_add(info.offset as usize);
+        self.bytes
+            .get(start..start.saturating_add(info.n_bytes as usize))
+            .unwrap_or(&[])
     }
 
     /// Dequantizes a tensor to f32, row-major with `dims[0]` fastest.

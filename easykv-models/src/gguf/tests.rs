@@ -124,3 +124,60 @@ fn bad_magic_and_version() {
     bytes[4..8].copy_from_slice(&9u32.to_le_bytes());
     assert!(GgufFile::parse(bytes).unwrap_err().to_string().contains("version 9"));
 }
+
+/// A GGUF file of u64 metadata and f32 tensors `(name, dims, offset)`, its data section `data`
+/// (aligned to 32 bytes after the header, unless `pad` is false).
+fn forged(meta: &[(&str, u64)], tensors: &[(&str, &[u64], u64)], data: &[u8], pad: bool) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((meta.len() as u64).to_le_bytes());
+    for (key, value) in meta {
+        string(&mut b, key);
+        b.extend(10u32.to_le_bytes());
+        b.extend(value.to_le_bytes());
+    }
+    for (name, dims, offset) in tensors {
+        string(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(0u32.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+    }
+    if pad {
+        b.resize(b.len().div_ceil(32) * 32, 0);
+    }
+    b.extend(data);
+    b
+}
+
+#[test]
+fn zero_sized_tensors_with_the_data_section_past_the_end_are_an_error() {
+    // A 57-byte file: one empty tensor, no padding after the header.
+    let bytes = forged(&[], &[("t", &[0], 0)], &[], false);
+    assert_eq!(bytes.len(), 57);
+    let err = GgufFile::parse(bytes).unwrap_err().to_string();
+    assert!(err.contains("past the end of the file"), "{err}");
+    // The same tensor with its section in place reads as empty.
+    let f = GgufFile::parse(forged(&[], &[("t", &[0], 0)], &[], true)).unwrap();
+    assert_eq!(f.dequantize("t").unwrap().0, Vec::<f32>::new());
+}
+
+#[test]
+fn duplicate_keys_and_tensors_are_errors() {
+    let err = GgufFile::parse(forged(&[("a", 1), ("a", 2)], &[], &[], true))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("metadata key 'a' appears twice"), "{err}");
+    let data = [0u8; 64];
+    let err = GgufFile::parse(forged(&[], &[("w", &[4], 0), ("w", &[4], 32)], &data, true))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor 'w' appears twice"), "{err}");
+}

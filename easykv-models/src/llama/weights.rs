@@ -135,7 +135,9 @@ impl<S: WeightSource, B: Backend> ParamSource<B> for FileParams<'_, S, B> {
 fn matrix(source: &impl WeightSource, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
     let (data, dims) = source.tensor(name)?;
     let flat: usize = dims.iter().product();
-    if flat != rows * cols || data.len() != flat {
+    // The shape itself, not only the element count: a transposed matrix has the same count.
+    let leading_ones = |d: &[usize]| d.iter().skip_while(|&&x| x == 1).copied().collect::<Vec<_>>();
+    if leading_ones(&dims) != leading_ones(&[rows, cols]) || data.len() != flat {
         return Err(Error::TensorShape {
             name: name.into(),
             found: dims,
