@@ -257,7 +257,7 @@ pub struct EvictionArgs {
     #[arg(long, default_value = "full", value_enum)]
     pub policy: PolicyName,
     /// KV budget: a ratio of the prompt (0.5), tokens (512) or bytes (64MiB).
-    #[arg(long, default_value = "0.5")]
+    #[arg(long, default_value = "0.5", allow_hyphen_values = true)]
     pub budget: String,
     /// encoding (evict while prefilling), decoding (budget bounds generated tokens) or auto
     /// (budget bounds prompt + generation).

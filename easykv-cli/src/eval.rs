@@ -121,6 +121,12 @@ fn validate(args: &EvalArgs) -> CliResult<EvalSettings> {
             return Err(CliError(format!("{}: the text is empty", f.display())));
         }
     }
+    if args.out.exists() && !args.out.is_dir() {
+        return Err(CliError(format!(
+            "--out {} exists and is not a directory",
+            args.out.display()
+        )));
+    }
     std::fs::create_dir_all(&args.out).map_err(|e| CliError(format!("{}: {e}", args.out.display())))?;
     let probe = args.out.join(".easykv-write-test");
     std::fs::write(&probe, b"").map_err(|e| CliError(format!("{} is not writable: {e}", args.out.display())))?;

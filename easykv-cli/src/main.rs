@@ -71,10 +71,13 @@ Examples:
 /// print as clap prints them.
 fn flag_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
-    if matches!(
-        e.kind(),
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        eprintln!(
+            "error: give a command: generate, score, bench, eval, serve or check-kernels (`easykv --help` shows them)"
+        );
+        return ExitCode::from(2);
+    }
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let _ = e.print();
         return if e.use_stderr() {
             ExitCode::from(2)
@@ -84,7 +87,19 @@ fn flag_error(e: clap::Error) -> ExitCode {
     }
     let text = e.render().to_string();
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-    let first = lines.next().unwrap_or("bad arguments").trim_start_matches("error: ");
+    let mut first = lines
+        .next()
+        .unwrap_or("bad arguments")
+        .trim_start_matches("error: ")
+        .to_string();
+    // "the following required arguments were not provided:" names them on the lines after.
+    if first.ends_with(':') {
+        let names: Vec<&str> = lines
+            .clone()
+            .take_while(|l| l.starts_with('-') || l.starts_with('<'))
+            .collect();
+        first = format!("{} {}", first, names.join(", "));
+    }
     let valid = lines
         .find_map(|l| l.strip_prefix("[possible values: ").and_then(|v| v.strip_suffix(']')))
         .map(|v| format!(" (valid: {v})"))
