@@ -163,6 +163,21 @@ fn json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 impl HfModelDir {
+    /// A one-shard model from its `config.json` and `model.safetensors` bytes, checked as
+    /// [`open`](Self::open) checks them (what the fuzz target drives).
+    pub fn from_bytes(config: &[u8], safetensors: Vec<u8>) -> Result<Self> {
+        let config: HfConfig =
+            serde_json::from_slice(config).map_err(|e| Error::InvalidInput(format!("config.json: {e}")))?;
+        config.model_config()?;
+        SafeTensors::deserialize(&safetensors).map_err(|e| Error::InvalidInput(format!("{SINGLE}: {e}")))?;
+        Ok(Self {
+            dir: PathBuf::new(),
+            config,
+            shards: BTreeMap::from([(SINGLE.to_string(), safetensors)]),
+            weight_map: BTreeMap::new(),
+        })
+    }
+
     /// Opens `dir`, checking that every file the model needs is there.
     pub fn open(dir: &Path) -> Result<Self> {
         for f in REQUIRED_FILES {
