@@ -144,14 +144,8 @@ pub fn without_panics(spec: &str, body: impl FnOnce() -> CliResult) -> CliResult
     let seen = first.clone();
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let text = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown failure".into());
         if let Ok(mut slot) = seen.lock() {
-            slot.get_or_insert(text);
+            slot.get_or_insert(crate::common::panic_text(info));
         }
     }));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));

@@ -13,7 +13,7 @@ use easykv_models::{
 use serde_json::json;
 
 use crate::backend::with_backend;
-use crate::common::{outln, print_json, CliError, CliResult, EvictionArgs, ModelArgs};
+use crate::common::{latency_fields, outln, print_json, CliError, CliResult, EvictionArgs, ModelArgs};
 
 /// Public-domain text (the opening of Melville's *Moby-Dick*) repeated to build bench prompts.
 pub const BENCH_TEXT: &str = "Call me Ishmael. Some years ago—never mind how long precisely—having little or no money in my purse, and nothing particular to interest me on shore, I thought I would sail about a little and see the watery part of the world. It is a way I have of driving off the spleen and regulating the circulation. Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; whenever I find myself involuntarily pausing before coffin warehouses, and bringing up the rear of every funeral I meet; and especially whenever my hypos get such an upper hand of me, that it requires a strong moral principle to prevent me from deliberately stepping into the street, and methodically knocking people's hats off—then, I account it high time to get to sea as soon as I can. ";
@@ -484,14 +484,7 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
     }
     let wall = start.elapsed().as_secs_f64();
     let mut ttft: Vec<f64> = first.into_iter().flatten().collect();
-    let pct = |v: &mut Vec<f64>, q: f64| -> f64 {
-        v.sort_by(f64::total_cmp);
-        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-            * 1e3
-    };
-    let report = json!({
+    let mut report = json!({
         "model": name,
         "device": args.model.device,
         "policy": args.eviction.policy.name(),
@@ -505,14 +498,13 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
         "output_tokens": tokens,
         "seconds": wall,
         "output_tokens_per_second": tokens as f64 / wall,
-        "ttft_ms_p50": pct(&mut ttft, 0.5),
-        "ttft_ms_p99": pct(&mut ttft, 0.99),
-        "itl_ms_p50": pct(&mut gaps, 0.5),
-        "itl_ms_p99": pct(&mut gaps, 0.99),
         "peak_kv_bytes": peak_kv,
         "peak_reserved_bytes": peak_reserved,
         "max_in_flight": in_flight,
     });
+    if let Some(fields) = report.as_object_mut() {
+        fields.extend(latency_fields(&mut ttft, &mut gaps));
+    }
     if args.json {
         return print_json(&report);
     }

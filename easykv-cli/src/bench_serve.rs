@@ -10,7 +10,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::bench::BENCH_TEXT;
-use crate::common::{outln, print_json, CliError, CliResult};
+use crate::common::{latency_fields, outln, print_json, CliError, CliResult};
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
@@ -231,14 +231,6 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
 }
 
-fn percentile(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(((v.len() as f64 - 1.0) * q).round() as usize)
-        .copied()
-        .unwrap_or(0.0)
-        * 1e3
-}
-
 fn report(args: &LoadArgs, model: &str, wall: f64, outcomes: &[Outcome], rss: &[(f64, f64)]) -> CliResult {
     let done: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
     let errors = outcomes.len() - done.len();
@@ -250,7 +242,7 @@ fn report(args: &LoadArgs, model: &str, wall: f64, outcomes: &[Outcome], rss: &[
     let rss_after_warmup = settled.first().copied().unwrap_or(0.0);
     let rss_max = settled.iter().copied().fold(0.0, f64::max);
     let rss_last = settled.last().copied().unwrap_or(0.0);
-    let report = json!({
+    let mut report = json!({
         "url": args.url,
         "model": model,
         "clients": args.clients,
@@ -260,15 +252,14 @@ fn report(args: &LoadArgs, model: &str, wall: f64, outcomes: &[Outcome], rss: &[
         "requests_per_second": done.len() as f64 / wall,
         "output_tokens": tokens,
         "output_tokens_per_second": tokens as f64 / wall,
-        "ttft_ms_p50": percentile(&mut ttft, 0.5),
-        "ttft_ms_p99": percentile(&mut ttft, 0.99),
-        "itl_ms_p50": percentile(&mut gaps, 0.5),
-        "itl_ms_p99": percentile(&mut gaps, 0.99),
         "rss_mib_after_warmup": mib(rss_after_warmup),
         "rss_mib_max": mib(rss_max),
         "rss_mib_last": mib(rss_last),
         "rss_mib_samples": rss.iter().map(|(t, b)| json!([(*t * 10.0).round() / 10.0, (mib(*b) * 10.0).round() / 10.0])).collect::<Vec<_>>(),
     });
+    if let Some(fields) = report.as_object_mut() {
+        fields.extend(latency_fields(&mut ttft, &mut gaps));
+    }
     if args.json {
         return print_json(&report);
     }

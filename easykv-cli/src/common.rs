@@ -132,6 +132,37 @@ impl ModelArgs {
     }
 }
 
+/// Time to first token and inter-token latency (seconds) as a report's p50/p99 fields in ms.
+pub fn latency_fields(ttft: &mut [f64], gaps: &mut [f64]) -> serde_json::Map<String, serde_json::Value> {
+    let pct = |v: &mut [f64], q: f64| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+            * 1e3
+    };
+    [
+        ("ttft_ms_p50", pct(ttft, 0.5)),
+        ("ttft_ms_p99", pct(ttft, 0.99)),
+        ("itl_ms_p50", pct(gaps, 0.5)),
+        ("itl_ms_p99", pct(gaps, 0.99)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+    .collect()
+}
+
+/// The text of a panic (its first line) and where it happened, for a one-line error.
+pub fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let text = info
+        .payload()
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| info.payload().downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown failure".into());
+    text.lines().next().unwrap_or_default().to_string()
+}
+
 /// `println!` that returns an error instead of panicking (see [`write_line`]).
 macro_rules! outln {
     ($($arg:tt)*) => {

@@ -138,18 +138,12 @@ fn main() -> ExitCode {
     let cause: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let seen = cause.clone();
     std::panic::set_hook(Box::new(move |info| {
-        let text = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown failure".into());
         let place = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
         if let Ok(mut slot) = seen.lock() {
-            slot.get_or_insert(format!("{}{place}", text.lines().next().unwrap_or_default()));
+            slot.get_or_insert(format!("{}{place}", common::panic_text(info)));
         }
     }));
     let result = std::panic::catch_unwind(|| run(cli)).unwrap_or_else(|_| {
