@@ -179,3 +179,31 @@ fn rms_norm<B: Backend>(
         epsilon: eps as f64,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One tensor of six values with the dimensions given.
+    struct OneTensor(Vec<usize>);
+
+    impl WeightSource for OneTensor {
+        fn tensor(&self, _: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+            Ok((vec![0.0; 6], self.0.clone()))
+        }
+
+        fn has(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_weight_is_checked_by_its_shape_not_only_its_size() {
+        assert!(matrix(&OneTensor(vec![2, 3]), "w", 2, 3).is_ok());
+        assert!(matrix(&OneTensor(vec![1, 2, 3]), "w", 2, 3).is_ok());
+        let err = matrix(&OneTensor(vec![3, 2]), "w", 2, 3).unwrap_err().to_string();
+        assert!(err.contains("[3, 2]") && err.contains("[2, 3]"), "{err}");
+        assert!(vector(&OneTensor(vec![6]), "v", 6).is_ok());
+        assert!(vector(&OneTensor(vec![2, 3]), "v", 6).is_err());
+    }
+}
