@@ -25,6 +25,9 @@ impl ChatMessage {
 /// (thousands), far below what makes a hang (nested `range` loops).
 const TEMPLATE_FUEL: u64 = 2_000_000;
 
+/// How long a rendering may take (real templates take microseconds).
+const TEMPLATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Bytes a rendering may write beyond the messages' own text.
 const TEMPLATE_OVERHEAD_BYTES: usize = 1 << 20;
 
@@ -66,7 +69,28 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`, ending with the assistant's turn opened when `add_generation_prompt`.
+    ///
+    /// Fuel bounds the template's instructions and a byte limit its output, but one instruction
+    /// can still iterate without end (printing `(0,) * 10**13`, found by fuzzing): the
+    /// rendering runs on a thread of its own and is abandoned after [`TEMPLATE_DEADLINE`].
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let (template, messages) = (self.clone(), messages.to_vec());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("easykv-chat-template".into())
+            .spawn(move || {
+                let _ = tx.send(template.render_here(&messages, add_generation_prompt));
+            })
+            .map_err(|e| Error::ChatTemplate(format!("starting the renderer: {e}")))?;
+        rx.recv_timeout(TEMPLATE_DEADLINE).unwrap_or_else(|_| {
+            Err(Error::ChatTemplate(format!(
+                "the template did not finish within {} s",
+                TEMPLATE_DEADLINE.as_secs()
+            )))
+        })
+    }
+
+    fn render_here(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let mut env = Environment::new();
         // The template comes from a model file: bound its work and its output.
         env.set_fuel(Some(TEMPLATE_FUEL));
@@ -135,6 +159,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("writes more than"), "{err}");
+        // One instruction that iterates ~10^13 times (found by fuzzing): abandoned at the deadline.
+        let endless = ChatTemplate::new("Z{{(0555555555556*55+55552777.)*(0,)*5-}}", "", "");
+        let started = std::time::Instant::now();
+        let err = endless
+            .render(&[ChatMessage::new("user", "Hi")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not finish"), "{err}");
+        assert!(started.elapsed() < TEMPLATE_DEADLINE * 2);
     }
 
     #[test]
