@@ -1,10 +1,39 @@
 //! The OpenAI API's request and response bodies (the parts easykv serves), its error body, and
-//! easykv's extension fields (`kv_policy`, `kv_budget`, `kv_mode`, `kv_stride`).
+//! easykv's extension fields (`kv_policy`, `kv_budget`, `kv_mode`, `kv_stride`), and the
+//! parsing of a request body into them (which `fuzz/fuzz_targets/http_request.rs` drives: this
+//! file depends on axum, serde and serde_json only).
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+
+/// The body as an endpoint's own fields `T` and the shared ones, or a 400 naming the field
+/// that is wrong.
+pub fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, CommonParams), ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            _ => "invalid_body",
+        };
+        ApiError::invalid(e.body_text(), None).with_status(status, code)
+    })?;
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("malformed JSON: {e}"), None))?;
+    Ok((fields(&value)?, fields(&value)?))
+}
+
+fn fields<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let param = (!matches!(path.as_str(), "." | "?" | "")).then_some(path);
+        ApiError::invalid(format!("invalid field: {}", e.into_inner()), param.as_deref())
+    })
+}
 
 /// An error as the OpenAI API writes it: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]

@@ -15,11 +15,10 @@ use axum::Json;
 use easykv_core::{Budget, EvictionConfig, Mode};
 use easykv_models::{ChatMessage, Request, SamplingConfig, MAX_TOP_LOGPROBS};
 use futures_util::stream::{self, Stream};
-use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::generation::{FinishReason, Generation, Piece, TokenInfo};
-use super::openai::{ApiError, ChatRequest, CommonParams, CompletionRequest, Content, PromptInput, Usage};
+use super::openai::{parse, ApiError, ChatRequest, CommonParams, CompletionRequest, Content, PromptInput, Usage};
 use super::AppState;
 
 /// The most alternatives per token `/v1/completions` lists (OpenAI's limit).
@@ -27,30 +26,6 @@ const MAX_COMPLETION_LOGPROBS: u64 = 5;
 /// Stop strings per request, and bytes per stop string.
 const MAX_STOPS: usize = 4;
 const MAX_STOP_BYTES: usize = 256;
-
-/// The body as an endpoint's own fields `T` and the shared ones, or a 400 naming the field
-/// that is wrong.
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, CommonParams), ApiError> {
-    let body = body.map_err(|e| {
-        let status = e.status();
-        let code = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
-            _ => "invalid_body",
-        };
-        ApiError::invalid(e.body_text(), None).with_status(status, code)
-    })?;
-    let value: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("malformed JSON: {e}"), None))?;
-    Ok((fields(&value)?, fields(&value)?))
-}
-
-fn fields<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let param = (!matches!(path.as_str(), "." | "?" | "")).then_some(path);
-        ApiError::invalid(format!("invalid field: {}", e.into_inner()), param.as_deref())
-    })
-}
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
