@@ -13,7 +13,7 @@ use easykv_models::{
 use serde_json::json;
 
 use crate::backend::with_backend;
-use crate::common::{latency_fields, outln, print_json, CliError, CliResult, EvictionArgs, ModelArgs};
+use crate::common::{add_latencies, outln, print_json, CliError, CliResult, EvictionArgs, ModelArgs};
 
 /// Public-domain text (the opening of Melville's *Moby-Dick*) repeated to build bench prompts.
 pub const BENCH_TEXT: &str = "Call me Ishmael. Some years ago—never mind how long precisely—having little or no money in my purse, and nothing particular to interest me on shore, I thought I would sail about a little and see the watery part of the world. It is a way I have of driving off the spleen and regulating the circulation. Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; whenever I find myself involuntarily pausing before coffin warehouses, and bringing up the rear of every funeral I meet; and especially whenever my hypos get such an upper hand of me, that it requires a strong moral principle to prevent me from deliberately stepping into the street, and methodically knocking people's hats off—then, I account it high time to get to sea as soon as I can. ";
@@ -502,9 +502,7 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
         "peak_reserved_bytes": peak_reserved,
         "max_in_flight": in_flight,
     });
-    if let Some(fields) = report.as_object_mut() {
-        fields.extend(latency_fields(&mut ttft, &mut gaps));
-    }
+    add_latencies(&mut report, &mut ttft, &mut gaps);
     if args.json {
         return print_json(&report);
     }

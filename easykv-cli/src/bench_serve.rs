@@ -10,7 +10,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::bench::BENCH_TEXT;
-use crate::common::{latency_fields, outln, print_json, CliError, CliResult};
+use crate::common::{add_latencies, outln, print_json, CliError, CliResult};
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
@@ -257,9 +257,7 @@ fn report(args: &LoadArgs, model: &str, wall: f64, outcomes: &[Outcome], rss: &[
         "rss_mib_last": mib(rss_last),
         "rss_mib_samples": rss.iter().map(|(t, b)| json!([(*t * 10.0).round() / 10.0, (mib(*b) * 10.0).round() / 10.0])).collect::<Vec<_>>(),
     });
-    if let Some(fields) = report.as_object_mut() {
-        fields.extend(latency_fields(&mut ttft, &mut gaps));
-    }
+    add_latencies(&mut report, &mut ttft, &mut gaps);
     if args.json {
         return print_json(&report);
     }

@@ -132,8 +132,8 @@ impl ModelArgs {
     }
 }
 
-/// Time to first token and inter-token latency (seconds) as a report's p50/p99 fields in ms.
-pub fn latency_fields(ttft: &mut [f64], gaps: &mut [f64]) -> serde_json::Map<String, serde_json::Value> {
+/// Adds time to first token and inter-token latency (seconds) to `report` as p50/p99 fields in ms.
+pub fn add_latencies(report: &mut serde_json::Value, ttft: &mut [f64], gaps: &mut [f64]) {
     let pct = |v: &mut [f64], q: f64| -> f64 {
         v.sort_by(f64::total_cmp);
         v.get(((v.len() as f64 - 1.0) * q).round() as usize)
@@ -148,8 +148,7 @@ pub fn latency_fields(ttft: &mut [f64], gaps: &mut [f64]) -> serde_json::Map<Str
         ("itl_ms_p99", pct(gaps, 0.99)),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
-    .collect()
+    .for_each(|(k, v)| report[k] = serde_json::json!(v));
 }
 
 /// The text of a panic (its first line) and where it happened, for a one-line error.

@@ -289,7 +289,7 @@ fn endpoints_answers_streams_and_errors() {
         with("prompt", json!("word ".repeat(600))),
         400,
         Some("prompt"),
-        "at most 512",
+        "more than 512 tokens",
     );
     assert_error(with("prompt", json!("")), 400, Some("prompt"), "empty");
     assert_error(with("prompt", json!([1, 99_999_999])), 400, None, "vocabulary");

@@ -37,7 +37,7 @@ use openai::ApiError;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Address to listen on (loopback by default; put a proxy with TLS in front of anything
+    /// IP address to listen on (loopback by default; put a proxy with TLS in front of anything
     /// wider).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -154,9 +154,14 @@ fn check_flags(args: &ServeArgs) -> CliResult<Option<u64>> {
 
 fn run_on<B: Backend>(device: &B::Device, args: &ServeArgs) -> CliResult {
     let pool = check_flags(args)?;
-    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
-        .parse()
-        .map_err(|e| CliError(format!("--host {} --port {}: {e}", args.host, args.port)))?;
+    // An IP address (IPv4 or IPv6), not a name: nothing is resolved.
+    let ip: std::net::IpAddr = args.host.parse().map_err(|e| {
+        CliError(format!(
+            "--host '{}': {e} (give an IP address, e.g. 127.0.0.1 or ::1)",
+            args.host
+        ))
+    })?;
+    let addr = SocketAddr::new(ip, args.port);
     let loaded = match &args.random_weights {
         Some(shape) => random_model::<B>(shape, args, device)?,
         None => args.model.load::<B>(device)?,

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use super::generation::{FinishReason, Generation, Piece, TokenInfo};
 use super::openai::{parse, ApiError, ChatRequest, CommonParams, CompletionRequest, Content, PromptInput, Usage};
 use super::AppState;
+use crate::common::encode_prefix;
 
 /// The most alternatives per token `/v1/completions` lists (OpenAI's limit).
 const MAX_COMPLETION_LOGPROBS: u64 = 5;
@@ -120,9 +121,9 @@ fn prepare(
     let context = state.context;
     if prompt.len() > state.max_prompt_tokens {
         return Err(bad(
+            // Only a prefix was tokenized: its count is a lower bound.
             format!(
-                "the prompt has {} tokens; this server takes at most {}",
-                prompt.len(),
+                "the prompt has more than {} tokens, the most this server takes",
                 state.max_prompt_tokens
             ),
             prompt_param,
@@ -235,10 +236,10 @@ async fn completion(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -
         ))
     };
     let prompt = match req.prompt {
-        PromptInput::Text(t) => encode(&state, &t).map_err(fail)?,
+        PromptInput::Text(t) => tokenize(&state, "prompt", move |_| Ok(t)).await.map_err(fail)?,
         PromptInput::Ids(ids) => ids,
-        PromptInput::Texts(t) => match t.as_slice() {
-            [only] => encode(&state, only).map_err(fail)?,
+        PromptInput::Texts(mut t) => match (t.pop(), t.is_empty()) {
+            (Some(only), true) => tokenize(&state, "prompt", move |_| Ok(only)).await.map_err(fail)?,
             _ => return Err(several()),
         },
         PromptInput::IdLists(mut l) => match (l.pop(), l.is_empty()) {
@@ -270,12 +271,12 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<B
 async fn chat(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, Response> {
     let (req, common): (ChatRequest, CommonParams) = parse(body).map_err(IntoResponse::into_response)?;
     let fail = |e: ApiError| e.into_response();
-    let Some(template) = &state.chat_template else {
+    if state.chat_template.is_none() {
         return Err(fail(ApiError::invalid(
             "this model has no chat template: use /v1/completions",
             Some("messages"),
         )));
-    };
+    }
     if req.tools.is_some() {
         return Err(fail(ApiError::invalid("tools are not supported", Some("tools"))));
     }
@@ -305,10 +306,14 @@ async fn chat(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Resu
         };
         messages.push(ChatMessage::new(&m.role, &content));
     }
-    let text = template
-        .render(&messages, true)
-        .map_err(|e| fail(ApiError::invalid(e.to_string(), Some("messages"))))?;
-    let prompt = encode(&state, &text).map_err(fail)?;
+    let prompt = tokenize(&state, "messages", move |s| match &s.chat_template {
+        Some(template) => template
+            .render(&messages, true)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages"))),
+        None => Err(ApiError::server("the chat template is gone")),
+    })
+    .await
+    .map_err(fail)?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(n)) if n > MAX_TOP_LOGPROBS as u64 => {
             return Err(fail(ApiError::invalid(
@@ -330,23 +335,22 @@ async fn chat(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Resu
     answer(state, prepared, Kind::Chat).await
 }
 
-/// Prompt text as ids, refusing text so long that tokenizing it would cost more than the
-/// longest prompt the server takes could be (a few bytes per token at the most).
-fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
-    if text.len() > state.max_prompt_tokens.saturating_mul(64) {
-        return Err(ApiError::invalid(
-            format!(
-                "the prompt is {} bytes, too long for {} tokens",
-                text.len(),
-                state.max_prompt_tokens
-            ),
-            Some("prompt"),
-        ));
-    }
-    state
-        .tokenizer
-        .encode(text)
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
+/// Prompt ids of the text `prompt` makes (the text itself, or the chat template's rendering),
+/// computed off the async threads so that a long prompt or a slow template holds up no other
+/// request; only the prefix the server could take is tokenized (as the CLI does).
+async fn tokenize(
+    state: &Arc<AppState>,
+    param: &'static str,
+    prompt: impl FnOnce(&AppState) -> Result<String, ApiError> + Send + 'static,
+) -> Result<Vec<u32>, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let text = prompt(&state)?;
+        encode_prefix(&state.tokenizer, &text, state.max_prompt_tokens + 1)
+            .map_err(|e| ApiError::invalid(e.0, Some(param)))
+    })
+    .await
+    .map_err(|e| ApiError::server(format!("tokenizing: {e}")))?
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,7 +418,8 @@ impl Header {
         if let Some(u) = usage {
             v["usage"] = json!(u);
         }
-        if !chunk || usage.is_some() {
+        // Whole answers carry the settings that ran; a stream's last chunk adds them itself.
+        if !chunk {
             v["kv"] = self.kv.clone();
         }
         v

@@ -319,17 +319,20 @@ fn streaming_positions_match_absolute_until_something_is_evicted() {
         streaming: true,
         ..Default::default()
     };
-    let policy = easykv_policies::PolicyTable::<Flex>::builtin()
-        .build("recency")
-        .unwrap()
-        .unwrap();
-    let mut cache = EvictingCache::new(
-        cfg.n_layers,
-        policy,
-        streaming.schedule(ids.len(), 4, 1).unwrap(),
-        CacheKernels::host(),
-    );
-    let got = run(&mut cache);
+    // A recency cache under `eviction`, for this prompt in chunks of 4.
+    let recency = |eviction: &EvictionConfig| {
+        let policy = easykv_policies::PolicyTable::<Flex>::builtin()
+            .build("recency")
+            .unwrap()
+            .unwrap();
+        EvictingCache::new(
+            cfg.n_layers,
+            policy,
+            eviction.schedule(ids.len(), 4, 1).unwrap(),
+            CacheKernels::host(),
+        )
+    };
+    let got = run(&mut recency(&streaming));
     for (a, b) in absolute.iter().zip(&got) {
         assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     }
@@ -341,16 +344,7 @@ fn streaming_positions_match_absolute_until_something_is_evicted() {
         streaming: true,
         ..Default::default()
     };
-    let policy = easykv_policies::PolicyTable::<Flex>::builtin()
-        .build("recency")
-        .unwrap()
-        .unwrap();
-    let mut cache = EvictingCache::new(
-        cfg.n_layers,
-        policy,
-        tight.schedule(ids.len(), 4, 1).unwrap(),
-        CacheKernels::host(),
-    );
+    let mut cache = recency(&tight);
     let mut logits = Vec::new();
     for len in cache.prefill_chunks(ids.len(), 4) {
         let start = cache.tokens_seen();
