@@ -1,6 +1,10 @@
 //! Chat prompts rendered with the model's own Jinja template (minijinja).
 
-use minijinja::{context, Environment};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use minijinja::value::{Kwargs, StringInput};
+use minijinja::{context, filters, Environment, ErrorKind, State, Value};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -21,9 +25,17 @@ impl ChatMessage {
     }
 }
 
-/// Instructions a template may run per rendering: far above what any chat template needs
-/// (thousands), far below what makes a hang (nested `range` loops).
-const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Instructions a template may run per rendering, plus [`TEMPLATE_FUEL_PER_MESSAGE`] per
+/// message: far above what any chat template needs (a few dozen per message), far below what
+/// makes a hang (nested `range` loops). The work a template may do grows with the conversation
+/// it renders, not with what the template asks for.
+const TEMPLATE_FUEL: u64 = 100_000;
+const TEMPLATE_FUEL_PER_MESSAGE: u64 = 5_000;
+
+/// Items a template may print, join, sort or list at once. A sequence repeated by `*` is a lazy
+/// object whose length minijinja knows without iterating: a template can build one of 10^13
+/// items in one instruction, which fuel (counted per instruction) does not bound.
+const MAX_TEMPLATE_ITEMS: usize = 1 << 20;
 
 /// How long a rendering may take (real templates take microseconds).
 const TEMPLATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -57,6 +69,9 @@ pub struct ChatTemplate {
     source: String,
     bos_token: String,
     eos_token: String,
+    /// Set once a rendering missed the deadline: its thread may still be running, and the
+    /// template is refused from then on, so at most one such thread exists per template.
+    hung: Arc<AtomicBool>,
 }
 
 impl ChatTemplate {
@@ -65,6 +80,7 @@ impl ChatTemplate {
             source: source.into(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
+            hung: Arc::default(),
         }
     }
 
@@ -72,8 +88,15 @@ impl ChatTemplate {
     ///
     /// Fuel bounds the template's instructions and a byte limit its output, but one instruction
     /// can still iterate without end (printing `(0,) * 10**13`, found by fuzzing): the
-    /// rendering runs on a thread of its own and is abandoned after [`TEMPLATE_DEADLINE`].
+    /// rendering runs on a thread of its own and is abandoned after [`TEMPLATE_DEADLINE`]; the
+    /// template is refused after that (the abandoned thread may still be spinning).
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        if self.hung.load(Ordering::Relaxed) {
+            return Err(Error::ChatTemplate(format!(
+                "the template is disabled: a rendering did not finish within {} s",
+                TEMPLATE_DEADLINE.as_secs()
+            )));
+        }
         let (template, messages) = (self.clone(), messages.to_vec());
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -83,6 +106,7 @@ impl ChatTemplate {
             })
             .map_err(|e| Error::ChatTemplate(format!("starting the renderer: {e}")))?;
         rx.recv_timeout(TEMPLATE_DEADLINE).unwrap_or_else(|_| {
+            self.hung.store(true, Ordering::Relaxed);
             Err(Error::ChatTemplate(format!(
                 "the template did not finish within {} s",
                 TEMPLATE_DEADLINE.as_secs()
@@ -93,7 +117,9 @@ impl ChatTemplate {
     fn render_here(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let mut env = Environment::new();
         // The template comes from a model file: bound its work and its output.
-        env.set_fuel(Some(TEMPLATE_FUEL));
+        let fuel = TEMPLATE_FUEL.saturating_add(TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64));
+        env.set_fuel(Some(fuel));
+        bound_sequences(&mut env);
         // Templates written for Python's Jinja call str methods (.strip(), .startswith(), ...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -127,12 +153,93 @@ impl ChatTemplate {
                 "the template writes more than {limit} bytes for these messages"
             )),
             minijinja::ErrorKind::OutOfFuel => Error::ChatTemplate(format!(
-                "the template runs more than {TEMPLATE_FUEL} instructions (a runaway loop?)"
+                "the template runs more than {fuel} instructions (a runaway loop?)"
             )),
             _ => Error::ChatTemplate(e.to_string()),
         })?;
         String::from_utf8(out.out).map_err(|e| Error::ChatTemplate(e.to_string()))
     }
+}
+
+/// Refuses values holding more than [`MAX_TEMPLATE_ITEMS`] items in all (nested ones
+/// included) before anything iterates them: printing, and the filters that walk a whole
+/// sequence, check first.
+fn check_items(value: &Value) -> std::result::Result<(), minijinja::Error> {
+    fn walk(value: &Value, left: &mut usize, depth: usize) -> std::result::Result<(), minijinja::Error> {
+        let too_large = || minijinja::Error::new(ErrorKind::InvalidOperation, "sequence too large for a chat template");
+        if value.as_str().is_some() || value.as_object().is_none() || depth > 64 {
+            return Ok(());
+        }
+        // A known length is refused before a single item is drawn; an unknown one counts down.
+        if value.len().is_some_and(|n| n > *left) {
+            return Err(too_large());
+        }
+        let Ok(items) = value.try_iter() else {
+            return Ok(());
+        };
+        for item in items {
+            *left = left.checked_sub(1).ok_or_else(too_large)?;
+            walk(&item, left, depth + 1)?;
+            if let Ok(v) = value.get_item(&item) {
+                walk(&v, left, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+    let mut left = MAX_TEMPLATE_ITEMS;
+    walk(value, &mut left, 0)
+}
+
+/// Printing and the whole-sequence filters, each checking [`check_items`] first.
+fn bound_sequences(env: &mut Environment<'_>) {
+    env.set_formatter(|out, state, value| {
+        check_items(value)?;
+        minijinja::escape_formatter(out, state, value)
+    });
+    env.add_filter("join", |state: &State, value: &Value, joiner: Option<StringInput<'_>>| {
+        check_items(value)?;
+        filters::join(state, value, joiner)
+    });
+    env.add_filter("list", |state: &State, value: Value| {
+        check_items(&value)?;
+        filters::list(state, value)
+    });
+    env.add_filter("string", |state: &State, value: &Value| {
+        check_items(value)?;
+        filters::string(state, value)
+    });
+    env.add_filter("tojson", |value: &Value, indent: Option<Value>, args: Kwargs| {
+        check_items(value)?;
+        filters::tojson(value, indent, args)
+    });
+    env.add_filter("sort", |state: &State, value: Value, args: Kwargs| {
+        check_items(&value)?;
+        filters::sort(state, value, args)
+    });
+    env.add_filter("unique", |state: &State, value: Value, args: Kwargs| {
+        check_items(&value)?;
+        filters::unique(state, value, args)
+    });
+    env.add_filter("sum", |state: &State, value: Value| {
+        check_items(&value)?;
+        filters::sum(state, value)
+    });
+    env.add_filter("min", |state: &State, value: Value| {
+        check_items(&value)?;
+        filters::min(state, value)
+    });
+    env.add_filter("max", |state: &State, value: Value| {
+        check_items(&value)?;
+        filters::max(state, value)
+    });
+    env.add_filter("last", |value: Value| {
+        check_items(&value)?;
+        filters::last(value)
+    });
+    env.add_filter("reverse", |value: &Value| {
+        check_items(value)?;
+        filters::reverse(value)
+    });
 }
 
 #[cfg(test)]
@@ -159,8 +266,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("writes more than"), "{err}");
-        // One instruction that iterates ~10^13 times (found by fuzzing): abandoned at the deadline.
-        let endless = ChatTemplate::new("Z{{(0555555555556*55+55552777.)*(0,)*5-}}", "", "");
+        // Sequences of ~10^13 items built in one instruction (the first found by fuzzing):
+        // printed, joined, listed or nested, refused before they are walked.
+        for source in [
+            "Z{{(0555555555556*55+55552777.)*(0,)*5-}}",
+            "{{ ((0,) * 10**13) | join }}",
+            "{{ ((0,) * 10**13) | list | length }}",
+            "{{ [1, ((0,) * 10**13)] }}",
+            "{{ ((0,) * 10**13) | tojson }}",
+        ] {
+            let err = ChatTemplate::new(source, "", "")
+                .render(&[ChatMessage::new("user", "Hi")], true)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("too large"), "{source}: {err}");
+        }
+        // What still iterates without end (a membership test) is abandoned at the deadline, and
+        // the template refused from then on: one abandoned thread at most.
+        let endless = ChatTemplate::new("{{ 1 in ((0,) * 10**13) }}", "", "");
         let started = std::time::Instant::now();
         let err = endless
             .render(&[ChatMessage::new("user", "Hi")], true)
@@ -168,6 +291,14 @@ mod tests {
             .to_string();
         assert!(err.contains("did not finish"), "{err}");
         assert!(started.elapsed() < TEMPLATE_DEADLINE * 2);
+        let again = std::time::Instant::now();
+        let err = endless
+            .clone()
+            .render(&[ChatMessage::new("user", "Hi")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("disabled"), "{err}");
+        assert!(again.elapsed() < std::time::Duration::from_millis(100));
     }
 
     #[test]
