@@ -20,6 +20,7 @@ pub mod hf;
 pub mod host_kernels;
 pub mod linear;
 pub mod llama;
+pub mod quantized;
 pub mod loader;
 pub mod model;
 pub mod ops;

@@ -1,0 +1,231 @@
+//! Weight matrices kept in their GGUF blocks in host memory, multiplied without widening them.
+//!
+//! A decode step on the CPU is bound by the bytes of weights it reads: f32 weights are 7–8×
+//! the Q4 file. [`QuantMatrix`] keeps a tensor's blocks as the file stores them; a product
+//! quantizes each activation row to 8-bit blocks of 32 ([`ActBlock`]) and takes integer dot
+//! products against the weights' blocks (as llama.cpp does), in SIMD registers where the CPU
+//! has AVX2 ([`avx2`], chosen at run time) and in plain Rust elsewhere ([`scalar`], which the
+//! SIMD kernels are tested against). Output rows are split over rayon's threads; each weight
+//! row is read once for every activation row.
+//!
+//! The SIMD code uses `pulp`'s safe wrappers of the intrinsics (its CPU-feature token proves
+//! they may run), so no `unsafe` is needed.
+//!
+//! Every block format's product reduces to the same shape per 32 weights `w = a·u + b` (`u`
+//! unsigned, at most 6 bits; `a`, `b` per half of the 32): `Σ w·x = d_x·(a₀·Σ₀ u·q + a₁·Σ₁ u·q +
+//! b₀·Σ₀ q + b₁·Σ₁ q)` with `x = d_x·q` — see [`Chunk`]. Q8_0's weights are signed and have
+//! their own kernel.
+
+mod chunks;
+pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+
+use rayon::prelude::*;
+
+use crate::gguf::GgmlType;
+
+pub use chunks::Chunk;
+
+/// Elements of one activation block (and of one [`Chunk`] of weights).
+pub const BLOCK: usize = 32;
+
+/// 32 activations as `d·q` with `q` in −127..=127, and the sums of `q` over each half.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActBlock {
+    pub q: [i8; BLOCK],
+    pub d: f32,
+    pub sums: [i32; 2],
+}
+
+/// Quantizes a row of activations (a whole number of blocks) to [`ActBlock`]s.
+pub fn quantize_row(x: &[f32]) -> Vec<ActBlock> {
+    x.chunks_exact(BLOCK)
+        .map(|v| {
+            let amax = v.iter().fold(0f32, |m, &a| m.max(a.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut q = [0i8; BLOCK];
+            for (q, &a) in q.iter_mut().zip(v) {
+                *q = (a * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+            let half = |h: usize| q[h * 16..h * 16 + 16].iter().map(|&v| v as i32).sum();
+            ActBlock {
+                q,
+                d,
+                sums: [half(0), half(1)],
+            }
+        })
+        .collect()
+}
+
+/// The block types [`QuantMatrix`] multiplies directly.
+pub fn supported(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+    )
+}
+
+/// A `[rows, cols]` matrix in one GGUF block type, row-major: each row is `cols / block_len`
+/// whole blocks.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl QuantMatrix {
+    /// From a tensor's encoded bytes; `None` unless `ty` is [`supported`], `cols` a whole number
+    /// of its blocks (and of activation blocks) and `bytes` exactly the matrix.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+        let fits = supported(ty) && cols > 0 && cols.is_multiple_of(ty.block_len()) && cols.is_multiple_of(BLOCK);
+        let row_bytes = (cols / ty.block_len().max(1)).checked_mul(ty.block_bytes())?;
+        (fits && rows.checked_mul(row_bytes) == Some(bytes.len())).then(|| Self {
+            ty,
+            rows,
+            cols,
+            data: bytes.to_vec(),
+        })
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes the blocks occupy.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_len() * self.ty.block_bytes()
+    }
+
+    /// Row `r`'s blocks.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// The rows `order` lists, in that order (reordering a projection's rows).
+    pub fn select_rows(&self, order: &[usize]) -> Self {
+        let mut data = Vec::with_capacity(order.len() * self.row_bytes());
+        for &r in order {
+            data.extend_from_slice(self.row(r));
+        }
+        Self {
+            rows: order.len(),
+            data,
+            ..*self
+        }
+    }
+
+    /// Row `r` as f32 (an embedding lookup).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        crate::gguf::dequantize(self.ty, self.row(r), self.cols).unwrap_or_else(|_| vec![0.0; self.cols])
+    }
+
+    /// The whole matrix as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        crate::gguf::dequantize(self.ty, &self.data, self.rows * self.cols)
+            .unwrap_or_else(|_| vec![0.0; self.rows * self.cols])
+    }
+
+    /// `Σ_i w[r][i]·x[i]` for the quantized activation row `x`.
+    pub fn dot(&self, kernel: Kernel, r: usize, x: &[ActBlock]) -> f32 {
+        let row = self.row(r);
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(simd) => avx2::dot(simd, self.ty, row, x),
+            Kernel::Scalar => scalar::dot(self.ty, row, x),
+        }
+    }
+}
+
+/// Which dot-product code runs, decided once per product.
+#[derive(Debug, Clone, Copy)]
+pub enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(pulp::x86::V3),
+}
+
+impl Kernel {
+    /// The fastest this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            return Kernel::Avx2(simd);
+        }
+        Kernel::Scalar
+    }
+}
+
+/// Weight rows per rayon task: enough work to outweigh scheduling.
+const ROWS_PER_TASK: usize = 64;
+
+/// `x·Wᵀ` for `rows` activation rows `x` (`[rows, cols]`, f32) against the row-stacked
+/// matrices `parts` (same `cols`): `[rows, Σ parts' rows]`.
+pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
+    let cols = parts.first().map_or(0, |p| p.cols);
+    let out: usize = parts.iter().map(|p| p.rows).sum();
+    if rows == 0 || cols == 0 || x.len() != rows * cols {
+        return vec![0.0; rows * out];
+    }
+    let acts: Vec<Vec<ActBlock>> = x.chunks_exact(cols).map(quantize_row).collect();
+    // (part, row) of every output, so tasks cut across parts freely.
+    let index: Vec<(usize, usize)> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(p, m)| (0..m.rows).map(move |r| (p, r)))
+        .collect();
+    // Laid out [out, rows] while computing (each task owns whole weight rows), then transposed.
+    let mut y = vec![0f32; out * rows];
+    y.par_chunks_mut(ROWS_PER_TASK * rows)
+        .zip(index.par_chunks(ROWS_PER_TASK))
+        .for_each(|(block, which)| match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(simd) => avx2::dots(simd, parts, which, &acts, block),
+            Kernel::Scalar => {
+                for (outs, &(p, r)) in block.chunks_mut(rows).zip(which) {
+                    for (o, a) in outs.iter_mut().zip(&acts) {
+                        *o = parts[p].dot(kernel, r, a);
+                    }
+                }
+            }
+        });
+    match rows {
+        1 => y,
+        _ => {
+            let mut yt = vec![0f32; rows * out];
+            for (o, col) in y.chunks(rows).enumerate() {
+                for (j, v) in col.iter().enumerate() {
+                    yt[j * out + o] = *v;
+                }
+            }
+            yt
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

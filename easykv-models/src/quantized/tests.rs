@@ -1,0 +1,134 @@
+use half::f16;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+const TYPES: [GgmlType; 8] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
+/// Where each type keeps its f16 scales (random bytes there could be NaN or infinite).
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q6K => &[208],
+        _ => &[0],
+    }
+}
+
+/// `blocks` random blocks of `ty` with finite scales.
+fn random_blocks(ty: GgmlType, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..blocks * ty.block_bytes()).map(|_| rng.random()).collect();
+    for b in bytes.chunks_exact_mut(ty.block_bytes()) {
+        for &at in f16_fields(ty) {
+            let v = f16::from_f32(rng.random_range(-0.05f32..0.05));
+            b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+fn random_row(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+}
+
+/// The quantized activations as the f32 values they stand for.
+fn widen(x: &[ActBlock]) -> Vec<f32> {
+    x.iter().flat_map(|a| a.q.map(|q| a.d * q as f32)).collect()
+}
+
+fn close(got: f32, want: f32, scale: f32) -> bool {
+    (got - want).abs() <= 1e-4 * scale.max(1.0)
+}
+
+/// The scalar products equal the dequantized weights times the quantized activations, for
+/// every type and 1 to 9 blocks per row.
+#[test]
+fn scalar_products_equal_the_dequantized_weights_products() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for ty in TYPES {
+        for blocks in [1, 2, 3, 9] {
+            let n = blocks * ty.block_len();
+            let w = random_blocks(ty, blocks, &mut rng);
+            let x = quantize_row(&random_row(n, &mut rng));
+            let dense = crate::gguf::dequantize(ty, &w, n).unwrap();
+            let want: f32 = dense.iter().zip(widen(&x)).map(|(a, b)| a * b).sum();
+            let scale: f32 = dense.iter().zip(widen(&x)).map(|(a, b)| (a * b).abs()).sum();
+            let got = scalar::dot(ty, &w, &x);
+            assert!(close(got, want, scale), "{ty:?} × {blocks}: {got} vs {want}");
+        }
+    }
+}
+
+/// Each SIMD kernel against its scalar twin: every type, odd block counts, many random rows.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_products_equal_the_scalar_ones() {
+    let Some(simd) = pulp::x86::V3::try_new() else {
+        eprintln!("no AVX2 on this CPU: the SIMD kernels are not tested here");
+        return;
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for ty in TYPES {
+        for blocks in [1, 2, 5, 7] {
+            for _ in 0..20 {
+                let n = blocks * ty.block_len();
+                let w = random_blocks(ty, blocks, &mut rng);
+                let x = quantize_row(&random_row(n, &mut rng));
+                let dense = crate::gguf::dequantize(ty, &w, n).unwrap();
+                let scale: f32 = dense.iter().zip(widen(&x)).map(|(a, b)| (a * b).abs()).sum();
+                let (got, want) = (avx2::dot(simd, ty, &w, &x), scalar::dot(ty, &w, &x));
+                assert!(close(got, want, scale), "{ty:?} × {blocks}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+/// A product over stacked parts of different types and several activation rows equals the row
+/// by row dots, with whichever kernel the CPU runs.
+#[test]
+fn stacked_products_equal_row_dots() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let cols = 512;
+    let parts: Vec<QuantMatrix> = [(GgmlType::Q4K, 70), (GgmlType::Q6K, 3), (GgmlType::Q4_1, 130)]
+        .into_iter()
+        .map(|(ty, rows)| {
+            let bytes = random_blocks(ty, rows * cols / ty.block_len(), &mut rng);
+            QuantMatrix::new(ty, rows, cols, &bytes).unwrap()
+        })
+        .collect();
+    let out: usize = parts.iter().map(QuantMatrix::rows).sum();
+    for rows in [1, 3] {
+        let x = random_row(rows * cols, &mut rng);
+        let y = product(&parts, &x, rows, Kernel::detect());
+        assert_eq!(y.len(), rows * out);
+        for (j, xr) in x.chunks(cols).enumerate() {
+            let a = quantize_row(xr);
+            let want: Vec<f32> = parts
+                .iter()
+                .flat_map(|p| (0..p.rows()).map(|r| scalar::dot(p.ty(), p.row(r), &a)).collect::<Vec<_>>())
+                .collect();
+            for (o, w) in want.iter().enumerate() {
+                let got = y[j * out + o];
+                assert!((got - w).abs() <= 1e-3 * w.abs().max(1.0), "row {j}, output {o}: {got} vs {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn matrices_refuse_bytes_that_are_not_whole_rows() {
+    let ty = GgmlType::Q4_1;
+    assert!(QuantMatrix::new(ty, 2, 64, &[0; 2 * 2 * 20]).is_some());
+    assert!(QuantMatrix::new(ty, 2, 64, &[0; 2 * 2 * 20 - 1]).is_none());
+    assert!(QuantMatrix::new(ty, 2, 48, &[0; 60]).is_none());
+    assert!(QuantMatrix::new(GgmlType::F16, 2, 64, &[0; 256]).is_none());
+    assert!(QuantMatrix::new(GgmlType::Q4K, 1, 128, &[0; 72]).is_none());
+}
