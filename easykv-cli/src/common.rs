@@ -44,8 +44,10 @@ pub struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Storage precision of weight matrices and the KV cache: f32 (exact), f16 or bf16 (half
-    /// the memory and memory traffic). Matrix products run in it; norms and softmax stay in
-    /// f32, and so does the residual stream on the CPU (on GPUs it is half precision too).
+    /// the memory and memory traffic), or native (CPU: a GGUF file's quantized matrices kept
+    /// in their blocks, activations quantized to 8 bits for the products; KV cache in f32).
+    /// Matrix products run in it; norms and softmax stay in f32, and so does the residual
+    /// stream on the CPU (on GPUs it is half precision too).
     #[arg(long, default_value = "f32")]
     pub dtype: WeightDType,
     /// Quiet: no progress or statistics on stderr.

@@ -212,10 +212,13 @@ fn bound_sequences(env: &mut Environment<'_>) {
         check_items(value)?;
         minijinja::escape_formatter(out, state, value)
     });
-    env.add_filter("join", |state: &State, value: &Value, joiner: Option<StringInput<'_>>| {
-        check_items(value)?;
-        filters::join(state, value, joiner)
-    });
+    env.add_filter(
+        "join",
+        |state: &State, value: &Value, joiner: Option<StringInput<'_>>| {
+            check_items(value)?;
+            filters::join(state, value, joiner)
+        },
+    );
     env.add_filter("list", |state: &State, value: Value| {
         check_items(&value)?;
         filters::list(state, value)

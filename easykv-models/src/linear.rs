@@ -3,6 +3,10 @@
 //! Decoding is bound by memory bandwidth: every weight is read once per token. Keeping weights
 //! (and the KV cache, see [`crate::llama`]) in f16 or bf16 halves those bytes while the residual
 //! stream, norms and softmax stay in f32; matrix products run in the storage precision.
+//! On the CPU, `native` keeps a GGUF file's quantized blocks as they are
+//! ([`crate::quantized`]): 4–5 bits per weight read instead of 32.
+
+use std::sync::Arc;
 
 use burn::module::Param;
 use burn::nn::RmsNorm;
@@ -12,6 +16,7 @@ use burn::tensor::{DType, TensorData};
 use crate::backend::BackendProfile;
 use crate::gpu_kernels::GemvEpilogue;
 use crate::ops::{self, RowNorm};
+use crate::quantized::{self, Activations, PackedWeights, QuantMatrix};
 
 /// Storage precision of weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -20,14 +25,32 @@ pub enum WeightDType {
     F32,
     F16,
     Bf16,
+    /// A GGUF file's quantized matrices kept in their blocks (CPU only), multiplied with f32
+    /// activations (each block widened in registers: the f32 product's result up to summation
+    /// order); everything else, and the KV cache, in f32.
+    Native,
+    /// As `Native`, with activations quantized to 8-bit blocks for integer dots (llama.cpp's
+    /// way: fewer instructions per weight, a small error of its own).
+    Q8,
 }
 
 impl WeightDType {
+    /// The dense precision: of the matrices, or with `Native` of what is not quantized.
     pub fn dtype(self) -> DType {
         match self {
-            WeightDType::F32 => DType::F32,
+            WeightDType::F32 | WeightDType::Native | WeightDType::Q8 => DType::F32,
             WeightDType::F16 => DType::F16,
             WeightDType::Bf16 => DType::BF16,
+        }
+    }
+
+    /// How products treat activations when the weights stay in their blocks; `None` for dense
+    /// weights.
+    pub fn packed_activations(self) -> Option<Activations> {
+        match self {
+            WeightDType::Native => Some(Activations::F32),
+            WeightDType::Q8 => Some(Activations::Int8),
+            _ => None,
         }
     }
 
@@ -44,7 +67,11 @@ impl std::str::FromStr for WeightDType {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
             "bf16" => Ok(Self::Bf16),
-            other => Err(format!("unknown dtype '{other}' (expected f32, f16 or bf16)")),
+            "native" => Ok(Self::Native),
+            "q8" => Ok(Self::Q8),
+            other => Err(format!(
+                "unknown dtype '{other}' (expected f32, f16, bf16, native or q8)"
+            )),
         }
     }
 }
@@ -52,9 +79,12 @@ impl std::str::FromStr for WeightDType {
 /// `y = x·Wᵀ + b` with `W` stored `[out, in]` (the file's layout) in any float dtype.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `[out, in]`
+    /// `[out, in]`; with `packed`, a `[out, 1]` stand-in that only says the output size.
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// The weights in their GGUF blocks, row-stacked parts (`--dtype native`, host memory).
+    #[module(skip)]
+    pub packed: Option<Arc<PackedWeights>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -77,6 +107,33 @@ impl<B: Backend> Linear<B> {
         Self {
             weight: Param::from_tensor(weight.cast(dtype.dtype())),
             bias: bias.map(Param::from_tensor),
+            packed: None,
+        }
+    }
+
+    /// From a matrix's quantized blocks (`[out, in]`), kept as they are; `bias` `[out]` in f32.
+    pub fn quantized(
+        matrix: QuantMatrix,
+        activations: Activations,
+        bias: Option<Vec<f32>>,
+        device: &B::Device,
+    ) -> Self {
+        let out = matrix.rows();
+        Self {
+            weight: Param::from_tensor(Tensor::zeros([out, 1], device)),
+            bias: bias.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device))),
+            packed: Some(Arc::new(PackedWeights {
+                parts: vec![matrix],
+                activations,
+            })),
+        }
+    }
+
+    /// The weights as a dense tensor (widening quantized blocks to f32).
+    fn dense_weight(&self) -> Tensor<B, 2> {
+        match &self.packed {
+            Some(packed) => widened(&packed.parts, &self.weight.device()),
+            None => self.weight.val(),
         }
     }
 
@@ -94,10 +151,28 @@ impl<B: Backend> Linear<B> {
                 .collect();
             Param::from_tensor(Tensor::cat(biases, 0))
         });
-        let weights = parts.into_iter().map(|p| p.weight.val()).collect();
+        // Quantized parts stack as they are; beside a dense part, all are widened.
+        let activations = parts.first().and_then(|p| p.packed.as_ref()).map(|p| p.activations);
+        if let Some(activations) = activations.filter(|_| parts.iter().all(|p| p.packed.is_some())) {
+            let weights = parts.iter().map(|p| p.weight.val()).collect();
+            let packed = parts
+                .iter()
+                .flat_map(|p| p.packed.iter().flat_map(|m| m.parts.iter().cloned()))
+                .collect();
+            return Self {
+                weight: Param::from_tensor(Tensor::cat(weights, 0)),
+                bias,
+                packed: Some(Arc::new(PackedWeights {
+                    parts: packed,
+                    activations,
+                })),
+            };
+        }
+        let weights = parts.iter().map(|p| p.dense_weight()).collect();
         Self {
             weight: Param::from_tensor(Tensor::cat(weights, 0)),
             bias,
+            packed: None,
         }
     }
 
@@ -108,8 +183,14 @@ impl<B: Backend> Linear<B> {
         let w = self.weight.val();
         let out = w.dims()[0];
         let activation = x.dtype();
-        let x = x.reshape([b * s, inp]).cast(w.dtype());
-        let y = ops::product(p, x, &w).cast(activation).reshape([b, s, out]);
+        let y = match &self.packed {
+            Some(parts) => packed_product(p, parts, x.reshape([b * s, inp])).cast(activation),
+            None => {
+                let x = x.reshape([b * s, inp]).cast(w.dtype());
+                ops::product(p, x, &w).cast(activation)
+            }
+        }
+        .reshape([b, s, out]);
         match &self.bias {
             // Biases are kept in f32; the addition runs in the activations' precision.
             Some(b) => {
@@ -211,7 +292,7 @@ impl<B: Backend> Linear<B> {
         norm: RowNorm<'_, B>,
     ) -> Result<Tensor<B, 2>, Tensor<B, 3>> {
         let [b, s, inp] = x.dims();
-        if self.bias.is_some() {
+        if self.bias.is_some() || self.packed.is_some() {
             return Err(x);
         }
         ops::product_with(p, x.reshape([b * s, inp]), &self.weight.val(), epilogue, norm)
@@ -234,8 +315,11 @@ fn row_norm<B: Backend>(norm: &RmsNorm<B>, scaled: Option<Tensor<B, 3>>) -> RowN
 /// Token embedding that doubles as the output projection when the model ties them.
 #[derive(Module, Debug)]
 pub struct EmbeddingTable<B: Backend> {
-    /// `[vocab, hidden]`
+    /// `[vocab, hidden]`; with `packed`, a `[vocab, 1]` stand-in.
     pub weight: Param<Tensor<B, 2>>,
+    /// The table in its GGUF blocks (`--dtype native`, host memory).
+    #[module(skip)]
+    pub packed: Option<Arc<PackedWeights>>,
 }
 
 impl<B: Backend> EmbeddingTable<B> {
@@ -247,6 +331,18 @@ impl<B: Backend> EmbeddingTable<B> {
     pub fn from_tensor(weight: Tensor<B, 2>, dtype: WeightDType) -> Self {
         Self {
             weight: Param::from_tensor(weight.cast(dtype.dtype())),
+            packed: None,
+        }
+    }
+
+    /// From a table's quantized blocks (`[vocab, hidden]`), kept as they are.
+    pub fn quantized(matrix: QuantMatrix, activations: Activations, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::zeros([matrix.rows(), 1], device)),
+            packed: Some(Arc::new(PackedWeights {
+                parts: vec![matrix],
+                activations,
+            })),
         }
     }
 
@@ -258,6 +354,16 @@ impl<B: Backend> EmbeddingTable<B> {
     /// - `tokens`: `[batch, s]` → `[batch, s, hidden]` (f32)
     pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, s] = tokens.dims();
+        if let Some(table) = self.packed.as_ref().and_then(|p| p.parts.first()) {
+            let device = tokens.device();
+            let ids: Vec<i64> = tokens.into_data().convert::<i64>().into_vec().unwrap_or_default();
+            let rows = table.rows();
+            let values: Vec<f32> = ids
+                .iter()
+                .flat_map(|&id| table.dequantize_row((id.max(0) as usize).min(rows.saturating_sub(1))))
+                .collect();
+            return Tensor::from_data(TensorData::new(values, [b, s, table.cols()]), &device);
+        }
         let hidden = self.weight.dims()[1];
         self.weight
             .val()
@@ -275,11 +381,59 @@ impl<B: Backend> EmbeddingTable<B> {
         let [b, s, hidden] = x.dims();
         let w = self.weight.val();
         let vocab = w.dims()[0];
+        if let Some(parts) = &self.packed {
+            return packed_product(p, parts, x.reshape([b * s, hidden])).reshape([b, s, vocab]);
+        }
         let x = x.reshape([b * s, hidden]).cast(w.dtype());
         ops::product_into_logits(p, x, &w)
             .cast(DType::F32)
             .reshape([b, s, vocab])
     }
+}
+
+/// Up to this many rows a product reads the quantized blocks directly (a decode step, a small
+/// batch); above it the weights are widened to f32 for the call and multiplied as dense ones
+/// (prefill chunks: the widening costs less than the integer dots, which unpack every block
+/// again for every few rows).
+const QUANTIZED_ROWS_MAX: usize = 8;
+
+/// Weights widened to f32 at once for a product of many rows (4 MiB).
+const WIDENED_TILE_ELEMENTS: usize = 1 << 20;
+
+/// Row-stacked quantized parts as one dense f32 matrix.
+fn widened<B: Backend>(parts: &[QuantMatrix], device: &B::Device) -> Tensor<B, 2> {
+    let dense = parts
+        .iter()
+        .map(|m| Tensor::from_data(TensorData::new(m.dequantize(), [m.rows(), m.cols()]), device))
+        .collect();
+    Tensor::cat(dense, 0)
+}
+
+/// `x·Wᵀ` of f32 rows `x` (`[rows, in]`, host memory) and quantized weights: `[rows, out]`.
+fn packed_product<B: Backend>(p: &BackendProfile, packed: &PackedWeights, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [rows, _] = x.dims();
+    let (parts, out) = (&packed.parts, packed.rows());
+    let device = x.device();
+    if rows > QUANTIZED_ROWS_MAX {
+        // Widened a tile of rows at a time: one whole widened matrix a call had the kernel
+        // zeroing fresh pages for 38 % of a prefill's time; tiles this size are recycled by
+        // the allocator.
+        let x = x.cast(DType::F32);
+        let mut outs = Vec::new();
+        for m in parts.iter() {
+            let tile = (WIDENED_TILE_ELEMENTS / m.cols().max(1)).max(1);
+            for first in (0..m.rows()).step_by(tile) {
+                let last = (first + tile).min(m.rows());
+                let w = TensorData::new(m.dequantize_rows(first..last), [last - first, m.cols()]);
+                outs.push(ops::product(p, x.clone(), &Tensor::from_data(w, &device)));
+            }
+        }
+        return Tensor::cat(outs, 1);
+    }
+    let data = x.cast(DType::F32).into_data();
+    let values = data.as_slice::<f32>().unwrap_or(&[]);
+    let y = quantized::product(parts, values, rows, quantized::Kernel::detect(), packed.activations);
+    Tensor::from_data(TensorData::new(y, [rows, out]), &device)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use burn::prelude::*;
 
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetaValue};
 use crate::hf::{self, HfModelDir};
 use crate::linear::WeightDType;
@@ -28,6 +28,12 @@ pub struct LoadedModel<B: Backend> {
 impl<B: Backend> LoadedModel<B> {
     /// Loads a GGUF file, or a Hugging Face model directory when `path` is a directory.
     pub fn open(path: &Path, dtype: WeightDType, device: &B::Device) -> Result<Self> {
+        if dtype.packed_activations().is_some() && !crate::backend::BackendProfile::detect::<B>(device).host_resident()
+        {
+            return Err(Error::Unsupported(
+                "--dtype native and q8 (quantized weights in place) run on the CPU; use f16 or bf16 on GPUs".into(),
+            ));
+        }
         if path.is_dir() {
             Self::from_hf_dir(path, dtype, device)
         } else {

@@ -9,4 +9,9 @@ use crate::error::Result;
 pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)>;
     fn has(&self, name: &str) -> bool;
+    /// The matrix `name` in its quantized blocks, `[rows, cols]`, where the source keeps it so
+    /// and [`crate::quantized`] multiplies that type; `None` otherwise.
+    fn quantized(&self, _name: &str, _rows: usize, _cols: usize) -> Option<crate::quantized::QuantMatrix> {
+        None
+    }
 }

@@ -136,3 +136,73 @@ fn f16_weights_stay_close_to_the_reference() {
     eprintln!("f16: largest top-10 log-prob deviation {worst}");
     assert!(worst < 0.05, "f16 top-10 log-probs deviate by {worst}");
 }
+
+/// `--dtype native` (the GGUF's Q4_1/Q8_0 blocks kept as they are, activations quantized to
+/// 8 bits for the products): the reference chat prompts' greedy ids and the 512-token
+/// perplexity, against HF's f32 run of the same dequantized weights.
+#[test]
+fn native_weights_keep_the_greedy_ids_and_perplexity() {
+    let m = load_model("smollm2", WeightDType::Native);
+    let mut same = 0;
+    let cases = reference()["chat"].as_array().unwrap();
+    for case in cases {
+        let prompt = ids(&case["prompt_ids"]);
+        let want: Vec<u32> = ids(&case["greedy_ids_full_cache"])
+            .into_iter()
+            .take_while(|id| !m.tokenizer.stop_ids.contains(id))
+            .collect();
+        let cfg = GenerateConfig {
+            max_new_tokens: want.len(),
+            chunk_size: 16,
+            sampling: SamplingConfig::default(),
+            stop_ids: m.tokenizer.stop_ids.clone(),
+            top_logprobs: 0,
+        };
+        let mut cache = m.model.full_cache();
+        let out = generate(&m.model, &mut cache, &prompt, &cfg, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        let agree = out.ids.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        eprintln!(
+            "native: {agree} of {} greedy ids agree for {:?}",
+            want.len(),
+            case["user"]
+        );
+        same += usize::from(out.ids == want);
+    }
+    let r = &reference()["perplexity"];
+    let text = std::fs::read_to_string(shared("data/last_of_the_mohicans.txt")).unwrap();
+    let mut ids = m.tokenizer.encode(&text).unwrap();
+    ids.truncate(r["first_tokens"].as_u64().unwrap() as usize);
+    let mut cache = m.model.full_cache();
+    let s = score(&m.model, &mut cache, &ids, 200).unwrap();
+    let want = r["ppl"].as_f64().unwrap();
+    eprintln!(
+        "native: perplexity {} vs {want} ({:+.2} %)",
+        s.perplexity,
+        (s.perplexity / want - 1.0) * 100.0
+    );
+    assert!(
+        (s.perplexity / want - 1.0).abs() < 0.01,
+        "perplexity {} vs {want}",
+        s.perplexity
+    );
+    assert_eq!(same, cases.len(), "greedy ids differ from HF's");
+}
+
+/// `--dtype q8` (activations quantized to 8-bit blocks for integer dots): the 512-token
+/// perplexity within 1 % of HF's, scored in chunks small enough to take the integer dots.
+#[test]
+fn q8_activations_keep_the_perplexity_within_one_percent() {
+    let m = load_model("smollm2", WeightDType::Q8);
+    let r = &reference()["perplexity"];
+    let text = std::fs::read_to_string(shared("data/last_of_the_mohicans.txt")).unwrap();
+    let mut ids = m.tokenizer.encode(&text).unwrap();
+    ids.truncate(r["first_tokens"].as_u64().unwrap() as usize);
+    let mut cache = m.model.full_cache();
+    let s = score(&m.model, &mut cache, &ids, 8).unwrap();
+    let want = r["ppl"].as_f64().unwrap();
+    eprintln!("q8: perplexity {} vs {want} ({:+.2} %)", s.perplexity, (s.perplexity / want - 1.0) * 100.0);
+    assert!((s.perplexity / want - 1.0).abs() < 0.01, "perplexity {} vs {want}", s.perplexity);
+}

@@ -20,4 +20,14 @@ impl crate::weights::WeightSource for GgufFile {
     fn has(&self, name: &str) -> bool {
         self.tensor_info(name).is_some()
     }
+
+    fn quantized(&self, name: &str, rows: usize, cols: usize) -> Option<crate::quantized::QuantMatrix> {
+        let info = self.tensor_info(name)?;
+        // GGUF lists the row length first; trailing ones are no dimension.
+        let dims: Vec<u64> = info.dims.iter().copied().rev().skip_while(|&d| d == 1).collect();
+        if dims != [rows as u64, cols as u64] {
+            return None;
+        }
+        crate::quantized::QuantMatrix::new(info.ggml_type, rows, cols, self.tensor_bytes(info))
+    }
 }

@@ -102,14 +102,25 @@ struct FileParams<'a, S: WeightSource, B: Backend> {
 impl<S: WeightSource, B: Backend> ParamSource<B> for FileParams<'_, S, B> {
     fn linear(&self, name: &str, out: usize, inp: usize, rope_heads: Option<usize>) -> Result<Linear<B>> {
         let (source, d) = (self.source, self.cfg.head_dim);
-        let mut w = matrix(source, &format!("{name}.weight"), out, inp)?;
         let bias_name = format!("{name}.bias");
         let mut bias = if self.cfg.qkv_bias && source.has(&bias_name) {
             Some(vector(source, &bias_name, out)?)
         } else {
             None
         };
-        if let (Some(heads), RopeLayout::Interleaved) = (rope_heads, self.cfg.rope_layout) {
+        let interleaved = rope_heads.filter(|_| self.cfg.rope_layout == RopeLayout::Interleaved);
+        if let Some((m, activations)) = self.packed(&format!("{name}.weight"), out, inp) {
+            let (m, bias) = match interleaved {
+                Some(heads) => (
+                    m.select_rows(&deinterleave_order(heads, d)),
+                    bias.map(|b| deinterleave_rows(&b, heads, d, 1)),
+                ),
+                None => (m, bias),
+            };
+            return Ok(Linear::quantized(m, activations, bias, self.device));
+        }
+        let mut w = matrix(source, &format!("{name}.weight"), out, inp)?;
+        if let Some(heads) = interleaved {
             // Reorder each head's rows from interleaved pairs to rotate-half pairs; the same
             // permutation on Q and K leaves every QKᵀ score unchanged.
             w = deinterleave_rows(&w, heads, d, inp);
@@ -119,6 +130,9 @@ impl<S: WeightSource, B: Backend> ParamSource<B> for FileParams<'_, S, B> {
     }
 
     fn table(&self, name: &str, rows: usize, cols: usize) -> Result<EmbeddingTable<B>> {
+        if let Some((m, activations)) = self.packed(name, rows, cols) {
+            return Ok(EmbeddingTable::quantized(m, activations, self.device));
+        }
         let w = matrix(self.source, name, rows, cols)?;
         Ok(EmbeddingTable::new(w, rows, cols, self.dtype, self.device))
     }
@@ -129,6 +143,20 @@ impl<S: WeightSource, B: Backend> ParamSource<B> for FileParams<'_, S, B> {
 
     fn has(&self, name: &str) -> bool {
         self.source.has(name)
+    }
+}
+
+impl<S: WeightSource, B: Backend> FileParams<'_, S, B> {
+    /// The matrix in its file's blocks, when `--dtype native` or `q8` asks for them and they are of a
+    /// type the quantized products take (others are widened to f32).
+    fn packed(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Option<(crate::quantized::QuantMatrix, crate::quantized::Activations)> {
+        let activations = self.dtype.packed_activations()?;
+        Some((self.source.quantized(name, rows, cols)?, activations))
     }
 }
 
@@ -154,16 +182,18 @@ fn vector(source: &impl WeightSource, name: &str, len: usize) -> Result<Vec<f32>
 /// Within each head, rows `0,2,4,…` then `1,3,5,…`: interleaved RoPE pairs → rotate-half pairs.
 pub(crate) fn deinterleave_rows(w: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(w.len());
-    let half = head_dim / 2;
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..half {
-                let r = h * head_dim + 2 * i + j;
-                out.extend_from_slice(&w[r * cols..(r + 1) * cols]);
-            }
-        }
+    for r in deinterleave_order(heads, head_dim) {
+        out.extend_from_slice(&w[r * cols..(r + 1) * cols]);
     }
     out
+}
+
+/// The row order of [`deinterleave_rows`]: output row `k` is input row `order[k]`.
+fn deinterleave_order(heads: usize, head_dim: usize) -> Vec<usize> {
+    let half = head_dim / 2;
+    (0..heads)
+        .flat_map(|h| (0..2).flat_map(move |j| (0..half).map(move |i| h * head_dim + 2 * i + j)))
+        .collect()
 }
 
 fn rms_norm<B: Backend>(

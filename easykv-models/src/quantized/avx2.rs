@@ -8,7 +8,7 @@ use core::arch::x86_64::{__m128i, __m256, __m256i};
 use pulp::x86::V3;
 
 use super::chunks::{f16_at, scale_min_k4};
-use super::{scalar, ActBlock, QuantMatrix, BLOCK};
+use super::{scalar, ActBlock, FloatRow, QuantMatrix, BLOCK};
 use crate::gguf::GgmlType;
 
 #[inline(always)]
@@ -49,12 +49,142 @@ fn sum8(v: __m256) -> f32 {
     lanes.iter().sum()
 }
 
+/// Runs `$body` for every chunk `$c` of 32 weights of a row, unpacked in registers: `w = a·u +
+/// b` per half, or for Q8_0 `w = a·u` with `u = |w|` and `$sign` the weights whose signs the
+/// activations take. A macro rather than a function taking a closure: the body is pasted into
+/// each loop, so accumulators stay in registers (through a closure they went through memory,
+/// and a closure left un-inlined lost the CPU features of its intrinsics: 10× slower).
+/// `continue` in the body skips a chunk. Types without a SIMD unpacking run nothing.
+macro_rules! for_each_chunk {
+    ($simd:expr, $ty:expr, $row:expr, |$c:ident, $u:ident, $sign:ident, $a:ident, $b:ident| $body:block) => {{
+        let simd: V3 = $simd;
+        let (ty, row): (GgmlType, &[u8]) = ($ty, $row);
+        let (avx, avx2) = (simd.avx, simd.avx2);
+        let low4 = avx._mm256_set1_epi8(0x0F);
+        let bytes = ty.block_bytes();
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let low4_128 = simd.sse2._mm_set1_epi8(0x0F);
+                for (c, blk) in row.chunks_exact(bytes).enumerate() {
+                    let d = f16_at(blk, 0);
+                    let (m, qs) = match ty {
+                        GgmlType::Q4_1 => (f16_at(blk, 2), &blk[4..20]),
+                        _ => (-8.0 * d, &blk[2..18]),
+                    };
+                    let packed = load16(qs);
+                    let lo = simd.sse2._mm_and_si128(packed, low4_128);
+                    let hi = simd.sse2._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(packed), low4_128);
+                    let ($c, $u, $sign, $a, $b): (usize, __m256i, Option<__m256i>, [f32; 2], [f32; 2]) =
+                        (c, avx._mm256_set_m128i(hi, lo), None, [d; 2], [m; 2]);
+                    $body
+                }
+            }
+            GgmlType::Q8_0 => {
+                for (c, blk) in row.chunks_exact(bytes).enumerate() {
+                    let w = load32(&blk[2..2 + BLOCK]);
+                    let ($c, $u, $sign, $a, $b): (usize, __m256i, Option<__m256i>, [f32; 2], [f32; 2]) =
+                        (c, avx2._mm256_sign_epi8(w, w), Some(w), [f16_at(blk, 0); 2], [0.0; 2]);
+                    $body
+                }
+            }
+            GgmlType::Q4K => {
+                for (n, blk) in row.chunks_exact(bytes).enumerate() {
+                    let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                    let sc = &blk[4..16];
+                    for g in 0..4 {
+                        let packed = load32(&blk[16 + 32 * g..]);
+                        let halves = [
+                            avx2._mm256_and_si256(packed, low4),
+                            avx2._mm256_and_si256(avx2._mm256_srli_epi16::<4>(packed), low4),
+                        ];
+                        for (j, u) in halves.into_iter().enumerate() {
+                            let (s, m) = scale_min_k4(2 * g + j, sc);
+                            let ($c, $u, $sign, $a, $b): (usize, __m256i, Option<__m256i>, [f32; 2], [f32; 2]) =
+                                (8 * n + 2 * g + j, u, None, [d * s; 2], [-dmin * m; 2]);
+                            $body
+                        }
+                    }
+                }
+            }
+            GgmlType::Q6K => {
+                let low2 = avx._mm256_set1_epi8(0x03);
+                for (n, blk) in row.chunks_exact(bytes).enumerate() {
+                    let d = f16_at(blk, 208);
+                    for half in 0..2 {
+                        let ql0 = load32(&blk[64 * half..]);
+                        let ql1 = load32(&blk[64 * half + 32..]);
+                        let qh = load32(&blk[128 + 32 * half..]);
+                        let high = |shifted: __m256i| avx2._mm256_slli_epi16::<4>(avx2._mm256_and_si256(shifted, low2));
+                        let chunks = [
+                            avx2._mm256_or_si256(avx2._mm256_and_si256(ql0, low4), high(qh)),
+                            avx2._mm256_or_si256(
+                                avx2._mm256_and_si256(ql1, low4),
+                                high(avx2._mm256_srli_epi16::<2>(qh)),
+                            ),
+                            avx2._mm256_or_si256(
+                                avx2._mm256_and_si256(avx2._mm256_srli_epi16::<4>(ql0), low4),
+                                high(avx2._mm256_srli_epi16::<4>(qh)),
+                            ),
+                            avx2._mm256_or_si256(
+                                avx2._mm256_and_si256(avx2._mm256_srli_epi16::<4>(ql1), low4),
+                                high(avx2._mm256_srli_epi16::<6>(qh)),
+                            ),
+                        ];
+                        let sc = &blk[192 + 8 * half..];
+                        for (k, u) in chunks.into_iter().enumerate() {
+                            let a = [d * (sc[2 * k] as i8) as f32, d * (sc[2 * k + 1] as i8) as f32];
+                            let ($c, $u, $sign, $a, $b): (usize, __m256i, Option<__m256i>, [f32; 2], [f32; 2]) =
+                                (8 * n + 4 * half + k, u, None, a, [-32.0 * a[0], -32.0 * a[1]]);
+                            $body
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }};
+}
+
+/// Whether [`for_each_chunk!`] unpacks `ty`.
+fn unpacked_here(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+    )
+}
+
+/// `Σ u·q` of a chunk with activation block `x`, scaled: `(products, offset)` to accumulate.
+#[inline(always)]
+fn chunk_dot(
+    simd: V3,
+    u: __m256i,
+    sign: Option<__m256i>,
+    a: [f32; 2],
+    b: [f32; 2],
+    x: &ActBlock,
+) -> (__m256, __m256, f32) {
+    let q: __m256i = pulp::cast(x.q);
+    let q = match sign {
+        Some(w) => simd.avx2._mm256_sign_epi8(q, w),
+        None => q,
+    };
+    let s = match a[0] == a[1] {
+        true => simd.avx._mm256_set1_ps(a[0] * x.d),
+        false => scales(simd, a, x.d),
+    };
+    let offset = match b[0] == b[1] {
+        true => b[0] * x.dsum,
+        false => x.d * (b[0] * x.sums[0] as f32 + b[1] * x.sums[1] as f32),
+    };
+    (byte_dots(simd, u, q), s, offset)
+}
+
 /// `Σ w·x` of one row (see [`scalar::dot`]).
 #[inline(always)]
 pub fn dot(simd: V3, ty: GgmlType, row: &[u8], x: &[ActBlock]) -> f32 {
     simd.vectorize(
         #[inline(always)]
-        || dot_here(simd, ty, row, x),
+        || dot_one(simd, ty, row, x),
     )
 }
 
@@ -65,107 +195,125 @@ pub fn dots(simd: V3, parts: &[QuantMatrix], which: &[(usize, usize)], acts: &[V
     simd.vectorize(
         #[inline(always)]
         || {
+            let acts: Vec<&[ActBlock]> = acts.iter().map(Vec::as_slice).collect();
             for (o, &(p, r)) in outs.chunks_mut(acts.len().max(1)).zip(which) {
                 let m = &parts[p];
-                let row = m.row(r);
-                for (y, a) in o.iter_mut().zip(acts) {
-                    *y = dot_here(simd, m.ty(), row, a);
+                if let ([x], [y]) = (acts.as_slice(), &mut *o) {
+                    *y = dot_one(simd, m.ty(), m.row(r), x);
+                    continue;
+                }
+                // Each unpacked chunk of weights serves up to four activation rows.
+                for (y, a) in o.chunks_mut(ROWS).zip(acts.chunks(ROWS)) {
+                    dots_of_row(simd, m.ty(), m.row(r), a, y);
                 }
             }
         },
     )
 }
 
+/// Activation rows one pass over a weight row serves.
+const ROWS: usize = 4;
+
+/// [`dots_of_row`] for one activation row (a decode step), with one accumulator.
 #[inline(always)]
-fn dot_here(simd: V3, ty: GgmlType, row: &[u8], x: &[ActBlock]) -> f32 {
+fn dot_one(simd: V3, ty: GgmlType, row: &[u8], x: &[ActBlock]) -> f32 {
+    if !unpacked_here(ty) {
+        return scalar::dot(ty, row, x);
+    }
+    let mut acc = simd.avx._mm256_setzero_ps();
+    let mut offset = 0f32;
+    for_each_chunk!(simd, ty, row, |c, u, sign, a, b| {
+        let Some(x) = x.get(c) else {
+            continue;
+        };
+        let (p, s, o) = chunk_dot(simd, u, sign, a, b, x);
+        acc = simd.fma._mm256_fmadd_ps(p, s, acc);
+        offset += o;
+    });
+    sum8(acc) + offset
+}
+
+/// `out[j] = Σ w·x_j` for one weight row and up to [`ROWS`] activation rows.
+#[inline(always)]
+fn dots_of_row(simd: V3, ty: GgmlType, row: &[u8], xs: &[&[ActBlock]], out: &mut [f32]) {
+    if !unpacked_here(ty) {
+        for (y, x) in out.iter_mut().zip(xs) {
+            *y = scalar::dot(ty, row, x);
+        }
+        return;
+    }
+    let n = xs.len().min(ROWS).min(out.len());
+    let mut acc = [simd.avx._mm256_setzero_ps(); ROWS];
+    let mut offset = [0f32; ROWS];
+    for_each_chunk!(simd, ty, row, |c, u, sign, a, b| {
+        for j in 0..n {
+            let Some(x) = xs[j].get(c) else {
+                continue;
+            };
+            let (p, s, o) = chunk_dot(simd, u, sign, a, b, x);
+            acc[j] = simd.fma._mm256_fmadd_ps(p, s, acc[j]);
+            offset[j] += o;
+        }
+    });
+    for j in 0..n {
+        out[j] = sum8(acc[j]) + offset[j];
+    }
+}
+
+/// The dots of every weight row `which` lists with every f32 activation row, into `outs`
+/// (`[which.len(), xs.len()]`), under one feature-enabled call.
+#[inline(always)]
+pub fn float_dots(simd: V3, parts: &[QuantMatrix], which: &[(usize, usize)], xs: &[FloatRow], outs: &mut [f32]) {
+    simd.vectorize(
+        #[inline(always)]
+        || {
+            for (o, &(p, r)) in outs.chunks_mut(xs.len().max(1)).zip(which) {
+                let m = &parts[p];
+                for (y, x) in o.iter_mut().zip(xs) {
+                    *y = float_dot(simd, m.ty(), m.row(r), x);
+                }
+            }
+        },
+    )
+}
+
+/// `Σ w·x` of one row and f32 activations: each chunk's bytes widened to f32 in registers.
+#[inline(always)]
+pub fn float_dot(simd: V3, ty: GgmlType, row: &[u8], x: &FloatRow) -> f32 {
+    if !unpacked_here(ty) {
+        return scalar::float_dot(ty, row, x);
+    }
     let (avx, avx2, fma) = (simd.avx, simd.avx2, simd.fma);
-    let low4 = avx._mm256_set1_epi8(0x0F);
     let mut acc = avx._mm256_setzero_ps();
     let mut offset = 0f32;
-    let bytes = ty.block_bytes();
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let low4_128 = simd.sse2._mm_set1_epi8(0x0F);
-            for (b, a) in row.chunks_exact(bytes).zip(x) {
-                let d = f16_at(b, 0);
-                let (m, qs) = match ty {
-                    GgmlType::Q4_1 => (f16_at(b, 2), &b[4..20]),
-                    _ => (-8.0 * d, &b[2..18]),
-                };
-                let packed = load16(qs);
-                let lo = simd.sse2._mm_and_si128(packed, low4_128);
-                let hi = simd.sse2._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(packed), low4_128);
-                let u = avx._mm256_set_m128i(hi, lo);
-                let p = byte_dots(simd, u, pulp::cast(a.q));
-                acc = fma._mm256_fmadd_ps(p, avx._mm256_set1_ps(d * a.d), acc);
-                offset += a.d * m * (a.sums[0] + a.sums[1]) as f32;
-            }
+    for_each_chunk!(simd, ty, row, |c, u, sign, a, b| {
+        let (Some(xs), Some(sums)) = (x.x.get(c * BLOCK..(c + 1) * BLOCK), x.sums.get(c)) else {
+            continue;
+        };
+        // Q8_0's weights are signed: widen them as such instead of |w|.
+        let (w, signed) = match sign {
+            Some(w) => (w, true),
+            None => (u, false),
+        };
+        let (lo, hi) = (avx._mm256_castsi256_si128(w), avx2._mm256_extracti128_si256::<1>(w));
+        let quarters = [
+            lo,
+            simd.sse2._mm_srli_si128::<8>(lo),
+            hi,
+            simd.sse2._mm_srli_si128::<8>(hi),
+        ];
+        let mut halves = [avx._mm256_setzero_ps(); 2];
+        for (k, q) in quarters.into_iter().enumerate() {
+            let ints = match signed {
+                true => avx2._mm256_cvtepi8_epi32(q),
+                false => avx2._mm256_cvtepu8_epi32(q),
+            };
+            let xv: __m256 = pulp::cast(*xs[8 * k..].first_chunk::<8>().unwrap_or(&[0.0; 8]));
+            halves[k / 2] = fma._mm256_fmadd_ps(avx._mm256_cvtepi32_ps(ints), xv, halves[k / 2]);
         }
-        GgmlType::Q8_0 => {
-            for (b, a) in row.chunks_exact(bytes).zip(x) {
-                let w = load32(&b[2..2 + BLOCK]);
-                let q: __m256i = pulp::cast(a.q);
-                // Unsigned × signed: |w| times q with w's sign.
-                let p = byte_dots(simd, avx2._mm256_sign_epi8(w, w), avx2._mm256_sign_epi8(q, w));
-                acc = fma._mm256_fmadd_ps(p, avx._mm256_set1_ps(f16_at(b, 0) * a.d), acc);
-            }
-        }
-        GgmlType::Q4K => {
-            for (b, xs) in row.chunks_exact(bytes).zip(x.chunks_exact(8)) {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let sc = &b[4..16];
-                for g in 0..4 {
-                    let packed = load32(&b[16 + 32 * g..]);
-                    let halves = [
-                        avx2._mm256_and_si256(packed, low4),
-                        avx2._mm256_and_si256(avx2._mm256_srli_epi16::<4>(packed), low4),
-                    ];
-                    for (j, u) in halves.into_iter().enumerate() {
-                        let a = &xs[2 * g + j];
-                        let (s, m) = scale_min_k4(2 * g + j, sc);
-                        let p = byte_dots(simd, u, pulp::cast(a.q));
-                        acc = fma._mm256_fmadd_ps(p, avx._mm256_set1_ps(d * s * a.d), acc);
-                        offset -= a.d * dmin * m * (a.sums[0] + a.sums[1]) as f32;
-                    }
-                }
-            }
-        }
-        GgmlType::Q6K => {
-            let low2 = avx._mm256_set1_epi8(0x03);
-            for (b, xs) in row.chunks_exact(bytes).zip(x.chunks_exact(8)) {
-                let d = f16_at(b, 208);
-                for half in 0..2 {
-                    let ql0 = load32(&b[64 * half..]);
-                    let ql1 = load32(&b[64 * half + 32..]);
-                    let qh = load32(&b[128 + 32 * half..]);
-                    let high = |shifted: __m256i| avx2._mm256_slli_epi16::<4>(avx2._mm256_and_si256(shifted, low2));
-                    let chunks = [
-                        avx2._mm256_or_si256(avx2._mm256_and_si256(ql0, low4), high(qh)),
-                        avx2._mm256_or_si256(
-                            avx2._mm256_and_si256(ql1, low4),
-                            high(avx2._mm256_srli_epi16::<2>(qh)),
-                        ),
-                        avx2._mm256_or_si256(
-                            avx2._mm256_and_si256(avx2._mm256_srli_epi16::<4>(ql0), low4),
-                            high(avx2._mm256_srli_epi16::<4>(qh)),
-                        ),
-                        avx2._mm256_or_si256(
-                            avx2._mm256_and_si256(avx2._mm256_srli_epi16::<4>(ql1), low4),
-                            high(avx2._mm256_srli_epi16::<6>(qh)),
-                        ),
-                    ];
-                    let sc = &b[192 + 8 * half..];
-                    for (k, u) in chunks.into_iter().enumerate() {
-                        let a = &xs[4 * half + k];
-                        let s = [d * (sc[2 * k] as i8) as f32, d * (sc[2 * k + 1] as i8) as f32];
-                        let p = byte_dots(simd, u, pulp::cast(a.q));
-                        acc = fma._mm256_fmadd_ps(p, scales(simd, s, a.d), acc);
-                        offset -= 32.0 * a.d * (s[0] * a.sums[0] as f32 + s[1] * a.sums[1] as f32);
-                    }
-                }
-            }
-        }
-        _ => return scalar::dot(ty, row, x),
-    }
+        acc = fma._mm256_fmadd_ps(halves[0], avx._mm256_set1_ps(a[0]), acc);
+        acc = fma._mm256_fmadd_ps(halves[1], avx._mm256_set1_ps(a[1]), acc);
+        offset += b[0] * sums[0] + b[1] * sums[1];
+    });
     sum8(acc) + offset
 }

@@ -44,6 +44,19 @@ fn widen(x: &[ActBlock]) -> Vec<f32> {
     x.iter().flat_map(|a| a.q.map(|q| a.d * q as f32)).collect()
 }
 
+/// The fast f16 widening equals `half`'s for every bit pattern.
+#[test]
+fn f16_widening_is_exact() {
+    for h in 0..=u16::MAX {
+        let want = f16::from_bits(h).to_f32();
+        let got = chunks::f16_at(&h.to_le_bytes(), 0);
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "{h:#06x}: {got} vs {want}"
+        );
+    }
+}
+
 fn close(got: f32, want: f32, scale: f32) -> bool {
     (got - want).abs() <= 1e-4 * scale.max(1.0)
 }
@@ -62,6 +75,25 @@ fn scalar_products_equal_the_dequantized_weights_products() {
             let want: f32 = dense.iter().zip(widen(&x)).map(|(a, b)| a * b).sum();
             let scale: f32 = dense.iter().zip(widen(&x)).map(|(a, b)| (a * b).abs()).sum();
             let got = scalar::dot(ty, &w, &x);
+            assert!(close(got, want, scale), "{ty:?} × {blocks}: {got} vs {want}");
+        }
+    }
+}
+
+/// With f32 activations the scalar products equal the dense f32 product of the dequantized
+/// weights up to summation order.
+#[test]
+fn float_products_equal_the_dense_product() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for ty in TYPES {
+        for blocks in [1, 2, 3, 9] {
+            let n = blocks * ty.block_len();
+            let w = random_blocks(ty, blocks, &mut rng);
+            let x = random_row(n, &mut rng);
+            let dense = crate::gguf::dequantize(ty, &w, n).unwrap();
+            let want: f32 = dense.iter().zip(&x).map(|(a, b)| a * b).sum();
+            let scale: f32 = dense.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            let got = scalar::float_dot(ty, &w, &FloatRow::new(&x));
             assert!(close(got, want, scale), "{ty:?} × {blocks}: {got} vs {want}");
         }
     }
@@ -86,6 +118,12 @@ fn avx2_products_equal_the_scalar_ones() {
                 let scale: f32 = dense.iter().zip(widen(&x)).map(|(a, b)| (a * b).abs()).sum();
                 let (got, want) = (avx2::dot(simd, ty, &w, &x), scalar::dot(ty, &w, &x));
                 assert!(close(got, want, scale), "{ty:?} × {blocks}: {got} vs {want}");
+                // The f32-activation kernel on the same weights.
+                let xf = widen(&x);
+                let row = FloatRow::new(&xf);
+                let got = simd.vectorize(|| avx2::float_dot(simd, ty, &w, &row));
+                let want = scalar::float_dot(ty, &w, &row);
+                assert!(close(got, want, scale), "{ty:?} × {blocks}, f32: {got} vs {want}");
             }
         }
     }
@@ -105,19 +143,34 @@ fn stacked_products_equal_row_dots() {
         })
         .collect();
     let out: usize = parts.iter().map(QuantMatrix::rows).sum();
-    for rows in [1, 3] {
+    for (rows, activations) in [
+        (1, Activations::Int8),
+        (3, Activations::Int8),
+        (1, Activations::F32),
+        (5, Activations::F32),
+    ] {
         let x = random_row(rows * cols, &mut rng);
-        let y = product(&parts, &x, rows, Kernel::detect());
+        let y = product(&parts, &x, rows, Kernel::detect(), activations);
         assert_eq!(y.len(), rows * out);
         for (j, xr) in x.chunks(cols).enumerate() {
-            let a = quantize_row(xr);
+            let (a, f) = (quantize_row(xr), FloatRow::new(xr));
             let want: Vec<f32> = parts
                 .iter()
-                .flat_map(|p| (0..p.rows()).map(|r| scalar::dot(p.ty(), p.row(r), &a)).collect::<Vec<_>>())
+                .flat_map(|p| {
+                    (0..p.rows())
+                        .map(|r| match activations {
+                            Activations::Int8 => scalar::dot(p.ty(), p.row(r), &a),
+                            Activations::F32 => scalar::float_dot(p.ty(), p.row(r), &f),
+                        })
+                        .collect::<Vec<_>>()
+                })
                 .collect();
             for (o, w) in want.iter().enumerate() {
                 let got = y[j * out + o];
-                assert!((got - w).abs() <= 1e-3 * w.abs().max(1.0), "row {j}, output {o}: {got} vs {w}");
+                assert!(
+                    (got - w).abs() <= 1e-3 * w.abs().max(1.0),
+                    "row {j}, output {o}: {got} vs {w}"
+                );
             }
         }
     }
@@ -131,4 +184,41 @@ fn matrices_refuse_bytes_that_are_not_whole_rows() {
     assert!(QuantMatrix::new(ty, 2, 48, &[0; 60]).is_none());
     assert!(QuantMatrix::new(GgmlType::F16, 2, 64, &[0; 256]).is_none());
     assert!(QuantMatrix::new(GgmlType::Q4K, 1, 128, &[0; 72]).is_none());
+}
+
+/// Not a test: `cargo test --release -p easykv-models --lib quantized::tests::speed -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn speed() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for (ty, rows, cols) in [
+        (GgmlType::Q4_1, 1536, 576),
+        (GgmlType::Q4_1, 16384, 576),
+        (GgmlType::Q8_0, 8192, 576),
+        (GgmlType::Q4K, 1536, 1536),
+        (GgmlType::Q6K, 1536, 1536),
+    ] {
+        let bytes = random_blocks(ty, rows * cols / ty.block_len(), &mut rng);
+        let m = vec![QuantMatrix::new(ty, rows, cols, &bytes).unwrap()];
+        for (n_rows, act) in [
+            (1, Activations::Int8),
+            (1, Activations::F32),
+            (4, Activations::Int8),
+            (16, Activations::Int8),
+        ] {
+            let x = random_row(cols * n_rows, &mut rng);
+            let t = std::time::Instant::now();
+            let n = 100;
+            for _ in 0..n {
+                std::hint::black_box(product(&m, &x, n_rows, Kernel::detect(), act));
+            }
+            let s = t.elapsed().as_secs_f64() / n as f64;
+            println!(
+                "{ty:?} {rows}x{cols} × {n_rows} rows {act:?}: {:.1} µs, {:.2} GB/s of weights, {:.2} ns per block and row",
+                s * 1e6,
+                bytes.len() as f64 / s / 1e9,
+                s * 1e9 / (rows * cols / 32 * n_rows) as f64
+            );
+        }
+    }
 }
