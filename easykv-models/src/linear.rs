@@ -391,11 +391,10 @@ impl<B: Backend> EmbeddingTable<B> {
     }
 }
 
-/// Up to this many rows a product reads the quantized blocks directly (a decode step, a small
-/// batch); above it the weights are widened to f32 for the call and multiplied as dense ones
-/// (prefill chunks: the widening costs less than the integer dots, which unpack every block
-/// again for every few rows).
-const QUANTIZED_ROWS_MAX: usize = 8;
+/// Up to this many rows a product reads the quantized blocks directly (a decode step, a batch
+/// of decode steps); above it the weights are widened to f32 a tile at a time and multiplied
+/// by burn's GEMM (prefill chunks, where the GEMM's throughput outweighs the widening).
+const QUANTIZED_ROWS_MAX: usize = 32;
 
 /// Weights widened to f32 at once for a product of many rows (4 MiB).
 const WIDENED_TILE_ELEMENTS: usize = 1 << 20;

@@ -203,6 +203,14 @@ fn q8_activations_keep_the_perplexity_within_one_percent() {
     let mut cache = m.model.full_cache();
     let s = score(&m.model, &mut cache, &ids, 8).unwrap();
     let want = r["ppl"].as_f64().unwrap();
-    eprintln!("q8: perplexity {} vs {want} ({:+.2} %)", s.perplexity, (s.perplexity / want - 1.0) * 100.0);
-    assert!((s.perplexity / want - 1.0).abs() < 0.01, "perplexity {} vs {want}", s.perplexity);
+    eprintln!(
+        "q8: perplexity {} vs {want} ({:+.2} %)",
+        s.perplexity,
+        (s.perplexity / want - 1.0) * 100.0
+    );
+    assert!(
+        (s.perplexity / want - 1.0).abs() < 0.01,
+        "perplexity {} vs {want}",
+        s.perplexity
+    );
 }

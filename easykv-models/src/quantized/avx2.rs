@@ -29,6 +29,33 @@ fn load16(b: &[u8]) -> __m128i {
     pulp::cast(bytes)
 }
 
+/// Q6_K's two high bits (the low two of each byte of `shifted`) moved to bits 4–5.
+#[inline(always)]
+fn q6_high(simd: V3, shifted: __m256i, low2: __m256i) -> __m256i {
+    simd.avx2
+        ._mm256_slli_epi16::<4>(simd.avx2._mm256_and_si256(shifted, low2))
+}
+
+/// Eight f32 from `v[at..]` (zeros past its end).
+#[inline(always)]
+fn load8(v: &[f32], at: usize) -> __m256 {
+    let x: [f32; 8] = match v.get(at..).and_then(|v| v.first_chunk::<8>()) {
+        Some(x) => *x,
+        None => [0.0; 8],
+    };
+    pulp::cast(x)
+}
+
+/// The low eight bytes of `q` as f32, signed or unsigned.
+#[inline(always)]
+fn widen8(simd: V3, q: __m128i, signed: bool) -> __m256 {
+    let ints = match signed {
+        true => simd.avx2._mm256_cvtepi8_epi32(q),
+        false => simd.avx2._mm256_cvtepu8_epi32(q),
+    };
+    simd.avx._mm256_cvtepi32_ps(ints)
+}
+
 /// `Σ u·q` per group of four bytes: lanes 0–3 the first 16 weights, 4–7 the second 16.
 #[inline(always)]
 fn byte_dots(simd: V3, u: __m256i, q: __m256i) -> __m256 {
@@ -114,20 +141,19 @@ macro_rules! for_each_chunk {
                         let ql0 = load32(&blk[64 * half..]);
                         let ql1 = load32(&blk[64 * half + 32..]);
                         let qh = load32(&blk[128 + 32 * half..]);
-                        let high = |shifted: __m256i| avx2._mm256_slli_epi16::<4>(avx2._mm256_and_si256(shifted, low2));
                         let chunks = [
-                            avx2._mm256_or_si256(avx2._mm256_and_si256(ql0, low4), high(qh)),
+                            avx2._mm256_or_si256(avx2._mm256_and_si256(ql0, low4), q6_high(simd, qh, low2)),
                             avx2._mm256_or_si256(
                                 avx2._mm256_and_si256(ql1, low4),
-                                high(avx2._mm256_srli_epi16::<2>(qh)),
+                                q6_high(simd, avx2._mm256_srli_epi16::<2>(qh), low2),
                             ),
                             avx2._mm256_or_si256(
                                 avx2._mm256_and_si256(avx2._mm256_srli_epi16::<4>(ql0), low4),
-                                high(avx2._mm256_srli_epi16::<4>(qh)),
+                                q6_high(simd, avx2._mm256_srli_epi16::<4>(qh), low2),
                             ),
                             avx2._mm256_or_si256(
                                 avx2._mm256_and_si256(avx2._mm256_srli_epi16::<4>(ql1), low4),
-                                high(avx2._mm256_srli_epi16::<6>(qh)),
+                                q6_high(simd, avx2._mm256_srli_epi16::<6>(qh), low2),
                             ),
                         ];
                         let sc = &blk[192 + 8 * half..];
@@ -269,27 +295,38 @@ pub fn float_dots(simd: V3, parts: &[QuantMatrix], which: &[(usize, usize)], xs:
         || {
             for (o, &(p, r)) in outs.chunks_mut(xs.len().max(1)).zip(which) {
                 let m = &parts[p];
-                for (y, x) in o.iter_mut().zip(xs) {
-                    *y = float_dot(simd, m.ty(), m.row(r), x);
+                // Each chunk, unpacked and widened once, serves up to four activation rows.
+                for (y, x) in o.chunks_mut(ROWS).zip(xs.chunks(ROWS)) {
+                    float_dots_of_row(simd, m.ty(), m.row(r), x, y);
                 }
             }
         },
     )
 }
 
-/// `Σ w·x` of one row and f32 activations: each chunk's bytes widened to f32 in registers.
+/// `Σ w·x` of one row and f32 activations (see [`float_dots_of_row`]).
 #[inline(always)]
 pub fn float_dot(simd: V3, ty: GgmlType, row: &[u8], x: &FloatRow) -> f32 {
+    let mut out = [0f32];
+    float_dots_of_row(simd, ty, row, std::slice::from_ref(x), &mut out);
+    out[0]
+}
+
+/// `out[j] = Σ w·x_j` for one weight row and up to [`ROWS`] rows of f32 activations: each
+/// chunk's bytes widened to f32 in registers once, then multiplied with every row.
+#[inline(always)]
+fn float_dots_of_row(simd: V3, ty: GgmlType, row: &[u8], xs: &[FloatRow], out: &mut [f32]) {
     if !unpacked_here(ty) {
-        return scalar::float_dot(ty, row, x);
+        for (y, x) in out.iter_mut().zip(xs) {
+            *y = scalar::float_dot(ty, row, x);
+        }
+        return;
     }
     let (avx, avx2, fma) = (simd.avx, simd.avx2, simd.fma);
-    let mut acc = avx._mm256_setzero_ps();
-    let mut offset = 0f32;
+    let n = xs.len().min(ROWS).min(out.len());
+    let mut acc = [avx._mm256_setzero_ps(); ROWS];
+    let mut offset = [0f32; ROWS];
     for_each_chunk!(simd, ty, row, |c, u, sign, a, b| {
-        let (Some(xs), Some(sums)) = (x.x.get(c * BLOCK..(c + 1) * BLOCK), x.sums.get(c)) else {
-            continue;
-        };
         // Q8_0's weights are signed: widen them as such instead of |w|.
         let (w, signed) = match sign {
             Some(w) => (w, true),
@@ -302,18 +339,26 @@ pub fn float_dot(simd: V3, ty: GgmlType, row: &[u8], x: &FloatRow) -> f32 {
             hi,
             simd.sse2._mm_srli_si128::<8>(hi),
         ];
-        let mut halves = [avx._mm256_setzero_ps(); 2];
-        for (k, q) in quarters.into_iter().enumerate() {
-            let ints = match signed {
-                true => avx2._mm256_cvtepi8_epi32(q),
-                false => avx2._mm256_cvtepu8_epi32(q),
+        let widened = [
+            widen8(simd, quarters[0], signed),
+            widen8(simd, quarters[1], signed),
+            widen8(simd, quarters[2], signed),
+            widen8(simd, quarters[3], signed),
+        ];
+        let (a0, a1) = (avx._mm256_set1_ps(a[0]), avx._mm256_set1_ps(a[1]));
+        for j in 0..n {
+            let x = &xs[j];
+            let (Some(v), Some(sums)) = (x.x.get(c * BLOCK..(c + 1) * BLOCK), x.sums.get(c)) else {
+                continue;
             };
-            let xv: __m256 = pulp::cast(*xs[8 * k..].first_chunk::<8>().unwrap_or(&[0.0; 8]));
-            halves[k / 2] = fma._mm256_fmadd_ps(avx._mm256_cvtepi32_ps(ints), xv, halves[k / 2]);
+            let first = fma._mm256_fmadd_ps(widened[1], load8(v, 8), avx._mm256_mul_ps(widened[0], load8(v, 0)));
+            let second = fma._mm256_fmadd_ps(widened[3], load8(v, 24), avx._mm256_mul_ps(widened[2], load8(v, 16)));
+            acc[j] = fma._mm256_fmadd_ps(first, a0, acc[j]);
+            acc[j] = fma._mm256_fmadd_ps(second, a1, acc[j]);
+            offset[j] += b[0] * sums[0] + b[1] * sums[1];
         }
-        acc = fma._mm256_fmadd_ps(halves[0], avx._mm256_set1_ps(a[0]), acc);
-        acc = fma._mm256_fmadd_ps(halves[1], avx._mm256_set1_ps(a[1]), acc);
-        offset += b[0] * sums[0] + b[1] * sums[1];
     });
-    sum8(acc) + offset
+    for j in 0..n {
+        out[j] = sum8(acc[j]) + offset[j];
+    }
 }

@@ -150,7 +150,10 @@ impl QuantMatrix {
 
     /// Rows `rows` as f32, row-major.
     pub fn dequantize_rows(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
-        let (first, last) = (rows.start.min(self.rows), rows.end.min(self.rows).max(rows.start.min(self.rows)));
+        let (first, last) = (
+            rows.start.min(self.rows),
+            rows.end.min(self.rows).max(rows.start.min(self.rows)),
+        );
         let n = self.row_bytes();
         crate::gguf::dequantize(self.ty, &self.data[first * n..last * n], (last - first) * self.cols)
             .unwrap_or_else(|_| vec![0.0; (last - first) * self.cols])
