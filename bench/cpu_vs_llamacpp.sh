@@ -52,7 +52,7 @@ for r in csv.DictReader(sys.stdin):
     print(f'round $round  llama.cpp       {kind}  {float(r[\"avg_ts\"]):8.1f} tok/s')"
   for dtype in f32 native q8; do
     run() { RAYON_NUM_THREADS=$THREADS "$EASYKV" bench --model "$MODEL" --dtype "$dtype" --repeat 1 --json -q "$@"; }
-    pp=$(run --prompt-tokens 512 --new-tokens 1 | python3 -c "import json, sys; print(f'{json.load(sys.stdin)[\"prefill_tokens_per_second\"]:8.1f}')")
+    pp=$(run --prompt-tokens 512 --new-tokens 2 | python3 -c "import json, sys; print(f'{json.load(sys.stdin)[\"prefill_tokens_per_second\"]:8.1f}')")
     tg=$(run --prompt-tokens 1 --new-tokens 128 | python3 -c "import json, sys; print(f'{json.load(sys.stdin)[\"decode_tokens_per_second\"]:8.1f}')")
     printf 'round %s  easykv %-8s pp512  %s tok/s   tg128  %s tok/s\n' "$round" "$dtype" "$pp" "$tg"
   done

@@ -85,7 +85,7 @@ struct Subject<B: Backend> {
 impl<B: Backend> Subject<B> {
     /// `--random-weights` (random prompt ids) or `--model` (a prompt of English text).
     fn load(args: &BenchArgs, device: &B::Device) -> CliResult<Self> {
-        let dtype = args.model.dtype();
+        let dtype = args.model.dtype;
         if let Some(shape) = &args.random_weights {
             let shape = RandomModel::by_name(shape)?;
             let config = shape.config();

@@ -43,16 +43,15 @@ pub struct ModelArgs {
     /// Where to run: cpu, or cuda[:N] / cuda-fused[:N] / wgpu[:N] in builds with those features.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Storage precision of weight matrices: f32 (exact), f16 or bf16 (half the memory and
-    /// memory traffic), native (CPU: a GGUF file's quantized matrices kept in their blocks and
-    /// multiplied with f32 activations, each block widened in registers — the f32 result up to
-    /// summation order) or q8 (as native, activations quantized to 8 bits for integer dots:
-    /// faster, slightly different). Default: native on the CPU (a model without quantized
-    /// matrices then loads in f32), f32 on GPUs. The KV cache keeps f32, f16 or bf16 (f32
-    /// with native and q8); norms and softmax run in f32, and so does the residual stream on
-    /// the CPU (on GPUs it is half precision too).
-    #[arg(long)]
-    pub dtype: Option<WeightDType>,
+    /// Storage precision of weight matrices and the KV cache: f32 (exact), f16 or bf16 (half
+    /// the memory and memory traffic), native (CPU: a GGUF file's quantized matrices kept in
+    /// their blocks — 4–5 bits per weight in memory — and multiplied with f32 activations, each
+    /// block widened in registers: the f32 result up to rounding) or q8 (as native, activations
+    /// quantized to 8 bits for integer dots: faster decoding, slightly different results). With
+    /// native and q8 the KV cache is f32. Norms and softmax run in f32, and so does the residual
+    /// stream on the CPU (on GPUs it is half precision too).
+    #[arg(long, default_value = "f32")]
+    pub dtype: WeightDType,
     /// Quiet: no progress or statistics on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -115,14 +114,6 @@ impl ModelArgs {
     }
 
     /// Resolves the model (fetching a known one on first use) and loads it onto `device`.
-    /// The weights' precision: `--dtype`, else native on the CPU and f32 elsewhere.
-    pub fn dtype(&self) -> WeightDType {
-        self.dtype.unwrap_or(match self.device.as_str() {
-            "cpu" => WeightDType::Native,
-            _ => WeightDType::F32,
-        })
-    }
-
     pub fn load<B: Backend>(&self, device: &B::Device) -> CliResult<LoadedModel<B>> {
         let quiet = self.quiet;
         let path = fetch::resolve_model(&self.model, &mut |m| {
@@ -131,7 +122,7 @@ impl ModelArgs {
             }
         })?;
         let t = Instant::now();
-        let mut loaded = LoadedModel::open(&path, self.dtype(), device)?;
+        let mut loaded = LoadedModel::open(&path, self.dtype, device)?;
         self.kernels.apply(loaded.model.as_mut())?;
         self.log(&format!(
             "loaded {} ({} layers, {} KV heads × {}) in {:.2}s",
