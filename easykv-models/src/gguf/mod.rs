@@ -28,6 +28,7 @@ impl crate::weights::WeightSource for GgufFile {
         if dims != [rows as u64, cols as u64] {
             return None;
         }
-        crate::quantized::QuantMatrix::new(info.ggml_type, rows, cols, self.tensor_bytes(info))
+        let (file, range) = self.tensor_range(info);
+        crate::quantized::QuantMatrix::shared(info.ggml_type, rows, cols, file, range)
     }
 }

@@ -109,7 +109,9 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, MetaValue>,
     pub tensors: Vec<TensorInfo>,
     data_start: usize,
-    bytes: Vec<u8>,
+    /// Shared: matrices kept in their blocks (`--dtype native`) point into it instead of
+    /// copying it.
+    bytes: std::sync::Arc<Vec<u8>>,
 }
 
 impl GgufFile {
@@ -235,7 +237,7 @@ impl GgufFile {
             metadata,
             tensors: infos,
             data_start: data_start as usize,
-            bytes,
+            bytes: std::sync::Arc::new(bytes),
         })
     }
 
@@ -275,6 +277,18 @@ impl GgufFile {
         self.bytes
             .get(start..start.saturating_add(info.n_bytes as usize))
             .unwrap_or(&[])
+    }
+
+    /// The file's bytes and the range a tensor's encoded bytes occupy in them (empty where an
+    /// info from elsewhere points outside the file).
+    pub fn tensor_range(&self, info: &TensorInfo) -> (std::sync::Arc<Vec<u8>>, std::ops::Range<usize>) {
+        let start = self.data_start.saturating_add(info.offset as usize);
+        let end = start.saturating_add(info.n_bytes as usize);
+        let range = match end <= self.bytes.len() {
+            true => start..end,
+            false => 0..0,
+        };
+        (self.bytes.clone(), range)
     }
 
     /// Dequantizes a tensor to f32, row-major with `dims[0]` fastest.

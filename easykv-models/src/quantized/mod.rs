@@ -86,21 +86,58 @@ pub struct QuantMatrix {
     ty: GgmlType,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: Blocks,
+}
+
+/// A matrix's bytes: its own, or a range of a loaded file's (no second copy of the weights).
+#[derive(Debug, Clone)]
+enum Blocks {
+    Owned(Vec<u8>),
+    Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
+}
+
+impl Blocks {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Blocks::Owned(v) => v,
+            Blocks::Shared(file, range) => file.get(range.clone()).unwrap_or(&[]),
+        }
+    }
 }
 
 impl QuantMatrix {
     /// From a tensor's encoded bytes; `None` unless `ty` is [`supported`], `cols` a whole number
     /// of its blocks (and of activation blocks) and `bytes` exactly the matrix.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
-        let fits = supported(ty) && cols > 0 && cols.is_multiple_of(ty.block_len()) && cols.is_multiple_of(BLOCK);
-        let row_bytes = (cols / ty.block_len().max(1)).checked_mul(ty.block_bytes())?;
-        (fits && rows.checked_mul(row_bytes) == Some(bytes.len())).then(|| Self {
+        Self::checked(ty, rows, cols, bytes.len()).map(|()| Self {
             ty,
             rows,
             cols,
-            data: bytes.to_vec(),
+            data: Blocks::Owned(bytes.to_vec()),
         })
+    }
+
+    /// [`new`](Self::new) over `range` of a loaded file's bytes, without copying them.
+    pub fn shared(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        file: std::sync::Arc<Vec<u8>>,
+        range: std::ops::Range<usize>,
+    ) -> Option<Self> {
+        let len = file.get(range.clone())?.len();
+        Self::checked(ty, rows, cols, len).map(|()| Self {
+            ty,
+            rows,
+            cols,
+            data: Blocks::Shared(file, range),
+        })
+    }
+
+    fn checked(ty: GgmlType, rows: usize, cols: usize, len: usize) -> Option<()> {
+        let fits = supported(ty) && cols > 0 && cols.is_multiple_of(ty.block_len()) && cols.is_multiple_of(BLOCK);
+        let row_bytes = (cols / ty.block_len().max(1)).checked_mul(ty.block_bytes())?;
+        (fits && rows.checked_mul(row_bytes) == Some(len)).then_some(())
     }
 
     pub fn ty(&self) -> GgmlType {
@@ -117,7 +154,7 @@ impl QuantMatrix {
 
     /// Bytes the blocks occupy.
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.data.bytes().len()
     }
 
     fn row_bytes(&self) -> usize {
@@ -127,7 +164,7 @@ impl QuantMatrix {
     /// Row `r`'s blocks.
     pub fn row(&self, r: usize) -> &[u8] {
         let n = self.row_bytes();
-        &self.data[r * n..(r + 1) * n]
+        &self.data.bytes()[r * n..(r + 1) * n]
     }
 
     /// The rows `order` lists, in that order (reordering a projection's rows).
@@ -138,7 +175,7 @@ impl QuantMatrix {
         }
         Self {
             rows: order.len(),
-            data,
+            data: Blocks::Owned(data),
             ..*self
         }
     }
@@ -155,13 +192,17 @@ impl QuantMatrix {
             rows.end.min(self.rows).max(rows.start.min(self.rows)),
         );
         let n = self.row_bytes();
-        crate::gguf::dequantize(self.ty, &self.data[first * n..last * n], (last - first) * self.cols)
-            .unwrap_or_else(|_| vec![0.0; (last - first) * self.cols])
+        crate::gguf::dequantize(
+            self.ty,
+            &self.data.bytes()[first * n..last * n],
+            (last - first) * self.cols,
+        )
+        .unwrap_or_else(|_| vec![0.0; (last - first) * self.cols])
     }
 
     /// The whole matrix as f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        crate::gguf::dequantize(self.ty, &self.data, self.rows * self.cols)
+        crate::gguf::dequantize(self.ty, self.data.bytes(), self.rows * self.cols)
             .unwrap_or_else(|_| vec![0.0; self.rows * self.cols])
     }
 }
