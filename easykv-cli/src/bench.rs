@@ -85,7 +85,11 @@ struct Subject<B: Backend> {
 impl<B: Backend> Subject<B> {
     /// `--random-weights` (random prompt ids) or `--model` (a prompt of English text).
     fn load(args: &BenchArgs, device: &B::Device) -> CliResult<Self> {
-        let dtype = args.model.dtype;
+        // The engine's batches run best in f32 on the CPU; one sequence in native.
+        let dtype = match args.requests {
+            Some(_) => args.model.batch_dtype(),
+            None => args.model.dtype(),
+        };
         if let Some(shape) = &args.random_weights {
             let shape = RandomModel::by_name(shape)?;
             let config = shape.config();
@@ -109,7 +113,10 @@ impl<B: Backend> Subject<B> {
                 prompt,
             });
         }
-        let loaded = args.model.load::<B>(device)?;
+        let loaded = match args.requests {
+            Some(_) => args.model.load_for_batches::<B>(device)?,
+            None => args.model.load::<B>(device)?,
+        };
         let unit = loaded.tokenizer.encode(BENCH_TEXT)?;
         let prompt = unit.iter().copied().cycle().take(args.prompt_tokens).collect();
         Ok(Self {

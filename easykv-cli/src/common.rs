@@ -47,11 +47,13 @@ pub struct ModelArgs {
     /// the memory and memory traffic), native (CPU: a GGUF file's quantized matrices kept in
     /// their blocks — 4–5 bits per weight in memory — and multiplied with f32 activations, each
     /// block widened in registers: the f32 result up to rounding) or q8 (as native, activations
-    /// quantized to 8 bits for integer dots: faster decoding, slightly different results). With
-    /// native and q8 the KV cache is f32. Norms and softmax run in f32, and so does the residual
-    /// stream on the CPU (on GPUs it is half precision too).
-    #[arg(long, default_value = "f32")]
-    pub dtype: WeightDType,
+    /// quantized to 8 bits for integer dots: slightly different results). With native and q8
+    /// the KV cache is f32. Norms and softmax run in f32, and so does the residual stream on the
+    /// CPU (on GPUs it is half precision too). Default: native on the CPU for one sequence at a
+    /// time (generate, score, eval, bench), f32 for batches (serve, --requests-file, bench
+    /// --requests: f32's products batch faster) and on GPUs.
+    #[arg(long)]
+    pub dtype: Option<WeightDType>,
     /// Quiet: no progress or statistics on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -113,8 +115,37 @@ impl ModelArgs {
         }
     }
 
-    /// Resolves the model (fetching a known one on first use) and loads it onto `device`.
+    /// `--dtype`, else `cpu_default` on the CPU and f32 on other devices.
+    pub fn dtype_or(&self, cpu_default: WeightDType) -> WeightDType {
+        self.dtype.unwrap_or(match self.device.as_str() {
+            "cpu" => cpu_default,
+            _ => WeightDType::F32,
+        })
+    }
+
+    /// The precision for one sequence at a time: native on the CPU (as fast as f32 or faster
+    /// there, the same greedy tokens, a fraction of the memory).
+    pub fn dtype(&self) -> WeightDType {
+        self.dtype_or(WeightDType::Native)
+    }
+
+    /// The precision for batches of sequences: f32 on the CPU, whose products batch faster.
+    pub fn batch_dtype(&self) -> WeightDType {
+        self.dtype_or(WeightDType::F32)
+    }
+
+    /// Resolves the model (fetching a known one on first use) and loads it onto `device` in
+    /// [`dtype`](Self::dtype).
     pub fn load<B: Backend>(&self, device: &B::Device) -> CliResult<LoadedModel<B>> {
+        self.load_as(device, self.dtype())
+    }
+
+    /// [`load`](Self::load) for batches ([`batch_dtype`](Self::batch_dtype)).
+    pub fn load_for_batches<B: Backend>(&self, device: &B::Device) -> CliResult<LoadedModel<B>> {
+        self.load_as(device, self.batch_dtype())
+    }
+
+    fn load_as<B: Backend>(&self, device: &B::Device, dtype: WeightDType) -> CliResult<LoadedModel<B>> {
         let quiet = self.quiet;
         let path = fetch::resolve_model(&self.model, &mut |m| {
             if !quiet {
@@ -122,7 +153,7 @@ impl ModelArgs {
             }
         })?;
         let t = Instant::now();
-        let mut loaded = LoadedModel::open(&path, self.dtype, device)?;
+        let mut loaded = LoadedModel::open(&path, dtype, device)?;
         self.kernels.apply(loaded.model.as_mut())?;
         self.log(&format!(
             "loaded {} ({} layers, {} KV heads × {}) in {:.2}s",

@@ -134,7 +134,7 @@ fn validate(args: &EvalArgs) -> CliResult<EvalSettings> {
     Ok(EvalSettings {
         tasks,
         model: args.model.model.clone(),
-        dtype: format!("{:?}", args.model.dtype).to_lowercase(),
+        dtype: format!("{:?}", args.model.dtype()).to_lowercase(),
         policies: args.policies.iter().map(|p| p.name().to_string()).collect(),
         budgets: args.budgets.clone(),
         mode: args.mode.clone(),

@@ -63,7 +63,7 @@ fn read_lines(path: &Path) -> CliResult<Vec<Line>> {
 
 pub fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs, path: &Path) -> CliResult {
     let lines = read_lines(path)?;
-    let loaded = args.model.load::<B>(device)?;
+    let loaded = args.model.load_for_batches::<B>(device)?;
     let mut requests = Vec::with_capacity(lines.len());
     for (n, line) in lines.iter().enumerate() {
         let at = |e: String| CliError(format!("{}: request {}: {e}", path.display(), n + 1));

@@ -164,7 +164,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &ServeArgs) -> CliResult {
     let addr = SocketAddr::new(ip, args.port);
     let loaded = match &args.random_weights {
         Some(shape) => random_model::<B>(shape, args, device)?,
-        None => args.model.load::<B>(device)?,
+        None => args.model.load_for_batches::<B>(device)?,
     };
     let context = loaded.model.context_length();
     let pool_bytes = crate::bench::pool_bytes(pool, loaded.model.as_ref());
@@ -223,7 +223,7 @@ fn random_model<B: Backend>(
 ) -> CliResult<easykv_models::LoadedModel<B>> {
     let shape = easykv_models::RandomModel::by_name(shape)?;
     let config = shape.config();
-    let mut model: Box<dyn easykv_models::CausalLm<B>> = Box::new(shape.build::<B>(args.model.dtype, 0, device)?);
+    let mut model: Box<dyn easykv_models::CausalLm<B>> = Box::new(shape.build::<B>(args.model.batch_dtype(), 0, device)?);
     args.model.kernels.apply(model.as_mut())?;
     Ok(easykv_models::LoadedModel {
         model,
@@ -232,7 +232,7 @@ fn random_model<B: Backend>(
         chat_template: None,
         path: std::path::PathBuf::new(),
         name: shape.name.to_string(),
-        dtype: args.model.dtype,
+        dtype: args.model.batch_dtype(),
     })
 }
 
