@@ -223,7 +223,8 @@ fn random_model<B: Backend>(
 ) -> CliResult<easykv_models::LoadedModel<B>> {
     let shape = easykv_models::RandomModel::by_name(shape)?;
     let config = shape.config();
-    let mut model: Box<dyn easykv_models::CausalLm<B>> = Box::new(shape.build::<B>(args.model.batch_dtype(), 0, device)?);
+    let mut model: Box<dyn easykv_models::CausalLm<B>> =
+        Box::new(shape.build::<B>(args.model.batch_dtype(), 0, device)?);
     args.model.kernels.apply(model.as_mut())?;
     Ok(easykv_models::LoadedModel {
         model,
