@@ -183,7 +183,7 @@ impl ChatTemplate {
 fn check_items(value: &Value) -> std::result::Result<(), minijinja::Error> {
     fn walk(value: &Value, left: &mut usize, depth: usize) -> std::result::Result<(), minijinja::Error> {
         let too_large = || minijinja::Error::new(ErrorKind::InvalidOperation, "sequence too large for a chat template");
-        if value.as_str().is_some() || value.as_object().is_none() || depth > 64 {
+        if value.as_object().is_none() || depth > 64 {
             return Ok(());
         }
         // A known length is refused before a single item is drawn; an unknown one counts down.
@@ -193,10 +193,12 @@ fn check_items(value: &Value) -> std::result::Result<(), minijinja::Error> {
         let Ok(items) = value.try_iter() else {
             return Ok(());
         };
+        // A map iterates its keys; its values are walked too.
+        let map = value.kind() == minijinja::value::ValueKind::Map;
         for item in items {
             *left = left.checked_sub(1).ok_or_else(too_large)?;
             walk(&item, left, depth + 1)?;
-            if let Ok(v) = value.get_item(&item) {
+            if let Some(v) = map.then(|| value.get_item(&item).ok()).flatten() {
                 walk(&v, left, depth + 1)?;
             }
         }
@@ -292,6 +294,7 @@ mod tests {
             "{{ ((0,) * 10**13) | join }}",
             "{{ ((0,) * 10**13) | list | length }}",
             "{{ [1, ((0,) * 10**13)] }}",
+            "{{ {'a': (0,) * 10**13} }}",
             "{{ ((0,) * 10**13) | tojson }}",
         ] {
             let err = ChatTemplate::new(source, "", "")

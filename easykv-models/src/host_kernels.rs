@@ -343,20 +343,23 @@ pub fn rows_times_weights<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Resu
             out: block,
         });
     });
-    // One row (a decode step alone) is laid out the same either way.
-    let y = match rows {
-        1 => y,
-        _ => {
-            let mut yt = vec![0f32; rows * out];
-            for (o, col) in y.chunks(rows).enumerate() {
-                for (j, v) in col.iter().enumerate() {
-                    yt[j * out + o] = *v;
-                }
-            }
-            yt
-        }
-    };
+    let y = outputs_by_row(y, rows, out);
     Ok(Tensor::from_data(TensorData::new(y, [rows, out]), &device))
+}
+
+/// Products computed `[out, rows]` (each task owning whole weight rows) laid out `[rows, out]`;
+/// one row (a decode step alone) is laid out the same either way.
+pub(crate) fn outputs_by_row(y: Vec<f32>, rows: usize, out: usize) -> Vec<f32> {
+    if rows == 1 {
+        return y;
+    }
+    let mut yt = vec![0f32; rows * out];
+    for (o, col) in y.chunks(rows).enumerate() {
+        for (j, v) in col.iter().enumerate() {
+            yt[j * out + o] = *v;
+        }
+    }
+    yt
 }
 
 /// flex's tensor inside `t` (sharing its buffer, no copy): how a host kernel reads a tensor that

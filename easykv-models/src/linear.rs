@@ -82,7 +82,8 @@ pub struct Linear<B: Backend> {
     /// `[out, in]`; with `packed`, a `[out, 1]` stand-in that only says the output size.
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
-    /// The weights in their GGUF blocks, row-stacked parts (`--dtype native`, host memory).
+    /// The weights in their GGUF blocks, row-stacked parts (`--dtype native` or `q8`, host
+    /// memory).
     #[module(skip)]
     pub packed: Option<Arc<PackedWeights>>,
 }
@@ -317,7 +318,7 @@ fn row_norm<B: Backend>(norm: &RmsNorm<B>, scaled: Option<Tensor<B, 3>>) -> RowN
 pub struct EmbeddingTable<B: Backend> {
     /// `[vocab, hidden]`; with `packed`, a `[vocab, 1]` stand-in.
     pub weight: Param<Tensor<B, 2>>,
-    /// The table in its GGUF blocks (`--dtype native`, host memory).
+    /// The table in its GGUF blocks (`--dtype native` or `q8`, host memory).
     #[module(skip)]
     pub packed: Option<Arc<PackedWeights>>,
 }

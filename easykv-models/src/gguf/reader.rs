@@ -273,22 +273,24 @@ impl GgufFile {
     /// The raw encoded bytes of a tensor (bounds were checked at parse time; an info from
     /// elsewhere that points outside the file gets no bytes).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        let start = self.data_start.saturating_add(info.offset as usize);
-        self.bytes
-            .get(start..start.saturating_add(info.n_bytes as usize))
-            .unwrap_or(&[])
+        &self.bytes[self.byte_range(info)]
     }
 
-    /// The file's bytes and the range a tensor's encoded bytes occupy in them (empty where an
-    /// info from elsewhere points outside the file).
+    /// The file's bytes (shared, not copied) and the range a tensor's encoded bytes occupy in
+    /// them, as [`tensor_bytes`](Self::tensor_bytes) has it.
     pub fn tensor_range(&self, info: &TensorInfo) -> (std::sync::Arc<Vec<u8>>, std::ops::Range<usize>) {
+        (self.bytes.clone(), self.byte_range(info))
+    }
+
+    /// Where a tensor's bytes lie in the file; empty where an info from elsewhere points
+    /// outside it.
+    fn byte_range(&self, info: &TensorInfo) -> std::ops::Range<usize> {
         let start = self.data_start.saturating_add(info.offset as usize);
         let end = start.saturating_add(info.n_bytes as usize);
-        let range = match end <= self.bytes.len() {
+        match end <= self.bytes.len() {
             true => start..end,
             false => 0..0,
-        };
-        (self.bytes.clone(), range)
+        }
     }
 
     /// Dequantizes a tensor to f32, row-major with `dims[0]` fastest.

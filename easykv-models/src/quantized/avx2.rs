@@ -11,22 +11,24 @@ use super::chunks::{f16_at, scale_min_k4};
 use super::{scalar, ActBlock, FloatRow, QuantMatrix, BLOCK};
 use crate::gguf::GgmlType;
 
+/// `N` values from the start of `v` as a register (zeros where `v` is shorter).
+#[inline(always)]
+fn load<const N: usize, T: pulp::bytemuck::Pod, V: pulp::bytemuck::AnyBitPattern>(v: &[T]) -> V {
+    let lanes: [T; N] = match v.first_chunk::<N>() {
+        Some(a) => *a,
+        None => [T::zeroed(); N],
+    };
+    pulp::cast(lanes)
+}
+
 #[inline(always)]
 fn load32(b: &[u8]) -> __m256i {
-    let bytes: [u8; 32] = match b.first_chunk::<32>() {
-        Some(a) => *a,
-        None => [0; 32],
-    };
-    pulp::cast(bytes)
+    load::<32, _, _>(b)
 }
 
 #[inline(always)]
 fn load16(b: &[u8]) -> __m128i {
-    let bytes: [u8; 16] = match b.first_chunk::<16>() {
-        Some(a) => *a,
-        None => [0; 16],
-    };
-    pulp::cast(bytes)
+    load::<16, _, _>(b)
 }
 
 /// Q6_K's two high bits (the low two of each byte of `shifted`) moved to bits 4–5.
@@ -39,11 +41,7 @@ fn q6_high(simd: V3, shifted: __m256i, low2: __m256i) -> __m256i {
 /// Eight f32 from `v[at..]` (zeros past its end).
 #[inline(always)]
 fn load8(v: &[f32], at: usize) -> __m256 {
-    let x: [f32; 8] = match v.get(at..).and_then(|v| v.first_chunk::<8>()) {
-        Some(x) => *x,
-        None => [0.0; 8],
-    };
-    pulp::cast(x)
+    load::<8, _, _>(v.get(at..).unwrap_or(&[]))
 }
 
 /// The low eight bytes of `q` as f32, signed or unsigned.
@@ -214,16 +212,20 @@ pub fn dot(simd: V3, ty: GgmlType, row: &[u8], x: &[ActBlock]) -> f32 {
     )
 }
 
-/// The dots of every weight row `which` lists (`(part, row)`) with every activation row, into
-/// `outs` (`[which.len(), acts.len()]`), under one feature-enabled call.
+/// The dots of every weight row `which` yields (a matrix and its row) with every activation
+/// row, into `outs` (`[rows, acts.len()]`), under one feature-enabled call.
 #[inline(always)]
-pub fn dots(simd: V3, parts: &[QuantMatrix], which: &[(usize, usize)], acts: &[Vec<ActBlock>], outs: &mut [f32]) {
+pub fn dots<'a>(
+    simd: V3,
+    which: impl Iterator<Item = (&'a QuantMatrix, usize)>,
+    acts: &[Vec<ActBlock>],
+    outs: &mut [f32],
+) {
     simd.vectorize(
         #[inline(always)]
         || {
             let acts: Vec<&[ActBlock]> = acts.iter().map(Vec::as_slice).collect();
-            for (o, &(p, r)) in outs.chunks_mut(acts.len().max(1)).zip(which) {
-                let m = &parts[p];
+            for (o, (m, r)) in outs.chunks_mut(acts.len().max(1)).zip(which) {
                 if let ([x], [y]) = (acts.as_slice(), &mut *o) {
                     *y = dot_one(simd, m.ty(), m.row(r), x);
                     continue;
@@ -286,15 +288,19 @@ fn dots_of_row(simd: V3, ty: GgmlType, row: &[u8], xs: &[&[ActBlock]], out: &mut
     }
 }
 
-/// The dots of every weight row `which` lists with every f32 activation row, into `outs`
-/// (`[which.len(), xs.len()]`), under one feature-enabled call.
+/// The dots of every weight row `which` yields with every f32 activation row, into `outs`
+/// (`[rows, xs.len()]`), under one feature-enabled call.
 #[inline(always)]
-pub fn float_dots(simd: V3, parts: &[QuantMatrix], which: &[(usize, usize)], xs: &[FloatRow], outs: &mut [f32]) {
+pub fn float_dots<'a>(
+    simd: V3,
+    which: impl Iterator<Item = (&'a QuantMatrix, usize)>,
+    xs: &[FloatRow],
+    outs: &mut [f32],
+) {
     simd.vectorize(
         #[inline(always)]
         || {
-            for (o, &(p, r)) in outs.chunks_mut(xs.len().max(1)).zip(which) {
-                let m = &parts[p];
+            for (o, (m, r)) in outs.chunks_mut(xs.len().max(1)).zip(which) {
                 // Each chunk, unpacked and widened once, serves up to four activation rows.
                 for (y, x) in o.chunks_mut(ROWS).zip(xs.chunks(ROWS)) {
                     float_dots_of_row(simd, m.ty(), m.row(r), x, y);

@@ -1,20 +1,19 @@
-//! Weight matrices kept in their GGUF blocks in host memory, multiplied without widening them.
+//! Weight matrices kept in their GGUF blocks in host memory, multiplied without widening them
+//! to f32 tensors (`--dtype native` and `q8`).
 //!
-//! A decode step on the CPU is bound by the bytes of weights it reads: f32 weights are 7–8×
-//! the Q4 file. [`QuantMatrix`] keeps a tensor's blocks as the file stores them; a product
-//! quantizes each activation row to 8-bit blocks of 32 ([`ActBlock`]) and takes integer dot
-//! products against the weights' blocks (as llama.cpp does), in SIMD registers where the CPU
-//! has AVX2 ([`avx2`], chosen at run time) and in plain Rust elsewhere ([`scalar`], which the
-//! SIMD kernels are tested against). Output rows are split over rayon's threads; each weight
-//! row is read once for every activation row.
+//! [`QuantMatrix`] keeps a tensor's blocks as the file stores them (a range of the loaded
+//! file's bytes). Every block format reduces, per chunk of 32 weights, to `w = a·u + b` (`u`
+//! unsigned, at most 6 bits; `a`, `b` per half of the 32; see [`Chunk`]), so a dot product needs
+//! `Σ u·x` and `Σ x` per half:
+//! - [`Activations::F32`] (`native`): `u` widened to f32 and multiplied with the activations as
+//!   they are — the f32 product up to summation order;
+//! - [`Activations::Int8`] (`q8`): activation rows quantized to 8-bit blocks of 32
+//!   ([`ActBlock`]) and integer dots (as llama.cpp does).
 //!
-//! The SIMD code uses `pulp`'s safe wrappers of the intrinsics (its CPU-feature token proves
-//! they may run), so no `unsafe` is needed.
-//!
-//! Every block format's product reduces to the same shape per 32 weights `w = a·u + b` (`u`
-//! unsigned, at most 6 bits; `a`, `b` per half of the 32): `Σ w·x = d_x·(a₀·Σ₀ u·q + a₁·Σ₁ u·q +
-//! b₀·Σ₀ q + b₁·Σ₁ q)` with `x = d_x·q` — see [`Chunk`]. Q8_0's weights are signed and have
-//! their own kernel.
+//! In SIMD registers where the CPU has AVX2 ([`avx2`], chosen at run time, through `pulp`'s
+//! safe intrinsic wrappers — its CPU-feature token proves they may run, so no `unsafe` is
+//! needed), in plain Rust elsewhere ([`scalar`], which the SIMD kernels are tested against).
+//! Weight rows are split over rayon's threads; each is read once for every activation row.
 
 mod chunks;
 pub mod scalar;
@@ -152,11 +151,6 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// Bytes the blocks occupy.
-    pub fn bytes(&self) -> usize {
-        self.data.bytes().len()
-    }
-
     fn row_bytes(&self) -> usize {
         self.cols / self.ty.block_len() * self.ty.block_bytes()
     }
@@ -273,6 +267,18 @@ impl<'a> FloatRow<'a> {
     }
 }
 
+/// The rows `range` of the row-stacked `parts` (counted across them), each as its part and its
+/// row there.
+fn weight_rows(parts: &[QuantMatrix], range: std::ops::Range<usize>) -> impl Iterator<Item = (&QuantMatrix, usize)> {
+    let mut first = 0;
+    parts.iter().flat_map(move |m| {
+        let end = first + m.rows;
+        let rows = range.start.clamp(first, end) - first..range.end.clamp(first, end) - first;
+        first = end;
+        rows.map(move |r| (m, r))
+    })
+}
+
 /// `x·Wᵀ` for `rows` activation rows `x` (`[rows, cols]`, f32) against the row-stacked
 /// matrices `parts` (same `cols`): `[rows, Σ parts' rows]`.
 pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, activations: Activations) -> Vec<f32> {
@@ -285,49 +291,33 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
         Activations::Int8 => (x.chunks_exact(cols).map(quantize_row).collect(), Vec::new()),
         Activations::F32 => (Vec::new(), x.chunks_exact(cols).map(FloatRow::new).collect()),
     };
-    // (part, row) of every output, so tasks cut across parts freely.
-    let index: Vec<(usize, usize)> = parts
-        .iter()
-        .enumerate()
-        .flat_map(|(p, m)| (0..m.rows).map(move |r| (p, r)))
-        .collect();
     // Laid out [out, rows] while computing (each task owns whole weight rows), then transposed.
     let mut y = vec![0f32; out * rows];
     // One task per thread: a decode step makes ~150 small products, and more tasks than
     // threads cost more in scheduling than they gain in balance (measured: 1536×576 Q4_1
     // took 5.3 ns per block in tasks of 64 rows, against 2.6 ns for a 16384-row matrix).
     let per_task = out.div_ceil(rayon::current_num_threads().max(1)).max(MIN_ROWS_PER_TASK);
-    y.par_chunks_mut(per_task * rows)
-        .zip(index.par_chunks(per_task))
-        .for_each(|(block, which)| match (kernel, activations) {
+    y.par_chunks_mut(per_task * rows).enumerate().for_each(|(t, block)| {
+        // Tasks cut across the stacked parts freely.
+        let which = weight_rows(parts, t * per_task..(t * per_task + block.len() / rows));
+        match (kernel, activations) {
             #[cfg(target_arch = "x86_64")]
-            (Kernel::Avx2(simd), Activations::Int8) => avx2::dots(simd, parts, which, &int8, block),
+            (Kernel::Avx2(simd), Activations::Int8) => avx2::dots(simd, which, &int8, block),
             #[cfg(target_arch = "x86_64")]
-            (Kernel::Avx2(simd), Activations::F32) => avx2::float_dots(simd, parts, which, &float, block),
+            (Kernel::Avx2(simd), Activations::F32) => avx2::float_dots(simd, which, &float, block),
             (Kernel::Scalar, _) => {
-                for (outs, &(p, r)) in block.chunks_mut(rows).zip(which) {
-                    let (m, row) = (&parts[p], parts[p].row(r));
+                for (outs, (m, r)) in block.chunks_mut(rows).zip(which) {
                     for (j, o) in outs.iter_mut().enumerate() {
                         *o = match activations {
-                            Activations::Int8 => scalar::dot(m.ty, row, &int8[j]),
-                            Activations::F32 => scalar::float_dot(m.ty, row, &float[j]),
+                            Activations::Int8 => scalar::dot(m.ty, m.row(r), &int8[j]),
+                            Activations::F32 => scalar::float_dot(m.ty, m.row(r), &float[j]),
                         };
                     }
                 }
             }
-        });
-    match rows {
-        1 => y,
-        _ => {
-            let mut yt = vec![0f32; rows * out];
-            for (o, col) in y.chunks(rows).enumerate() {
-                for (j, v) in col.iter().enumerate() {
-                    yt[j * out + o] = *v;
-                }
-            }
-            yt
         }
-    }
+    });
+    crate::host_kernels::outputs_by_row(y, rows, out)
 }
 
 #[cfg(test)]
