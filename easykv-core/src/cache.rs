@@ -123,6 +123,19 @@ pub trait KvCache<B: Backend> {
         tokens
     }
 
+    /// Takes `region`'s slots of a memory pool as its buffers, from the first token on (the
+    /// views it holds are written in place, never replaced, while they fit): `false` when this
+    /// cache keeps its own (it does not support regions, or it already holds tokens).
+    fn place_in(&mut self, _region: PoolRegion<B>) -> bool {
+        false
+    }
+
+    /// Where `layer`'s slots lie in a pool, while they still lie in the region given to
+    /// [`place_in`](Self::place_in): slot `j` is the pool's slot `start + j`.
+    fn region_slots(&self, _layer: usize) -> Option<RegionSlots<B>> {
+        None
+    }
+
     /// Slots evicted per (layer, KV head) so far.
     fn evicted(&self) -> usize {
         0
@@ -162,6 +175,44 @@ impl<B: Backend> CachedKv<B> {
         };
         (cut(&self.keys), cut(&self.values))
     }
+}
+
+/// One layer of a [`PoolRegion`].
+///
+/// # Shapes
+/// - `pool_keys`, `pool_values`: `[1, kv_heads, pool_slots, head_dim]`, the whole pool's layer
+/// - `keys`, `values`: `[1, kv_heads, capacity, head_dim]` views of the region's slots of them,
+///   sharing their memory
+#[derive(Debug, Clone)]
+pub struct RegionLayer<B: Backend> {
+    pub pool_keys: Tensor<B, 4>,
+    pub pool_values: Tensor<B, 4>,
+    pub keys: Tensor<B, 4>,
+    pub values: Tensor<B, 4>,
+}
+
+/// A sequence's share of a memory pool: slots `start..start + capacity` of the pool's
+/// per-layer key and value tensors. A kernel that attends many sequences at once reads the
+/// pool's tensors with each sequence's `start` and slot count, one launch for all of them.
+#[derive(Debug, Clone)]
+pub struct PoolRegion<B: Backend> {
+    /// Which pool: regions of different pools are never read together.
+    pub pool: u64,
+    pub start: usize,
+    pub capacity: usize,
+    pub layers: Vec<RegionLayer<B>>,
+}
+
+/// Where one layer's slots lie in a pool ([`KvCache::region_slots`]): `len` slots in use
+/// (any marked evicted included) from the pool's slot `start`, room for `capacity`.
+#[derive(Debug, Clone)]
+pub struct RegionSlots<B: Backend> {
+    pub pool: u64,
+    pub pool_keys: Tensor<B, 4>,
+    pub pool_values: Tensor<B, 4>,
+    pub start: usize,
+    pub len: usize,
+    pub capacity: usize,
 }
 
 /// `len` split into chunks of `chunk` (the last one shorter).

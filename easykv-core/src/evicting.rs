@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 use crate::budget::Schedule;
 use crate::layer_kv::{ascending_rows, LayerKv};
 use crate::policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
-use crate::{CacheKernels, CachedKv, Error, KvCache, Ranker, Result};
+use crate::{CacheKernels, CachedKv, Error, KvCache, PoolRegion, Ranker, RegionSlots, Result};
 
 /// Per-layer progress. Layers move in step while decoding; a layer-major prefill runs one
 /// layer through several chunks before the next layer starts.
@@ -773,6 +773,14 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         } else {
             crate::cache::uniform_chunks(prompt_len, chunk_size)
         }
+    }
+
+    fn place_in(&mut self, region: PoolRegion<B>) -> bool {
+        self.kv.place_in(region)
+    }
+
+    fn region_slots(&self, layer: usize) -> Option<RegionSlots<B>> {
+        self.kv.region_slots(layer)
     }
 
     fn reserve(&mut self, tokens: usize) {

@@ -1,7 +1,7 @@
 use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::layer_kv::LayerKv;
-use crate::{CacheKernels, CachedKv, KvCache, Result};
+use crate::{CacheKernels, CachedKv, KvCache, PoolRegion, RegionSlots, Result};
 
 /// A cache that never evicts: the reference every policy is measured against.
 #[derive(Debug, Clone)]
@@ -55,6 +55,14 @@ impl<B: Backend> KvCache<B> for FullCache<B> {
             self.tokens_seen += s;
         }
         Ok(out)
+    }
+
+    fn place_in(&mut self, region: PoolRegion<B>) -> bool {
+        self.kv.place_in(region)
+    }
+
+    fn region_slots(&self, layer: usize) -> Option<RegionSlots<B>> {
+        self.kv.region_slots(layer)
     }
 
     fn reserve(&mut self, tokens: usize) {

@@ -33,6 +33,12 @@ pub type SlotGatherer<B> = fn(&Tensor<B, 4>, &Tensor<B, 4>, Tensor<B, 3, Int>) -
 /// each layer's probabilities by four tensor operations and stacks the layers per chunk.
 pub type ObservationWriter<B> = fn(Tensor<B, 4>, [&Tensor<B, 3>; 3], usize) -> std::result::Result<(), Tensor<B, 4>>;
 
+/// Writes `src` (`[batch, kv_heads, s, head_dim]`) into slots `at..at + s` of the buffer `dst`
+/// (`[batch, kv_heads, capacity, head_dim]`, any strides with a contiguous last axis) in `dst`'s
+/// own memory: buffers lent by a memory pool are views that others read, so they are written
+/// in place, never replaced. Hands `src` back when it cannot.
+pub type SlotWriter<B> = fn(&Tensor<B, 4>, Tensor<B, 4>, usize) -> std::result::Result<(), Tensor<B, 4>>;
+
 /// Where a backend's tensors live, as far as the cache cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,6 +59,7 @@ pub struct CacheKernels<B: Backend> {
     pub slot_lister: Option<SlotLister<B>>,
     pub slot_gatherer: Option<SlotGatherer<B>>,
     pub observation_writer: Option<ObservationWriter<B>>,
+    pub slot_writer: Option<SlotWriter<B>>,
 }
 
 impl<B: Backend> CacheKernels<B> {
@@ -64,6 +71,7 @@ impl<B: Backend> CacheKernels<B> {
             slot_lister: None,
             slot_gatherer: None,
             observation_writer: None,
+            slot_writer: None,
         }
     }
 
@@ -107,6 +115,7 @@ impl<B: Backend> std::fmt::Debug for CacheKernels<B> {
             .field("slot_lister", &self.slot_lister.is_some())
             .field("slot_gatherer", &self.slot_gatherer.is_some())
             .field("observation_writer", &self.observation_writer.is_some())
+            .field("slot_writer", &self.slot_writer.is_some())
             .finish()
     }
 }

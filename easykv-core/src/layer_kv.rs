@@ -2,7 +2,7 @@
 
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorCreationOptions};
 
-use crate::{CacheKernels, CachedKv, Error, Result};
+use crate::{CacheKernels, CachedKv, Error, PoolRegion, RegionSlots, Result};
 
 /// Growth step of a buffer that outgrows its capacity, at least.
 const MIN_GROWTH: usize = 64;
@@ -14,6 +14,8 @@ struct Buffers<B: Backend> {
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     len: usize,
+    /// Whether `k` and `v` are still the views of a pool region ([`LayerKv::place_in`]).
+    in_region: bool,
 }
 
 impl<B: Backend> Buffers<B> {
@@ -88,6 +90,9 @@ pub(crate) struct LayerKv<B: Backend> {
     /// bound allocates once).
     reserve: usize,
     kernels: CacheKernels<B>,
+    /// The pool region the buffers were placed in, if any: its pool, first slot and every
+    /// layer's pool tensors.
+    region: Option<(u64, usize, Vec<(Tensor<B, 4>, Tensor<B, 4>)>)>,
 }
 
 impl<B: Backend> LayerKv<B> {
@@ -96,6 +101,56 @@ impl<B: Backend> LayerKv<B> {
             layers: vec![None; n_layers],
             reserve: 0,
             kernels,
+            region: None,
+        }
+    }
+
+    /// Takes `region`'s views as every layer's buffers; `false` (nothing changed) when a layer
+    /// already holds slots or the region has another number of layers.
+    pub(crate) fn place_in(&mut self, region: PoolRegion<B>) -> bool {
+        if region.layers.len() != self.layers.len() || self.layers.iter().any(Option::is_some) {
+            return false;
+        }
+        let mut pools = Vec::with_capacity(region.layers.len());
+        for (entry, l) in self.layers.iter_mut().zip(region.layers) {
+            *entry = Some(Buffers {
+                k: l.keys,
+                v: l.values,
+                len: 0,
+                in_region: true,
+            });
+            pools.push((l.pool_keys, l.pool_values));
+        }
+        self.region = Some((region.pool, region.start, pools));
+        true
+    }
+
+    /// Where `layer`'s slots lie in the pool, while its buffers are the region's views.
+    pub(crate) fn region_slots(&self, layer: usize) -> Option<RegionSlots<B>> {
+        let (pool, start, pools) = self.region.as_ref()?;
+        let e = self.layers.get(layer)?.as_ref().filter(|e| e.in_region)?;
+        let (pool_keys, pool_values) = pools.get(layer)?.clone();
+        Some(RegionSlots {
+            pool: *pool,
+            pool_keys,
+            pool_values,
+            start: *start,
+            len: e.len,
+            capacity: e.capacity(),
+        })
+    }
+
+    /// Writes `new` into slots `at..` of region buffer `dst` in place; `new` back if the
+    /// backend has no writer or it declined.
+    fn write_in_region(
+        &self,
+        dst: &Tensor<B, 4>,
+        new: Tensor<B, 4>,
+        at: usize,
+    ) -> std::result::Result<(), Tensor<B, 4>> {
+        match self.kernels.slot_writer {
+            Some(write) => write(dst, new, at),
+            None => Err(new),
         }
     }
 
@@ -125,14 +180,23 @@ impl<B: Backend> LayerKv<B> {
             .len;
         let s = keys.dims()[2];
         let layers = self.layers.len();
-        let Some(Some(Buffers { k, v, len })) = self.layers.get_mut(layer).map(Option::take) else {
+        let Some(Some(Buffers { k, v, len, in_region })) = self.layers.get_mut(layer).map(Option::take) else {
             return Err(Error::LayerOutOfRange { layer, layers });
         };
-        self.layers[layer] = Some(Buffers {
-            k: write_slots(k, keys, at, self.kernels.host_resident()),
-            v: write_slots(v, values, at, self.kernels.host_resident()),
-            len,
-        });
+        let host = self.kernels.host_resident();
+        // A region's views stay the region's: written in place, or (no writer) the layer
+        // leaves the region for buffers of its own.
+        let (k, v, in_region) = match in_region {
+            true => match self.write_in_region(&k, keys, at) {
+                Ok(()) => match self.write_in_region(&v, values, at) {
+                    Ok(()) => (k, v, true),
+                    Err(values) => (k, write_slots(v, values, at, host), false),
+                },
+                Err(keys) => (write_slots(k, keys, at, host), write_slots(v, values, at, host), false),
+            },
+            false => (write_slots(k, keys, at, host), write_slots(v, values, at, host), false),
+        };
+        self.layers[layer] = Some(Buffers { k, v, len, in_region });
         self.commit_slots(layer, s)
     }
 
@@ -173,7 +237,12 @@ impl<B: Backend> LayerKv<B> {
                 Some(e) => (grow(Some(e.k)), grow(Some(e.v))),
                 None => (grow(None), grow(None)),
             };
-            *entry = Some(Buffers { k, v, len });
+            *entry = Some(Buffers {
+                k,
+                v,
+                len,
+                in_region: false,
+            });
         }
         match entry {
             Some(e) => Ok(CachedKv {
@@ -223,6 +292,7 @@ impl<B: Backend> LayerKv<B> {
                         k: compact_in_place(k, &order, kept),
                         v: compact_in_place(v, &order, kept),
                         len: kept,
+                        in_region: false,
                     });
                 }
                 return;
@@ -268,8 +338,17 @@ impl<B: Backend> LayerKv<B> {
                 };
                 match gather(&e.k, &e.v, keep.clone().slice_dim(0, i * b..(i + 1) * b)) {
                     Some((k, v)) => {
-                        e.k = k;
-                        e.v = v;
+                        // A region's views get the kept slots written back into them.
+                        let written = e.in_region
+                            && self.kernels.slot_writer.is_some_and(|write| {
+                                write(&e.k, k.clone().slice_dim(2, 0..kept), 0).is_ok()
+                                    && write(&e.v, v.clone().slice_dim(2, 0..kept), 0).is_ok()
+                            });
+                        if !written {
+                            e.k = k;
+                            e.v = v;
+                            e.in_region = false;
+                        }
                         e.len = kept;
                     }
                     // The layers not compacted yet go by row selection.
@@ -318,6 +397,7 @@ impl<B: Backend> LayerKv<B> {
             e.k = pick(e.k.clone());
             e.v = pick(e.v.clone());
             e.len = kept;
+            e.in_region = false;
         }
     }
 
@@ -346,6 +426,7 @@ impl<B: Backend> LayerKv<B> {
 
     pub(crate) fn clear(&mut self) {
         self.layers.iter_mut().for_each(|e| *e = None);
+        self.region = None;
     }
 }
 
@@ -388,6 +469,81 @@ mod tests {
                 assert_eq!(used(x), used(y), "layer {l}");
             }
         }
+    }
+
+    /// A region of `capacity` slots from slot `start` of a 10-slot pool, for `layers` layers
+    /// of one head of width 2 (views stood in for by tensors of their own: flex has none).
+    fn region(layers: usize, start: usize, capacity: usize) -> PoolRegion<Flex> {
+        let dev = Default::default();
+        let t = |slots| Tensor::<Flex, 4>::zeros([1, 1, slots, 2], &dev);
+        PoolRegion {
+            pool: 7,
+            start,
+            capacity,
+            layers: (0..layers)
+                .map(|_| crate::RegionLayer {
+                    pool_keys: t(10),
+                    pool_values: t(10),
+                    keys: t(capacity),
+                    values: t(capacity),
+                })
+                .collect(),
+        }
+    }
+
+    static REGION_WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// A stand-in for a device writer: counts the writes it is asked for and accepts them.
+    fn counting_writer(_: &Tensor<Flex, 4>, _: Tensor<Flex, 4>, _: usize) -> std::result::Result<(), Tensor<Flex, 4>> {
+        REGION_WRITES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// A placed cache appends into its region in place and reports where its slots lie, until
+    /// a layer outgrows the region; an occupied cache refuses a region.
+    #[test]
+    fn a_region_is_written_in_place_until_outgrown() {
+        let kernels = CacheKernels {
+            slot_writer: Some(counting_writer),
+            ..CacheKernels::plain(crate::Memory::Gpu)
+        };
+        let dev = Default::default();
+        let mut kv = LayerKv::<Flex>::new(2, kernels);
+        assert!(kv.place_in(region(2, 4, 3)));
+        assert!(!kv.place_in(region(2, 0, 3)), "a placed cache takes no second region");
+        let slots = |s: usize| Tensor::<Flex, 4>::ones([1, 1, s, 2], &dev);
+        let before = REGION_WRITES.load(std::sync::atomic::Ordering::SeqCst);
+        kv.append_in_place(0, slots(2), slots(2)).unwrap();
+        assert_eq!(REGION_WRITES.load(std::sync::atomic::Ordering::SeqCst), before + 2);
+        let r = kv.region_slots(0).unwrap();
+        assert_eq!((r.pool, r.start, r.len, r.capacity), (7, 4, 2, 3));
+        assert_eq!(kv.region_slots(1).map(|r| r.len), Some(0));
+        // Two more slots do not fit three: the layer grows into buffers of its own.
+        kv.append_in_place(0, slots(2), slots(2)).unwrap();
+        assert!(kv.region_slots(0).is_none());
+        assert_eq!(kv.physical_slots(0), 4);
+        assert!(kv.region_slots(1).is_some());
+        kv.clear();
+        assert!(kv.region_slots(1).is_none());
+        assert!(kv.place_in(region(2, 0, 3)), "a cleared cache takes a region again");
+    }
+
+    /// Without a writer, a layer leaves its region at its first append, keeping the slots.
+    #[test]
+    fn without_a_writer_a_layer_leaves_its_region() {
+        let dev = Default::default();
+        let mut kv = LayerKv::<Flex>::new(1, CacheKernels::plain(crate::Memory::Gpu));
+        assert!(kv.place_in(region(1, 2, 4)));
+        assert!(
+            !LayerKv::<Flex>::new(2, CacheKernels::host()).place_in(region(1, 2, 4)),
+            "layers must match"
+        );
+        let new = Tensor::<Flex, 1>::from_floats([1.0, 2.0, 3.0, 4.0], &dev).reshape([1, 1, 2, 2]);
+        let cached = kv.append_in_place(0, new.clone(), new.clone().neg()).unwrap();
+        assert!(kv.region_slots(0).is_none());
+        let (k, v) = cached.used();
+        assert_eq!(k.into_data().to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(v.into_data().to_vec::<f32>().unwrap(), vec![-1.0, -2.0, -3.0, -4.0]);
     }
 
     static GATHER_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -18,10 +18,10 @@ mod policy;
 mod ranking;
 
 pub use budget::{Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL};
-pub use cache::{uniform_chunks, CachedKv, KvCache};
+pub use cache::{uniform_chunks, CachedKv, KvCache, PoolRegion, RegionLayer, RegionSlots};
 pub use error::{Error, Result};
 pub use evicting::EvictingCache;
 pub use full::FullCache;
-pub use kernels::{CacheKernels, Memory, ObservationWriter, RowRanker, SlotGatherer, SlotLister};
+pub use kernels::{CacheKernels, Memory, ObservationWriter, RowRanker, SlotGatherer, SlotLister, SlotWriter};
 pub use policy::{slot_mask, EvictionContext, EvictionPolicy, Phase, SlotStats};
 pub use ranking::{Ranker, Ranking};

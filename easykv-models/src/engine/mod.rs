@@ -9,11 +9,15 @@
 //! token in a single batched forward pass, which reads the weights once for all of them.
 //! Finished and cancelled sequences hand their memory back at once.
 //!
-//! Why one contiguous buffer per (sequence, layer) rather than fixed-size blocks: a budgeted
+//! Why one contiguous range of slots per sequence rather than fixed-size blocks: a budgeted
 //! sequence's peak is known when it is admitted, and eviction compacts a sequence's slots within
-//! its own buffer, so a block table would add an indirection to every attention read without
+//! its own range, so a block table would add an indirection to every attention read without
 //! freeing more memory; the pool accounts whole reservations, which is what admission needs.
+//! On GPUs the ranges lie in one tensor per layer ([`arena`]), so a decode step attends every
+//! sequence in one launch per layer; on the CPU each sequence's cache holds its own buffers
+//! (host kernels have no launches to save) and the pool only accounts them.
 
+mod arena;
 mod handle;
 
 use std::collections::VecDeque;
@@ -21,7 +25,7 @@ use std::collections::VecDeque;
 use burn::prelude::*;
 use easykv_core::{EvictionConfig, KvCache};
 
-use crate::backend::BackendProfile;
+use crate::backend::{BackendProfile, Kernel};
 use crate::cache::build_cache;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -129,6 +133,8 @@ struct Sequence<B: Backend> {
     cache: Box<dyn KvCache<B>>,
     sampler: Sampler,
     footprint: u64,
+    /// The first of the `slots` pool slots it holds in the engine's arena, if it has one.
+    region: Option<(usize, usize)>,
     /// Prefill groups not run yet, and where the next starts in the prompt.
     groups: VecDeque<Vec<usize>>,
     prefilled: usize,
@@ -143,6 +149,8 @@ struct Queued<B: Backend> {
     request: Request,
     cache: Box<dyn KvCache<B>>,
     footprint: u64,
+    /// Slots per layer it needs at most.
+    slots: usize,
 }
 
 /// Sequences at once under one pool (see the module's documentation).
@@ -155,6 +163,8 @@ pub struct Engine<B: Backend> {
     /// bytes to set aside for it.
     queue: VecDeque<Queued<B>>,
     running: Vec<Sequence<B>>,
+    /// On GPUs: every sequence's slots in one tensor per layer.
+    arena: Option<arena::SlotArena<B>>,
     next_id: RequestId,
     reserved: u64,
     /// Counters of [`EngineStats`]; `evicted` counts sequences that have left.
@@ -177,6 +187,7 @@ impl<B: Backend> Engine<B> {
                 "the engine needs a pool, a chunk size and room for at least one sequence".into(),
             ));
         }
+        let arena = Self::arena_for(model.as_ref(), &model_config, kv_dtype, &config);
         Ok(Self {
             model,
             model_config,
@@ -184,6 +195,7 @@ impl<B: Backend> Engine<B> {
             config,
             queue: VecDeque::new(),
             running: Vec::new(),
+            arena,
             next_id: 0,
             reserved: 0,
             finished: 0,
@@ -195,6 +207,44 @@ impl<B: Backend> Engine<B> {
 
     pub fn model(&self) -> &dyn CausalLm<B> {
         self.model.as_ref()
+    }
+
+    /// The pool as one tensor per layer, where the backend attends pooled sequences in one
+    /// launch (GPUs with easykv's kernels) and the pool has a size that can be allocated;
+    /// `None` elsewhere (each cache then allocates its own buffers).
+    fn arena_for(
+        model: &dyn CausalLm<B>,
+        config: &ModelConfig,
+        kv_dtype: WeightDType,
+        engine: &EngineConfig,
+    ) -> Option<arena::SlotArena<B>> {
+        let p = model.profile();
+        let kernels = [Kernel::SplitRope, Kernel::Attention, Kernel::Gather]
+            .iter()
+            .all(|k| p.runs(*k));
+        let per_token = config.kv_bytes_per_token(kv_dtype.size()).max(1);
+        let slots = usize::try_from(engine.pool_bytes / per_token).ok()?;
+        // Kernels index a layer's tensor with 32-bit offsets.
+        let elements = slots.checked_mul(config.n_kv_heads)?.checked_mul(config.head_dim)?;
+        if p.memory != easykv_core::Memory::Gpu || !kernels || slots == 0 || elements > u32::MAX as usize {
+            return None;
+        }
+        let device = model.device();
+        let (layers, heads, d) = (config.n_layers, config.n_kv_heads, config.head_dim);
+        // An allocation the device cannot make panics inside burn: the engine then keeps
+        // per-sequence buffers.
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            arena::SlotArena::new(layers, heads, d, slots, kv_dtype.dtype(), &device)
+        }));
+        match made {
+            Ok(arena) => Some(arena),
+            Err(_) => {
+                tracing::warn!(
+                    "a KV pool of {slots} slots per layer could not be allocated; sequences keep their own buffers"
+                );
+                None
+            }
+        }
     }
 
     fn profile(&self) -> BackendProfile {
@@ -222,6 +272,12 @@ impl<B: Backend> Engine<B> {
         let per_token = self.model_config.kv_bytes_per_token(self.kv_dtype.size());
         let footprint = (cache.peak_slots(tokens) as u64).saturating_mul(per_token);
         Ok((cache, footprint))
+    }
+
+    /// Slots per layer a cache of `footprint` bytes holds.
+    fn slots_of(&self, footprint: u64) -> usize {
+        let per_token = self.model_config.kv_bytes_per_token(self.kv_dtype.size()).max(1);
+        usize::try_from(footprint / per_token).unwrap_or(usize::MAX)
     }
 
     /// Queues `request`; refused at once if it could never run (an empty prompt or one past
@@ -258,11 +314,13 @@ impl<B: Backend> Engine<B> {
         }
         let id = self.next_id;
         self.next_id += 1;
+        let slots = self.slots_of(footprint);
         self.queue.push_back(Queued {
             id,
             request,
             cache,
             footprint,
+            slots,
         });
         Ok(id)
     }
@@ -286,6 +344,9 @@ impl<B: Backend> Engine<B> {
     fn release(&mut self, i: usize) {
         let seq = self.running.swap_remove(i);
         self.reserved -= seq.footprint;
+        if let (Some(arena), Some((start, slots))) = (self.arena.as_mut(), seq.region) {
+            arena.give_back(start, slots);
+        }
         self.evicted += seq.cache.evicted() as u64;
     }
 
@@ -323,14 +384,39 @@ impl<B: Backend> Engine<B> {
                 Some(q) if self.reserved + q.footprint <= self.config.pool_bytes => {}
                 _ => break,
             }
+            // On GPUs the sequence needs a range of the arena as long as its peak.
+            let profile = self.profile();
+            let region = match (self.arena.as_mut(), self.queue.front()) {
+                (Some(arena), Some(q)) => match arena.take(q.slots) {
+                    Some(start) => Some((start, q.slots)),
+                    None => break,
+                },
+                _ => None,
+            };
             let Some(Queued {
                 id,
                 request,
                 mut cache,
                 footprint,
+                ..
             }) = self.queue.pop_front()
             else {
                 break;
+            };
+            // A cache that cannot take the range keeps its own buffers; the range goes back.
+            let placed = match (self.arena.as_ref(), region) {
+                (Some(arena), Some((start, slots))) => {
+                    arena.region(&profile, start, slots).is_some_and(|r| cache.place_in(r))
+                }
+                _ => false,
+            };
+            let region = match (placed, region, self.arena.as_mut()) {
+                (true, region, _) => region,
+                (false, Some((start, slots)), Some(arena)) => {
+                    arena.give_back(start, slots);
+                    None
+                }
+                _ => None,
             };
             cache.reserve(self.tokens_for(&request));
             let groups = chunk_groups(
@@ -344,6 +430,7 @@ impl<B: Backend> Engine<B> {
                 request,
                 cache,
                 footprint,
+                region,
                 groups: groups.into(),
                 prefilled: 0,
                 pending: None,

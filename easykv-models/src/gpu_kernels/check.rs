@@ -585,7 +585,89 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             })
         });
     record("gather", gather.into());
+
+    record("pool", vec![pool_case::<B>(dtype, device)]);
     checks
+}
+
+/// An independent copy of `t` (a cut of a pool would be a view of its memory).
+fn copied<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    let options = burn::tensor::TensorCreationOptions::new(t.device()).with_dtype(t.dtype());
+    Tensor::from_data(t.into_data(), options)
+}
+
+/// Three sequences of one memory pool: their keys and values written and their queries
+/// rotated by one launch, attended by one launch, against each alone over a copy of its
+/// region (`split_rope_into`, `decode_attention`), which both must equal exactly; and slots
+/// written through a region's view reaching the pool.
+fn pool_case<B: Backend>(dtype: DType, device: &B::Device) -> Option<Diff> {
+    let (hq, hkv, d, pool_slots) = (8usize, 2usize, 128usize, 3000usize);
+    // (first slot, capacity, slots held before this step)
+    let seqs = [(0usize, 700usize, 37usize), (700, 1500, 1400), (2200, 800, 511)];
+    let n = seqs.len();
+    let heads = HeadShape {
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+    };
+    let pool_k = random::<B, 4>([1, hkv, pool_slots, d], dtype, device);
+    let pool_v = random::<B, 4>([1, hkv, pool_slots, d], dtype, device);
+    let own: Vec<_> = seqs
+        .iter()
+        .map(|&(start, cap, _)| {
+            let cut = |t: &Tensor<B, 4>| copied(t.clone().slice_dim(2, start..start + cap));
+            (cut(&pool_k), cut(&pool_v))
+        })
+        .collect();
+    let qkv = random::<B, 3>([n, 1, (hq + 2 * hkv) * d], dtype, device);
+    let angles: Vec<Tensor<B, 2>> = (0..4).map(|_| random::<B, 2>([n, d], dtype, device)).collect();
+    let mut table: Vec<i32> = seqs.iter().map(|s| s.0 as i32).collect();
+    table.extend(seqs.iter().map(|s| (s.2 + 1) as i32));
+    let table = Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(table, [2 * n]), device);
+    let rows = super::PoolRows {
+        table: &table,
+        starts_at: 0,
+        lens_at: n,
+        longest: seqs.iter().map(|s| s.2 + 1).max().unwrap_or(1),
+    };
+    let q = launch::split_rope_pool(
+        qkv.clone(),
+        heads,
+        (&angles[0], &angles[1]),
+        (&angles[2], &angles[3]),
+        (&pool_k, &pool_v),
+        &rows,
+    )
+    .ok()?;
+    let out = launch::decode_attention_pool(q.clone().reshape([n, hkv, hq / hkv, d]), &pool_k, &pool_v, &rows).ok()?;
+    let mut diff = Diff {
+        max: 0.0,
+        detail: String::new(),
+    };
+    for (i, (&(start, _, len), (k, v))) in seqs.iter().zip(&own).enumerate() {
+        let row = |t: &Tensor<B, 2>| t.clone().slice_dim(0, i..i + 1);
+        let qi = launch::split_rope_into(
+            qkv.clone().slice_dim(0, i..i + 1),
+            heads,
+            (&row(&angles[0]), &row(&angles[1])),
+            (&row(&angles[2]), &row(&angles[3])),
+            (k, v),
+            len,
+        )
+        .ok()?;
+        let oi = launch::decode_attention(qi.clone().reshape([1, hkv, hq / hkv, d]), k, v, len + 1).ok()?;
+        let held = |t: &Tensor<B, 4>, from: usize| t.clone().slice_dim(2, from..from + len + 1);
+        diff = diff
+            .and(compare(q.clone().slice_dim(0, i..i + 1), qi))
+            .and(compare(out.clone().slice_dim(0, i..i + 1), oi))
+            .and(compare(held(&pool_k, start), held(k, 0)))
+            .and(compare(held(&pool_v, start), held(v, 0)));
+    }
+    // Five slots written through the third region's view land in the pool.
+    let view = launch::slot_view(&pool_k, 2200, 800)?;
+    let new = random::<B, 4>([1, hkv, 5, d], dtype, device);
+    launch::write_slots(&view, new.clone(), 100).ok()?;
+    Some(diff.and(compare(pool_k.slice_dim(2, 2300..2305), new)))
 }
 
 /// A product case: random `x` (`[rows, inp]`) and `W` (`[out, inp]`, twice the rows for SwiGLU)

@@ -186,7 +186,7 @@ pub fn swiglu<F: Float, A: Float>(
 /// queries, the attention scale in both (thread = input element).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn split_rope<F: Float, C: Float, A: Float>(
+pub fn split_rope<F: Float, C: Float, A: Float, I: Int>(
     qkv: &Tensor<F>,
     q_cos: &Tensor<C>,
     q_sin: &Tensor<C>,
@@ -195,6 +195,7 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
     q: &mut Tensor<F>,
     k: &mut Tensor<F>,
     v: &mut Tensor<F>,
+    table: &Tensor<I>,
     seq: u32,
     q_heads: u32,
     kv_heads: u32,
@@ -203,9 +204,12 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
     kv_head_stride: u32,
     kv_slot_stride: u32,
     at: u32,
+    starts_at: u32,
+    lens_at: u32,
     total: u32,
     #[comptime] rotate_keys: bool,
-    #[define(F, C, A)] _dtypes: [StorageType; 3],
+    #[comptime] ragged: bool,
+    #[define(F, C, A, I)] _dtypes: [StorageType; 4],
 ) {
     let idx = ABSOLUTE_POS as usize;
     if idx >= total as usize {
@@ -223,7 +227,16 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
     let pos = token % s;
     let batch = token / s;
     let partner = token * width + head * d + (j + d / 2) % d;
-    let angle = pos * d + j;
+    let mut angle = pos * d + j;
+    // Ragged (one token per sequence of a pool): angle rows per token, and each sequence's
+    // key and value go to its next slot in the pool, `start + len − 1`.
+    let mut kv_base = batch * kv_batch_stride as usize + (at as usize + pos) * kv_slot_stride as usize;
+    if ragged {
+        angle = token * d + j;
+        let start = u32::cast_from(table[starts_at as usize + batch]) as usize;
+        let len = u32::cast_from(table[lens_at as usize + batch]) as usize;
+        kv_base = (start + len - 1) * kv_slot_stride as usize;
+    }
     if head < hq {
         let x = A::cast_from(qkv[idx]);
         let xp = A::cast_from(qkv[partner]);
@@ -231,10 +244,7 @@ pub fn split_rope<F: Float, C: Float, A: Float>(
         q[((batch * hq + head) * s + pos) * d + j] = F::cast_from(r);
     } else {
         let h = (head - hq) % hkv;
-        let out = batch * kv_batch_stride as usize
-            + h * kv_head_stride as usize
-            + (at as usize + pos) * kv_slot_stride as usize
-            + j;
+        let out = kv_base + h * kv_head_stride as usize + j;
         if head < hq + hkv {
             if rotate_keys {
                 let x = A::cast_from(qkv[idx]);
@@ -646,19 +656,23 @@ pub const DECODE_SPLIT: u32 = 256;
 /// where nobody reads the probabilities, the scores never reach memory.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention<F: Float, A: Float, N: Size>(
+pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
     q: &Tensor<Vector<F, N>>,
     keys: &Tensor<Vector<F, N>>,
     values: &Tensor<Vector<F, N>>,
     partial: &mut Tensor<A>,
+    table: &Tensor<I>,
     rows: u32,
     slots: u32,
     kv_heads: u32,
     batch_stride: u32,
     head_stride: u32,
     slot_stride: u32,
+    starts_at: u32,
+    lens_at: u32,
     #[comptime] groups: u32,
-    #[define(F, A)] _dtypes: [StorageType; 2],
+    #[comptime] ragged: bool,
+    #[define(F, A, I)] _dtypes: [StorageType; 3],
 ) {
     let tid = UNIT_POS as usize;
     let dv = CUBE_DIM_X as usize;
@@ -668,14 +682,25 @@ pub fn decode_attention<F: Float, A: Float, N: Size>(
     let range = CUBE_POS_Y as usize;
     let split = DECODE_SPLIT as usize;
     let first = range * split;
-    let mut count = slots as usize - first;
-    if count > split {
-        count = split;
-    }
     let bh = bh_row / rows as usize;
     let batch = bh / kv_heads as usize;
     let head = bh % kv_heads as usize;
-    let kv_base = batch * batch_stride as usize + head * head_stride as usize;
+    let mut kv_base = batch * batch_stride as usize + head * head_stride as usize;
+    let mut n = slots as usize;
+    // Ragged (sequences of a pool): batch `batch` holds `len` slots from the pool's `start`;
+    // ranges past its slots write an empty partial (its maximum the floor, its sums 0).
+    if ragged {
+        let start = u32::cast_from(table[starts_at as usize + batch]) as usize;
+        n = u32::cast_from(table[lens_at as usize + batch]) as usize;
+        kv_base = head * head_stride as usize + start * slot_stride as usize;
+    }
+    let mut count = 0usize;
+    if n > first {
+        count = n - first;
+    }
+    if count > split {
+        count = split;
+    }
     // The query row, shared by every thread.
     let mut qs = SharedMemory::<Vector<F, N>>::new(64usize);
     if tid < dv {
@@ -1161,6 +1186,46 @@ pub fn gather_slots<F: Float, I: Int, N: Size>(
     let to = (bh * capacity as usize + j) * l + lane;
     new_keys[to] = keys[from];
     new_values[to] = values[from];
+}
+
+/// `src` (`[batch, heads, s, lanes]` vectors) into slots `at..at + s` of `dst`
+/// (`[batch, heads, capacity, lanes]`), each indexed by its own batch, head and slot strides
+/// (in vectors; thread = vector): a pool region's view written in place.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn write_slots<F: Float, N: Size>(
+    src: &Tensor<Vector<F, N>>,
+    dst: &mut Tensor<Vector<F, N>>,
+    heads: u32,
+    s: u32,
+    lanes: u32,
+    src_batch_stride: u32,
+    src_head_stride: u32,
+    src_slot_stride: u32,
+    dst_batch_stride: u32,
+    dst_head_stride: u32,
+    dst_slot_stride: u32,
+    at: u32,
+    total: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let idx = ABSOLUTE_POS as usize;
+    if idx >= total as usize {
+        terminate!();
+    }
+    let l = lanes as usize;
+    let lane = idx % l;
+    let t = idx / l;
+    let j = t % s as usize;
+    let bh = t / s as usize;
+    let b = bh / heads as usize;
+    let h = bh % heads as usize;
+    let from = b * src_batch_stride as usize + h * src_head_stride as usize + j * src_slot_stride as usize + lane;
+    let to = b * dst_batch_stride as usize
+        + h * dst_head_stride as usize
+        + (at as usize + j) * dst_slot_stride as usize
+        + lane;
+    dst[to] = src[from];
 }
 
 /// The slots of each row of `mask` (`[rows, n]`, 1.0 = true) that are true, ascending, the

@@ -19,7 +19,7 @@ use cubecl::wgpu::WgpuRuntime;
 use super::kernels::{self, ROW_BLOCK};
 #[cfg(feature = "cuda")]
 use super::MATMUL_ROWS_MAX;
-use super::{GemvEpilogue, GemvNorm, HeadShape, Tuning};
+use super::{GemvEpilogue, GemvNorm, HeadShape, PoolRows, Tuning};
 
 /// Whether `B`'s float tensors are burn's unfused tensors of runtime `R`.
 fn is_runtime<B: Backend, R: CubeRuntime>() -> bool {
@@ -228,7 +228,7 @@ pub fn split_rope<B: Backend>(
     queries: (&Tensor<B, 2>, &Tensor<B, 2>),
     keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
 ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 3>> {
-    split_rope_any(qkv, heads, queries, keys, None).map(|(q, kv)| match kv {
+    split_rope_any(qkv, heads, queries, keys, None, None).map(|(q, kv)| match kv {
         Some((k, v)) => (q, k, v),
         None => unreachable!("fresh key and value tensors are returned when no cache is given"),
     })
@@ -240,8 +240,9 @@ fn split_rope_any<B: Backend>(
     queries: (&Tensor<B, 2>, &Tensor<B, 2>),
     keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
     cache: Option<((&Tensor<B, 4>, &Tensor<B, 4>), usize)>,
+    pool: Option<&PoolRows<'_, B>>,
 ) -> Result<SplitHeads<B>, Tensor<B, 3>> {
-    on_runtime!(split_rope_on::<B>(qkv, heads, queries, keys, cache), qkv)
+    on_runtime!(split_rope_on::<B>(qkv, heads, queries, keys, cache, pool), qkv)
 }
 
 /// [`split_rope`] writing k and v straight into a cache's buffers (`[batch, hkv, capacity,
@@ -254,11 +255,42 @@ pub fn split_rope_into<B: Backend>(
     cache: (&Tensor<B, 4>, &Tensor<B, 4>),
     at: usize,
 ) -> Result<Tensor<B, 4>, Tensor<B, 3>> {
-    split_rope_any(qkv, heads, queries, Some(keys), Some((cache, at))).map(|(q, _)| q)
+    split_rope_any(qkv, heads, queries, Some(keys), Some((cache, at)), None).map(|(q, _)| q)
+}
+
+/// [`split_rope_into`] for one token of each of `n` sequences of a memory pool: row `i` of
+/// `qkv` (`[n, 1, width]`) rotated by angle row `i` (`[n, d]` each), its key and value written
+/// to the pool's slot `start + len − 1` of row `i` of `rows` (the slot counts after this
+/// token); `pool`: the pool's `[1, hkv, pool_slots, d]` tensors. Returns q, `[n, hq, 1, d]`.
+pub fn split_rope_pool<B: Backend>(
+    qkv: Tensor<B, 3>,
+    heads: HeadShape,
+    queries: (&Tensor<B, 2>, &Tensor<B, 2>),
+    keys: (&Tensor<B, 2>, &Tensor<B, 2>),
+    pool: (&Tensor<B, 4>, &Tensor<B, 4>),
+    rows: &PoolRows<'_, B>,
+) -> Result<Tensor<B, 4>, Tensor<B, 3>> {
+    split_rope_any(qkv, heads, queries, Some(keys), Some((pool, 0)), Some(rows)).map(|(q, _)| q)
 }
 
 /// q, and k and v unless they went into `cache`'s buffers.
 type SplitHeads<B> = (Tensor<B, 4>, Option<(Tensor<B, 4>, Tensor<B, 4>)>);
+
+/// A pool's row table and where its starts and lengths begin, or (no pool) a one-element
+/// stand-in that kernels compiled for one sequence never read.
+fn pool_table<B: Backend, R: CubeRuntime>(
+    pool: Option<&PoolRows<'_, B>>,
+    like: &CubeTensor<R>,
+) -> (CubeTensor<R>, u32, u32) {
+    match pool {
+        Some(p) => (
+            int_cube::<B, R, 1>(p.table.clone()),
+            p.starts_at as u32,
+            p.lens_at as u32,
+        ),
+        None => (empty_like(like, vec![1], DType::I32), 0, 0),
+    }
+}
 
 #[allow(clippy::type_complexity)]
 fn split_rope_on<B: Backend, R: CubeRuntime>(
@@ -267,8 +299,15 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
     queries: (&Tensor<B, 2>, &Tensor<B, 2>),
     keys: Option<(&Tensor<B, 2>, &Tensor<B, 2>)>,
     cache: Option<((&Tensor<B, 4>, &Tensor<B, 4>), usize)>,
+    pool: Option<&PoolRows<'_, B>>,
 ) -> Result<SplitHeads<B>, Tensor<B, 3>> {
     let [b, s, width] = qkv.dims();
+    // A pool's rows: one token per sequence, angle rows per sequence, the cache one tensor.
+    let ragged = pool.is_some();
+    let (angle_rows, cache_batch) = match ragged {
+        true => (b * s, 1),
+        false => (s, b),
+    };
     let HeadShape {
         q_heads: hq,
         kv_heads: hkv,
@@ -280,12 +319,12 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
     let angle_shapes = [queries.0.dims(), queries.1.dims()]
         .into_iter()
         .chain(keys.into_iter().flat_map(|(c, s)| [c.dims(), s.dims()]))
-        .all(|dims| dims == [s, d]);
+        .all(|dims| dims == [angle_rows, d]);
     let cache_fits = cache.is_none_or(|((k, v), at)| {
         let [cb, ch, capacity, cd] = k.dims();
         k.dims() == v.dims()
-            && [cb, ch, cd] == [b, hkv, d]
-            && at + s <= capacity
+            && [cb, ch, cd] == [cache_batch, hkv, d]
+            && (ragged || at + s <= capacity)
             && k.dtype() == qkv.dtype()
             && v.dtype() == qkv.dtype()
     });
@@ -294,6 +333,7 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
         || !same_angles
         || !angle_shapes
         || !cache_fits
+        || (ragged && (s != 1 || cache.is_none()))
         || width != (hq + 2 * hkv) * d
         || d % 2 != 0
         || total == 0
@@ -329,9 +369,10 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
     };
     let dtype = qkv.dtype;
     let q = empty_like(&qkv, vec![b, hq, s, d], dtype);
+    let (table, starts_at, lens_at) = pool_table::<B, R>(pool, &qkv);
     let client = qkv.client.clone();
     let cube_dim = CubeDim::new_1d(256);
-    let dtypes = [dtype.into(), q_cos.dtype.into(), DType::F32.into()];
+    let dtypes = [dtype.into(), q_cos.dtype.into(), DType::F32.into(), table.dtype.into()];
     kernels::split_rope::launch::<R>(
         &client,
         calculate_cube_count_elemwise(&client, total, cube_dim),
@@ -344,6 +385,7 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
         q.clone().into_tensor_arg(),
         k.clone().into_tensor_arg(),
         v.clone().into_tensor_arg(),
+        table.into_tensor_arg(),
         s as u32,
         hq as u32,
         hkv as u32,
@@ -352,8 +394,11 @@ fn split_rope_on<B: Backend, R: CubeRuntime>(
         head_stride,
         slot_stride,
         at as u32,
+        starts_at,
+        lens_at,
         total as u32,
         rotate_keys,
+        ragged,
         dtypes,
     );
     Ok((tensor(q), fresh.then(|| (tensor(k), tensor(v)))))
@@ -742,7 +787,19 @@ pub fn decode_attention<B: Backend>(
     values: &Tensor<B, 4>,
     slots: usize,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    on_runtime!(decode_attention_on::<B>(q, keys, values, slots), q)
+    on_runtime!(decode_attention_on::<B>(q, keys, values, slots, None), q)
+}
+
+/// [`decode_attention`] for `n` sequences of a memory pool at once: batch row `i` of `q`
+/// (`[n, kv_heads, rows, d]`) attends over its own slots of the pool's `[1, kv_heads,
+/// pool_slots, d]` tensors, as `rows` lists them.
+pub fn decode_attention_pool<B: Backend>(
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    rows: &PoolRows<'_, B>,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    on_runtime!(decode_attention_on::<B>(q, keys, values, rows.longest, Some(rows)), q)
 }
 
 fn decode_attention_on<B: Backend, R: CubeRuntime>(
@@ -750,15 +807,17 @@ fn decode_attention_on<B: Backend, R: CubeRuntime>(
     keys: &Tensor<B, 4>,
     values: &Tensor<B, 4>,
     n: usize,
+    pool: Option<&PoolRows<'_, B>>,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let [b, h, r, d] = q.dims();
     let [kb, kh, capacity, kd] = keys.dims();
+    let ragged = pool.is_some();
     let vector = vector_size(d, q.dtype());
     let lanes = d / vector;
     if !floats(&[q.dtype(), keys.dtype(), values.dtype()])
         || q.dtype() != keys.dtype()
         || q.dtype() != values.dtype()
-        || [kb, kh, kd] != [b, h, d]
+        || [kb, kh, kd] != [if ragged { 1 } else { b }, h, d]
         || values.dims() != keys.dims()
         || n > capacity
         || r > DECODE_ROWS
@@ -783,6 +842,7 @@ fn decode_attention_on<B: Backend, R: CubeRuntime>(
     let splits = n.div_ceil(kernels::DECODE_SPLIT as usize);
     let partial = empty_like(&q, vec![rows * splits * (2 + d)], DType::F32);
     let out = empty_like(&q, vec![b, h, r, d], q.dtype);
+    let (table, starts_at, lens_at) = pool_table::<B, R>(pool, &q);
     let client = q.client.clone();
     let groups = (256 / lanes) as u32;
     kernels::decode_attention::launch::<R>(
@@ -794,14 +854,18 @@ fn decode_attention_on<B: Backend, R: CubeRuntime>(
         k.into_tensor_arg(),
         v.into_tensor_arg(),
         partial.clone().into_tensor_arg(),
+        table.clone().into_tensor_arg(),
         r as u32,
         n as u32,
         h as u32,
         batch_stride,
         head_stride,
         slot_stride,
+        starts_at,
+        lens_at,
         groups,
-        [q.dtype.into(), DType::F32.into()],
+        ragged,
+        [q.dtype.into(), DType::F32.into(), table.dtype.into()],
     );
     let total = rows * d;
     let cube_dim = CubeDim::new_1d(256);
@@ -1255,6 +1319,91 @@ fn gather_slots_on<B: Backend, R: CubeRuntime>(
         dtypes,
     );
     Some((tensor(new_k), tensor(new_v)))
+}
+
+/// Writes `src` (`[batch, heads, s, d]`) into slots `at..at + s` of `dst` (`[batch, heads,
+/// capacity, d]`, any strides with a contiguous last axis) in `dst`'s own memory: the
+/// [`easykv_core::SlotWriter`] of cubecl backends. `src` back when it cannot.
+pub fn write_slots<B: Backend>(dst: &Tensor<B, 4>, src: Tensor<B, 4>, at: usize) -> Result<(), Tensor<B, 4>> {
+    on_runtime!(write_slots_on::<B>(dst, src, at), src)
+}
+
+fn write_slots_on<B: Backend, R: CubeRuntime>(
+    dst: &Tensor<B, 4>,
+    src: Tensor<B, 4>,
+    at: usize,
+) -> Result<(), Tensor<B, 4>> {
+    let [b, h, s, d] = src.dims();
+    let [db, dh, capacity, dd] = dst.dims();
+    let vector = vector_size(d, src.dtype());
+    let lanes = d / vector.max(1);
+    let total = b * h * s * lanes;
+    if !floats(&[src.dtype()])
+        || src.dtype() != dst.dtype()
+        || [db, dh, dd] != [b, h, d]
+        || at + s > capacity
+        || total == 0
+        || total > u32::MAX as usize
+    {
+        return Err(src);
+    }
+    let (from, to) = (cube_view(src.clone()), cube_view(dst.clone()));
+    let (Some(fs), Some(ts)) = (cache_strides(&from, vector), cache_strides(&to, vector)) else {
+        return Err(src);
+    };
+    let client = to.client.clone();
+    let cube_dim = CubeDim::new_1d(256);
+    kernels::write_slots::launch::<R>(
+        &client,
+        calculate_cube_count_elemwise(&client, total, cube_dim),
+        cube_dim,
+        vector,
+        from.into_tensor_arg(),
+        to.clone().into_tensor_arg(),
+        h as u32,
+        s as u32,
+        lanes as u32,
+        fs[0],
+        fs[1],
+        fs[2],
+        ts[0],
+        ts[1],
+        ts[2],
+        at as u32,
+        total as u32,
+        to.dtype.into(),
+    );
+    Ok(())
+}
+
+/// Slots `start..start + len` of `pool` (`[1, heads, pool_slots, d]`) as a view sharing its
+/// memory (writes through the view reach the pool); `None` where the backend is not a cubecl
+/// one or the view's byte offset breaks the runtime's alignment (burn would copy).
+pub fn slot_view<B: Backend>(pool: &Tensor<B, 4>, start: usize, len: usize) -> Option<Tensor<B, 4>> {
+    let on_runtime = || -> Result<Option<Tensor<B, 4>>, ()> { on_runtime!(slot_view_on::<B>(pool, start, len), ()) };
+    on_runtime().ok().flatten()
+}
+
+fn slot_view_on<B: Backend, R: CubeRuntime>(
+    pool: &Tensor<B, 4>,
+    start: usize,
+    len: usize,
+) -> Result<Option<Tensor<B, 4>>, ()> {
+    let [b, _, slots, d] = pool.dims();
+    if b != 1 || start + len > slots || len == 0 || d == 0 {
+        return Ok(None);
+    }
+    let t: CubeTensor<R> = cube_view(pool.clone());
+    let strides = t.meta.strides().to_vec();
+    let size = t.dtype.size() as u64;
+    let offset_start = (strides[2] * start) as u64 * size;
+    let offset_end = (strides[2] * (slots - start - len)) as u64 * size;
+    let alignment = t.client.properties().memory.alignment;
+    if strides[3] != 1 || !offset_start.is_multiple_of(alignment) || !offset_end.is_multiple_of(alignment) {
+        return Ok(None);
+    }
+    // burn's cut is a view exactly when both offsets are aligned (else it copies).
+    Ok(Some(pool.clone().slice_dim(2, start..start + len)))
 }
 
 /// The true slots of every row of `mask`, ascending, `count` per row, as the cache's

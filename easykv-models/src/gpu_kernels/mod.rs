@@ -191,6 +191,19 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
+/// Sequences of a memory pool attended in one launch: batch row `i` holds `table[lens_at + i]`
+/// slots from the pool's slot `table[starts_at + i]`; `longest` is the most slots of any row.
+///
+/// # Shapes
+/// - `table`: `[n]` integers
+#[derive(Debug)]
+pub struct PoolRows<'a, B: burn::tensor::backend::Backend> {
+    pub table: &'a burn::tensor::Tensor<B, 1, burn::tensor::Int>,
+    pub starts_at: usize,
+    pub lens_at: usize,
+    pub longest: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

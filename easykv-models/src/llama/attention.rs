@@ -6,6 +6,8 @@ use burn::tensor::DType;
 
 use easykv_core::{CachedKv, KvCache};
 
+use crate::gpu_kernels::PoolRows;
+
 use super::rope::{ChunkAngles, Rope, RopeAngles};
 use crate::backend::BackendProfile;
 use crate::error::Result;
@@ -244,6 +246,64 @@ impl<B: Backend> Attention<B> {
         };
         let (q, k, v) = self.project(p, qkv, angles);
         self.attend(p, layer, q, k, v, angles.slots.as_ref(), mask, cache)
+    }
+
+    /// A decode step of `n` sequences whose caches of `layer` lie in one memory pool (`pool`,
+    /// `rows`): one launch writes every sequence's key and value into its slots of the pool
+    /// and one attends each over its own slots — instead of launches per sequence. `qkv` back
+    /// where the split kernel does not run (nothing was written then).
+    ///
+    /// # Shapes
+    /// - `qkv`: `[n, 1, (hq + 2·hkv)·d]`; `angles`: one row per sequence
+    /// - returns `[n, n_heads, 1, head_dim]`
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend_pool(
+        &self,
+        p: &BackendProfile,
+        layer: usize,
+        qkv: Tensor<B, 3>,
+        angles: &ChunkAngles<B>,
+        pool: (&Tensor<B, 4>, &Tensor<B, 4>),
+        rows: &PoolRows<'_, B>,
+        caches: &mut [&mut dyn KvCache<B>],
+    ) -> Result<std::result::Result<Tensor<B, 4>, Tensor<B, 3>>> {
+        let (hq, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = HeadShape {
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: d,
+        };
+        let (q_rows, k_rows) = (&angles.queries.rows, &angles.keys.rows);
+        let q = match ops::split_rope_pool(
+            p,
+            qkv,
+            heads,
+            (&q_rows.0, &q_rows.1),
+            (&k_rows.0, &k_rows.1),
+            pool,
+            rows,
+        ) {
+            Ok(q) => q,
+            Err(qkv) => return Ok(Err(qkv)),
+        };
+        let mut cached = Vec::with_capacity(caches.len());
+        for cache in caches.iter_mut() {
+            cached.push(cache.commit_slots(layer, 1)?);
+        }
+        let n = q.dims()[0];
+        let q = q.reshape([n, hkv, hq / hkv, d]);
+        match ops::decode_attention_pool(p, q, pool.0, pool.1, rows) {
+            Ok(out) => Ok(Ok(out.reshape([n, hq, 1, d]))),
+            // Each sequence on its own over the slots just committed.
+            Err(q) => {
+                let mut outs = Vec::with_capacity(n);
+                for (i, (cache, cached)) in caches.iter_mut().zip(&cached).enumerate() {
+                    let qi = q.clone().slice_dim(0, i..i + 1).reshape([1, hq, 1, d]);
+                    outs.push(self.attend_cached(p, layer, qi, cached, None, None, &mut **cache)?);
+                }
+                Ok(Ok(Tensor::cat(outs, 0)))
+            }
+        }
     }
 
     /// Rotated queries of the stacked projection `qkv`, its keys and values written into

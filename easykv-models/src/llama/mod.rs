@@ -24,6 +24,7 @@ use easykv_core::KvCache;
 
 use crate::backend::BackendProfile;
 use crate::error::{Error, Result};
+use crate::gpu_kernels::PoolRows;
 use crate::host_kernels::{join_positions_first, HeadsFirstChunks};
 use crate::linear::EmbeddingTable;
 use crate::ops;
@@ -201,11 +202,31 @@ impl<B: Backend> Llama<B> {
         // the sequences are split and rotated at once (each row at its own position).
         let shared = (!p.runs(crate::backend::Kernel::SplitRope) && caches.iter().all(|c| !c.compact_positions()))
             .then(|| self.decode_angles(&positions));
+        // Caches that lie in one memory pool are attended together, one launch per layer.
+        let pooled = match masks.iter().all(Option::is_none) && caches.iter().all(|c| !c.compact_positions()) {
+            true => PooledStep::plan(caches, self.layers.len(), &device),
+            false => None,
+        };
+        let pool_angles = pooled.as_ref().map(|_| self.decode_angles(&positions));
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
         let mut x = self.embed.embed(ids).cast(self.activation_dtype());
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = layer.attn.qkv.forward_normed(p, x.clone(), None, &layer.attn_norm);
+            let mut qkv = layer.attn.qkv.forward_normed(p, x.clone(), None, &layer.attn_norm);
+            if let (Some(step), Some(angles)) = (&pooled, &pool_angles) {
+                if let Some((pool, rows)) = step.layer(l, caches) {
+                    match layer
+                        .attn
+                        .attend_pool(p, l, qkv, angles, (&pool.0, &pool.1), &rows, caches)?
+                    {
+                        Ok(out) => {
+                            x = layer.finish(p, x, out, Needed::All, None).0;
+                            continue;
+                        }
+                        Err(back) => qkv = back,
+                    }
+                }
+            }
             let mut outs = Vec::with_capacity(n);
             match &shared {
                 Some(all) => {
@@ -426,6 +447,79 @@ impl<B: Backend> Llama<B> {
         };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         Ok(head.logits(&self.profile, ops::rms_norm(&self.profile, &self.norm, x)))
+    }
+}
+
+/// A batched decode step's plan for caches that lie in one memory pool: every layer's pool
+/// tensors and a table of each sequence's first slot and slot count (counting the new token),
+/// uploaded once for the step.
+struct PooledStep<B: Backend> {
+    /// `[layers · 2 · n]`: per layer, the sequences' first slots, then their slot counts.
+    table: Tensor<B, 1, Int>,
+    /// Per layer: the pool's keys and values and the most slots of any sequence, where every
+    /// cache's slots of that layer lie in the pool with room for the new token.
+    layers: Vec<Option<((Tensor<B, 4>, Tensor<B, 4>), usize)>>,
+    n: usize,
+}
+
+impl<B: Backend> PooledStep<B> {
+    /// `None` unless some layer of every cache lies in one pool.
+    fn plan(caches: &[&mut dyn KvCache<B>], n_layers: usize, device: &B::Device) -> Option<Self> {
+        let n = caches.len();
+        let pool = caches.first()?.region_slots(0)?.pool;
+        let mut table = vec![0i32; n_layers * 2 * n];
+        let mut layers = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let regions: Option<Vec<_>> = caches
+                .iter()
+                .map(|c| c.region_slots(l).filter(|r| r.pool == pool && r.len < r.capacity))
+                .collect();
+            let Some(regions) = regions else {
+                layers.push(None);
+                continue;
+            };
+            let fits = |v: usize| i32::try_from(v).ok();
+            let mut longest = 0;
+            for (i, r) in regions.iter().enumerate() {
+                let (Some(start), Some(len)) = (fits(r.start), fits(r.len + 1)) else {
+                    return None;
+                };
+                table[l * 2 * n + i] = start;
+                table[l * 2 * n + n + i] = len;
+                longest = longest.max(r.len + 1);
+            }
+            let first = regions.into_iter().next()?;
+            layers.push(Some(((first.pool_keys, first.pool_values), longest)));
+        }
+        layers.iter().any(Option::is_some).then(|| Self {
+            table: Tensor::from_data(TensorData::new(table, [n_layers * 2 * n]), device),
+            layers,
+            n,
+        })
+    }
+
+    /// Layer `l`'s pool and rows, if its caches lie in the pool and none observes attention
+    /// or masks evicted slots in it (those go one sequence at a time).
+    #[allow(clippy::type_complexity)]
+    fn layer(
+        &self,
+        l: usize,
+        caches: &[&mut dyn KvCache<B>],
+    ) -> Option<(&(Tensor<B, 4>, Tensor<B, 4>), PoolRows<'_, B>)> {
+        let (pool, longest) = self.layers.get(l)?.as_ref()?;
+        if caches.iter().any(|c| c.wants_attention(l) || c.slot_bias(l).is_some()) {
+            return None;
+        }
+        let n = self.n;
+        Some((
+            pool,
+            PoolRows {
+                table: &self.table,
+                starts_at: l * 2 * n,
+                lens_at: l * 2 * n + n,
+                longest: *longest,
+            },
+        ))
     }
 }
 

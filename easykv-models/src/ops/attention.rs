@@ -9,7 +9,7 @@ use burn::tensor::DType;
 
 use super::cube;
 use crate::backend::{BackendProfile, Kernel};
-use crate::gpu_kernels::HeadShape;
+use crate::gpu_kernels::{HeadShape, PoolRows};
 
 /// `cos` and `sin` rows (`[s, head_dim]`) of a chunk's positions.
 pub type AngleRows<'a, B> = (&'a Tensor<B, 2>, &'a Tensor<B, 2>);
@@ -43,6 +43,53 @@ pub fn split_rope_into<B: Backend>(
     at: usize,
 ) -> Result<Tensor<B, 4>, Tensor<B, 3>> {
     cube!(p, Kernel::SplitRope, qkv => crate::gpu_kernels::launch::split_rope_into(qkv, heads, queries, keys, cache, at))
+}
+
+/// [`split_rope_into`] for one token of each of `n` sequences whose caches lie in a memory
+/// pool (`pool`: its `[1, hkv, pool_slots, d]` tensors; `rows`: where each sequence's slots lie,
+/// counting this token): one launch for all of them; `qkv` back where no kernel runs.
+///
+/// # Shapes
+/// - `qkv`: `[n, 1, (hq + 2·hkv)·d]`; angle rows `[n, d]` → q `[n, hq, 1, d]`
+pub fn split_rope_pool<B: Backend>(
+    p: &BackendProfile,
+    qkv: Tensor<B, 3>,
+    heads: HeadShape,
+    queries: AngleRows<'_, B>,
+    keys: AngleRows<'_, B>,
+    pool: (&Tensor<B, 4>, &Tensor<B, 4>),
+    rows: &PoolRows<'_, B>,
+) -> Result<Tensor<B, 4>, Tensor<B, 3>> {
+    cube!(p, Kernel::SplitRope, qkv => crate::gpu_kernels::launch::split_rope_pool(qkv, heads, queries, keys, pool, rows))
+}
+
+/// [`decode_attention`] for `n` sequences of a memory pool in one launch (and its join):
+/// row `i` of `q` over its own slots of the pool's tensors; `q` back where no kernel runs.
+///
+/// # Shapes
+/// - `q`: `[n, kv_heads, rows, d]`; `keys`, `values`: `[1, kv_heads, pool_slots, d]` → `q`'s
+pub fn decode_attention_pool<B: Backend>(
+    p: &BackendProfile,
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    rows: &PoolRows<'_, B>,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    cube!(p, Kernel::Attention, q => crate::gpu_kernels::launch::decode_attention_pool(q, keys, values, rows))
+}
+
+/// Slots `start..start + len` of a pool's tensor (`[1, heads, pool_slots, d]`) as a view that
+/// shares its memory, where kernels run and the runtime's alignment allows; else `None`.
+pub fn pool_view<B: Backend>(
+    p: &BackendProfile,
+    pool: &Tensor<B, 4>,
+    start: usize,
+    len: usize,
+) -> Option<Tensor<B, 4>> {
+    let none = ();
+    let view: Result<Option<Tensor<B, 4>>, ()> =
+        cube!(p, Kernel::Attention, none => Ok(crate::gpu_kernels::launch::slot_view(pool, start, len)));
+    view.ok().flatten()
 }
 
 /// `softmax(q·keysᵀ)·values` over the first `slots` slots of a cache's buffers, read in place

@@ -10,7 +10,8 @@ mod attention;
 mod product;
 
 pub use attention::{
-    attention_scores, attention_softmax, attention_values, decode_attention, split_rope, split_rope_into,
+    attention_scores, attention_softmax, attention_values, decode_attention, decode_attention_pool, pool_view,
+    split_rope, split_rope_into, split_rope_pool,
 };
 pub use product::{product, product_into_logits, product_residual_scaling, product_with, RowNorm};
 
@@ -66,6 +67,7 @@ pub(crate) fn add_cache_kernels<B: Backend>(profile: &BackendProfile, kernels: &
         if profile.runs(Kernel::Gather) {
             kernels.slot_lister = Some(launch::list_true_slots::<B>);
             kernels.slot_gatherer = Some(launch::gather_slots::<B>);
+            kernels.slot_writer = Some(launch::write_slots::<B>);
         }
     }
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]

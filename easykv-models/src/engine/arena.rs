@@ -1,0 +1,141 @@
+//! The engine's KV memory on GPUs: per layer, one key and one value tensor holding every
+//! running sequence's slots, each sequence a contiguous range of them.
+//!
+//! One tensor per layer is what lets a decode step attend every sequence in one launch per
+//! layer (a kernel takes the pool's tensors and each sequence's first slot and count); with
+//! one buffer per sequence a step costs launches per sequence and layer, whose host time
+//! bounds the step. A sequence's range is its peak footprint, known at admission, so ranges
+//! are allocated first-fit from a sorted free list and merged with their neighbours when
+//! they come back.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::prelude::*;
+use burn::tensor::{DType, TensorCreationOptions};
+use easykv_core::{PoolRegion, RegionLayer};
+
+use crate::backend::BackendProfile;
+use crate::ops;
+
+/// Distinguishes pools, so regions of two engines are never read together.
+static NEXT_POOL: AtomicU64 = AtomicU64::new(0);
+
+/// Slots of every layer for all running sequences (see the module's documentation).
+pub(super) struct SlotArena<B: Backend> {
+    id: u64,
+    /// Per layer: keys and values, `[1, kv_heads, slots, head_dim]`.
+    layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// Free ranges, sorted and never adjacent.
+    free: Vec<Range<usize>>,
+}
+
+impl<B: Backend> SlotArena<B> {
+    /// `slots` slots of `layers` layers of `kv_heads × head_dim` in `dtype` on `device`.
+    pub(super) fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        slots: usize,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
+        let tensor = || {
+            Tensor::<B, 4>::empty(
+                [1, kv_heads, slots, head_dim],
+                TensorCreationOptions::new(device.clone()).with_dtype(dtype),
+            )
+        };
+        Self {
+            id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
+            layers: (0..layers).map(|_| (tensor(), tensor())).collect(),
+            free: match slots {
+                0 => Vec::new(),
+                _ => vec![0..slots],
+            },
+        }
+    }
+
+    /// The first free range of `len` slots, taken; `None` if no range is that long.
+    pub(super) fn take(&mut self, len: usize) -> Option<usize> {
+        let i = self.free.iter().position(|r| r.len() >= len)?;
+        let start = self.free[i].start;
+        self.free[i].start += len;
+        if self.free[i].is_empty() {
+            self.free.remove(i);
+        }
+        Some(start)
+    }
+
+    /// Returns `start..start + len` (taken before) to the free list.
+    pub(super) fn give_back(&mut self, start: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let i = self.free.partition_point(|r| r.start < start);
+        self.free.insert(i, start..start + len);
+        // Merge with the next range, then with the previous one.
+        if i + 1 < self.free.len() && self.free[i].end == self.free[i + 1].start {
+            self.free[i].end = self.free.remove(i + 1).end;
+        }
+        if i > 0 && self.free[i - 1].end == self.free[i].start {
+            self.free[i - 1].end = self.free.remove(i).end;
+        }
+    }
+
+    /// Slots `start..start + len` of every layer as a region a cache can be placed in; `None`
+    /// where the backend cannot view them in place.
+    pub(super) fn region(&self, p: &BackendProfile, start: usize, len: usize) -> Option<PoolRegion<B>> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                Some(RegionLayer {
+                    keys: ops::pool_view(p, k, start, len)?,
+                    values: ops::pool_view(p, v, start, len)?,
+                    pool_keys: k.clone(),
+                    pool_values: v.clone(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(PoolRegion {
+            pool: self.id,
+            start,
+            capacity: len,
+            layers,
+        })
+    }
+
+    /// Free slots in all (not necessarily in one range).
+    #[cfg(test)]
+    fn free_slots(&self) -> usize {
+        self.free.iter().map(|r| r.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+
+    use super::*;
+
+    #[test]
+    fn ranges_are_taken_first_fit_and_merge_when_given_back() {
+        let mut arena = SlotArena::<Flex>::new(1, 1, 2, 10, DType::F32, &Default::default());
+        let a = arena.take(3).unwrap();
+        let b = arena.take(4).unwrap();
+        let c = arena.take(3).unwrap();
+        assert_eq!((a, b, c), (0, 3, 7));
+        assert_eq!(arena.take(1), None);
+        arena.give_back(b, 4);
+        // A range longer than the hole waits; a shorter one takes it.
+        assert_eq!(arena.take(5), None);
+        assert_eq!(arena.take(2), Some(3));
+        arena.give_back(a, 3);
+        arena.give_back(c, 3);
+        arena.give_back(3, 2);
+        assert_eq!(arena.free, vec![0..10]);
+        assert_eq!(arena.free_slots(), 10);
+        assert_eq!(arena.take(10), Some(0));
+    }
+}
