@@ -79,6 +79,15 @@ fn compact_in_place<B: Backend>(buffer: Tensor<B, 4>, order: &[usize], kept: usi
     Tensor::from_data(data, TensorCreationOptions::new(device).with_dtype(dtype))
 }
 
+/// Where a [`LayerKv`]'s buffers were placed: the pool, its first slot and every layer's pool
+/// keys and values.
+#[derive(Debug, Clone)]
+struct Placement<B: Backend> {
+    pool: u64,
+    start: usize,
+    pools: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+}
+
 /// One `(keys, values)` pair per layer, each `[batch, kv_heads, slots, head_dim]`.
 ///
 /// New entries are written into spare capacity instead of concatenated: a decode step writes
@@ -90,9 +99,8 @@ pub(crate) struct LayerKv<B: Backend> {
     /// bound allocates once).
     reserve: usize,
     kernels: CacheKernels<B>,
-    /// The pool region the buffers were placed in, if any: its pool, first slot and every
-    /// layer's pool tensors.
-    region: Option<(u64, usize, Vec<(Tensor<B, 4>, Tensor<B, 4>)>)>,
+    /// The pool region the buffers were placed in, if any.
+    region: Option<Placement<B>>,
 }
 
 impl<B: Backend> LayerKv<B> {
@@ -121,20 +129,24 @@ impl<B: Backend> LayerKv<B> {
             });
             pools.push((l.pool_keys, l.pool_values));
         }
-        self.region = Some((region.pool, region.start, pools));
+        self.region = Some(Placement {
+            pool: region.pool,
+            start: region.start,
+            pools,
+        });
         true
     }
 
     /// Where `layer`'s slots lie in the pool, while its buffers are the region's views.
     pub(crate) fn region_slots(&self, layer: usize) -> Option<RegionSlots<B>> {
-        let (pool, start, pools) = self.region.as_ref()?;
+        let placed = self.region.as_ref()?;
         let e = self.layers.get(layer)?.as_ref().filter(|e| e.in_region)?;
-        let (pool_keys, pool_values) = pools.get(layer)?.clone();
+        let (pool_keys, pool_values) = placed.pools.get(layer)?.clone();
         Some(RegionSlots {
-            pool: *pool,
+            pool: placed.pool,
             pool_keys,
             pool_values,
-            start: *start,
+            start: placed.start,
             len: e.len,
             capacity: e.capacity(),
         })
@@ -494,6 +506,7 @@ mod tests {
     static REGION_WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     /// A stand-in for a device writer: counts the writes it is asked for and accepts them.
+    #[allow(clippy::result_large_err)] // the writer's signature
     fn counting_writer(_: &Tensor<Flex, 4>, _: Tensor<Flex, 4>, _: usize) -> std::result::Result<(), Tensor<Flex, 4>> {
         REGION_WRITES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())

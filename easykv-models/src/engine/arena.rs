@@ -49,10 +49,7 @@ impl<B: Backend> SlotArena<B> {
         Self {
             id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
             layers: (0..layers).map(|_| (tensor(), tensor())).collect(),
-            free: match slots {
-                0 => Vec::new(),
-                _ => vec![0..slots],
-            },
+            free: (slots > 0).then_some(0..slots).into_iter().collect(),
         }
     }
 

@@ -450,6 +450,9 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+/// A layer's keys and values.
+type KeysValues<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
 /// A batched decode step's plan for caches that lie in one memory pool: every layer's pool
 /// tensors and a table of each sequence's first slot and slot count (counting the new token),
 /// uploaded once for the step.
@@ -458,7 +461,7 @@ struct PooledStep<B: Backend> {
     table: Tensor<B, 1, Int>,
     /// Per layer: the pool's keys and values and the most slots of any sequence, where every
     /// cache's slots of that layer lie in the pool with room for the new token.
-    layers: Vec<Option<((Tensor<B, 4>, Tensor<B, 4>), usize)>>,
+    layers: Vec<Option<(KeysValues<B>, usize)>>,
     n: usize,
 }
 
