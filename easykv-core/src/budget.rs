@@ -98,6 +98,9 @@ pub enum Mode {
     /// The budget bounds prompt + generation: prefill as `Encoding` if the prompt is longer,
     /// then keep the cache at constant size while decoding.
     Auto,
+    /// The whole prompt prefilled (in chunks, without evicting), then evicted down to the
+    /// budget once, as kvpress compresses a prompt; generation then appends freely.
+    Once,
 }
 
 impl FromStr for Mode {
@@ -107,8 +110,9 @@ impl FromStr for Mode {
             "encoding" => Ok(Mode::Encoding),
             "decoding" => Ok(Mode::Decoding),
             "auto" => Ok(Mode::Auto),
+            "once" => Ok(Mode::Once),
             _ => Err(Error::InvalidSetting(format!(
-                "unknown mode '{s}' (expected encoding, decoding or auto)"
+                "unknown mode '{s}' (expected encoding, decoding, auto or once)"
             ))),
         }
     }
@@ -193,6 +197,8 @@ pub struct Schedule {
     pub streaming: bool,
     pub decode_stride: usize,
     pub ranking: Option<Ranking>,
+    /// [`Mode::Once`]: prefill chunks never evict until the prompt is complete.
+    pub evict_once: bool,
 }
 
 impl EvictionConfig {
@@ -252,6 +258,7 @@ impl EvictionConfig {
             streaming: self.streaming,
             decode_stride: self.decode_stride,
             ranking: self.ranking,
+            evict_once: false,
         };
         let tokens = self.budget.tokens(prompt_len, kv_bytes_per_token);
         match self.mode {
@@ -264,6 +271,28 @@ impl EvictionConfig {
             Mode::Decoding => {
                 let d = tokens.unwrap_or(usize::MAX);
                 self.decoding(&mut sched, prompt_len, d)?;
+            }
+            Mode::Once => {
+                let Some(t) = tokens.filter(|&t| t < prompt_len) else {
+                    return Ok(sched);
+                };
+                if t <= self.sinks {
+                    return Err(Error::InvalidBudget(format!(
+                        "a budget of {t} tokens keeps no slot beyond the {} sinks",
+                        self.sinks
+                    )));
+                }
+                let recent = (t as f64 * self.recent_ratio) as usize;
+                // The last chunk a whole chunk long, so a policy's query window sees it.
+                let last = prompt_len.min(chunk_size);
+                let mut chunks = uniform(prompt_len - last);
+                chunks.push(last);
+                sched.prefill_chunks = chunks;
+                sched.evict_once = true;
+                sched.prefill_capacity = Some(t);
+                sched.budget_tokens = t;
+                sched.prefill_recent = recent;
+                sched.prefill_robust_k = t.saturating_sub(recent + self.sinks).max(1);
             }
             Mode::Auto => {
                 let t = tokens.unwrap_or(usize::MAX);

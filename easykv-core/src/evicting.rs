@@ -40,43 +40,57 @@ struct Observed<B: Backend> {
     sum_sq: Option<Tensor<B, 3>>,
     /// The attention of the chunk's last query; `None` for a one-query chunk (it is `sum`).
     last: Option<Tensor<B, 3>>,
+    /// The attention of the chunk's last `window` queries, summed, where the policy asks.
+    window: Option<Tensor<B, 3>>,
 }
 
+/// A layer stack's observation: sums, sums of squares, the last query's attention and the
+/// window's (where kept), `[layers·batch, heads, slots]` each.
+type StackedObservation<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>, Option<Tensor<B, 3>>);
+
 impl<B: Backend> Observed<B> {
-    fn new(probs: Tensor<B, 4>) -> Self {
+    /// `window`: how many of the chunk's last queries to sum apart (0: none).
+    fn new(probs: Tensor<B, 4>, window: usize) -> Self {
         let [b, h, s, n] = probs.dims();
+        let window = (window > 0).then(|| {
+            let w = window.min(s);
+            probs.clone().slice_dim(2, s - w..s).sum_dim(2).reshape([b, h, n])
+        });
         if s == 1 {
             return Self {
                 sum: probs.reshape([b, h, n]),
                 sum_sq: None,
                 last: None,
+                window,
             };
         }
         Self {
             sum: probs.clone().sum_dim(2).reshape([b, h, n]),
             sum_sq: Some(probs.clone().square().sum_dim(2).reshape([b, h, n])),
             last: Some(probs.slice_dim(2, s - 1..s).reshape([b, h, n])),
+            window,
         }
     }
 
     /// Stacks the layers' observations (at least one, all from chunks of one length) along the
-    /// row axis and returns the sums, the sums of squares and the last query's attention.
-    fn stack(parts: Vec<Self>) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+    /// row axis.
+    fn stack(parts: Vec<Self>) -> StackedObservation<B> {
         let cat = |mut v: Vec<Tensor<B, 3>>| match v.len() {
             1 => v.remove(0),
             _ => Tensor::cat(v, 0),
         };
         let optional = |v: Vec<Option<Tensor<B, 3>>>| v.into_iter().collect::<Option<Vec<_>>>().map(cat);
-        let (mut sums, mut squares, mut lasts) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut sums, mut squares, mut lasts, mut windows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for o in parts {
             sums.push(o.sum);
             squares.push(o.sum_sq);
             lasts.push(o.last);
+            windows.push(o.window);
         }
         let sum = cat(sums);
         let sum_sq = optional(squares).unwrap_or_else(|| sum.clone().square());
         let last = optional(lasts).unwrap_or_else(|| sum.clone());
-        (sum, sum_sq, last)
+        (sum, sum_sq, last, optional(windows))
     }
 }
 
@@ -185,8 +199,9 @@ impl<B: Backend> EvictingCache<B> {
     /// where there is none (or for one-query steps, which need no reduction).
     fn write_observation(&mut self, layer: usize, probs: Tensor<B, 4>) -> std::result::Result<(), Tensor<B, 4>> {
         let [b, h, s, n] = probs.dims();
-        // One-query steps (decoding) need no reduction: nothing to look up for them.
-        if s == 1 || probs.dtype() != DType::F32 {
+        // One-query steps (decoding) need no reduction: nothing to look up for them. A
+        // policy's query window is reduced by tensor operations.
+        if s == 1 || probs.dtype() != DType::F32 || self.policy.query_window() > 0 {
             return Err(probs);
         }
         let Some(writer) = self.kv.kernels().observation_writer else {
@@ -224,20 +239,21 @@ impl<B: Backend> EvictingCache<B> {
                 sum: rows(&sum),
                 sum_sq: Some(rows(&sum_sq)),
                 last: Some(rows(&last)),
+                window: None,
             });
         }
     }
 
     /// The written rows of `layers` as one stacked observation, if that is every layer and
     /// every one was written.
-    fn take_written(&mut self, layers: &Range<usize>) -> Option<(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>)> {
+    fn take_written(&mut self, layers: &Range<usize>) -> Option<StackedObservation<B>> {
         let whole = *layers == (0..self.n_layers());
         if !whole || !self.written.as_ref().is_some_and(|(_, done)| done.iter().all(|d| *d)) {
             self.flush_written();
             return None;
         }
         let ([sum, sum_sq, last], _) = self.written.take()?;
-        Some((sum, sum_sq, last))
+        Some((sum, sum_sq, last, None))
     }
 
     /// Before `s` new slots of `layer` are appended: several new tokens are attended causally
@@ -370,6 +386,12 @@ impl<B: Backend> EvictingCache<B> {
             .reshape([1, 1, s])
             .repeat(&[rows, h, 1]);
         let zeros = Tensor::<B, 3>::zeros([rows, h, s], &device);
+        // The new slots' key norms, where the policy reads them.
+        let norms = match self.policy.uses_key_norms() {
+            true => self.new_key_norms(layers.clone(), s),
+            false => None,
+        };
+        let window = (self.policy.query_window() > 0).then(|| zeros.clone());
         let mut st = match stats {
             None => SlotStats {
                 sum: zeros.clone(),
@@ -377,14 +399,25 @@ impl<B: Backend> EvictingCache<B> {
                 count: zeros.clone(),
                 last: zeros,
                 positions,
+                key_norm: norms,
+                window,
             },
-            Some(st) => SlotStats {
-                sum: Tensor::cat(vec![st.sum, zeros.clone()], 2),
-                sum_sq: Tensor::cat(vec![st.sum_sq, zeros.clone()], 2),
-                count: Tensor::cat(vec![st.count, zeros.clone()], 2),
-                last: Tensor::cat(vec![st.last, zeros], 2),
-                positions: Tensor::cat(vec![st.positions, positions], 2),
-            },
+            Some(st) => {
+                let grow = |old: Option<Tensor<B, 3>>, new: Option<Tensor<B, 3>>| match (old, new) {
+                    (Some(old), Some(new)) => Some(Tensor::cat(vec![old, new], 2)),
+                    (None, new) => new.filter(|n| n.dims()[2] == st.positions.dims()[2] + s),
+                    (Some(_), None) => None,
+                };
+                SlotStats {
+                    key_norm: grow(st.key_norm.clone(), norms),
+                    window: grow(st.window.clone(), window),
+                    sum: Tensor::cat(vec![st.sum, zeros.clone()], 2),
+                    sum_sq: Tensor::cat(vec![st.sum_sq, zeros.clone()], 2),
+                    count: Tensor::cat(vec![st.count, zeros.clone()], 2),
+                    last: Tensor::cat(vec![st.last, zeros], 2),
+                    positions: Tensor::cat(vec![st.positions, positions], 2),
+                }
+            }
         };
         let written = self.take_written(&layers);
         let observed: Vec<Observed<B>> = self.pending[layers.clone()]
@@ -397,11 +430,14 @@ impl<B: Backend> EvictingCache<B> {
             None if observed.len() == layers.len() && !observed.is_empty() => Some(Observed::stack(observed)),
             None => None,
         };
-        if let Some((sum, sum_sq, last)) = stacked {
+        if let Some((sum, sum_sq, last, window)) = stacked {
             let n = st.sum.dims()[2];
             st.sum = st.sum + sum;
             st.sum_sq = st.sum_sq + sum_sq;
             st.last = last;
+            if window.is_some() {
+                st.window = window;
+            }
             // Queries of this chunk that could see each slot: all s for older slots, s − t for
             // the chunk's own token t (causal).
             st.count = if s == 1 {
@@ -414,6 +450,18 @@ impl<B: Backend> EvictingCache<B> {
             };
         }
         Some(st)
+    }
+
+    /// The key norms of the last `s` slots of every layer of `layers`, stacked: `[layers·batch,
+    /// heads, s]`.
+    fn new_key_norms(&self, layers: Range<usize>, s: usize) -> Option<Tensor<B, 3>> {
+        let parts: Option<Vec<Tensor<B, 3>>> = layers
+            .map(|l| {
+                let n = self.kv.physical_slots(l);
+                self.kv.key_norms(l, n.checked_sub(s)?..n)
+            })
+            .collect();
+        parts.map(|p| Tensor::cat(p, 0))
     }
 
     /// The facts of evicting `n_evict` of the live slots of `layers`' rows.
@@ -554,7 +602,8 @@ impl<B: Backend> EvictingCache<B> {
             Phase::Prefill => 0,
             Phase::Decode => self.schedule.decode_stride.saturating_sub(1),
         };
-        if slots <= capacity + slack {
+        let prompt_unfinished = self.progress[first].seen < self.schedule.prompt_len;
+        if slots <= capacity + slack || (self.schedule.evict_once && prompt_unfinished) {
             Some(st)
         } else if phase == Phase::Decode && !self.schedule.streaming {
             // StreamingLLM positions are slot indices: its slots must stay compact.
@@ -608,17 +657,12 @@ fn pick_slots<B: Backend>(stats: SlotStats<B>, keep: Tensor<B, 3, Int>, host: bo
             .select(0, flat_rows.clone())
             .reshape([rows, h, kept])
     };
-    SlotStats {
-        sum: pick(stats.sum),
-        sum_sq: pick(stats.sum_sq),
-        count: pick(stats.count),
-        last: pick(stats.last),
-        positions: stats
-            .positions
-            .reshape([rows * h * n])
-            .select(0, flat_rows)
-            .reshape([rows, h, kept]),
-    }
+    let pick_int = |t: Tensor<B, 3, Int>| {
+        t.reshape([rows * h * n])
+            .select(0, flat_rows.clone())
+            .reshape([rows, h, kept])
+    };
+    stats.map_slots(pick, pick_int)
 }
 
 /// [`pick_slots`] on the host: flex gathers single elements slowly (~40 µs for 2,000).
@@ -641,14 +685,13 @@ fn pick_slots_on_host<B: Backend>(stats: SlotStats<B>, order: &[usize], kept: us
             &device,
         )
     };
-    let positions = gather(&host_positions(stats.positions), order, kept, n);
-    SlotStats {
-        sum: pick(stats.sum),
-        sum_sq: pick(stats.sum_sq),
-        count: pick(stats.count),
-        last: pick(stats.last),
-        positions: Tensor::from_data(TensorData::new(positions, [rows, h, kept]), &device),
-    }
+    let positions = |p: Tensor<B, 3, Int>| {
+        Tensor::from_data(
+            TensorData::new(gather(&host_positions(p), order, kept, n), [rows, h, kept]),
+            &device,
+        )
+    };
+    stats.map_slots(pick, positions)
 }
 
 /// Slot positions read back to the host, flattened.
@@ -729,7 +772,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
             Ok(()) => return Ok(()),
             Err(probs) => probs,
         };
-        self.pending[layer] = Some(Observed::new(probs));
+        self.pending[layer] = Some(Observed::new(probs, self.policy.query_window()));
         Ok(())
     }
 
@@ -794,9 +837,12 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         // what prefill kept plus every generated token.
         let sched = &self.schedule;
         let kept = sched.prefill_capacity.unwrap_or(sched.prompt_len);
-        let prefill_peak = sched
-            .prefill_capacity
-            .map_or(sched.prompt_len, |c| c + sched.stride.max(1));
+        let prefill_peak = match sched.evict_once {
+            true => sched.prompt_len,
+            false => sched
+                .prefill_capacity
+                .map_or(sched.prompt_len, |c| c + sched.stride.max(1)),
+        };
         let generated = tokens.saturating_sub(sched.prompt_len);
         let decode_peak = match sched.decode_capacity {
             Some(c) => (c + sched.decode_stride + DEAD_SLOTS_BEFORE_COMPACTION).min(kept + generated),

@@ -413,6 +413,22 @@ impl<B: Backend> LayerKv<B> {
         }
     }
 
+    /// The L2 norms of `layer`'s keys in slots `slots`, `[batch, kv_heads, slots.len()]` in f32.
+    pub(crate) fn key_norms(&self, layer: usize, slots: std::ops::Range<usize>) -> Option<Tensor<B, 3>> {
+        let e = self.layers.get(layer)?.as_ref()?;
+        let [b, h, _, _] = e.k.dims();
+        let n = slots.len();
+        (slots.end <= e.len).then(|| {
+            e.k.clone()
+                .slice_dim(2, slots)
+                .cast(DType::F32)
+                .powi_scalar(2)
+                .sum_dim(3)
+                .sqrt()
+                .reshape([b, h, n])
+        })
+    }
+
     /// The batch size and KV heads of the first layer that holds anything.
     pub(crate) fn batch_heads(&self) -> Option<(usize, usize)> {
         self.layers.iter().flatten().next().map(|e| {

@@ -19,6 +19,12 @@ pub struct SlotStats<B: Backend> {
     pub last: Tensor<B, 3>,
     /// Absolute token position held by each slot.
     pub positions: Tensor<B, 3, Int>,
+    /// The L2 norm of each slot's key, kept only for policies that ask
+    /// ([`EvictionPolicy::uses_key_norms`]).
+    pub key_norm: Option<Tensor<B, 3>>,
+    /// Attention from the last [`EvictionPolicy::query_window`] queries of the latest chunk,
+    /// summed, kept only for policies that ask (SnapKV's observation window).
+    pub window: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> SlotStats<B> {
@@ -29,7 +35,9 @@ impl<B: Backend> SlotStats<B> {
             sum_sq: self.sum_sq.clone().slice_dim(0, rows.clone()),
             count: self.count.clone().slice_dim(0, rows.clone()),
             last: self.last.clone().slice_dim(0, rows.clone()),
-            positions: self.positions.clone().slice_dim(0, rows),
+            positions: self.positions.clone().slice_dim(0, rows.clone()),
+            key_norm: self.key_norm.clone().map(|t| t.slice_dim(0, rows.clone())),
+            window: self.window.clone().map(|t| t.slice_dim(0, rows)),
         }
     }
 
@@ -42,8 +50,36 @@ impl<B: Backend> SlotStats<B> {
             count: field(|s| s.count.clone()),
             last: field(|s| s.last.clone()),
             positions: Tensor::cat(parts.iter().map(|s| s.positions.clone()).collect(), 0),
+            key_norm: optional_field(&parts, |s| s.key_norm.clone()),
+            window: optional_field(&parts, |s| s.window.clone()),
         }
     }
+
+    /// Applies `f` to every statistic kept per slot (a selection or a cut along the slots).
+    pub fn map_slots(
+        self,
+        f: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
+        g: impl Fn(Tensor<B, 3, Int>) -> Tensor<B, 3, Int>,
+    ) -> Self {
+        Self {
+            sum: f(self.sum),
+            sum_sq: f(self.sum_sq),
+            count: f(self.count),
+            last: f(self.last),
+            positions: g(self.positions),
+            key_norm: self.key_norm.map(&f),
+            window: self.window.map(&f),
+        }
+    }
+}
+
+/// An optional statistic of every part stacked along the rows, if every part has it.
+fn optional_field<B: Backend>(
+    parts: &[SlotStats<B>],
+    f: fn(&SlotStats<B>) -> Option<Tensor<B, 3>>,
+) -> Option<Tensor<B, 3>> {
+    let all: Option<Vec<Tensor<B, 3>>> = parts.iter().map(f).collect();
+    all.map(|v| Tensor::cat(v, 0))
 }
 
 /// Whether the cache is taking in the prompt or generated tokens.
@@ -87,6 +123,16 @@ pub trait EvictionPolicy<B: Backend>: Send {
     /// Whether the policy reads attention statistics (recency and random do not).
     fn uses_attention(&self) -> bool {
         true
+    }
+
+    /// Whether the policy reads [`SlotStats::key_norm`] (the cache computes it only then).
+    fn uses_key_norms(&self) -> bool {
+        false
+    }
+
+    /// How many of a chunk's last queries [`SlotStats::window`] sums; 0: not kept.
+    fn query_window(&self) -> usize {
+        0
     }
 
     /// Slot indices to evict, `ctx.n_evict` of them per (row, head), all distinct.

@@ -11,6 +11,16 @@ pub trait ScoreCalculator<B: Backend>: Send {
     fn uses_attention(&self) -> bool {
         true
     }
+
+    /// Whether the score reads [`SlotStats::key_norm`].
+    fn uses_key_norms(&self) -> bool {
+        false
+    }
+
+    /// The query window the score reads as [`SlotStats::window`] (0: none).
+    fn query_window(&self) -> usize {
+        0
+    }
 }
 
 /// Which slots a policy may evict.
@@ -114,6 +124,14 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
 
     fn uses_attention(&self) -> bool {
         self.score.uses_attention()
+    }
+
+    fn uses_key_norms(&self) -> bool {
+        self.score.uses_key_norms()
+    }
+
+    fn query_window(&self) -> usize {
+        self.score.query_window()
     }
 
     fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3, Int> {

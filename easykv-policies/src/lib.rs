@@ -9,19 +9,23 @@
 
 mod compose;
 mod h2o;
+mod knorm;
 mod random;
 mod recency;
 mod roco;
 mod scope;
+mod snapkv;
 mod table;
 mod tova;
 
 pub use compose::{ScopeBuilder, ScoreCalculator, ScoredPolicy};
 pub use h2o::{h2o, SumAttention};
+pub use knorm::{knorm, KeyNorm};
 pub use random::{random, SeededRandom};
 pub use recency::{recency, Position};
 pub use roco::{roco, MeanAttention, RobustStdScope};
 pub use scope::{SinksAndRecent, SinksOnly};
+pub use snapkv::{snapkv, WindowAttention};
 pub use table::{builtin_policies, canonical_policy_name, PolicyConstructor, PolicyEntry, PolicyInfo, PolicyTable};
 pub use tova::{tova, LastQuery};
 

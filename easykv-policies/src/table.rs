@@ -4,7 +4,7 @@
 use burn::tensor::backend::Backend;
 use easykv_core::EvictionPolicy;
 
-use crate::{h2o, random, recency, roco, tova, Error};
+use crate::{h2o, knorm, random, recency, roco, snapkv, tova, Error};
 
 /// Makes a fresh instance of a policy (policies keep per-run state, e.g. random draws).
 pub type PolicyConstructor<B> = fn() -> Box<dyn EvictionPolicy<B>>;
@@ -78,6 +78,18 @@ fn builtin_rows<B: Backend>() -> Vec<PolicyEntry<B>> {
         PolicyEntry::evicting("tova", &[], "the latest query's attention (Oren et al. 2024)", || {
             Box::new(tova())
         }),
+        PolicyEntry::evicting(
+            "snapkv",
+            &[],
+            "the attention of the latest 64 queries, pooled over 5 slots; keeps those queries' own slots (Li et al. 2024)",
+            || Box::new(snapkv()),
+        ),
+        PolicyEntry::evicting(
+            "knorm",
+            &[],
+            "keys of smallest L2 norm kept; reads no attention (Devoto et al. 2024)",
+            || Box::new(knorm()),
+        ),
         PolicyEntry::evicting(
             "recency",
             &["streamingllm"],

@@ -1,0 +1,132 @@
+//! Kept positions against NVIDIA's kvpress 0.5.5 on SmolLM2 (`../shared/reference/
+//! kvpress-smollm2-135m-q4_1.json`, made by `make_kvpress_public.py` beside it): the public
+//! summarize prompt (1,274 tokens) compressed once to half (637 slots per layer and KV head)
+//! after one pass over the prompt, then 32 greedy tokens. easykv runs the same with
+//! `--mode once --budget 637 --sinks 0 --recent-ratio 0`: the prompt prefilled in chunks
+//! without eviction (the last chunk 512 queries long, so SnapKV's 64-query window lies in it),
+//! then one eviction.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::OnceLock;
+
+use burn::backend::Flex;
+use easykv_core::{Budget, EvictingCache, EvictionConfig, KvCache, Mode};
+use easykv_models::{generate, CausalLm, GenerateConfig, LoadedModel, SamplingConfig, WeightDType};
+use easykv_policies::PolicyTable;
+use serde_json::Value;
+
+mod common;
+use common::{load_model, load_reference};
+
+fn model() -> &'static LoadedModel<Flex> {
+    static MODEL: OnceLock<LoadedModel<Flex>> = OnceLock::new();
+    MODEL.get_or_init(|| load_model("smollm2", WeightDType::F32))
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Runs `policy` on the prompt; returns the greedy ids and the kept prompt positions
+/// `[layer][head]`, ascending.
+fn run(policy: &str, prompt: &[u32], sinks: usize) -> (Vec<u32>, Vec<Vec<Vec<usize>>>) {
+    let m = model();
+    let cfg = EvictionConfig {
+        budget: Budget::Tokens(prompt.len() / 2),
+        mode: Mode::Once,
+        sinks,
+        recent_ratio: 0.0,
+        ..Default::default()
+    };
+    let schedule = cfg.schedule(prompt.len(), 512, m.config.kv_bytes_per_token(4)).unwrap();
+    let policy = PolicyTable::<Flex>::builtin().build(policy).unwrap().unwrap();
+    let mut cache = EvictingCache::<Flex>::new(m.config.n_layers, policy, schedule, m.model.profile().cache_kernels());
+    let gen = GenerateConfig {
+        max_new_tokens: 32,
+        chunk_size: 512,
+        sampling: SamplingConfig::default(),
+        stop_ids: vec![2],
+        top_logprobs: 0,
+    };
+    let out = generate(&m.model, &mut cache, prompt, &gen, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    let n = prompt.len();
+    let kept = (0..m.config.n_layers)
+        .map(|l| {
+            cache
+                .kept_positions(l)
+                .into_iter()
+                .map(|v| v.into_iter().filter(|&p| p < n).collect())
+                .collect()
+        })
+        .collect();
+    (out.ids, kept)
+}
+
+/// The share of kvpress's kept positions easykv keeps too, over every (layer, head).
+fn agreement(ours: &[Vec<Vec<usize>>], theirs: &Value) -> (f64, usize) {
+    let (mut same, mut total, mut heads_equal) = (0usize, 0usize, 0usize);
+    for (l, layer) in theirs.as_array().unwrap().iter().enumerate() {
+        for (h, head) in layer.as_array().unwrap().iter().enumerate() {
+            let want: Vec<usize> = head
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect();
+            let got = &ours[l][h];
+            assert_eq!(got.len(), want.len(), "layer {l} head {h}: kept counts");
+            same += want.iter().filter(|p| got.binary_search(p).is_ok()).count();
+            total += want.len();
+            heads_equal += usize::from(*got == want);
+        }
+    }
+    (same as f64 / total.max(1) as f64, heads_equal)
+}
+
+/// `press`'s run against easykv's `policy` with `sinks` sink slots: the kept positions of
+/// every (layer, head) and the greedy ids must be kvpress's.
+fn check(press_name: &str, policy: &str, sinks: usize) {
+    let reference = load_reference("kvpress-smollm2-135m-q4_1.json");
+    let easykv = load_reference("smollm2-135m-q4_1.json");
+    let prompt = ids(&easykv["summarize"]["prompt_ids"]);
+    let press = &reference["presses"][press_name];
+    let (generated, kept) = run(policy, &prompt, sinks);
+    let (share, heads_equal) = agreement(&kept, &press["kept_positions"]);
+    let want_ids = ids(&press["ids"]);
+    let same_ids = generated.iter().zip(&want_ids).take_while(|(a, b)| a == b).count();
+    eprintln!(
+        "{policy}: {:.4} of kvpress's kept positions kept, {heads_equal} of 90 heads identical, first {same_ids} of {} generated ids equal",
+        share,
+        want_ids.len()
+    );
+    assert_eq!(heads_equal, 90, "{policy}: {share:.4} of kvpress's kept positions kept");
+    assert_eq!(generated, want_ids, "{policy}: greedy ids");
+}
+
+#[test]
+fn knorm_keeps_kvpress_positions() {
+    check("knorm", "knorm", 0);
+}
+
+#[test]
+fn snapkv_keeps_kvpress_positions() {
+    check("snapkv", "snapkv", 0);
+}
+
+#[test]
+fn tova_keeps_kvpress_positions() {
+    check("tova", "tova", 0);
+}
+
+#[test]
+fn recency_keeps_kvpress_streamingllm_positions() {
+    check("streamingllm", "recency", 4);
+}
