@@ -1,5 +1,6 @@
-//! `easykv eval`: perplexity, passkey, needle-in-a-haystack and fidelity to the full cache,
-//! for every policy × budget, written to results.json / results.csv / results.md.
+//! `easykv eval`: perplexity, passkey, needle-in-a-haystack, fidelity to the full cache and
+//! the RULER-style tasks, for every policy × budget, written to results.json / results.csv /
+//! results.md (means with 95 % confidence intervals).
 //!
 //! Cells are saved as they finish (written to a temporary file, then renamed), so an
 //! interrupted run resumes where it stopped; `--force` recomputes.
@@ -9,21 +10,28 @@ use std::path::{Path, PathBuf};
 use burn::prelude::Backend;
 use clap::Args;
 use easykv_core::{Budget, Mode};
-use easykv_models::eval::{self, main_metrics, run_matrix, to_csv, EvalSettings, Results, TASKS};
+use easykv_models::eval::{self, main_metrics, run_matrix, to_csv, EvalSettings, Results, RULER_TASKS, TASKS};
 use easykv_models::fetch;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::with_backend;
 use crate::common::{outln, CliError, CliResult, ModelArgs, PolicyName};
 
-/// The library's tasks, and `suite` (all of them).
+/// The library's tasks, `suite` (the first four) and `ruler` (the RULER-style ones).
 fn task_names() -> Vec<&'static str> {
-    TASKS.iter().copied().chain(["suite"]).collect()
+    TASKS
+        .iter()
+        .chain(RULER_TASKS)
+        .copied()
+        .chain(["suite", "ruler"])
+        .collect()
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
-    /// ppl, passkey, niah, fidelity, or suite (all four; with a preset: quick or full).
+    /// ppl, passkey, niah, fidelity, or suite (those four; with a preset: quick or full); ruler
+    /// (RULER-style synthetic tasks generated from --seed over the texts: niah_single,
+    /// niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe — or one of them).
     pub task: String,
     /// For `suite`: quick (a few minutes on 2 CPU cores with SmolLM2) or full.
     pub preset: Option<String>,
@@ -41,10 +49,10 @@ pub struct EvalArgs {
     pub mode: String,
     #[arg(long, default_value_t = 8)]
     pub stride: usize,
-    /// Samples per setting (passkey keys, fidelity documents).
+    /// Samples per setting (passkey keys, fidelity documents, RULER samples per task and length).
     #[arg(long, default_value_t = 2)]
     pub samples: usize,
-    /// Prompt lengths in tokens (passkey, niah, fidelity).
+    /// Prompt lengths in tokens (passkey, niah, fidelity, ruler).
     #[arg(long, default_value = "1024", value_delimiter = ',')]
     pub lengths: Vec<usize>,
     /// Depths of the key in the prompt, 0 (start) to 1 (end) (passkey, niah).
@@ -89,6 +97,7 @@ fn validate(args: &EvalArgs) -> CliResult<EvalSettings> {
     let tasks: Vec<String> = match (args.task.as_str(), args.preset.as_deref()) {
         ("suite", None | Some("quick") | Some("full")) => TASKS.iter().map(|t| t.to_string()).collect(),
         ("suite", Some(p)) => return Err(CliError(format!("unknown suite preset '{p}' (valid: quick, full)"))),
+        ("ruler", None) => RULER_TASKS.iter().map(|t| t.to_string()).collect(),
         (_, Some(p)) => {
             return Err(CliError(format!(
                 "unexpected argument '{p}': presets belong to `suite`"
@@ -232,7 +241,7 @@ fn write_atomic(path: &Path, text: &str) -> CliResult {
 fn to_markdown(results: &Results, policies: &[&str], budgets: &[String], model: &str) -> String {
     let s = &results.settings;
     let mut md = format!(
-        "# easykv eval — {model}\n\nmode {}, stride {}, seed {}, easykv {}; values are means over samples.\n",
+        "# easykv eval — {model}\n\nmode {}, stride {}, seed {}, easykv {}; values are means over samples, ± the half-width of their 95 % confidence interval (1.96 standard errors) where there are several.\n",
         s.mode, s.stride, s.seed, results.easykv_version
     );
     for task in &s.tasks {
@@ -253,17 +262,50 @@ fn to_markdown(results: &Results, policies: &[&str], budgets: &[String], model: 
             for &p in policies {
                 md.push_str(&format!("| {p} |"));
                 for b in budgets {
-                    let v = if p == "full" { mean("full", "-") } else { mean(p, b) };
-                    md.push_str(&match v {
-                        Some(v) => format!(" {v:.4} |"),
-                        None => " – |".into(),
-                    });
+                    let b = if p == "full" { "-" } else { b.as_str() };
+                    md.push_str(&cell_text(results.mean_ci95(task, metric, p, b)));
                 }
                 md.push('\n');
             }
         }
     }
+    let ruler: Vec<&String> = s.tasks.iter().filter(|t| RULER_TASKS.contains(&t.as_str())).collect();
+    if ruler.len() > 1 {
+        md.push_str(&format!(
+            "\n## RULER average ({} tasks): score\n\nEvery sample of every task counted once.\n\n| policy |",
+            ruler.len()
+        ));
+        for b in budgets {
+            md.push_str(&format!(" {b} |"));
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---:|".repeat(budgets.len()));
+        md.push('\n');
+        for &p in policies {
+            md.push_str(&format!("| {p} |"));
+            for b in budgets {
+                let b = if p == "full" { "-" } else { b.as_str() };
+                let scores: Vec<f64> = results
+                    .cells
+                    .iter()
+                    .filter(|c| ruler.contains(&&c.task) && c.policy == p && c.budget == b)
+                    .filter_map(|c| c.metrics.get("score").copied())
+                    .collect();
+                md.push_str(&cell_text(eval::metrics::mean_ci95(&scores)));
+            }
+            md.push('\n');
+        }
+    }
     md
+}
+
+/// A table cell: the mean, ± the 95 % interval's half-width where there are several samples.
+fn cell_text(stat: Option<(f64, f64, usize)>) -> String {
+    match stat {
+        Some((m, _, 1)) if m.is_finite() => format!(" {m:.4} |"),
+        Some((m, half, _)) if m.is_finite() => format!(" {m:.4} ± {half:.4} |"),
+        _ => " – |".into(),
+    }
 }
 
 /// DejaVu Sans (Bitstream Vera license, see assets/): plotters needs a font to lay out text.

@@ -48,3 +48,57 @@ fn passkey_and_needle_sit_at_the_requested_depth_and_length() {
     assert!(passkey_prompt(tok, 1, 10, 0.5).is_err(), "no room for filler");
     assert!(passkey_prompt(tok, 1, 500, 1.5).is_err(), "depth out of range");
 }
+
+/// Every RULER-style task, with the real tokenizer: the sample is seeded, fits its length
+/// (within the margin left for a chat template) without falling far short, and its answers
+/// are in the context — for the needle and variable tasks literally, for the word tasks as the
+/// most frequent words.
+#[test]
+fn ruler_samples_are_seeded_fit_their_length_and_hold_their_answers() {
+    use easykv_models::eval::{ruler_sample, RULER_TASKS};
+    use rand::SeedableRng;
+    let model = common::load_model("smollm2", WeightDType::F32);
+    let tok = &model.tokenizer;
+    let haystack = std::fs::read_to_string(common::shared("data/last_of_the_mohicans.txt")).unwrap();
+    for &task in RULER_TASKS {
+        for length in [512usize, 2048] {
+            let make =
+                || ruler_sample(task, tok, &haystack, length, &mut rand::rngs::StdRng::seed_from_u64(7)).unwrap();
+            let s = make();
+            assert_eq!(s, make(), "{task}: seeded");
+            let tokens = tok.encode(&format!("{}{}", s.question, s.answer_prefix)).unwrap().len();
+            // The margin left for a chat template and the fixed text: at most a quarter and 64.
+            assert!(
+                tokens <= length && tokens + length / 4 + 64 >= length,
+                "{task} {length}: {tokens} tokens"
+            );
+            assert!(!s.answers.is_empty() && s.new_tokens > 0);
+            let count = |a: &str| s.question.matches(a).count();
+            match task {
+                "cwe" | "fwe" => {
+                    // Each answer occurs at least as often as any word that is not one.
+                    let least = s.answers.iter().map(|a| count(&format!(" {a}"))).min().unwrap();
+                    let words: std::collections::BTreeSet<&str> = s
+                        .question
+                        .split_whitespace()
+                        .filter(|w| w.chars().all(|c| c.is_ascii_lowercase()))
+                        .collect();
+                    let others = words
+                        .iter()
+                        .filter(|w| w.len() >= 4 && !s.answers.iter().any(|a| a == *w))
+                        .map(|w| count(&format!(" {w}\n")) + count(&format!(" {w} ")))
+                        .max()
+                        .unwrap_or(0);
+                    assert!(
+                        least > 0 && least >= others,
+                        "{task}: answers {least}, others up to {others}"
+                    );
+                }
+                _ => assert!(
+                    s.answers.iter().all(|a| count(a) >= 1),
+                    "{task}: answers in the context"
+                ),
+            }
+        }
+    }
+}

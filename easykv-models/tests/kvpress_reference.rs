@@ -11,7 +11,7 @@
 use std::sync::OnceLock;
 
 use burn::backend::Flex;
-use easykv_core::{Budget, EvictingCache, EvictionConfig, KvCache, Mode};
+use easykv_core::{Budget, EvictingCache, EvictionConfig, Mode};
 use easykv_models::{generate, CausalLm, GenerateConfig, LoadedModel, SamplingConfig, WeightDType};
 use easykv_policies::PolicyTable;
 use serde_json::Value;

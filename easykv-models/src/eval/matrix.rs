@@ -107,6 +107,12 @@ pub enum Sample {
     Fidelity {
         ids: Vec<u32>,
     },
+    /// A RULER-style task: scored by the share of `answers` the output holds.
+    Ruler {
+        ids: Vec<u32>,
+        answers: Vec<String>,
+        new_tokens: usize,
+    },
 }
 
 impl EvalSettings {
@@ -165,12 +171,29 @@ impl Results {
     }
 }
 
+impl Results {
+    /// The mean of `metric` over the samples of a (task, policy, budget) cell, the half-width
+    /// of its 95 % confidence interval (normal approximation, 1.96 standard errors; 0 for one
+    /// sample) and the number of samples.
+    pub fn mean_ci95(&self, task: &str, metric: &str, policy: &str, budget: &str) -> Option<(f64, f64, usize)> {
+        let v: Vec<f64> = self
+            .cells
+            .iter()
+            .filter(|c| c.task == task && c.policy == policy && c.budget == budget)
+            .filter_map(|c| c.metrics.get(metric).copied())
+            .filter(|v| v.is_finite())
+            .collect();
+        crate::eval::metrics::mean_ci95(&v)
+    }
+}
+
 /// The metrics each task's main table shows.
 pub fn main_metrics(task: &str) -> &'static [&'static str] {
     match task {
         "ppl" => &["perplexity"],
         "passkey" => &["found"],
         "niah" => &["found", "rouge_l_recall"],
+        t if crate::eval::ruler::RULER_TASKS.contains(&t) => &["score"],
         _ => &["rouge_l_f1", "bleu", "exact_match", "first_divergence"],
     }
 }
@@ -301,6 +324,29 @@ pub fn build_samples<B: Backend>(
                     }
                 }
             }
+            t if crate::eval::ruler::RULER_TASKS.contains(&t) => {
+                for &len in &settings.lengths {
+                    for i in 0..settings.samples {
+                        // The haystack: a different play for each sample.
+                        let (_, text) = &texts[i % texts.len()];
+                        let r = crate::eval::ruler::ruler_sample(t, tok, text, len, &mut rng)?;
+                        let prompt = match &loaded.chat_template {
+                            Some(template) => template.render(&[ChatMessage::new("user", &r.question)], true)?,
+                            None => format!("{}\n", r.question),
+                        };
+                        let ids = tok.encode(&format!("{prompt}{}", r.answer_prefix))?;
+                        out.push((
+                            task.clone(),
+                            format!("len {len} #{i}"),
+                            Sample::Ruler {
+                                ids,
+                                answers: r.answers,
+                                new_tokens: r.new_tokens,
+                            },
+                        ));
+                    }
+                }
+            }
             "fidelity" => {
                 for &len in &settings.lengths {
                     for i in 0..settings.samples {
@@ -376,6 +422,7 @@ pub fn run_cell<B: Backend>(
         Sample::Perplexity { ids } => (ids.len() - 1, 0),
         Sample::Retrieval { ids, .. } => (ids.len(), 12),
         Sample::Fidelity { ids } => (ids.len(), settings.new_tokens),
+        Sample::Ruler { ids, new_tokens, .. } => (ids.len(), *new_tokens),
     };
     let profile = loaded.model.profile();
     let mut cache = build_cache::<B>(
@@ -422,6 +469,11 @@ pub fn run_cell<B: Backend>(
             let (_, text) = decode(ids)?;
             metrics.insert("found".into(), f64::from(u8::from(answer_found(&text, answer))));
             metrics.insert("rouge_l_recall".into(), rouge_l(&text, needle).recall);
+            cell.output = Some(text);
+        }
+        Sample::Ruler { ids, answers, .. } => {
+            let (_, text) = decode(ids)?;
+            metrics.insert("score".into(), crate::eval::ruler::ruler_score(&text, answers));
             cell.output = Some(text);
         }
         Sample::Fidelity { ids } => {

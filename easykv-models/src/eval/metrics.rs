@@ -111,6 +111,24 @@ pub fn first_divergence(a: &[u32], b: &[u32]) -> Option<usize> {
     }
 }
 
+/// The mean of `values`, the half-width of its 95 % confidence interval (1.96 standard
+/// errors, the sample standard deviation; 0 for one value) and their count; `None` if empty.
+pub fn mean_ci95(values: &[f64]) -> Option<(f64, f64, usize)> {
+    let n = values.len();
+    if n == 0 {
+        return None;
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let half = match n {
+        1 => 0.0,
+        _ => {
+            let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            1.96 * (var / n as f64).sqrt()
+        }
+    };
+    Some((mean, half, n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
