@@ -324,8 +324,9 @@ pub struct EvictionArgs {
     /// KV budget: a ratio of the prompt (0.5), tokens (512) or bytes (64MiB).
     #[arg(long, default_value = "0.5", allow_hyphen_values = true)]
     pub budget: String,
-    /// encoding (evict while prefilling), decoding (budget bounds generated tokens) or auto
-    /// (budget bounds prompt + generation).
+    /// encoding (evict while prefilling), decoding (budget bounds generated tokens), auto
+    /// (budget bounds prompt + generation) or once (prefill the whole prompt, then evict down
+    /// to the budget once, as kvpress compresses).
     #[arg(long, default_value = "encoding")]
     pub mode: String,
     /// Prefill stride once eviction starts (tokens per chunk = slots evicted per chunk).

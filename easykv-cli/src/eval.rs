@@ -44,7 +44,7 @@ pub struct EvalArgs {
     /// KV budgets: ratios of the prompt (0.5) or tokens (512).
     #[arg(long, default_value = "0.25,0.5,0.75", value_delimiter = ',')]
     pub budgets: Vec<String>,
-    /// encoding, decoding or auto (see `easykv generate --help`).
+    /// encoding, decoding, auto or once (see `easykv generate --help`).
     #[arg(long, default_value = "encoding")]
     pub mode: String,
     #[arg(long, default_value_t = 8)]
@@ -252,51 +252,52 @@ fn to_markdown(results: &Results, policies: &[&str], budgets: &[String], model: 
             if policies.iter().all(|p| budgets.iter().all(|b| mean(p, b).is_none())) && mean("full", "-").is_none() {
                 continue;
             }
-            md.push_str(&format!("\n## {task}: {metric}\n\n| policy |"));
-            for b in budgets {
-                md.push_str(&format!(" {b} |"));
-            }
-            md.push_str("\n|---|");
-            md.push_str(&"---:|".repeat(budgets.len()));
-            md.push('\n');
-            for &p in policies {
-                md.push_str(&format!("| {p} |"));
-                for b in budgets {
-                    let b = if p == "full" { "-" } else { b.as_str() };
-                    md.push_str(&cell_text(results.mean_ci95(task, metric, p, b)));
-                }
-                md.push('\n');
-            }
+            table(&mut md, &format!("{task}: {metric}"), policies, budgets, |p, b| {
+                results.mean_ci95(&[task.as_str()], metric, p, b)
+            });
         }
     }
-    let ruler: Vec<&String> = s.tasks.iter().filter(|t| RULER_TASKS.contains(&t.as_str())).collect();
+    let ruler: Vec<&str> = s
+        .tasks
+        .iter()
+        .map(String::as_str)
+        .filter(|t| RULER_TASKS.contains(t))
+        .collect();
     if ruler.len() > 1 {
-        md.push_str(&format!(
-            "\n## RULER average ({} tasks): score\n\nEvery sample of every task counted once.\n\n| policy |",
+        let title = format!(
+            "RULER average ({} tasks, every sample counted once): score",
             ruler.len()
-        ));
-        for b in budgets {
-            md.push_str(&format!(" {b} |"));
-        }
-        md.push_str("\n|---|");
-        md.push_str(&"---:|".repeat(budgets.len()));
-        md.push('\n');
-        for &p in policies {
-            md.push_str(&format!("| {p} |"));
-            for b in budgets {
-                let b = if p == "full" { "-" } else { b.as_str() };
-                let scores: Vec<f64> = results
-                    .cells
-                    .iter()
-                    .filter(|c| ruler.contains(&&c.task) && c.policy == p && c.budget == b)
-                    .filter_map(|c| c.metrics.get("score").copied())
-                    .collect();
-                md.push_str(&cell_text(eval::metrics::mean_ci95(&scores)));
-            }
-            md.push('\n');
-        }
+        );
+        table(&mut md, &title, policies, budgets, |p, b| {
+            results.mean_ci95(&ruler, "score", p, b)
+        });
     }
     md
+}
+
+/// A table of `stat(policy, budget)` under `## title`: rows policies, columns budgets (the
+/// full cache's one value, budget `-`, in every column).
+fn table(
+    md: &mut String,
+    title: &str,
+    policies: &[&str],
+    budgets: &[String],
+    stat: impl Fn(&str, &str) -> Option<(f64, f64, usize)>,
+) {
+    md.push_str(&format!("\n## {title}\n\n| policy |"));
+    for b in budgets {
+        md.push_str(&format!(" {b} |"));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(budgets.len()));
+    md.push('\n');
+    for &p in policies {
+        md.push_str(&format!("| {p} |"));
+        for b in budgets {
+            md.push_str(&cell_text(stat(p, if p == "full" { "-" } else { b.as_str() })));
+        }
+        md.push('\n');
+    }
 }
 
 /// A table cell: the mean, ± the 95 % interval's half-width where there are several samples.

@@ -367,6 +367,32 @@ impl EvictionConfig {
 mod tests {
     use super::*;
 
+    /// Once mode: chunks without eviction, the last a whole chunk long, one cut to the budget.
+    #[test]
+    fn once_mode_prefills_whole_then_cuts_once() {
+        let cfg = EvictionConfig {
+            budget: Budget::Tokens(637),
+            mode: Mode::Once,
+            sinks: 0,
+            ..Default::default()
+        };
+        let s = cfg.schedule(1274, 512, 4).unwrap();
+        assert_eq!(s.prefill_chunks, vec![512, 250, 512]);
+        assert_eq!(
+            (s.prefill_capacity, s.decode_capacity, s.evict_once),
+            (Some(637), None, true)
+        );
+        // A short prompt is one chunk; a budget above the prompt keeps everything.
+        assert_eq!(cfg.schedule(300, 512, 4).unwrap().prefill_chunks, vec![300]);
+        assert_eq!(cfg.schedule(600, 512, 4).unwrap().prefill_capacity, None);
+        let sinks_only = EvictionConfig {
+            budget: Budget::Tokens(4),
+            sinks: 4,
+            ..cfg
+        };
+        assert!(sinks_only.schedule(1274, 512, 4).is_err());
+    }
+
     #[test]
     fn parses_budgets() {
         assert_eq!("0.5".parse::<Budget>().unwrap(), Budget::Ratio(0.5));

@@ -13,7 +13,7 @@ use easykv_policies::PolicyTable;
 use serde_json::Value;
 
 mod common;
-use common::{load_model, load_reference};
+use common::{kept_prompt_positions, load_model, load_reference};
 
 fn reference() -> &'static Value {
     static REF: OnceLock<Value> = OnceLock::new();
@@ -54,16 +54,7 @@ fn run(policy: &str) -> (String, Vec<Vec<Vec<usize>>>) {
     let text = m.tokenizer.decode(&out.ids, true).unwrap().trim().to_string();
     // Positions after generation: generated tokens were appended after the prompt (encoding
     // mode never evicts while decoding), so filter them out.
-    let n = prompt.len();
-    let kept = (0..m.config.n_layers)
-        .map(|l| {
-            cache
-                .kept_positions(l)
-                .into_iter()
-                .map(|v| v.into_iter().filter(|&p| p < n).collect())
-                .collect()
-        })
-        .collect();
+    let kept = kept_prompt_positions(&cache, m.config.n_layers, prompt.len());
     // Encoding mode: the prompt is cut to the capacity, then every fed token is appended.
     let fed = if out.stop == StopReason::MaxTokens {
         out.ids.len() - 1

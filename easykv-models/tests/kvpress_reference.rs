@@ -17,19 +17,11 @@ use easykv_policies::PolicyTable;
 use serde_json::Value;
 
 mod common;
-use common::{load_model, load_reference};
+use common::{ids, kept_prompt_positions, load_model, load_reference};
 
 fn model() -> &'static LoadedModel<Flex> {
     static MODEL: OnceLock<LoadedModel<Flex>> = OnceLock::new();
     MODEL.get_or_init(|| load_model("smollm2", WeightDType::F32))
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 /// Runs `policy` on the prompt; returns the greedy ids and the kept prompt positions
@@ -57,16 +49,7 @@ fn run(policy: &str, prompt: &[u32], sinks: usize) -> (Vec<u32>, Vec<Vec<Vec<usi
         std::ops::ControlFlow::Continue(())
     })
     .unwrap();
-    let n = prompt.len();
-    let kept = (0..m.config.n_layers)
-        .map(|l| {
-            cache
-                .kept_positions(l)
-                .into_iter()
-                .map(|v| v.into_iter().filter(|&p| p < n).collect())
-                .collect()
-        })
-        .collect();
+    let kept = kept_prompt_positions(&cache, m.config.n_layers, prompt.len());
     (out.ids, kept)
 }
 

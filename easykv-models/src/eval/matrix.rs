@@ -158,32 +158,26 @@ impl Results {
         crate::atomic::write_atomic(path, &text)
     }
 
+    /// The finite values of `metric` over the samples of `tasks` under one (policy, budget).
+    fn values(&self, tasks: &[&str], metric: &str, policy: &str, budget: &str) -> Vec<f64> {
+        self.cells
+            .iter()
+            .filter(|c| tasks.contains(&c.task.as_str()) && c.policy == policy && c.budget == budget)
+            .filter_map(|c| c.metrics.get(metric).copied())
+            .filter(|v| v.is_finite())
+            .collect()
+    }
+
     /// The mean of `metric` over the samples of one (task, policy, budget), if any were measured.
     pub fn mean(&self, task: &str, metric: &str, policy: &str, budget: &str) -> Option<f64> {
-        let v: Vec<f64> = self
-            .cells
-            .iter()
-            .filter(|c| c.task == task && c.policy == policy && c.budget == budget)
-            .filter_map(|c| c.metrics.get(metric).copied())
-            .filter(|v| v.is_finite())
-            .collect();
-        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        self.mean_ci95(&[task], metric, policy, budget).map(|m| m.0)
     }
-}
 
-impl Results {
-    /// The mean of `metric` over the samples of a (task, policy, budget) cell, the half-width
-    /// of its 95 % confidence interval (normal approximation, 1.96 standard errors; 0 for one
-    /// sample) and the number of samples.
-    pub fn mean_ci95(&self, task: &str, metric: &str, policy: &str, budget: &str) -> Option<(f64, f64, usize)> {
-        let v: Vec<f64> = self
-            .cells
-            .iter()
-            .filter(|c| c.task == task && c.policy == policy && c.budget == budget)
-            .filter_map(|c| c.metrics.get(metric).copied())
-            .filter(|v| v.is_finite())
-            .collect();
-        crate::eval::metrics::mean_ci95(&v)
+    /// The mean of `metric` over every sample of `tasks` under one (policy, budget), the
+    /// half-width of its 95 % confidence interval (normal approximation, 1.96 standard errors;
+    /// 0 for one sample) and the number of samples.
+    pub fn mean_ci95(&self, tasks: &[&str], metric: &str, policy: &str, budget: &str) -> Option<(f64, f64, usize)> {
+        crate::eval::metrics::mean_ci95(&self.values(tasks, metric, policy, budget))
     }
 }
 

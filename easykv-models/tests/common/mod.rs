@@ -39,3 +39,21 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// The prompt positions (below `prompt_len`) `cache` keeps in every (layer, KV head),
+/// ascending: `[layer][head]`.
+pub fn kept_prompt_positions(
+    cache: &easykv_core::EvictingCache<Flex>,
+    layers: usize,
+    prompt_len: usize,
+) -> Vec<Vec<Vec<usize>>> {
+    (0..layers)
+        .map(|l| {
+            cache
+                .kept_positions(l)
+                .into_iter()
+                .map(|v| v.into_iter().filter(|&p| p < prompt_len).collect())
+                .collect()
+        })
+        .collect()
+}
