@@ -121,6 +121,9 @@ pub struct EvictingCache<B: Backend> {
     bias: Option<Tensor<B, 4>>,
     policy: Box<dyn EvictionPolicy<B>>,
     schedule: Schedule,
+    /// The policy's per-layer capacities for the prompt's one cut ([`crate::Mode::Once`]); the
+    /// layers then keep different slot counts and end their chunks one by one.
+    layer_capacities: Option<Vec<usize>>,
 }
 
 impl<B: Backend> std::fmt::Debug for EvictingCache<B> {
@@ -141,6 +144,13 @@ impl<B: Backend> EvictingCache<B> {
         schedule: Schedule,
         kernels: CacheKernels<B>,
     ) -> Self {
+        let layer_capacities = match (schedule.evict_once, schedule.prefill_capacity) {
+            (true, Some(c)) => policy
+                .layer_capacities(n_layers, schedule.prompt_len, c)
+                .filter(|caps| caps.len() == n_layers)
+                .map(|caps| caps.into_iter().map(|k| k.clamp(1, schedule.prompt_len)).collect()),
+            _ => None,
+        };
         Self {
             kv: LayerKv::new(n_layers, kernels),
             stats: Stats::Stacked(None),
@@ -150,6 +160,7 @@ impl<B: Backend> EvictingCache<B> {
             bias: None,
             policy,
             schedule,
+            layer_capacities,
         }
     }
 
@@ -189,7 +200,10 @@ impl<B: Backend> EvictingCache<B> {
 
     fn capacity(&self, layer: usize) -> Option<usize> {
         match self.phase(layer) {
-            Phase::Prefill => self.schedule.prefill_capacity,
+            Phase::Prefill => match &self.layer_capacities {
+                Some(caps) => caps.get(layer).copied(),
+                None => self.schedule.prefill_capacity,
+            },
             Phase::Decode => self.schedule.decode_capacity,
         }
     }
@@ -781,6 +795,15 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         if self.progress.iter().any(|p| p.seen != self.progress[0].seen) {
             return Err(Error::LayersOutOfStep);
         }
+        if self.layer_capacities.is_some() {
+            // Layers of different sizes: each ends its chunk on its own (no evicted slots
+            // await compaction here: this mode never evicts while decoding).
+            for layer in layers {
+                self.end_layer_chunk(layer)?;
+            }
+            self.bias = None;
+            return Ok(());
+        }
         let stats = self.take_stacked()?;
         let stats = self.finish_chunk(stats, layers);
         self.stats = Stats::Stacked(stats);
@@ -836,7 +859,8 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         // cache, a decode step plus evicted slots awaiting compaction, or (no decode budget)
         // what prefill kept plus every generated token.
         let sched = &self.schedule;
-        let kept = sched.prefill_capacity.unwrap_or(sched.prompt_len);
+        let largest_layer = self.layer_capacities.as_ref().and_then(|c| c.iter().max().copied());
+        let kept = largest_layer.or(sched.prefill_capacity).unwrap_or(sched.prompt_len);
         let prefill_peak = match sched.evict_once {
             true => sched.prompt_len,
             false => sched

@@ -135,6 +135,12 @@ pub trait EvictionPolicy<B: Backend>: Send {
         0
     }
 
+    /// Per-layer capacities for a prompt of `prompt_len` tokens cut once to `capacity` slots
+    /// per layer on average ([`crate::Mode::Once`]); `None`: every layer keeps `capacity`.
+    fn layer_capacities(&self, _n_layers: usize, _prompt_len: usize, _capacity: usize) -> Option<Vec<usize>> {
+        None
+    }
+
     /// Slot indices to evict, `ctx.n_evict` of them per (row, head), all distinct.
     ///
     /// # Shapes

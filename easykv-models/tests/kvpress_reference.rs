@@ -105,6 +105,11 @@ fn snapkv_keeps_kvpress_positions() {
 }
 
 #[test]
+fn pyramidkv_keeps_kvpress_positions_and_layer_sizes() {
+    check("pyramidkv", "pyramidkv", 0);
+}
+
+#[test]
 fn tova_keeps_kvpress_positions() {
     check("tova", "tova", 0);
 }

@@ -21,6 +21,11 @@ pub trait ScoreCalculator<B: Backend>: Send {
     fn query_window(&self) -> usize {
         0
     }
+
+    /// Per-layer capacities (see [`EvictionPolicy::layer_capacities`]); `None`: uniform.
+    fn layer_capacities(&self, _n_layers: usize, _prompt_len: usize, _capacity: usize) -> Option<Vec<usize>> {
+        None
+    }
 }
 
 /// Which slots a policy may evict.
@@ -132,6 +137,10 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
 
     fn query_window(&self) -> usize {
         self.score.query_window()
+    }
+
+    fn layer_capacities(&self, n_layers: usize, prompt_len: usize, capacity: usize) -> Option<Vec<usize>> {
+        self.score.layer_capacities(n_layers, prompt_len, capacity)
     }
 
     fn select(&mut self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3, Int> {

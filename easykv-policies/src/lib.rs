@@ -10,6 +10,7 @@
 mod compose;
 mod h2o;
 mod knorm;
+mod pyramidkv;
 mod random;
 mod recency;
 mod roco;
@@ -21,6 +22,7 @@ mod tova;
 pub use compose::{ScopeBuilder, ScoreCalculator, ScoredPolicy};
 pub use h2o::{h2o, SumAttention};
 pub use knorm::{knorm, KeyNorm};
+pub use pyramidkv::{pyramid_capacities, pyramidkv, PyramidWindowAttention};
 pub use random::{random, SeededRandom};
 pub use recency::{recency, Position};
 pub use roco::{roco, MeanAttention, RobustStdScope};

@@ -4,7 +4,7 @@
 use burn::tensor::backend::Backend;
 use easykv_core::EvictionPolicy;
 
-use crate::{h2o, knorm, random, recency, roco, snapkv, tova, Error};
+use crate::{h2o, knorm, pyramidkv, random, recency, roco, snapkv, tova, Error};
 
 /// Makes a fresh instance of a policy (policies keep per-run state, e.g. random draws).
 pub type PolicyConstructor<B> = fn() -> Box<dyn EvictionPolicy<B>>;
@@ -83,6 +83,12 @@ fn builtin_rows<B: Backend>() -> Vec<PolicyEntry<B>> {
             &[],
             "the attention of the latest 64 queries, pooled over 5 slots; keeps those queries' own slots (Li et al. 2024)",
             || Box::new(snapkv()),
+        ),
+        PolicyEntry::evicting(
+            "pyramidkv",
+            &[],
+            "snapkv's score with per-layer budgets shrinking with depth, in --mode once (Cai et al. 2024)",
+            || Box::new(pyramidkv()),
         ),
         PolicyEntry::evicting(
             "knorm",
