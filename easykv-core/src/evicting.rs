@@ -124,6 +124,8 @@ pub struct EvictingCache<B: Backend> {
     /// The policy's per-layer capacities for the prompt's one cut ([`crate::Mode::Once`]); the
     /// layers then keep different slot counts and end their chunks one by one.
     layer_capacities: Option<Vec<usize>>,
+    /// Tokens (prompt and generation) [`KvCache::reserve`] announced, if any.
+    reserved_tokens: usize,
 }
 
 impl<B: Backend> std::fmt::Debug for EvictingCache<B> {
@@ -161,6 +163,7 @@ impl<B: Backend> EvictingCache<B> {
             policy,
             schedule,
             layer_capacities,
+            reserved_tokens: 0,
         }
     }
 
@@ -623,7 +626,16 @@ impl<B: Backend> EvictingCache<B> {
             // StreamingLLM positions are slot indices: its slots must stay compact.
             Some(self.evict_lazily(st, layers, capacity))
         } else {
-            Some(self.evict(st, layers, capacity))
+            let st = self.evict(st, layers.clone(), capacity);
+            if self.schedule.evict_once {
+                // The prompt's one cut: buffers shrink to what is kept plus the generation
+                // announced, so a layer that keeps less holds fewer bytes.
+                let generated = self.reserved_tokens.saturating_sub(self.schedule.prompt_len);
+                for layer in layers {
+                    self.kv.shrink(layer, capacity + generated);
+                }
+            }
+            Some(st)
         }
     }
 
@@ -850,6 +862,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn reserve(&mut self, tokens: usize) {
+        self.reserved_tokens = tokens;
         let peak = self.peak_slots(tokens);
         self.kv.reserve(peak);
     }

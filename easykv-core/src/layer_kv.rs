@@ -429,6 +429,29 @@ impl<B: Backend> LayerKv<B> {
         })
     }
 
+    /// Cuts `layer`'s buffers to room for `capacity` slots (at least the slots in use) in new,
+    /// smaller buffers, so the memory beyond is freed; a pool region's views stay as they are.
+    pub(crate) fn shrink(&mut self, layer: usize, capacity: usize) {
+        let Some(Some(e)) = self.layers.get_mut(layer) else {
+            return;
+        };
+        let room = capacity.max(e.len);
+        if e.in_region || room >= e.capacity() {
+            return;
+        }
+        let cut = |t: &Tensor<B, 4>| {
+            let [b, h, _, d] = t.dims();
+            let fresh = Tensor::<B, 4>::zeros([b, h, room, d], &t.device()).cast(t.dtype());
+            match e.len {
+                0 => fresh,
+                len => fresh.slice_assign([0..b, 0..h, 0..len, 0..d], t.clone().slice_dim(2, 0..len)),
+            }
+        };
+        let (k, v) = (cut(&e.k), cut(&e.v));
+        e.k = k;
+        e.v = v;
+    }
+
     /// The batch size and KV heads of the first layer that holds anything.
     pub(crate) fn batch_heads(&self) -> Option<(usize, usize)> {
         self.layers.iter().flatten().next().map(|e| {

@@ -11,7 +11,7 @@
 use std::sync::OnceLock;
 
 use burn::backend::Flex;
-use easykv_core::{Budget, EvictingCache, EvictionConfig, Mode};
+use easykv_core::{Budget, EvictingCache, EvictionConfig, KvCache, Mode};
 use easykv_models::{generate, CausalLm, GenerateConfig, LoadedModel, SamplingConfig, WeightDType};
 use easykv_policies::PolicyTable;
 use serde_json::Value;
@@ -36,8 +36,8 @@ fn run(policy: &str, prompt: &[u32], sinks: usize) -> (Vec<u32>, Vec<Vec<Vec<usi
         ..Default::default()
     };
     let schedule = cfg.schedule(prompt.len(), 512, m.config.kv_bytes_per_token(4)).unwrap();
-    let policy = PolicyTable::<Flex>::builtin().build(policy).unwrap().unwrap();
-    let mut cache = EvictingCache::<Flex>::new(m.config.n_layers, policy, schedule, m.model.profile().cache_kernels());
+    let built = PolicyTable::<Flex>::builtin().build(policy).unwrap().unwrap();
+    let mut cache = EvictingCache::<Flex>::new(m.config.n_layers, built, schedule, m.model.profile().cache_kernels());
     let gen = GenerateConfig {
         max_new_tokens: 32,
         chunk_size: 512,
@@ -49,7 +49,21 @@ fn run(policy: &str, prompt: &[u32], sinks: usize) -> (Vec<u32>, Vec<Vec<Vec<usi
         std::ops::ControlFlow::Continue(())
     })
     .unwrap();
-    let kept = kept_prompt_positions(&cache, m.config.n_layers, prompt.len());
+    // After the cut a layer's buffers hold its kept slots and the generation: fewer bytes for
+    // the layers that keep less.
+    let layers = m.config.n_layers;
+    let per_slot = m.config.kv_bytes_per_token(4) / layers as u64;
+    let in_use: u64 = (0..layers).map(|l| cache.slots(l) as u64).sum();
+    eprintln!(
+        "{policy}: {} bytes of keys and values held, {} in use",
+        cache.bytes(),
+        in_use * per_slot
+    );
+    assert!(
+        cache.bytes() <= (in_use + 32 * layers as u64) * per_slot,
+        "{policy}: buffers not cut"
+    );
+    let kept = kept_prompt_positions(&cache, layers, prompt.len());
     (out.ids, kept)
 }
 
