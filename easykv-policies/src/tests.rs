@@ -572,7 +572,20 @@ fn aliases_name_their_policies_and_full_evicts_nothing() {
     assert_eq!(table.get("streamingllm").unwrap().name, "recency");
     assert_eq!(build("h2o_head").name(), "h2o");
     assert!(table.build("full").unwrap().is_none());
-    assert_eq!(table.names(), ["roco", "h2o", "tova", "recency", "random", "full"]);
+    assert_eq!(
+        table.names(),
+        [
+            "roco",
+            "h2o",
+            "tova",
+            "snapkv",
+            "pyramidkv",
+            "knorm",
+            "recency",
+            "random",
+            "full"
+        ]
+    );
     assert_eq!(crate::canonical_policy_name("streamingllm"), Ok("recency"));
 }
 
