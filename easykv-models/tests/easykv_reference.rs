@@ -13,7 +13,7 @@ use easykv_policies::PolicyTable;
 use serde_json::Value;
 
 mod common;
-use common::{kept_prompt_positions, load_model, load_reference};
+use common::{kept_prompt_positions, load_model, load_reference, positions};
 
 fn reference() -> &'static Value {
     static REF: OnceLock<Value> = OnceLock::new();
@@ -85,13 +85,7 @@ fn check(policy: &str) {
     assert_eq!(want.len(), kept.len());
     for (l, heads) in want.iter().enumerate() {
         for (h, pos) in heads.as_array().unwrap().iter().enumerate() {
-            let want: Vec<usize> = pos
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
-            assert_eq!(kept[l][h], want, "{policy}: layer {l} head {h}");
+            assert_eq!(kept[l][h], positions(pos), "{policy}: layer {l} head {h}");
         }
     }
     assert_eq!(text, case["text"].as_str().unwrap(), "{policy}");

@@ -17,7 +17,7 @@ use easykv_policies::PolicyTable;
 use serde_json::Value;
 
 mod common;
-use common::{ids, kept_prompt_positions, load_model, load_reference};
+use common::{ids, kept_prompt_positions, load_model, load_reference, positions};
 
 fn model() -> &'static LoadedModel<Flex> {
     static MODEL: OnceLock<LoadedModel<Flex>> = OnceLock::new();
@@ -72,12 +72,7 @@ fn agreement(ours: &[Vec<Vec<usize>>], theirs: &Value) -> (f64, usize) {
     let (mut same, mut total, mut heads_equal) = (0usize, 0usize, 0usize);
     for (l, layer) in theirs.as_array().unwrap().iter().enumerate() {
         for (h, head) in layer.as_array().unwrap().iter().enumerate() {
-            let want: Vec<usize> = head
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect();
+            let want = positions(head);
             let got = &ours[l][h];
             assert_eq!(got.len(), want.len(), "layer {l} head {h}: kept counts");
             same += want.iter().filter(|p| got.binary_search(p).is_ok()).count();

@@ -31,6 +31,15 @@ pub fn load_model(alias: &str, dtype: WeightDType) -> LoadedModel<Flex> {
     LoadedModel::from_gguf(&path, dtype, &Default::default()).unwrap()
 }
 
+/// A JSON array of positions.
+pub fn positions(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
 /// A JSON array of token ids.
 pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
