@@ -32,3 +32,20 @@ impl<B: Backend> ScoreCalculator<B> for KeyNorm {
 pub fn knorm<B: Backend>() -> ScoredPolicy<B> {
     ScoredPolicy::new("knorm", KeyNorm, SinksAndRecent { recent_in_decode: true })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapkv::tests::{context, one_row};
+
+    /// The largest norm scores lowest (evicted first); without norms every slot is alike.
+    #[test]
+    fn larger_key_norms_score_lower() {
+        let stats = one_row(vec![0.0; 3], Some(vec![1.0, 3.0, 2.0]));
+        let score = ScoreCalculator::<burn::backend::Flex>::score(&KeyNorm, &stats, &context(3));
+        assert_eq!(score.into_data().to_vec::<f32>().unwrap(), vec![-1.0, -3.0, -2.0]);
+        let without = one_row(vec![0.0; 3], None);
+        let flat = ScoreCalculator::<burn::backend::Flex>::score(&KeyNorm, &without, &context(3));
+        assert_eq!(flat.into_data().to_vec::<f32>().unwrap(), vec![0.0; 3]);
+    }
+}

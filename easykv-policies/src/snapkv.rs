@@ -58,3 +58,55 @@ pub fn snapkv<B: Backend>() -> ScoredPolicy<B> {
         SinksAndRecent { recent_in_decode: true },
     )
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::{Int, TensorData};
+    use easykv_core::{Phase, Ranker, Ranking};
+
+    use super::*;
+
+    /// One row of `n` slots whose window statistic is `window` (the others zero).
+    pub(crate) fn one_row(window: Vec<f32>, key_norm: Option<Vec<f32>>) -> SlotStats<Flex> {
+        let n = window.len();
+        let dev = Default::default();
+        let t = |v: Vec<f32>| Tensor::<Flex, 3>::from_data(TensorData::new(v, [1, 1, n]), &dev);
+        SlotStats {
+            sum: t(vec![0.0; n]),
+            sum_sq: t(vec![0.0; n]),
+            count: t(vec![0.0; n]),
+            last: t(vec![0.0; n]),
+            positions: Tensor::<Flex, 1, Int>::arange(0..n as i64, &dev).reshape([1, 1, n]),
+            key_norm: key_norm.map(t),
+            window: Some(t(window)),
+        }
+    }
+
+    pub(crate) fn context(slots: usize) -> EvictionContext<Flex> {
+        EvictionContext {
+            phase: Phase::Prefill,
+            slots,
+            n_evict: 1,
+            sinks: 0,
+            recent: 0,
+            robust_k: 1,
+            protected_positions: 0,
+            seed: 0,
+            step: 0,
+            layers: 0..1,
+            ranking: Ranker::plain(Ranking::Sort),
+        }
+    }
+
+    /// Slots before the window are average-pooled over five neighbours with zero padding (as
+    /// `avg_pool1d(kernel 5, padding 2)`); the window's slots score above every other.
+    #[test]
+    fn window_attention_pools_five_slots_and_keeps_the_window() {
+        let stats = one_row(vec![5.0, 0.0, 0.0, 0.0, 0.0, 10.0, 1.0, 1.0], None);
+        let score = WindowAttention { window: 2, kernel: 5 }.score(&stats, &context(8));
+        let got = score.into_data().to_vec::<f32>().unwrap();
+        assert_eq!(&got[..6], &[1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        assert!(got[6..].iter().all(|&s| s == KEPT));
+    }
+}
