@@ -189,16 +189,18 @@ impl<B: Backend> Llama<B> {
         let p = &self.profile;
         let device = self.embed.weight.device();
         // Each sequence's position, rotation and mask (a sliding window may hide its first slots).
+        // Its own rotation is made only where a layer attends it alone: a pooled step rotates
+        // every sequence from one table.
         let mut positions = Vec::with_capacity(n);
-        let mut angles = Vec::with_capacity(n);
+        let mut rotated_slots = Vec::with_capacity(n);
         let mut masks = Vec::with_capacity(n);
         for cache in caches.iter() {
-            let start = self.first_position(&**cache, 1)?;
-            positions.push(start);
-            let slots = cache.compact_positions().then(|| cache.slots(0) + 1);
-            angles.push(self.chunk_angles(1, start, 1, slots));
+            positions.push(self.first_position(&**cache, 1)?);
+            rotated_slots.push(cache.compact_positions().then(|| cache.slots(0) + 1));
             masks.push(self.attention_mask(1, 1, cache.slots(0) + 1, &device));
         }
+        let angles: Vec<std::cell::OnceCell<rope::ChunkAngles<B>>> = (0..n).map(|_| Default::default()).collect();
+        let angles_of = |i: usize| angles[i].get_or_init(|| self.chunk_angles(1, positions[i], 1, rotated_slots[i]));
         // Without a kernel that writes keys and values into each cache, queries and keys of all
         // the sequences are split and rotated at once (each row at its own position).
         let shared = (!p.runs(crate::backend::Kernel::SplitRope) && caches.iter().all(|c| !c.compact_positions()))
@@ -250,7 +252,7 @@ impl<B: Backend> Llama<B> {
                             p,
                             l,
                             row,
-                            &angles[i],
+                            angles_of(i),
                             masks[i].as_ref(),
                             &mut **cache,
                         )?);
