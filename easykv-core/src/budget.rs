@@ -215,6 +215,11 @@ impl EvictionConfig {
                 "stride and decode stride must be at most {MAX_STRIDE}"
             )));
         }
+        // Sinks are added to strides and windows: bounded like them (a fuzzed 2^64 − 5
+        // overflowed the sum).
+        if self.sinks > MAX_STRIDE {
+            return Err(Error::InvalidSetting(format!("sinks must be at most {MAX_STRIDE}")));
+        }
         if !(0.0..1.0).contains(&self.recent_ratio) {
             return Err(Error::InvalidSetting(format!(
                 "recent ratio must be in [0, 1), got {}",
@@ -366,6 +371,18 @@ impl EvictionConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sink counts past any context are refused before they reach a sum.
+    #[test]
+    fn huge_sink_counts_are_refused() {
+        let cfg = EvictionConfig {
+            budget: Budget::Tokens(1),
+            sinks: usize::MAX - 4,
+            ..Default::default()
+        };
+        assert!(cfg.validate().is_err());
+        assert!(cfg.schedule(5, 512, 4).is_err());
+    }
 
     /// Once mode: chunks without eviction, the last a whole chunk long, one cut to the budget.
     #[test]
