@@ -191,15 +191,15 @@ pub struct RegionLayer<B: Backend> {
     pub values: Tensor<B, 4>,
 }
 
-/// A sequence's share of a memory pool: slots `start..start + capacity` of the pool's
-/// per-layer key and value tensors. A kernel that attends many sequences at once reads the
-/// pool's tensors with each sequence's `start` and slot count, one launch for all of them.
+/// A sequence's share of a memory pool: the slots from `start` of the pool's per-layer key
+/// and value tensors that each layer's views cover. A kernel that attends many sequences at
+/// once reads the pool's tensors with each sequence's `start` and slot count, one launch for
+/// all of them.
 #[derive(Debug, Clone)]
 pub struct PoolRegion<B: Backend> {
     /// Which pool: regions of different pools are never read together.
     pub pool: u64,
     pub start: usize,
-    pub capacity: usize,
     pub layers: Vec<RegionLayer<B>>,
 }
 

@@ -420,11 +420,9 @@ impl<B: Backend> EvictingCache<B> {
                 window,
             },
             Some(st) => {
-                let grow = |old: Option<Tensor<B, 3>>, new: Option<Tensor<B, 3>>| match (old, new) {
-                    (Some(old), Some(new)) => Some(Tensor::cat(vec![old, new], 2)),
-                    (None, new) => new.filter(|n| n.dims()[2] == st.positions.dims()[2] + s),
-                    (Some(_), None) => None,
-                };
+                // Kept for every slot or not at all (the policy's needs never change).
+                let grow =
+                    |old: Option<Tensor<B, 3>>, new: Option<Tensor<B, 3>>| Some(Tensor::cat(vec![old?, new?], 2));
                 SlotStats {
                     key_norm: grow(st.key_norm.clone(), norms),
                     window: grow(st.window.clone(), window),
@@ -688,7 +686,7 @@ fn pick_slots<B: Backend>(stats: SlotStats<B>, keep: Tensor<B, 3, Int>, host: bo
             .select(0, flat_rows.clone())
             .reshape([rows, h, kept])
     };
-    stats.map_slots(pick, pick_int)
+    stats.map_each(pick, pick_int)
 }
 
 /// [`pick_slots`] on the host: flex gathers single elements slowly (~40 µs for 2,000).
@@ -717,7 +715,7 @@ fn pick_slots_on_host<B: Backend>(stats: SlotStats<B>, order: &[usize], kept: us
             &device,
         )
     };
-    stats.map_slots(pick, positions)
+    stats.map_each(pick, positions)
 }
 
 /// Slot positions read back to the host, flattened.

@@ -48,6 +48,17 @@ fn write_slots<B: Backend>(buffer: Tensor<B, 4>, new: Tensor<B, 4>, at: usize, h
     Tensor::from_data(dst, TensorCreationOptions::new(device).with_dtype(dtype))
 }
 
+/// A new buffer like `t` (`[batch, heads, capacity, head_dim]`) with room for `room` slots, its
+/// first `len` slots `t`'s (zeros beyond): growing a buffer, or cutting one so the rest is freed.
+fn with_room<B: Backend>(t: &Tensor<B, 4>, room: usize, len: usize) -> Tensor<B, 4> {
+    let [b, h, _, d] = t.dims();
+    let fresh = Tensor::<B, 4>::zeros([b, h, room, d], &t.device()).cast(t.dtype());
+    match len {
+        0 => fresh,
+        _ => fresh.slice_assign([0..b, 0..h, 0..len, 0..d], t.clone().slice_dim(2, 0..len)),
+    }
+}
+
 /// The rows of `keep` (`[batch, heads, kept]`) as host indices, if every row is strictly
 /// ascending (what compaction asks for); `None` otherwise.
 pub(crate) fn ascending_rows<B: Backend>(keep: Tensor<B, 3, Int>) -> Option<Vec<usize>> {
@@ -238,12 +249,9 @@ impl<B: Backend> LayerKv<B> {
             } else {
                 needed.max(old + (old / 2).max(MIN_GROWTH))
             };
-            let grow = |t: Option<Tensor<B, 4>>| {
-                let fresh = Tensor::<B, 4>::zeros([b, h, capacity, d], device).cast(dtype);
-                match t {
-                    Some(t) if len > 0 => fresh.slice_assign([0..b, 0..h, 0..len, 0..d], t.slice_dim(2, 0..len)),
-                    _ => fresh,
-                }
+            let grow = |t: Option<Tensor<B, 4>>| match t {
+                Some(t) => with_room(&t, capacity, len),
+                None => Tensor::<B, 4>::zeros([b, h, capacity, d], device).cast(dtype),
             };
             let (k, v) = match entry.take() {
                 Some(e) => (grow(Some(e.k)), grow(Some(e.v))),
@@ -439,15 +447,7 @@ impl<B: Backend> LayerKv<B> {
         if e.in_region || room >= e.capacity() {
             return;
         }
-        let cut = |t: &Tensor<B, 4>| {
-            let [b, h, _, d] = t.dims();
-            let fresh = Tensor::<B, 4>::zeros([b, h, room, d], &t.device()).cast(t.dtype());
-            match e.len {
-                0 => fresh,
-                len => fresh.slice_assign([0..b, 0..h, 0..len, 0..d], t.clone().slice_dim(2, 0..len)),
-            }
-        };
-        let (k, v) = (cut(&e.k), cut(&e.v));
+        let (k, v) = (with_room(&e.k, room, e.len), with_room(&e.v, room, e.len));
         e.k = k;
         e.v = v;
     }
@@ -530,7 +530,6 @@ mod tests {
         PoolRegion {
             pool: 7,
             start,
-            capacity,
             layers: (0..layers)
                 .map(|_| crate::RegionLayer {
                     pool_keys: t(10),

@@ -30,15 +30,8 @@ pub struct SlotStats<B: Backend> {
 impl<B: Backend> SlotStats<B> {
     /// The statistics of rows `rows` (views, no copy on backends that slice lazily).
     pub fn rows(&self, rows: std::ops::Range<usize>) -> Self {
-        Self {
-            sum: self.sum.clone().slice_dim(0, rows.clone()),
-            sum_sq: self.sum_sq.clone().slice_dim(0, rows.clone()),
-            count: self.count.clone().slice_dim(0, rows.clone()),
-            last: self.last.clone().slice_dim(0, rows.clone()),
-            positions: self.positions.clone().slice_dim(0, rows.clone()),
-            key_norm: self.key_norm.clone().map(|t| t.slice_dim(0, rows.clone())),
-            window: self.window.clone().map(|t| t.slice_dim(0, rows)),
-        }
+        self.clone()
+            .map_each(|t| t.slice_dim(0, rows.clone()), |t| t.slice_dim(0, rows.clone()))
     }
 
     /// Stacks sets of equal slot counts along the row axis.
@@ -55,8 +48,9 @@ impl<B: Backend> SlotStats<B> {
         }
     }
 
-    /// Applies `f` to every statistic kept per slot (a selection or a cut along the slots).
-    pub fn map_slots(
+    /// Applies `f` to every float statistic and `g` to the positions (a cut of rows, a
+    /// selection of slots).
+    pub fn map_each(
         self,
         f: impl Fn(Tensor<B, 3>) -> Tensor<B, 3>,
         g: impl Fn(Tensor<B, 3, Int>) -> Tensor<B, 3, Int>,

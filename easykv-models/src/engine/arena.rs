@@ -98,7 +98,6 @@ impl<B: Backend> SlotArena<B> {
         Some(PoolRegion {
             pool: self.id,
             start,
-            capacity: len,
             layers,
         })
     }

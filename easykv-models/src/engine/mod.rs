@@ -404,17 +404,13 @@ impl<B: Backend> Engine<B> {
                 break;
             };
             // A cache that cannot take the range keeps its own buffers; the range goes back.
-            let placed = match (self.arena.as_ref(), region) {
+            let region = match (self.arena.as_mut(), region) {
                 (Some(arena), Some((start, slots))) => {
-                    arena.region(&profile, start, slots).is_some_and(|r| cache.place_in(r))
-                }
-                _ => false,
-            };
-            let region = match (placed, region, self.arena.as_mut()) {
-                (true, region, _) => region,
-                (false, Some((start, slots)), Some(arena)) => {
-                    arena.give_back(start, slots);
-                    None
+                    let placed = arena.region(&profile, start, slots).is_some_and(|r| cache.place_in(r));
+                    if !placed {
+                        arena.give_back(start, slots);
+                    }
+                    placed.then_some((start, slots))
                 }
                 _ => None,
             };
