@@ -12,8 +12,8 @@
 #   scripts/gpu.sh hf        HF transformers with a static cache (bench/hf_baseline.py)
 #   scripts/gpu.sh trace     where a roco 0.25 run's prefill chunks and decode steps go
 #   scripts/gpu.sh engine    REQUESTS (64) requests of 4096 + NEW (256) tokens through the batched
-#                            engine in a 40 GiB KV pool: full, roco 0.5, roco 0.25, h2o 0.25
-#                            (ENGINE_ROWS picks them)
+#                            engine in a 40 GiB KV pool, CONCURRENCY (64) at a time at most: full,
+#                            roco 0.5, roco 0.25, h2o 0.25 (ENGINE_ROWS picks them)
 #   scripts/gpu.sh serve     the same requests through HTTP: `easykv serve` and REQUESTS clients
 #                            of `easykv bench serve` sending one request each (SERVE_ROWS)
 #   scripts/gpu.sh hfbatch   HF transformers, 16 sequences of 4096 + NEW tokens at once with a
@@ -110,7 +110,7 @@ for config in "$@"; do
       for row in ${ENGINE_ROWS:-full roco50 roco25 h2o25}; do
         # shellcheck disable=SC2086
         timeout "${BENCH_TIMEOUT:-280}" /tmp/easykv bench --device "${DEV:-cuda}" --random-weights llama2-7b --dtype f16 \
-          --prompt-tokens 4096 --new-tokens "${NEW:-256}" --chunk-size 4096 --requests "${REQUESTS:-64}" --concurrency 64 \
+          --prompt-tokens 4096 --new-tokens "${NEW:-256}" --chunk-size 4096 --requests "${REQUESTS:-64}" --concurrency "${CONCURRENCY:-64}" \
           --kv-pool 40GiB --json ${ROW[$row]} ${EXTRA:-} > "/tmp/engine.$row" 2> "/tmp/engine_err.$row"
         python3 - "$row" <<'EOF2'
 import json, sys
