@@ -146,7 +146,12 @@ fn main() -> ExitCode {
             slot.get_or_insert(format!("{}{place}", common::panic_text(info)));
         }
     }));
-    let result = std::panic::catch_unwind(|| run(cli)).unwrap_or_else(|_| {
+    let pool = rayon::ThreadPoolBuilder::new().build();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &pool {
+        Ok(pool) => pool.install(|| run(cli)),
+        Err(_) => run(cli),
+    }))
+    .unwrap_or_else(|_| {
         let cause = cause.lock().ok().and_then(|c| c.clone()).unwrap_or_default();
         Err(common::CliError(format!("internal error (please report it): {cause}")))
     });

@@ -21,6 +21,11 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 
+// The workspace's only `unsafe`: calling `#[target_feature]` kernels after run-time detection.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub mod vnni;
+
 use rayon::prelude::*;
 
 use crate::gguf::GgmlType;
@@ -207,6 +212,10 @@ pub enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2(pulp::x86::V3),
+    /// AVX2 plus AVX-VNNI and F16C: [`vnni`] for the types it handles with 8-bit activations,
+    /// [`avx2`] for the rest.
+    #[cfg(target_arch = "x86_64")]
+    Vnni(pulp::x86::V3, vnni::Vnni),
 }
 
 impl Kernel {
@@ -214,7 +223,10 @@ impl Kernel {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         if let Some(simd) = pulp::x86::V3::try_new() {
-            return Kernel::Avx2(simd);
+            return match vnni::Vnni::detect() {
+                Some(token) => Kernel::Vnni(simd, token),
+                None => Kernel::Avx2(simd),
+            };
         }
         Kernel::Scalar
     }
@@ -302,9 +314,15 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
         let which = weight_rows(parts, t * per_task..(t * per_task + block.len() / rows));
         match (kernel, activations) {
             #[cfg(target_arch = "x86_64")]
-            (Kernel::Avx2(simd), Activations::Int8) => avx2::dots(simd, which, &int8, block),
+            (Kernel::Vnni(_, token), Activations::Int8) if parts.iter().all(|p| vnni::handles(p.ty)) => {
+                vnni::dots(token, which, &int8, block)
+            }
             #[cfg(target_arch = "x86_64")]
-            (Kernel::Avx2(simd), Activations::F32) => avx2::float_dots(simd, which, &float, block),
+            (Kernel::Avx2(simd) | Kernel::Vnni(simd, _), Activations::Int8) => avx2::dots(simd, which, &int8, block),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2(simd) | Kernel::Vnni(simd, _), Activations::F32) => {
+                avx2::float_dots(simd, which, &float, block)
+            }
             (Kernel::Scalar, _) => {
                 for (outs, (m, r)) in block.chunks_mut(rows).zip(which) {
                     for (j, o) in outs.iter_mut().enumerate() {

@@ -1,0 +1,239 @@
+//! Integer dot products with AVX-VNNI (`vpdpbusd`: 32 unsigned × signed byte products summed
+//! in fours into eight 32-bit lanes, one instruction where AVX2 needs two) and F16C (block
+//! scales converted by one instruction instead of bit manipulation), for the block types of
+//! the supported GGUF files: Q4_0, Q4_1, Q8_0 and Q4_K. Other types use [`super::avx2`].
+//!
+//! The workspace's one `unsafe` module: the kernels are `#[target_feature]` functions, which
+//! may only be called where the CPU has those features. [`Vnni::detect`] checks them at run
+//! time and is the only way to obtain the token that [`dots`] takes, so the single `unsafe`
+//! call below is sound; everything inside the kernels is safe code (loads go through
+//! bounds-checked slices). Each kernel is tested against [`super::scalar`] in `tests.rs`.
+
+use core::arch::x86_64::{
+    __m128i, __m256, __m256i, _mm256_add_ps, _mm256_and_si256, _mm256_castps256_ps128, _mm256_cvtepi32_ps,
+    _mm256_dpbusd_avx_epi32, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_set1_epi8, _mm256_set1_ps,
+    _mm256_set_m128i, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_sign_epi8, _mm256_srli_epi16, _mm_add_ps,
+    _mm_and_si128, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_set1_epi8, _mm_srli_epi16,
+};
+
+use super::chunks::scale_min_k4;
+use super::{ActBlock, QuantMatrix, BLOCK};
+use crate::gguf::GgmlType;
+
+/// Proof that this CPU runs the kernels (AVX2, FMA, F16C and AVX-VNNI): only
+/// [`detect`](Self::detect) makes one.
+#[derive(Debug, Clone, Copy)]
+pub struct Vnni {
+    _checked: (),
+}
+
+impl Vnni {
+    /// `Some` where the CPU reports every feature the kernels are compiled for.
+    pub fn detect() -> Option<Self> {
+        let all = std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+            && std::is_x86_feature_detected!("avxvnni");
+        all.then_some(Self { _checked: () })
+    }
+}
+
+/// Whether these kernels multiply `ty`.
+pub fn handles(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K)
+}
+
+/// The dots of every weight row `which` yields (a matrix of a type [`handles`] accepts, and
+/// its row) with every activation row, into `outs` (`[rows, acts.len()]`).
+pub fn dots<'a>(
+    token: Vnni,
+    which: impl Iterator<Item = (&'a QuantMatrix, usize)>,
+    acts: &[Vec<ActBlock>],
+    outs: &mut [f32],
+) {
+    let _ = token;
+    // SAFETY: `dots_on` needs AVX2, FMA, F16C and AVX-VNNI; a `Vnni` token exists only where
+    // `Vnni::detect` found all four on this CPU.
+    unsafe { dots_on(which, acts, outs) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+fn dots_on<'a>(which: impl Iterator<Item = (&'a QuantMatrix, usize)>, acts: &[Vec<ActBlock>], outs: &mut [f32]) {
+    let acts: Vec<&[ActBlock]> = acts.iter().map(Vec::as_slice).collect();
+    for (o, (m, r)) in outs.chunks_mut(acts.len().max(1)).zip(which) {
+        let (ty, row) = (m.ty(), m.row(r));
+        // One activation row (a decode step): four chunks in flight, each with its own
+        // accumulator, so the additions do not wait on each other. More rows: one accumulator
+        // per row already gives that.
+        for (y, a) in o.chunks_mut(4).zip(acts.chunks(4)) {
+            match *a {
+                [x] => y[0] = row_dots::<1, 4>(ty, row, [x])[0],
+                [x0, x1] => y.copy_from_slice(&row_dots::<2, 1>(ty, row, [x0, x1])),
+                [x0, x1, x2] => y.copy_from_slice(&row_dots::<3, 1>(ty, row, [x0, x1, x2])),
+                [x0, x1, x2, x3] => y.copy_from_slice(&row_dots::<4, 1>(ty, row, [x0, x1, x2, x3])),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `N` running sums of `U` partial accumulators each: `Σ a·x.d·(u·q)` in f32 lanes and `Σ b·x.dsum`.
+struct Sums<const N: usize, const U: usize> {
+    acc: [[__m256; U]; N],
+    off: [[f32; U]; N],
+}
+
+impl<const N: usize, const U: usize> Sums<N, U> {
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    fn new() -> Self {
+        Self {
+            acc: [[_mm256_setzero_ps(); U]; N],
+            off: [[0.0; U]; N],
+        }
+    }
+
+    /// Adds chunk `c` of the row (`w = a·u + b`; with `sign`, `u = |w|` and the activations
+    /// take the weights' signs) for every activation row, into partial sum `k`.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn add(&mut self, k: usize, c: usize, u: __m256i, sign: Option<__m256i>, a: f32, b: f32, xs: &[&[ActBlock]; N]) {
+        for ((acc, off), x) in self.acc.iter_mut().zip(&mut self.off).zip(xs) {
+            let Some(x) = x.get(c) else {
+                continue;
+            };
+            let q: __m256i = pulp::cast(x.q);
+            let q = match sign {
+                Some(w) => _mm256_sign_epi8(q, w),
+                None => q,
+            };
+            let p = _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, q));
+            acc[k] = _mm256_fmadd_ps(p, _mm256_set1_ps(a * x.d), acc[k]);
+            off[k] += b * x.dsum;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    fn total(&self) -> [f32; N] {
+        let mut out = [0f32; N];
+        for (o, (acc, off)) in out.iter_mut().zip(self.acc.iter().zip(&self.off)) {
+            let mut v = _mm256_setzero_ps();
+            for a in acc {
+                v = _mm256_add_ps(v, *a);
+            }
+            let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let pair = _mm_hadd_ps(half, half);
+            *o = _mm_cvtss_f32(_mm_hadd_ps(pair, pair)) + off.iter().sum::<f32>();
+        }
+        out
+    }
+}
+
+/// `[f16 at b[0..2], f16 at b[2..4]]` as f32 (a block's scale and minimum).
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+#[inline]
+fn two_f16(b: &[u8]) -> (f32, f32) {
+    let bits = match b.first_chunk::<4>() {
+        Some(a) => i32::from_le_bytes(*a),
+        None => 0,
+    };
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+    let lanes: [f32; 4] = pulp::cast(v);
+    (lanes[0], lanes[1])
+}
+
+/// `N` bytes from the start of `b` as a register (zeros where `b` is shorter).
+#[inline(always)]
+fn bytes<const N: usize, V: pulp::bytemuck::AnyBitPattern>(b: &[u8]) -> V
+where
+    [u8; N]: pulp::bytemuck::Pod,
+{
+    pulp::cast(match b.first_chunk::<N>() {
+        Some(a) => *a,
+        None => [0u8; N],
+    })
+}
+
+/// 16 bytes of packed 4-bit weights as 32 bytes: low nibbles (weights 0–15), then high
+/// nibbles (16–31).
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+#[inline]
+fn nibbles(qs: &[u8]) -> __m256i {
+    let packed: __m128i = bytes::<16, _>(qs);
+    let low = _mm_set1_epi8(0x0F);
+    _mm256_set_m128i(
+        _mm_and_si128(_mm_srli_epi16::<4>(packed), low),
+        _mm_and_si128(packed, low),
+    )
+}
+
+/// Adds chunk `c`, one block of Q4_0, Q4_1 or Q8_0, into partial sum `k`.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+#[inline]
+fn small_block<const N: usize, const U: usize>(
+    ty: GgmlType,
+    s: &mut Sums<N, U>,
+    k: usize,
+    c: usize,
+    blk: &[u8],
+    xs: &[&[ActBlock]; N],
+) {
+    let (d, m) = two_f16(blk);
+    match ty {
+        GgmlType::Q4_1 => s.add(k, c, nibbles(blk.get(4..).unwrap_or(&[])), None, d, m, xs),
+        GgmlType::Q4_0 => s.add(k, c, nibbles(blk.get(2..).unwrap_or(&[])), None, d, -8.0 * d, xs),
+        _ => {
+            let w: __m256i = bytes::<32, _>(blk.get(2..).unwrap_or(&[]));
+            s.add(k, c, _mm256_sign_epi8(w, w), Some(w), d, 0.0, xs);
+        }
+    }
+}
+
+/// `Σ w·x_j` of one weight row of `ty` with `N` activation rows, `U` chunks in flight.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+fn row_dots<const N: usize, const U: usize>(ty: GgmlType, row: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+    let mut s = Sums::<N, U>::new();
+    let size = ty.block_bytes();
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
+            // One block per chunk of 32: `U` blocks per pass, then the rest one at a time.
+            let groups = row.chunks_exact(U * size);
+            let rest = groups.remainder();
+            let mut c = 0;
+            for group in groups {
+                for k in 0..U {
+                    small_block(ty, &mut s, k, c + k, &group[k * size..(k + 1) * size], &xs);
+                }
+                c += U;
+            }
+            for blk in rest.chunks_exact(size) {
+                small_block(ty, &mut s, 0, c, blk, &xs);
+                c += 1;
+            }
+        }
+        GgmlType::Q4K => {
+            // 256 weights per block: four groups of 32 bytes, whose low nibbles are one chunk
+            // and high nibbles the next, each chunk with a 6-bit scale and minimum.
+            let low4 = _mm256_set1_epi8(0x0F);
+            for (n, blk) in row.chunks_exact(size).enumerate() {
+                let (d, dmin) = two_f16(blk);
+                let sc = &blk[4..16];
+                for g in 0..4 {
+                    let packed: __m256i = bytes::<32, _>(&blk[16 + 32 * g..]);
+                    let halves = [
+                        _mm256_and_si256(packed, low4),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4),
+                    ];
+                    for (j, u) in halves.into_iter().enumerate() {
+                        let (scale, min) = scale_min_k4(2 * g + j, sc);
+                        let k = (2 * g + j) % U;
+                        s.add(k, 8 * n + 2 * g + j, u, None, d * scale, -dmin * min, &xs);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    debug_assert_eq!(BLOCK, 32);
+    s.total()
+}
