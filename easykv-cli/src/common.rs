@@ -46,11 +46,13 @@ pub struct ModelArgs {
     /// Storage precision of weight matrices and the KV cache: f32 (exact), f16 or bf16 (half
     /// the memory and memory traffic), native (CPU: a GGUF file's quantized matrices kept in
     /// their blocks — 4–5 bits per weight in memory — and multiplied with f32 activations, each
-    /// block widened in registers: the f32 result up to rounding) or q8 (as native, activations
-    /// quantized to 8 bits for integer dots: slightly different results). With native and q8
-    /// the KV cache is f32. Norms and softmax run in f32, and so does the residual stream on the
-    /// CPU (on GPUs it is half precision too). Default: native on the CPU for one sequence at a
-    /// time (generate, score, eval, bench), f32 for batches (serve, --requests-file, bench
+    /// block widened in registers: the f32 result up to rounding), q16 (as native, activations
+    /// quantized to 16 bits for integer dots on CPUs with AVX-VNNI: native's greedy tokens at
+    /// nearly q8's speed; native's kernels elsewhere) or q8 (activations quantized to 8 bits,
+    /// llama.cpp's way: fastest, slightly different results). With native, q16 and q8 the KV
+    /// cache is f32. Norms and softmax run in f32, and so does the residual stream on the CPU
+    /// (on GPUs it is half precision too). Default: q16 on the CPU for one sequence at a time
+    /// (generate, score, eval, bench), f32 for batches (serve, --requests-file, bench
     /// --requests: f32's products batch faster) and on GPUs.
     #[arg(long)]
     pub dtype: Option<WeightDType>,
@@ -123,10 +125,10 @@ impl ModelArgs {
         })
     }
 
-    /// The precision for one sequence at a time: native on the CPU (as fast as f32 or faster
-    /// there, the same greedy tokens, a fraction of the memory).
+    /// The precision for one sequence at a time: q16 on the CPU (faster than f32 there, the
+    /// same greedy tokens on the reference prompts, a fraction of the memory).
     pub fn dtype(&self) -> WeightDType {
-        self.dtype_or(WeightDType::Native)
+        self.dtype_or(WeightDType::Q16)
     }
 
     /// The precision for batches of sequences: f32 on the CPU, whose products batch faster.

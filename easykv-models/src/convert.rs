@@ -46,7 +46,7 @@ impl View for &Encoded {
 
 fn encode(values: &[f32], shape: Vec<usize>, dtype: WeightDType) -> Encoded {
     let (dtype, bytes) = match dtype {
-        WeightDType::F32 | WeightDType::Native | WeightDType::Q8 => {
+        WeightDType::F32 | WeightDType::Native | WeightDType::Q8 | WeightDType::Q16 => {
             (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect())
         }
         WeightDType::F16 => (
@@ -129,7 +129,7 @@ pub fn gguf_to_hf_dir(gguf: &Path, out: &Path, dtype: WeightDType, log: &mut dyn
         Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
     };
     let dtype_name = match dtype {
-        WeightDType::F32 | WeightDType::Native | WeightDType::Q8 => "float32",
+        WeightDType::F32 | WeightDType::Native | WeightDType::Q8 | WeightDType::Q16 => "float32",
         WeightDType::F16 => "float16",
         WeightDType::Bf16 => "bfloat16",
     };

@@ -2,11 +2,11 @@
 //! against.
 
 use super::chunks::{f16_at, for_each_chunk};
-use super::{ActBlock, FloatRow, BLOCK};
+use super::{ActBlock, ActInt, FloatRow, BLOCK};
 use crate::gguf::GgmlType;
 
 /// `Σ w·x` of one row of `ty` blocks and a quantized activation row.
-pub fn dot(ty: GgmlType, row: &[u8], x: &[ActBlock]) -> f32 {
+pub fn dot<Q: ActInt>(ty: GgmlType, row: &[u8], x: &[ActBlock<Q>]) -> f32 {
     if ty == GgmlType::Q8_0 {
         return row
             .chunks_exact(ty.block_bytes())
@@ -15,7 +15,7 @@ pub fn dot(ty: GgmlType, row: &[u8], x: &[ActBlock]) -> f32 {
                 let s: i32 = b[2..2 + BLOCK]
                     .iter()
                     .zip(&a.q)
-                    .map(|(&w, &q)| w as i8 as i32 * q as i32)
+                    .map(|(&w, &q)| w as i8 as i32 * q.into())
                     .sum();
                 f16_at(b, 0) * a.d * s as f32
             })
@@ -31,7 +31,7 @@ pub fn dot(ty: GgmlType, row: &[u8], x: &[ActBlock]) -> f32 {
             chunk.u[r.clone()]
                 .iter()
                 .zip(&a.q[r])
-                .map(|(&u, &q)| u as i32 * q as i32)
+                .map(|(&u, &q)| u as i32 * q.into())
                 .sum()
         };
         acc += a.d

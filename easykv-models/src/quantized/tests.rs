@@ -114,6 +114,27 @@ fn avx2_products_equal_the_scalar_ones() {
     }
 }
 
+/// [`vnni::dots`] of every row of `m` with `rows` quantized to `Q` equals the scalar dots.
+#[cfg(target_arch = "x86_64")]
+fn check_vnni<Q: ActInt>(token: vnni::Vnni, m: &QuantMatrix, rows: &[Vec<f32>]) {
+    let xs: Vec<Vec<ActBlock<Q>>> = rows.iter().map(|r| quantize_row::<Q>(r)).collect();
+    let mut got = vec![0f32; m.rows() * xs.len()];
+    vnni::dots(token, (0..m.rows()).map(|r| (m, r)), &xs, &mut got);
+    for r in 0..m.rows() {
+        let dense = crate::gguf::dequantize(m.ty(), m.row(r), m.cols()).unwrap();
+        for (j, (x, xf)) in xs.iter().zip(rows).enumerate() {
+            let want = scalar::dot(m.ty(), m.row(r), x);
+            let scale: f32 = dense.iter().zip(xf).map(|(a, b)| (a * b).abs()).sum();
+            let got = got[r * xs.len() + j];
+            let (ty, q) = (m.ty(), std::any::type_name::<Q>());
+            assert!(
+                close(got, want, scale),
+                "{ty:?}, {q}, row {r}, activation row {j}: {got} vs {want}"
+            );
+        }
+    }
+}
+
 /// The VNNI kernels against the scalar ones: every type they handle, odd block counts (so
 /// rows of one activation row end inside an unrolled group), one to five activation rows.
 #[cfg(target_arch = "x86_64")]
@@ -131,21 +152,9 @@ fn vnni_products_equal_the_scalar_ones() {
                 let rows = 3;
                 let w = random_blocks(ty, rows * blocks, &mut rng);
                 let m = QuantMatrix::new(ty, rows, n, &w).unwrap();
-                let xs: Vec<Vec<ActBlock>> = (0..acts).map(|_| quantize_row(&random_row(n, &mut rng))).collect();
-                let mut got = vec![0f32; rows * acts];
-                vnni::dots(token, (0..rows).map(|r| (&m, r)), &xs, &mut got);
-                for r in 0..rows {
-                    let dense = crate::gguf::dequantize(ty, m.row(r), n).unwrap();
-                    for (j, x) in xs.iter().enumerate() {
-                        let want = scalar::dot(ty, m.row(r), x);
-                        let scale: f32 = dense.iter().zip(widen(x)).map(|(a, b)| (a * b).abs()).sum();
-                        let got = got[r * acts + j];
-                        assert!(
-                            close(got, want, scale),
-                            "{ty:?} × {blocks}, row {r}, activation row {j}: {got} vs {want}"
-                        );
-                    }
-                }
+                let rows_f32: Vec<Vec<f32>> = (0..acts).map(|_| random_row(n, &mut rng)).collect();
+                check_vnni::<i8>(token, &m, &rows_f32);
+                check_vnni::<i16>(token, &m, &rows_f32);
             }
         }
     }
@@ -168,6 +177,9 @@ fn stacked_products_equal_row_dots() {
     for (rows, activations) in [
         (1, Activations::Int8),
         (3, Activations::Int8),
+        (30, Activations::Int8),
+        (1, Activations::Int16),
+        (6, Activations::Int16),
         (1, Activations::F32),
         (5, Activations::F32),
     ] {
@@ -175,14 +187,21 @@ fn stacked_products_equal_row_dots() {
         let y = product(&parts, &x, rows, Kernel::detect(), activations);
         assert_eq!(y.len(), rows * out);
         for (j, xr) in x.chunks(cols).enumerate() {
-            let (a, f) = (quantize_row(xr), FloatRow::new(xr));
+            let (a, f) = (quantize_row::<i8>(xr), FloatRow::new(xr));
+            let wide = quantize_row::<i16>(xr);
+            // 16-bit activations where the VNNI kernels take all three types; f32 otherwise.
+            #[cfg(target_arch = "x86_64")]
+            let wide_runs = vnni::Vnni::detect().is_some();
+            #[cfg(not(target_arch = "x86_64"))]
+            let wide_runs = false;
             let want: Vec<f32> = parts
                 .iter()
                 .flat_map(|p| {
                     (0..p.rows())
                         .map(|r| match activations {
                             Activations::Int8 => scalar::dot(p.ty(), p.row(r), &a),
-                            Activations::F32 => scalar::float_dot(p.ty(), p.row(r), &f),
+                            Activations::Int16 if wide_runs => scalar::dot(p.ty(), p.row(r), &wide),
+                            Activations::Int16 | Activations::F32 => scalar::float_dot(p.ty(), p.row(r), &f),
                         })
                         .collect::<Vec<_>>()
                 })
@@ -224,6 +243,7 @@ fn speed() {
         let m = vec![QuantMatrix::new(ty, rows, cols, &bytes).unwrap()];
         for (n_rows, act) in [
             (1, Activations::Int8),
+            (1, Activations::Int16),
             (1, Activations::F32),
             (4, Activations::Int8),
             (16, Activations::Int8),

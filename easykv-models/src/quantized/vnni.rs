@@ -1,7 +1,7 @@
 //! Integer dot products with AVX-VNNI (`vpdpbusd`: 32 unsigned × signed byte products summed
 //! in fours into eight 32-bit lanes, one instruction where AVX2 needs two) and F16C (block
 //! scales converted by one instruction instead of bit manipulation), for the block types of
-//! the supported GGUF files: Q4_0, Q4_1, Q8_0 and Q4_K. Other types use [`super::avx2`].
+//! the supported GGUF files: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K. Other types use [`super::avx2`].
 //!
 //! The workspace's one `unsafe` module: the kernels are `#[target_feature]` functions, which
 //! may only be called where the CPU has those features. [`Vnni::detect`] checks them at run
@@ -10,14 +10,16 @@
 //! bounds-checked slices). Each kernel is tested against [`super::scalar`] in `tests.rs`.
 
 use core::arch::x86_64::{
-    __m128i, __m256, __m256i, _mm256_add_ps, _mm256_and_si256, _mm256_castps256_ps128, _mm256_cvtepi32_ps,
-    _mm256_dpbusd_avx_epi32, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_set1_epi8, _mm256_set1_ps,
-    _mm256_set_m128i, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_sign_epi8, _mm256_srli_epi16, _mm_add_ps,
-    _mm_and_si128, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_set1_epi8, _mm_srli_epi16,
+    __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256, _mm256_castps256_ps128,
+    _mm256_castsi256_si128, _mm256_cvtepi32_ps, _mm256_cvtepi8_epi16, _mm256_cvtepu8_epi16, _mm256_dpbusd_avx_epi32,
+    _mm256_dpwssd_avx_epi32, _mm256_extractf128_ps, _mm256_extracti128_si256, _mm256_fmadd_ps, _mm256_or_si256,
+    _mm256_permute2x128_si256, _mm256_set1_epi8, _mm256_set1_ps, _mm256_set_m128, _mm256_set_m128i, _mm256_setzero_ps,
+    _mm256_setzero_si256, _mm256_sign_epi8, _mm256_slli_epi16, _mm256_srli_epi16, _mm_add_ps, _mm_and_si128,
+    _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_set1_epi8, _mm_set1_ps, _mm_srli_epi16,
 };
 
 use super::chunks::scale_min_k4;
-use super::{ActBlock, QuantMatrix, BLOCK};
+use super::{ActBlock, ActInt, QuantMatrix, BLOCK};
 use crate::gguf::GgmlType;
 
 /// Proof that this CPU runs the kernels (AVX2, FMA, F16C and AVX-VNNI): only
@@ -40,15 +42,18 @@ impl Vnni {
 
 /// Whether these kernels multiply `ty`.
 pub fn handles(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K)
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+    )
 }
 
 /// The dots of every weight row `which` yields (a matrix of a type [`handles`] accepts, and
 /// its row) with every activation row, into `outs` (`[rows, acts.len()]`).
-pub fn dots<'a>(
+pub fn dots<'a, Q: ActInt>(
     token: Vnni,
     which: impl Iterator<Item = (&'a QuantMatrix, usize)>,
-    acts: &[Vec<ActBlock>],
+    acts: &[Vec<ActBlock<Q>>],
     outs: &mut [f32],
 ) {
     let _ = token;
@@ -58,8 +63,12 @@ pub fn dots<'a>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-fn dots_on<'a>(which: impl Iterator<Item = (&'a QuantMatrix, usize)>, acts: &[Vec<ActBlock>], outs: &mut [f32]) {
-    let acts: Vec<&[ActBlock]> = acts.iter().map(Vec::as_slice).collect();
+fn dots_on<'a, Q: ActInt>(
+    which: impl Iterator<Item = (&'a QuantMatrix, usize)>,
+    acts: &[Vec<ActBlock<Q>>],
+    outs: &mut [f32],
+) {
+    let acts: Vec<&[ActBlock<Q>]> = acts.iter().map(Vec::as_slice).collect();
     for (o, (m, r)) in outs.chunks_mut(acts.len().max(1)).zip(which) {
         let (ty, row) = (m.ty(), m.row(r));
         // One activation row (a decode step): four chunks in flight, each with its own
@@ -67,10 +76,10 @@ fn dots_on<'a>(which: impl Iterator<Item = (&'a QuantMatrix, usize)>, acts: &[Ve
         // per row already gives that.
         for (y, a) in o.chunks_mut(4).zip(acts.chunks(4)) {
             match *a {
-                [x] => y[0] = row_dots::<1, 4>(ty, row, [x])[0],
-                [x0, x1] => y.copy_from_slice(&row_dots::<2, 1>(ty, row, [x0, x1])),
-                [x0, x1, x2] => y.copy_from_slice(&row_dots::<3, 1>(ty, row, [x0, x1, x2])),
-                [x0, x1, x2, x3] => y.copy_from_slice(&row_dots::<4, 1>(ty, row, [x0, x1, x2, x3])),
+                [x] => y[0] = row_dots::<1, 4, Q>(ty, row, [x])[0],
+                [x0, x1] => y.copy_from_slice(&row_dots::<2, 1, Q>(ty, row, [x0, x1])),
+                [x0, x1, x2] => y.copy_from_slice(&row_dots::<3, 1, Q>(ty, row, [x0, x1, x2])),
+                [x0, x1, x2, x3] => y.copy_from_slice(&row_dots::<4, 1, Q>(ty, row, [x0, x1, x2, x3])),
                 _ => {}
             }
         }
@@ -97,19 +106,48 @@ impl<const N: usize, const U: usize> Sums<N, U> {
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    fn add(&mut self, k: usize, c: usize, u: __m256i, sign: Option<__m256i>, a: f32, b: f32, xs: &[&[ActBlock]; N]) {
+    fn add<Q: ActInt>(
+        &mut self,
+        k: usize,
+        c: usize,
+        u: __m256i,
+        sign: Option<__m256i>,
+        a: f32,
+        b: f32,
+        xs: &[&[ActBlock<Q>]; N],
+    ) {
         for ((acc, off), x) in self.acc.iter_mut().zip(&mut self.off).zip(xs) {
             let Some(x) = x.get(c) else {
                 continue;
             };
-            let q: __m256i = pulp::cast(x.q);
-            let q = match sign {
-                Some(w) => _mm256_sign_epi8(q, w),
-                None => q,
-            };
-            let p = _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, q));
+            let p = _mm256_cvtepi32_ps(products(u, sign, x, false));
             acc[k] = _mm256_fmadd_ps(p, _mm256_set1_ps(a * x.d), acc[k]);
             off[k] += b * x.dsum;
+        }
+    }
+
+    /// [`add`](Self::add) for a chunk whose halves (weights 0–15 and 16–31) have scales of their
+    /// own: `w = a[h]·u + b[h]`.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    #[inline]
+    fn add_halves<Q: ActInt>(
+        &mut self,
+        k: usize,
+        c: usize,
+        u: __m256i,
+        a: [f32; 2],
+        b: [f32; 2],
+        xs: &[&[ActBlock<Q>]; N],
+    ) {
+        for ((acc, off), x) in self.acc.iter_mut().zip(&mut self.off).zip(xs) {
+            let Some(x) = x.get(c) else {
+                continue;
+            };
+            // Lanes 0–3 hold sums over the first half's weights, 4–7 over the second's.
+            let p = _mm256_cvtepi32_ps(products(u, None, x, true));
+            let scale = _mm256_set_m128(_mm_set1_ps(a[1] * x.d), _mm_set1_ps(a[0] * x.d));
+            acc[k] = _mm256_fmadd_ps(p, scale, acc[k]);
+            off[k] += x.d * (b[0] * x.sums[0] as f32 + b[1] * x.sums[1] as f32);
         }
     }
 
@@ -129,14 +167,49 @@ impl<const N: usize, const U: usize> Sums<N, U> {
     }
 }
 
-/// `[f16 at b[0..2], f16 at b[2..4]]` as f32 (a block's scale and minimum).
+/// `u·q` of a chunk summed into eight 32-bit lanes (`u` unsigned bytes; with `sign`, `u = |w|`
+/// and `w` the signed weights). With `split`, lanes 0–3 sum the first 16 weights and lanes 4–7
+/// the second 16 (as one `vpdpbusd` leaves them); otherwise any lane may hold either.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+#[inline]
+fn products<Q: ActInt>(u: __m256i, sign: Option<__m256i>, x: &ActBlock<Q>, split: bool) -> __m256i {
+    let q: &[u8] = pulp::bytemuck::cast_slice(&x.q);
+    let zero = _mm256_setzero_si256();
+    if q.len() == BLOCK {
+        let q: __m256i = bytes::<32, _>(q);
+        return match sign {
+            Some(w) => _mm256_dpbusd_avx_epi32(zero, u, _mm256_sign_epi8(q, w)),
+            None => _mm256_dpbusd_avx_epi32(zero, u, q),
+        };
+    }
+    // 16-bit activations: the weights widened to 16 bits (signed ones as such), then
+    // `vpdpwssd` per half of the chunk.
+    let (q0, q1): (__m256i, __m256i) = (bytes::<32, _>(q), bytes::<32, _>(q.get(32..).unwrap_or(&[])));
+    let w = sign.unwrap_or(u);
+    let (lo, hi) = (_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+    let (w0, w1) = match sign {
+        Some(_) => (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)),
+        None => (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi)),
+    };
+    if !split {
+        return _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(zero, w0, q0), w1, q1);
+    }
+    let (h0, h1) = (
+        _mm256_dpwssd_avx_epi32(zero, w0, q0),
+        _mm256_dpwssd_avx_epi32(zero, w1, q1),
+    );
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(h0, h1),
+        _mm256_permute2x128_si256::<0x31>(h0, h1),
+    )
+}
+
+/// `[f16 at b[0..2], f16 at b[2..4]]` as f32 (a block's scale and minimum; zeros past `b`'s end).
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 #[inline]
 fn two_f16(b: &[u8]) -> (f32, f32) {
-    let bits = match b.first_chunk::<4>() {
-        Some(a) => i32::from_le_bytes(*a),
-        None => 0,
-    };
+    let at = |i: usize| b.get(i).copied().unwrap_or(0);
+    let bits = i32::from_le_bytes([at(0), at(1), at(2), at(3)]);
     let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
     let lanes: [f32; 4] = pulp::cast(v);
     (lanes[0], lanes[1])
@@ -170,13 +243,13 @@ fn nibbles(qs: &[u8]) -> __m256i {
 /// Adds chunk `c`, one block of Q4_0, Q4_1 or Q8_0, into partial sum `k`.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 #[inline]
-fn small_block<const N: usize, const U: usize>(
+fn small_block<const N: usize, const U: usize, Q: ActInt>(
     ty: GgmlType,
     s: &mut Sums<N, U>,
     k: usize,
     c: usize,
     blk: &[u8],
-    xs: &[&[ActBlock]; N],
+    xs: &[&[ActBlock<Q>]; N],
 ) {
     let (d, m) = two_f16(blk);
     match ty {
@@ -191,7 +264,7 @@ fn small_block<const N: usize, const U: usize>(
 
 /// `Σ w·x_j` of one weight row of `ty` with `N` activation rows, `U` chunks in flight.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-fn row_dots<const N: usize, const U: usize>(ty: GgmlType, row: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+fn row_dots<const N: usize, const U: usize, Q: ActInt>(ty: GgmlType, row: &[u8], xs: [&[ActBlock<Q>]; N]) -> [f32; N] {
     let mut s = Sums::<N, U>::new();
     let size = ty.block_bytes();
     match ty {
@@ -228,6 +301,39 @@ fn row_dots<const N: usize, const U: usize>(ty: GgmlType, row: &[u8], xs: [&[Act
                         let (scale, min) = scale_min_k4(2 * g + j, sc);
                         let k = (2 * g + j) % U;
                         s.add(k, 8 * n + 2 * g + j, u, None, d * scale, -dmin * min, &xs);
+                    }
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            // 256 weights per block: per half, 64 bytes of low four bits and 32 of high two
+            // bits make four chunks; a signed 8-bit scale per 16 weights, `w = d·sc·(u − 32)`.
+            let (low4, low2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
+            for (n, blk) in row.chunks_exact(size).enumerate() {
+                let (d, _) = two_f16(blk.get(208..).unwrap_or(&[]));
+                for half in 0..2 {
+                    let ql0: __m256i = bytes::<32, _>(&blk[64 * half..]);
+                    let ql1: __m256i = bytes::<32, _>(&blk[64 * half + 32..]);
+                    let qh: __m256i = bytes::<32, _>(&blk[128 + 32 * half..]);
+                    // The high bits of chunk `k` are bits 2k, 2k+1 of `qh`, moved to bits 4–5.
+                    let high = |shift: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(shift, low2));
+                    let chunks = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, low4), high(qh)),
+                        _mm256_or_si256(_mm256_and_si256(ql1, low4), high(_mm256_srli_epi16::<2>(qh))),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
+                            high(_mm256_srli_epi16::<4>(qh)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+                            high(_mm256_srli_epi16::<6>(qh)),
+                        ),
+                    ];
+                    let sc = blk.get(192 + 8 * half..200 + 8 * half).unwrap_or(&[0; 8]);
+                    for (k, u) in chunks.into_iter().enumerate() {
+                        let a = [d * (sc[2 * k] as i8) as f32, d * (sc[2 * k + 1] as i8) as f32];
+                        let c = 8 * n + 4 * half + k;
+                        s.add_halves(c % U, c, u, a, [-32.0 * a[0], -32.0 * a[1]], &xs);
                     }
                 }
             }
