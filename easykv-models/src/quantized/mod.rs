@@ -40,12 +40,15 @@ pub const BLOCK: usize = 32;
 pub trait ActInt: pulp::bytemuck::Pod + Into<i32> + std::fmt::Debug + PartialEq + Send + Sync + 'static {
     /// The largest magnitude used (the range is symmetric).
     const MAX: f32;
+    /// Wider than a byte.
+    const WIDE: bool;
     /// Already rounded and clamped to ±`MAX`.
     fn from_f32(v: f32) -> Self;
 }
 
 impl ActInt for i8 {
     const MAX: f32 = 127.0;
+    const WIDE: bool = false;
     fn from_f32(v: f32) -> Self {
         v as i8
     }
@@ -53,6 +56,7 @@ impl ActInt for i8 {
 
 impl ActInt for i16 {
     const MAX: f32 = 32767.0;
+    const WIDE: bool = true;
     fn from_f32(v: f32) -> Self {
         v as i16
     }

@@ -10,6 +10,7 @@
 //! bounds-checked slices). Each kernel is tested against [`super::scalar`] in `tests.rs`.
 
 use core::arch::x86_64::{
+    _mm256_packus_epi16, _mm256_permute4x64_epi64, _mm256_set1_epi16,
     __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256, _mm256_castps256_ps128,
     _mm256_castsi256_si128, _mm256_cvtepi32_ps, _mm256_cvtepi8_epi16, _mm256_cvtepu8_epi16, _mm256_dpbusd_avx_epi32,
     _mm256_dpwssd_avx_epi32, _mm256_extractf128_ps, _mm256_extracti128_si256, _mm256_fmadd_ps, _mm256_or_si256,
@@ -86,6 +87,18 @@ fn dots_on<'a, Q: ActInt>(
     }
 }
 
+/// A chunk's 32 weights as a kernel holds them.
+#[derive(Clone, Copy)]
+enum Weights {
+    /// Unsigned bytes `u` (`w = a·u + b`).
+    Bytes(__m256i),
+    /// Signed bytes `w` (Q8_0: `w = a·w`).
+    Signed(__m256i),
+    /// Unsigned `u` already widened to 16-bit lanes: weights 0–15, then 16–31 (for 16-bit
+    /// activations, where a 4-bit format widens its packed bytes once, in one instruction).
+    Words(__m256i, __m256i),
+}
+
 /// `N` running sums of `U` partial accumulators each: `Σ a·x.d·(u·q)` in f32 lanes and `Σ b·x.dsum`.
 struct Sums<const N: usize, const U: usize> {
     acc: [[__m256; U]; N],
@@ -101,26 +114,16 @@ impl<const N: usize, const U: usize> Sums<N, U> {
         }
     }
 
-    /// Adds chunk `c` of the row (`w = a·u + b`; with `sign`, `u = |w|` and the activations
-    /// take the weights' signs) for every activation row, into partial sum `k`.
+    /// Adds chunk `c` of the row (`w = a·u + b`) for every activation row, into partial sum `k`.
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    fn add<Q: ActInt>(
-        &mut self,
-        k: usize,
-        c: usize,
-        u: __m256i,
-        sign: Option<__m256i>,
-        a: f32,
-        b: f32,
-        xs: &[&[ActBlock<Q>]; N],
-    ) {
+    fn add<Q: ActInt>(&mut self, k: usize, c: usize, w: Weights, a: f32, b: f32, xs: &[&[ActBlock<Q>]; N]) {
         for ((acc, off), x) in self.acc.iter_mut().zip(&mut self.off).zip(xs) {
             let Some(x) = x.get(c) else {
                 continue;
             };
-            let p = _mm256_cvtepi32_ps(products(u, sign, x, false));
+            let p = _mm256_cvtepi32_ps(products(w, x, false));
             acc[k] = _mm256_fmadd_ps(p, _mm256_set1_ps(a * x.d), acc[k]);
             off[k] += b * x.dsum;
         }
@@ -144,7 +147,7 @@ impl<const N: usize, const U: usize> Sums<N, U> {
                 continue;
             };
             // Lanes 0–3 hold sums over the first half's weights, 4–7 over the second's.
-            let p = _mm256_cvtepi32_ps(products(u, None, x, true));
+            let p = _mm256_cvtepi32_ps(products(Weights::Bytes(u), x, true));
             let scale = _mm256_set_m128(_mm_set1_ps(a[1] * x.d), _mm_set1_ps(a[0] * x.d));
             acc[k] = _mm256_fmadd_ps(p, scale, acc[k]);
             off[k] += x.d * (b[0] * x.sums[0] as f32 + b[1] * x.sums[1] as f32);
@@ -167,37 +170,45 @@ impl<const N: usize, const U: usize> Sums<N, U> {
     }
 }
 
-/// `u·q` of a chunk summed into eight 32-bit lanes (`u` unsigned bytes; with `sign`, `u = |w|`
-/// and `w` the signed weights). With `split`, lanes 0–3 sum the first 16 weights and lanes 4–7
-/// the second 16 (as one `vpdpbusd` leaves them); otherwise any lane may hold either.
+/// `w·q` of a chunk (`w` before its scale and offset) summed into eight 32-bit lanes. With
+/// `split`, lanes 0–3 sum the first 16 weights and lanes 4–7 the second 16 (as one `vpdpbusd`
+/// leaves them); otherwise any lane may hold either.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 #[inline]
-fn products<Q: ActInt>(u: __m256i, sign: Option<__m256i>, x: &ActBlock<Q>, split: bool) -> __m256i {
+fn products<Q: ActInt>(w: Weights, x: &ActBlock<Q>, split: bool) -> __m256i {
     let q: &[u8] = pulp::bytemuck::cast_slice(&x.q);
     let zero = _mm256_setzero_si256();
-    if q.len() == BLOCK {
+    if !Q::WIDE {
         let q: __m256i = bytes::<32, _>(q);
-        return match sign {
-            Some(w) => _mm256_dpbusd_avx_epi32(zero, u, _mm256_sign_epi8(q, w)),
-            None => _mm256_dpbusd_avx_epi32(zero, u, q),
+        return match w {
+            Weights::Bytes(u) => _mm256_dpbusd_avx_epi32(zero, u, q),
+            // vpdpbusd multiplies unsigned by signed bytes: |w| by q with w's sign.
+            Weights::Signed(w) => _mm256_dpbusd_avx_epi32(zero, _mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w)),
+            // Packing works per 128-bit lane: the quarters back in order.
+            Weights::Words(w0, w1) => {
+                let u = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi16(w0, w1));
+                _mm256_dpbusd_avx_epi32(zero, u, q)
+            }
         };
     }
-    // 16-bit activations: the weights widened to 16 bits (signed ones as such), then
-    // `vpdpwssd` per half of the chunk.
-    let (q0, q1): (__m256i, __m256i) = (bytes::<32, _>(q), bytes::<32, _>(q.get(32..).unwrap_or(&[])));
-    let w = sign.unwrap_or(u);
-    let (lo, hi) = (_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
-    let (w0, w1) = match sign {
-        Some(_) => (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)),
-        None => (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi)),
+    // 16-bit activations: 16-bit weights, `vpdpwssd` per half of the chunk.
+    let widen = |w: __m256i, signed: bool| {
+        let (lo, hi) = (_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+        match signed {
+            true => (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)),
+            false => (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi)),
+        }
     };
+    let (w0, w1) = match w {
+        Weights::Bytes(u) => widen(u, false),
+        Weights::Signed(w) => widen(w, true),
+        Weights::Words(w0, w1) => (w0, w1),
+    };
+    let (q0, q1): (__m256i, __m256i) = (bytes::<32, _>(q), bytes::<32, _>(q.get(32..).unwrap_or(&[])));
     if !split {
         return _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(zero, w0, q0), w1, q1);
     }
-    let (h0, h1) = (
-        _mm256_dpwssd_avx_epi32(zero, w0, q0),
-        _mm256_dpwssd_avx_epi32(zero, w1, q1),
-    );
+    let (h0, h1) = (_mm256_dpwssd_avx_epi32(zero, w0, q0), _mm256_dpwssd_avx_epi32(zero, w1, q1));
     _mm256_add_epi32(
         _mm256_permute2x128_si256::<0x20>(h0, h1),
         _mm256_permute2x128_si256::<0x31>(h0, h1),
@@ -227,17 +238,21 @@ where
     })
 }
 
-/// 16 bytes of packed 4-bit weights as 32 bytes: low nibbles (weights 0–15), then high
-/// nibbles (16–31).
+/// 16 bytes of packed 4-bit weights (low nibbles weights 0–15, high nibbles 16–31) as bytes,
+/// or for 16-bit activations as 16-bit lanes (one widening, then a mask and a shift).
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 #[inline]
-fn nibbles(qs: &[u8]) -> __m256i {
+fn nibbles<Q: ActInt>(qs: &[u8]) -> Weights {
     let packed: __m128i = bytes::<16, _>(qs);
+    if Q::WIDE {
+        let x = _mm256_cvtepu8_epi16(packed);
+        return Weights::Words(_mm256_and_si256(x, _mm256_set1_epi16(0x0F)), _mm256_srli_epi16::<4>(x));
+    }
     let low = _mm_set1_epi8(0x0F);
-    _mm256_set_m128i(
+    Weights::Bytes(_mm256_set_m128i(
         _mm_and_si128(_mm_srli_epi16::<4>(packed), low),
         _mm_and_si128(packed, low),
-    )
+    ))
 }
 
 /// Adds chunk `c`, one block of Q4_0, Q4_1 or Q8_0, into partial sum `k`.
@@ -252,13 +267,11 @@ fn small_block<const N: usize, const U: usize, Q: ActInt>(
     xs: &[&[ActBlock<Q>]; N],
 ) {
     let (d, m) = two_f16(blk);
+    let after = |at: usize| blk.get(at..).unwrap_or(&[]);
     match ty {
-        GgmlType::Q4_1 => s.add(k, c, nibbles(blk.get(4..).unwrap_or(&[])), None, d, m, xs),
-        GgmlType::Q4_0 => s.add(k, c, nibbles(blk.get(2..).unwrap_or(&[])), None, d, -8.0 * d, xs),
-        _ => {
-            let w: __m256i = bytes::<32, _>(blk.get(2..).unwrap_or(&[]));
-            s.add(k, c, _mm256_sign_epi8(w, w), Some(w), d, 0.0, xs);
-        }
+        GgmlType::Q4_1 => s.add(k, c, nibbles::<Q>(after(4)), d, m, xs),
+        GgmlType::Q4_0 => s.add(k, c, nibbles::<Q>(after(2)), d, -8.0 * d, xs),
+        _ => s.add(k, c, Weights::Signed(bytes::<32, _>(after(2))), d, 0.0, xs),
     }
 }
 
@@ -287,20 +300,34 @@ fn row_dots<const N: usize, const U: usize, Q: ActInt>(ty: GgmlType, row: &[u8],
         GgmlType::Q4K => {
             // 256 weights per block: four groups of 32 bytes, whose low nibbles are one chunk
             // and high nibbles the next, each chunk with a 6-bit scale and minimum.
-            let low4 = _mm256_set1_epi8(0x0F);
+            let (low4, low4_16) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(0x0F));
             for (n, blk) in row.chunks_exact(size).enumerate() {
                 let (d, dmin) = two_f16(blk);
                 let sc = &blk[4..16];
                 for g in 0..4 {
-                    let packed: __m256i = bytes::<32, _>(&blk[16 + 32 * g..]);
-                    let halves = [
-                        _mm256_and_si256(packed, low4),
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4),
-                    ];
-                    for (j, u) in halves.into_iter().enumerate() {
+                    let at = 16 + 32 * g;
+                    let halves = match Q::WIDE {
+                        // Each byte widened once serves both chunks: masked, then shifted.
+                        true => {
+                            let x0 = _mm256_cvtepu8_epi16(bytes::<16, _>(&blk[at..]));
+                            let x1 = _mm256_cvtepu8_epi16(bytes::<16, _>(&blk[at + 16..]));
+                            [
+                                Weights::Words(_mm256_and_si256(x0, low4_16), _mm256_and_si256(x1, low4_16)),
+                                Weights::Words(_mm256_srli_epi16::<4>(x0), _mm256_srli_epi16::<4>(x1)),
+                            ]
+                        }
+                        false => {
+                            let packed: __m256i = bytes::<32, _>(&blk[at..]);
+                            [
+                                Weights::Bytes(_mm256_and_si256(packed, low4)),
+                                Weights::Bytes(_mm256_and_si256(_mm256_srli_epi16::<4>(packed), low4)),
+                            ]
+                        }
+                    };
+                    for (j, w) in halves.into_iter().enumerate() {
                         let (scale, min) = scale_min_k4(2 * g + j, sc);
                         let k = (2 * g + j) % U;
-                        s.add(k, 8 * n + 2 * g + j, u, None, d * scale, -dmin * min, &xs);
+                        s.add(k, 8 * n + 2 * g + j, w, d * scale, -dmin * min, &xs);
                     }
                 }
             }
