@@ -10,13 +10,13 @@
 //! bounds-checked slices). Each kernel is tested against [`super::scalar`] in `tests.rs`.
 
 use core::arch::x86_64::{
-    _mm256_packus_epi16, _mm256_permute4x64_epi64, _mm256_set1_epi16,
     __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256, _mm256_castps256_ps128,
     _mm256_castsi256_si128, _mm256_cvtepi32_ps, _mm256_cvtepi8_epi16, _mm256_cvtepu8_epi16, _mm256_dpbusd_avx_epi32,
     _mm256_dpwssd_avx_epi32, _mm256_extractf128_ps, _mm256_extracti128_si256, _mm256_fmadd_ps, _mm256_or_si256,
-    _mm256_permute2x128_si256, _mm256_set1_epi8, _mm256_set1_ps, _mm256_set_m128, _mm256_set_m128i, _mm256_setzero_ps,
-    _mm256_setzero_si256, _mm256_sign_epi8, _mm256_slli_epi16, _mm256_srli_epi16, _mm_add_ps, _mm_and_si128,
-    _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_set1_epi8, _mm_set1_ps, _mm_srli_epi16,
+    _mm256_packus_epi16, _mm256_permute2x128_si256, _mm256_permute4x64_epi64, _mm256_set1_epi16, _mm256_set1_epi8,
+    _mm256_set1_ps, _mm256_set_m128, _mm256_set_m128i, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_sign_epi8,
+    _mm256_slli_epi16, _mm256_srli_epi16, _mm256_sub_epi8, _mm_add_ps, _mm_and_si128, _mm_cvtph_ps, _mm_cvtsi32_si128,
+    _mm_cvtss_f32, _mm_hadd_ps, _mm_set1_epi8, _mm_set1_ps, _mm_srli_epi16,
 };
 
 use super::chunks::scale_min_k4;
@@ -72,15 +72,13 @@ fn dots_on<'a, Q: ActInt>(
     let acts: Vec<&[ActBlock<Q>]> = acts.iter().map(Vec::as_slice).collect();
     for (o, (m, r)) in outs.chunks_mut(acts.len().max(1)).zip(which) {
         let (ty, row) = (m.ty(), m.row(r));
-        // One activation row (a decode step): four chunks in flight, each with its own
-        // accumulator, so the additions do not wait on each other. More rows: one accumulator
-        // per row already gives that.
+        // Up to four activation rows per pass over the weight row.
         for (y, a) in o.chunks_mut(4).zip(acts.chunks(4)) {
             match *a {
-                [x] => y[0] = row_dots::<1, 4, Q>(ty, row, [x])[0],
-                [x0, x1] => y.copy_from_slice(&row_dots::<2, 1, Q>(ty, row, [x0, x1])),
-                [x0, x1, x2] => y.copy_from_slice(&row_dots::<3, 1, Q>(ty, row, [x0, x1, x2])),
-                [x0, x1, x2, x3] => y.copy_from_slice(&row_dots::<4, 1, Q>(ty, row, [x0, x1, x2, x3])),
+                [x] => y[0] = row_dots::<1, Q>(ty, row, [x])[0],
+                [x0, x1] => y.copy_from_slice(&row_dots::<2, Q>(ty, row, [x0, x1])),
+                [x0, x1, x2] => y.copy_from_slice(&row_dots::<3, Q>(ty, row, [x0, x1, x2])),
+                [x0, x1, x2, x3] => y.copy_from_slice(&row_dots::<4, Q>(ty, row, [x0, x1, x2, x3])),
                 _ => {}
             }
         }
@@ -99,13 +97,19 @@ enum Weights {
     Words(__m256i, __m256i),
 }
 
-/// `N` running sums of `U` partial accumulators each: `Σ a·x.d·(u·q)` in f32 lanes and `Σ b·x.dsum`.
-struct Sums<const N: usize, const U: usize> {
+/// Partial accumulators per activation row: consecutive chunks alternate between them, so
+/// one chunk's addition need not wait for the previous one's.
+const U: usize = 2;
+
+/// `N` running sums of [`U`] partial accumulators each: `Σ a·x.d·(u·q)` in f32 lanes and
+/// `Σ b·x.dsum`. The accumulator is a const parameter `K` of each addition, so they stay in
+/// registers (indexed at run time, they went through the stack).
+struct Sums<const N: usize> {
     acc: [[__m256; U]; N],
     off: [[f32; U]; N],
 }
 
-impl<const N: usize, const U: usize> Sums<N, U> {
+impl<const N: usize> Sums<N> {
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     fn new() -> Self {
         Self {
@@ -118,39 +122,30 @@ impl<const N: usize, const U: usize> Sums<N, U> {
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    fn add<Q: ActInt>(&mut self, k: usize, c: usize, w: Weights, a: f32, b: f32, xs: &[&[ActBlock<Q>]; N]) {
+    fn add<const K: usize, Q: ActInt>(&mut self, c: usize, w: Weights, a: f32, b: f32, xs: &[&[ActBlock<Q>]; N]) {
         for ((acc, off), x) in self.acc.iter_mut().zip(&mut self.off).zip(xs) {
             let Some(x) = x.get(c) else {
                 continue;
             };
             let p = _mm256_cvtepi32_ps(products(w, x, false));
-            acc[k] = _mm256_fmadd_ps(p, _mm256_set1_ps(a * x.d), acc[k]);
-            off[k] += b * x.dsum;
+            acc[K] = _mm256_fmadd_ps(p, _mm256_set1_ps(a * x.d), acc[K]);
+            off[K] += b * x.dsum;
         }
     }
 
-    /// [`add`](Self::add) for a chunk whose halves (weights 0–15 and 16–31) have scales of their
-    /// own: `w = a[h]·u + b[h]`.
+    /// [`add`](Self::add) for a chunk of signed weights `w` (no offset) whose halves (weights
+    /// 0–15 and 16–31) have scales of their own: `a[h]·w`.
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     #[inline]
-    fn add_halves<Q: ActInt>(
-        &mut self,
-        k: usize,
-        c: usize,
-        u: __m256i,
-        a: [f32; 2],
-        b: [f32; 2],
-        xs: &[&[ActBlock<Q>]; N],
-    ) {
-        for ((acc, off), x) in self.acc.iter_mut().zip(&mut self.off).zip(xs) {
+    fn add_halves<const K: usize, Q: ActInt>(&mut self, c: usize, w: __m256i, a: [f32; 2], xs: &[&[ActBlock<Q>]; N]) {
+        for (acc, x) in self.acc.iter_mut().zip(xs) {
             let Some(x) = x.get(c) else {
                 continue;
             };
             // Lanes 0–3 hold sums over the first half's weights, 4–7 over the second's.
-            let p = _mm256_cvtepi32_ps(products(Weights::Bytes(u), x, true));
+            let p = _mm256_cvtepi32_ps(products(Weights::Signed(w), x, true));
             let scale = _mm256_set_m128(_mm_set1_ps(a[1] * x.d), _mm_set1_ps(a[0] * x.d));
-            acc[k] = _mm256_fmadd_ps(p, scale, acc[k]);
-            off[k] += x.d * (b[0] * x.sums[0] as f32 + b[1] * x.sums[1] as f32);
+            acc[K] = _mm256_fmadd_ps(p, scale, acc[K]);
         }
     }
 
@@ -208,7 +203,10 @@ fn products<Q: ActInt>(w: Weights, x: &ActBlock<Q>, split: bool) -> __m256i {
     if !split {
         return _mm256_dpwssd_avx_epi32(_mm256_dpwssd_avx_epi32(zero, w0, q0), w1, q1);
     }
-    let (h0, h1) = (_mm256_dpwssd_avx_epi32(zero, w0, q0), _mm256_dpwssd_avx_epi32(zero, w1, q1));
+    let (h0, h1) = (
+        _mm256_dpwssd_avx_epi32(zero, w0, q0),
+        _mm256_dpwssd_avx_epi32(zero, w1, q1),
+    );
     _mm256_add_epi32(
         _mm256_permute2x128_si256::<0x20>(h0, h1),
         _mm256_permute2x128_si256::<0x31>(h0, h1),
@@ -258,10 +256,9 @@ fn nibbles<Q: ActInt>(qs: &[u8]) -> Weights {
 /// Adds chunk `c`, one block of Q4_0, Q4_1 or Q8_0, into partial sum `k`.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 #[inline]
-fn small_block<const N: usize, const U: usize, Q: ActInt>(
+fn small_block<const K: usize, const N: usize, Q: ActInt>(
     ty: GgmlType,
-    s: &mut Sums<N, U>,
-    k: usize,
+    s: &mut Sums<N>,
     c: usize,
     blk: &[u8],
     xs: &[&[ActBlock<Q>]; N],
@@ -269,32 +266,29 @@ fn small_block<const N: usize, const U: usize, Q: ActInt>(
     let (d, m) = two_f16(blk);
     let after = |at: usize| blk.get(at..).unwrap_or(&[]);
     match ty {
-        GgmlType::Q4_1 => s.add(k, c, nibbles::<Q>(after(4)), d, m, xs),
-        GgmlType::Q4_0 => s.add(k, c, nibbles::<Q>(after(2)), d, -8.0 * d, xs),
-        _ => s.add(k, c, Weights::Signed(bytes::<32, _>(after(2))), d, 0.0, xs),
+        GgmlType::Q4_1 => s.add::<K, Q>(c, nibbles::<Q>(after(4)), d, m, xs),
+        GgmlType::Q4_0 => s.add::<K, Q>(c, nibbles::<Q>(after(2)), d, -8.0 * d, xs),
+        _ => s.add::<K, Q>(c, Weights::Signed(bytes::<32, _>(after(2))), d, 0.0, xs),
     }
 }
 
-/// `Σ w·x_j` of one weight row of `ty` with `N` activation rows, `U` chunks in flight.
+/// `Σ w·x_j` of one weight row of `ty` with `N` activation rows.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-fn row_dots<const N: usize, const U: usize, Q: ActInt>(ty: GgmlType, row: &[u8], xs: [&[ActBlock<Q>]; N]) -> [f32; N] {
-    let mut s = Sums::<N, U>::new();
+fn row_dots<const N: usize, Q: ActInt>(ty: GgmlType, row: &[u8], xs: [&[ActBlock<Q>]; N]) -> [f32; N] {
+    let mut s = Sums::<N>::new();
     let size = ty.block_bytes();
     match ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
-            // One block per chunk of 32: `U` blocks per pass, then the rest one at a time.
-            let groups = row.chunks_exact(U * size);
-            let rest = groups.remainder();
-            let mut c = 0;
-            for group in groups {
-                for k in 0..U {
-                    small_block(ty, &mut s, k, c + k, &group[k * size..(k + 1) * size], &xs);
-                }
-                c += U;
+            // One block per chunk of 32: pairs of blocks, then the last one if odd.
+            let pairs = row.chunks_exact(2 * size);
+            let rest = pairs.remainder();
+            for (i, pair) in pairs.enumerate() {
+                let (first, second) = pair.split_at(size);
+                small_block::<0, N, Q>(ty, &mut s, 2 * i, first, &xs);
+                small_block::<1, N, Q>(ty, &mut s, 2 * i + 1, second, &xs);
             }
-            for blk in rest.chunks_exact(size) {
-                small_block(ty, &mut s, 0, c, blk, &xs);
-                c += 1;
+            if rest.len() == size {
+                small_block::<0, N, Q>(ty, &mut s, row.len() / size - 1, rest, &xs);
             }
         }
         GgmlType::Q4K => {
@@ -324,18 +318,17 @@ fn row_dots<const N: usize, const U: usize, Q: ActInt>(ty: GgmlType, row: &[u8],
                             ]
                         }
                     };
-                    for (j, w) in halves.into_iter().enumerate() {
-                        let (scale, min) = scale_min_k4(2 * g + j, sc);
-                        let k = (2 * g + j) % U;
-                        s.add(k, 8 * n + 2 * g + j, w, d * scale, -dmin * min, &xs);
-                    }
+                    let ((s0, m0), (s1, m1)) = (scale_min_k4(2 * g, sc), scale_min_k4(2 * g + 1, sc));
+                    let c = 8 * n + 2 * g;
+                    s.add::<0, Q>(c, halves[0], d * s0, -dmin * m0, &xs);
+                    s.add::<1, Q>(c + 1, halves[1], d * s1, -dmin * m1, &xs);
                 }
             }
         }
         GgmlType::Q6K => {
             // 256 weights per block: per half, 64 bytes of low four bits and 32 of high two
             // bits make four chunks; a signed 8-bit scale per 16 weights, `w = d·sc·(u − 32)`.
-            let (low4, low2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
+            let (low4, low2, centre) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03), _mm256_set1_epi8(32));
             for (n, blk) in row.chunks_exact(size).enumerate() {
                 let (d, _) = two_f16(blk.get(208..).unwrap_or(&[]));
                 for half in 0..2 {
@@ -357,11 +350,14 @@ fn row_dots<const N: usize, const U: usize, Q: ActInt>(ty: GgmlType, row: &[u8],
                         ),
                     ];
                     let sc = blk.get(192 + 8 * half..200 + 8 * half).unwrap_or(&[0; 8]);
-                    for (k, u) in chunks.into_iter().enumerate() {
-                        let a = [d * (sc[2 * k] as i8) as f32, d * (sc[2 * k + 1] as i8) as f32];
-                        let c = 8 * n + 4 * half + k;
-                        s.add_halves(c % U, c, u, a, [-32.0 * a[0], -32.0 * a[1]], &xs);
-                    }
+                    let a = |k: usize| [d * (sc[2 * k] as i8) as f32, d * (sc[2 * k + 1] as i8) as f32];
+                    // `u − 32` as signed bytes: the products need no offset.
+                    let w = |u: __m256i| _mm256_sub_epi8(u, centre);
+                    let c = 8 * n + 4 * half;
+                    s.add_halves::<0, Q>(c, w(chunks[0]), a(0), &xs);
+                    s.add_halves::<1, Q>(c + 1, w(chunks[1]), a(1), &xs);
+                    s.add_halves::<0, Q>(c + 2, w(chunks[2]), a(2), &xs);
+                    s.add_halves::<1, Q>(c + 3, w(chunks[3]), a(3), &xs);
                 }
             }
         }
