@@ -7,13 +7,16 @@
 //! `Σ u·x` and `Σ x` per half:
 //! - [`Activations::F32`] (`native`): `u` widened to f32 and multiplied with the activations as
 //!   they are — the f32 product up to summation order;
+//! - [`Activations::Int16`] (`q16`): activation rows quantized to 16-bit blocks of 32 and
+//!   integer dots — the f32 product to within 2⁻¹⁶ per activation;
 //! - [`Activations::Int8`] (`q8`): activation rows quantized to 8-bit blocks of 32
 //!   ([`ActBlock`]) and integer dots (as llama.cpp does).
 //!
-//! In SIMD registers where the CPU has AVX2 ([`avx2`], chosen at run time, through `pulp`'s
-//! safe intrinsic wrappers — its CPU-feature token proves they may run, so no `unsafe` is
-//! needed), in plain Rust elsewhere ([`scalar`], which the SIMD kernels are tested against).
-//! Weight rows are split over rayon's threads; each is read once for every activation row.
+//! In SIMD registers, chosen at run time: [`vnni`] where the CPU has AVX-VNNI (8- and 16-bit
+//! activations; the workspace's one `unsafe` module), [`avx2`] where it has AVX2 (through
+//! `pulp`'s safe intrinsic wrappers — its CPU-feature token proves they may run), in plain
+//! Rust elsewhere ([`scalar`], which the SIMD kernels are tested against). Weight rows are
+//! split over rayon's threads; each is read once for every activation row.
 
 mod chunks;
 pub mod scalar;

@@ -118,10 +118,9 @@ impl<const N: usize> Sums<N> {
         }
     }
 
-    /// Adds chunk `c` of the row (`w = a·u + b`) for every activation row, into partial sum `k`.
+    /// Adds chunk `c` of the row (`w = a·u + b`) for every activation row, into partial sum `K`.
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     #[inline]
-    #[allow(clippy::too_many_arguments)]
     fn add<const K: usize, Q: ActInt>(&mut self, c: usize, w: Weights, a: f32, b: f32, xs: &[&[ActBlock<Q>]; N]) {
         for ((acc, off), x) in self.acc.iter_mut().zip(&mut self.off).zip(xs) {
             let Some(x) = x.get(c) else {
