@@ -233,8 +233,12 @@ fn matrices_refuse_bytes_that_are_not_whole_rows() {
 fn speed() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     for (ty, rows, cols) in [
+        (GgmlType::Q4_1, 576, 576),
+        (GgmlType::Q4_1, 960, 576),
         (GgmlType::Q4_1, 1536, 576),
         (GgmlType::Q4_1, 16384, 576),
+        // Larger than the caches: streamed from memory, as a model's weights are.
+        (GgmlType::Q4_1, 163840, 576),
         (GgmlType::Q8_0, 8192, 576),
         (GgmlType::Q4K, 1536, 1536),
         (GgmlType::Q6K, 1536, 1536),
