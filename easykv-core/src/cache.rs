@@ -67,6 +67,20 @@ pub trait KvCache<B: Backend> {
         false
     }
 
+    /// Whether this cache uses `layer`'s queries before RoPE ([`observe_queries`](Self::observe_queries)).
+    fn wants_queries(&self, _layer: usize) -> bool {
+        false
+    }
+
+    /// This chunk's queries of `layer` before RoPE (bias added, unscaled), handed over before
+    /// its keys and values are appended.
+    ///
+    /// # Shapes
+    /// - `queries`: `[batch, q_heads, s, head_dim]`
+    fn observe_queries(&mut self, _layer: usize, _queries: Tensor<B, 4>) -> Result<()> {
+        Ok(())
+    }
+
     /// Attention of this chunk's queries over the slots `append` returned, averaged over the
     /// query heads that share each KV head.
     ///

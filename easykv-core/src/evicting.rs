@@ -5,6 +5,7 @@ use std::ops::Range;
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 
 use crate::budget::Schedule;
+use crate::expected::QueryMoments;
 use crate::layer_kv::{ascending_rows, LayerKv};
 use crate::policy::{EvictionContext, EvictionPolicy, Phase, SlotStats};
 use crate::{CacheKernels, CachedKv, Error, KvCache, PoolRegion, Ranker, RegionSlots, Result};
@@ -126,6 +127,11 @@ pub struct EvictingCache<B: Backend> {
     layer_capacities: Option<Vec<usize>>,
     /// Tokens (prompt and generation) [`KvCache::reserve`] announced, if any.
     reserved_tokens: usize,
+    /// The model's RoPE inverse frequencies (`head_dim / 2`), for policies that read
+    /// [`SlotStats::expected`].
+    rope_frequencies: Option<Vec<f32>>,
+    /// Per layer, the statistics of the prompt's queries, for those policies.
+    moments: Vec<Option<QueryMoments<B>>>,
 }
 
 impl<B: Backend> std::fmt::Debug for EvictingCache<B> {
@@ -164,7 +170,16 @@ impl<B: Backend> EvictingCache<B> {
             schedule,
             layer_capacities,
             reserved_tokens: 0,
+            rope_frequencies: None,
+            moments: vec![None; n_layers],
         }
+    }
+
+    /// The cache told the model's RoPE inverse frequencies (`1/θ^(2i/d)`, `i < d/2`), which
+    /// policies reading [`SlotStats::expected`] need: without them those policies see none.
+    pub fn with_rope_frequencies(mut self, inv_freq: Vec<f32>) -> Self {
+        self.rope_frequencies = Some(inv_freq);
+        self
     }
 
     pub fn schedule(&self) -> &Schedule {
@@ -403,9 +418,13 @@ impl<B: Backend> EvictingCache<B> {
             .reshape([1, 1, s])
             .repeat(&[rows, h, 1]);
         let zeros = Tensor::<B, 3>::zeros([rows, h, s], &device);
-        // The new slots' key norms, where the policy reads them.
+        // The new slots' key and value norms, where the policy reads them.
         let norms = match self.policy.uses_key_norms() {
-            true => self.new_key_norms(layers.clone(), s),
+            true => self.new_norms(layers.clone(), s, false),
+            false => None,
+        };
+        let value_norms = match self.policy.uses_value_norms() {
+            true => self.new_norms(layers.clone(), s, true),
             false => None,
         };
         let window = (self.policy.query_window() > 0).then(|| zeros.clone());
@@ -418,6 +437,8 @@ impl<B: Backend> EvictingCache<B> {
                 positions,
                 key_norm: norms,
                 window,
+                value_norm: value_norms,
+                expected: None,
             },
             Some(st) => {
                 // Kept for every slot or not at all (the policy's needs never change).
@@ -426,6 +447,8 @@ impl<B: Backend> EvictingCache<B> {
                 SlotStats {
                     key_norm: grow(st.key_norm.clone(), norms),
                     window: grow(st.window.clone(), window),
+                    value_norm: grow(st.value_norm.clone(), value_norms),
+                    expected: None,
                     sum: Tensor::cat(vec![st.sum, zeros.clone()], 2),
                     sum_sq: Tensor::cat(vec![st.sum_sq, zeros.clone()], 2),
                     count: Tensor::cat(vec![st.count, zeros.clone()], 2),
@@ -467,13 +490,13 @@ impl<B: Backend> EvictingCache<B> {
         Some(st)
     }
 
-    /// The key norms of the last `s` slots of every layer of `layers`, stacked: `[layers·batch,
-    /// heads, s]`.
-    fn new_key_norms(&self, layers: Range<usize>, s: usize) -> Option<Tensor<B, 3>> {
+    /// The key (or with `values` value) norms of the last `s` slots of every layer of
+    /// `layers`, stacked: `[layers·batch, heads, s]`.
+    fn new_norms(&self, layers: Range<usize>, s: usize, values: bool) -> Option<Tensor<B, 3>> {
         let parts: Option<Vec<Tensor<B, 3>>> = layers
             .map(|l| {
                 let n = self.kv.physical_slots(l);
-                self.kv.key_norms(l, n.checked_sub(s)?..n)
+                self.kv.norms(l, n.checked_sub(s)?..n, values)
             })
             .collect();
         parts.map(|p| Tensor::cat(p, 0))
@@ -517,6 +540,7 @@ impl<B: Backend> EvictingCache<B> {
     /// and compacts keys, values and statistics; returns the statistics.
     fn evict(&mut self, stats: SlotStats<B>, layers: Range<usize>, capacity: usize) -> SlotStats<B> {
         let stats = self.flush(stats, layers.clone());
+        let stats = self.with_expected(stats, &layers);
         let n = stats.sum.dims()[2];
         let ranking = self.ranking(&stats);
         let keep = if n - capacity == 1 {
@@ -530,7 +554,38 @@ impl<B: Backend> EvictingCache<B> {
             p.evicted += n - capacity;
             p.steps += 1;
         }
-        self.compact(stats, layers, keep)
+        let mut stats = self.compact(stats, layers, keep);
+        stats.expected = None;
+        stats
+    }
+
+    /// `stats` with [`SlotStats::expected`] made for `layers`, where the policy reads it and
+    /// the cache knows the model's RoPE frequencies.
+    fn with_expected(&self, mut stats: SlotStats<B>, layers: &Range<usize>) -> SlotStats<B> {
+        let (Some(spec), Some(inv_freq)) = (self.policy.expected_attention(), self.rope_frequencies.as_ref()) else {
+            return stats;
+        };
+        let b = self.batch();
+        let parts: Option<Vec<Tensor<B, 3>>> = layers
+            .clone()
+            .enumerate()
+            .map(|(i, l)| {
+                let keys = self.kv.live_keys(l)?;
+                let moments = self.moments.get(l)?.as_ref()?;
+                let rotation =
+                    crate::expected::averaged_rotation(inv_freq, self.progress[l].seen, spec.future_positions);
+                let positions = stats.positions.clone().slice_dim(0, i * b..(i + 1) * b);
+                Some(crate::expected::expected_attention(
+                    keys,
+                    moments,
+                    &rotation,
+                    positions,
+                    spec.skip_first,
+                ))
+            })
+            .collect();
+        stats.expected = parts.map(|p| Tensor::cat(p, 0));
+        stats
     }
 
     /// Evicts like [`evict`](Self::evict) but only marks the victims (position −1): keys and
@@ -538,6 +593,8 @@ impl<B: Backend> EvictingCache<B> {
     /// [`DEAD_SLOTS_BEFORE_COMPACTION`] have gathered. A decode step then costs no copy of the
     /// cache beyond the one its append makes.
     fn evict_lazily(&mut self, stats: SlotStats<B>, layers: Range<usize>, capacity: usize) -> SlotStats<B> {
+        let mut stats = self.with_expected(stats, &layers);
+        stats.expected = None;
         let [rows, h, n] = stats.sum.dims();
         let n_evict = self.slots(layers.start) - capacity;
         let evict = self.victims(&stats, layers.clone(), n_evict);
@@ -782,6 +839,30 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         layer < self.n_layers() && self.policy.uses_attention() && self.recording(layer)
     }
 
+    fn wants_queries(&self, layer: usize) -> bool {
+        // The prompt's queries only, as kvpress gathers them.
+        self.policy.expected_attention().is_some()
+            && self
+                .progress
+                .get(layer)
+                .is_some_and(|p| p.seen < self.schedule.prompt_len)
+    }
+
+    fn observe_queries(&mut self, layer: usize, queries: Tensor<B, 4>) -> Result<()> {
+        if !self.wants_queries(layer) {
+            return Ok(());
+        }
+        let skip = self.policy.expected_attention().map_or(0, |e| e.skip_first);
+        // This chunk holds positions `seen..seen + s` (its keys are not appended yet).
+        let [_, _, s, _] = queries.dims();
+        let first = skip.saturating_sub(self.progress[layer].seen).min(s);
+        if first < s {
+            let q = queries.slice_dim(2, first..s);
+            self.moments[layer] = Some(QueryMoments::add(self.moments[layer].take(), q));
+        }
+        Ok(())
+    }
+
     fn observe(&mut self, layer: usize, probs: Tensor<B, 4>) -> Result<()> {
         if layer >= self.n_layers() {
             return Err(Error::LayerOutOfRange {
@@ -921,5 +1002,6 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         self.stats = Stats::Stacked(None);
         self.bias = None;
         self.progress.iter_mut().for_each(|p| *p = LayerProgress::default());
+        self.moments.iter_mut().for_each(|m| *m = None);
     }
 }

@@ -421,13 +421,15 @@ impl<B: Backend> LayerKv<B> {
         }
     }
 
-    /// The L2 norms of `layer`'s keys in slots `slots`, `[batch, kv_heads, slots.len()]` in f32.
-    pub(crate) fn key_norms(&self, layer: usize, slots: std::ops::Range<usize>) -> Option<Tensor<B, 3>> {
+    /// The L2 norms of `layer`'s keys (or with `values` its values) in slots `slots`,
+    /// `[batch, kv_heads, slots.len()]` in f32.
+    pub(crate) fn norms(&self, layer: usize, slots: std::ops::Range<usize>, values: bool) -> Option<Tensor<B, 3>> {
         let e = self.layers.get(layer)?.as_ref()?;
         let [b, h, _, _] = e.k.dims();
         let n = slots.len();
+        let t = if values { &e.v } else { &e.k };
         (slots.end <= e.len).then(|| {
-            e.k.clone()
+            t.clone()
                 .slice_dim(2, slots)
                 .cast(DType::F32)
                 .powi_scalar(2)
@@ -435,6 +437,12 @@ impl<B: Backend> LayerKv<B> {
                 .sqrt()
                 .reshape([b, h, n])
         })
+    }
+
+    /// `layer`'s keys in the slots in use, `[batch, kv_heads, slots, head_dim]`.
+    pub(crate) fn live_keys(&self, layer: usize) -> Option<Tensor<B, 4>> {
+        let e = self.layers.get(layer)?.as_ref()?;
+        Some(e.k.clone().slice_dim(2, 0..e.len))
     }
 
     /// Cuts `layer`'s buffers to room for `capacity` slots (at least the slots in use) in new,

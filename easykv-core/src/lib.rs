@@ -11,6 +11,7 @@ mod budget;
 mod cache;
 mod error;
 mod evicting;
+pub mod expected;
 mod full;
 mod kernels;
 mod layer_kv;
@@ -21,6 +22,7 @@ pub use budget::{Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, RO
 pub use cache::{uniform_chunks, CachedKv, KvCache, PoolRegion, RegionLayer, RegionSlots};
 pub use error::{Error, Result};
 pub use evicting::EvictingCache;
+pub use expected::ExpectedAttention;
 pub use full::FullCache;
 pub use kernels::{CacheKernels, Memory, ObservationWriter, RowRanker, SlotGatherer, SlotLister, SlotWriter};
 pub use policy::{slot_mask, EvictionContext, EvictionPolicy, Phase, SlotStats};

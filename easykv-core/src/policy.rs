@@ -25,6 +25,13 @@ pub struct SlotStats<B: Backend> {
     /// Attention from the last [`EvictionPolicy::query_window`] queries of the latest chunk,
     /// summed, kept only for policies that ask (SnapKV's observation window).
     pub window: Option<Tensor<B, 3>>,
+    /// The L2 norm of each slot's value, kept only for policies that ask
+    /// ([`EvictionPolicy::uses_value_norms`]).
+    pub value_norm: Option<Tensor<B, 3>>,
+    /// The attention future queries are expected to pay each slot, made just before an
+    /// eviction for policies that ask ([`EvictionPolicy::expected_attention`]; see
+    /// [`crate::expected`]).
+    pub expected: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> SlotStats<B> {
@@ -45,6 +52,8 @@ impl<B: Backend> SlotStats<B> {
             positions: Tensor::cat(parts.iter().map(|s| s.positions.clone()).collect(), 0),
             key_norm: optional_field(&parts, |s| s.key_norm.clone()),
             window: optional_field(&parts, |s| s.window.clone()),
+            value_norm: optional_field(&parts, |s| s.value_norm.clone()),
+            expected: optional_field(&parts, |s| s.expected.clone()),
         }
     }
 
@@ -63,6 +72,8 @@ impl<B: Backend> SlotStats<B> {
             positions: g(self.positions),
             key_norm: self.key_norm.map(&f),
             window: self.window.map(&f),
+            value_norm: self.value_norm.map(&f),
+            expected: self.expected.map(&f),
         }
     }
 }
@@ -127,6 +138,17 @@ pub trait EvictionPolicy<B: Backend>: Send {
     /// How many of a chunk's last queries [`SlotStats::window`] sums; 0: not kept.
     fn query_window(&self) -> usize {
         0
+    }
+
+    /// Whether the policy reads [`SlotStats::value_norm`] (the cache computes it only then).
+    fn uses_value_norms(&self) -> bool {
+        false
+    }
+
+    /// What [`SlotStats::expected`] is made with, for a policy that reads it (the cache then
+    /// gathers the statistics of the prompt's queries); `None`: not made.
+    fn expected_attention(&self) -> Option<crate::ExpectedAttention> {
+        None
     }
 
     /// Per-layer capacities for a prompt of `prompt_len` tokens cut once to `capacity` slots

@@ -58,7 +58,10 @@ pub fn build_cache_from<B: Backend>(
         None => Ok(Box::new(FullCache::new(model.n_layers, kernels))),
         Some(p) => {
             let schedule = eviction.schedule(prompt_len, chunk_size, model.kv_bytes_per_token(kv_dtype.size()))?;
-            Ok(Box::new(EvictingCache::new(model.n_layers, p, schedule, kernels)))
+            Ok(Box::new(
+                EvictingCache::new(model.n_layers, p, schedule, kernels)
+                    .with_rope_frequencies(model.rope_frequencies()),
+            ))
         }
     }
 }

@@ -156,4 +156,10 @@ impl ModelConfig {
     pub fn kv_bytes_per_token(&self, bytes_per_element: usize) -> u64 {
         (2 * self.n_layers * self.n_kv_heads * self.head_dim * bytes_per_element) as u64
     }
+
+    /// RoPE's inverse frequencies `1/θ^(2i/d)`, `i < head_dim / 2` (what the cache needs for
+    /// expected attention).
+    pub fn rope_frequencies(&self) -> Vec<f32> {
+        crate::llama::rope::inverse_frequencies(self.head_dim, self.rope_theta)
+    }
 }

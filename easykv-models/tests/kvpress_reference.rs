@@ -37,7 +37,8 @@ fn run(policy: &str, prompt: &[u32], sinks: usize) -> (Vec<u32>, Vec<Vec<Vec<usi
     };
     let schedule = cfg.schedule(prompt.len(), 512, m.config.kv_bytes_per_token(4)).unwrap();
     let built = PolicyTable::<Flex>::builtin().build(policy).unwrap().unwrap();
-    let mut cache = EvictingCache::<Flex>::new(m.config.n_layers, built, schedule, m.model.profile().cache_kernels());
+    let mut cache = EvictingCache::<Flex>::new(m.config.n_layers, built, schedule, m.model.profile().cache_kernels())
+        .with_rope_frequencies(m.config.rope_frequencies());
     let gen = GenerateConfig {
         max_new_tokens: 32,
         chunk_size: 512,
@@ -116,6 +117,11 @@ fn snapkv_keeps_kvpress_positions() {
 #[test]
 fn pyramidkv_keeps_kvpress_positions_and_layer_sizes() {
     check("pyramidkv", "pyramidkv", 0);
+}
+
+#[test]
+fn expected_attention_keeps_kvpress_positions() {
+    check("expected-attention", "expected-attention", 0);
 }
 
 #[test]

@@ -22,6 +22,16 @@ pub trait ScoreCalculator<B: Backend>: Send {
         0
     }
 
+    /// Whether the score reads [`SlotStats::value_norm`].
+    fn uses_value_norms(&self) -> bool {
+        false
+    }
+
+    /// What the score reads [`SlotStats::expected`] with (see [`EvictionPolicy::expected_attention`]).
+    fn expected_attention(&self) -> Option<easykv_core::ExpectedAttention> {
+        None
+    }
+
     /// Per-layer capacities (see [`EvictionPolicy::layer_capacities`]); `None`: uniform.
     fn layer_capacities(&self, _n_layers: usize, _prompt_len: usize, _capacity: usize) -> Option<Vec<usize>> {
         None
@@ -137,6 +147,14 @@ impl<B: Backend> EvictionPolicy<B> for ScoredPolicy<B> {
 
     fn query_window(&self) -> usize {
         self.score.query_window()
+    }
+
+    fn uses_value_norms(&self) -> bool {
+        self.score.uses_value_norms()
+    }
+
+    fn expected_attention(&self) -> Option<easykv_core::ExpectedAttention> {
+        self.score.expected_attention()
     }
 
     fn layer_capacities(&self, n_layers: usize, prompt_len: usize, capacity: usize) -> Option<Vec<usize>> {

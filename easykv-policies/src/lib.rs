@@ -8,6 +8,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod compose;
+mod expected_attention;
 mod h2o;
 mod knorm;
 mod pyramidkv;
@@ -20,6 +21,7 @@ mod table;
 mod tova;
 
 pub use compose::{ScopeBuilder, ScoreCalculator, ScoredPolicy};
+pub use expected_attention::{expected_attention, ExpectedAttentionScore};
 pub use h2o::{h2o, SumAttention};
 pub use knorm::{knorm, KeyNorm};
 pub use pyramidkv::{pyramid_capacities, pyramidkv, PyramidWindowAttention};

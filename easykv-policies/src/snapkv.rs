@@ -80,6 +80,8 @@ pub(crate) mod tests {
             positions: Tensor::<Flex, 1, Int>::arange(0..n as i64, &dev).reshape([1, 1, n]),
             key_norm: key_norm.map(t),
             window: Some(t(window)),
+            value_norm: None,
+            expected: None,
         }
     }
 

@@ -4,7 +4,7 @@
 use burn::tensor::backend::Backend;
 use easykv_core::EvictionPolicy;
 
-use crate::{h2o, knorm, pyramidkv, random, recency, roco, snapkv, tova, Error};
+use crate::{expected_attention, h2o, knorm, pyramidkv, random, recency, roco, snapkv, tova, Error};
 
 /// Makes a fresh instance of a policy (policies keep per-run state, e.g. random draws).
 pub type PolicyConstructor<B> = fn() -> Box<dyn EvictionPolicy<B>>;
@@ -95,6 +95,12 @@ fn builtin_rows<B: Backend>() -> Vec<PolicyEntry<B>> {
             &[],
             "keys of smallest L2 norm kept; reads no attention (Devoto et al. 2024)",
             || Box::new(knorm()),
+        ),
+        PolicyEntry::evicting(
+            "expected-attention",
+            &["expected_attention"],
+            "attention expected from future queries (the prompt's query mean and covariance, RoPE averaged over the next 512 positions) times the value norm (Devoto et al. 2025)",
+            || Box::new(expected_attention()),
         ),
         PolicyEntry::evicting(
             "recency",

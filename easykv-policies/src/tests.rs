@@ -581,6 +581,7 @@ fn aliases_name_their_policies_and_full_evicts_nothing() {
             "snapkv",
             "pyramidkv",
             "knorm",
+            "expected-attention",
             "recency",
             "random",
             "full"

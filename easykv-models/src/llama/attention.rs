@@ -239,6 +239,17 @@ impl<B: Backend> Attention<B> {
         mask: Option<&Tensor<B, 4>>,
         cache: &mut C,
     ) -> Result<Tensor<B, 4>> {
+        // A policy scoring by expected attention gathers the queries before RoPE.
+        if cache.wants_queries(layer) {
+            let [b, s, _] = qkv.dims();
+            let (hq, d) = (self.n_heads, self.head_dim);
+            let q = qkv
+                .clone()
+                .slice_dim(2, 0..hq * d)
+                .reshape([b, s, hq, d])
+                .swap_dims(1, 2);
+            cache.observe_queries(layer, q)?;
+        }
         // Where a kernel can, keys and values go straight into the cache's buffers.
         let qkv = match self.project_into_cache(p, layer, qkv, angles, cache)? {
             Ok((q, cached)) => return self.attend_cached(p, layer, q, &cached, None, mask, cache),

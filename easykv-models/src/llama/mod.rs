@@ -9,7 +9,7 @@
 mod attention;
 mod block;
 mod pooled;
-mod rope;
+pub(crate) mod rope;
 mod weights;
 
 pub use attention::Attention;

@@ -20,7 +20,7 @@ pub struct Rope<B: Backend> {
 }
 
 /// `1 / θ^(2i/d)` for `i < d/2`, in f32 as HF computes them.
-fn inverse_frequencies(head_dim: usize, theta: f32) -> Vec<f32> {
+pub(crate) fn inverse_frequencies(head_dim: usize, theta: f32) -> Vec<f32> {
     (0..head_dim / 2)
         .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
         .collect()
