@@ -3,6 +3,8 @@
 # binary). Run from the repository root on the device:
 #
 #   scripts/gpu.sh table     the Llama-2-7B-shape table: full cache, roco and h2o at 0.5 and 0.25
+#   scripts/gpu.sh once      the kvpress-style policies cut once at 0.25 (snapkv, knorm, pyramidkv,
+#                            expected-attention) beside the full cache, same shape (ROWS picks)
 #   scripts/gpu.sh compare   rows of the table, this binary and a baseline binary alternating
 #                            (ROWS picks them; default "full roco50")
 #   scripts/gpu.sh check     every fused kernel against host references (easykv check-kernels)
@@ -47,6 +49,10 @@ declare -A ROW=(
   [h2o50]="--policy h2o --budget 0.5 --stride 64"
   [roco25]="--policy roco --budget 0.25 --stride 64"
   [h2o25]="--policy h2o --budget 0.25 --stride 64"
+  [snapkv25]="--policy snapkv --budget 0.25 --mode once"
+  [knorm25]="--policy knorm --budget 0.25 --mode once"
+  [pyramidkv25]="--policy pyramidkv --budget 0.25 --mode once"
+  [expected25]="--policy expected-attention --budget 0.25 --mode once"
 )
 
 # bench BINARY TAG ROW: one row in its own process, peak device memory sampled every 50 ms.
@@ -81,6 +87,8 @@ for config in "$@"; do
   case $config in
     table)
       for row in full roco50 h2o50 roco25 h2o25; do bench /tmp/easykv "$row" "$row"; done ;;
+    once)
+      for row in ${ROWS:-full snapkv25 knorm25 pyramidkv25 expected25}; do bench /tmp/easykv "$row" "$row"; done ;;
     compare)
       unpack easykv-base
       # Alternating A B A B per row: drift of the machine hits both binaries alike.
@@ -155,7 +163,7 @@ EOF2
         --dtype f16 --prompt-tokens 4096 --new-tokens 24 --chunk-size 4096 --repeat 1 --policy roco --budget 0.25 \
         --stride 64 2>&1 | grep -E "chunk" | tail -8 ;;
     *)
-      echo "unknown configuration '$config' (table, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve)"; exit 2 ;;
+      echo "unknown configuration '$config' (table, once, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve)"; exit 2 ;;
   esac
 done
 if [ -n "$OUT" ] && [ -d "$EASYKV_HOME/kernels" ]; then tar -C "$EASYKV_HOME" -cJf "$OUT/kernels.tar.xz" kernels; fi

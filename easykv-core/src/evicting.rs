@@ -418,12 +418,15 @@ impl<B: Backend> EvictingCache<B> {
             .reshape([1, 1, s])
             .repeat(&[rows, h, 1]);
         let zeros = Tensor::<B, 3>::zeros([rows, h, s], &device);
-        // The new slots' key and value norms, where the policy reads them.
-        let norms = match self.policy.uses_key_norms() {
+        // The new slots' key and value norms, where the policy reads them and an eviction may
+        // still come (after `--mode once`'s cut none does: the norms are dropped, not grown
+        // every decode step).
+        let ahead = self.phase(layers.start) == Phase::Prefill || self.schedule.decode_capacity.is_some();
+        let norms = match self.policy.uses_key_norms() && ahead {
             true => self.new_norms(layers.clone(), s, false),
             false => None,
         };
-        let value_norms = match self.policy.uses_value_norms() {
+        let value_norms = match self.policy.uses_value_norms() && ahead {
             true => self.new_norms(layers.clone(), s, true),
             false => None,
         };
