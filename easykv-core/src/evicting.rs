@@ -573,7 +573,8 @@ impl<B: Backend> EvictingCache<B> {
             .clone()
             .enumerate()
             .map(|(i, l)| {
-                let keys = self.kv.live_keys(l)?;
+                // Frequencies of another head size (a caller's mistake) make none.
+                let keys = self.kv.live_keys(l).filter(|k| k.dims()[3] == 2 * inv_freq.len())?;
                 let moments = self.moments.get(l)?.as_ref()?;
                 let rotation =
                     crate::expected::averaged_rotation(inv_freq, self.progress[l].seen, spec.future_positions);

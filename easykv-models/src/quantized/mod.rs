@@ -366,7 +366,8 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
             (Kernel::Avx2(simd) | Kernel::Vnni(simd, _), Activations::F32) => {
                 avx2::float_dots(simd, which, &float, block)
             }
-            // The scalar kernels (16-bit activations reach here only without SIMD).
+            // The scalar kernels (16-bit activations never get here: without the VNNI kernels
+            // they became f32 ones above).
             _ => {
                 for (outs, (m, r)) in block.chunks_mut(rows).zip(which) {
                     for (j, o) in outs.iter_mut().enumerate() {
