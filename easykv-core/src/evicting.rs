@@ -892,9 +892,15 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         }
         if self.layer_capacities.is_some() {
             // Layers of different sizes: each ends its chunk on its own (no evicted slots
-            // await compaction here: this mode never evicts while decoding).
+            // await compaction here: this mode never evicts while decoding). After the cut no
+            // eviction reads the statistics again, so decode steps leave them as the cut left
+            // them rather than grow every layer's on its own (launches per layer and step).
+            let cut_done = self.phase(0) == Phase::Decode && self.schedule.decode_capacity.is_none();
             for layer in layers {
-                self.end_layer_chunk(layer)?;
+                match cut_done {
+                    true => self.progress[layer].chunk = 0,
+                    false => self.end_layer_chunk(layer)?,
+                }
             }
             self.bias = None;
             return Ok(());

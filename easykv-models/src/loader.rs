@@ -31,7 +31,8 @@ impl<B: Backend> LoadedModel<B> {
         if dtype.packed_activations().is_some() && !crate::backend::BackendProfile::detect::<B>(device).host_resident()
         {
             return Err(Error::Unsupported(
-                "--dtype native, q16 and q8 (quantized weights in place) run on the CPU; use f16 or bf16 on GPUs".into(),
+                "--dtype native, q16 and q8 (quantized weights in place) run on the CPU; use f16 or bf16 on GPUs"
+                    .into(),
             ));
         }
         if path.is_dir() {
