@@ -115,6 +115,10 @@ fn lowest_among_smallest<B: Backend>(
 /// Out-of-scope slots get this score: finite, so sorting never meets NaN or infinities.
 pub(crate) const NEVER: f32 = 3.0e38;
 
+/// Above every score a policy computes, below [`NEVER`]: slots a score keeps on purpose
+/// (snapkv's window, expected attention's leading positions).
+pub(crate) const KEPT: f32 = 1.0e30;
+
 /// A policy made of a score and a scope: evict the `n_evict` lowest-scoring eligible slots.
 pub struct ScoredPolicy<B: Backend> {
     name: String,

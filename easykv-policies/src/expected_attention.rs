@@ -7,12 +7,8 @@
 use burn::tensor::{backend::Backend, Tensor};
 use easykv_core::{EvictionContext, ExpectedAttention, SlotStats};
 
-use crate::compose::{ScoreCalculator, ScoredPolicy};
+use crate::compose::{ScoreCalculator, ScoredPolicy, KEPT};
 use crate::scope::SinksAndRecent;
-
-/// Above every expected attention, below the scope's out-of-scope mark: the skipped leading
-/// positions.
-const KEPT: f32 = 1.0e30;
 
 /// `expected · ‖v‖`, the leading `skip_first` positions kept.
 pub struct ExpectedAttentionScore {

@@ -6,11 +6,8 @@
 use burn::tensor::{backend::Backend, Tensor};
 use easykv_core::{EvictionContext, SlotStats};
 
-use crate::compose::{ScoreCalculator, ScoredPolicy};
+use crate::compose::{ScoreCalculator, ScoredPolicy, KEPT};
 use crate::scope::SinksAndRecent;
-
-/// Above every attention score, below the scope's out-of-scope mark: the window's slots.
-const KEPT: f32 = 1.0e30;
 
 /// Window attention, average-pooled over `kernel` neighbouring slots (zero-padded, as
 /// `avg_pool1d` with `padding = kernel / 2` counts the padding); the last `window` slots are
