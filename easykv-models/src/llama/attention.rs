@@ -60,14 +60,30 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// [`project`](Self::project) in the projections' own layout, `[batch, s, heads, head_dim]`.
+    /// The queries of the stacked projection `qkv` (`[batch, s, (hq + 2·hkv)·d]`) before RoPE,
+    /// `[batch, hq, s, d]` (what a cache scoring by expected attention gathers).
+    pub(super) fn prerope_queries(&self, qkv: &Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, s, _] = qkv.dims();
+        let (hq, d) = (self.n_heads, self.head_dim);
+        qkv.clone()
+            .slice_dim(2, 0..hq * d)
+            .reshape([b, s, hq, d])
+            .swap_dims(1, 2)
+    }
+
+    /// [`project`](Self::project) in the projections' own layout, `[batch, s, heads, head_dim]`,
+    /// with the queries before RoPE (`[batch, hq, s, d]`) where `prerope` asks for them.
+    #[allow(clippy::type_complexity)]
     pub(super) fn project_positions_first(
         &self,
         p: &BackendProfile,
         x: Tensor<B, 3>,
         angles: &ChunkAngles<B>,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-        self.split_positions_first(self.qkv.forward(p, x), angles)
+        prerope: bool,
+    ) -> ((Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Option<Tensor<B, 4>>) {
+        let qkv = self.qkv.forward(p, x);
+        let queries = prerope.then(|| self.prerope_queries(&qkv));
+        (self.split_positions_first(qkv, angles), queries)
     }
 
     /// The stacked projection `qkv` (`[batch, s, (hq + 2·hkv)·d]`) as q, k, v in the
@@ -241,14 +257,7 @@ impl<B: Backend> Attention<B> {
     ) -> Result<Tensor<B, 4>> {
         // A policy scoring by expected attention gathers the queries before RoPE.
         if cache.wants_queries(layer) {
-            let [b, s, _] = qkv.dims();
-            let (hq, d) = (self.n_heads, self.head_dim);
-            let q = qkv
-                .clone()
-                .slice_dim(2, 0..hq * d)
-                .reshape([b, s, hq, d])
-                .swap_dims(1, 2);
-            cache.observe_queries(layer, q)?;
+            cache.observe_queries(layer, self.prerope_queries(&qkv))?;
         }
         // Where a kernel can, keys and values go straight into the cache's buffers.
         let qkv = match self.project_into_cache(p, layer, qkv, angles, cache)? {

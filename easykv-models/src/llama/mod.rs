@@ -388,10 +388,13 @@ impl<B: Backend> Llama<B> {
         let (mut mask_for, mut mask) = (None, None);
         let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) =
-                layer
-                    .attn
-                    .project_positions_first(p, ops::rms_norm(p, &layer.attn_norm, x.clone()), &angles);
+            // Queries before RoPE for a cache scoring by expected attention.
+            let ((q, k, v), prerope) = layer.attn.project_positions_first(
+                p,
+                ops::rms_norm(p, &layer.attn_norm, x.clone()),
+                &angles,
+                cache.wants_queries(l),
+            );
             let (q, k, v) = (
                 HeadsFirstChunks::new(q),
                 HeadsFirstChunks::new(k),
@@ -408,6 +411,9 @@ impl<B: Backend> Llama<B> {
                     mask_for = Some((s, slots));
                 }
                 let m = mask.as_ref();
+                if let Some(queries) = &prerope {
+                    cache.observe_queries(l, queries.clone().slice_dim(2, off..off + s))?;
+                }
                 outs.push(layer.attn.attend(p, l, part(&q), part(&k), part(&v), None, m, cache)?);
                 cache.end_layer_chunk(l)?;
                 off += s;

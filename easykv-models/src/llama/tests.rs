@@ -477,3 +477,48 @@ fn decode_angles_on_host_match_device_operations() {
         }
     }
 }
+
+/// Expected attention gathers the prompt's queries on both prefill paths: strides run layer by
+/// layer in one group (one projection for all of them) keep the slots that strides run one at a
+/// time keep — and not recency's, which the policy falls back to when it saw no query.
+#[test]
+fn expected_attention_sees_the_queries_of_grouped_strides() {
+    use easykv_core::{Budget, EvictingCache, EvictionConfig, Mode};
+    let cfg = tiny_config();
+    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 5), WeightDType::F32, &Default::default()).unwrap();
+    let ids: Vec<i32> = (0..40).map(|i| (i * 7 + 3) % 50).collect();
+    let eviction = EvictionConfig {
+        budget: Budget::Tokens(16),
+        mode: Mode::Encoding,
+        stride: 4,
+        sinks: 0,
+        recent_ratio: 0.0,
+        ..Default::default()
+    };
+    let kept = |policy: &str, grouped: bool| {
+        let built = easykv_policies::PolicyTable::<Flex>::builtin()
+            .build(policy)
+            .unwrap()
+            .unwrap();
+        let schedule = eviction.schedule(ids.len(), 64, 1).unwrap();
+        let mut cache = EvictingCache::new(cfg.n_layers, built, schedule, CacheKernels::host())
+            .with_rope_frequencies(cfg.rope_frequencies());
+        let chunks = cache.prefill_chunks(ids.len(), 64);
+        assert!(chunks.len() > 2, "{chunks:?}");
+        if grouped {
+            model.fill_cache_chunks(tokens(&ids), &chunks, &mut cache).unwrap();
+        } else {
+            let mut at = 0;
+            for &s in &chunks {
+                model
+                    .forward(tokens(&ids[at..at + s]), &mut cache, Logits::Last)
+                    .unwrap();
+                at += s;
+            }
+        }
+        (0..cfg.n_layers).map(|l| cache.kept_positions(l)).collect::<Vec<_>>()
+    };
+    let grouped = kept("expected-attention", true);
+    assert_eq!(grouped, kept("expected-attention", false));
+    assert_ne!(grouped, kept("recency", true));
+}
