@@ -146,6 +146,9 @@ fn main() -> ExitCode {
             slot.get_or_insert(format!("{}{place}", common::panic_text(info)));
         }
     }));
+    // The command runs on a worker of its own rayon pool, so the thread that drives a decode
+    // step takes part in each product's split instead of waking another and waiting (measured:
+    // SmolLM2 q8 decode 120 → 129 tok/s). A pool that cannot be built leaves the global one.
     let pool = rayon::ThreadPoolBuilder::new().build();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &pool {
         Ok(pool) => pool.install(|| run(cli)),

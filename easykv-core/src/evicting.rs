@@ -568,21 +568,26 @@ impl<B: Backend> EvictingCache<B> {
         let (Some(spec), Some(inv_freq)) = (self.policy.expected_attention(), self.rope_frequencies.as_ref()) else {
             return stats;
         };
-        let b = self.batch();
+        let (b, d) = (self.batch(), 2 * inv_freq.len());
+        let Some(device) = self.kv.device() else {
+            return stats;
+        };
+        // Layers evicted together are in step: one rotation, made and uploaded once.
+        let first = layers.start;
+        let rotation = crate::expected::averaged_rotation(inv_freq, self.progress[first].seen, spec.future_positions);
+        let rotation = Tensor::<B, 2>::from_data(TensorData::new(rotation, [d, d]), &device);
         let parts: Option<Vec<Tensor<B, 3>>> = layers
             .clone()
             .enumerate()
             .map(|(i, l)| {
                 // Frequencies of another head size (a caller's mistake) make none.
-                let keys = self.kv.live_keys(l).filter(|k| k.dims()[3] == 2 * inv_freq.len())?;
+                let keys = self.kv.live_keys(l).filter(|k| k.dims()[3] == d)?;
                 let moments = self.moments.get(l)?.as_ref()?;
-                let rotation =
-                    crate::expected::averaged_rotation(inv_freq, self.progress[l].seen, spec.future_positions);
                 let positions = stats.positions.clone().slice_dim(0, i * b..(i + 1) * b);
                 Some(crate::expected::expected_attention(
                     keys,
                     moments,
-                    &rotation,
+                    rotation.clone(),
                     positions,
                     spec.skip_first,
                 ))

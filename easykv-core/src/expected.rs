@@ -9,7 +9,7 @@
 //! The cache gathers the statistics of the prompt's queries as they are computed
 //! ([`QueryMoments`]) and makes the expected attention just before an eviction.
 
-use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, Int, Tensor};
 
 /// What a policy reading [`crate::SlotStats::expected`] asks the cache for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,13 +95,13 @@ pub fn averaged_rotation(inv_freq: &[f32], first: usize, count: usize) -> Vec<f3
 ///
 /// # Shapes
 /// - `keys`: `[batch, kv_heads, slots, head_dim]` (rotated, as cached); `positions`: `[batch,
-///   kv_heads, slots]` (−1 marks a dead slot); `rotation`: `d·d` values
+///   kv_heads, slots]` (−1 marks a dead slot); `rotation`: `[d, d]` ([`averaged_rotation`])
 /// - returns `[batch, kv_heads, slots]`, each (batch, head) summing to 1 over the slots at
 ///   positions `≥ skip_first`
 pub fn expected_attention<B: Backend>(
     keys: Tensor<B, 4>,
     moments: &QueryMoments<B>,
-    rotation: &[f32],
+    rotation: Tensor<B, 2>,
     positions: Tensor<B, 3, Int>,
     skip_first: usize,
 ) -> Tensor<B, 3> {
@@ -109,8 +109,7 @@ pub fn expected_attention<B: Backend>(
     let [b, hkv, n, d] = keys.dims();
     let hq = moments.mean.dims()[1];
     let g = (hq / hkv.max(1)).max(1);
-    let device = keys.device();
-    let r = Tensor::<B, 2>::from_data(TensorData::new(rotation.to_vec(), [d, d]), &device);
+    let r = rotation;
     let rt = r.clone().transpose();
     let mean = moments.mean.clone().reshape([b * hq, d]).matmul(rt.clone());
     let cov = moments.scatter.clone().div_scalar(moments.count.max(1) as f64);
@@ -138,7 +137,7 @@ pub fn expected_attention<B: Backend>(
 #[cfg(test)]
 mod tests {
     use burn::backend::Flex;
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, TensorData};
 
     use super::*;
 
@@ -192,7 +191,8 @@ mod tests {
         let keys: Vec<f32> = (0..n * d).map(|i| (i % 7) as f32 * 0.3 - 0.5).collect();
         let k = Tensor::<Flex, 4>::from_data(TensorData::new(keys.clone(), [1, 1, n, d]), &dev);
         let positions = Tensor::<Flex, 1, Int>::arange(0..n as i64, &dev).reshape([1, 1, n]);
-        let got = expected_attention(k, &moments, &identity, positions, 1);
+        let identity = Tensor::<Flex, 2>::from_data(TensorData::new(identity, [d, d]), &dev);
+        let got = expected_attention(k, &moments, identity, positions, 1);
         let got = got.into_data().to_vec::<f32>().unwrap();
         let logit = |j: usize| {
             let mu = [1.0f32, 0.0, 2.0, 1.0];
