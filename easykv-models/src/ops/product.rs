@@ -31,10 +31,17 @@ pub enum RowNorm<'a, B: Backend> {
 /// over threads for a few rows in host memory, else burn's product.
 pub fn product<B: Backend>(p: &BackendProfile, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
     let rows = x.dims()[0];
-    device_product(p, x, w).unwrap_or_else(|x| match rows <= SMALL_ROWS {
-        true => few_rows(p, w, x),
-        false => x.matmul(w.clone().transpose()),
-    })
+    device_product(p, x, w)
+        .or_else(|x| match p.host_resident() {
+            // f32 in host memory: the row kernel at any row count (it beats flex's GEMM, whose
+            // kernels stop at AVX2, from one row to prefill chunks).
+            true if rows <= SMALL_ROWS => host_kernels::rows_times_weights(x, w),
+            _ => Err(x),
+        })
+        .unwrap_or_else(|x| match rows <= SMALL_ROWS {
+            true => few_rows(p, w, x),
+            false => x.matmul(w.clone().transpose()),
+        })
 }
 
 /// [`product`] for the output projection onto the vocabulary: computed as `W·xᵀ` whatever

@@ -17,6 +17,13 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
+mod attention;
+mod row_dots;
+
+pub use attention::decode_attention;
+pub use row_dots::rows_times_weights;
+pub(crate) use row_dots::outputs_by_row;
+
 /// Elements below which a kernel stays on the calling thread (spawning costs more).
 const PARALLEL_ELEMENTS: usize = 1 << 15;
 
@@ -192,176 +199,6 @@ pub fn matmul_rows_parallel<B: Backend>(w: &Tensor<B, 2>, x: Tensor<B, 2>) -> Te
     Tensor::cat(parts, 0)
 }
 
-/// Vector accumulators per output in [`BlockDots`]: independent sums, so the fused
-/// multiply-adds of a tile do not wait on each other.
-const DOT_ACCUMULATORS: usize = 2;
-
-/// `out[o][j] = Σ w_o[i]·x_j[i]` for a block of weight rows and every row `x_j`, in SIMD
-/// registers of the width the CPU offers (chosen at run time by `pulp`). Every output is summed
-/// the same way — the first accumulator takes the even vectors, the second the odd ones, then
-/// the two are added, reduced,
-/// and the scalar tail added — whether its rows are tiled with others or alone, so the number
-/// of rows never changes a result. Tiles of 2 weight rows × 2 rows load each vector once for
-/// two products.
-struct BlockDots<'a> {
-    /// `[block rows, in]`
-    w: &'a [f32],
-    inp: usize,
-    xs: &'a [&'a [f32]],
-    /// `[block rows, rows]`
-    out: &'a mut [f32],
-}
-
-impl pulp::WithSimd for BlockDots<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, simd: S) {
-        let rows = self.xs.len();
-        let xs: Vec<(&[S::f32s], &[f32])> = self.xs.iter().map(|x| S::as_simd_f32s(x)).collect();
-        let ws: Vec<(&[S::f32s], &[f32])> = self.w.chunks(self.inp.max(1)).map(|w| S::as_simd_f32s(w)).collect();
-        let zero = [simd.splat_f32s(0.0); DOT_ACCUMULATORS];
-        let finish = |acc: [S::f32s; DOT_ACCUMULATORS], w_tail: &[f32], x_tail: &[f32]| {
-            let tail: f32 = w_tail.iter().zip(x_tail).map(|(a, b)| a * b).sum();
-            simd.reduce_sum_f32s(simd.add_f32s(acc[0], acc[1])) + tail
-        };
-        let mut o = 0;
-        while o < ws.len() {
-            let pair_w = o + 1 < ws.len();
-            let (w0, w0t) = ws[o];
-            let (w1, w1t) = if pair_w { ws[o + 1] } else { ws[o] };
-            // The 2 × 2 and 2 × 1 tiles are written out: one function generic over the tile's
-            // width measured 12–19 % slower (16 rows of 3072 × 576: 0.685 vs 0.577 ms).
-            let mut j = 0;
-            while j + 1 < rows {
-                let (x0, x0t) = xs[j];
-                let (x1, x1t) = xs[j + 1];
-                // Two accumulators per output as named registers: vectors 2c go to the first,
-                // 2c + 1 to the second (and an odd last vector to the first).
-                let (mut a00, mut a01, mut a10, mut a11) = (zero, zero, zero, zero);
-                let (c0, c1, c2, c3) = (
-                    w0.chunks_exact(2),
-                    w1.chunks_exact(2),
-                    x0.chunks_exact(2),
-                    x1.chunks_exact(2),
-                );
-                let odd = (c0.remainder(), c1.remainder(), c2.remainder(), c3.remainder());
-                for (((p, q), u), v) in c0.zip(c1).zip(c2).zip(c3) {
-                    a00 = [
-                        simd.mul_add_f32s(p[0], u[0], a00[0]),
-                        simd.mul_add_f32s(p[1], u[1], a00[1]),
-                    ];
-                    a01 = [
-                        simd.mul_add_f32s(p[0], v[0], a01[0]),
-                        simd.mul_add_f32s(p[1], v[1], a01[1]),
-                    ];
-                    a10 = [
-                        simd.mul_add_f32s(q[0], u[0], a10[0]),
-                        simd.mul_add_f32s(q[1], u[1], a10[1]),
-                    ];
-                    a11 = [
-                        simd.mul_add_f32s(q[0], v[0], a11[0]),
-                        simd.mul_add_f32s(q[1], v[1], a11[1]),
-                    ];
-                }
-                if let ([p], [q], [u], [v]) = odd {
-                    a00[0] = simd.mul_add_f32s(*p, *u, a00[0]);
-                    a01[0] = simd.mul_add_f32s(*p, *v, a01[0]);
-                    a10[0] = simd.mul_add_f32s(*q, *u, a10[0]);
-                    a11[0] = simd.mul_add_f32s(*q, *v, a11[0]);
-                }
-                self.out[o * rows + j] = finish(a00, w0t, x0t);
-                self.out[o * rows + j + 1] = finish(a01, w0t, x1t);
-                if pair_w {
-                    self.out[(o + 1) * rows + j] = finish(a10, w1t, x0t);
-                    self.out[(o + 1) * rows + j + 1] = finish(a11, w1t, x1t);
-                }
-                j += 2;
-            }
-            if j < rows {
-                // The last (or only) row: the same sums, without a partner row to compute.
-                let (x0, x0t) = xs[j];
-                let (mut a00, mut a10) = (zero, zero);
-                let (c0, c1, c2) = (w0.chunks_exact(2), w1.chunks_exact(2), x0.chunks_exact(2));
-                let odd = (c0.remainder(), c1.remainder(), c2.remainder());
-                for ((p, q), u) in c0.zip(c1).zip(c2) {
-                    a00 = [
-                        simd.mul_add_f32s(p[0], u[0], a00[0]),
-                        simd.mul_add_f32s(p[1], u[1], a00[1]),
-                    ];
-                    a10 = [
-                        simd.mul_add_f32s(q[0], u[0], a10[0]),
-                        simd.mul_add_f32s(q[1], u[1], a10[1]),
-                    ];
-                }
-                if let ([p], [q], [u]) = odd {
-                    a00[0] = simd.mul_add_f32s(*p, *u, a00[0]);
-                    a10[0] = simd.mul_add_f32s(*q, *u, a10[0]);
-                }
-                self.out[o * rows + j] = finish(a00, w0t, x0t);
-                if pair_w {
-                    self.out[(o + 1) * rows + j] = finish(a10, w1t, x0t);
-                }
-            }
-            o += 2;
-        }
-    }
-}
-
-/// `x·Wᵀ` for a few f32 rows `x` (`[rows, in]`) and `W` (`[out, in]`) in host memory: `[rows,
-/// out]`, every element the same sum ([`BlockDots`]) whatever `rows` is — a sequence decoded in a batch gets
-/// exactly the logits it gets alone (flex's products differ in the last bits between widths).
-/// Weight rows are split over rayon's threads, and each weight row is read once for all rows of
-/// `x`. `x` back when either is not f32.
-pub fn rows_times_weights<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    let ([rows, inp], [out, w_inp]) = (x.dims(), w.dims());
-    if x.dtype() != DType::F32 || w.dtype() != DType::F32 || inp != w_inp || rows == 0 || inp == 0 {
-        return Err(x);
-    }
-    let Some(w_flex) = flex_tensor(w) else {
-        return Err(x);
-    };
-    let Some(ws) = w_flex.as_slice::<f32>() else {
-        return Err(x);
-    };
-    let device = x.device();
-    let x_data = x.into_data();
-    let xs = f32_values(&x_data);
-    // Output laid out [out, rows] while computing (each task owns whole weight rows), then
-    // transposed.
-    let mut y = vec![0f32; out * rows];
-    let per_task = (PARALLEL_ELEMENTS / inp.max(1)).clamp(1, 256);
-    let x_rows: Vec<&[f32]> = xs.chunks(inp).collect();
-    let arch = pulp::Arch::new();
-    y.par_chunks_mut(per_task * rows).enumerate().for_each(|(t, block)| {
-        let first = t * per_task;
-        let w = &ws[first * inp..(first + block.len() / rows) * inp];
-        arch.dispatch(BlockDots {
-            w,
-            inp,
-            xs: &x_rows,
-            out: block,
-        });
-    });
-    let y = outputs_by_row(y, rows, out);
-    Ok(Tensor::from_data(TensorData::new(y, [rows, out]), &device))
-}
-
-/// Products computed `[out, rows]` (each task owning whole weight rows) laid out `[rows, out]`;
-/// one row (a decode step alone) is laid out the same either way.
-pub(crate) fn outputs_by_row(y: Vec<f32>, rows: usize, out: usize) -> Vec<f32> {
-    if rows == 1 {
-        return y;
-    }
-    let mut yt = vec![0f32; rows * out];
-    for (o, col) in y.chunks(rows).enumerate() {
-        for (j, v) in col.iter().enumerate() {
-            yt[j * out + o] = *v;
-        }
-    }
-    yt
-}
-
 /// flex's tensor inside `t` (sharing its buffer, no copy): how a host kernel reads a tensor that
 /// something else also holds (weights), where `into_data` would copy it. `None` for another
 /// backend's tensors.
@@ -499,33 +336,6 @@ mod tests {
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= tol * y.abs().max(1e-6), "{x} vs {y}");
-        }
-    }
-
-    /// Each row's products are the same bits whatever the number of rows (1, 3, 4, 9: the
-    /// two-row and one-row paths, widths with and without a scalar tail), and close to burn's.
-    #[test]
-    fn rows_times_weights_is_exact_across_widths_and_close_to_burn() {
-        let dev = Default::default();
-        for (out, inp) in [(67, 13), (300, 576)] {
-            let w = Tensor::<Flex, 2>::random([out, inp], Distribution::Normal(0.0, 1.0), &dev);
-            let x = Tensor::<Flex, 2>::random([9, inp], Distribution::Normal(0.0, 1.0), &dev);
-            let alone: Vec<Vec<f32>> = (0..9)
-                .map(|j| {
-                    let y = rows_times_weights(x.clone().slice_dim(0, j..j + 1), &w).unwrap();
-                    y.into_data().to_vec::<f32>().unwrap()
-                })
-                .collect();
-            for rows in [3, 4, 9] {
-                let y = rows_times_weights(x.clone().slice_dim(0, 0..rows), &w).unwrap();
-                let y = y.into_data().to_vec::<f32>().unwrap();
-                for (j, a) in alone.iter().enumerate().take(rows) {
-                    assert_eq!(&y[j * out..(j + 1) * out], &a[..], "{rows} rows, row {j}");
-                }
-            }
-            let want = x.clone().matmul(w.clone().transpose());
-            let diff = (rows_times_weights(x, &w).unwrap() - want).abs().max().into_scalar();
-            assert!(diff < 1e-4 * inp as f32, "{diff}");
         }
     }
 
