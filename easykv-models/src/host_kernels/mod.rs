@@ -20,9 +20,9 @@ use rayon::prelude::*;
 mod attention;
 mod row_dots;
 
-pub use attention::decode_attention;
-pub use row_dots::rows_times_weights;
+pub use attention::{decode_attention, decode_attention_batch};
 pub(crate) use row_dots::outputs_by_row;
+pub use row_dots::rows_times_weights;
 
 /// Elements below which a kernel stays on the calling thread (spawning costs more).
 const PARALLEL_ELEMENTS: usize = 1 << 15;

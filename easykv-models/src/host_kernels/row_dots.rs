@@ -260,7 +260,10 @@ mod tests {
                     })
                     .fold(f64::MAX, f64::min);
                 let flex_gflops = 2.0 * (out * inp * rows) as f64 / flex / 1e9;
-                println!("{out} × {inp}, {rows} rows: {:.3} ms, {gflops:.1} GFLOP/s; flex {flex_gflops:.1}", best * 1e3);
+                println!(
+                    "{out} × {inp}, {rows} rows: {:.3} ms, {gflops:.1} GFLOP/s; flex {flex_gflops:.1}",
+                    best * 1e3
+                );
             }
         }
     }
@@ -278,8 +281,16 @@ mod model_speed {
         let dev = Default::default();
         let shapes = [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536)];
         let ws: Vec<Tensor<Flex, 2>> = (0..30)
-            .flat_map(|_| shapes.iter().map(|&(o, i)| Tensor::<Flex, 2>::random([o, i], Distribution::Normal(0.0, 1.0), &dev)))
-            .chain([Tensor::<Flex, 2>::random([49152, 576], Distribution::Normal(0.0, 1.0), &dev)])
+            .flat_map(|_| {
+                shapes
+                    .iter()
+                    .map(|&(o, i)| Tensor::<Flex, 2>::random([o, i], Distribution::Normal(0.0, 1.0), &dev))
+            })
+            .chain([Tensor::<Flex, 2>::random(
+                [49152, 576],
+                Distribution::Normal(0.0, 1.0),
+                &dev,
+            )])
             .collect();
         for rows in [1usize, 16] {
             let x576 = Tensor::<Flex, 2>::random([rows, 576], Distribution::Normal(0.0, 1.0), &dev);
@@ -287,7 +298,11 @@ mod model_speed {
             for _ in 0..3 {
                 let t = std::time::Instant::now();
                 for w in &ws {
-                    let x = if w.dims()[1] == 576 { x576.clone() } else { x1536.clone() };
+                    let x = if w.dims()[1] == 576 {
+                        x576.clone()
+                    } else {
+                        x1536.clone()
+                    };
                     let _ = rows_times_weights(x, w).unwrap();
                 }
                 println!("{rows} rows: {:.2} ms per step", t.elapsed().as_secs_f64() * 1e3);

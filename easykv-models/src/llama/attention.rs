@@ -12,6 +12,7 @@ use super::rope::{ChunkAngles, Rope, RopeAngles};
 use crate::backend::BackendProfile;
 use crate::error::Result;
 use crate::gpu_kernels::HeadShape;
+use crate::host_kernels;
 use crate::linear::Linear;
 use crate::ops;
 
@@ -135,6 +136,76 @@ impl<B: Backend> Attention<B> {
         let kv_dtype = self.qkv.weight.val().dtype();
         let cached = cache.append_in_place(layer, k.cast(kv_dtype), v.cast(kv_dtype))?;
         self.attend_cached(p, layer, q, &cached, slot_angles, mask, cache)
+    }
+
+    /// A decode step's attention for every sequence of a batch in host memory: each sequence's
+    /// key and value appended to its cache, then all of those that nobody observes or masks
+    /// attended in one call split over the threads ([`host_kernels::decode_attention_batch`]),
+    /// the others one at a time. `None`, with nothing appended, where the tensors are not f32
+    /// in host memory or a cache rotates keys by slot (the caller attends one at a time).
+    ///
+    /// # Shapes
+    /// - `q`: `[1, sequences, n_heads, head_dim]`; `k`, `v`: `[1, sequences, n_kv_heads,
+    ///   head_dim]` (positions first); `caches[i]` the cache of sequence `i`
+    /// - returns `[sequences, n_heads, 1, head_dim]`
+    pub(super) fn attend_batch_on_host(
+        &self,
+        p: &BackendProfile,
+        layer: usize,
+        (q, k, v): (&Tensor<B, 4>, &Tensor<B, 4>, &Tensor<B, 4>),
+        masks: &[Option<Tensor<B, 4>>],
+        caches: &mut [&mut dyn KvCache<B>],
+    ) -> Result<Option<Tensor<B, 4>>> {
+        let kv_dtype = self.qkv.weight.val().dtype();
+        let n = caches.len();
+        if !p.host_resident()
+            || kv_dtype != DType::F32
+            || q.dtype() != DType::F32
+            || masks.len() != n
+            || caches.iter().any(|c| c.compact_positions())
+        {
+            return Ok(None);
+        }
+        let (hq, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let row = |t: &Tensor<B, 4>, i: usize| t.clone().slice_dim(1, i..i + 1).swap_dims(1, 2);
+        let mut cached = Vec::with_capacity(n);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            cached.push(cache.append_in_place(layer, row(k, i), row(v, i))?);
+        }
+        // Whether a cache observes the step is known once its slot is in (an eviction may
+        // follow it).
+        let alone: Vec<bool> = (0..n)
+            .map(|i| masks[i].is_some() || caches[i].wants_attention(layer) || caches[i].slot_bias(layer).is_some())
+            .collect();
+        let together: Vec<usize> = (0..n).filter(|&i| !alone[i]).collect();
+        let qs = together
+            .iter()
+            .map(|&i| row(q, i).reshape([1, hkv, hq / hkv, d]))
+            .collect();
+        let kv: Vec<_> = together
+            .iter()
+            .map(|&i| (&cached[i].keys, &cached[i].values, cached[i].len))
+            .collect();
+        let batched = match together.is_empty() {
+            true => None,
+            false => host_kernels::decode_attention_batch(qs, &kv).ok(),
+        };
+        if let (Some(out), true) = (&batched, together.len() == n) {
+            return Ok(Some(out.clone().reshape([n, hq, 1, d])));
+        }
+        let mut outs = Vec::with_capacity(n);
+        let mut next = 0;
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let out = match (&batched, alone[i]) {
+                (Some(all), false) => {
+                    next += 1;
+                    all.clone().slice_dim(0, next - 1..next).reshape([1, hq, 1, d])
+                }
+                _ => self.attend_cached(p, layer, row(q, i), &cached[i], None, masks[i].as_ref(), &mut **cache)?,
+            };
+            outs.push(out);
+        }
+        Ok(Some(Tensor::cat(outs, 0)))
     }
 
     /// [`attend`](Self::attend) once the chunk's keys and values are in the cache (`cached`).

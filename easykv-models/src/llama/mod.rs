@@ -235,6 +235,10 @@ impl<B: Backend> Llama<B> {
                 Some(all) => {
                     let width = qkv.dims()[2];
                     let (q, k, v) = layer.attn.split_positions_first(qkv.reshape([1, n, width]), all);
+                    if let Some(out) = layer.attn.attend_batch_on_host(p, l, (&q, &k, &v), &masks, caches)? {
+                        x = layer.finish(p, x, out, Needed::All, None).0;
+                        continue;
+                    }
                     let row = |t: &Tensor<B, 4>, i: usize| t.clone().slice_dim(1, i..i + 1).swap_dims(1, 2);
                     for (i, cache) in caches.iter_mut().enumerate() {
                         let (qi, ki, vi) = (row(&q, i), row(&k, i), row(&v, i));

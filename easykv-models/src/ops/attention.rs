@@ -105,12 +105,12 @@ pub fn decode_attention<B: Backend>(
     values: &Tensor<B, 4>,
     slots: usize,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    cube!(p, Kernel::Attention, q => crate::gpu_kernels::launch::decode_attention(q, keys, values, slots)).or_else(|q| {
-        match p.host_resident() {
+    cube!(p, Kernel::Attention, q => crate::gpu_kernels::launch::decode_attention(q, keys, values, slots)).or_else(
+        |q| match p.host_resident() {
             true => crate::host_kernels::decode_attention(q, keys, values, slots),
             false => Err(q),
-        }
-    })
+        },
+    )
 }
 
 /// Attention scores `q·keysᵀ` over the first `slots` slots of `keys`.
