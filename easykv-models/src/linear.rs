@@ -15,6 +15,7 @@ use burn::tensor::{DType, TensorData};
 
 use crate::backend::BackendProfile;
 use crate::gpu_kernels::GemvEpilogue;
+use crate::host_kernels;
 use crate::ops::{self, RowNorm};
 use crate::quantized::{self, Activations, PackedWeights, QuantMatrix};
 
@@ -400,7 +401,7 @@ impl<B: Backend> EmbeddingTable<B> {
 
 /// Up to this many rows a product reads the quantized blocks directly (a decode step, a batch
 /// of decode steps); above it the weights are widened to f32 a tile at a time and multiplied
-/// by burn's GEMM (prefill chunks, where the GEMM's throughput outweighs the widening).
+/// by the f32 row kernel (prefill chunks, where its throughput outweighs the widening).
 const QUANTIZED_ROWS_MAX: usize = 32;
 
 /// Weights widened to f32 at once for a product of many rows (4 MiB).
@@ -431,7 +432,10 @@ fn packed_product<B: Backend>(p: &BackendProfile, packed: &PackedWeights, x: Ten
             for first in (0..m.rows()).step_by(tile) {
                 let last = (first + tile).min(m.rows());
                 let w = TensorData::new(m.dequantize_rows(first..last), [last - first, m.cols()]);
-                outs.push(ops::product(p, x.clone(), &Tensor::from_data(w, &device)));
+                let w = Tensor::from_data(w, &device);
+                // The row kernel (AVX-512 where the CPU has it) before flex's GEMM (AVX2).
+                let y = host_kernels::rows_times_weights(x.clone(), &w).unwrap_or_else(|x| ops::product(p, x, &w));
+                outs.push(y);
             }
         }
         return Tensor::cat(outs, 1);
