@@ -12,7 +12,6 @@ use super::rope::{ChunkAngles, Rope, RopeAngles};
 use crate::backend::BackendProfile;
 use crate::error::Result;
 use crate::gpu_kernels::HeadShape;
-use crate::host_kernels;
 use crate::linear::Linear;
 use crate::ops;
 
@@ -140,7 +139,7 @@ impl<B: Backend> Attention<B> {
 
     /// A decode step's attention for every sequence of a batch in host memory: each sequence's
     /// key and value appended to its cache, then all of those that nobody observes or masks
-    /// attended in one call split over the threads ([`host_kernels::decode_attention_batch`]),
+    /// attended in one call split over the threads ([`ops::decode_attention_batch`]),
     /// the others one at a time. `None`, with nothing appended, where the tensors are not f32
     /// in host memory or a cache rotates keys by slot (the caller attends one at a time).
     ///
@@ -188,7 +187,7 @@ impl<B: Backend> Attention<B> {
             .collect();
         let batched = match together.is_empty() {
             true => None,
-            false => host_kernels::decode_attention_batch(qs, &kv).ok(),
+            false => ops::decode_attention_batch(p, qs, &kv).ok(),
         };
         if let (Some(out), true) = (&batched, together.len() == n) {
             return Ok(Some(out.clone().reshape([n, hq, 1, d])));

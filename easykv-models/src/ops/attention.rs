@@ -113,6 +113,24 @@ pub fn decode_attention<B: Backend>(
     )
 }
 
+/// [`decode_attention`] for every sequence of a batched decode step, each over its own cache's
+/// buffers (`kv[i]`: keys, values, slots in use) in one call; the queries back where no kernel
+/// takes them all.
+///
+/// # Shapes
+/// - `qs[i]`: `[1, kv_heads, rows, d]`; `kv[i]`: `[1, kv_heads, capacity_i, d]` each
+///   → `[sequences, kv_heads, rows, d]`
+pub fn decode_attention_batch<B: Backend>(
+    p: &BackendProfile,
+    qs: Vec<Tensor<B, 4>>,
+    kv: &[(&Tensor<B, 4>, &Tensor<B, 4>, usize)],
+) -> Result<Tensor<B, 4>, Vec<Tensor<B, 4>>> {
+    match p.host_resident() {
+        true => crate::host_kernels::decode_attention_batch(qs, kv),
+        false => Err(qs),
+    }
+}
+
 /// Attention scores `q·keysᵀ` over the first `slots` slots of `keys`.
 ///
 /// `buffers`: `keys` are the cache's buffers (`[batch, kv_heads, capacity, d]`, `slots` of
