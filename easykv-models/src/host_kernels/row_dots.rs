@@ -292,7 +292,7 @@ mod model_speed {
                 &dev,
             )])
             .collect();
-        for rows in [1usize, 16] {
+        for rows in [1usize, 4, 8, 16] {
             let x576 = Tensor::<Flex, 2>::random([rows, 576], Distribution::Normal(0.0, 1.0), &dev);
             let x1536 = Tensor::<Flex, 2>::random([rows, 1536], Distribution::Normal(0.0, 1.0), &dev);
             for _ in 0..3 {
