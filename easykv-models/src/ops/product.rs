@@ -35,8 +35,8 @@ pub fn product<B: Backend>(p: &BackendProfile, x: Tensor<B, 2>, w: &Tensor<B, 2>
         .or_else(|x| match p.host_resident() {
             // f32 in host memory: the row kernel at any row count (it beats flex's GEMM, whose
             // kernels stop at AVX2, from one row to prefill chunks).
-            true if rows <= SMALL_ROWS => host_kernels::rows_times_weights(x, w),
-            _ => Err(x),
+            true => host_kernels::rows_times_weights(x, w),
+            false => Err(x),
         })
         .unwrap_or_else(|x| match rows <= SMALL_ROWS {
             true => few_rows(p, w, x),
