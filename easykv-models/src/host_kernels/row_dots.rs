@@ -1,5 +1,6 @@
-//! `x·Wᵀ` for a few f32 rows against weights stored `[out, in]` in host memory: the products
-//! of a batched decode step, where every weight row meets every sequence's row.
+//! `x·Wᵀ` for f32 rows against weights stored `[out, in]` in host memory: the products of a
+//! decode step (one sequence's row or a batch's, every weight row meeting every sequence's) and
+//! of prefill chunks.
 //!
 //! Every output is one sum taken the same way whatever tile it falls in — one vector
 //! accumulator over `in` (lane `l` takes elements `l`, `l + L`, …), reduced by `pulp`, then the
@@ -14,7 +15,8 @@ use rayon::prelude::*;
 
 use super::{f32_values, flex_tensor, PARALLEL_ELEMENTS};
 
-/// Rows of `x` a task takes at once.
+/// Rows of `x` a task takes at once (a prefill chunk is split into blocks this tall, each
+/// meeting its block of weight rows from cache).
 const X_BLOCK: usize = 64;
 
 /// One row as whole vectors and the scalar tail.
