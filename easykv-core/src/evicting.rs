@@ -603,10 +603,11 @@ impl<B: Backend> EvictingCache<B> {
     /// cache beyond the one its append makes.
     fn evict_lazily(&mut self, stats: SlotStats<B>, layers: Range<usize>, capacity: usize) -> SlotStats<B> {
         let mut stats = self.with_expected(stats, &layers);
-        stats.expected = None;
         let [rows, h, n] = stats.sum.dims();
         let n_evict = self.slots(layers.start) - capacity;
         let evict = self.victims(&stats, layers.clone(), n_evict);
+        // Made for this eviction only (the next one sees other slots and statistics).
+        stats.expected = None;
         let device = evict.device();
         let marks = if n_evict == 1 {
             // Float rows minus a column: far cheaper on flex than integer scatters.
@@ -628,7 +629,6 @@ impl<B: Backend> EvictingCache<B> {
                 )
                 .greater_elem(0)
         };
-        let mut stats = stats;
         stats.positions = stats.positions.mask_fill(marks, -1);
         for layer in layers.clone() {
             let p = &mut self.progress[layer];

@@ -166,7 +166,7 @@ impl<B: Backend> Attention<B> {
             return Ok(None);
         }
         let (hq, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let row = |t: &Tensor<B, 4>, i: usize| t.clone().slice_dim(1, i..i + 1).swap_dims(1, 2);
+        let row = sequence_row::<B>;
         let mut cached = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
             cached.push(cache.append_in_place(layer, row(k, i), row(v, i))?);
@@ -439,4 +439,10 @@ impl<B: Backend> Attention<B> {
             Err(qkv) => Ok(Err(qkv)),
         }
     }
+}
+
+/// Sequence `i` of a batched step's projections laid out positions first (`[1, sequences,
+/// heads, head_dim]`), heads first as attention takes it: `[1, heads, 1, head_dim]`.
+pub(super) fn sequence_row<B: Backend>(t: &Tensor<B, 4>, i: usize) -> Tensor<B, 4> {
+    t.clone().slice_dim(1, i..i + 1).swap_dims(1, 2)
 }

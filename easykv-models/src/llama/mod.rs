@@ -239,7 +239,7 @@ impl<B: Backend> Llama<B> {
                         x = layer.finish(p, x, out, Needed::All, None).0;
                         continue;
                     }
-                    let row = |t: &Tensor<B, 4>, i: usize| t.clone().slice_dim(1, i..i + 1).swap_dims(1, 2);
+                    let row = attention::sequence_row::<B>;
                     for (i, cache) in caches.iter_mut().enumerate() {
                         let (qi, ki, vi) = (row(&q, i), row(&k, i), row(&v, i));
                         outs.push(

@@ -522,3 +522,38 @@ fn expected_attention_sees_the_queries_of_grouped_strides() {
     assert_eq!(grouped, kept("expected-attention", false));
     assert_ne!(grouped, kept("recency", true));
 }
+
+/// Expected attention ranks the slots it evicts while decoding too (decoding mode: the prompt
+/// kept, generated slots evicted one per step by the prompt's query statistics) — not the
+/// order of their positions, which every slot scoring alike would give, as recency does.
+#[test]
+fn expected_attention_chooses_decode_time_victims() {
+    use easykv_core::{Budget, EvictingCache, EvictionConfig, Mode};
+    let cfg = tiny_config();
+    let model = Llama::<Flex>::load(&cfg, &tiny_weights(&cfg, 9), WeightDType::F32, &Default::default()).unwrap();
+    let prompt: Vec<i32> = (0..20).map(|i| (i * 11 + 5) % 50).collect();
+    let eviction = EvictionConfig {
+        budget: Budget::Tokens(12),
+        mode: Mode::Decoding,
+        sinks: 0,
+        ..Default::default()
+    };
+    let kept = |policy: &str| {
+        let built = easykv_policies::PolicyTable::<Flex>::builtin()
+            .build(policy)
+            .unwrap()
+            .unwrap();
+        let schedule = eviction.schedule(prompt.len(), 64, 1).unwrap();
+        let mut cache = EvictingCache::new(cfg.n_layers, built, schedule, CacheKernels::host())
+            .with_rope_frequencies(cfg.rope_frequencies());
+        model.forward(tokens(&prompt), &mut cache, Logits::Last).unwrap();
+        for step in 0..30 {
+            model
+                .forward(tokens(&[(step * 7 + 1) % 50]), &mut cache, Logits::Last)
+                .unwrap();
+        }
+        assert!(cache.evicted() > 0);
+        (0..cfg.n_layers).map(|l| cache.kept_positions(l)).collect::<Vec<_>>()
+    };
+    assert_ne!(kept("expected-attention"), kept("recency"));
+}
