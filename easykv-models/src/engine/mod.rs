@@ -4,8 +4,9 @@
 //! A request is admitted when the pool can set aside its cache's peak footprint (what its
 //! budget lets it hold at most, or prompt + new tokens for the full cache; see
 //! [`KvCache::peak_slots`]); its cache then allocates exactly that, once. Every
-//! [`step`](Engine::step) prefills one chunk group of one waiting prompt (so a long prompt
-//! never stalls the others for more than a group) and advances every decoding sequence by one
+//! [`step`](Engine::step) prefills the oldest waiting prompts' chunk groups up to one chunk's
+//! tokens in all (so a long prompt never stalls the others for more than a chunk, and short
+//! prompts start together) and advances every decoding sequence by one
 //! token in a single batched forward pass, which reads the weights once for all of them.
 //! Finished and cancelled sequences hand their memory back at once.
 //!
@@ -436,7 +437,7 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Admits what fits, prefills one chunk group of the oldest prompt still prefilling, and
+    /// Admits what fits, prefills up to one chunk of the oldest prompts still prefilling, and
     /// decodes one token for every other running sequence in one batched pass.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         self.admit()?;
@@ -463,14 +464,23 @@ impl<B: Backend> Engine<B> {
                 Self::next_token(seq, &rows[r * vocab..(r + 1) * vocab], context, &mut events);
             }
         }
-        // One prefill group of the oldest sequence still prefilling.
-        if let Some(seq) = self.running.iter_mut().find(|s| !s.groups.is_empty()) {
-            if let Some(group) = seq.groups.pop_front() {
-                let len: usize = group.iter().sum();
+        // Prefill groups of the oldest prompts still prefilling, in order, up to `chunk_size`
+        // tokens in all (at least one group): several short prompts start decoding together
+        // instead of one per step, and the others never wait longer than one chunk.
+        let mut room = self.config.chunk_size;
+        let mut any = false;
+        'prefill: for seq in self.running.iter_mut() {
+            while let Some(len) = seq.groups.front().map(|g| g.iter().sum::<usize>()) {
+                if any && len > room {
+                    break 'prefill;
+                }
+                let Some(group) = seq.groups.pop_front() else { break };
                 let ids = &seq.request.prompt[seq.prefilled..seq.prefilled + len];
                 let tokens = token_tensor::<B>(ids, &device);
                 seq.prefilled += len;
                 self.prompt_tokens += len as u64;
+                room = room.saturating_sub(len);
+                any = true;
                 if seq.groups.is_empty() {
                     let logits = self
                         .model
