@@ -290,6 +290,12 @@ impl PolicyName {
     pub fn evicting() -> Vec<PolicyName> {
         all_policies().iter().copied().filter(|p| p.0.evicts).collect()
     }
+
+    /// Whether this is a score with per-head budgets (`ada-*`), which differ from the plain
+    /// score only at `--mode once`'s cut.
+    pub fn per_head_budgets(&self) -> bool {
+        self.0.name.starts_with("ada-")
+    }
 }
 
 fn all_policies() -> &'static [PolicyName] {

@@ -38,8 +38,9 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Policies to compare (the full cache always runs as the reference); default: every
-    /// evicting policy.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = PolicyName::evicting())]
+    /// evicting policy (the ada-* ones only with --mode once, the only mode where their
+    /// per-head budgets apply).
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub policies: Vec<PolicyName>,
     /// KV budgets: ratios of the prompt (0.5) or tokens (512).
     #[arg(long, default_value = "0.25,0.5,0.75", value_delimiter = ',')]
@@ -144,7 +145,14 @@ fn validate(args: &EvalArgs) -> CliResult<EvalSettings> {
         tasks,
         model: args.model.model.clone(),
         dtype: format!("{:?}", args.model.dtype()).to_lowercase(),
-        policies: args.policies.iter().map(|p| p.name().to_string()).collect(),
+        policies: match args.policies.is_empty() {
+            true => PolicyName::evicting()
+                .into_iter()
+                .filter(|p| args.mode == "once" || !p.per_head_budgets())
+                .map(|p| p.name().to_string())
+                .collect(),
+            false => args.policies.iter().map(|p| p.name().to_string()).collect(),
+        },
         budgets: args.budgets.clone(),
         mode: args.mode.clone(),
         stride: args.stride,

@@ -204,7 +204,10 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
     } else {
         let _ = writeln!(stdout);
         if args.stats {
-            let slots: Vec<usize> = (0..loaded.config.n_layers).map(|l| cache.slots(l)).collect();
+            // Heads with budgets of their own hold different counts: the range over every head.
+            let slots: Vec<usize> = (0..loaded.config.n_layers)
+                .flat_map(|l| cache.head_slots(l).unwrap_or_else(|| vec![cache.slots(l)]))
+                .collect();
             let (lo, hi) = (
                 slots.iter().min().copied().unwrap_or(0),
                 slots.iter().max().copied().unwrap_or(0),
@@ -217,7 +220,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
                 cache.evicted(),
                 cache.bytes(),
                 cache.bytes() as f64 / (1 << 20) as f64,
-                slots.len()
+                loaded.config.n_layers
             );
         }
         args.model.log(&format!(

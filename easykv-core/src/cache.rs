@@ -158,8 +158,16 @@ pub trait KvCache<B: Backend> {
     /// Tokens appended since the cache was created or cleared.
     fn tokens_seen(&self) -> usize;
 
-    /// Slots currently held per (layer, KV head) in `layer`.
+    /// Slots currently held per (layer, KV head) in `layer` (where heads hold different
+    /// counts, [`head_slots`](Self::head_slots), the most a head holds: the width
+    /// [`append`](Self::append) returns).
     fn slots(&self, layer: usize) -> usize;
+
+    /// Slots each (batch, head) of `layer` holds, batch-major, where heads hold different
+    /// counts (per-head budgets); `None` where every head holds [`slots`](Self::slots).
+    fn head_slots(&self, _layer: usize) -> Option<Vec<usize>> {
+        None
+    }
 
     /// Bytes of keys and values held over all layers.
     fn bytes(&self) -> u64;

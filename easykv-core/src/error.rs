@@ -15,6 +15,8 @@ pub enum Error {
     LayersOutOfStep,
     #[error("layer {layer}: {slots} slots committed without room reserved for them")]
     SlotsNotReserved { layer: usize, slots: usize },
+    #[error("layer {layer}: its heads keep slots of their own, and the new keys and values do not match their batch and heads")]
+    RaggedShape { layer: usize },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -132,6 +132,9 @@ pub struct EvictingCache<B: Backend> {
     rope_frequencies: Option<Vec<f32>>,
     /// Per layer, the statistics of the prompt's queries, for those policies.
     moments: Vec<Option<QueryMoments<B>>>,
+    /// Per layer cut with per-head budgets, the positions every (batch, head) holds (its
+    /// statistics are gone: nothing is evicted after that cut).
+    head_positions: Vec<Option<Vec<Vec<usize>>>>,
 }
 
 impl<B: Backend> std::fmt::Debug for EvictingCache<B> {
@@ -172,6 +175,7 @@ impl<B: Backend> EvictingCache<B> {
             reserved_tokens: 0,
             rope_frequencies: None,
             moments: vec![None; n_layers],
+            head_positions: vec![None; n_layers],
         }
     }
 
@@ -309,8 +313,12 @@ impl<B: Backend> EvictingCache<B> {
     /// After `s` new slots of `layer` were appended.
     fn count_appended(&mut self, layer: usize, s: usize) {
         let p = &mut self.progress[layer];
+        let first = p.seen;
         p.seen += s;
         p.chunk = s;
+        if let Some(Some(heads)) = self.head_positions.get_mut(layer) {
+            heads.iter_mut().for_each(|h| h.extend(first..first + s));
+        }
     }
 
     /// Whether this chunk's attention is recorded into S, Q and C. As in EasyKV: while
@@ -337,6 +345,9 @@ impl<B: Backend> EvictingCache<B> {
 
     /// Sorted absolute positions held in `layer`, per (batch, head) flattened as `[b·h][slots]`.
     pub fn kept_positions(&self, layer: usize) -> Vec<Vec<usize>> {
+        if let Some(Some(heads)) = self.head_positions.get(layer) {
+            return heads.clone();
+        }
         let Some(stats) = self.stats(layer) else {
             return Vec::new();
         };
@@ -673,6 +684,10 @@ impl<B: Backend> EvictingCache<B> {
         for l in layers.clone() {
             self.progress[l].chunk = 0;
         }
+        // Cut with per-head budgets: no statistics, nothing more to evict.
+        if self.kv.is_ragged(first) {
+            return None;
+        }
         let st = self.absorb(stats, layers.clone(), s)?;
         let Some(capacity) = self.capacity(first) else {
             return Some(st);
@@ -689,6 +704,8 @@ impl<B: Backend> EvictingCache<B> {
         } else if phase == Phase::Decode && !self.schedule.streaming {
             // StreamingLLM positions are slot indices: its slots must stay compact.
             Some(self.evict_lazily(st, layers, capacity))
+        } else if self.schedule.evict_once && self.policy.per_head_budgets() && !self.schedule.streaming {
+            self.cut_per_head(st, layers, capacity)
         } else {
             let st = self.evict(st, layers.clone(), capacity);
             if self.schedule.evict_once {
@@ -701,6 +718,49 @@ impl<B: Backend> EvictingCache<B> {
             }
             Some(st)
         }
+    }
+
+    /// The prompt's one cut with per-head budgets ([`EvictionPolicy::select_per_head`]): each
+    /// (batch, head) of `layers` keeps the slots the policy chose for it, in buffers of its own
+    /// sized to them plus the generation announced, so heads that keep less hold fewer bytes.
+    /// The statistics are dropped (nothing is evicted after this cut). A policy that answers
+    /// no valid choice gets the uniform cut, and so do StreamingLLM positions (keys rotated by
+    /// their slot index, which padding would shift).
+    fn cut_per_head(&mut self, stats: SlotStats<B>, layers: Range<usize>, capacity: usize) -> Option<SlotStats<B>> {
+        let stats = self.flush(stats, layers.clone());
+        let stats = self.with_expected(stats, &layers);
+        let [rows, h, n] = stats.sum.dims();
+        let ctx = self.context(&stats, layers.clone(), n - capacity);
+        let keep = self.policy.select_per_head(&stats, &ctx, capacity).filter(|keep| {
+            keep.len() == rows * h
+                && keep
+                    .iter()
+                    .all(|r| r.windows(2).all(|w| w[0] < w[1]) && r.last().is_none_or(|&l| l < n))
+        });
+        let Some(keep) = keep else {
+            return Some(self.evict(stats, layers, capacity));
+        };
+        let per_layer = rows / layers.len().max(1) * h;
+        let positions = host_positions(stats.positions);
+        let room = self.reserved_tokens.saturating_sub(self.schedule.prompt_len);
+        for (i, layer) in layers.enumerate() {
+            let kept = &keep[i * per_layer..(i + 1) * per_layer];
+            let held = kept
+                .iter()
+                .enumerate()
+                .map(|(r, slots)| {
+                    let row = &positions[(i * per_layer + r) * n..(i * per_layer + r + 1) * n];
+                    slots.iter().map(|&s| row[s].max(0) as usize).collect()
+                })
+                .collect();
+            if self.kv.split_heads(layer, kept, room) {
+                self.head_positions[layer] = Some(held);
+            }
+            let p = &mut self.progress[layer];
+            p.evicted += n - capacity;
+            p.steps += 1;
+        }
+        None
     }
 
     /// The additive attention bias that masks slots evicted but not yet compacted away, for
@@ -835,6 +895,9 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         device: &B::Device,
     ) -> Result<Option<CachedKv<B>>> {
         self.prepare_append(layer, shape[2])?;
+        if self.kv.is_ragged(layer) {
+            return Ok(None);
+        }
         self.kv.reserve_slots(layer, shape, dtype, device).map(Some)
     }
 
@@ -918,6 +981,9 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
     }
 
     fn slot_bias(&self, layer: usize) -> Option<Tensor<B, 4>> {
+        if self.kv.is_ragged(layer) {
+            return self.kv.padding_bias(layer);
+        }
         let bias = self.bias.as_ref()?;
         let b = self.batch();
         // Only valid for the one-token step it was made for.
@@ -1006,6 +1072,11 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         self.kv.physical_slots(layer) - self.progress.get(layer).map_or(0, |p| p.dead)
     }
 
+    fn head_slots(&self, layer: usize) -> Option<Vec<usize>> {
+        let heads = self.head_positions.get(layer)?.as_ref()?;
+        Some(heads.iter().map(Vec::len).collect())
+    }
+
     fn bytes(&self) -> u64 {
         self.kv.bytes()
     }
@@ -1018,5 +1089,6 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         self.bias = None;
         self.progress.iter_mut().for_each(|p| *p = LayerProgress::default());
         self.moments.iter_mut().for_each(|m| *m = None);
+        self.head_positions.iter_mut().for_each(|p| *p = None);
     }
 }

@@ -2,6 +2,7 @@
 
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorCreationOptions};
 
+use crate::ragged::RaggedLayer;
 use crate::{CacheKernels, CachedKv, Error, PoolRegion, RegionSlots, Result};
 
 /// Growth step of a buffer that outgrows its capacity, at least.
@@ -30,7 +31,7 @@ impl<B: Backend> Buffers<B> {
 /// flex's `slice_assign` copies the whole destination first (its contiguity check keeps a
 /// second reference to the buffer, so the copy-on-write always copies): on host-resident
 /// backends the slots are written into the buffer's own bytes instead.
-fn write_slots<B: Backend>(buffer: Tensor<B, 4>, new: Tensor<B, 4>, at: usize, host: bool) -> Tensor<B, 4> {
+pub(crate) fn write_slots<B: Backend>(buffer: Tensor<B, 4>, new: Tensor<B, 4>, at: usize, host: bool) -> Tensor<B, 4> {
     let [b, h, capacity, d] = buffer.dims();
     let s = new.dims()[2];
     let device = buffer.device();
@@ -106,6 +107,9 @@ struct Placement<B: Backend> {
 #[derive(Debug, Clone)]
 pub(crate) struct LayerKv<B: Backend> {
     layers: Vec<Option<Buffers<B>>>,
+    /// Layers whose heads keep different numbers of slots ([`split_heads`](Self::split_heads)):
+    /// `layers` holds `None` for them.
+    ragged: Vec<Option<RaggedLayer<B>>>,
     /// Slots to allocate at least when a buffer is created or grows (a cache that knows its
     /// bound allocates once).
     reserve: usize,
@@ -118,6 +122,7 @@ impl<B: Backend> LayerKv<B> {
     pub(crate) fn new(n_layers: usize, kernels: CacheKernels<B>) -> Self {
         Self {
             layers: vec![None; n_layers],
+            ragged: vec![None; n_layers],
             reserve: 0,
             kernels,
             region: None,
@@ -127,7 +132,10 @@ impl<B: Backend> LayerKv<B> {
     /// Takes `region`'s views as every layer's buffers; `false` (nothing changed) when a layer
     /// already holds slots or the region has another number of layers.
     pub(crate) fn place_in(&mut self, region: PoolRegion<B>) -> bool {
-        if region.layers.len() != self.layers.len() || self.layers.iter().any(Option::is_some) {
+        if region.layers.len() != self.layers.len()
+            || self.layers.iter().any(Option::is_some)
+            || self.ragged.iter().any(Option::is_some)
+        {
             return false;
         }
         let mut pools = Vec::with_capacity(region.layers.len());
@@ -197,6 +205,14 @@ impl<B: Backend> LayerKv<B> {
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
     ) -> Result<CachedKv<B>> {
+        if let Some(Some(ragged)) = self.ragged.get_mut(layer) {
+            if !ragged.append(keys, values, self.kernels.host_resident()) {
+                return Err(Error::RaggedShape { layer });
+            }
+            let (keys, values) = ragged.padded();
+            let len = keys.dims()[2];
+            return Ok(CachedKv { keys, values, len });
+        }
         // Only the index is kept: a second reference to the buffers would make flex copy them.
         let at = self
             .reserve_slots(layer, keys.dims(), keys.dtype(), &keys.device())?
@@ -239,6 +255,9 @@ impl<B: Backend> LayerKv<B> {
             .layers
             .get_mut(layer)
             .ok_or(Error::LayerOutOfRange { layer, layers })?;
+        if self.ragged.get(layer).is_some_and(Option::is_some) {
+            return Err(Error::RaggedShape { layer });
+        }
         let [b, h, s, d] = shape;
         let len = entry.as_ref().map_or(0, |e| e.len);
         let needed = len + s;
@@ -290,6 +309,35 @@ impl<B: Backend> LayerKv<B> {
             Some(Some(_)) => Err(Error::SlotsNotReserved { layer, slots: s }),
             _ => Err(Error::LayerOutOfRange { layer, layers }),
         }
+    }
+
+    /// Whether `layer`'s heads keep slots counts of their own.
+    pub(crate) fn is_ragged(&self, layer: usize) -> bool {
+        self.ragged.get(layer).is_some_and(Option::is_some)
+    }
+
+    /// Gives each (batch, head) of `layer` the slots `keep[r]` lists (row `r` batch-major,
+    /// ascending indices below the slots in use), in buffers of its own with room for `room`
+    /// more: the layer's heads then hold different numbers of slots, and the bytes of those
+    /// alone. `false` (nothing changed) for a layer that holds nothing or rows that do not
+    /// match its heads.
+    pub(crate) fn split_heads(&mut self, layer: usize, keep: &[Vec<usize>], room: usize) -> bool {
+        let Some(Some(e)) = self.layers.get(layer) else {
+            return false;
+        };
+        let [b, h, _, _] = e.k.dims();
+        if keep.len() != b * h || keep.iter().flatten().any(|&s| s >= e.len) {
+            return false;
+        }
+        let split = RaggedLayer::split(&e.k, &e.v, keep, room);
+        self.layers[layer] = None;
+        self.ragged[layer] = Some(split);
+        true
+    }
+
+    /// The bias that masks a ragged `layer`'s padding in what `append` returned.
+    pub(crate) fn padding_bias(&self, layer: usize) -> Option<Tensor<B, 4>> {
+        self.ragged.get(layer)?.as_ref()?.padding_bias()
     }
 
     /// Keeps, in every (batch, head) of `layer`, the slots `keep` lists, in that order.
@@ -462,29 +510,37 @@ impl<B: Backend> LayerKv<B> {
 
     /// The batch size and KV heads of the first layer that holds anything.
     pub(crate) fn batch_heads(&self) -> Option<(usize, usize)> {
-        self.layers.iter().flatten().next().map(|e| {
+        let uniform = self.layers.iter().flatten().next().map(|e| {
             let [b, h, _, _] = e.k.dims();
             (b, h)
-        })
+        });
+        uniform.or_else(|| self.ragged.iter().flatten().next().map(RaggedLayer::batch_heads))
     }
 
     pub(crate) fn device(&self) -> Option<B::Device> {
-        self.layers.iter().flatten().next().map(|e| e.k.device())
+        let uniform = self.layers.iter().flatten().next().map(|e| e.k.device());
+        uniform.or_else(|| self.ragged.iter().flatten().find_map(RaggedLayer::device))
     }
 
     /// Slots in use in `layer`, including any its owner has marked evicted.
+    /// (A ragged layer: its widest head, the width attention reads.)
     pub(crate) fn physical_slots(&self, layer: usize) -> usize {
-        self.layers.get(layer).and_then(|e| e.as_ref()).map_or(0, |e| e.len)
+        match self.ragged.get(layer).and_then(|e| e.as_ref()) {
+            Some(r) => r.widest(),
+            None => self.layers.get(layer).and_then(|e| e.as_ref()).map_or(0, |e| e.len),
+        }
     }
 
     /// Bytes allocated for keys and values over all layers, spare capacity included.
     pub(crate) fn bytes(&self) -> u64 {
         let bytes = |t: &Tensor<B, 4>| t.shape().num_elements() as u64 * t.dtype().size() as u64;
-        self.layers.iter().flatten().map(|e| bytes(&e.k) + bytes(&e.v)).sum()
+        let uniform: u64 = self.layers.iter().flatten().map(|e| bytes(&e.k) + bytes(&e.v)).sum();
+        uniform + self.ragged.iter().flatten().map(RaggedLayer::bytes).sum::<u64>()
     }
 
     pub(crate) fn clear(&mut self) {
         self.layers.iter_mut().for_each(|e| *e = None);
+        self.ragged.iter_mut().for_each(|e| *e = None);
         self.region = None;
     }
 }

@@ -16,6 +16,7 @@ mod full;
 mod kernels;
 mod layer_kv;
 mod policy;
+mod ragged;
 mod ranking;
 
 pub use budget::{Budget, EvictionConfig, Mode, Schedule, DECODE_RECENT_RATIO, ROBUST_PROTECTED_TAIL};

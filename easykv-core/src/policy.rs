@@ -157,6 +157,25 @@ pub trait EvictionPolicy<B: Backend>: Send {
         None
     }
 
+    /// Whether the prompt's one cut ([`crate::Mode::Once`]) gives heads budgets of their own
+    /// ([`select_per_head`](Self::select_per_head)), so that the heads of a layer keep
+    /// different numbers of slots.
+    fn per_head_budgets(&self) -> bool {
+        false
+    }
+
+    /// The prompt's one cut with per-head budgets (AdaKV): for every (row, head), the slots
+    /// it keeps, ascending, the heads of a row keeping `capacity` each on average (`None`:
+    /// this policy has none; the cut keeps `capacity` in every head).
+    fn select_per_head(
+        &mut self,
+        _stats: &SlotStats<B>,
+        _ctx: &EvictionContext<B>,
+        _capacity: usize,
+    ) -> Option<Vec<Vec<usize>>> {
+        None
+    }
+
     /// Slot indices to evict, `ctx.n_evict` of them per (row, head), all distinct.
     ///
     /// # Shapes

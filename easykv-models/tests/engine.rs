@@ -32,13 +32,15 @@ fn requests(m: &LoadedModel<Flex>) -> Vec<Request> {
         stride,
         ..Default::default()
     };
-    let settings: [(&str, EvictionConfig, usize, usize); 6] = [
+    let settings: [(&str, EvictionConfig, usize, usize); 7] = [
         ("full", EvictionConfig::default(), 40, 12),
         ("roco", eviction(Budget::Ratio(0.5), Mode::Encoding, 8), 150, 10),
         ("h2o", eviction(Budget::Ratio(0.25), Mode::Encoding, 4), 96, 14),
         ("tova", eviction(Budget::Tokens(40), Mode::Auto, 8), 70, 16),
         ("recency", eviction(Budget::Tokens(24), Mode::Decoding, 8), 30, 9),
         ("roco", eviction(Budget::Ratio(0.5), Mode::Encoding, 2), 33, 1),
+        // Per-head budgets: heads of a layer then hold different slot counts.
+        ("ada-snapkv", eviction(Budget::Ratio(0.5), Mode::Once, 8), 120, 10),
     ];
     settings
         .into_iter()

@@ -27,6 +27,12 @@ fn model() -> &'static LoadedModel<Flex> {
 /// Runs `policy` on the prompt; returns the greedy ids and the kept prompt positions
 /// `[layer][head]`, ascending.
 fn run(policy: &str, prompt: &[u32], sinks: usize) -> (Vec<u32>, Vec<Vec<Vec<usize>>>) {
+    let (ids, kept, _) = run_with_cache(policy, prompt, sinks);
+    (ids, kept)
+}
+
+/// [`run`], and the bytes of keys and values the cache holds at the end.
+fn run_with_cache(policy: &str, prompt: &[u32], sinks: usize) -> (Vec<u32>, Vec<Vec<Vec<usize>>>, u64) {
     let m = model();
     let cfg = EvictionConfig {
         budget: Budget::Tokens(prompt.len() / 2),
@@ -65,7 +71,7 @@ fn run(policy: &str, prompt: &[u32], sinks: usize) -> (Vec<u32>, Vec<Vec<Vec<usi
         "{policy}: buffers not cut"
     );
     let kept = kept_prompt_positions(&cache, layers, prompt.len());
-    (out.ids, kept)
+    (out.ids, kept, cache.bytes())
 }
 
 /// How easykv's kept positions compare with kvpress's over every (layer, head).
@@ -164,4 +170,67 @@ fn tova_keeps_kvpress_positions() {
 #[test]
 fn recency_keeps_kvpress_streamingllm_positions() {
     check("streamingllm", "recency", 4);
+}
+
+/// kvpress's AdaKV choices (`tests/fixtures/kvpress-adakv-smollm2.json`, made by
+/// `scripts/kvpress_adakv.py`): per (layer, head) a bitmask of the prompt positions kept.
+fn adakv_reference() -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kvpress-adakv-smollm2.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The positions a hex bitmask marks (position 0 in the lowest bit of the first byte).
+fn bitmask_positions(hex: &str) -> Vec<usize> {
+    (0..hex.len() / 2)
+        .flat_map(|i| {
+            let byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+            (0..8).filter(move |b| byte >> b & 1 == 1).map(move |b| 8 * i + b)
+        })
+        .collect()
+}
+
+/// AdaKV's per-head budgets: every (layer, head) keeps kvpress's positions — heads of one
+/// layer keeping different counts — the greedy ids are kvpress's, and the cache holds the
+/// bytes of each head's own slots (plus room for the 32 generated tokens), not every head
+/// padded to the layer's largest.
+fn check_ada(press_name: &str, policy: &str) {
+    let reference = adakv_reference();
+    let easykv = load_reference("smollm2-135m-q4_1.json");
+    let prompt = ids(&easykv["summarize"]["prompt_ids"]);
+    let press = &reference["presses"][press_name];
+    let (generated, kept, bytes) = run_with_cache(policy, &prompt, 0);
+    let (mut equal, mut held, mut padded) = (0usize, 0u64, 0u64);
+    let per_slot = 2 * 64 * 4; // a key and a value of 64 f32 per head
+    for (l, layer) in press["kept"].as_array().unwrap().iter().enumerate() {
+        let want: Vec<Vec<usize>> = layer
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| bitmask_positions(h.as_str().unwrap()))
+            .collect();
+        for (h, want) in want.iter().enumerate() {
+            equal += usize::from(kept[l][h] == *want);
+            held += (want.len() as u64 + 32) * per_slot;
+        }
+        let widest = want.iter().map(Vec::len).max().unwrap() as u64;
+        padded += want.len() as u64 * (widest + 32) * per_slot;
+    }
+    let counts: Vec<usize> = kept[0].iter().map(Vec::len).collect();
+    eprintln!(
+        "{policy}: {equal} of 90 heads keep kvpress's positions (layer 0 keeps {counts:?}); {bytes} bytes held, {padded} if heads were padded to their layer's widest"
+    );
+    assert_eq!(equal, 90, "{policy}: heads keeping kvpress's positions");
+    assert_eq!(bytes, held, "{policy}: bytes held");
+    assert!(bytes < padded);
+    assert_eq!(generated, ids(&press["ids"]), "{policy}: greedy ids");
+}
+
+#[test]
+fn ada_snapkv_keeps_kvpress_adakv_positions_in_heads_of_their_own_size() {
+    check_ada("ada-snapkv", "ada-snapkv");
+}
+
+#[test]
+fn ada_expected_attention_keeps_kvpress_adakv_positions() {
+    check_ada("ada-expected-attention", "ada-expected-attention");
 }

@@ -195,7 +195,22 @@ enum Masked<B: Backend> {
 }
 
 impl<B: Backend> ScoredPolicy<B> {
+    /// Every slot's score, the slots outside the scope at [`NEVER`] (never evicted first).
+    pub(crate) fn scores(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3> {
+        let (score, scope) = self.score_and_scope(stats, ctx);
+        out_of_scope_never(score, scope, ctx)
+    }
+
     fn masked_score(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> Masked<B> {
+        match self.score_and_scope(stats, ctx) {
+            (score, Scope::Smallest { key, k }) if ctx.n_evict == 1 => {
+                Masked::Victim(lowest_among_smallest(score, key, k, ctx.ranking))
+            }
+            (score, scope) => Masked::Scores(out_of_scope_never(score, scope, ctx)),
+        }
+    }
+
+    fn score_and_scope(&self, stats: &SlotStats<B>, ctx: &EvictionContext<B>) -> (Tensor<B, 3>, Scope<B>) {
         let score = self.score.score(stats, ctx);
         // NaN or huge scores must not outrank real ones.
         let score = score
@@ -203,15 +218,15 @@ impl<B: Backend> ScoredPolicy<B> {
             .mask_fill(score.is_nan(), NEVER)
             .clamp_min(-NEVER)
             .clamp_max(NEVER);
-        match self.scope.scope(stats, ctx) {
-            Scope::Smallest { key, k } if ctx.n_evict == 1 => {
-                Masked::Victim(lowest_among_smallest(score, key, k, ctx.ranking))
-            }
-            Scope::Smallest { key, k } => {
-                Masked::Scores(score.mask_fill(smallest_mask(key, k, ctx.ranking).bool_not(), NEVER))
-            }
-            Scope::Mask(eligible) => Masked::Scores(score.mask_fill(eligible.bool_not(), NEVER)),
-        }
+        (score, self.scope.scope(stats, ctx))
+    }
+}
+
+/// `score` with every slot outside `scope` at [`NEVER`].
+fn out_of_scope_never<B: Backend>(score: Tensor<B, 3>, scope: Scope<B>, ctx: &EvictionContext<B>) -> Tensor<B, 3> {
+    match scope {
+        Scope::Smallest { key, k } => score.mask_fill(smallest_mask(key, k, ctx.ranking).bool_not(), NEVER),
+        Scope::Mask(eligible) => score.mask_fill(eligible.bool_not(), NEVER),
     }
 }
 

@@ -7,6 +7,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod ada;
 mod compose;
 mod expected_attention;
 mod h2o;
@@ -20,6 +21,7 @@ mod snapkv;
 mod table;
 mod tova;
 
+pub use ada::{ada, per_head_choice, AdaHeads, ALPHA_SAFEGUARD};
 pub use compose::{ScopeBuilder, ScoreCalculator, ScoredPolicy};
 pub use expected_attention::{expected_attention, ExpectedAttentionScore};
 pub use h2o::{h2o, SumAttention};

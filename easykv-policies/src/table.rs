@@ -4,7 +4,7 @@
 use burn::tensor::backend::Backend;
 use easykv_core::EvictionPolicy;
 
-use crate::{expected_attention, h2o, knorm, pyramidkv, random, recency, roco, snapkv, tova, Error};
+use crate::{ada, expected_attention, h2o, knorm, pyramidkv, random, recency, roco, snapkv, tova, Error};
 
 /// Makes a fresh instance of a policy (policies keep per-run state, e.g. random draws).
 pub type PolicyConstructor<B> = fn() -> Box<dyn EvictionPolicy<B>>;
@@ -101,6 +101,42 @@ fn builtin_rows<B: Backend>() -> Vec<PolicyEntry<B>> {
             &["expected_attention"],
             "attention expected from future queries (the prompt's query mean and covariance, RoPE averaged over the next 512 positions) times the value norm (Devoto et al. 2025)",
             || Box::new(expected_attention()),
+        ),
+        PolicyEntry::evicting(
+            "ada-snapkv",
+            &["adakv"],
+            "snapkv's score with per-head budgets in --mode once, each head's slots stored on their own (AdaKV, Feng et al. 2024)",
+            || Box::new(ada(snapkv())),
+        ),
+        PolicyEntry::evicting(
+            "ada-expected-attention",
+            &[],
+            "expected attention with per-head budgets in --mode once (AdaKV)",
+            || Box::new(ada(expected_attention())),
+        ),
+        PolicyEntry::evicting(
+            "ada-roco",
+            &[],
+            "roco's mean attention with per-head budgets in --mode once (AdaKV)",
+            || Box::new(ada(roco())),
+        ),
+        PolicyEntry::evicting(
+            "ada-h2o",
+            &[],
+            "h2o's accumulated attention with per-head budgets in --mode once (AdaKV)",
+            || Box::new(ada(h2o())),
+        ),
+        PolicyEntry::evicting(
+            "ada-tova",
+            &[],
+            "tova's last-query attention with per-head budgets in --mode once (AdaKV)",
+            || Box::new(ada(tova())),
+        ),
+        PolicyEntry::evicting(
+            "ada-knorm",
+            &[],
+            "knorm's key norms with per-head budgets in --mode once (AdaKV)",
+            || Box::new(ada(knorm())),
         ),
         PolicyEntry::evicting(
             "recency",

@@ -582,11 +582,18 @@ fn aliases_name_their_policies_and_full_evicts_nothing() {
             "pyramidkv",
             "knorm",
             "expected-attention",
+            "ada-snapkv",
+            "ada-expected-attention",
+            "ada-roco",
+            "ada-h2o",
+            "ada-tova",
+            "ada-knorm",
             "recency",
             "random",
             "full"
         ]
     );
+    assert_eq!(build("adakv").name(), "ada-snapkv");
     assert_eq!(crate::canonical_policy_name("streamingllm"), Ok("recency"));
 }
 
