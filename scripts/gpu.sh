@@ -4,7 +4,7 @@
 #
 #   scripts/gpu.sh table     the Llama-2-7B-shape table: full cache, roco and h2o at 0.5 and 0.25
 #   scripts/gpu.sh once      the kvpress-style policies cut once at 0.25 (snapkv, knorm, pyramidkv,
-#                            expected-attention) beside the full cache, same shape (ROWS picks)
+#                            expected-attention, ada-snapkv) beside the full cache, same shape (ROWS picks)
 #   scripts/gpu.sh compare   rows of the table, this binary and a baseline binary alternating
 #                            (ROWS picks them; default "full roco50")
 #   scripts/gpu.sh check     every fused kernel against host references (easykv check-kernels)
@@ -55,6 +55,8 @@ declare -A ROW=(
   [knorm25]="--policy knorm --budget 0.25 --mode once"
   [pyramidkv25]="--policy pyramidkv --budget 0.25 --mode once"
   [expected25]="--policy expected-attention --budget 0.25 --mode once"
+  # Per-head budgets: each head's slots in buffers of their own after the cut.
+  [adasnapkv25]="--policy ada-snapkv --budget 0.25 --mode once"
 )
 
 # bench BINARY TAG ROW: one row in its own process, peak device memory sampled every 50 ms.
@@ -90,7 +92,7 @@ for config in "$@"; do
     table)
       for row in full roco50 h2o50 roco25 h2o25; do bench /tmp/easykv "$row" "$row"; done ;;
     once)
-      for row in ${ROWS:-full snapkv25 knorm25 pyramidkv25 expected25}; do bench /tmp/easykv "$row" "$row"; done ;;
+      for row in ${ROWS:-full snapkv25 knorm25 pyramidkv25 expected25 adasnapkv25}; do bench /tmp/easykv "$row" "$row"; done ;;
     compare)
       unpack easykv-base
       # Alternating A B A B per row: drift of the machine hits both binaries alike.
