@@ -38,6 +38,20 @@ pub trait KvCache<B: Backend> {
         Ok(CachedKv { keys, values, len })
     }
 
+    /// [`append_in_place`](Self::append_in_place) for a layer whose heads keep different slot
+    /// counts ([`head_slots`](Self::head_slots)): every (batch, head)'s own buffers after the
+    /// append, batch-major (`[1, 1, capacity, head_dim]`, `len` in use), for a caller that
+    /// attends head by head instead of over the heads padded side by side. `None`, with
+    /// nothing appended, where the layer's heads are uniform.
+    fn append_per_head(
+        &mut self,
+        _layer: usize,
+        _keys: Tensor<B, 4>,
+        _values: Tensor<B, 4>,
+    ) -> Result<Option<Vec<CachedKv<B>>>> {
+        Ok(None)
+    }
+
     /// Room for `shape[2]` new slots of `layer`, for a caller that writes their keys and
     /// values straight into the cache's buffers (a kernel that produces them there, saving the
     /// copy `append` makes): `layer`'s whole buffers, grown where needed, with `len` the first

@@ -887,6 +887,22 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         Ok(out)
     }
 
+    fn append_per_head(
+        &mut self,
+        layer: usize,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> Result<Option<Vec<CachedKv<B>>>> {
+        if !self.kv.is_ragged(layer) {
+            return Ok(None);
+        }
+        let s = keys.dims()[2];
+        self.prepare_append(layer, s)?;
+        let out = self.kv.append_per_head(layer, keys, values)?;
+        self.count_appended(layer, s);
+        Ok(out)
+    }
+
     fn reserve_slots(
         &mut self,
         layer: usize,

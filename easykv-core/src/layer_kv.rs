@@ -213,6 +213,29 @@ impl<B: Backend> LayerKv<B> {
             let len = keys.dims()[2];
             return Ok(CachedKv { keys, values, len });
         }
+        self.append_uniform(layer, keys, values)
+    }
+
+    /// Appends to a ragged `layer` (see [`KvCache::append_per_head`](crate::KvCache::append_per_head));
+    /// `None`, with nothing appended, for a uniform one.
+    pub(crate) fn append_per_head(
+        &mut self,
+        layer: usize,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> Result<Option<Vec<CachedKv<B>>>> {
+        let host = self.kernels.host_resident();
+        let Some(Some(ragged)) = self.ragged.get_mut(layer) else {
+            return Ok(None);
+        };
+        if !ragged.append(keys, values, host) {
+            return Err(Error::RaggedShape { layer });
+        }
+        Ok(Some(ragged.per_head()))
+    }
+
+    /// [`append_in_place`](Self::append_in_place) for a layer whose heads hold the same count.
+    fn append_uniform(&mut self, layer: usize, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<CachedKv<B>> {
         // Only the index is kept: a second reference to the buffers would make flex copy them.
         let at = self
             .reserve_slots(layer, keys.dims(), keys.dtype(), &keys.device())?

@@ -10,6 +10,7 @@
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::layer_kv::write_slots;
+use crate::CachedKv;
 
 /// One (batch, head)'s slots: `[1, 1, capacity, head_dim]`, the first `len` in use.
 #[derive(Debug, Clone)]
@@ -112,6 +113,19 @@ impl<B: Backend> RaggedLayer<B> {
             head.len = needed;
         }
         true
+    }
+
+    /// Every (batch, head)'s own buffers, batch-major, `[1, 1, capacity, head_dim]` each with
+    /// its slots in use: what a kernel attending head by head reads, without the padded view.
+    pub(crate) fn per_head(&self) -> Vec<CachedKv<B>> {
+        self.heads
+            .iter()
+            .map(|h| CachedKv {
+                keys: h.k.clone(),
+                values: h.v.clone(),
+                len: h.len,
+            })
+            .collect()
     }
 
     /// Every head's keys and values side by side, `[batch, heads, widest, head_dim]` each,

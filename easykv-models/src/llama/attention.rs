@@ -133,8 +133,60 @@ impl<B: Backend> Attention<B> {
     ) -> Result<Tensor<B, 4>> {
         // Keys and values are cached in the weights' precision (f16 halves the cache).
         let kv_dtype = self.qkv.weight.val().dtype();
-        let cached = cache.append_in_place(layer, k.cast(kv_dtype), v.cast(kv_dtype))?;
+        let (k, v) = (k.cast(kv_dtype), v.cast(kv_dtype));
+        if let Some(out) =
+            self.attend_per_head(p, layer, &q, (&k, &v), slot_angles.is_some() || mask.is_some(), cache)?
+        {
+            return Ok(out);
+        }
+        let cached = cache.append_in_place(layer, k, v)?;
         self.attend_cached(p, layer, q, &cached, slot_angles, mask, cache)
+    }
+
+    /// A host decode step over a layer whose heads keep slot counts of their own (per-head
+    /// budgets): the key and value appended to each head's buffers and each head attended over
+    /// its own slots — not over the heads padded side by side, which costs a copy of the layer
+    /// every step. `None`, with nothing appended, where that does not apply (a GPU, several
+    /// tokens, a mask, an observing cache, uniform heads).
+    fn attend_per_head<C: KvCache<B> + ?Sized>(
+        &self,
+        p: &BackendProfile,
+        layer: usize,
+        q: &Tensor<B, 4>,
+        (k, v): (&Tensor<B, 4>, &Tensor<B, 4>),
+        masked: bool,
+        cache: &mut C,
+    ) -> Result<Option<Tensor<B, 4>>> {
+        let [b, hq, s, d] = q.dims();
+        if s != 1 || masked || !p.host_resident() || cache.head_slots(layer).is_none() || cache.wants_attention(layer) {
+            return Ok(None);
+        }
+        let Some(heads) = cache.append_per_head(layer, k.clone(), v.clone())? else {
+            return Ok(None);
+        };
+        let hkv = self.n_kv_heads;
+        let g = hq / hkv;
+        let kv_dtype = k.dtype();
+        let rows = q.clone().reshape([b * hkv, 1, g, d]).cast(kv_dtype);
+        let qs: Vec<Tensor<B, 4>> = (0..b * hkv).map(|i| rows.clone().slice_dim(0, i..i + 1)).collect();
+        let kv: Vec<_> = heads.iter().map(|h| (&h.keys, &h.values, h.len)).collect();
+        let out = match ops::decode_attention_batch(p, qs, &kv) {
+            Ok(out) => out,
+            // Not f32: burn's products head by head (cheap on the host, no launches).
+            Err(qs) => {
+                let outs = qs
+                    .into_iter()
+                    .zip(&heads)
+                    .map(|(qh, h)| {
+                        let scores = ops::attention_scores(p, qh, &h.keys, h.len, true);
+                        let probs = ops::softmax_last(p, scores).cast(kv_dtype);
+                        ops::attention_values(p, probs, &h.values, h.len, true)
+                    })
+                    .collect();
+                Tensor::cat(outs, 0)
+            }
+        };
+        Ok(Some(out.cast(q.dtype()).reshape([b, hq, s, d])))
     }
 
     /// A decode step's attention for every sequence of a batch in host memory: each sequence's
@@ -167,14 +219,24 @@ impl<B: Backend> Attention<B> {
         }
         let (hq, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let row = sequence_row::<B>;
+        // Caches whose heads keep slot counts of their own attend head by head (`attend`).
+        let per_head: Vec<bool> = caches.iter().map(|c| c.head_slots(layer).is_some()).collect();
         let mut cached = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
-            cached.push(cache.append_in_place(layer, row(k, i), row(v, i))?);
+            cached.push(match per_head[i] {
+                true => None,
+                false => Some(cache.append_in_place(layer, row(k, i), row(v, i))?),
+            });
         }
         // Whether a cache observes the step is known once its slot is in (an eviction may
         // follow it).
         let alone: Vec<bool> = (0..n)
-            .map(|i| masks[i].is_some() || caches[i].wants_attention(layer) || caches[i].slot_bias(layer).is_some())
+            .map(|i| {
+                per_head[i]
+                    || masks[i].is_some()
+                    || caches[i].wants_attention(layer)
+                    || caches[i].slot_bias(layer).is_some()
+            })
             .collect();
         let together: Vec<usize> = (0..n).filter(|&i| !alone[i]).collect();
         let qs = together
@@ -183,7 +245,7 @@ impl<B: Backend> Attention<B> {
             .collect();
         let kv: Vec<_> = together
             .iter()
-            .map(|&i| (&cached[i].keys, &cached[i].values, cached[i].len))
+            .filter_map(|&i| cached[i].as_ref().map(|c| (&c.keys, &c.values, c.len)))
             .collect();
         let batched = match together.is_empty() {
             true => None,
@@ -195,12 +257,16 @@ impl<B: Backend> Attention<B> {
         let mut outs = Vec::with_capacity(n);
         let mut next = 0;
         for (i, cache) in caches.iter_mut().enumerate() {
-            let out = match (&batched, alone[i]) {
-                (Some(all), false) => {
+            let out = match (&batched, alone[i], &cached[i]) {
+                (Some(all), false, _) => {
                     next += 1;
                     all.clone().slice_dim(0, next - 1..next).reshape([1, hq, 1, d])
                 }
-                _ => self.attend_cached(p, layer, row(q, i), &cached[i], None, masks[i].as_ref(), &mut **cache)?,
+                (_, _, Some(c)) => self.attend_cached(p, layer, row(q, i), c, None, masks[i].as_ref(), &mut **cache)?,
+                (_, _, None) => {
+                    let (qi, ki, vi) = (row(q, i), row(k, i), row(v, i));
+                    self.attend(p, layer, qi, ki, vi, None, masks[i].as_ref(), &mut **cache)?
+                }
             };
             outs.push(out);
         }
