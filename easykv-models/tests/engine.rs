@@ -162,7 +162,7 @@ fn random_traffic_keeps_every_bound_and_finishes() {
     let shape = RandomModel::by_name("tiny").unwrap();
     let config = shape.config();
     let per_token = config.kv_bytes_per_token(4);
-    let policies = ["full", "roco", "h2o", "tova", "recency", "random"];
+    let policies = ["full", "roco", "h2o", "tova", "recency", "random", "ada-snapkv"];
     for seed in 0..8u64 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let model: Box<dyn CausalLm<Flex>> = Box::new(
@@ -195,6 +195,11 @@ fn random_traffic_keeps_every_bound_and_finishes() {
                 let eviction = EvictionConfig {
                     budget: Budget::Ratio(rng.random_range(0.3..0.9)),
                     stride: rng.random_range(1..8),
+                    // Per-head budgets apply to the one cut: heads of different sizes after it.
+                    mode: match policy {
+                        "ada-snapkv" => Mode::Once,
+                        _ => Mode::Encoding,
+                    },
                     ..Default::default()
                 };
                 let max_new = rng.random_range(0..20);
