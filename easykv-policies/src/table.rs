@@ -127,12 +127,6 @@ fn builtin_rows<B: Backend>() -> Vec<PolicyEntry<B>> {
             || Box::new(ada(h2o())),
         ),
         PolicyEntry::evicting(
-            "ada-tova",
-            &[],
-            "tova's last-query attention with per-head budgets in --mode once (AdaKV)",
-            || Box::new(ada(tova())),
-        ),
-        PolicyEntry::evicting(
             "ada-knorm",
             &[],
             "knorm's key norms with per-head budgets in --mode once (AdaKV)",

@@ -586,7 +586,6 @@ fn aliases_name_their_policies_and_full_evicts_nothing() {
             "ada-expected-attention",
             "ada-roco",
             "ada-h2o",
-            "ada-tova",
             "ada-knorm",
             "recency",
             "random",
