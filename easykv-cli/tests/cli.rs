@@ -160,7 +160,7 @@ fn score_reports_perplexity() {
 fn eviction_flags_are_validated_before_loading() {
     assert_one_line_error(
         &easykv(&["generate", "--prompt", "hi", "--policy", "lru"]),
-        "valid: roco, h2o, tova, snapkv, pyramidkv, knorm, expected-attention, recency, random, full",
+        "valid: roco, h2o, tova, snapkv, pyramidkv, knorm, expected-attention, ada-snapkv, ada-expected-attention, ada-roco, ada-h2o, ada-knorm, recency, random, full",
     );
     assert_one_line_error(
         &easykv(&["generate", "--prompt", "hi", "--policy", "roco", "--budget", "lots"]),
@@ -405,7 +405,7 @@ fn eval_bad_input_is_a_one_line_error() {
     assert_one_line_error(&easykv(&["eval", "speed", "--out", &o]), "unknown task");
     assert_one_line_error(
         &easykv(&["eval", "ppl", "--policies", "lru", "--out", &o]),
-        "invalid value 'lru' for '--policies <POLICIES>' (valid: roco, h2o, tova, snapkv, pyramidkv, knorm, expected-attention, recency, random, full)",
+        "invalid value 'lru' for '--policies <POLICIES>' (valid: roco, h2o, tova, snapkv, pyramidkv, knorm, expected-attention, ada-snapkv, ada-expected-attention, ada-roco, ada-h2o, ada-knorm, recency, random, full)",
     );
     assert_one_line_error(&easykv(&["eval", "ppl", "--budgets", "0", "--out", &o]), "budget");
     assert_one_line_error(&easykv(&["eval", "ppl", "--budgets", "half", "--out", &o]), "budget");
