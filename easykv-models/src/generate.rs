@@ -156,13 +156,44 @@ pub fn generate<B: Backend>(
         )));
     }
     let mut sampler = Sampler::new(cfg.sampling.clone())?;
-    let device = model.device();
     // Generation stops at the context's end, however many tokens were asked for.
     cache.reserve(prompt.len().saturating_add(cfg.max_new_tokens).min(context));
     let t0 = Instant::now();
-    let mut logits = prefill(model, cache, prompt, cfg.chunk_size)?;
+    let logits = prefill(model, cache, prompt, cfg.chunk_size)?;
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
+    let decoded = decode_from(model, cache, logits, cfg, &mut sampler, &mut on_token)?;
+    Ok(Generation {
+        ids: decoded.ids,
+        stop: decoded.stop,
+        prompt_tokens: prompt.len(),
+        prefill: prefill_time,
+        decode: t1.elapsed(),
+        top_logprobs: decoded.top_logprobs,
+    })
+}
+
+/// What [`decode_from`] produced.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub ids: Vec<u32>,
+    pub stop: StopReason,
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+}
+
+/// The decode loop of [`generate`] from a prefilled `cache` and its prompt's last `logits`:
+/// sample, stop or feed the token back, until a stop id, `cfg.max_new_tokens`, the context's
+/// end or `on_token`'s `Break`.
+pub fn decode_from<B: Backend>(
+    model: &(impl CausalLm<B> + ?Sized),
+    cache: &mut dyn KvCache<B>,
+    mut logits: Vec<f32>,
+    cfg: &GenerateConfig,
+    sampler: &mut Sampler,
+    on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+) -> Result<Decoded> {
+    let context = model.context_length();
+    let device = model.device();
     let mut ids = Vec::new();
     let mut top = Vec::new();
     let stop = loop {
@@ -188,12 +219,9 @@ pub fn generate<B: Backend>(
         }
         logits = row(model.forward(token_tensor::<B>(&[next], &device), cache, Logits::Last)?)?;
     };
-    Ok(Generation {
+    Ok(Decoded {
         ids,
         stop,
-        prompt_tokens: prompt.len(),
-        prefill: prefill_time,
-        decode: t1.elapsed(),
         top_logprobs: top,
     })
 }

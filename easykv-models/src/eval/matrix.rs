@@ -221,7 +221,8 @@ pub fn pending_cells(
 }
 
 /// Runs every pending cell of the matrix into `results`, calling `after_cell` after each (to
-/// save and report progress).
+/// save and report progress). With `--mode once` the decoding cells of a sample share one
+/// prefill where their caches split the prompt alike ([`super::shared`]).
 pub fn run_matrix<B: Backend>(
     loaded: &LoadedModel<B>,
     samples: &[(String, String, Sample)],
@@ -229,29 +230,92 @@ pub fn run_matrix<B: Backend>(
     after_cell: &mut dyn FnMut(&Results, &PendingCell) -> Result<()>,
 ) -> Result<()> {
     let settings = results.settings.clone();
-    for pending in pending_cells(&settings, samples, results) {
-        let (task, name, index, policy, budget) = &pending;
-        let t = std::time::Instant::now();
-        let reference = results
-            .cells
-            .iter()
-            .find(|c| c.task == *task && c.sample == *name && c.policy == "full")
-            .cloned();
-        let mut cell = run_cell(
-            loaded,
-            &settings,
-            &samples[*index].2,
-            policy,
-            budget,
-            reference.as_ref(),
-        )?;
-        cell.task = task.clone();
-        cell.sample = name.clone();
-        cell.seconds = t.elapsed().as_secs_f64();
-        results.cells.push(cell);
-        after_cell(results, &pending)?;
+    let once = settings.mode.parse::<easykv_core::Mode>().ok() == Some(easykv_core::Mode::Once);
+    let pending = pending_cells(&settings, samples, results);
+    // Pending cells come sample by sample.
+    for group in pending.chunk_by(|a, b| a.2 == b.2) {
+        let Some((_, _, index, ..)) = group.first() else {
+            continue;
+        };
+        let sample = &samples[*index].2;
+        if !once || group.len() < 2 || matches!(sample, Sample::Perplexity { .. }) {
+            for p in group {
+                run_alone(loaded, &settings, sample, p, results, after_cell)?;
+            }
+            continue;
+        }
+        // Cells whose caches split the prompt alike, in order of first appearance (the full
+        // cache's first: fidelity scores the others against it).
+        type Cells<'a, B> = (Vec<usize>, Vec<&'a PendingCell>, Vec<Box<dyn easykv_core::KvCache<B>>>);
+        let mut by_chunks: Vec<Cells<'_, B>> = Vec::new();
+        for p in group {
+            let cache = cell_cache(loaded, &settings, sample, &p.3, &p.4)?;
+            let chunks = cache.prefill_chunks(sample_prompt(sample).len(), CHUNK);
+            match by_chunks.iter_mut().find(|(c, ..)| *c == chunks) {
+                Some((_, cells, caches)) => {
+                    cells.push(p);
+                    caches.push(cache);
+                }
+                None => by_chunks.push((chunks, vec![p], vec![cache])),
+            }
+        }
+        for (_, cells, caches) in by_chunks {
+            let pairs: Vec<(String, String)> = cells.iter().map(|p| (p.3.clone(), p.4.clone())).collect();
+            let shared = match cells.len() {
+                1 => None,
+                _ => {
+                    let reference = full_reference(results, cells[0]);
+                    super::shared::run_shared(loaded, &settings, sample, &pairs, caches, reference.as_ref())?
+                }
+            };
+            match shared {
+                Some(done) => {
+                    for (mut cell, p) in done.into_iter().zip(&cells) {
+                        cell.task = p.0.clone();
+                        cell.sample = p.1.clone();
+                        results.cells.push(cell);
+                        after_cell(results, p)?;
+                    }
+                }
+                None => {
+                    for p in cells {
+                        run_alone(loaded, &settings, sample, p, results, after_cell)?;
+                    }
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// The full cache's cell of `pending`'s sample, if it has run.
+fn full_reference(results: &Results, pending: &PendingCell) -> Option<Cell> {
+    let (task, name, ..) = pending;
+    results
+        .cells
+        .iter()
+        .find(|c| c.task == *task && c.sample == *name && c.policy == "full")
+        .cloned()
+}
+
+/// Runs one pending cell on its own into `results`.
+fn run_alone<B: Backend>(
+    loaded: &LoadedModel<B>,
+    settings: &EvalSettings,
+    sample: &Sample,
+    pending: &PendingCell,
+    results: &mut Results,
+    after_cell: &mut dyn FnMut(&Results, &PendingCell) -> Result<()>,
+) -> Result<()> {
+    let (task, name, _, policy, budget) = pending;
+    let t = std::time::Instant::now();
+    let reference = full_reference(results, pending);
+    let mut cell = run_cell(loaded, settings, sample, policy, budget, reference.as_ref())?;
+    cell.task = task.clone();
+    cell.sample = name.clone();
+    cell.seconds = t.elapsed().as_secs_f64();
+    results.cells.push(cell);
+    after_cell(results, pending)
 }
 
 /// Every (task, sample name, sample) the settings ask for.
@@ -390,8 +454,8 @@ fn fidelity_prompts<B: Backend>(
     Ok(prompts)
 }
 
-/// Runs one cell: `sample` under `policy` and `budget` (`-` for the full cache), scored
-/// against `reference` (the full cache's cell of the same sample) for fidelity.
+/// One cell: the sample run under `policy` at `budget` (`"-"` for the full cache), scored.
+/// `reference`: the sample's full-cache cell (fidelity compares against it).
 pub fn run_cell<B: Backend>(
     loaded: &LoadedModel<B>,
     settings: &EvalSettings,
@@ -400,6 +464,35 @@ pub fn run_cell<B: Backend>(
     budget: &str,
     reference: Option<&Cell>,
 ) -> Result<Cell> {
+    let mut cache = cell_cache(loaded, settings, sample, policy, budget)?;
+    if let Sample::Perplexity { ids } = sample {
+        let s = score(&loaded.model, cache.as_mut(), ids, CHUNK)?;
+        let mut cell = empty_cell(policy, budget);
+        cell.metrics.insert("perplexity".into(), s.perplexity);
+        cell.metrics.insert("mean_nll".into(), s.mean_nll);
+        return Ok(cell);
+    }
+    let g = generate(
+        &loaded.model,
+        cache.as_mut(),
+        sample_prompt(sample),
+        &decode_config(loaded, settings, sample),
+        |_| std::ops::ControlFlow::Continue(()),
+    )?;
+    scored_cell(loaded, sample, policy, budget, g.ids, reference)
+}
+
+/// Prompt tokens per prefill pass in every cell.
+pub const CHUNK: usize = 512;
+
+/// The cache a cell runs with.
+pub fn cell_cache<B: Backend>(
+    loaded: &LoadedModel<B>,
+    settings: &EvalSettings,
+    sample: &Sample,
+    policy: &str,
+    budget: &str,
+) -> Result<Box<dyn easykv_core::KvCache<B>>> {
     let eviction = EvictionConfig {
         budget: if budget == "-" {
             Budget::Ratio(0.5)
@@ -411,25 +504,54 @@ pub fn run_cell<B: Backend>(
         seed: settings.seed,
         ..Default::default()
     };
-    let chunk = 512;
-    let (prompt_len, new_tokens) = match sample {
-        Sample::Perplexity { ids } => (ids.len() - 1, 0),
-        Sample::Retrieval { ids, .. } => (ids.len(), 12),
-        Sample::Fidelity { ids } => (ids.len(), settings.new_tokens),
-        Sample::Ruler { ids, new_tokens, .. } => (ids.len(), *new_tokens),
+    let prompt_len = match sample {
+        Sample::Perplexity { ids } => ids.len() - 1,
+        _ => sample_prompt(sample).len(),
     };
-    let profile = loaded.model.profile();
-    let mut cache = build_cache::<B>(
+    build_cache::<B>(
         policy,
         &eviction,
         &loaded.config,
-        profile,
+        loaded.model.profile(),
         loaded.dtype,
         prompt_len,
-        chunk,
-    )?;
-    let mut metrics = BTreeMap::new();
-    let mut cell = Cell {
+        CHUNK,
+    )
+}
+
+/// The prompt a decoding sample generates from (a perplexity sample's text).
+pub fn sample_prompt(sample: &Sample) -> &[u32] {
+    match sample {
+        Sample::Perplexity { ids }
+        | Sample::Retrieval { ids, .. }
+        | Sample::Fidelity { ids }
+        | Sample::Ruler { ids, .. } => ids,
+    }
+}
+
+/// Greedy decoding of a sample's answer.
+pub(crate) fn decode_config<B: Backend>(
+    loaded: &LoadedModel<B>,
+    settings: &EvalSettings,
+    sample: &Sample,
+) -> GenerateConfig {
+    let max_new_tokens = match sample {
+        Sample::Perplexity { .. } => 0,
+        Sample::Retrieval { .. } => 12,
+        Sample::Fidelity { .. } => settings.new_tokens,
+        Sample::Ruler { new_tokens, .. } => *new_tokens,
+    };
+    GenerateConfig {
+        max_new_tokens,
+        chunk_size: CHUNK,
+        sampling: SamplingConfig::default(),
+        stop_ids: loaded.tokenizer.stop_ids.clone(),
+        top_logprobs: 0,
+    }
+}
+
+fn empty_cell(policy: &str, budget: &str) -> Cell {
+    Cell {
         task: String::new(),
         sample: String::new(),
         policy: policy.into(),
@@ -438,40 +560,31 @@ pub fn run_cell<B: Backend>(
         output: None,
         ids: None,
         seconds: 0.0,
-    };
-    let mut decode = |ids: &[u32]| -> Result<(Vec<u32>, String)> {
-        let cfg = GenerateConfig {
-            max_new_tokens: new_tokens,
-            chunk_size: chunk,
-            sampling: SamplingConfig::default(),
-            stop_ids: loaded.tokenizer.stop_ids.clone(),
-            top_logprobs: 0,
-        };
-        let g = generate(&loaded.model, cache.as_mut(), ids, &cfg, |_| {
-            std::ops::ControlFlow::Continue(())
-        })?;
-        let text = loaded.tokenizer.decode(&g.ids, true)?;
-        Ok((g.ids, text))
-    };
+    }
+}
+
+/// The cell of a decoding sample that generated `out_ids` under `policy` at `budget`.
+pub(crate) fn scored_cell<B: Backend>(
+    loaded: &LoadedModel<B>,
+    sample: &Sample,
+    policy: &str,
+    budget: &str,
+    out_ids: Vec<u32>,
+    reference: Option<&Cell>,
+) -> Result<Cell> {
+    let text = loaded.tokenizer.decode(&out_ids, true)?;
+    let mut cell = empty_cell(policy, budget);
+    let metrics = &mut cell.metrics;
     match sample {
-        Sample::Perplexity { ids } => {
-            let s = score(&loaded.model, cache.as_mut(), ids, chunk)?;
-            metrics.insert("perplexity".into(), s.perplexity);
-            metrics.insert("mean_nll".into(), s.mean_nll);
-        }
-        Sample::Retrieval { ids, answer, needle } => {
-            let (_, text) = decode(ids)?;
+        Sample::Perplexity { .. } => {}
+        Sample::Retrieval { answer, needle, .. } => {
             metrics.insert("found".into(), f64::from(u8::from(answer_found(&text, answer))));
             metrics.insert("rouge_l_recall".into(), rouge_l(&text, needle).recall);
-            cell.output = Some(text);
         }
-        Sample::Ruler { ids, answers, .. } => {
-            let (_, text) = decode(ids)?;
+        Sample::Ruler { answers, .. } => {
             metrics.insert("score".into(), crate::eval::ruler::ruler_score(&text, answers));
-            cell.output = Some(text);
         }
-        Sample::Fidelity { ids } => {
-            let (out_ids, text) = decode(ids)?;
+        Sample::Fidelity { .. } => {
             if policy == "full" {
                 cell.ids = Some(out_ids);
             } else {
@@ -486,10 +599,9 @@ pub fn run_cell<B: Backend>(
                 let diverge = first_divergence(&out_ids, &ref_ids).unwrap_or(out_ids.len().max(ref_ids.len()));
                 metrics.insert("first_divergence".into(), diverge as f64);
             }
-            cell.output = Some(text);
         }
     }
-    cell.metrics = metrics;
+    cell.output = Some(text);
     Ok(cell)
 }
 

@@ -5,6 +5,7 @@ pub mod corpus;
 pub mod matrix;
 pub mod metrics;
 pub mod ruler;
+pub mod shared;
 pub mod tasks;
 
 pub use corpus::{fetch_corpus, Corpus};

@@ -1,0 +1,196 @@
+//! One prefill for many cells. With `--mode once` no cache evicts before the prompt's last
+//! chunk has been attended, so every policy and budget sees the same keys, values and
+//! attention until then, and the prompt's last logits (the first generated token) are the same:
+//! the cells of one sample whose caches split the prompt into the same chunks run that prefill
+//! once through a [`FanOut`] of their caches, then each cuts and decodes on its own. A sample
+//! then costs one prefill instead of one per policy and budget, with the same results (tested
+//! against running each cell alone).
+
+use std::ops::ControlFlow;
+
+use burn::prelude::*;
+use easykv_core::{CachedKv, KvCache};
+
+use super::matrix::{decode_config, sample_prompt, scored_cell, Cell, EvalSettings, Sample, CHUNK};
+use crate::error::{Error, Result};
+use crate::generate::{decode_from, prefill};
+use crate::loader::LoadedModel;
+use crate::sampling::Sampler;
+
+/// Caches fed the same chunks: each appends and observes what the model hands over; the
+/// model attends over the first one's keys and values (all hold the same until a cut).
+pub struct FanOut<B: Backend> {
+    caches: Vec<Box<dyn KvCache<B>>>,
+}
+
+impl<B: Backend> FanOut<B> {
+    /// `None` unless there are caches and they split a prompt of `prompt_len` tokens alike
+    /// (and none rotates keys by slot, whose positions would differ after a cut).
+    pub fn new(caches: Vec<Box<dyn KvCache<B>>>, prompt_len: usize) -> Option<Self> {
+        let first = caches.first()?.prefill_chunks(prompt_len, CHUNK);
+        let alike = caches
+            .iter()
+            .all(|c| !c.compact_positions() && c.prefill_chunks(prompt_len, CHUNK) == first);
+        alike.then_some(Self { caches })
+    }
+
+    /// The caches, in the order given.
+    pub fn into_caches(self) -> Vec<Box<dyn KvCache<B>>> {
+        self.caches
+    }
+}
+
+impl<B: Backend> KvCache<B> for FanOut<B> {
+    fn append(
+        &mut self,
+        layer: usize,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> easykv_core::Result<(Tensor<B, 4>, Tensor<B, 4>)> {
+        Ok(self.append_in_place(layer, keys, values)?.used())
+    }
+
+    fn append_in_place(
+        &mut self,
+        layer: usize,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> easykv_core::Result<CachedKv<B>> {
+        let mut first = None;
+        for cache in &mut self.caches {
+            let cached = cache.append_in_place(layer, keys.clone(), values.clone())?;
+            first.get_or_insert(cached);
+        }
+        first.ok_or(easykv_core::Error::LayerOutOfRange { layer, layers: 0 })
+    }
+
+    fn wants_attention(&self, layer: usize) -> bool {
+        self.caches.iter().any(|c| c.wants_attention(layer))
+    }
+
+    fn wants_queries(&self, layer: usize) -> bool {
+        self.caches.iter().any(|c| c.wants_queries(layer))
+    }
+
+    fn observe_queries(&mut self, layer: usize, queries: Tensor<B, 4>) -> easykv_core::Result<()> {
+        for cache in self.caches.iter_mut().filter(|c| c.wants_queries(layer)) {
+            cache.observe_queries(layer, queries.clone())?;
+        }
+        Ok(())
+    }
+
+    fn observe(&mut self, layer: usize, probs: Tensor<B, 4>) -> easykv_core::Result<()> {
+        for cache in self.caches.iter_mut().filter(|c| c.wants_attention(layer)) {
+            cache.observe(layer, probs.clone())?;
+        }
+        Ok(())
+    }
+
+    fn slot_bias(&self, layer: usize) -> Option<Tensor<B, 4>> {
+        self.caches.first()?.slot_bias(layer)
+    }
+
+    fn end_chunk(&mut self) -> easykv_core::Result<()> {
+        self.caches.iter_mut().try_for_each(|c| c.end_chunk())
+    }
+
+    fn end_layer_chunk(&mut self, layer: usize) -> easykv_core::Result<()> {
+        self.caches.iter_mut().try_for_each(|c| c.end_layer_chunk(layer))
+    }
+
+    fn prefill_chunks(&self, prompt_len: usize, chunk_size: usize) -> Vec<usize> {
+        match self.caches.first() {
+            Some(c) => c.prefill_chunks(prompt_len, chunk_size),
+            None => easykv_core::uniform_chunks(prompt_len, chunk_size),
+        }
+    }
+
+    fn next_position(&self) -> usize {
+        self.caches.first().map_or(0, |c| c.next_position())
+    }
+
+    fn reserve(&mut self, tokens: usize) {
+        self.caches.iter_mut().for_each(|c| c.reserve(tokens));
+    }
+
+    fn tokens_seen(&self) -> usize {
+        self.caches.first().map_or(0, |c| c.tokens_seen())
+    }
+
+    fn slots(&self, layer: usize) -> usize {
+        self.caches.first().map_or(0, |c| c.slots(layer))
+    }
+
+    fn bytes(&self) -> u64 {
+        self.caches.iter().map(|c| c.bytes()).sum()
+    }
+
+    fn clear(&mut self) {
+        self.caches.iter_mut().for_each(|c| c.clear());
+    }
+}
+
+/// Runs the cells `cells` (policy, budget) of one decoding `sample`, whose `caches` (one per
+/// cell, same order) split the prompt alike ([`FanOut::new`]): one prefill through all of
+/// them, then each decodes on its own. `reference`: the sample's full-cache cell if it ran
+/// before (a full cache among `cells` serves as the reference of the others). `None`, with
+/// nothing run, where the caches do not split the prompt alike.
+pub fn run_shared<B: Backend>(
+    loaded: &LoadedModel<B>,
+    settings: &EvalSettings,
+    sample: &Sample,
+    cells: &[(String, String)],
+    caches: Vec<Box<dyn KvCache<B>>>,
+    reference: Option<&Cell>,
+) -> Result<Option<Vec<Cell>>> {
+    let prompt = sample_prompt(sample);
+    if matches!(sample, Sample::Perplexity { .. }) || caches.len() != cells.len() {
+        return Ok(None);
+    }
+    let Some(mut fan) = FanOut::new(caches, prompt.len()) else {
+        return Ok(None);
+    };
+    let cfg = decode_config(loaded, settings, sample);
+    let context = loaded.model.context_length();
+    if prompt.len() > context {
+        return Err(Error::InvalidInput(format!(
+            "the prompt has {} tokens, more than the model's context of {context}",
+            prompt.len()
+        )));
+    }
+    fan.reserve(prompt.len().saturating_add(cfg.max_new_tokens).min(context));
+    let t = std::time::Instant::now();
+    let logits = prefill(&loaded.model, &mut fan, prompt, cfg.chunk_size)?;
+    let prefill_share = t.elapsed().as_secs_f64() / cells.len() as f64;
+    let mut outputs = Vec::with_capacity(cells.len());
+    for mut cache in fan.into_caches() {
+        let t = std::time::Instant::now();
+        let mut sampler = Sampler::new(cfg.sampling.clone())?;
+        let decoded = decode_from(
+            &loaded.model,
+            cache.as_mut(),
+            logits.clone(),
+            &cfg,
+            &mut sampler,
+            &mut |_| ControlFlow::Continue(()),
+        )?;
+        outputs.push((decoded.ids, prefill_share + t.elapsed().as_secs_f64()));
+    }
+    // The full cache's output first: the others' fidelity is scored against it.
+    let mut scored: Vec<Option<Cell>> = vec![None; cells.len()];
+    let mut reference = reference.cloned();
+    for pass in [true, false] {
+        for (i, ((policy, budget), (ids, seconds))) in cells.iter().zip(&outputs).enumerate() {
+            if (policy == "full") != pass {
+                continue;
+            }
+            let mut cell = scored_cell(loaded, sample, policy, budget, ids.clone(), reference.as_ref())?;
+            cell.seconds = *seconds;
+            if policy == "full" {
+                reference = Some(cell.clone());
+            }
+            scored[i] = Some(cell);
+        }
+    }
+    Ok(Some(scored.into_iter().flatten().collect()))
+}
