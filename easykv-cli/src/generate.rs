@@ -198,6 +198,10 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
             "kv_cache_bytes": cache.bytes(),
             "policy": args.eviction.policy.name(),
             "slots_per_layer": (0..loaded.config.n_layers).map(|l| cache.slots(l)).collect::<Vec<_>>(),
+            // Per-head budgets: each (layer, head)'s own count (null where heads are uniform).
+            "slots_per_head": (0..loaded.config.n_layers)
+                .map(|l| cache.head_slots(l))
+                .collect::<Option<Vec<_>>>(),
             "evicted_per_head": cache.evicted(),
             "top_logprobs": out.top_logprobs,
         }))?;
