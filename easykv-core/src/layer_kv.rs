@@ -334,7 +334,7 @@ impl<B: Backend> LayerKv<B> {
         }
     }
 
-    /// Whether `layer`'s heads keep slots counts of their own.
+    /// Whether `layer`'s heads keep slot counts of their own.
     pub(crate) fn is_ragged(&self, layer: usize) -> bool {
         self.ragged.get(layer).is_some_and(Option::is_some)
     }
