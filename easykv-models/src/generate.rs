@@ -148,16 +148,8 @@ pub fn generate<B: Backend>(
     cfg: &GenerateConfig,
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Generation> {
-    let context = model.context_length();
-    if prompt.len() > context {
-        return Err(Error::InvalidInput(format!(
-            "the prompt has {} tokens, more than the model's context of {context}",
-            prompt.len()
-        )));
-    }
     let mut sampler = Sampler::new(cfg.sampling.clone())?;
-    // Generation stops at the context's end, however many tokens were asked for.
-    cache.reserve(prompt.len().saturating_add(cfg.max_new_tokens).min(context));
+    reserve_for(model, cache, prompt, cfg)?;
     let t0 = Instant::now();
     let logits = prefill(model, cache, prompt, cfg.chunk_size)?;
     let prefill_time = t0.elapsed();
@@ -171,6 +163,25 @@ pub fn generate<B: Backend>(
         decode: t1.elapsed(),
         top_logprobs: decoded.top_logprobs,
     })
+}
+
+/// Refuses a prompt longer than the model's context, and tells `cache` how many tokens the
+/// generation will hold (generation stops at the context's end, however many were asked for).
+pub(crate) fn reserve_for<B: Backend>(
+    model: &(impl CausalLm<B> + ?Sized),
+    cache: &mut dyn KvCache<B>,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+) -> Result<()> {
+    let context = model.context_length();
+    if prompt.len() > context {
+        return Err(Error::InvalidInput(format!(
+            "the prompt has {} tokens, more than the model's context of {context}",
+            prompt.len()
+        )));
+    }
+    cache.reserve(prompt.len().saturating_add(cfg.max_new_tokens).min(context));
+    Ok(())
 }
 
 /// What [`decode_from`] produced.

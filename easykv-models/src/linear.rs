@@ -15,7 +15,6 @@ use burn::tensor::{DType, TensorData};
 
 use crate::backend::BackendProfile;
 use crate::gpu_kernels::GemvEpilogue;
-use crate::host_kernels;
 use crate::ops::{self, RowNorm};
 use crate::quantized::{self, Activations, PackedWeights, QuantMatrix};
 
@@ -432,10 +431,8 @@ fn packed_product<B: Backend>(p: &BackendProfile, packed: &PackedWeights, x: Ten
             for first in (0..m.rows()).step_by(tile) {
                 let last = (first + tile).min(m.rows());
                 let w = TensorData::new(m.dequantize_rows(first..last), [last - first, m.cols()]);
-                let w = Tensor::from_data(w, &device);
-                // The row kernel (AVX-512 where the CPU has it) before flex's GEMM (AVX2).
-                let y = host_kernels::rows_times_weights(x.clone(), &w).unwrap_or_else(|x| ops::product(p, x, &w));
-                outs.push(y);
+                // `ops::product` takes the f32 row kernel here (AVX-512 where the CPU has it).
+                outs.push(ops::product(p, x.clone(), &Tensor::from_data(w, &device)));
             }
         }
         return Tensor::cat(outs, 1);

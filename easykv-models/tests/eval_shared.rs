@@ -5,8 +5,8 @@
 
 mod common;
 
-use easykv_models::eval::matrix::{build_samples, cell_cache, run_cell, sample_prompt};
-use easykv_models::eval::shared::FanOut;
+use easykv_models::eval::matrix::{build_samples, cell_cache, run_cell};
+use easykv_models::eval::shared::run_shared;
 use easykv_models::eval::{run_matrix, EvalSettings, Results};
 use easykv_models::WeightDType;
 
@@ -30,14 +30,6 @@ fn shared_prefills_give_each_cell_its_own_result() {
         seed: 3,
     };
     let samples = build_samples(&loaded, &settings, &mut |_| {}).unwrap();
-    // The policies' caches split each prompt alike: their cells share its prefill.
-    for (_, _, sample) in &samples {
-        let caches = ["snapkv", "ada-snapkv", "expected-attention"]
-            .iter()
-            .map(|p| cell_cache(&loaded, &settings, sample, p, "0.25").unwrap())
-            .collect();
-        assert!(FanOut::new(caches, sample_prompt(sample).len()).is_some());
-    }
     let mut results = Results {
         easykv_version: String::new(),
         model_sha256: String::new(),
@@ -60,5 +52,33 @@ fn shared_prefills_give_each_cell_its_own_result() {
         let what = format!("{} {} {} {}", cell.task, cell.sample, cell.policy, cell.budget);
         assert_eq!(cell.output, alone.output, "{what}");
         assert_eq!(cell.metrics, alone.metrics, "{what}");
+    }
+    // The policies' cells of a sample do share its prefill (the path above must not have run
+    // every cell alone), with the same results.
+    let (task, name, sample) = &samples[0];
+    let cells: Vec<(String, String)> = results
+        .cells
+        .iter()
+        .filter(|c| c.task == *task && c.sample == *name && c.policy != "full")
+        .map(|c| (c.policy.clone(), c.budget.clone()))
+        .collect();
+    let caches = cells
+        .iter()
+        .map(|(p, b)| cell_cache(&loaded, &settings, sample, p, b).unwrap())
+        .collect();
+    let shared = run_shared(&loaded, &settings, sample, &cells, caches, None)
+        .unwrap()
+        .expect("the cells share the prefill");
+    for (got, (policy, budget)) in shared.iter().zip(&cells) {
+        let want = results
+            .cells
+            .iter()
+            .find(|c| c.task == *task && c.sample == *name && c.policy == *policy && c.budget == *budget)
+            .unwrap();
+        assert_eq!(
+            (&got.output, &got.metrics),
+            (&want.output, &want.metrics),
+            "{policy} {budget}"
+        );
     }
 }

@@ -12,8 +12,8 @@ use burn::prelude::*;
 use easykv_core::{CachedKv, KvCache};
 
 use super::matrix::{decode_config, sample_prompt, scored_cell, Cell, EvalSettings, Sample, CHUNK};
-use crate::error::{Error, Result};
-use crate::generate::{decode_from, prefill};
+use crate::error::Result;
+use crate::generate::{decode_from, prefill, reserve_for};
 use crate::loader::LoadedModel;
 use crate::sampling::Sampler;
 
@@ -151,14 +151,7 @@ pub fn run_shared<B: Backend>(
         return Ok(None);
     };
     let cfg = decode_config(loaded, settings, sample);
-    let context = loaded.model.context_length();
-    if prompt.len() > context {
-        return Err(Error::InvalidInput(format!(
-            "the prompt has {} tokens, more than the model's context of {context}",
-            prompt.len()
-        )));
-    }
-    fan.reserve(prompt.len().saturating_add(cfg.max_new_tokens).min(context));
+    reserve_for(&loaded.model, &mut fan, prompt, &cfg)?;
     let t = std::time::Instant::now();
     let logits = prefill(&loaded.model, &mut fan, prompt, cfg.chunk_size)?;
     let prefill_share = t.elapsed().as_secs_f64() / cells.len() as f64;
