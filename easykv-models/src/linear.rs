@@ -15,6 +15,7 @@ use burn::tensor::{DType, TensorData};
 
 use crate::backend::BackendProfile;
 use crate::gpu_kernels::GemvEpilogue;
+use crate::host_kernels::PanelMatrix;
 use crate::ops::{self, RowNorm};
 use crate::quantized::{self, Activations, PackedWeights, QuantMatrix};
 
@@ -82,16 +83,26 @@ impl std::str::FromStr for WeightDType {
     }
 }
 
+/// Weights held in host memory in a layout of easykv's own kernels (the module's burn
+/// parameter is then a `[out, 1]` stand-in that only says the output size).
+#[derive(Debug)]
+pub enum HostWeights {
+    /// A GGUF file's quantized blocks, row-stacked parts (`--dtype native`, `q8`, `q16`).
+    Blocks(PackedWeights),
+    /// f32 in panels of 16 outputs (`--dtype f32` on the CPU): every product's tile keeps
+    /// outputs in registers, where the `[out, in]` rows needed a reduction per output.
+    Panels(PanelMatrix),
+}
+
 /// `y = x·Wᵀ + b` with `W` stored `[out, in]` (the file's layout) in any float dtype.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[out, in]`; with `packed`, a `[out, 1]` stand-in that only says the output size.
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
-    /// The weights in their GGUF blocks, row-stacked parts (`--dtype native` or `q8`, host
-    /// memory).
+    /// The weights in a host layout of their own (GGUF blocks, or f32 panels).
     #[module(skip)]
-    pub packed: Option<Arc<PackedWeights>>,
+    pub packed: Option<Arc<HostWeights>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -129,17 +140,34 @@ impl<B: Backend> Linear<B> {
         Self {
             weight: Param::from_tensor(Tensor::zeros([out, 1], device)),
             bias: bias.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device))),
-            packed: Some(Arc::new(PackedWeights {
+            packed: Some(Arc::new(HostWeights::Blocks(PackedWeights {
                 parts: vec![matrix],
                 activations,
-            })),
+            }))),
+        }
+    }
+
+    /// The same layer with f32 weights repacked into panels for the host kernels
+    /// ([`PanelMatrix`]); other dtypes and host layouts stay as they are.
+    pub fn into_panels(self) -> Self {
+        match (self.packed.is_none(), panels_of(&self.weight)) {
+            (true, Some(m)) => Self {
+                weight: Param::from_tensor(Tensor::zeros([m.out(), 1], &self.weight.device())),
+                bias: self.bias,
+                packed: Some(Arc::new(HostWeights::Panels(m))),
+            },
+            _ => self,
         }
     }
 
     /// The weights as a dense tensor (widening quantized blocks to f32).
     fn dense_weight(&self) -> Tensor<B, 2> {
-        match &self.packed {
-            Some(packed) => widened(&packed.parts, &self.weight.device()),
+        let device = self.weight.device();
+        match self.packed.as_deref() {
+            Some(HostWeights::Blocks(packed)) => widened(&packed.parts, &device),
+            Some(HostWeights::Panels(m)) => {
+                Tensor::from_data(TensorData::new(m.to_rows(), [m.out(), m.inp()]), &device)
+            }
             None => self.weight.val(),
         }
     }
@@ -159,20 +187,23 @@ impl<B: Backend> Linear<B> {
             Param::from_tensor(Tensor::cat(biases, 0))
         });
         // Quantized parts stack as they are; beside a dense part, all are widened.
-        let activations = parts.first().and_then(|p| p.packed.as_ref()).map(|p| p.activations);
-        if let Some(activations) = activations.filter(|_| parts.iter().all(|p| p.packed.is_some())) {
+        let blocks: Vec<&PackedWeights> = parts
+            .iter()
+            .filter_map(|p| match p.packed.as_deref() {
+                Some(HostWeights::Blocks(b)) => Some(b),
+                _ => None,
+            })
+            .collect();
+        if let (Some(first), true) = (blocks.first(), blocks.len() == parts.len()) {
             let weights = parts.iter().map(|p| p.weight.val()).collect();
-            let packed = parts
-                .iter()
-                .flat_map(|p| p.packed.iter().flat_map(|m| m.parts.iter().cloned()))
-                .collect();
+            let packed = blocks.iter().flat_map(|b| b.parts.iter().cloned()).collect();
             return Self {
                 weight: Param::from_tensor(Tensor::cat(weights, 0)),
                 bias,
-                packed: Some(Arc::new(PackedWeights {
+                packed: Some(Arc::new(HostWeights::Blocks(PackedWeights {
                     parts: packed,
-                    activations,
-                })),
+                    activations: first.activations,
+                }))),
             };
         }
         let weights = parts.iter().map(|p| p.dense_weight()).collect();
@@ -191,7 +222,7 @@ impl<B: Backend> Linear<B> {
         let out = w.dims()[0];
         let activation = x.dtype();
         let y = match &self.packed {
-            Some(parts) => packed_product(p, parts, x.reshape([b * s, inp])).cast(activation),
+            Some(host) => host_product(host, x.reshape([b * s, inp])).cast(activation),
             None => {
                 let x = x.reshape([b * s, inp]).cast(w.dtype());
                 ops::product(p, x, &w).cast(activation)
@@ -324,9 +355,9 @@ fn row_norm<B: Backend>(norm: &RmsNorm<B>, scaled: Option<Tensor<B, 3>>) -> RowN
 pub struct EmbeddingTable<B: Backend> {
     /// `[vocab, hidden]`; with `packed`, a `[vocab, 1]` stand-in.
     pub weight: Param<Tensor<B, 2>>,
-    /// The table in its GGUF blocks (`--dtype native` or `q8`, host memory).
+    /// The table in a host layout of its own (GGUF blocks, or f32 panels).
     #[module(skip)]
-    pub packed: Option<Arc<PackedWeights>>,
+    pub packed: Option<Arc<HostWeights>>,
 }
 
 impl<B: Backend> EmbeddingTable<B> {
@@ -346,10 +377,21 @@ impl<B: Backend> EmbeddingTable<B> {
     pub fn quantized(matrix: QuantMatrix, activations: Activations, device: &B::Device) -> Self {
         Self {
             weight: Param::from_tensor(Tensor::zeros([matrix.rows(), 1], device)),
-            packed: Some(Arc::new(PackedWeights {
+            packed: Some(Arc::new(HostWeights::Blocks(PackedWeights {
                 parts: vec![matrix],
                 activations,
-            })),
+            }))),
+        }
+    }
+
+    /// The same table with f32 weights repacked into panels ([`Linear::into_panels`]).
+    pub fn into_panels(self) -> Self {
+        match (self.packed.is_none(), panels_of(&self.weight)) {
+            (true, Some(m)) => Self {
+                weight: Param::from_tensor(Tensor::zeros([m.out(), 1], &self.weight.device())),
+                packed: Some(Arc::new(HostWeights::Panels(m))),
+            },
+            _ => self,
         }
     }
 
@@ -361,15 +403,22 @@ impl<B: Backend> EmbeddingTable<B> {
     /// - `tokens`: `[batch, s]` → `[batch, s, hidden]` (f32)
     pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, s] = tokens.dims();
-        if let Some(table) = self.packed.as_ref().and_then(|p| p.parts.first()) {
+        if let Some(host) = self.packed.as_deref() {
             let device = tokens.device();
             let ids: Vec<i64> = tokens.into_data().convert::<i64>().into_vec().unwrap_or_default();
-            let rows = table.rows();
-            let values: Vec<f32> = ids
-                .iter()
-                .flat_map(|&id| table.dequantize_row((id.max(0) as usize).min(rows.saturating_sub(1))))
-                .collect();
-            return Tensor::from_data(TensorData::new(values, [b, s, table.cols()]), &device);
+            let rows = self.vocab_size();
+            let row = |id: i64| (id.max(0) as usize).min(rows.saturating_sub(1));
+            let (values, hidden): (Vec<f32>, usize) = match host {
+                HostWeights::Blocks(b) => match b.parts.first() {
+                    Some(table) => (
+                        ids.iter().flat_map(|&id| table.dequantize_row(row(id))).collect(),
+                        table.cols(),
+                    ),
+                    None => (Vec::new(), 0),
+                },
+                HostWeights::Panels(m) => (ids.iter().flat_map(|&id| m.row(row(id))).collect(), m.inp()),
+            };
+            return Tensor::from_data(TensorData::new(values, [b, s, hidden]), &device);
         }
         let hidden = self.weight.dims()[1];
         self.weight
@@ -388,8 +437,8 @@ impl<B: Backend> EmbeddingTable<B> {
         let [b, s, hidden] = x.dims();
         let w = self.weight.val();
         let vocab = w.dims()[0];
-        if let Some(parts) = &self.packed {
-            return packed_product(p, parts, x.reshape([b * s, hidden])).reshape([b, s, vocab]);
+        if let Some(host) = &self.packed {
+            return host_product(host, x.reshape([b * s, hidden])).reshape([b, s, vocab]);
         }
         let x = x.reshape([b * s, hidden]).cast(w.dtype());
         ops::product_into_logits(p, x, &w)
@@ -400,7 +449,7 @@ impl<B: Backend> EmbeddingTable<B> {
 
 /// Up to this many rows a product reads the quantized blocks directly (a decode step, a batch
 /// of decode steps); above it the weights are widened to f32 a tile at a time and multiplied
-/// by the f32 row kernel (prefill chunks, where its throughput outweighs the widening).
+/// in panels ([`PanelMatrix`]; prefill chunks, where its throughput outweighs the widening).
 const QUANTIZED_ROWS_MAX: usize = 32;
 
 /// Weights widened to f32 at once for a product of many rows (4 MiB).
@@ -415,30 +464,59 @@ fn widened<B: Backend>(parts: &[QuantMatrix], device: &B::Device) -> Tensor<B, 2
     Tensor::cat(dense, 0)
 }
 
+/// The weights of an f32 tensor in host memory as panels; `None` for other dtypes and devices.
+fn panels_of<B: Backend>(w: &Param<Tensor<B, 2>>) -> Option<PanelMatrix> {
+    let w = w.val();
+    let [out, inp] = w.dims();
+    if w.dtype() != DType::F32 || !BackendProfile::detect::<B>(&w.device()).host_resident() {
+        return None;
+    }
+    let data = w.into_data();
+    PanelMatrix::pack(data.as_slice::<f32>().ok()?, out, inp)
+}
+
+/// `x·Wᵀ` of f32 rows `x` (`[rows, in]`, host memory) and weights in a host layout: `[rows, out]`.
+fn host_product<B: Backend>(host: &HostWeights, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    match host {
+        HostWeights::Blocks(packed) => packed_product(packed, x),
+        HostWeights::Panels(m) => {
+            let [rows, _] = x.dims();
+            let device = x.device();
+            let data = x.cast(DType::F32).into_data();
+            let y = m.product(data.as_slice::<f32>().unwrap_or(&[]), rows);
+            Tensor::from_data(TensorData::new(y, [rows, m.out()]), &device)
+        }
+    }
+}
+
 /// `x·Wᵀ` of f32 rows `x` (`[rows, in]`, host memory) and quantized weights: `[rows, out]`.
-fn packed_product<B: Backend>(p: &BackendProfile, packed: &PackedWeights, x: Tensor<B, 2>) -> Tensor<B, 2> {
+fn packed_product<B: Backend>(packed: &PackedWeights, x: Tensor<B, 2>) -> Tensor<B, 2> {
     let [rows, _] = x.dims();
     let (parts, out) = (&packed.parts, packed.rows());
     let device = x.device();
+    let data = x.cast(DType::F32).into_data();
+    let values = data.as_slice::<f32>().unwrap_or(&[]);
     if rows > QUANTIZED_ROWS_MAX {
-        // Widened a tile of rows at a time: one whole widened matrix a call had the kernel
-        // zeroing fresh pages for 38 % of a prefill's time; tiles this size are recycled by
-        // the allocator.
-        let x = x.cast(DType::F32);
-        let mut outs = Vec::new();
+        // Widened into f32 panels a tile of rows at a time: one whole widened matrix a call
+        // had the kernel zeroing fresh pages for 38 % of a prefill's time; tiles this size are
+        // recycled by the allocator.
+        let mut y = vec![0f32; rows * out];
+        let mut o = 0;
         for m in parts.iter() {
             let tile = (WIDENED_TILE_ELEMENTS / m.cols().max(1)).max(1);
             for first in (0..m.rows()).step_by(tile) {
-                let last = (first + tile).min(m.rows());
-                let w = TensorData::new(m.dequantize_rows(first..last), [last - first, m.cols()]);
-                // `ops::product` takes the f32 row kernel here (AVX-512 where the CPU has it).
-                outs.push(ops::product(p, x.clone(), &Tensor::from_data(w, &device)));
+                let n = (first + tile).min(m.rows()) - first;
+                let Some(w) = PanelMatrix::pack(&m.dequantize_rows(first..first + n), n, m.cols()) else {
+                    continue;
+                };
+                for (dst, src) in y.chunks_mut(out).zip(w.product(values, rows).chunks(n)) {
+                    dst[o..o + n].copy_from_slice(src);
+                }
+                o += n;
             }
         }
-        return Tensor::cat(outs, 1);
+        return Tensor::from_data(TensorData::new(y, [rows, out]), &device);
     }
-    let data = x.cast(DType::F32).into_data();
-    let values = data.as_slice::<f32>().unwrap_or(&[]);
     let y = quantized::product(parts, values, rows, quantized::Kernel::detect(), packed.activations);
     Tensor::from_data(TensorData::new(y, [rows, out]), &device)
 }

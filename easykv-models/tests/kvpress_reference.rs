@@ -132,7 +132,7 @@ fn check(press_name: &str, policy: &str, sinks: usize) {
     // Every head identical, but for at most one whose k-th and (k+1)-th scores tie to within
     // f32 rounding, where the order of a product's sums decides: SnapKV's layer 25, head 0
     // scores positions 602 and 701 5.787029e-5 and 5.787024e-5 in kvpress (8e-7 of their size
-    // apart, about 7 ulps), and easykv's row kernel sums in another order than torch's GEMM.
+    // apart, about 7 ulps), and easykv's products sum in another order than torch's GEMM.
     assert!(
         a.equal == 90 || (a.equal == 89 && a.one_swap == 1),
         "{policy}: {:.4} of kvpress's kept positions kept, {} heads identical",

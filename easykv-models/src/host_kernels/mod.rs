@@ -9,7 +9,9 @@
 //!   the tensor is large.
 //! - Chunks of a layer's projections handed out heads first, and joined back, by row copies
 //!   (flex copies strided views element by element).
-//! - Decode-sized products split by weight rows over the threads (flex runs them on one core).
+//! - f32 products against weights repacked into panels of 16 outputs (`panels`): register
+//!   tiles without reductions, every output the same sum at any row count; decode-sized
+//!   products of other dtypes split by weight rows over the threads (flex runs them on one core).
 
 use std::borrow::Cow;
 
@@ -18,11 +20,10 @@ use burn::tensor::{DType, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 mod attention;
-mod row_dots;
+mod panels;
 
 pub use attention::{decode_attention, decode_attention_batch};
-pub(crate) use row_dots::outputs_by_row;
-pub use row_dots::rows_times_weights;
+pub use panels::PanelMatrix;
 
 /// Elements below which a kernel stays on the calling thread (spawning costs more).
 const PARALLEL_ELEMENTS: usize = 1 << 15;

@@ -32,9 +32,11 @@ impl<B: Backend> Llama<B> {
     pub(crate) fn assemble(cfg: &ModelConfig, params: &impl ParamSource<B>, device: &B::Device) -> Result<Self> {
         cfg.validate()?;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        let embed = params.table("token_embd.weight", cfg.vocab_size, h)?;
+        // f32 weights in host memory are repacked for the host kernels as each module is built
+        // (`into_panels`), so the row-major copy of one matrix at a time is held beside them.
+        let embed = params.table("token_embd.weight", cfg.vocab_size, h)?.into_panels();
         let lm_head = if params.has("output.weight") {
-            Some(params.table("output.weight", cfg.vocab_size, h)?)
+            Some(params.table("output.weight", cfg.vocab_size, h)?.into_panels())
         } else {
             None
         };
@@ -47,8 +49,11 @@ impl<B: Backend> Llama<B> {
                     params.linear(&name("attn_q"), cfg.n_heads * d, h, Some(cfg.n_heads))?,
                     params.linear(&name("attn_k"), cfg.n_kv_heads * d, h, Some(cfg.n_kv_heads))?,
                     params.linear(&name("attn_v"), cfg.n_kv_heads * d, h, None)?,
-                ]),
-                o: params.linear(&name("attn_output"), h, cfg.n_heads * d, None)?,
+                ])
+                .into_panels(),
+                o: params
+                    .linear(&name("attn_output"), h, cfg.n_heads * d, None)?
+                    .into_panels(),
                 n_heads: cfg.n_heads,
                 n_kv_heads: cfg.n_kv_heads,
                 head_dim: d,
@@ -58,8 +63,11 @@ impl<B: Backend> Llama<B> {
                 gate_up: Linear::stacked(vec![
                     params.linear(&name("ffn_gate"), cfg.intermediate_size, h, None)?,
                     params.linear(&name("ffn_up"), cfg.intermediate_size, h, None)?,
-                ]),
-                down: params.linear(&name("ffn_down"), h, cfg.intermediate_size, None)?,
+                ])
+                .into_panels(),
+                down: params
+                    .linear(&name("ffn_down"), h, cfg.intermediate_size, None)?
+                    .into_panels(),
             };
             layers.push(DecoderLayer {
                 attn_norm: params.norm(&name("attn_norm.weight"), h)?,

@@ -28,20 +28,14 @@ pub enum RowNorm<'a, B: Backend> {
 
 /// `x·Wᵀ` (`[rows, in]` × `[out, in]`, both in `W`'s dtype) → `[rows, out]`: a GPU kernel (the
 /// GEMV for one row, tensor cores for a few, exact f32 for f32), else the weights' rows split
-/// over threads for a few rows in host memory, else burn's product.
+/// over threads for a few rows in host memory, else burn's product. (f32 weights in host memory
+/// do not come here: [`crate::linear::HostWeights`] holds them in panels for the host kernels.)
 pub fn product<B: Backend>(p: &BackendProfile, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
     let rows = x.dims()[0];
-    device_product(p, x, w)
-        .or_else(|x| match p.host_resident() {
-            // f32 in host memory: the row kernel at any row count (it beats flex's GEMM, whose
-            // kernels stop at AVX2, from one row to prefill chunks).
-            true => host_kernels::rows_times_weights(x, w),
-            false => Err(x),
-        })
-        .unwrap_or_else(|x| match rows <= SMALL_ROWS {
-            true => few_rows(p, w, x),
-            false => x.matmul(w.clone().transpose()),
-        })
+    device_product(p, x, w).unwrap_or_else(|x| match rows <= SMALL_ROWS {
+        true => few_rows(p, w, x),
+        false => x.matmul(w.clone().transpose()),
+    })
 }
 
 /// [`product`] for the output projection onto the vocabulary: computed as `W·xᵀ` whatever
@@ -50,13 +44,10 @@ pub fn product_into_logits<B: Backend>(p: &BackendProfile, x: Tensor<B, 2>, w: &
     device_product(p, x, w).unwrap_or_else(|x| few_rows(p, w, x))
 }
 
-/// `x·Wᵀ` for a few rows. In host memory: f32 rows by a kernel whose every output is the same
-/// sum whatever the number of rows (a sequence decoded in a batch gets the logits it gets
-/// alone), other dtypes by `W·xᵀ` split over threads; elsewhere `W·xᵀ`.
+/// `W·xᵀ` for a few rows, split over threads in host memory.
 fn few_rows<B: Backend>(p: &BackendProfile, w: &Tensor<B, 2>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     match p.host_resident() {
-        true => host_kernels::rows_times_weights(x, w)
-            .unwrap_or_else(|x| host_kernels::matmul_rows_parallel(w, x.transpose()).transpose()),
+        true => host_kernels::matmul_rows_parallel(w, x.transpose()).transpose(),
         false => w.clone().matmul(x.transpose()).transpose(),
     }
 }

@@ -381,7 +381,22 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
             }
         }
     });
-    crate::host_kernels::outputs_by_row(y, rows, out)
+    outputs_by_row(y, rows, out)
+}
+
+/// Products computed `[out, rows]` (each task owning whole weight rows) laid out `[rows, out]`;
+/// one row (a decode step alone) is laid out the same either way.
+fn outputs_by_row(y: Vec<f32>, rows: usize, out: usize) -> Vec<f32> {
+    if rows == 1 {
+        return y;
+    }
+    let mut yt = vec![0f32; rows * out];
+    for (o, col) in y.chunks(rows).enumerate() {
+        for (j, v) in col.iter().enumerate() {
+            yt[j * out + o] = *v;
+        }
+    }
+    yt
 }
 
 #[cfg(test)]
