@@ -128,7 +128,8 @@ impl pulp::WithSimd for Tile<'_> {
     fn with_simd<S: Simd>(self, simd: S) {
         match S::F32_LANES {
             16 => self.run::<S, 1, 8, 3>(simd),
-            8 => self.run::<S, 2, 4, 3>(simd),
+            // AVX2's 16 registers: 12 accumulators, two weight vectors and the broadcast.
+            8 => self.run::<S, 2, 6, 1>(simd),
             _ => self.scalar(),
         }
     }
@@ -267,6 +268,31 @@ mod tests {
             for o in [0, out / 2, out - 1] {
                 assert_eq!(m.row(o), w[o * inp..(o + 1) * inp].to_vec());
             }
+        }
+    }
+
+    /// The AVX2 tiles and the scalar loop give the AVX-512 tiles' bits.
+    #[test]
+    fn every_instruction_set_sums_alike() {
+        let (out, inp, rows) = (83usize, 37usize, 11usize);
+        let (w, x) = (random(out * inp, 8), random(rows * inp, 9));
+        let m = PanelMatrix::pack(&w, out, inp).unwrap();
+        let want = m.product(&x, rows);
+        let width = out.div_ceil(PANEL) * PANEL;
+        let run = |simd: &dyn Fn(Tile)| {
+            let mut y = vec![0f32; rows * width];
+            simd(Tile {
+                w: &m.data,
+                inp,
+                x: &x,
+                y: y.chunks_mut(width).collect(),
+            });
+            y.chunks(width).flat_map(|r| r[..out].to_vec()).collect::<Vec<f32>>()
+        };
+        assert_eq!(run(&|t| Simd::vectorize(pulp::Scalar::new(), t)), want);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(v3) = pulp::x86::V3::try_new() {
+            assert_eq!(run(&|t| Simd::vectorize(v3, t)), want);
         }
     }
 
