@@ -503,7 +503,8 @@ fn packed_product<B: Backend>(packed: &PackedWeights, x: Tensor<B, 2>) -> Tensor
         let mut y = vec![0f32; rows * out];
         let mut o = 0;
         for m in parts.iter() {
-            let tile = (WIDENED_TILE_ELEMENTS / m.cols().max(1)).max(1);
+            // Whole register tiles of panels ([`PanelMatrix::TILE_OUTPUTS`]).
+            let tile = (WIDENED_TILE_ELEMENTS / m.cols().max(1)).next_multiple_of(PanelMatrix::TILE_OUTPUTS);
             for first in (0..m.rows()).step_by(tile) {
                 let n = (first + tile).min(m.rows()) - first;
                 let Some(w) = PanelMatrix::pack(&m.dequantize_rows(first..first + n), n, m.cols()) else {

@@ -27,6 +27,10 @@ pub struct PanelMatrix {
 }
 
 impl PanelMatrix {
+    /// Outputs of the widest register tile (a product whose outputs are a multiple of this
+    /// runs only whole tiles).
+    pub const TILE_OUTPUTS: usize = 3 * PANEL;
+
     /// From a row-major `[out, in]` matrix; `None` when `w` is not `out × in` values.
     pub fn pack(w: &[f32], out: usize, inp: usize) -> Option<Self> {
         if out.checked_mul(inp)? != w.len() {
@@ -127,7 +131,7 @@ impl pulp::WithSimd for Tile<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         match S::F32_LANES {
-            16 => self.run::<S, 1, 8, 3>(simd),
+            16 => self.run::<S, 1, 8, { PanelMatrix::TILE_OUTPUTS / PANEL }>(simd),
             // AVX2's 16 registers: 12 accumulators, two weight vectors and the broadcast.
             8 => self.run::<S, 2, 6, 1>(simd),
             _ => self.scalar(),
@@ -140,44 +144,18 @@ impl Tile<'_> {
     #[inline(always)]
     fn run<S: Simd, const V: usize, const MR: usize, const NP: usize>(mut self, simd: S) {
         let inp = self.inp;
-        let rows = self.y.len();
         let panels = self.w.len() / (inp * PANEL);
         let mut p = 0;
         while p < panels {
             let np = (panels - p).min(NP);
             let w = &self.w[p * inp * PANEL..(p + np) * inp * PANEL];
-            let mut r = 0;
-            while r < rows {
-                let mr = (rows - r).min(MR);
-                let x = &self.x[r * inp..(r + mr) * inp];
-                let y = &mut self.y[r..r + mr];
-                let o = p * PANEL;
-                match (np == NP, mr) {
-                    (true, m) if m == MR => kernel::<S, V, MR, NP>(simd, w, x, inp, y, o),
-                    (true, 1) => kernel::<S, V, 1, NP>(simd, w, x, inp, y, o),
-                    (true, 2) => kernel::<S, V, 2, NP>(simd, w, x, inp, y, o),
-                    (true, 3) => kernel::<S, V, 3, NP>(simd, w, x, inp, y, o),
-                    (true, 4) => kernel::<S, V, 4, NP>(simd, w, x, inp, y, o),
-                    (true, 5) => kernel::<S, V, 5, NP>(simd, w, x, inp, y, o),
-                    (true, 6) => kernel::<S, V, 6, NP>(simd, w, x, inp, y, o),
-                    (true, _) => kernel::<S, V, 7, NP>(simd, w, x, inp, y, o),
-                    (false, _) => {
-                        // The last panels, one at a time and one row at a time (the same sums).
-                        for q in 0..np {
-                            for j in 0..mr {
-                                kernel::<S, V, 1, 1>(
-                                    simd,
-                                    &w[q * inp * PANEL..(q + 1) * inp * PANEL],
-                                    &x[j * inp..(j + 1) * inp],
-                                    inp,
-                                    &mut y[j..j + 1],
-                                    o + q * PANEL,
-                                );
-                            }
-                        }
-                    }
+            if np == NP {
+                rows_of::<S, V, MR, NP>(simd, w, self.x, inp, &mut self.y, p * PANEL);
+            } else {
+                // The last panels one at a time (the same sums).
+                for (q, w) in w.chunks(inp * PANEL).enumerate() {
+                    rows_of::<S, V, MR, 1>(simd, w, self.x, inp, &mut self.y, (p + q) * PANEL);
                 }
-                r += mr;
             }
             p += np;
         }
@@ -192,6 +170,35 @@ impl Tile<'_> {
                 *out = (0..inp).fold(0f32, |acc, k| panel[k * PANEL + o % PANEL].mul_add(x[k], acc));
             }
         }
+    }
+}
+
+/// Every row of `x` × `NP` panels, `MR` rows at a time, into outputs `o..` of each row of `y`.
+#[inline(always)]
+fn rows_of<S: Simd, const V: usize, const MR: usize, const NP: usize>(
+    simd: S,
+    w: &[f32],
+    x: &[f32],
+    inp: usize,
+    y: &mut [&mut [f32]],
+    o: usize,
+) {
+    let rows = y.len();
+    let mut r = 0;
+    while r < rows {
+        let mr = (rows - r).min(MR);
+        let (x, y) = (&x[r * inp..(r + mr) * inp], &mut y[r..r + mr]);
+        match mr {
+            m if m == MR => kernel::<S, V, MR, NP>(simd, w, x, inp, y, o),
+            1 => kernel::<S, V, 1, NP>(simd, w, x, inp, y, o),
+            2 => kernel::<S, V, 2, NP>(simd, w, x, inp, y, o),
+            3 => kernel::<S, V, 3, NP>(simd, w, x, inp, y, o),
+            4 => kernel::<S, V, 4, NP>(simd, w, x, inp, y, o),
+            5 => kernel::<S, V, 5, NP>(simd, w, x, inp, y, o),
+            6 => kernel::<S, V, 6, NP>(simd, w, x, inp, y, o),
+            _ => kernel::<S, V, 7, NP>(simd, w, x, inp, y, o),
+        }
+        r += mr;
     }
 }
 
@@ -300,18 +307,22 @@ mod tests {
     #[test]
     #[ignore]
     fn speed() {
-        for (out, inp) in [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536), (49152, 576)] {
+        let shapes = [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536), (49152, 576)];
+        // Qwen2.5-1.5B's: q|k|v, o, gate|up, down.
+        let qwen = [(682, 1536), (117, 8960), (17920, 1536)];
+        for (out, inp) in shapes.into_iter().chain(qwen) {
             let w = random(out * inp, 3);
             let m = PanelMatrix::pack(&w, out, inp).unwrap();
             for rows in [1, 16, 128, 512] {
                 let x = random(rows * inp, 4);
+                let iters = (2e9 / (2.0 * (out * inp * rows) as f64)).clamp(1.0, 20.0) as usize;
                 let best = (0..5)
                     .map(|_| {
                         let t = std::time::Instant::now();
-                        for _ in 0..20 {
+                        for _ in 0..iters {
                             std::hint::black_box(m.product(&x, rows));
                         }
-                        t.elapsed().as_secs_f64() / 20.0
+                        t.elapsed().as_secs_f64() / iters as f64
                     })
                     .fold(f64::MAX, f64::min);
                 let gflops = 2.0 * (out * inp * rows) as f64 / best / 1e9;
