@@ -192,6 +192,63 @@ pub struct Decoded {
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
+/// One sequence's decode loop: what [`decode_from`] runs for one cache and [`decode_together`]
+/// for several.
+#[derive(Default)]
+struct Decoding {
+    ids: Vec<u32>,
+    top: Vec<Vec<(u32, f32)>>,
+    stop: Option<StopReason>,
+}
+
+impl Decoding {
+    /// Takes a step's `logits`: the token to feed next, or `None` once the loop has ended
+    /// (a stop id, `cfg.max_new_tokens`, the context's end at `position`, `on_token`'s `Break`).
+    fn next(
+        &mut self,
+        logits: &[f32],
+        cfg: &GenerateConfig,
+        sampler: &mut Sampler,
+        position: usize,
+        context: usize,
+        on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+    ) -> Option<u32> {
+        let stop = 'step: {
+            if self.ids.len() >= cfg.max_new_tokens {
+                break 'step StopReason::MaxTokens;
+            }
+            if cfg.top_logprobs > 0 {
+                self.top.push(top_logprobs(logits, cfg.top_logprobs));
+            }
+            let next = sampler.sample(logits);
+            if cfg.stop_ids.contains(&next) {
+                break 'step StopReason::StopToken;
+            }
+            self.ids.push(next);
+            if on_token(next).is_break() {
+                break 'step StopReason::Cancelled;
+            }
+            if self.ids.len() >= cfg.max_new_tokens {
+                break 'step StopReason::MaxTokens;
+            }
+            if position >= context {
+                break 'step StopReason::ContextFull;
+            }
+            return Some(next);
+        };
+        self.stop = Some(stop);
+        None
+    }
+
+    fn decoded(self) -> Decoded {
+        Decoded {
+            ids: self.ids,
+            stop: self.stop.unwrap_or(StopReason::MaxTokens),
+            top_logprobs: self.top,
+        }
+    }
+}
+
 /// The decode loop of [`generate`] from a prefilled `cache` and its prompt's last `logits`:
 /// sample, stop or feed the token back, until a stop id, `cfg.max_new_tokens`, the context's
 /// end or `on_token`'s `Break`.
@@ -205,36 +262,62 @@ pub fn decode_from<B: Backend>(
 ) -> Result<Decoded> {
     let context = model.context_length();
     let device = model.device();
-    let mut ids = Vec::new();
-    let mut top = Vec::new();
-    let stop = loop {
-        if ids.len() >= cfg.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        if cfg.top_logprobs > 0 {
-            top.push(top_logprobs(&logits, cfg.top_logprobs));
-        }
-        let next = sampler.sample(&logits);
-        if cfg.stop_ids.contains(&next) {
-            break StopReason::StopToken;
-        }
-        ids.push(next);
-        if on_token(next).is_break() {
-            break StopReason::Cancelled;
-        }
-        if ids.len() >= cfg.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        if cache.next_position() >= context {
-            break StopReason::ContextFull;
-        }
+    let mut d = Decoding::default();
+    while let Some(next) = d.next(&logits, cfg, sampler, cache.next_position(), context, on_token) {
         logits = row(model.forward(token_tensor::<B>(&[next], &device), cache, Logits::Last)?)?;
-    };
-    Ok(Decoded {
-        ids,
-        stop,
-        top_logprobs: top,
-    })
+    }
+    Ok(d.decoded())
+}
+
+/// [`decode_from`] for several prefilled caches at once, each from its own prompt's last
+/// `logits` with its own sampler: one batched step ([`CausalLm::decode_batch`]) for every
+/// sequence still decoding, which reads the weights once for all of them. Where the
+/// backend's products are the same sums at any row count (the CPU), each sequence decodes
+/// what it decodes alone.
+pub fn decode_together<B: Backend>(
+    model: &(impl CausalLm<B> + ?Sized),
+    caches: &mut [Box<dyn KvCache<B>>],
+    mut logits: Vec<Vec<f32>>,
+    cfg: &GenerateConfig,
+    samplers: &mut [Sampler],
+) -> Result<Vec<Decoded>> {
+    let context = model.context_length();
+    let mut states: Vec<Decoding> = caches.iter().map(|_| Decoding::default()).collect();
+    loop {
+        let mut tokens = Vec::new();
+        let mut feeding = vec![false; caches.len()];
+        for (i, ((d, sampler), cache)) in states
+            .iter_mut()
+            .zip(samplers.iter_mut())
+            .zip(caches.iter())
+            .enumerate()
+        {
+            let Some(logits) = logits.get(i).filter(|_| d.stop.is_none()) else {
+                continue;
+            };
+            let position = cache.next_position();
+            if let Some(next) = d.next(logits, cfg, sampler, position, context, &mut |_| {
+                ControlFlow::Continue(())
+            }) {
+                tokens.push(next);
+                feeding[i] = true;
+            }
+        }
+        if tokens.is_empty() {
+            break;
+        }
+        let mut fed: Vec<&mut dyn KvCache<B>> = Vec::with_capacity(tokens.len());
+        for (cache, _) in caches.iter_mut().zip(&feeding).filter(|(_, &f)| f) {
+            fed.push(cache.as_mut());
+        }
+        let out = row(model.decode_batch(&tokens, &mut fed)?)?;
+        let vocab = out.len() / tokens.len();
+        let rows = (0..caches.len()).filter(|&i| feeding[i]);
+        for (r, i) in rows.enumerate() {
+            logits[i] = out[r * vocab..(r + 1) * vocab].to_vec();
+        }
+    }
+    Ok(states.into_iter().map(Decoding::decoded).collect())
 }
 
 /// Per-token negative log-likelihood of a text.

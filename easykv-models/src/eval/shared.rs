@@ -6,14 +6,12 @@
 //! then costs one prefill instead of one per policy and budget, with the same results (tested
 //! against running each cell alone).
 
-use std::ops::ControlFlow;
-
 use burn::prelude::*;
 use easykv_core::{CachedKv, KvCache};
 
 use super::matrix::{decode_config, sample_prompt, scored_cell, Cell, EvalSettings, Sample, CHUNK};
 use crate::error::Result;
-use crate::generate::{decode_from, prefill, reserve_for};
+use crate::generate::{decode_together, prefill, reserve_for};
 use crate::loader::LoadedModel;
 use crate::sampling::Sampler;
 
@@ -132,7 +130,7 @@ impl<B: Backend> KvCache<B> for FanOut<B> {
 
 /// Runs the cells `cells` (policy, budget) of one decoding `sample`, whose `caches` (one per
 /// cell, same order) split the prompt alike ([`FanOut::new`]): one prefill through all of
-/// them, then each decodes on its own. `reference`: the sample's full-cache cell if it ran
+/// them, then batched decode steps of all. `reference`: the sample's full-cache cell if it ran
 /// before (a full cache among `cells` serves as the reference of the others). `None`, with
 /// nothing run, where the caches do not split the prompt alike.
 pub fn run_shared<B: Backend>(
@@ -155,20 +153,22 @@ pub fn run_shared<B: Backend>(
     let t = std::time::Instant::now();
     let logits = prefill(&loaded.model, &mut fan, prompt, cfg.chunk_size)?;
     let prefill_share = t.elapsed().as_secs_f64() / cells.len() as f64;
-    let mut outputs = Vec::with_capacity(cells.len());
-    for mut cache in fan.into_caches() {
-        let t = std::time::Instant::now();
-        let mut sampler = Sampler::new(cfg.sampling.clone())?;
-        let decoded = decode_from(
-            &loaded.model,
-            cache.as_mut(),
-            logits.clone(),
-            &cfg,
-            &mut sampler,
-            &mut |_| ControlFlow::Continue(()),
-        )?;
-        outputs.push((decoded.ids, prefill_share + t.elapsed().as_secs_f64()));
-    }
+    // Then the cells decode together, one batched step for all (the same tokens as one at a
+    // time where products are the same sums at any row count: the CPU).
+    let t = std::time::Instant::now();
+    let mut caches = fan.into_caches();
+    let mut samplers = (0..cells.len())
+        .map(|_| Sampler::new(cfg.sampling.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let decoded = decode_together(
+        &loaded.model,
+        &mut caches,
+        vec![logits; cells.len()],
+        &cfg,
+        &mut samplers,
+    )?;
+    let seconds = prefill_share + t.elapsed().as_secs_f64() / cells.len() as f64;
+    let outputs: Vec<(Vec<u32>, f64)> = decoded.into_iter().map(|d| (d.ids, seconds)).collect();
     // The full cache's output first: the others' fidelity is scored against it.
     let mut scored: Vec<Option<Cell>> = vec![None; cells.len()];
     let mut reference = reference.cloned();
