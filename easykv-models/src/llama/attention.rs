@@ -12,6 +12,7 @@ use super::rope::{ChunkAngles, Rope, RopeAngles};
 use crate::backend::BackendProfile;
 use crate::error::Result;
 use crate::gpu_kernels::HeadShape;
+use crate::host_kernels::HeadsFirstChunks;
 use crate::linear::Linear;
 use crate::ops;
 
@@ -61,14 +62,17 @@ impl<B: Backend> Attention<B> {
     }
 
     /// The queries of the stacked projection `qkv` (`[batch, s, (hq + 2·hkv)·d]`) before RoPE,
-    /// `[batch, hq, s, d]` (what a cache scoring by expected attention gathers).
-    pub(super) fn prerope_queries(&self, qkv: &Tensor<B, 3>) -> Tensor<B, 4> {
+    /// handed out heads first, `[batch, hq, s, d]` (what a cache scoring by expected attention
+    /// gathers). In host memory the chunks are copied out once, contiguous: the strided view
+    /// cost every cache's statistics flex's element-by-element path.
+    pub(super) fn prerope_queries(&self, p: &BackendProfile, qkv: &Tensor<B, 3>) -> HeadsFirstChunks<B> {
         let [b, s, _] = qkv.dims();
         let (hq, d) = (self.n_heads, self.head_dim);
-        qkv.clone()
-            .slice_dim(2, 0..hq * d)
-            .reshape([b, s, hq, d])
-            .swap_dims(1, 2)
+        let q = qkv.clone().slice_dim(2, 0..hq * d).reshape([b, s, hq, d]);
+        match p.host_resident() {
+            true => HeadsFirstChunks::new(q),
+            false => HeadsFirstChunks::Device(q.swap_dims(1, 2)),
+        }
     }
 
     /// [`project`](Self::project) in the projections' own layout, `[batch, s, heads, head_dim]`,
@@ -80,9 +84,9 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         angles: &ChunkAngles<B>,
         prerope: bool,
-    ) -> ((Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Option<Tensor<B, 4>>) {
+    ) -> ((Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>), Option<HeadsFirstChunks<B>>) {
         let qkv = self.qkv.forward(p, x);
-        let queries = prerope.then(|| self.prerope_queries(&qkv));
+        let queries = prerope.then(|| self.prerope_queries(p, &qkv));
         (self.split_positions_first(qkv, angles), queries)
     }
 
@@ -393,7 +397,8 @@ impl<B: Backend> Attention<B> {
     ) -> Result<Tensor<B, 4>> {
         // A policy scoring by expected attention gathers the queries before RoPE.
         if cache.wants_queries(layer) {
-            cache.observe_queries(layer, self.prerope_queries(&qkv))?;
+            let s = qkv.dims()[1];
+            cache.observe_queries(layer, self.prerope_queries(p, &qkv).chunk(0, s))?;
         }
         // Where a kernel can, keys and values go straight into the cache's buffers.
         let qkv = match self.project_into_cache(p, layer, qkv, angles, cache)? {

@@ -416,7 +416,7 @@ impl<B: Backend> Llama<B> {
                 }
                 let m = mask.as_ref();
                 if let Some(queries) = &prerope {
-                    cache.observe_queries(l, queries.clone().slice_dim(2, off..off + s))?;
+                    cache.observe_queries(l, queries.chunk(off, s))?;
                 }
                 outs.push(layer.attn.attend(p, l, part(&q), part(&k), part(&v), None, m, cache)?);
                 cache.end_layer_chunk(l)?;
