@@ -2,9 +2,10 @@
 //! chunk has been attended, so every policy and budget sees the same keys, values and
 //! attention until then, and the prompt's last logits (the first generated token) are the same:
 //! the cells of one sample whose caches split the prompt into the same chunks run that prefill
-//! once through a [`FanOut`] of their caches, then each cuts and decodes on its own. A sample
-//! then costs one prefill instead of one per policy and budget, with the same results (tested
-//! against running each cell alone).
+//! once through a [`FanOut`] of their caches, then each cuts, and all decode together in
+//! batched steps. A sample then costs one prefill instead of one per policy and budget, and its
+//! decode steps read the weights once for all its cells, with the same results on the CPU
+//! (tested against running each cell alone).
 
 use burn::prelude::*;
 use easykv_core::{CachedKv, KvCache};
