@@ -15,7 +15,8 @@
 #   scripts/gpu.sh trace     where a roco 0.25 run's prefill chunks and decode steps go
 #   scripts/gpu.sh engine    REQUESTS (64) requests of 4096 + NEW (256) tokens through the batched
 #                            engine in a 40 GiB KV pool, CONCURRENCY (64) at a time at most: full,
-#                            roco 0.5, roco 0.25, h2o 0.25 (ENGINE_ROWS picks them)
+#                            roco 0.5, roco 0.25, h2o 0.25 (ENGINE_ROWS picks them; ENGINE_BINS
+#                            "easykv-base easykv" runs each row with both binaries in turn)
 #   scripts/gpu.sh serve     the same requests through HTTP: `easykv serve` and REQUESTS clients
 #                            of `easykv bench serve` sending one request each (SERVE_ROWS)
 #   scripts/gpu.sh hfbatch   HF transformers, 16 sequences of 4096 + NEW tokens at once with a
@@ -32,9 +33,14 @@
 set -u
 cd "$(dirname "$0")/.."
 export EASYKV_HOME=${EASYKV_HOME:-/tmp/easykv-home}
+# Where the binaries are unpacked: /tmp unless it is mounted without exec rights.
+BIN=${BIN:-/tmp}
+if ! { : > "$BIN/.exec-probe" && chmod +x "$BIN/.exec-probe" && "$BIN/.exec-probe"; } 2>/dev/null; then
+  BIN=$PWD/.gpu/bin && mkdir -p "$BIN"
+fi
 OUT=${OUT:-}
-unpack() { # unpack NAME: .gpu/NAME.xz → /tmp/NAME
-  [ -x "/tmp/$1" ] || { xz -dc ".gpu/$1.xz" > "/tmp/$1" && chmod +x "/tmp/$1"; }
+unpack() { # unpack NAME: .gpu/NAME.xz → $BIN/NAME
+  [ -x "$BIN/$1" ] || { xz -dc ".gpu/$1.xz" > "$BIN/$1" && chmod +x "$BIN/$1"; }
 }
 unpack easykv
 if [ -f .gpu/kernels.tar.xz ] && [ ! -d "$EASYKV_HOME/kernels" ]; then
@@ -90,25 +96,25 @@ for config in "$@"; do
   echo "== $config"
   case $config in
     table)
-      for row in full roco50 h2o50 roco25 h2o25; do bench /tmp/easykv "$row" "$row"; done ;;
+      for row in full roco50 h2o50 roco25 h2o25; do bench "$BIN/easykv" "$row" "$row"; done ;;
     once)
-      for row in ${ROWS:-full snapkv25 knorm25 pyramidkv25 expected25 adasnapkv25}; do bench /tmp/easykv "$row" "$row"; done ;;
+      for row in ${ROWS:-full snapkv25 knorm25 pyramidkv25 expected25 adasnapkv25}; do bench "$BIN/easykv" "$row" "$row"; done ;;
     compare)
       unpack easykv-base
       # Alternating A B A B per row: drift of the machine hits both binaries alike.
       for row in ${ROWS:-full roco50}; do
         for round in 1 2; do
-          bench /tmp/easykv-base "base.$row.$round" "$row"
-          bench /tmp/easykv "new.$row.$round" "$row"
+          bench "$BIN/easykv-base" "base.$row.$round" "$row"
+          bench "$BIN/easykv" "new.$row.$round" "$row"
         done
       done ;;
     check)
-      timeout 400 /tmp/easykv check-kernels --device "${DEV:-cuda}" --models "${MODELS:-smollm2}" 2>&1 | cut -c1-300 \
+      timeout 400 "$BIN/easykv" check-kernels --device "${DEV:-cuda}" --models "${MODELS:-smollm2}" 2>&1 | cut -c1-300 \
         | grep -vE "^\s+[0-9]" ;;
     time)
-      timeout 300 /tmp/easykv check-kernels --device "${DEV:-cuda}" --time --dtype f16 --slots 1088,2112 ;;
+      timeout 300 "$BIN/easykv" check-kernels --device "${DEV:-cuda}" --time --dtype f16 --slots 1088,2112 ;;
     smollm2)
-      V="python3 scripts/verify_device.py /tmp/easykv"
+      V="python3 scripts/verify_device.py $BIN/easykv"
       R="--model .gpu/smollm2.gguf --reference .gpu/smollm2-135m-q4_1.json"
       # shellcheck disable=SC2086
       {
@@ -119,12 +125,16 @@ for config in "$@"; do
     hf)
       timeout 400 python3 bench/hf_baseline.py | tail -8 ;;
     engine)
+      # ENGINE_BINS (default easykv) names binaries under .gpu/ to run each row with, in turn.
       for row in ${ENGINE_ROWS:-full roco50 roco25 h2o25}; do
+       for bin in ${ENGINE_BINS:-easykv}; do
+        unpack "$bin"
+        tag=$row; [ "$bin" = easykv ] || tag="$bin.$row"
         # shellcheck disable=SC2086
-        timeout "${BENCH_TIMEOUT:-280}" /tmp/easykv bench --device "${DEV:-cuda}" --random-weights llama2-7b --dtype f16 \
+        timeout "${BENCH_TIMEOUT:-280}" "$BIN/$bin" bench --device "${DEV:-cuda}" --random-weights llama2-7b --dtype f16 \
           --prompt-tokens 4096 --new-tokens "${NEW:-256}" --chunk-size 4096 --requests "${REQUESTS:-64}" --concurrency "${CONCURRENCY:-64}" \
-          --kv-pool 40GiB --json ${ROW[$row]} ${EXTRA:-} > "/tmp/engine.$row" 2> "/tmp/engine_err.$row"
-        python3 - "$row" <<'EOF2'
+          --kv-pool 40GiB --json ${ROW[$row]} ${EXTRA:-} > "/tmp/engine.$tag" 2> "/tmp/engine_err.$tag"
+        python3 - "$tag" <<'EOF2'
 import json, sys
 row = sys.argv[1]
 try:
@@ -135,16 +145,17 @@ try:
 except Exception as e:
     print(f"{row:<8} no result ({e}):", open(f"/tmp/engine_err.{row}").read()[-400:])
 EOF2
-        [ -n "$OUT" ] && cp "/tmp/engine.$row" "$OUT/" 2>/dev/null
+        [ -n "$OUT" ] && cp "/tmp/engine.$tag" "$OUT/" 2>/dev/null
+       done
       done ;;
     serve)
       for row in ${SERVE_ROWS:-roco25}; do
         # shellcheck disable=SC2086
-        /tmp/easykv serve --device "${DEV:-cuda}" --random-weights llama2-7b --dtype f16 --port 8300 --quiet \
+        "$BIN/easykv" serve --device "${DEV:-cuda}" --random-weights llama2-7b --dtype f16 --port 8300 --quiet \
           --kv-pool 40GiB --max-concurrent 64 --chunk-size 4096 ${ROW[$row]} ${EXTRA:-} 2> "/tmp/serve_err.$row" &
         local_server=$!
         # Each client sends one request (the deadline passes while it runs).
-        timeout "${BENCH_TIMEOUT:-280}" /tmp/easykv bench serve --url http://127.0.0.1:8300 --clients "${REQUESTS:-64}" \
+        timeout "${BENCH_TIMEOUT:-280}" "$BIN/easykv" bench serve --url http://127.0.0.1:8300 --clients "${REQUESTS:-64}" \
           --duration 1 --warmup 0 --prompt-tokens 4096 --max-tokens "${NEW:-256}" --wait 200 --json > "/tmp/serve.$row"
         kill -INT "$local_server"; wait "$local_server" 2>/dev/null
         python3 - "$row" <<'EOF2'
@@ -163,7 +174,7 @@ EOF2
     hfbatch)
       timeout 500 python3 bench/hf_baseline.py --batch 16 --new-tokens "${NEW:-256}" | tail -2 ;;
     trace)
-      RUST_LOG=easykv::chunks=debug timeout 200 /tmp/easykv bench --device "${DEV:-cuda}" --random-weights llama2-7b \
+      RUST_LOG=easykv::chunks=debug timeout 200 "$BIN/easykv" bench --device "${DEV:-cuda}" --random-weights llama2-7b \
         --dtype f16 --prompt-tokens 4096 --new-tokens 24 --chunk-size 4096 --repeat 1 --policy roco --budget 0.25 \
         --stride 64 2>&1 | grep -E "chunk" | tail -8 ;;
     *)

@@ -76,8 +76,9 @@ pub struct KernelArgs {
     /// where the RMS norm runs (0 separate, 1 staged, 2 inline). Empty fields keep the default.
     #[arg(long, value_name = "ROWS,PLANE,NORM")]
     pub gemv: Option<String>,
-    /// Few-row product launch shape PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT.
-    #[arg(long, value_name = "PLANES,UNROLL,COLS,PER_CUBE,MAX_OUT")]
+    /// Few-row product launch shape PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT,STAGED
+    /// (STAGED 1: weights staged in shared memory through whole-line loads).
+    #[arg(long, value_name = "PLANES,UNROLL,COLS,PER_CUBE,MAX_OUT,STAGED")]
     pub rows: Option<String>,
 }
 

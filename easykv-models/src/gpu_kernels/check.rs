@@ -359,17 +359,32 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
         (64, 1536, 576, 1),
         (7, 576, 1536, 2),
         (64, 11008, 512, 1),
+        // An inner axis that is not whole chunks of the staged kernel (which declines).
+        (12, 1040, 480, 0),
     ]
     .map(|(rows, inp, out, epilogue)| {
         product_case::<B>([rows, inp, out], epilogue, dtype, device, |x, w, e, want| {
-            let tunings = [(2048u32, 4u32, 2u32), (256, 1, 1), (100_000, 8, 2)].map(|(planes, unroll, cols)| {
+            let shapes = [
+                (2048u32, 4u32, 2u32, false),
+                (256, 1, 1, false),
+                (100_000, 8, 2, false),
+                (2048, 4, 2, true),
+                (256, 4, 2, true),
+                (100_000, 4, 2, true),
+            ];
+            let tunings = shapes.map(|(planes, unroll, cols, staged)| {
                 let tuning = Tuning {
                     rows_planes: planes,
                     rows_unroll: unroll,
                     rows_col_blocks: cols,
+                    rows_staged: staged,
                     ..Tuning::default()
                 };
-                (tuning, format!("planes {planes}, unroll {unroll}, col blocks {cols}"))
+                let kind = if staged { "staged" } else { "fragments" };
+                (
+                    tuning,
+                    format!("{kind}, planes {planes}, unroll {unroll}, col blocks {cols}"),
+                )
             });
             worst_over_tunings(&tunings, inp, want, |t| launch::matmul_rows(x.clone(), w, e, t))
         })

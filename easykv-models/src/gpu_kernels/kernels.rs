@@ -672,6 +672,7 @@ pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
     lens_at: u32,
     #[comptime] groups: u32,
     #[comptime] ragged: bool,
+    #[comptime] coalesced: bool,
     #[define(F, A, I)] _dtypes: [StorageType; 3],
 ) {
     let tid = UNIT_POS as usize;
@@ -709,7 +710,38 @@ pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
     sync_cube();
     let floor = A::new(-3.0e38);
     let mut score = floor;
-    if tid < count {
+    if coalesced {
+        // The `dv` lanes of a group read one key together (consecutive vectors: a key's bytes
+        // in one request per plane, where one key per thread reads 16 bytes of 32 keys per
+        // request) and add their parts by shuffles; a plane holds whole groups (`dv` divides
+        // 32). Every round's loads are independent, so all of a thread's are in flight at once.
+        let mut scores = SharedMemory::<A>::new(256usize);
+        let qv = Vector::<A, N>::cast_from(qs[c]);
+        #[unroll]
+        for round in 0..comptime![256 / groups] {
+            let j = round as usize * groups as usize + group;
+            let mut part = A::new(0.0);
+            if j < count {
+                let kv = Vector::<A, N>::cast_from(keys[kv_base + (first + j) * slot_stride as usize + c]);
+                #[unroll]
+                for e in 0..N::value() {
+                    part += kv[e] * qv[e];
+                }
+            }
+            let mut mask = dv as u32 / 2;
+            while mask > 0 {
+                part += plane_shuffle_xor(part, mask);
+                mask /= 2;
+            }
+            if c == 0 {
+                scores[j] = part;
+            }
+        }
+        sync_cube();
+        if tid < count {
+            score = scores[tid];
+        }
+    } else if tid < count {
         let k_base = kv_base + (first + tid) * slot_stride as usize;
         let mut acc = A::new(0.0);
         for v in 0..dv {
@@ -1105,6 +1137,161 @@ pub fn matmul_rows<F: Float, A: Float>(
             cmma::store(
                 &mut partial.slice_mut(start, p_len),
                 acc.index(mb * col_blocks + c),
+                n,
+                cmma::MatrixLayout::RowMajor,
+            );
+        }
+    }
+}
+
+/// Inner-axis elements a [`matmul_rows_staged`] plane stages per step.
+pub const STAGED_CHUNK: usize = 64;
+
+/// [`matmul_rows`] with the weights read as whole cache lines: each plane owns 32 output
+/// columns and, per step, loads their next [`STAGED_CHUNK`] inputs (32 rows × 128 bytes in
+/// f16) as 16-byte vectors, eight lanes per row — every load instruction of the plane reads
+/// four full lines — into its own region of shared memory, from where the tensor cores' tiles
+/// are loaded. The next step's loads are issued before this step's products, so a plane always
+/// has its next 4 KB in flight. (Loading the fragments straight from memory, as
+/// [`matmul_rows`] does, reads 16 bytes of 8 rows per instruction: twice the requests.)
+/// `w` is `[n, k]` read as vectors of `N` = 8; `n` a multiple of 32, `k` of [`STAGED_CHUNK`].
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rows_staged<F: Float, A: Float, N: Size>(
+    x: &Tensor<F>,
+    w: &Tensor<Vector<F, N>>,
+    partial: &mut Tensor<A>,
+    k: u32,
+    n: u32,
+    chunks_per_split: u32,
+    #[comptime] m_blocks: usize,
+    #[comptime] planes_per_cube: usize,
+    #[comptime] row_vectors: usize,
+    #[define(F, A)] _dtypes: [StorageType; 2],
+) {
+    let inner = k as usize;
+    let cols = n as usize;
+    let lane = UNIT_POS_X as usize;
+    let plane = UNIT_POS_Y as usize;
+    let col0 = ((CUBE_POS_X * CUBE_DIM_Y) as usize + plane) * 32usize;
+    if col0 >= cols {
+        terminate!();
+    }
+    // A row of the stage (`row_vectors` = STAGED_CHUNK / N vectors) plus one vector of
+    // padding: its pitch, 72 halves, is a multiple of 8 as the tensor cores' loads need and
+    // spreads the rows over the banks.
+    let pitch = comptime![row_vectors + 1];
+    let ldm = comptime![((row_vectors + 1) * (STAGED_CHUNK / row_vectors)) as u32];
+    let region = comptime![32 * (row_vectors + 1)];
+    let loads = row_vectors;
+    let rows_per_load = comptime![32 / row_vectors];
+    let mut stage =
+        SharedMemory::<Vector<F, N>>::new_aligned(comptime![planes_per_cube * 32 * (row_vectors + 1)], 32usize);
+    let base = plane * region;
+    let w_row_vectors = inner / N::value();
+    // This lane's vectors of a chunk: row `lane / row_vectors + rows_per_load·i`, vector
+    // `lane % row_vectors` of the row's chunk.
+    let my_row = lane / row_vectors;
+    let my_vec = lane % row_vectors;
+    let split = CUBE_POS_Y as usize;
+    let begin = split * chunks_per_split as usize;
+    let mut end = begin + chunks_per_split as usize;
+    let chunks = inner / STAGED_CHUNK;
+    if end > chunks {
+        end = chunks;
+    }
+    let mut acc = Sequence::<cmma::Matrix<A>>::new();
+    #[unroll]
+    for _ in 0..m_blocks * 2 {
+        acc.push(cmma::Matrix::<A>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            A::new(0.0),
+        ));
+    }
+    let a = cmma::Matrix::<F>::from_value(
+        cmma::MatrixIdent::A,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::RowMajor,
+        F::new(0.0),
+    );
+    let b0 = cmma::Matrix::<F>::from_value(
+        cmma::MatrixIdent::B,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::ColMajor,
+        F::new(0.0),
+    );
+    let b1 = cmma::Matrix::<F>::from_value(
+        cmma::MatrixIdent::B,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::ColMajor,
+        F::new(0.0),
+    );
+    let mut held = Array::<Vector<F, N>>::new(loads);
+    let first = (col0 + my_row) * w_row_vectors + my_vec;
+    let row_step = rows_per_load * w_row_vectors;
+    if begin < end {
+        #[unroll]
+        for i in 0..loads {
+            held[i] = w[first + i * row_step + begin * row_vectors];
+        }
+    }
+    let x_len = x.len();
+    let stage_len = stage.len();
+    let mut t = begin;
+    while t < end {
+        #[unroll]
+        for i in 0..loads {
+            stage[base + (my_row + i * rows_per_load) * pitch + my_vec] = held[i];
+        }
+        sync_plane();
+        if t + 1 < end {
+            #[unroll]
+            for i in 0..loads {
+                held[i] = w[first + i * row_step + (t + 1) * row_vectors];
+            }
+        }
+        #[unroll]
+        for s in 0..comptime![STAGED_CHUNK / 16] {
+            // 16 inputs are `row_vectors / 4` vectors.
+            let step = comptime![row_vectors / 4];
+            cmma::load(&b0, &stage.slice(base + s * step, stage_len), ldm);
+            cmma::load(&b1, &stage.slice(base + 16 * pitch + s * step, stage_len), ldm);
+            #[unroll]
+            for mb in 0..m_blocks {
+                cmma::load(
+                    &a,
+                    &x.slice(mb * 16usize * inner + t * STAGED_CHUNK + s * 16usize, x_len),
+                    k,
+                );
+                let t0 = acc.index(mb * 2);
+                cmma::execute::<F, F, A, A>(&a, &b0, t0, t0);
+                let t1 = acc.index(mb * 2 + 1);
+                cmma::execute::<F, F, A, A>(&a, &b1, t1, t1);
+            }
+        }
+        sync_plane();
+        t += 1;
+    }
+    let rows = m_blocks * 16usize;
+    let p_len = partial.len();
+    #[unroll]
+    for mb in 0..m_blocks {
+        #[unroll]
+        for c in 0..2usize {
+            let start = (split * rows + mb * 16usize) * cols + col0 + c * 16usize;
+            cmma::store(
+                &mut partial.slice_mut(start, p_len),
+                acc.index(mb * 2 + c),
                 n,
                 cmma::MatrixLayout::RowMajor,
             );

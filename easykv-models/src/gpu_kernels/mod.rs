@@ -95,11 +95,16 @@ pub struct Tuning {
     pub rows_col_blocks: u32,
     /// Planes per `matmul_rows` cube (1–8).
     pub rows_planes_per_cube: u32,
-    /// Output columns above which products of a few rows stay with burn's matmul
-    /// (`matmul_rows` declines). On the H200 at 64 rows burn's tuned products won for the
-    /// 12,288- and 22,016-wide qkv and gate|up projections (90 vs 108 µs, 116 vs 185 µs) and
-    /// `matmul_rows` for the 4,096-wide ones (47 vs 56 µs, 96 vs 187 µs).
+    /// Output columns above which products of more than 32 rows stay with burn's matmul
+    /// (`matmul_rows` declines). At 64 rows burn's tuned products won for the 12,288- and
+    /// 22,016-wide qkv and gate|up projections and the 32,000-wide vocabulary (H100: 91, 120
+    /// and 195 µs against the staged kernel's 103, 152 and 218), `matmul_rows` for the
+    /// 4,096-wide ones (48.5 vs 71.4 µs, 95.2 vs 184.5); at 16 rows `matmul_rows` won at
+    /// every width (qkv 59.9 vs 99.7 µs, vocabulary 136 vs 203).
     pub rows_max_out: u32,
+    /// Whether `matmul_rows` stages each plane's weights in shared memory through whole-line
+    /// loads (`matmul_rows_staged`) instead of loading the tensor cores' tiles from memory.
+    pub rows_staged: bool,
 }
 
 impl Default for Tuning {
@@ -116,6 +121,9 @@ impl Default for Tuning {
             rows_col_blocks: 2,
             rows_planes_per_cube: 4,
             rows_max_out: 8192,
+            // H100, 16 rows: qkv 59.9 µs against 70.5–77.1 loading fragments from memory,
+            // gate|up 104 against 118–150, down 60.2 against 71–73.
+            rows_staged: true,
         }
     }
 }
@@ -150,21 +158,27 @@ impl Tuning {
         }
     }
 
-    /// With `spec` = `PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT` applied (`--rows`,
-    /// `matmul_rows`' launch shape); empty fields keep their value.
+    /// With `spec` = `PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT,STAGED` applied
+    /// (`--rows`, `matmul_rows`' launch shape; STAGED 0/1); empty fields keep their value.
     pub fn with_rows(mut self, spec: &str) -> Result<Self, String> {
-        let bad = || format!("--rows '{spec}': expected PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT");
+        let bad = || format!("--rows '{spec}': expected PLANES,UNROLL,COL_BLOCKS,PLANES_PER_CUBE,MAX_OUT,STAGED");
         let fields: Vec<&str> = spec.split(',').map(str::trim).collect();
-        if fields.len() > 5 {
+        if fields.len() > 6 {
             return Err(bad());
         }
-        let mut values = [None; 5];
+        let mut values = [None; 6];
         for (v, f) in values.iter_mut().zip(&fields) {
             if !f.is_empty() {
                 *v = Some(f.parse::<u32>().map_err(|_| bad())?);
             }
         }
-        let [planes, unroll, cols, per_cube, max_out] = values;
+        let [planes, unroll, cols, per_cube, max_out, staged] = values;
+        self.rows_staged = match staged {
+            None => self.rows_staged,
+            Some(0) => false,
+            Some(1) => true,
+            Some(_) => return Err(bad()),
+        };
         self.rows_planes = planes.map_or(self.rows_planes, |v| v.max(1));
         self.rows_unroll = unroll.map_or(self.rows_unroll, |v| v.clamp(1, 8));
         self.rows_col_blocks = cols.map_or(self.rows_col_blocks, |v| v.clamp(1, 2));
@@ -222,5 +236,7 @@ mod tests {
         let t = Tuning::default().with_rows("1024,,,,12288").unwrap();
         assert_eq!((t.rows_planes, t.rows_unroll, t.rows_max_out), (1024, 4, 12288));
         assert!(Tuning::default().with_rows("1,2,3,4,5,6").is_err());
+        assert!(Tuning::default().with_rows("1,2,3,4,5,0,7").is_err());
+        assert!(Tuning::default().with_rows(",,,,,1").unwrap().rows_staged);
     }
 }

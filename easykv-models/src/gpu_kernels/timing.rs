@@ -174,69 +174,113 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
         );
     }
 
-    // A prefill stride's products (64 rows) on tensor cores, per launch shape, against burn's.
-    let prefill = [
+    // Few-row products on tensor cores, per kernel and launch shape, against burn's: 16 rows
+    // (a decode step of 16 sequences) and 64 (a prefill stride).
+    let products = [
         ("qkv", 12288usize, 4096usize, 0u8),
         ("o + residual", 4096, 4096, 1),
         ("gate_up + swiglu", 22016, 4096, 2),
         ("down + residual", 4096, 11008, 1),
+        ("lm_head", 32000, 4096, 0),
     ];
-    let rows = super::MATMUL_ROWS_MAX;
-    for (name, w_rows, cols, epilogue) in prefill {
-        let w = random::<B, 2>([w_rows, cols], dtype, device);
-        let x = random::<B, 2>([rows, cols], dtype, device);
-        let out_cols = if epilogue == 2 { w_rows / 2 } else { w_rows };
-        let residual = random::<B, 2>([rows, out_cols], dtype, device);
-        let moved = Some((w_rows * cols) as f64 * bytes);
-        let run = || {
-            let e = match epilogue {
-                1 => GemvEpilogue::AddResidual(&residual),
-                2 => GemvEpilogue::Swiglu,
-                _ => GemvEpilogue::Plain,
+    // (planes, unroll, column blocks, planes per cube, staged)
+    let shapes = [
+        (2048, 4, 2, 4, false),
+        (4096, 4, 2, 4, false),
+        (2048, 8, 2, 4, false),
+        (1024, 0, 0, 4, true),
+        (2048, 0, 0, 4, true),
+        (4096, 0, 0, 4, true),
+        (2048, 0, 0, 2, true),
+        (2048, 0, 0, 8, true),
+    ];
+    for rows in [16usize, super::MATMUL_ROWS_MAX] {
+        for (name, w_rows, cols, epilogue) in products {
+            let w = random::<B, 2>([w_rows, cols], dtype, device);
+            let x = random::<B, 2>([rows, cols], dtype, device);
+            let out_cols = if epilogue == 2 { w_rows / 2 } else { w_rows };
+            let residual = random::<B, 2>([rows, out_cols], dtype, device);
+            let moved = Some((w_rows * cols) as f64 * bytes);
+            let run = || {
+                let e = match epilogue {
+                    1 => GemvEpilogue::AddResidual(&residual),
+                    2 => GemvEpilogue::Swiglu,
+                    _ => GemvEpilogue::Plain,
+                };
+                launch::matmul_rows(x.clone(), &w, e, &current.get())
             };
-            launch::matmul_rows(x.clone(), &w, e, &current.get())
-        };
-        let shapes = [
-            (2048, 4, 2, 4),
-            (1024, 4, 2, 4),
-            (4096, 4, 2, 4),
-            (2048, 8, 2, 4),
-            (2048, 2, 2, 4),
-            (2048, 4, 2, 8),
-        ];
-        for (planes, unroll, col_blocks, per_cube) in shapes {
-            let tuning = Tuning {
-                rows_planes: planes,
-                rows_unroll: unroll,
-                rows_col_blocks: col_blocks,
-                rows_planes_per_cube: per_cube,
-                // Timed at every width, including those burn's products take by default.
-                rows_max_out: u32::MAX,
-                ..Tuning::default()
-            };
-            current.set(tuning);
-            if run().is_err() {
-                break;
+            for (planes, unroll, col_blocks, per_cube, staged) in shapes {
+                let tuning = Tuning {
+                    rows_planes: planes,
+                    rows_unroll: unroll.max(1),
+                    rows_col_blocks: col_blocks.max(1),
+                    rows_planes_per_cube: per_cube,
+                    rows_staged: staged,
+                    // Timed at every width, including those burn's products take by default.
+                    rows_max_out: u32::MAX,
+                    ..Tuning::default()
+                };
+                current.set(tuning);
+                if run().is_err() {
+                    break;
+                }
+                let us = time::<B, _>(device, reps, run);
+                let kind = if staged { "rows staged" } else { "rows" };
+                push(
+                    &format!("{kind} {name}"),
+                    format!("{rows} × [{w_rows}, {cols}]"),
+                    Some(tuning),
+                    us,
+                    moved,
+                );
             }
-            let us = time::<B, _>(device, reps, run);
+            current.set(Tuning::default());
+            let wt = w.clone().transpose();
+            let us = time::<B, _>(device, reps, || x.clone().matmul(wt.clone()));
             push(
-                &format!("rows {name}"),
+                &format!("burn matmul {name}"),
                 format!("{rows} × [{w_rows}, {cols}]"),
-                Some(tuning),
+                None,
                 us,
                 moved,
             );
         }
-        current.set(Tuning::default());
-        let wt = w.clone().transpose();
-        let us = time::<B, _>(device, reps, || x.clone().matmul(wt.clone()));
-        push(
-            &format!("burn matmul {name}"),
-            format!("{rows} × [{w_rows}, {cols}]"),
-            None,
-            us,
-            moved,
-        );
+    }
+
+    // A decode step's attention for 16 sequences of a pool, ~4,224 slots each (the engine's
+    // full cache at 16 in flight), in one launch pair.
+    {
+        let (seqs, heads, d, each) = (16usize, 32usize, 128usize, 4224usize);
+        let pool_slots = seqs * 4352;
+        let keys = random::<B, 4>([1, heads, pool_slots, d], dtype, device);
+        let values = random::<B, 4>([1, heads, pool_slots, d], dtype, device);
+        let q = random::<B, 4>([seqs, heads, 1, d], dtype, device);
+        // Starts then lengths, lengths spread around `each` as a running batch's are.
+        let lens: Vec<usize> = (0..seqs).map(|i| each - 64 + 8 * i).collect();
+        let table: Vec<i32> = (0..seqs)
+            .map(|i| (i * 4352) as i32)
+            .chain(lens.iter().map(|&l| l as i32))
+            .collect();
+        let table = Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(table, [2 * seqs]), device);
+        let rows = super::PoolRows {
+            table: &table,
+            starts_at: 0,
+            lens_at: seqs,
+            longest: lens.iter().copied().max().unwrap_or(each),
+        };
+        if launch::decode_attention_pool(q.clone(), &keys, &values, &rows).is_ok() {
+            let us = time::<B, _>(device, reps, || {
+                launch::decode_attention_pool(q.clone(), &keys, &values, &rows)
+            });
+            let moved = (2 * heads * lens.iter().sum::<usize>() * d) as f64 * bytes;
+            push(
+                "decode attention, pool",
+                format!("{seqs} sequences × {heads} heads × ~{each} slots"),
+                None,
+                us,
+                Some(moved),
+            );
+        }
     }
 
     // Decode attention over a cache of capacity 4352 (32 heads of 128).
