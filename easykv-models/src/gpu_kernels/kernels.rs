@@ -765,10 +765,25 @@ pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
     sync_cube();
     let mut acc = Vector::<A, N>::new(A::new(0.0));
     let mut j = group;
+    let g = groups as usize;
+    let ss = slot_stride as usize;
+    // Four slots' loads in flight per thread, then one at a time for the rest.
+    while j + 3 * g < count {
+        let at = kv_base + (first + j) * ss + c;
+        let v0 = Vector::<A, N>::cast_from(values[at]);
+        let v1 = Vector::<A, N>::cast_from(values[at + g * ss]);
+        let v2 = Vector::<A, N>::cast_from(values[at + 2 * g * ss]);
+        let v3 = Vector::<A, N>::cast_from(values[at + 3 * g * ss]);
+        acc += v0 * Vector::new(ps[j]);
+        acc += v1 * Vector::new(ps[j + g]);
+        acc += v2 * Vector::new(ps[j + 2 * g]);
+        acc += v3 * Vector::new(ps[j + 3 * g]);
+        j += 4 * g;
+    }
     while j < count {
-        let v = Vector::<A, N>::cast_from(values[kv_base + (first + j) * slot_stride as usize + c]);
+        let v = Vector::<A, N>::cast_from(values[kv_base + (first + j) * ss + c]);
         acc += v * Vector::new(ps[j]);
-        j += groups as usize;
+        j += g;
     }
     let mut shared = SharedMemory::<Vector<A, N>>::new(256usize);
     shared[group * dv + c] = acc;
