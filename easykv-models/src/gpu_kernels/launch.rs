@@ -487,6 +487,12 @@ fn gemv_any<B: Backend>(
 }
 
 /// Whether every plane of `client`'s device is 32 wide (the plane reductions assume it).
+/// Whether every plane is `lanes` or more units wide and of one known width.
+fn planes_hold<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>, lanes: usize) -> bool {
+    let hw = &client.properties().hardware;
+    hw.plane_size_min == hw.plane_size_max && lanes <= hw.plane_size_min as usize && hw.plane_size_min.is_power_of_two()
+}
+
 fn planes_of_32<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>) -> bool {
     let hw = &client.properties().hardware;
     hw.plane_size_min == 32 && hw.plane_size_max == 32
@@ -865,8 +871,9 @@ fn decode_attention_on<B: Backend, R: CubeRuntime>(
         lens_at,
         groups,
         ragged,
-        // A key read by its group's lanes together where a plane holds whole groups.
-        lanes <= 32 && planes_of_32(&client),
+        // A key read by its group's lanes together where a plane holds whole groups (both
+        // powers of two: `lanes` divides 256).
+        planes_hold(&client, lanes),
         [q.dtype.into(), DType::F32.into(), table.dtype.into()],
     );
     let total = rows * d;
