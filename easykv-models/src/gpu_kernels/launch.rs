@@ -486,13 +486,13 @@ fn gemv_any<B: Backend>(
     on_runtime!(gemv_on::<B>(x, w, epilogue, norm, scale_next, tuning), x)
 }
 
-/// Whether every plane of `client`'s device is 32 wide (the plane reductions assume it).
 /// Whether every plane is `lanes` or more units wide and of one known width.
 fn planes_hold<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>, lanes: usize) -> bool {
     let hw = &client.properties().hardware;
     hw.plane_size_min == hw.plane_size_max && lanes <= hw.plane_size_min as usize && hw.plane_size_min.is_power_of_two()
 }
 
+/// Whether every plane of `client`'s device is 32 wide (the plane reductions assume it).
 fn planes_of_32<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>) -> bool {
     let hw = &client.properties().hardware;
     hw.plane_size_min == 32 && hw.plane_size_max == 32

@@ -98,9 +98,9 @@ pub struct Tuning {
     /// Output columns above which products of more than 32 rows stay with burn's matmul
     /// (`matmul_rows` declines). At 64 rows burn's tuned products won for the 12,288- and
     /// 22,016-wide qkv and gate|up projections and the 32,000-wide vocabulary (H100: 91, 120
-    /// and 195 µs against the staged kernel's 103, 152 and 218), `matmul_rows` for the
-    /// 4,096-wide ones (48.5 vs 71.4 µs, 95.2 vs 184.5); at 16 rows `matmul_rows` won at
-    /// every width (qkv 59.9 vs 99.7 µs, vocabulary 136 vs 203).
+    /// and 195 µs against the staged kernel's 103, 152 and 218 at its best launch shapes),
+    /// `matmul_rows` for the 4,096-wide ones (48.5 vs 71.4 µs, 95.2 vs 184.5); at 16 rows
+    /// `matmul_rows` won at every width (qkv 59.9 vs 99.7 µs, vocabulary 136 vs 203).
     pub rows_max_out: u32,
     /// Whether `matmul_rows` stages each plane's weights in shared memory through whole-line
     /// loads (`matmul_rows_staged`) instead of loading the tensor cores' tiles from memory.
