@@ -183,16 +183,17 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
         ("down + residual", 4096, 11008, 1),
         ("lm_head", 32000, 4096, 0),
     ];
-    // (planes, unroll, column blocks, planes per cube, staged)
+    // (planes, unroll, column blocks, planes per cube, staged); the staged kernel ignores
+    // unroll and column blocks (32 columns and 64 inputs per plane and step).
     let shapes = [
         (2048, 4, 2, 4, false),
         (4096, 4, 2, 4, false),
         (2048, 8, 2, 4, false),
-        (1024, 0, 0, 4, true),
-        (2048, 0, 0, 4, true),
-        (4096, 0, 0, 4, true),
-        (2048, 0, 0, 2, true),
-        (2048, 0, 0, 8, true),
+        (1024, 4, 2, 4, true),
+        (2048, 4, 2, 4, true),
+        (4096, 4, 2, 4, true),
+        (2048, 4, 2, 2, true),
+        (2048, 4, 2, 8, true),
     ];
     for rows in [16usize, super::MATMUL_ROWS_MAX] {
         for (name, w_rows, cols, epilogue) in products {
@@ -212,8 +213,8 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             for (planes, unroll, col_blocks, per_cube, staged) in shapes {
                 let tuning = Tuning {
                     rows_planes: planes,
-                    rows_unroll: unroll.max(1),
-                    rows_col_blocks: col_blocks.max(1),
+                    rows_unroll: unroll,
+                    rows_col_blocks: col_blocks,
                     rows_planes_per_cube: per_cube,
                     rows_staged: staged,
                     // Timed at every width, including those burn's products take by default.
