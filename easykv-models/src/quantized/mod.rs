@@ -384,6 +384,62 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
     outputs_by_row(y, rows, out)
 }
 
+/// `x·Wᵀ` for many activation rows (a prefill chunk) with 8- or 16-bit activation blocks
+/// ([`ActInt`]), through the AVX-512 VNNI kernel ([`vnni::gemm`]): sixteen activation rows
+/// per register, the weights widened a tile of rows at a time. `None` where the CPU lacks
+/// AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+pub fn product_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) -> Option<Vec<f32>> {
+    use vnni::gemm::{Avx512Vnni, DecodedTile, PackedActs, LANES, TILE_ROWS};
+    let token = Avx512Vnni::detect()?;
+    let cols = parts.first().map_or(0, |p| p.cols);
+    let out: usize = parts.iter().map(|p| p.rows).sum();
+    if rows == 0 || cols == 0 || x.len() != rows * cols {
+        return Some(vec![0.0; rows * out]);
+    }
+    let blocks: Vec<Vec<ActBlock<Q>>> = x.par_chunks_exact(cols).map(quantize_row::<Q>).collect();
+    let chunks = cols / BLOCK;
+    let acts = PackedActs::pack(&blocks, chunks);
+    let width = rows.div_ceil(LANES) * LANES;
+    let tiles: Vec<(&QuantMatrix, usize)> = parts
+        .iter()
+        .flat_map(|m| (0..m.rows).step_by(TILE_ROWS).map(move |first| (m, first)))
+        .collect();
+    // Every tile's products in a slot of `TILE_ROWS` rows, `[tile row, activation row]`: a
+    // buffer kept from call to call (a fresh one of this size had the kernel zeroing new pages
+    // for a tenth of a prefill's time).
+    thread_local! {
+        static PRODUCTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut products = PRODUCTS.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    // Every element is written below: no zeroing beyond what a larger buffer needs.
+    products.resize(tiles.len() * TILE_ROWS * width, 0.0);
+    products
+        .par_chunks_mut(TILE_ROWS * width)
+        .zip(tiles.par_iter())
+        .for_each_init(
+            || DecodedTile::new(chunks, Q::WIDE),
+            |tile, (o, &(m, first))| {
+                tile.decode(m, first);
+                vnni::gemm::tile_product(token, tile, &acts, o);
+            },
+        );
+    // The result is `[activation row, output]`.
+    let mut y = vec![0f32; rows * out];
+    let mut o = 0;
+    for (&(m, first), p) in tiles.iter().zip(products.chunks(TILE_ROWS * width)) {
+        let n = TILE_ROWS.min(m.rows - first);
+        for (j, y) in y.chunks_exact_mut(out).enumerate() {
+            for t in 0..n {
+                y[o + t] = p[t * width + j];
+            }
+        }
+        o += n;
+    }
+    PRODUCTS.with(|p| *p.borrow_mut() = products);
+    Some(y)
+}
+
 /// Products computed `[out, rows]` (each task owning whole weight rows) laid out `[rows, out]`;
 /// one row (a decode step alone) is laid out the same either way.
 fn outputs_by_row(y: Vec<f32>, rows: usize, out: usize) -> Vec<f32> {

@@ -217,6 +217,56 @@ fn stacked_products_equal_row_dots() {
     }
 }
 
+/// The AVX-512 product of many rows equals the scalar dots with 16-bit activations, for every
+/// type, stacked parts whose row counts are not whole tiles, and activation row counts that are
+/// not whole registers.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn many_row_products_equal_the_scalar_ones() {
+    if vnni::gemm::Avx512Vnni::detect().is_none() {
+        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for ty in TYPES {
+        let cols = 2 * ty.block_len().max(BLOCK) + if ty.block_len() == BLOCK { BLOCK } else { 0 };
+        let parts: Vec<QuantMatrix> = [13, 8, 1]
+            .into_iter()
+            .map(|rows| QuantMatrix::new(ty, rows, cols, &random_blocks(ty, rows * cols / ty.block_len(), &mut rng)).unwrap())
+            .collect();
+        let out: usize = parts.iter().map(QuantMatrix::rows).sum();
+        for rows in [1, 16, 17, 40] {
+            let x = random_row(rows * cols, &mut rng);
+            check_many::<i8>(&parts, &x, rows);
+            check_many::<i16>(&parts, &x, rows);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn check_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) {
+    let (cols, out) = (parts[0].cols(), parts.iter().map(QuantMatrix::rows).sum::<usize>());
+    let y = product_many::<Q>(parts, x, rows).unwrap();
+    assert_eq!(y.len(), rows * out);
+    for (j, xr) in x.chunks(cols).enumerate() {
+        let a = quantize_row::<Q>(xr);
+        let want = parts
+            .iter()
+            .flat_map(|p| (0..p.rows()).map(|r| scalar::dot(p.ty(), p.row(r), &a)).collect::<Vec<_>>());
+        for (o, w) in want.enumerate() {
+            let got = y[j * out + o];
+            let ty = parts[0].ty();
+            // Offsets (`b·Σx`) cancel most of the products (Q6_K: `u − 32`), so the f32
+            // additions' order shows in the last few digits.
+            assert!(
+                (got - w).abs() <= 1e-3 * w.abs().max(1.0),
+                "{ty:?}, {}-bit, row {j} of {rows}, output {o}: {got} vs {w}",
+                if Q::WIDE { 16 } else { 8 }
+            );
+        }
+    }
+}
+
 #[test]
 fn matrices_refuse_bytes_that_are_not_whole_rows() {
     let ty = GgmlType::Q4_1;

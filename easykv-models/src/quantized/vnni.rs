@@ -8,6 +8,8 @@
 //! time and is the only way to obtain the token that [`dots`] takes, so the single `unsafe`
 //! call below is sound; everything inside the kernels is safe code (loads go through
 //! bounds-checked slices). Each kernel is tested against [`super::scalar`] in `tests.rs`.
+//!
+//! [`gemm`] holds the AVX-512 kernel for products of many activation rows (prefill chunks).
 
 use core::arch::x86_64::{
     __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256, _mm256_castps256_ps128,
@@ -18,6 +20,8 @@ use core::arch::x86_64::{
     _mm256_slli_epi16, _mm256_srli_epi16, _mm256_sub_epi8, _mm_add_ps, _mm_and_si128, _mm_cvtph_ps, _mm_cvtsi32_si128,
     _mm_cvtss_f32, _mm_hadd_ps, _mm_set1_epi8, _mm_set1_ps, _mm_srli_epi16,
 };
+
+pub mod gemm;
 
 use super::chunks::scale_min_k4;
 use super::{ActBlock, ActInt, QuantMatrix, BLOCK};

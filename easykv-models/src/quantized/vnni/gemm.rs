@@ -1,0 +1,322 @@
+//! The product of many activation rows (a prefill chunk) and a matrix of GGUF blocks with
+//! AVX-512 VNNI, sixteen activation rows per register: `vpdpwssd` over 16-bit activations
+//! (`q16`), `vpdpbusd` over 8-bit ones (`q8`, twice the multiply-adds per instruction).
+//!
+//! Loops of [`super::dots`] take one weight row at a time against four activation rows and
+//! spend most of their instructions on each block's scales; this kernel puts sixteen
+//! activation rows side by side in a register ([`PackedActs`], lanes are rows) and broadcasts
+//! one 32-bit word of a weight row's widened weights (two 16-bit or four 8-bit ones) to all of
+//! them, so a block's scales are applied once per [`TILE_ROWS`] weight rows × sixteen
+//! activation rows. Weights are widened a tile of rows at a time ([`DecodedTile`]), in the
+//! order the file stores them (no transposition).
+//!
+//! Same arithmetic as [`super::super::scalar::dot`] with the same activation blocks, up to the
+//! order of the f32 additions.
+
+use core::arch::x86_64::{
+    __m512, __m512i, _mm512_cvtepi32_ps, _mm512_dpbusd_epi32, _mm512_dpwssd_epi32, _mm512_fmadd_ps, _mm512_loadu_ps,
+    _mm512_loadu_si512, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
+    _mm512_storeu_ps,
+};
+
+use super::super::chunks::{f16_at, for_each_chunk};
+use super::super::{ActBlock, ActInt, QuantMatrix, BLOCK};
+use crate::gguf::GgmlType;
+
+/// Activation rows per register (sixteen 32-bit lanes).
+pub const LANES: usize = 16;
+
+/// Weight rows a microkernel call accumulates (eight accumulators of each kind in registers).
+pub const TILE_ROWS: usize = 8;
+
+/// 32-bit words of a chunk of 32 values: pairs of 16-bit values or quads of 8-bit ones.
+const fn words(wide: bool) -> usize {
+    if wide {
+        BLOCK / 2
+    } else {
+        BLOCK / 4
+    }
+}
+
+/// Proof that this CPU runs the kernel (AVX-512 F and BW, AVX-512 VNNI): only
+/// [`detect`](Self::detect) makes one.
+#[derive(Debug, Clone, Copy)]
+pub struct Avx512Vnni {
+    _checked: (),
+}
+
+impl Avx512Vnni {
+    /// `Some` where the CPU reports every feature the kernel is compiled for.
+    pub fn detect() -> Option<Self> {
+        let all = std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vnni");
+        all.then_some(Self { _checked: () })
+    }
+}
+
+/// A chunk's 32 values as little-endian 32-bit words: pairs of 16-bit values (`wide`) or
+/// quads of bytes, each value given by `bits` (its low 16 or 8 bits).
+#[inline]
+fn pack_words<T: Copy>(v: &[T; BLOCK], wide: bool, bits: impl Fn(T) -> u32, out: &mut [i32]) {
+    match wide {
+        true => {
+            for (o, p) in out.iter_mut().zip(v.chunks_exact(2)) {
+                *o = (bits(p[0]) & 0xFFFF | (bits(p[1]) & 0xFFFF) << 16) as i32;
+            }
+        }
+        false => {
+            for (o, p) in out.iter_mut().zip(v.chunks_exact(4)) {
+                let b = |i: usize| bits(p[i]) & 0xFF;
+                *o = (b(0) | b(1) << 8 | b(2) << 16 | b(3) << 24) as i32;
+            }
+        }
+    }
+}
+
+/// Activation rows quantized to blocks of 32 ([`ActBlock`]), sixteen rows side by side: for
+/// group `g` (rows `16g..16g + 16`), chunk `c` and word `p`, sixteen 32-bit lanes each holding
+/// that row's activations of word `p` of the chunk; the block scales and their sums likewise.
+/// Rows past the end are zeros (their products are zeros and are dropped).
+#[derive(Debug)]
+pub struct PackedActs {
+    rows: usize,
+    chunks: usize,
+    wide: bool,
+    /// `[group][chunk][word][lane]`.
+    q: Vec<[i32; LANES]>,
+    /// `[group][chunk][lane]`: each block's scale `d`.
+    d: Vec<[f32; LANES]>,
+    /// `[group][chunk][k][lane]`: `d·Σq` over the block's first half (`k` 0), its second
+    /// half (1) and the whole block (2).
+    dsum: Vec<[f32; LANES]>,
+}
+
+impl PackedActs {
+    /// The rows of `blocks` (each `chunks` blocks long), packed.
+    pub fn pack<Q: ActInt>(blocks: &[Vec<ActBlock<Q>>], chunks: usize) -> Self {
+        let words = words(Q::WIDE);
+        let groups = blocks.len().div_ceil(LANES);
+        let mut q = vec![[0i32; LANES]; groups * chunks * words];
+        let mut d = vec![[0f32; LANES]; groups * chunks];
+        let mut dsum = vec![[0f32; LANES]; groups * chunks * 3];
+        let mut row_words = vec![0i32; words];
+        for (j, row) in blocks.iter().enumerate() {
+            let (g, lane) = (j / LANES, j % LANES);
+            for (c, a) in row.iter().take(chunks).enumerate() {
+                let at = g * chunks + c;
+                pack_words(&a.q, Q::WIDE, |v: Q| Into::<i32>::into(v) as u32, &mut row_words);
+                for (p, &w) in row_words.iter().enumerate() {
+                    q[at * words + p][lane] = w;
+                }
+                d[at][lane] = a.d;
+                dsum[3 * at][lane] = a.d * a.sums[0] as f32;
+                dsum[3 * at + 1][lane] = a.d * a.sums[1] as f32;
+                dsum[3 * at + 2][lane] = a.d * (a.sums[0] + a.sums[1]) as f32;
+            }
+        }
+        Self {
+            rows: blocks.len(),
+            chunks,
+            wide: Q::WIDE,
+            q,
+            d,
+            dsum,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn groups(&self) -> usize {
+        self.rows.div_ceil(LANES)
+    }
+}
+
+/// [`TILE_ROWS`] weight rows widened to the activations' width, `w = a·u + b` per half chunk
+/// with `u` unsigned, laid out so that one chunk's word `p` of every tile row is contiguous:
+/// `u[chunk·words + p][row]`, `a` and `b` `[chunk][half][row]`. Rows past the matrix are zeros.
+#[derive(Debug)]
+pub struct DecodedTile {
+    chunks: usize,
+    wide: bool,
+    u: Vec<[i32; TILE_ROWS]>,
+    a: Vec<[[f32; TILE_ROWS]; 2]>,
+    b: Vec<[[f32; TILE_ROWS]; 2]>,
+    /// Whether every chunk's halves share `a` and `b` (all formats but Q6_K): one scaling per
+    /// chunk instead of two.
+    whole_chunks: bool,
+}
+
+impl DecodedTile {
+    /// An empty tile for rows of `chunks` chunks, for activations of 16 bits (`wide`) or 8
+    /// (reused from tile to tile).
+    pub fn new(chunks: usize, wide: bool) -> Self {
+        Self {
+            chunks,
+            wide,
+            u: vec![[0; TILE_ROWS]; chunks * words(wide)],
+            a: vec![[[0.0; TILE_ROWS]; 2]; chunks],
+            b: vec![[[0.0; TILE_ROWS]; 2]; chunks],
+            whole_chunks: true,
+        }
+    }
+
+    /// Rows `first..first + TILE_ROWS` of `m` (those that exist).
+    pub fn decode(&mut self, m: &QuantMatrix, first: usize) {
+        self.u.fill([0; TILE_ROWS]);
+        self.a.fill([[0.0; TILE_ROWS]; 2]);
+        self.b.fill([[0.0; TILE_ROWS]; 2]);
+        self.whole_chunks = m.ty() != GgmlType::Q6K;
+        let (chunks, words) = (self.chunks, words(self.wide));
+        let wide = self.wide;
+        let mut row_words = vec![0i32; words];
+        for t in 0..TILE_ROWS.min(m.rows().saturating_sub(first)) {
+            let row = m.row(first + t);
+            let (u, a, b) = (&mut self.u, &mut self.a, &mut self.b);
+            let mut put = |c: usize, w: &[u8; BLOCK], scale: [f32; 2], offset: [f32; 2]| {
+                if c >= chunks {
+                    return;
+                }
+                pack_words(w, wide, |v: u8| v as u32, &mut row_words);
+                for (p, &v) in row_words.iter().enumerate() {
+                    u[c * words + p][t] = v;
+                }
+                for h in 0..2 {
+                    a[c][h][t] = scale[h];
+                    b[c][h][t] = offset[h];
+                }
+            };
+            if m.ty() == GgmlType::Q8_0 {
+                // Signed weights made unsigned: `w = d·(u − 128)`.
+                for (c, blk) in row.chunks_exact(m.ty().block_bytes()).enumerate() {
+                    let d = f16_at(blk, 0);
+                    let w: [u8; BLOCK] = std::array::from_fn(|i| (blk[2 + i] as i8 as i16 + 128) as u8);
+                    put(c, &w, [d; 2], [-128.0 * d; 2]);
+                }
+                continue;
+            }
+            for_each_chunk(m.ty(), row, |c, chunk| put(c, &chunk.u, chunk.a, chunk.b));
+        }
+    }
+}
+
+/// `out[t][j] = Σ w_t·x_j` for the tile's rows `t` and every activation row `j` of `acts`
+/// (`out`: [`TILE_ROWS`] rows of `acts.rows()` rounded up to [`LANES`]); nothing where the
+/// tile and the activations were made for different widths.
+pub fn tile_product(token: Avx512Vnni, tile: &DecodedTile, acts: &PackedActs, out: &mut [f32]) {
+    let _ = token;
+    // SAFETY: `tile_on` needs AVX-512 F, BW and VNNI; an `Avx512Vnni` token exists only where
+    // `Avx512Vnni::detect` found all three on this CPU.
+    unsafe {
+        match (tile.wide, acts.wide) {
+            (true, true) => tile_on::<true, { words(true) }>(tile, acts, out),
+            (false, false) => tile_on::<false, { words(false) }>(tile, acts, out),
+            _ => {}
+        }
+    }
+}
+
+/// The kernel for activations of 16 bits (`WIDE`) or 8, `WORDS` 32-bit words per chunk
+/// (constant, so that the loops unroll and the accumulators stay in registers).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn tile_on<const WIDE: bool, const WORDS: usize>(tile: &DecodedTile, acts: &PackedActs, out: &mut [f32]) {
+    let chunks = tile.chunks.min(acts.chunks);
+    let width = acts.groups() * LANES;
+    if out.len() < TILE_ROWS * width || tile.u.len() < chunks * WORDS {
+        return;
+    }
+    for g in 0..acts.groups() {
+        let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
+        for c in 0..chunks {
+            let at = g * acts.chunks + c;
+            let (Some(q), Some(w)) = (
+                acts.q.get(at * WORDS..).and_then(|q| q.first_chunk::<WORDS>()),
+                tile.u.get(c * WORDS..).and_then(|u| u.first_chunk::<WORDS>()),
+            ) else {
+                return;
+            };
+            let (d, a, b) = (load_ps(&acts.d[at]), &tile.a[c], &tile.b[c]);
+            // One scaling per chunk, or one per half where the halves' scales differ.
+            if tile.whole_chunks {
+                let dots = dots_over::<WIDE, WORDS>(q, w, 0, WORDS);
+                scale_into(&mut acc, dots, d, load_ps(&acts.dsum[3 * at + 2]), &a[0], &b[0]);
+            } else {
+                let dots = dots_over::<WIDE, WORDS>(q, w, 0, WORDS / 2);
+                scale_into(&mut acc, dots, d, load_ps(&acts.dsum[3 * at]), &a[0], &b[0]);
+                let dots = dots_over::<WIDE, WORDS>(q, w, WORDS / 2, WORDS);
+                scale_into(&mut acc, dots, d, load_ps(&acts.dsum[3 * at + 1]), &a[1], &b[1]);
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            let at = t * width + g * LANES;
+            if let Some(o) = out.get_mut(at..at + LANES).and_then(|o| o.first_chunk_mut::<LANES>()) {
+                store_ps(o, *acc);
+            }
+        }
+    }
+}
+
+/// The integer dots of words `from..to` of a chunk for every tile row: `vpdpwssd` (16-bit
+/// activations) or `vpdpbusd` (unsigned 8-bit weights, signed 8-bit activations).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+fn dots_over<const WIDE: bool, const WORDS: usize>(
+    q: &[[i32; LANES]; WORDS],
+    w: &[[i32; TILE_ROWS]; WORDS],
+    from: usize,
+    to: usize,
+) -> [__m512i; TILE_ROWS] {
+    let mut dots = [_mm512_setzero_si512(); TILE_ROWS];
+    for p in from..to.min(WORDS) {
+        let x = load_si(&q[p]);
+        for t in 0..TILE_ROWS {
+            let wt = _mm512_set1_epi32(w[p][t]);
+            dots[t] = match WIDE {
+                true => _mm512_dpwssd_epi32(dots[t], x, wt),
+                false => _mm512_dpbusd_epi32(dots[t], wt, x),
+            };
+        }
+    }
+    dots
+}
+
+/// `acc[t] += dots[t]·d·a[t] + dsum·b[t]`: tile row `t`'s scale `a[t]` and offset `b[t]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+fn scale_into(
+    acc: &mut [__m512; TILE_ROWS],
+    dots: [__m512i; TILE_ROWS],
+    d: __m512,
+    dsum: __m512,
+    a: &[f32; TILE_ROWS],
+    b: &[f32; TILE_ROWS],
+) {
+    for t in 0..TILE_ROWS {
+        let scale = _mm512_mul_ps(d, _mm512_set1_ps(a[t]));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[t]), scale, acc[t]);
+        acc[t] = _mm512_fmadd_ps(dsum, _mm512_set1_ps(b[t]), acc[t]);
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn load_si(v: &[i32; LANES]) -> __m512i {
+    // SAFETY: `v` is 64 readable bytes; the load has no alignment requirement.
+    unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn load_ps(v: &[f32; LANES]) -> __m512 {
+    // SAFETY: `v` is 64 readable bytes; the load has no alignment requirement.
+    unsafe { _mm512_loadu_ps(v.as_ptr()) }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn store_ps(o: &mut [f32; LANES], v: __m512) {
+    // SAFETY: `o` is 64 writable bytes; the store has no alignment requirement.
+    unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) }
+}
