@@ -8,7 +8,8 @@
 # $EASYKV_HOME/llama.cpp, then runs ROUNDS rounds (default 2) of: llama-bench pp512 + tg128,
 # and `easykv bench` for --dtype f32, native, q16 and q8: prefill of 512 prompt tokens (pp512), and
 # 128 new tokens after a 1-token prompt (tg128: llama-bench generates from an empty context).
-# Threads: THREADS (default 2) for both (easykv through RAYON_NUM_THREADS).
+# Threads: THREADS (default 2) for both (easykv through RAYON_NUM_THREADS). DTYPES picks easykv's
+# dtypes (default "f32 native q16 q8").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOME_DIR=${EASYKV_HOME:-$HOME/.cache/easykv}
@@ -50,7 +51,7 @@ import csv, sys
 for r in csv.DictReader(sys.stdin):
     kind = 'pp512' if int(r['n_prompt']) > 0 else 'tg128'
     print(f'round $round  llama.cpp       {kind}  {float(r[\"avg_ts\"]):8.1f} tok/s')"
-  for dtype in f32 native q16 q8; do
+  for dtype in ${DTYPES:-f32 native q16 q8}; do
     run() { RAYON_NUM_THREADS=$THREADS "$EASYKV" bench --model "$MODEL" --dtype "$dtype" --repeat 1 --json -q "$@"; }
     pp=$(run --prompt-tokens 512 --new-tokens 2 | python3 -c "import json, sys; print(f'{json.load(sys.stdin)[\"prefill_tokens_per_second\"]:8.1f}')")
     tg=$(run --prompt-tokens 1 --new-tokens 128 | python3 -c "import json, sys; print(f'{json.load(sys.stdin)[\"decode_tokens_per_second\"]:8.1f}')")

@@ -57,6 +57,24 @@ fn f16_widening_is_exact() {
     }
 }
 
+/// The quantizer's rounding equals `f32::round` for every value it meets: halves, values
+/// near them and across the 16-bit range, NaN (0 once converted) included.
+#[test]
+fn rounding_equals_the_library_round() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut values: Vec<f32> = (-70000..70000).map(|i| i as f32 * 0.5).collect();
+    values.extend((-70000..70000).flat_map(|i| {
+        let h = i as f32 * 0.5;
+        [f32::from_bits(h.to_bits() + 1), f32::from_bits(h.to_bits().saturating_sub(1))]
+    }));
+    values.extend((0..100_000).map(|_| rng.random_range(-40000.0f32..40000.0)));
+    for v in values {
+        // Equal as numbers (a negative zero becomes the same integer 0).
+        assert_eq!(round(v), v.round(), "{v}");
+    }
+    assert_eq!(round(f32::NAN) as i16, f32::NAN.round() as i16);
+}
+
 fn close(got: f32, want: f32, scale: f32) -> bool {
     (got - want).abs() <= 1e-4 * scale.max(1.0)
 }
@@ -234,7 +252,6 @@ fn many_row_products_equal_the_scalar_ones() {
             .into_iter()
             .map(|rows| QuantMatrix::new(ty, rows, cols, &random_blocks(ty, rows * cols / ty.block_len(), &mut rng)).unwrap())
             .collect();
-        let out: usize = parts.iter().map(QuantMatrix::rows).sum();
         for rows in [1, 16, 17, 40] {
             let x = random_row(rows * cols, &mut rng);
             check_many::<i8>(&parts, &x, rows);
