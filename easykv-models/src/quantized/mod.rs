@@ -413,7 +413,10 @@ pub fn product_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) ->
     if rows == 0 || cols == 0 || x.len() != rows * cols {
         return Some(vec![0.0; rows * out]);
     }
-    let blocks: Vec<Vec<ActBlock<Q>>> = x.par_chunks_exact(cols).map(quantize_row::<Q>).collect();
+    let blocks: Vec<Vec<ActBlock<Q>>> = x
+        .par_chunks_exact(cols)
+        .map(|x| vnni::gemm::quantize_row::<Q>(token, x))
+        .collect();
     let chunks = cols / BLOCK;
     let acts = PackedActs::pack(&blocks, chunks);
     let width = rows.div_ceil(LANES) * LANES;

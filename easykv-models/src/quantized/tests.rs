@@ -65,7 +65,10 @@ fn rounding_equals_the_library_round() {
     let mut values: Vec<f32> = (-70000..70000).map(|i| i as f32 * 0.5).collect();
     values.extend((-70000..70000).flat_map(|i| {
         let h = i as f32 * 0.5;
-        [f32::from_bits(h.to_bits() + 1), f32::from_bits(h.to_bits().saturating_sub(1))]
+        [
+            f32::from_bits(h.to_bits() + 1),
+            f32::from_bits(h.to_bits().saturating_sub(1)),
+        ]
     }));
     values.extend((0..100_000).map(|_| rng.random_range(-40000.0f32..40000.0)));
     for v in values {
@@ -250,13 +253,50 @@ fn many_row_products_equal_the_scalar_ones() {
         let cols = 2 * ty.block_len().max(BLOCK) + if ty.block_len() == BLOCK { BLOCK } else { 0 };
         let parts: Vec<QuantMatrix> = [13, 8, 1]
             .into_iter()
-            .map(|rows| QuantMatrix::new(ty, rows, cols, &random_blocks(ty, rows * cols / ty.block_len(), &mut rng)).unwrap())
+            .map(|rows| {
+                QuantMatrix::new(
+                    ty,
+                    rows,
+                    cols,
+                    &random_blocks(ty, rows * cols / ty.block_len(), &mut rng),
+                )
+                .unwrap()
+            })
             .collect();
         for rows in [1, 16, 17, 40] {
             let x = random_row(rows * cols, &mut rng);
             check_many::<i8>(&parts, &x, rows);
             check_many::<i16>(&parts, &x, rows);
         }
+    }
+}
+
+/// The AVX-512 quantizer equals the scalar one bit for bit: random rows, halves, zeros, a
+/// block with one huge value, and blocks with NaN or infinity (the scalar path).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_quantizer_equals_the_scalar_one() {
+    let Some(token) = vnni::gemm::Avx512Vnni::detect() else {
+        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+        return;
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let mut rows: Vec<Vec<f32>> = (0..50).map(|_| random_row(8 * BLOCK, &mut rng)).collect();
+    rows.push((0..BLOCK).map(|i| i as f32 * 0.5 - 8.0).collect());
+    rows.push(vec![0.0; BLOCK]);
+    let mut huge = vec![1e-3; BLOCK];
+    huge[5] = -3e4;
+    rows.push(huge);
+    let mut odd = random_row(2 * BLOCK, &mut rng);
+    odd[3] = f32::NAN;
+    odd[40] = f32::INFINITY;
+    rows.push(odd);
+    // Compared as printed: a block of an infinity has a NaN sum, which equals nothing.
+    for x in &rows {
+        let (a, b) = (vnni::gemm::quantize_row::<i8>(token, x), quantize_row::<i8>(x));
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        let (a, b) = (vnni::gemm::quantize_row::<i16>(token, x), quantize_row::<i16>(x));
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
     }
 }
 
@@ -267,9 +307,11 @@ fn check_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) {
     assert_eq!(y.len(), rows * out);
     for (j, xr) in x.chunks(cols).enumerate() {
         let a = quantize_row::<Q>(xr);
-        let want = parts
-            .iter()
-            .flat_map(|p| (0..p.rows()).map(|r| scalar::dot(p.ty(), p.row(r), &a)).collect::<Vec<_>>());
+        let want = parts.iter().flat_map(|p| {
+            (0..p.rows())
+                .map(|r| scalar::dot(p.ty(), p.row(r), &a))
+                .collect::<Vec<_>>()
+        });
         for (o, w) in want.enumerate() {
             let got = y[j * out + o];
             let ty = parts[0].ty();

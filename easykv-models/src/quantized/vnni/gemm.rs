@@ -14,9 +14,12 @@
 //! order of the f32 additions.
 
 use core::arch::x86_64::{
-    __m512, __m512i, _mm512_cvtepi32_ps, _mm512_dpbusd_epi32, _mm512_dpwssd_epi32, _mm512_fmadd_ps, _mm512_loadu_ps,
-    _mm512_loadu_si512, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
-    _mm512_storeu_ps,
+    __m128i, __m256i, __m512, __m512i, _mm512_abs_ps, _mm512_add_ps, _mm512_cmp_ps_mask, _mm512_cvtepi32_epi16,
+    _mm512_cvtepi32_epi8, _mm512_cvtepi32_ps, _mm512_cvttps_epi32, _mm512_dpbusd_epi32, _mm512_dpwssd_epi32,
+    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_blend_ps, _mm512_max_ps, _mm512_min_ps,
+    _mm512_mul_ps, _mm512_reduce_add_epi32, _mm512_reduce_max_ps, _mm512_roundscale_ps, _mm512_set1_epi32,
+    _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_storeu_ps, _mm512_sub_ps, _CMP_GE_OQ, _CMP_LE_OQ,
+    _CMP_UNORD_Q, _MM_FROUND_NO_EXC, _MM_FROUND_TO_ZERO,
 };
 
 use super::super::chunks::{f16_at, for_each_chunk};
@@ -26,8 +29,9 @@ use crate::gguf::GgmlType;
 /// Activation rows per register (sixteen 32-bit lanes).
 pub const LANES: usize = 16;
 
-/// Weight rows a microkernel call accumulates (eight accumulators of each kind in registers).
-pub const TILE_ROWS: usize = 8;
+/// Weight rows a microkernel call accumulates (with two groups of activation rows, 24 of the
+/// 32 registers hold accumulators).
+pub const TILE_ROWS: usize = 6;
 
 /// 32-bit words of a chunk of 32 values: pairs of 16-bit values or quads of 8-bit ones.
 const fn words(wide: bool) -> usize {
@@ -72,6 +76,64 @@ fn pack_words<T: Copy>(v: &[T; BLOCK], wide: bool, bits: impl Fn(T) -> u32, out:
             }
         }
     }
+}
+
+/// One row of activations quantized to blocks of 32, equal bit for bit to
+/// [`super::super::quantize_row`] (the same products `v·(1/d)`, the same rounding of halves
+/// away from zero); a block holding NaN or an infinity takes the scalar path.
+pub fn quantize_row<Q: ActInt>(token: Avx512Vnni, x: &[f32]) -> Vec<ActBlock<Q>> {
+    let _ = token;
+    x.chunks_exact(BLOCK)
+        .map(|v| {
+            let v = v.first_chunk::<BLOCK>().unwrap_or(&[0.0; BLOCK]);
+            // SAFETY: `quantize_block` needs AVX-512 F and BW; the token proves them.
+            unsafe { quantize_block::<Q>(v) }.unwrap_or_else(|| super::super::quantize_row::<Q>(v)[0])
+        })
+        .collect()
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+fn quantize_block<Q: ActInt>(v: &[f32; BLOCK]) -> Option<ActBlock<Q>> {
+    let halves = [
+        load_ps(v.first_chunk().unwrap_or(&[0.0; LANES])),
+        load_ps(v.last_chunk().unwrap_or(&[0.0; LANES])),
+    ];
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(halves[0]), _mm512_abs_ps(halves[1])));
+    // NaN (which `max` skips) and infinities: the scalar path.
+    if !amax.is_finite() || _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(halves[0], halves[1]) != 0 {
+        return None;
+    }
+    let d = amax / Q::MAX;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (one, max) = (_mm512_set1_ps(1.0), _mm512_set1_ps(Q::MAX));
+    let mut q = [Q::from_f32(0.0); BLOCK];
+    let mut sums = [0i32; 2];
+    for (h, x) in halves.into_iter().enumerate() {
+        let x = _mm512_mul_ps(x, _mm512_set1_ps(inv));
+        // Halves away from zero: the truncation, one more step where the rest is ±0.5 or more.
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+        let rest = _mm512_sub_ps(x, t);
+        let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(rest, _mm512_set1_ps(0.5));
+        let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(rest, _mm512_set1_ps(-0.5));
+        let t = _mm512_mask_blend_ps(up, t, _mm512_add_ps(t, one));
+        let t = _mm512_mask_blend_ps(down, t, _mm512_sub_ps(t, one));
+        let n = _mm512_cvttps_epi32(_mm512_max_ps(
+            _mm512_min_ps(t, max),
+            _mm512_sub_ps(_mm512_setzero_ps(), max),
+        ));
+        sums[h] = _mm512_reduce_add_epi32(n);
+        let bytes: &mut [u8] = pulp::bytemuck::cast_slice_mut(&mut q[h * LANES..(h + 1) * LANES]);
+        match Q::WIDE {
+            true => bytes.copy_from_slice(&pulp::cast::<__m256i, [u8; 32]>(_mm512_cvtepi32_epi16(n))),
+            false => bytes.copy_from_slice(&pulp::cast::<__m128i, [u8; 16]>(_mm512_cvtepi32_epi8(n))),
+        }
+    }
+    Some(ActBlock {
+        q,
+        d,
+        sums,
+        dsum: d * (sums[0] + sums[1]) as f32,
+    })
 }
 
 /// Activation rows quantized to blocks of 32 ([`ActBlock`]), sixteen rows side by side: for
@@ -219,38 +281,69 @@ pub fn tile_product(token: Avx512Vnni, tile: &DecodedTile, acts: &PackedActs, ou
 }
 
 /// The kernel for activations of 16 bits (`WIDE`) or 8, `WORDS` 32-bit words per chunk
-/// (constant, so that the loops unroll and the accumulators stay in registers).
+/// (constant, so that the loops unroll and the accumulators stay in registers): groups of
+/// sixteen activation rows two at a time (each broadcast weight word serves both), then the
+/// last one alone.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 fn tile_on<const WIDE: bool, const WORDS: usize>(tile: &DecodedTile, acts: &PackedActs, out: &mut [f32]) {
-    let chunks = tile.chunks.min(acts.chunks);
     let width = acts.groups() * LANES;
-    if out.len() < TILE_ROWS * width || tile.u.len() < chunks * WORDS {
+    if out.len() < TILE_ROWS * width || tile.u.len() < tile.chunks.min(acts.chunks) * WORDS {
         return;
     }
-    for g in 0..acts.groups() {
-        let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
-        for c in 0..chunks {
-            let at = g * acts.chunks + c;
-            let (Some(q), Some(w)) = (
-                acts.q.get(at * WORDS..).and_then(|q| q.first_chunk::<WORDS>()),
-                tile.u.get(c * WORDS..).and_then(|u| u.first_chunk::<WORDS>()),
-            ) else {
-                return;
-            };
-            let (d, a, b) = (load_ps(&acts.d[at]), &tile.a[c], &tile.b[c]);
-            // One scaling per chunk, or one per half where the halves' scales differ.
-            if tile.whole_chunks {
-                let dots = dots_over::<WIDE, WORDS>(q, w, 0, WORDS);
-                scale_into(&mut acc, dots, d, load_ps(&acts.dsum[3 * at + 2]), &a[0], &b[0]);
-            } else {
-                let dots = dots_over::<WIDE, WORDS>(q, w, 0, WORDS / 2);
-                scale_into(&mut acc, dots, d, load_ps(&acts.dsum[3 * at]), &a[0], &b[0]);
-                let dots = dots_over::<WIDE, WORDS>(q, w, WORDS / 2, WORDS);
-                scale_into(&mut acc, dots, d, load_ps(&acts.dsum[3 * at + 1]), &a[1], &b[1]);
+    let mut g = 0;
+    while g + GROUPS <= acts.groups() {
+        groups_on::<WIDE, WORDS, GROUPS>(tile, acts, g, out);
+        g += GROUPS;
+    }
+    if g < acts.groups() {
+        groups_on::<WIDE, WORDS, 1>(tile, acts, g, out);
+    }
+}
+
+/// Groups of sixteen activation rows that one pass over a tile's weights serves.
+const GROUPS: usize = 2;
+
+/// Groups `first..first + G` of the activations against the tile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+fn groups_on<const WIDE: bool, const WORDS: usize, const G: usize>(
+    tile: &DecodedTile,
+    acts: &PackedActs,
+    first: usize,
+    out: &mut [f32],
+) {
+    let chunks = tile.chunks.min(acts.chunks);
+    let width = acts.groups() * LANES;
+    let mut acc = [[_mm512_setzero_ps(); TILE_ROWS]; G];
+    for c in 0..chunks {
+        let at: [usize; G] = std::array::from_fn(|i| (first + i) * acts.chunks + c);
+        let Some(w) = tile.u.get(c * WORDS..).and_then(|u| u.first_chunk::<WORDS>()) else {
+            return;
+        };
+        let mut q = [&[[0i32; LANES]; WORDS]; G];
+        for (q, &at) in q.iter_mut().zip(&at) {
+            match acts.q.get(at * WORDS..).and_then(|q| q.first_chunk::<WORDS>()) {
+                Some(v) => *q = v,
+                None => return,
             }
         }
+        let (a, b) = (&tile.a[c], &tile.b[c]);
+        // One scaling per chunk, or one per half where the halves' scales differ.
+        let halves: &[(usize, usize, usize, usize)] = match tile.whole_chunks {
+            true => &[(0, 2, 0, WORDS)],
+            false => &[(0, 0, 0, WORDS / 2), (1, 1, WORDS / 2, WORDS)],
+        };
+        for &(h, k, from, to) in halves {
+            let dots = dots_over::<WIDE, WORDS, G>(&q, w, from, to);
+            for ((acc, dots), &at) in acc.iter_mut().zip(dots).zip(&at) {
+                let (d, dsum) = (load_ps(&acts.d[at]), load_ps(&acts.dsum[3 * at + k]));
+                scale_into(acc, dots, d, dsum, &a[h], &b[h]);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
         for (t, acc) in acc.iter().enumerate() {
-            let at = t * width + g * LANES;
+            let at = t * width + (first + i) * LANES;
             if let Some(o) = out.get_mut(at..at + LANES).and_then(|o| o.first_chunk_mut::<LANES>()) {
                 store_ps(o, *acc);
             }
@@ -258,25 +351,28 @@ fn tile_on<const WIDE: bool, const WORDS: usize>(tile: &DecodedTile, acts: &Pack
     }
 }
 
-/// The integer dots of words `from..to` of a chunk for every tile row: `vpdpwssd` (16-bit
-/// activations) or `vpdpbusd` (unsigned 8-bit weights, signed 8-bit activations).
+/// The integer dots of words `from..to` of a chunk for every tile row and each of `G` groups:
+/// `vpdpwssd` (16-bit activations) or `vpdpbusd` (unsigned 8-bit weights, signed 8-bit
+/// activations).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-fn dots_over<const WIDE: bool, const WORDS: usize>(
-    q: &[[i32; LANES]; WORDS],
+fn dots_over<const WIDE: bool, const WORDS: usize, const G: usize>(
+    q: &[&[[i32; LANES]; WORDS]; G],
     w: &[[i32; TILE_ROWS]; WORDS],
     from: usize,
     to: usize,
-) -> [__m512i; TILE_ROWS] {
-    let mut dots = [_mm512_setzero_si512(); TILE_ROWS];
+) -> [[__m512i; TILE_ROWS]; G] {
+    let mut dots = [[_mm512_setzero_si512(); TILE_ROWS]; G];
     for p in from..to.min(WORDS) {
-        let x = load_si(&q[p]);
+        let x: [__m512i; G] = std::array::from_fn(|i| load_si(&q[i][p]));
         for t in 0..TILE_ROWS {
             let wt = _mm512_set1_epi32(w[p][t]);
-            dots[t] = match WIDE {
-                true => _mm512_dpwssd_epi32(dots[t], x, wt),
-                false => _mm512_dpbusd_epi32(dots[t], wt, x),
-            };
+            for (dots, x) in dots.iter_mut().zip(x) {
+                dots[t] = match WIDE {
+                    true => _mm512_dpwssd_epi32(dots[t], x, wt),
+                    false => _mm512_dpbusd_epi32(dots[t], wt, x),
+                };
+            }
         }
     }
     dots
