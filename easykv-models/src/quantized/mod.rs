@@ -356,6 +356,32 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
         Activations::Int16 if !vnni_here => Activations::F32,
         a => a,
     };
+    // 16-bit activations against K-quants only (Qwen's Q4_K_M): one activation scale per 256
+    // values, the sub-block scales applied as integers (`vnni::kquants`).
+    #[cfg(target_arch = "x86_64")]
+    let kquants = match activations {
+        Activations::Int16
+            if cols.is_multiple_of(vnni::kquants::SUPER) && parts.iter().all(|p| vnni::kquants::handles(p.ty)) =>
+        {
+            vnni::gemm::Avx512Vnni::detect()
+        }
+        _ => None,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Some(token) = kquants {
+        let acts: Vec<_> = x.chunks_exact(cols).map(vnni::kquants::quantize_row).collect();
+        let mut y = vec![0f32; out * rows];
+        let per_task = out.div_ceil(rayon::current_num_threads().max(1)).max(MIN_ROWS_PER_TASK);
+        y.par_chunks_mut(per_task * rows).enumerate().for_each(|(t, block)| {
+            let which = weight_rows(parts, t * per_task..(t * per_task + block.len() / rows));
+            for (outs, (m, r)) in block.chunks_mut(rows).zip(which) {
+                for (o, a) in outs.iter_mut().zip(&acts) {
+                    *o = vnni::kquants::dot(token, m, r, a);
+                }
+            }
+        });
+        return outputs_by_row(y, rows, out);
+    }
     let (mut int8, mut int16, mut float) = (Vec::new(), Vec::new(), Vec::new());
     match activations {
         Activations::Int8 => int8 = x.chunks_exact(cols).map(quantize_row::<i8>).collect(),

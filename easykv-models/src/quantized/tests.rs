@@ -300,6 +300,42 @@ fn avx512_quantizer_equals_the_scalar_one() {
     }
 }
 
+/// The AVX-512 K-quant dots equal their scalar twin over the same 256-value activation
+/// blocks, and stay within 16-bit rounding of the dense product.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn kquant_dots_equal_the_scalar_ones() {
+    let Some(token) = vnni::gemm::Avx512Vnni::detect() else {
+        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+        return;
+    };
+    use vnni::kquants;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        for blocks in [1, 2, 5] {
+            let (rows, cols) = (3, blocks * 256);
+            let m = QuantMatrix::new(ty, rows, cols, &random_blocks(ty, rows * blocks, &mut rng)).unwrap();
+            let mut x = random_row(cols, &mut rng);
+            x[7] = 40.0; // one large activation: the others keep fewer bits
+            let a = kquants::quantize_row(&x);
+            for r in 0..rows {
+                let (got, want) = (kquants::dot(token, &m, r, &a), kquants::scalar_dot(ty, m.row(r), &a));
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{ty:?} × {blocks}, row {r}: {got} vs {want}"
+                );
+                let dense = crate::gguf::dequantize(ty, m.row(r), cols).unwrap();
+                let exact: f32 = dense.iter().zip(&x).map(|(w, x)| w * x).sum();
+                let scale: f32 = dense.iter().zip(&x).map(|(w, x)| (w * x).abs()).sum();
+                assert!(
+                    (got - exact).abs() <= 1e-3 * scale.max(1.0),
+                    "{ty:?}: {got} vs dense {exact}"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn check_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) {
     let (cols, out) = (parts[0].cols(), parts.iter().map(QuantMatrix::rows).sum::<usize>());

@@ -9,7 +9,8 @@
 //! call below is sound; everything inside the kernels is safe code (loads go through
 //! bounds-checked slices). Each kernel is tested against [`super::scalar`] in `tests.rs`.
 //!
-//! [`gemm`] holds the AVX-512 kernel for products of many activation rows (prefill chunks).
+//! [`gemm`] holds the AVX-512 kernel for products of many activation rows (prefill chunks),
+//! [`kquants`] the AVX-512 dots of Q4_K and Q6_K rows with activations quantized per 256.
 
 use core::arch::x86_64::{
     __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256, _mm256_castps256_ps128,
@@ -22,6 +23,7 @@ use core::arch::x86_64::{
 };
 
 pub mod gemm;
+pub mod kquants;
 
 use super::chunks::scale_min_k4;
 use super::{ActBlock, ActInt, QuantMatrix, BLOCK};
