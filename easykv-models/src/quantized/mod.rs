@@ -356,12 +356,16 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
         Activations::Int16 if !vnni_here => Activations::F32,
         a => a,
     };
-    // 16-bit activations against K-quants only (Qwen's Q4_K_M): one activation scale per 256
-    // values, the sub-block scales applied as integers (`vnni::kquants`).
+    // One row of 16-bit activations against K-quants only (a decode step of Qwen's Q4_K_M):
+    // one activation scale per 256 values, the sub-block scales applied as integers
+    // (`vnni::kquants`). More rows keep the kernels below, which unpack each weight chunk once
+    // for four activation rows.
     #[cfg(target_arch = "x86_64")]
     let kquants = match activations {
         Activations::Int16
-            if cols.is_multiple_of(vnni::kquants::SUPER) && parts.iter().all(|p| vnni::kquants::handles(p.ty)) =>
+            if rows == 1
+                && cols.is_multiple_of(vnni::kquants::SUPER)
+                && parts.iter().all(|p| vnni::kquants::handles(p.ty)) =>
         {
             vnni::gemm::Avx512Vnni::detect()
         }
