@@ -334,6 +334,30 @@ fn kquant_dots_equal_the_scalar_ones() {
             }
         }
     }
+    // Through `product`: stacked Q4_K and Q6_K parts, one activation row of 16 bits.
+    let cols = 512;
+    let parts: Vec<QuantMatrix> = [(GgmlType::Q4K, 70), (GgmlType::Q6K, 9)]
+        .into_iter()
+        .map(|(ty, rows)| QuantMatrix::new(ty, rows, cols, &random_blocks(ty, rows * 2, &mut rng)).unwrap())
+        .collect();
+    let x = random_row(cols, &mut rng);
+    let y = product(&parts, &x, 1, Kernel::detect(), Activations::Int16);
+    let a = kquants::quantize_row(&x);
+    let want: Vec<f32> = parts
+        .iter()
+        .flat_map(|p| {
+            (0..p.rows())
+                .map(|r| kquants::scalar_dot(p.ty(), p.row(r), &a))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(y.len(), want.len());
+    for (o, (got, want)) in y.iter().zip(&want).enumerate() {
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "output {o}: {got} vs {want}"
+        );
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
