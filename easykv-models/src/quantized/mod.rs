@@ -455,8 +455,9 @@ pub fn product_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) ->
         .flat_map(|m| (0..m.rows).step_by(TILE_ROWS).map(move |first| (m, first)))
         .collect();
     // Every tile's products in a slot of `TILE_ROWS` rows, `[tile row, activation row]`: a
-    // buffer kept from call to call (a fresh one of this size had the kernel zeroing new pages
-    // for a tenth of a prefill's time).
+    // buffer kept from call to call up to [`RETAINED_PRODUCTS_MAX`] (a fresh one is zeroed page
+    // by page by the kernel on first touch, which `perf` showed among a prefill's largest
+    // costs); larger ones are freed, so a long prompt's chunk leaves no memory held.
     thread_local! {
         static PRODUCTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -485,9 +486,16 @@ pub fn product_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) ->
         }
         o += n;
     }
-    PRODUCTS.with(|p| *p.borrow_mut() = products);
+    if products.capacity() <= RETAINED_PRODUCTS_MAX {
+        PRODUCTS.with(|p| *p.borrow_mut() = products);
+    }
     Some(y)
 }
+
+/// The most f32 values [`product_many`] keeps for its next call (64 MiB: a 512-row chunk of
+/// Qwen2.5-1.5B's widest product takes 36 MB).
+#[cfg(target_arch = "x86_64")]
+const RETAINED_PRODUCTS_MAX: usize = 16 << 20;
 
 /// Products computed `[out, rows]` (each task owning whole weight rows) laid out `[rows, out]`;
 /// one row (a decode step alone) is laid out the same either way.
