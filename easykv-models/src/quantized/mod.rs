@@ -79,9 +79,7 @@ pub struct ActBlock<Q: ActInt = i8> {
 pub fn quantize_row<Q: ActInt>(x: &[f32]) -> Vec<ActBlock<Q>> {
     x.chunks_exact(BLOCK)
         .map(|v| {
-            let amax = v.iter().fold(0f32, |m, &a| m.max(a.abs()));
-            let d = amax / Q::MAX;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let (d, inv) = block_scale(v, Q::MAX);
             let q: [Q; BLOCK] = std::array::from_fn(|i| Q::from_f32(round(v[i] * inv).clamp(-Q::MAX, Q::MAX)));
             let half = |h: usize| q[h * 16..h * 16 + 16].iter().map(|&v| v.into()).sum();
             let sums = [half(0), half(1)];
@@ -93,6 +91,13 @@ pub fn quantize_row<Q: ActInt>(x: &[f32]) -> Vec<ActBlock<Q>> {
             }
         })
         .collect()
+}
+
+/// The scale `d` of a block of activations quantized to ±`max` (its largest magnitude ÷ `max`)
+/// and `1/d` (0 for a block of zeros).
+fn block_scale(v: &[f32], max: f32) -> (f32, f32) {
+    let d = v.iter().fold(0f32, |m, &a| m.max(a.abs())) / max;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// `v.round()` (halves away from zero) for |v| < 2³¹ in instructions every x86-64 has: the
@@ -372,22 +377,15 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
         _ => None,
     };
     #[cfg(target_arch = "x86_64")]
-    if let Some(token) = kquants {
-        let acts: Vec<_> = x.chunks_exact(cols).map(vnni::kquants::quantize_row).collect();
-        let mut y = vec![0f32; out * rows];
-        let per_task = out.div_ceil(rayon::current_num_threads().max(1)).max(MIN_ROWS_PER_TASK);
-        y.par_chunks_mut(per_task * rows).enumerate().for_each(|(t, block)| {
-            let which = weight_rows(parts, t * per_task..(t * per_task + block.len() / rows));
-            for (outs, (m, r)) in block.chunks_mut(rows).zip(which) {
-                for (o, a) in outs.iter_mut().zip(&acts) {
-                    *o = vnni::kquants::dot(token, m, r, a);
-                }
-            }
-        });
-        return outputs_by_row(y, rows, out);
-    }
+    let per256: Vec<Vec<vnni::kquants::SuperBlock>> = match kquants {
+        Some(_) => x.chunks_exact(cols).map(vnni::kquants::quantize_row).collect(),
+        None => Vec::new(),
+    };
     let (mut int8, mut int16, mut float) = (Vec::new(), Vec::new(), Vec::new());
     match activations {
+        // Quantized per 256 above.
+        #[cfg(target_arch = "x86_64")]
+        Activations::Int16 if kquants.is_some() => {}
         Activations::Int8 => int8 = x.chunks_exact(cols).map(quantize_row::<i8>).collect(),
         Activations::Int16 => int16 = x.chunks_exact(cols).map(quantize_row::<i16>).collect(),
         Activations::F32 => float = x.chunks_exact(cols).map(FloatRow::new).collect(),
@@ -401,6 +399,15 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
     y.par_chunks_mut(per_task * rows).enumerate().for_each(|(t, block)| {
         // Tasks cut across the stacked parts freely.
         let which = weight_rows(parts, t * per_task..(t * per_task + block.len() / rows));
+        #[cfg(target_arch = "x86_64")]
+        if let Some(token) = kquants {
+            for (outs, (m, r)) in block.chunks_mut(rows).zip(which) {
+                for (o, a) in outs.iter_mut().zip(&per256) {
+                    *o = vnni::kquants::dot(token, m, r, a);
+                }
+            }
+            return;
+        }
         match (kernel, activations) {
             #[cfg(target_arch = "x86_64")]
             (Kernel::Vnni(_, token), Activations::Int8) if vnni_here => vnni::dots(token, which, &int8, block),

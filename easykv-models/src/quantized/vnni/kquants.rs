@@ -37,9 +37,7 @@ pub struct SuperBlock {
 pub fn quantize_row(x: &[f32]) -> Vec<SuperBlock> {
     x.chunks_exact(SUPER)
         .map(|v| {
-            let amax = v.iter().fold(0f32, |m, &a| m.max(a.abs()));
-            let d = amax / 32767.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let (d, inv) = super::super::block_scale(v, 32767.0);
             let q: [i16; SUPER] =
                 std::array::from_fn(|i| super::super::round(v[i] * inv).clamp(-32767.0, 32767.0) as i16);
             let sums = std::array::from_fn(|j| q[32 * j..32 * j + 32].iter().map(|&v| v as i32).sum());
