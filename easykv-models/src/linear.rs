@@ -137,6 +137,7 @@ impl<B: Backend> Linear<B> {
         device: &B::Device,
     ) -> Self {
         let out = matrix.rows();
+        let matrix = decode_layout(matrix, activations);
         Self {
             weight: Param::from_tensor(Tensor::zeros([out, 1], device)),
             bias: bias.map(|b| Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), device))),
@@ -375,6 +376,7 @@ impl<B: Backend> EmbeddingTable<B> {
 
     /// From a table's quantized blocks (`[vocab, hidden]`), kept as they are.
     pub fn quantized(matrix: QuantMatrix, activations: Activations, device: &B::Device) -> Self {
+        let matrix = decode_layout(matrix, activations);
         Self {
             weight: Param::from_tensor(Tensor::zeros([matrix.rows(), 1], device)),
             packed: Some(Arc::new(HostWeights::Blocks(PackedWeights {
@@ -473,6 +475,16 @@ fn panels_of<B: Backend>(w: &Param<Tensor<B, 2>>) -> Option<PanelMatrix> {
     }
     let data = w.into_data();
     PanelMatrix::pack(data.as_slice::<f32>().ok()?, out, inp)
+}
+
+/// `matrix` stored for the fastest decode product of its activations: sixteen rows interleaved
+/// where the CPU's decode kernel takes them ([`QuantMatrix::interleaved`]; integer
+/// activations only: f32 ones read rows one by one).
+fn decode_layout(matrix: QuantMatrix, activations: Activations) -> QuantMatrix {
+    match activations {
+        Activations::F32 => matrix,
+        Activations::Int8 | Activations::Int16 => matrix.interleaved().unwrap_or(matrix),
+    }
 }
 
 /// `x·Wᵀ` of f32 rows `x` (`[rows, in]`, host memory) and weights in a host layout: `[rows, out]`.

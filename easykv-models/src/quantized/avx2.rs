@@ -227,12 +227,12 @@ pub fn dots<'a>(
             let acts: Vec<&[ActBlock]> = acts.iter().map(Vec::as_slice).collect();
             for (o, (m, r)) in outs.chunks_mut(acts.len().max(1)).zip(which) {
                 if let ([x], [y]) = (acts.as_slice(), &mut *o) {
-                    *y = dot_one(simd, m.ty(), m.row(r), x);
+                    *y = dot_one(simd, m.ty(), &m.row(r), x);
                     continue;
                 }
                 // Each unpacked chunk of weights serves up to four activation rows.
                 for (y, a) in o.chunks_mut(ROWS).zip(acts.chunks(ROWS)) {
-                    dots_of_row(simd, m.ty(), m.row(r), a, y);
+                    dots_of_row(simd, m.ty(), &m.row(r), a, y);
                 }
             }
         },
@@ -303,7 +303,7 @@ pub fn float_dots<'a>(
             for (o, (m, r)) in outs.chunks_mut(xs.len().max(1)).zip(which) {
                 // Each chunk, unpacked and widened once, serves up to four activation rows.
                 for (y, x) in o.chunks_mut(ROWS).zip(xs.chunks(ROWS)) {
-                    float_dots_of_row(simd, m.ty(), m.row(r), x, y);
+                    float_dots_of_row(simd, m.ty(), &m.row(r), x, y);
                 }
             }
         },

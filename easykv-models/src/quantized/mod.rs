@@ -139,6 +139,9 @@ pub struct QuantMatrix {
     rows: usize,
     cols: usize,
     data: Blocks,
+    /// Stored sixteen rows to a group for the decode kernel ([`vnni::interleaved`]) rather
+    /// than row by row.
+    interleaved: bool,
 }
 
 /// A matrix's bytes: its own, or a range of a loaded file's (no second copy of the weights).
@@ -166,6 +169,7 @@ impl QuantMatrix {
             rows,
             cols,
             data: Blocks::Owned(bytes.to_vec()),
+            interleaved: false,
         })
     }
 
@@ -183,6 +187,7 @@ impl QuantMatrix {
             rows,
             cols,
             data: Blocks::Shared(file, range),
+            interleaved: false,
         })
     }
 
@@ -208,28 +213,57 @@ impl QuantMatrix {
         self.cols / self.ty.block_len() * self.ty.block_bytes()
     }
 
-    /// Row `r`'s blocks.
-    pub fn row(&self, r: usize) -> &[u8] {
+    /// Row `r`'s blocks (a copy where the matrix is interleaved).
+    pub fn row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
         let n = self.row_bytes();
-        &self.data.bytes()[r * n..(r + 1) * n]
+        #[cfg(target_arch = "x86_64")]
+        if self.interleaved {
+            return std::borrow::Cow::Owned(vnni::interleaved::row(self.ty, self.data.bytes(), n, r));
+        }
+        std::borrow::Cow::Borrowed(&self.data.bytes()[r * n..(r + 1) * n])
     }
 
-    /// The rows `order` lists, in that order (reordering a projection's rows).
+    /// The rows `order` lists, in that order (reordering a projection's rows), row by row.
     pub fn select_rows(&self, order: &[usize]) -> Self {
         let mut data = Vec::with_capacity(order.len() * self.row_bytes());
         for &r in order {
-            data.extend_from_slice(self.row(r));
+            data.extend_from_slice(&self.row(r));
         }
         Self {
             rows: order.len(),
             data: Blocks::Owned(data),
+            interleaved: false,
             ..*self
         }
     }
 
+    /// This matrix stored sixteen rows to a group for the AVX-512 decode kernel
+    /// ([`vnni::interleaved`]), where this CPU runs it and the type and row count allow;
+    /// `None` otherwise. Same bytes, reordered; the row-by-row storage is not kept.
+    pub fn interleaved(&self) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use vnni::interleaved::{handles, interleave, GROUP};
+            let fits = !self.interleaved && handles(self.ty) && self.rows.is_multiple_of(GROUP) && self.rows > 0;
+            if fits && vnni::gemm::Avx512Vnni::detect().is_some() {
+                return Some(Self {
+                    data: Blocks::Owned(interleave(self.ty, self.rows, self.data.bytes())),
+                    interleaved: true,
+                    ..*self
+                });
+            }
+        }
+        None
+    }
+
+    /// Whether the rows are stored interleaved ([`interleaved`](Self::interleaved)).
+    pub fn is_interleaved(&self) -> bool {
+        self.interleaved
+    }
+
     /// Row `r` as f32 (an embedding lookup).
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        crate::gguf::dequantize(self.ty, self.row(r), self.cols).unwrap_or_else(|_| vec![0.0; self.cols])
+        crate::gguf::dequantize(self.ty, &self.row(r), self.cols).unwrap_or_else(|_| vec![0.0; self.cols])
     }
 
     /// Rows `rows` as f32, row-major.
@@ -239,18 +273,17 @@ impl QuantMatrix {
             rows.end.min(self.rows).max(rows.start.min(self.rows)),
         );
         let n = self.row_bytes();
-        crate::gguf::dequantize(
-            self.ty,
-            &self.data.bytes()[first * n..last * n],
-            (last - first) * self.cols,
-        )
-        .unwrap_or_else(|_| vec![0.0; (last - first) * self.cols])
+        let bytes = match self.interleaved {
+            true => std::borrow::Cow::Owned((first..last).flat_map(|r| self.row(r).into_owned()).collect()),
+            false => std::borrow::Cow::Borrowed(&self.data.bytes()[first * n..last * n]),
+        };
+        crate::gguf::dequantize(self.ty, &bytes, (last - first) * self.cols)
+            .unwrap_or_else(|_| vec![0.0; (last - first) * self.cols])
     }
 
     /// The whole matrix as f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        crate::gguf::dequantize(self.ty, self.data.bytes(), self.rows * self.cols)
-            .unwrap_or_else(|_| vec![0.0; self.rows * self.cols])
+        self.dequantize_rows(0..self.rows)
     }
 }
 
@@ -352,6 +385,10 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
         return vec![0.0; rows * out];
     }
     #[cfg(target_arch = "x86_64")]
+    if let Some(y) = interleaved_product(parts, x, rows, activations) {
+        return y;
+    }
+    #[cfg(target_arch = "x86_64")]
     let vnni_here = matches!(kernel, Kernel::Vnni(..)) && parts.iter().all(|p| vnni::handles(p.ty));
     #[cfg(not(target_arch = "x86_64"))]
     let vnni_here = false;
@@ -425,9 +462,9 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
                 for (outs, (m, r)) in block.chunks_mut(rows).zip(which) {
                     for (j, o) in outs.iter_mut().enumerate() {
                         *o = match activations {
-                            Activations::Int8 => scalar::dot(m.ty, m.row(r), &int8[j]),
-                            Activations::Int16 => scalar::dot(m.ty, m.row(r), &int16[j]),
-                            Activations::F32 => scalar::float_dot(m.ty, m.row(r), &float[j]),
+                            Activations::Int8 => scalar::dot(m.ty, &m.row(r), &int8[j]),
+                            Activations::Int16 => scalar::dot(m.ty, &m.row(r), &int16[j]),
+                            Activations::F32 => scalar::float_dot(m.ty, &m.row(r), &float[j]),
                         };
                     }
                 }
@@ -435,6 +472,53 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
         }
     });
     outputs_by_row(y, rows, out)
+}
+
+/// [`product`] where every part is stored interleaved ([`QuantMatrix::interleaved`]) and the
+/// activations are 8- or 16-bit: sixteen weight rows at a time ([`vnni::interleaved`]), tasks
+/// of whole groups. `None` otherwise.
+#[cfg(target_arch = "x86_64")]
+fn interleaved_product(parts: &[QuantMatrix], x: &[f32], rows: usize, activations: Activations) -> Option<Vec<f32>> {
+    use vnni::interleaved::{group_dots, split_row, GROUP};
+    if parts.is_empty() || !parts.iter().all(|p| p.interleaved) {
+        return None;
+    }
+    let token = vnni::gemm::Avx512Vnni::detect()?;
+    let cols = parts.first()?.cols;
+    let (acts, wide): (Vec<_>, bool) = match activations {
+        Activations::Int8 => (
+            x.chunks_exact(cols)
+                .map(|r| split_row(&quantize_row::<i8>(r)))
+                .collect(),
+            false,
+        ),
+        Activations::Int16 => (
+            x.chunks_exact(cols)
+                .map(|r| split_row(&quantize_row::<i16>(r)))
+                .collect(),
+            true,
+        ),
+        Activations::F32 => return None,
+    };
+    // Each part's groups, in output order.
+    let groups: Vec<(&QuantMatrix, &[u8])> = parts
+        .iter()
+        .flat_map(|m| m.data.bytes().chunks_exact(GROUP * m.row_bytes()).map(move |g| (m, g)))
+        .collect();
+    let out = groups.len() * GROUP;
+    let mut y = vec![0f32; out * rows];
+    let per_task = groups
+        .len()
+        .div_ceil(rayon::current_num_threads().max(1))
+        .max(MIN_ROWS_PER_TASK / GROUP);
+    y.par_chunks_mut(per_task * GROUP * rows)
+        .zip(groups.par_chunks(per_task))
+        .for_each(|(block, task)| {
+            for (outs, (m, group)) in block.chunks_mut(GROUP * rows).zip(task) {
+                group_dots(token, m.ty, group, &acts, wide, outs);
+            }
+        });
+    Some(outputs_by_row(y, rows, out))
 }
 
 /// `x·Wᵀ` for many activation rows (a prefill chunk) with 8- or 16-bit activation blocks

@@ -10,7 +10,8 @@
 //! bounds-checked slices). Each kernel is tested against [`super::scalar`] in `tests.rs`.
 //!
 //! [`gemm`] holds the AVX-512 kernel for products of many activation rows (prefill chunks),
-//! [`kquants`] the AVX-512 dots of Q4_K and Q6_K rows with activations quantized per 256.
+//! [`kquants`] the AVX-512 dots of Q4_K and Q6_K rows with activations quantized per 256,
+//! [`interleaved`] the AVX-512 decode dots of Q4_0, Q4_1 and Q8_0 rows stored sixteen to a group.
 
 use core::arch::x86_64::{
     __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256, _mm256_castps256_ps128,
@@ -23,6 +24,7 @@ use core::arch::x86_64::{
 };
 
 pub mod gemm;
+pub mod interleaved;
 pub mod kquants;
 
 use super::chunks::scale_min_k4;
@@ -78,6 +80,7 @@ fn dots_on<'a, Q: ActInt>(
     let acts: Vec<&[ActBlock<Q>]> = acts.iter().map(Vec::as_slice).collect();
     for (o, (m, r)) in outs.chunks_mut(acts.len().max(1)).zip(which) {
         let (ty, row) = (m.ty(), m.row(r));
+        let row = &*row;
         // Up to four activation rows per pass over the weight row.
         for (y, a) in o.chunks_mut(4).zip(acts.chunks(4)) {
             match *a {
@@ -218,6 +221,15 @@ fn products<Q: ActInt>(w: Weights, x: &ActBlock<Q>, split: bool) -> __m256i {
     )
 }
 
+/// Asks for the cache line [`kquants::AHEAD`] bytes past `b`'s start (see `kquants::prefetch`).
+#[inline(always)]
+fn prefetch_line(b: &[u8]) {
+    let ahead = b.as_ptr().wrapping_add(kquants::AHEAD);
+    // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so any
+    // address (here possibly past the matrix) is sound.
+    unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(ahead.cast()) }
+}
+
 /// `[f16 at b[0..2], f16 at b[2..4]]` as f32 (a block's scale and minimum; zeros past `b`'s end).
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 #[inline]
@@ -288,6 +300,7 @@ fn row_dots<const N: usize, Q: ActInt>(ty: GgmlType, row: &[u8], xs: [&[ActBlock
             let pairs = row.chunks_exact(2 * size);
             let rest = pairs.remainder();
             for (i, pair) in pairs.enumerate() {
+                prefetch_line(pair);
                 let (first, second) = pair.split_at(size);
                 small_block::<0, N, Q>(ty, &mut s, 2 * i, first, &xs);
                 small_block::<1, N, Q>(ty, &mut s, 2 * i + 1, second, &xs);

@@ -259,7 +259,7 @@ impl DecodedTile {
                 }
                 continue;
             }
-            for_each_chunk(m.ty(), row, |c, chunk| put(c, &chunk.u, chunk.a, chunk.b));
+            for_each_chunk(m.ty(), &row, |c, chunk| put(c, &chunk.u, chunk.a, chunk.b));
         }
     }
 }

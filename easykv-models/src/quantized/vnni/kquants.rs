@@ -60,8 +60,8 @@ pub fn dot(token: Avx512Vnni, m: &QuantMatrix, r: usize, x: &[SuperBlock]) -> f3
     // `Avx512Vnni::detect` found all three on this CPU.
     unsafe {
         match m.ty() {
-            GgmlType::Q4K => q4k_on(row, x),
-            GgmlType::Q6K => q6k_on(row, x),
+            GgmlType::Q4K => q4k_on(&row, x),
+            GgmlType::Q6K => q6k_on(&row, x),
             _ => 0.0,
         }
     }
@@ -166,7 +166,7 @@ fn prefetch(blk: &[u8]) {
 }
 
 /// How far ahead [`prefetch`] asks.
-const AHEAD: usize = 1024;
+pub(super) const AHEAD: usize = 1024;
 
 /// 32 bytes from the start of `b` (zeros where `b` is shorter).
 #[inline(always)]
