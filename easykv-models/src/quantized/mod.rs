@@ -16,10 +16,12 @@
 //! activations; the workspace's one `unsafe` module), [`avx2`] where it has AVX2 (through
 //! `pulp`'s safe intrinsic wrappers — its CPU-feature token proves they may run), in plain
 //! Rust elsewhere ([`scalar`], which the SIMD kernels are tested against). Weight rows are
-//! split over rayon's threads; each is read once for every activation row.
+//! split over threads (rayon's, or for the interleaved decode kernel spinning [`workers`]);
+//! each is read once for every activation row.
 
 mod chunks;
 pub mod scalar;
+pub mod workers;
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
@@ -147,7 +149,7 @@ pub struct QuantMatrix {
 /// A matrix's bytes: its own, or a range of a loaded file's (no second copy of the weights).
 #[derive(Debug, Clone)]
 enum Blocks {
-    Owned(Vec<u8>),
+    Owned(std::sync::Arc<Vec<u8>>),
     Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
 }
 
@@ -168,7 +170,7 @@ impl QuantMatrix {
             ty,
             rows,
             cols,
-            data: Blocks::Owned(bytes.to_vec()),
+            data: Blocks::Owned(std::sync::Arc::new(bytes.to_vec())),
             interleaved: false,
         })
     }
@@ -231,7 +233,7 @@ impl QuantMatrix {
         }
         Self {
             rows: order.len(),
-            data: Blocks::Owned(data),
+            data: Blocks::Owned(std::sync::Arc::new(data)),
             interleaved: false,
             ..*self
         }
@@ -247,7 +249,7 @@ impl QuantMatrix {
             let fits = !self.interleaved && handles(self.ty) && self.rows.is_multiple_of(GROUP) && self.rows > 0;
             if fits && vnni::gemm::Avx512Vnni::detect().is_some() {
                 return Some(Self {
-                    data: Blocks::Owned(interleave(self.ty, self.rows, self.data.bytes())),
+                    data: Blocks::Owned(std::sync::Arc::new(interleave(self.ty, self.rows, self.data.bytes()))),
                     interleaved: true,
                     ..*self
                 });
@@ -418,6 +420,21 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
         Some(_) => x.chunks_exact(cols).map(vnni::kquants::quantize_row).collect(),
         None => Vec::new(),
     };
+    #[cfg(target_arch = "x86_64")]
+    if let Some(token) = kquants {
+        let share =
+            move |parts: &[QuantMatrix], acts: &Vec<Vec<vnni::kquants::SuperBlock>>, range: std::ops::Range<usize>| {
+                let mut y = vec![0f32; range.len() * rows];
+                for (outs, (m, r)) in y.chunks_mut(rows).zip(weight_rows(parts, range)) {
+                    for (o, a) in outs.iter_mut().zip(acts) {
+                        *o = vnni::kquants::dot(token, m, r, a);
+                    }
+                }
+                y
+            };
+        let y = shares_on_workers(out, MIN_ROWS_PER_TASK, rows, parts, std::sync::Arc::new(per256), share);
+        return outputs_by_row(y, rows, out);
+    }
     let (mut int8, mut int16, mut float) = (Vec::new(), Vec::new(), Vec::new());
     match activations {
         // Quantized per 256 above.
@@ -436,15 +453,6 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
     y.par_chunks_mut(per_task * rows).enumerate().for_each(|(t, block)| {
         // Tasks cut across the stacked parts freely.
         let which = weight_rows(parts, t * per_task..(t * per_task + block.len() / rows));
-        #[cfg(target_arch = "x86_64")]
-        if let Some(token) = kquants {
-            for (outs, (m, r)) in block.chunks_mut(rows).zip(which) {
-                for (o, a) in outs.iter_mut().zip(&per256) {
-                    *o = vnni::kquants::dot(token, m, r, a);
-                }
-            }
-            return;
-        }
         match (kernel, activations) {
             #[cfg(target_arch = "x86_64")]
             (Kernel::Vnni(_, token), Activations::Int8) if vnni_here => vnni::dots(token, which, &int8, block),
@@ -475,8 +483,9 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
 }
 
 /// [`product`] where every part is stored interleaved ([`QuantMatrix::interleaved`]) and the
-/// activations are 8- or 16-bit: sixteen weight rows at a time ([`vnni::interleaved`]), tasks
-/// of whole groups. `None` otherwise.
+/// activations are 8- or 16-bit: sixteen weight rows at a time ([`vnni::interleaved`]), one
+/// task per thread of whole groups, on the spinning [`workers`] (rayon's where they are busy).
+/// `None` otherwise.
 #[cfg(target_arch = "x86_64")]
 fn interleaved_product(parts: &[QuantMatrix], x: &[f32], rows: usize, activations: Activations) -> Option<Vec<f32>> {
     use vnni::interleaved::{group_dots, split_row, GROUP};
@@ -500,25 +509,60 @@ fn interleaved_product(parts: &[QuantMatrix], x: &[f32], rows: usize, activation
         ),
         Activations::F32 => return None,
     };
-    // Each part's groups, in output order.
-    let groups: Vec<(&QuantMatrix, &[u8])> = parts
-        .iter()
-        .flat_map(|m| m.data.bytes().chunks_exact(GROUP * m.row_bytes()).map(move |g| (m, g)))
-        .collect();
-    let out = groups.len() * GROUP;
-    let mut y = vec![0f32; out * rows];
-    let per_task = groups
-        .len()
-        .div_ceil(rayon::current_num_threads().max(1))
-        .max(MIN_ROWS_PER_TASK / GROUP);
-    y.par_chunks_mut(per_task * GROUP * rows)
-        .zip(groups.par_chunks(per_task))
-        .for_each(|(block, task)| {
-            for (outs, (m, group)) in block.chunks_mut(GROUP * rows).zip(task) {
-                group_dots(token, m.ty, group, &acts, wide, outs);
+    let acts = std::sync::Arc::new(acts);
+    // The outputs of groups `range` (counted across the parts), `[16·groups, rows]`.
+    let share =
+        move |parts: &[QuantMatrix], acts: &Vec<Vec<vnni::interleaved::SplitBlock>>, range: std::ops::Range<usize>| {
+            let mut y = vec![0f32; range.len() * GROUP * rows];
+            let mut outs = y.chunks_mut(GROUP * rows);
+            let mut first = 0;
+            for m in parts {
+                let (n, bytes) = (m.rows / GROUP, GROUP * m.row_bytes());
+                let mine = range.start.clamp(first, first + n) - first..range.end.clamp(first, first + n) - first;
+                for group in m.data.bytes().chunks_exact(bytes).skip(mine.start).take(mine.len()) {
+                    if let Some(o) = outs.next() {
+                        group_dots(token, m.ty, group, acts, wide, o);
+                    }
+                }
+                first += n;
             }
-        });
-    Some(outputs_by_row(y, rows, out))
+            y
+        };
+    let groups: usize = parts.iter().map(|m| m.rows / GROUP).sum();
+    let y = shares_on_workers(groups, MIN_ROWS_PER_TASK / GROUP, GROUP * rows, parts, acts, share);
+    Some(outputs_by_row(y, rows, groups * GROUP))
+}
+
+/// `share` of `units` units (weight rows or groups of them, `unit_len` outputs each) split into
+/// one range per thread, run on the spinning [`workers`] (rayon's threads where those are in
+/// use), the shares' outputs in order. Tasks own clones of `parts` (their bytes are shared).
+fn shares_on_workers<A: Send + Sync + 'static>(
+    units: usize,
+    min_units: usize,
+    unit_len: usize,
+    parts: &[QuantMatrix],
+    acts: std::sync::Arc<A>,
+    share: impl Fn(&[QuantMatrix], &A, std::ops::Range<usize>) -> Vec<f32> + Copy + Send + Sync + 'static,
+) -> Vec<f32> {
+    let pool = workers::Workers::global();
+    let per_task = units.div_ceil(pool.width()).max(min_units).max(1);
+    let ranges: Vec<_> = (0..units)
+        .step_by(per_task)
+        .map(|u| u..(u + per_task).min(units))
+        .collect();
+    let tasks: Vec<workers::Task> = ranges
+        .iter()
+        .map(|range| {
+            let (parts, acts, range) = (parts.to_vec(), std::sync::Arc::clone(&acts), range.clone());
+            Box::new(move || share(&parts, &acts, range)) as workers::Task
+        })
+        .collect();
+    let shares = match pool.run(tasks) {
+        // A share of the wrong size means its task failed: all again on rayon's threads.
+        Some(shares) if shares.iter().zip(&ranges).all(|(s, r)| s.len() == r.len() * unit_len) => shares,
+        _ => ranges.par_iter().map(|r| share(parts, &acts, r.clone())).collect(),
+    };
+    shares.concat()
 }
 
 /// `x·Wᵀ` for many activation rows (a prefill chunk) with 8- or 16-bit activation blocks
