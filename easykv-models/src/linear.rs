@@ -483,7 +483,7 @@ fn panels_of<B: Backend>(w: &Param<Tensor<B, 2>>) -> Option<PanelMatrix> {
 fn decode_layout(matrix: QuantMatrix, activations: Activations) -> QuantMatrix {
     match activations {
         Activations::F32 => matrix,
-        Activations::Int8 | Activations::Int16 => matrix.interleaved().unwrap_or(matrix),
+        Activations::Int8 | Activations::Int16 => matrix.interleaved(activations).unwrap_or(matrix),
     }
 }
 

@@ -220,7 +220,11 @@ impl QuantMatrix {
         let n = self.row_bytes();
         #[cfg(target_arch = "x86_64")]
         if self.interleaved {
-            return std::borrow::Cow::Owned(vnni::interleaved::row(self.ty, self.data.bytes(), n, r));
+            let data = self.data.bytes();
+            return std::borrow::Cow::Owned(match vnni::interleaved_kquants::handles(self.ty) {
+                true => vnni::interleaved_kquants::row(self.ty, data, self.cols / self.ty.block_len(), r),
+                false => vnni::interleaved::row(self.ty, data, n, r),
+            });
         }
         std::borrow::Cow::Borrowed(&self.data.bytes()[r * n..(r + 1) * n])
     }
@@ -239,23 +243,44 @@ impl QuantMatrix {
         }
     }
 
-    /// This matrix stored sixteen rows to a group for the AVX-512 decode kernel
-    /// ([`vnni::interleaved`]), where this CPU runs it and the type and row count allow;
-    /// `None` otherwise. Same bytes, reordered; the row-by-row storage is not kept.
-    pub fn interleaved(&self) -> Option<Self> {
+    /// This matrix stored sixteen rows to a group for the AVX-512 decode kernels
+    /// ([`vnni::interleaved`], [`vnni::interleaved_kquants`]) that multiply it by
+    /// `activations`, where this CPU runs them and the type and row count allow; `None`
+    /// otherwise. The row-by-row storage is not kept.
+    pub fn interleaved(&self, activations: Activations) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
-            use vnni::interleaved::{handles, interleave, GROUP};
-            let fits = !self.interleaved && handles(self.ty) && self.rows.is_multiple_of(GROUP) && self.rows > 0;
-            if fits && vnni::gemm::Avx512Vnni::detect().is_some() {
+            use vnni::{interleaved, interleaved_kquants};
+            let kernel = match activations {
+                Activations::Int8 | Activations::Int16 if interleaved::handles(self.ty) => Some(false),
+                Activations::Int16 if interleaved_kquants::handles(self.ty) => Some(true),
+                _ => None,
+            };
+            let fits = !self.interleaved && self.rows.is_multiple_of(interleaved::GROUP) && self.rows > 0;
+            if let (Some(kquants), true, Some(_)) = (kernel, fits, vnni::gemm::Avx512Vnni::detect()) {
+                let bytes = self.data.bytes();
+                let data = match kquants {
+                    true => interleaved_kquants::interleave(self.ty, self.rows, bytes),
+                    false => interleaved::interleave(self.ty, self.rows, bytes),
+                };
                 return Some(Self {
-                    data: Blocks::Owned(std::sync::Arc::new(interleave(self.ty, self.rows, self.data.bytes()))),
+                    data: Blocks::Owned(std::sync::Arc::new(data)),
                     interleaved: true,
                     ..*self
                 });
             }
         }
+        let _ = activations;
         None
+    }
+
+    /// Bytes of one interleaved group of sixteen rows.
+    #[cfg(target_arch = "x86_64")]
+    fn group_bytes(&self) -> usize {
+        match vnni::interleaved_kquants::handles(self.ty) {
+            true => self.cols / self.ty.block_len() * vnni::interleaved_kquants::group_block_bytes(self.ty),
+            false => vnni::interleaved::GROUP * self.row_bytes(),
+        }
     }
 
     /// Whether the rows are stored interleaved ([`interleaved`](Self::interleaved)).
@@ -483,51 +508,67 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
 }
 
 /// [`product`] where every part is stored interleaved ([`QuantMatrix::interleaved`]) and the
-/// activations are 8- or 16-bit: sixteen weight rows at a time ([`vnni::interleaved`]), one
-/// task per thread of whole groups, on the spinning [`workers`] (rayon's where they are busy).
-/// `None` otherwise.
+/// activations are those its kernels take: sixteen weight rows at a time
+/// ([`vnni::interleaved`], [`vnni::interleaved_kquants`]), one task per thread of whole groups
+/// ([`shares_on_workers`]). `None` otherwise.
 #[cfg(target_arch = "x86_64")]
 fn interleaved_product(parts: &[QuantMatrix], x: &[f32], rows: usize, activations: Activations) -> Option<Vec<f32>> {
-    use vnni::interleaved::{group_dots, split_row, GROUP};
+    use vnni::interleaved::{split_row, GROUP};
+    use vnni::interleaved_kquants as kq;
     if parts.is_empty() || !parts.iter().all(|p| p.interleaved) {
         return None;
     }
     let token = vnni::gemm::Avx512Vnni::detect()?;
     let cols = parts.first()?.cols;
-    let (acts, wide): (Vec<_>, bool) = match activations {
-        Activations::Int8 => (
-            x.chunks_exact(cols)
-                .map(|r| split_row(&quantize_row::<i8>(r)))
-                .collect(),
-            false,
-        ),
-        Activations::Int16 => (
-            x.chunks_exact(cols)
-                .map(|r| split_row(&quantize_row::<i16>(r)))
-                .collect(),
-            true,
-        ),
-        Activations::F32 => return None,
+    let any_k = parts.iter().any(|p| kq::handles(p.ty));
+    let any_small = parts.iter().any(|p| !kq::handles(p.ty));
+    let wide = match activations {
+        Activations::Int8 if !any_k => false,
+        Activations::Int16 => true,
+        _ => return None,
     };
-    let acts = std::sync::Arc::new(acts);
+    let rows_of = |f: &dyn Fn(&[f32]) -> Vec<_>| -> Vec<_> { x.chunks_exact(cols).map(f).collect() };
+    let small = match (any_small, wide) {
+        (false, _) => Vec::new(),
+        (true, false) => rows_of(&|r| split_row(&quantize_row::<i8>(r))),
+        (true, true) => rows_of(&|r| split_row(&quantize_row::<i16>(r))),
+    };
+    let per256 = match any_k {
+        true => x
+            .chunks_exact(cols)
+            .map(|r| kq::split_row(&vnni::kquants::quantize_row(r)))
+            .collect(),
+        false => Vec::new(),
+    };
+    let acts = std::sync::Arc::new((small, per256));
     // The outputs of groups `range` (counted across the parts), `[16·groups, rows]`.
-    let share =
-        move |parts: &[QuantMatrix], acts: &Vec<Vec<vnni::interleaved::SplitBlock>>, range: std::ops::Range<usize>| {
-            let mut y = vec![0f32; range.len() * GROUP * rows];
-            let mut outs = y.chunks_mut(GROUP * rows);
-            let mut first = 0;
-            for m in parts {
-                let (n, bytes) = (m.rows / GROUP, GROUP * m.row_bytes());
-                let mine = range.start.clamp(first, first + n) - first..range.end.clamp(first, first + n) - first;
-                for group in m.data.bytes().chunks_exact(bytes).skip(mine.start).take(mine.len()) {
-                    if let Some(o) = outs.next() {
-                        group_dots(token, m.ty, group, acts, wide, o);
-                    }
+    type Acts = (Vec<Vec<vnni::interleaved::SplitBlock>>, Vec<Vec<kq::SplitSuper>>);
+    let share = move |parts: &[QuantMatrix], acts: &Acts, range: std::ops::Range<usize>| {
+        let mut y = vec![0f32; range.len() * GROUP * rows];
+        let mut outs = y.chunks_mut(GROUP * rows);
+        let mut first = 0;
+        for m in parts {
+            let n = m.rows / GROUP;
+            let mine = range.start.clamp(first, first + n) - first..range.end.clamp(first, first + n) - first;
+            for group in m
+                .data
+                .bytes()
+                .chunks_exact(m.group_bytes())
+                .skip(mine.start)
+                .take(mine.len())
+            {
+                let Some(o) = outs.next() else {
+                    break;
+                };
+                match kq::handles(m.ty) {
+                    true => kq::group_dots(token, m.ty, group, &acts.1, o),
+                    false => vnni::interleaved::group_dots(token, m.ty, group, &acts.0, wide, o),
                 }
-                first += n;
             }
-            y
-        };
+            first += n;
+        }
+        y
+    };
     let groups: usize = parts.iter().map(|m| m.rows / GROUP).sum();
     let y = shares_on_workers(groups, MIN_ROWS_PER_TASK / GROUP, GROUP * rows, parts, acts, share);
     Some(outputs_by_row(y, rows, groups * GROUP))

@@ -464,7 +464,10 @@ fn interleaved_products_equal_the_scalar_ones() {
                     QuantMatrix::new(ty, rows, cols, &random_blocks(ty, rows * cols / BLOCK, &mut rng)).unwrap()
                 })
                 .collect();
-            let parts: Vec<QuantMatrix> = plain.iter().map(|m| m.interleaved().unwrap()).collect();
+            let parts: Vec<QuantMatrix> = plain
+                .iter()
+                .map(|m| m.interleaved(Activations::Int16).unwrap())
+                .collect();
             for (p, m) in parts.iter().zip(&plain) {
                 assert!(p.is_interleaved());
                 for r in 0..m.rows() {
@@ -477,7 +480,7 @@ fn interleaved_products_equal_the_scalar_ones() {
             assert!(
                 QuantMatrix::new(ty, 8, cols, &random_blocks(ty, 8 * cols / BLOCK, &mut rng))
                     .unwrap()
-                    .interleaved()
+                    .interleaved(Activations::Int8)
                     .is_none()
             );
             for rows in [1, 3] {
@@ -523,5 +526,62 @@ fn interleaved_products_equal_the_scalar_ones() {
             let x = random_row(40 * cols, &mut rng);
             assert_eq!(product_many::<i16>(&parts, &x, 40), product_many::<i16>(&plain, &x, 40));
         }
+    }
+}
+
+/// Q4_K and Q6_K matrices stored sixteen rows to a group (16-bit activations only) give back
+/// their rows as they were, and their decode dots — alone and stacked with each other — equal
+/// the scalar K-quant dots of those rows.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn interleaved_kquant_products_equal_the_scalar_ones() {
+    if vnni::gemm::Avx512Vnni::detect().is_none() {
+        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    for cols in [256, 768] {
+        let plain: Vec<QuantMatrix> = [(GgmlType::Q4K, 32), (GgmlType::Q6K, 16), (GgmlType::Q4K, 16)]
+            .into_iter()
+            .map(|(ty, rows)| {
+                QuantMatrix::new(ty, rows, cols, &random_blocks(ty, rows * cols / 256, &mut rng)).unwrap()
+            })
+            .collect();
+        assert!(plain[0].interleaved(Activations::Int8).is_none());
+        let parts: Vec<QuantMatrix> = plain
+            .iter()
+            .map(|m| m.interleaved(Activations::Int16).unwrap())
+            .collect();
+        for (p, m) in parts.iter().zip(&plain) {
+            for r in 0..m.rows() {
+                assert_eq!(p.row(r), m.row(r), "{:?} row {r}", m.ty());
+            }
+            assert_eq!(p.dequantize(), m.dequantize());
+        }
+        for rows in [1, 2] {
+            let x = random_row(rows * cols, &mut rng);
+            // Alone and stacked.
+            for range in [0..1, 1..2, 0..3] {
+                let y = product(&parts[range.clone()], &x, rows, Kernel::detect(), Activations::Int16);
+                let out: usize = plain[range.clone()].iter().map(QuantMatrix::rows).sum();
+                for (j, xr) in x.chunks(cols).enumerate() {
+                    let a = vnni::kquants::quantize_row(xr);
+                    let want = plain[range.clone()].iter().flat_map(|m| {
+                        (0..m.rows())
+                            .map(|r| vnni::kquants::scalar_dot(m.ty(), &m.row(r), &a))
+                            .collect::<Vec<_>>()
+                    });
+                    for (o, w) in want.enumerate() {
+                        let got = y[j * out + o];
+                        assert!(
+                            (got - w).abs() <= 1e-3 * w.abs().max(1.0),
+                            "{range:?}, {cols} columns, row {j} of {rows}, output {o}: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+        let x = random_row(40 * cols, &mut rng);
+        assert_eq!(product_many::<i16>(&parts, &x, 40), product_many::<i16>(&plain, &x, 40));
     }
 }

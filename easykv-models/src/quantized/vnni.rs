@@ -11,7 +11,8 @@
 //!
 //! [`gemm`] holds the AVX-512 kernel for products of many activation rows (prefill chunks),
 //! [`kquants`] the AVX-512 dots of Q4_K and Q6_K rows with activations quantized per 256,
-//! [`interleaved`] the AVX-512 decode dots of Q4_0, Q4_1 and Q8_0 rows stored sixteen to a group.
+//! [`interleaved`] and [`interleaved_kquants`] the AVX-512 decode dots of Q4_0, Q4_1, Q8_0,
+//! Q4_K and Q6_K rows stored sixteen to a group.
 
 use core::arch::x86_64::{
     __m128i, __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_si256, _mm256_castps256_ps128,
@@ -25,6 +26,7 @@ use core::arch::x86_64::{
 
 pub mod gemm;
 pub mod interleaved;
+pub mod interleaved_kquants;
 pub mod kquants;
 
 use super::chunks::scale_min_k4;
