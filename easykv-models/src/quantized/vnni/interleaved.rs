@@ -273,17 +273,27 @@ fn codes_dots<const WIDE: bool, const Q8: bool, const WORDS: usize>(codes: &[u8]
 #[inline(always)]
 fn prefetch(b: &[u8]) {
     let ahead = b.as_ptr().wrapping_add(super::kquants::AHEAD);
-    // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so any
-    // address (here possibly past the matrix) is sound.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.cast()) }
-    // SAFETY: as above.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast()) }
-    // SAFETY: as above.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128).cast()) }
-    // SAFETY: as above.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(192).cast()) }
-    // SAFETY: as above.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(256).cast()) }
+    for line in 0..5 {
+        // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so
+        // any address (here possibly past the matrix) is sound.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast()) }
+    }
+}
+
+/// Asks for every cache line of the `b.len()` bytes that follow `b` (the next block): a
+/// group's blocks are read in order, and a block of a K-quant group (2–3 KiB) takes long
+/// enough that the next one, requested whole, arrives in time (a few lines ahead left most
+/// of each block to the hardware prefetcher: Qwen2.5-1.5B decoded at 14.4–15.2 tok/s instead
+/// of 20.1–20.9). The small types' blocks (288–544 bytes) keep [`prefetch`]'s few lines 1 KiB
+/// ahead: whole next blocks measured no faster for SmolLM2.
+#[inline(always)]
+pub(super) fn prefetch_next_block(b: &[u8]) {
+    let next = b.as_ptr().wrapping_add(b.len());
+    for line in (0..b.len()).step_by(64) {
+        // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so
+        // any address (here possibly past the matrix) is sound.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast()) }
+    }
 }
 
 /// `N` bytes from the start of `b` as a register (zeros where `b` is shorter).

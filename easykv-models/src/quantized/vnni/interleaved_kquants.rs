@@ -23,7 +23,7 @@ use core::arch::x86_64::{
     __m128i, __m256i, __m512, __m512i, _mm512_add_epi32, _mm512_and_si512, _mm512_cvtepi32_ps, _mm512_cvtepi8_epi32,
     _mm512_cvtepu8_epi32, _mm512_cvtph_ps, _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_mullo_epi32,
     _mm512_or_si512, _mm512_set1_epi32, _mm512_set1_epi8, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
-    _mm512_slli_epi16, _mm512_srli_epi16, _mm512_sub_ps, _mm_prefetch, _MM_HINT_T0,
+    _mm512_slli_epi16, _mm512_srli_epi16, _mm512_sub_ps,
 };
 
 use super::super::chunks::scale_min_k4;
@@ -194,7 +194,7 @@ fn group_on<const Q6: bool>(group: &[u8], acts: &[Vec<SplitSuper>], outs: &mut [
     for (j, x) in acts.iter().enumerate() {
         let mut acc = _mm512_setzero_ps();
         for (gb, a) in group.chunks_exact(group_block_bytes(ty)).zip(x) {
-            prefetch(gb);
+            super::interleaved::prefetch_next_block(gb);
             acc = match Q6 {
                 true => q6k_block(gb, a, acc),
                 false => q4k_block(gb, a, acc),
@@ -340,17 +340,6 @@ fn q6k_block(gb: &[u8], a: &SplitSuper, acc: __m512) -> __m512 {
     let prods = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high), _mm512_set1_ps(256.0), _mm512_cvtepi32_ps(low));
     let centred = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(-32.0), prods);
     _mm512_fmadd_ps(centred, _mm512_mul_ps(d, _mm512_set1_ps(a.d)), acc)
-}
-
-/// Asks for the bytes [`super::kquants::AHEAD`] past `b`'s start.
-#[inline(always)]
-fn prefetch(b: &[u8]) {
-    let ahead = b.as_ptr().wrapping_add(super::kquants::AHEAD);
-    for line in 0..4 {
-        // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so
-        // any address (here possibly past the matrix) is sound.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast()) }
-    }
 }
 
 /// `N` bytes from the start of `b` as a register (zeros where `b` is shorter).
