@@ -4,7 +4,7 @@ mod quant;
 mod reader;
 
 pub use quant::{dequantize, GgmlType};
-pub use reader::{GgufFile, MetaValue, TensorInfo};
+pub use reader::{GgufFile, MetaValue, TensorBlocks, TensorInfo};
 
 #[cfg(test)]
 mod tests;
@@ -28,7 +28,11 @@ impl crate::weights::WeightSource for GgufFile {
         if dims != [rows as u64, cols as u64] {
             return None;
         }
-        let (file, range) = self.tensor_range(info);
-        crate::quantized::QuantMatrix::shared(info.ggml_type, rows, cols, file, range)
+        match self.tensor_blocks(info).ok()? {
+            TensorBlocks::Shared(file, range) => {
+                crate::quantized::QuantMatrix::shared(info.ggml_type, rows, cols, file, range)
+            }
+            TensorBlocks::Read(bytes) => crate::quantized::QuantMatrix::owned(info.ggml_type, rows, cols, bytes),
+        }
     }
 }

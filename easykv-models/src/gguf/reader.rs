@@ -1,8 +1,9 @@
 //! GGUF v2/v3 container: header, metadata, tensor infos and the aligned data section.
 //!
 //! Every count, length and offset read from the file is checked against the bytes that are
-//! actually there before anything is allocated, so a forged or truncated file is an error
-//! naming the offset or tensor, never a panic or a huge allocation.
+//! actually there (the header's against the bytes read, the tensors' against the file's
+//! length) before anything is allocated, so a forged or truncated file is an error naming the
+//! offset or tensor, never a panic or a huge allocation.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -102,28 +103,89 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file with its bytes held in memory.
+/// A parsed GGUF file: its header in memory, its tensors' bytes where [`Data`] says.
 #[derive(Debug)]
 pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, MetaValue>,
     pub tensors: Vec<TensorInfo>,
     data_start: usize,
-    /// Shared: matrices kept in their blocks (`--dtype native`) point into it instead of
-    /// copying it.
-    bytes: std::sync::Arc<Vec<u8>>,
+    data: Data,
+}
+
+/// Where a parsed file's tensor bytes come from.
+#[derive(Debug)]
+enum Data {
+    /// The whole file in memory (parsed from bytes): matrices kept in their blocks point into
+    /// it instead of copying it.
+    Memory(std::sync::Arc<Vec<u8>>),
+    /// On disk, each tensor read when asked for: a model's matrices are read one at a time,
+    /// so a quantized model's peak memory is its matrices (a matrix stored reordered for the
+    /// decode kernels replaces its read copy at once), not the whole file and the copies.
+    #[cfg(unix)]
+    Disk(std::fs::File),
+}
+
+/// The most of a file read to parse its header before the whole file is read instead (the
+/// header holds the tokenizer's vocabulary: a few MiB).
+#[cfg(unix)]
+const HEADER_READ: u64 = 64 << 20;
+
+/// A tensor's encoded bytes, as [`GgufFile::tensor_blocks`] hands them over.
+pub enum TensorBlocks {
+    /// A range of the file's bytes, shared.
+    Shared(std::sync::Arc<Vec<u8>>, std::ops::Range<usize>),
+    /// Read for this tensor.
+    Read(Vec<u8>),
 }
 
 impl GgufFile {
-    /// Reads and parses a GGUF file from disk.
+    /// Opens and parses a GGUF file: its header is read and checked against the file's length;
+    /// tensors are read when asked for.
     pub fn open(path: &Path) -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+            let mut head = vec![0u8; len.min(HEADER_READ) as usize];
+            file.read_exact_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
+            match Self::parse_header(&head, len) {
+                Ok((version, metadata, tensors, data_start)) => {
+                    return Ok(Self {
+                        version,
+                        metadata,
+                        tensors,
+                        data_start,
+                        data: Data::Disk(file),
+                    })
+                }
+                // The whole file tells what is wrong (or holds a header longer than `head`).
+                Err(_) if (head.len() as u64) < len => {}
+                Err(e) => return Err(e),
+            }
+        }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         Self::parse(bytes)
     }
 
-    /// Parses GGUF bytes.
+    /// Parses GGUF bytes (the whole file).
     pub fn parse(bytes: Vec<u8>) -> Result<Self> {
-        let mut cur = Cursor { bytes: &bytes, pos: 0 };
+        let (version, metadata, tensors, data_start) = Self::parse_header(&bytes, bytes.len() as u64)?;
+        Ok(Self {
+            version,
+            metadata,
+            tensors,
+            data_start,
+            data: Data::Memory(std::sync::Arc::new(bytes)),
+        })
+    }
+
+    /// The header at the start of `bytes` (all of the file, or its first part) of a file of
+    /// `len` bytes: every tensor is checked to lie inside those `len`.
+    #[allow(clippy::type_complexity)]
+    fn parse_header(bytes: &[u8], len: u64) -> Result<(u32, BTreeMap<String, MetaValue>, Vec<TensorInfo>, usize)> {
+        let mut cur = Cursor { bytes, pos: 0 };
         let magic = cur.take(4, "magic")?;
         if magic != MAGIC {
             return Err(Error::gguf(0, "not a GGUF file (bad magic)"));
@@ -205,13 +267,13 @@ impl GgufFile {
         };
         let data_start = (cur.pos as u64).div_ceil(alignment) * alignment;
         // Tensors of zero bytes still need their data section to start inside the file.
-        if !infos.is_empty() && data_start > bytes.len() as u64 {
+        if !infos.is_empty() && data_start > len {
             return Err(Error::gguf(
                 cur.pos,
                 format!("the data section (aligned to {alignment}) starts past the end of the file"),
             ));
         }
-        let data_len = (bytes.len() as u64).saturating_sub(data_start);
+        let data_len = len.saturating_sub(data_start);
         for t in &infos {
             if t.offset % alignment != 0 {
                 return Err(Error::gguf(
@@ -232,13 +294,7 @@ impl GgufFile {
                 }
             }
         }
-        Ok(Self {
-            version,
-            metadata,
-            tensors: infos,
-            data_start: data_start as usize,
-            bytes: std::sync::Arc::new(bytes),
-        })
+        Ok((version, metadata, infos, data_start as usize))
     }
 
     pub fn meta(&self, key: &str) -> Option<&MetaValue> {
@@ -272,25 +328,48 @@ impl GgufFile {
 
     /// The raw encoded bytes of a tensor (bounds were checked at parse time; an info from
     /// elsewhere that points outside the file gets no bytes).
-    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        &self.bytes[self.byte_range(info)]
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<std::borrow::Cow<'_, [u8]>> {
+        Ok(match &self.data {
+            Data::Memory(bytes) => std::borrow::Cow::Borrowed(&bytes[self.byte_range(info, bytes.len() as u64)]),
+            #[cfg(unix)]
+            Data::Disk(file) => std::borrow::Cow::Owned(self.read_tensor(file, info)?),
+        })
     }
 
-    /// The file's bytes (shared, not copied) and the range a tensor's encoded bytes occupy in
-    /// them, as [`tensor_bytes`](Self::tensor_bytes) has it.
-    pub fn tensor_range(&self, info: &TensorInfo) -> (std::sync::Arc<Vec<u8>>, std::ops::Range<usize>) {
-        (self.bytes.clone(), self.byte_range(info))
+    /// A tensor's encoded bytes: a shared range of the file's bytes in memory, or read from
+    /// disk for it.
+    pub fn tensor_blocks(&self, info: &TensorInfo) -> Result<TensorBlocks> {
+        Ok(match &self.data {
+            Data::Memory(bytes) => TensorBlocks::Shared(bytes.clone(), self.byte_range(info, bytes.len() as u64)),
+            #[cfg(unix)]
+            Data::Disk(file) => TensorBlocks::Read(self.read_tensor(file, info)?),
+        })
     }
 
-    /// Where a tensor's bytes lie in the file; empty where an info from elsewhere points
-    /// outside it.
-    fn byte_range(&self, info: &TensorInfo) -> std::ops::Range<usize> {
+    /// Where a tensor's bytes lie in a file of `len` bytes; empty where an info from elsewhere
+    /// points outside it.
+    fn byte_range(&self, info: &TensorInfo, len: u64) -> std::ops::Range<usize> {
         let start = self.data_start.saturating_add(info.offset as usize);
         let end = start.saturating_add(info.n_bytes as usize);
-        match end <= self.bytes.len() {
+        match end as u64 <= len {
             true => start..end,
             false => 0..0,
         }
+    }
+
+    #[cfg(unix)]
+    fn read_tensor(&self, file: &std::fs::File, info: &TensorInfo) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let range = self.byte_range(info, len);
+        let mut v = vec![0u8; range.len()];
+        file.read_exact_at(&mut v, range.start as u64).map_err(|e| {
+            Error::gguf(
+                range.start as u64,
+                format!("tensor '{}' could not be read: {e}", info.name),
+            )
+        })?;
+        Ok(v)
     }
 
     /// Dequantizes a tensor to f32, row-major with `dims[0]` fastest.
@@ -298,7 +377,7 @@ impl GgufFile {
         let info = self
             .tensor_info(name)
             .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
-        let data = super::quant::dequantize(info.ggml_type, self.tensor_bytes(info), info.n_elements() as usize)
+        let data = super::quant::dequantize(info.ggml_type, &self.tensor_bytes(info)?, info.n_elements() as usize)
             .map_err(|msg| Error::gguf(self.data_start as u64 + info.offset, format!("tensor '{name}': {msg}")))?;
         Ok((data, info.dims.iter().map(|&d| d as usize).collect()))
     }

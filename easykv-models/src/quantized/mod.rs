@@ -175,6 +175,17 @@ impl QuantMatrix {
         })
     }
 
+    /// [`new`](Self::new) taking `bytes` as they are (no copy).
+    pub fn owned(ty: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Option<Self> {
+        Self::checked(ty, rows, cols, bytes.len()).map(|()| Self {
+            ty,
+            rows,
+            cols,
+            data: Blocks::Owned(std::sync::Arc::new(bytes)),
+            interleaved: false,
+        })
+    }
+
     /// [`new`](Self::new) over `range` of a loaded file's bytes, without copying them.
     pub fn shared(
         ty: GgmlType,
