@@ -112,10 +112,14 @@ pub fn row(ty: GgmlType, data: &[u8], row_bytes: usize, r: usize) -> Vec<u8> {
         if head == 4 {
             out.extend_from_slice(&gb[m..m + 2]);
         }
-        out.extend((0..code_bytes).map(|i| match ty {
-            GgmlType::Q8_0 => gb[code(i)] ^ 0x80,
-            _ => gb[code(i)],
-        }));
+        // Four bytes at a time: a lane of each code word.
+        for t in 0..code_bytes / 4 {
+            let word = &gb[code(4 * t)..code(4 * t) + 4];
+            match ty {
+                GgmlType::Q8_0 => out.extend(word.iter().map(|b| b ^ 0x80)),
+                _ => out.extend_from_slice(word),
+            }
+        }
     }
     out
 }

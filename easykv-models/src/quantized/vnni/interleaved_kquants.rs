@@ -121,17 +121,25 @@ pub fn row(ty: GgmlType, data: &[u8], blocks: usize, r: usize) -> Vec<u8> {
                 let sc: [u8; 8] = std::array::from_fn(|j| gb[K4_SC + GROUP * j + l]);
                 let m: [u8; 8] = std::array::from_fn(|j| gb[K4_MIN + GROUP * j + l]);
                 out.extend_from_slice(&pack_scales(&sc, &m));
-                out.extend((0..128).map(|i| gb[word_byte(K4_CODES, l, i)]));
+                lanes_of(&mut out, gb, K4_CODES, l, 128);
             }
             _ => {
-                out.extend((0..128).map(|i| gb[word_byte(K6_QL, l, i)]));
-                out.extend((0..64).map(|i| gb[word_byte(K6_QH, l, i)]));
+                lanes_of(&mut out, gb, K6_QL, l, 128);
+                lanes_of(&mut out, gb, K6_QH, l, 64);
                 out.extend((0..16).map(|k| gb[K6_SC + GROUP * k + l]));
                 out.extend_from_slice(&gb[2 * l..2 * l + 2]);
             }
         }
     }
     out
+}
+
+/// Appends lane `l` of the code words from `base` (`bytes` of them), four bytes at a time.
+fn lanes_of(out: &mut Vec<u8>, gb: &[u8], base: usize, l: usize, bytes: usize) {
+    for t in 0..bytes / 4 {
+        let at = word_byte(base, l, 4 * t);
+        out.extend_from_slice(&gb[at..at + 4]);
+    }
 }
 
 /// The 12 bytes Q4_K packs eight 6-bit scales and minimums into ([`scale_min_k4`]'s inverse).
