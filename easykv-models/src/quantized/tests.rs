@@ -444,6 +444,42 @@ fn speed() {
     }
 }
 
+/// `y` (`product`'s `[rows, Σ rows of plain]`) against `dot(matrix, row, activation row)` for
+/// every row of `plain` (the interleaved matrices' originals), up to the order of f32 sums.
+#[cfg(target_arch = "x86_64")]
+fn assert_products(
+    y: &[f32],
+    plain: &[QuantMatrix],
+    x: &[f32],
+    dot: impl Fn(&QuantMatrix, usize, &[f32]) -> f32,
+    what: &str,
+) {
+    let (cols, out) = (plain[0].cols(), plain.iter().map(QuantMatrix::rows).sum::<usize>());
+    for (j, xr) in x.chunks(cols).enumerate() {
+        let want = plain.iter().flat_map(|m| (0..m.rows()).map(move |r| (m, r)));
+        for (o, (m, r)) in want.enumerate() {
+            let (got, w) = (y[j * out + o], dot(m, r, xr));
+            assert!(
+                (got - w).abs() <= 1e-3 * w.abs().max(1.0),
+                "{what}, row {j}, output {o}: {got} vs {w}"
+            );
+        }
+    }
+}
+
+/// Interleaved matrices give back their originals' rows, whole and as f32.
+#[cfg(target_arch = "x86_64")]
+fn assert_same_rows(parts: &[QuantMatrix], plain: &[QuantMatrix]) {
+    for (p, m) in parts.iter().zip(plain) {
+        assert!(p.is_interleaved());
+        for r in 0..m.rows() {
+            assert_eq!(p.row(r), m.row(r), "{:?} row {r}", m.ty());
+        }
+        assert_eq!(p.dequantize(), m.dequantize());
+        assert_eq!(p.dequantize_rows(5..13), m.dequantize_rows(5..13));
+    }
+}
+
 /// Matrices stored sixteen rows to a group give back their rows as they were, and the decode
 /// kernel's products equal the scalar dots of those rows: the three types it takes, stacked
 /// parts, an odd number of blocks per row and several activation rows, 8- and 16-bit. The
@@ -468,60 +504,19 @@ fn interleaved_products_equal_the_scalar_ones() {
                 .iter()
                 .map(|m| m.interleaved(Activations::Int16).unwrap())
                 .collect();
-            for (p, m) in parts.iter().zip(&plain) {
-                assert!(p.is_interleaved());
-                for r in 0..m.rows() {
-                    assert_eq!(p.row(r), m.row(r), "{ty:?} row {r}");
-                }
-                assert_eq!(p.dequantize(), m.dequantize());
-                assert_eq!(p.dequantize_rows(5..21), m.dequantize_rows(5..21));
-            }
+            assert_same_rows(&parts, &plain);
             // Not a whole number of groups: kept row by row.
-            assert!(
-                QuantMatrix::new(ty, 8, cols, &random_blocks(ty, 8 * cols / BLOCK, &mut rng))
-                    .unwrap()
-                    .interleaved(Activations::Int8)
-                    .is_none()
-            );
+            let eight = QuantMatrix::new(ty, 8, cols, &random_blocks(ty, 8 * cols / BLOCK, &mut rng)).unwrap();
+            assert!(eight.interleaved(Activations::Int8).is_none());
             for rows in [1, 3] {
                 let x = random_row(rows * cols, &mut rng);
-                for activations in [Activations::Int8, Activations::Int16] {
-                    let y = product(&parts, &x, rows, Kernel::detect(), activations);
-                    let out = 96;
-                    for (j, xr) in x.chunks(cols).enumerate() {
-                        let want: Vec<f32> = match activations {
-                            Activations::Int8 => {
-                                let a = quantize_row::<i8>(xr);
-                                plain
-                                    .iter()
-                                    .flat_map(|m| {
-                                        (0..m.rows())
-                                            .map(|r| scalar::dot(ty, &m.row(r), &a))
-                                            .collect::<Vec<_>>()
-                                    })
-                                    .collect()
-                            }
-                            _ => {
-                                let a = quantize_row::<i16>(xr);
-                                plain
-                                    .iter()
-                                    .flat_map(|m| {
-                                        (0..m.rows())
-                                            .map(|r| scalar::dot(ty, &m.row(r), &a))
-                                            .collect::<Vec<_>>()
-                                    })
-                                    .collect()
-                            }
-                        };
-                        for (o, w) in want.iter().enumerate() {
-                            let got = y[j * out + o];
-                            assert!(
-                                (got - w).abs() <= 1e-3 * w.abs().max(1.0),
-                                "{ty:?}, {cols} columns, {activations:?}, row {j} of {rows}, output {o}: {got} vs {w}"
-                            );
-                        }
-                    }
-                }
+                let what = format!("{ty:?}, {cols} columns, {rows} rows");
+                let y = product(&parts, &x, rows, Kernel::detect(), Activations::Int8);
+                let dot = |m: &QuantMatrix, r: usize, xr: &[f32]| scalar::dot(ty, &m.row(r), &quantize_row::<i8>(xr));
+                assert_products(&y, &plain, &x, dot, &format!("{what}, 8-bit"));
+                let y = product(&parts, &x, rows, Kernel::detect(), Activations::Int16);
+                let dot = |m: &QuantMatrix, r: usize, xr: &[f32]| scalar::dot(ty, &m.row(r), &quantize_row::<i16>(xr));
+                assert_products(&y, &plain, &x, dot, &format!("{what}, 16-bit"));
             }
             let x = random_row(40 * cols, &mut rng);
             assert_eq!(product_many::<i16>(&parts, &x, 40), product_many::<i16>(&plain, &x, 40));
@@ -552,33 +547,22 @@ fn interleaved_kquant_products_equal_the_scalar_ones() {
             .iter()
             .map(|m| m.interleaved(Activations::Int16).unwrap())
             .collect();
-        for (p, m) in parts.iter().zip(&plain) {
-            for r in 0..m.rows() {
-                assert_eq!(p.row(r), m.row(r), "{:?} row {r}", m.ty());
-            }
-            assert_eq!(p.dequantize(), m.dequantize());
-        }
+        assert_same_rows(&parts, &plain);
         for rows in [1, 2] {
             let x = random_row(rows * cols, &mut rng);
+            let dot = |m: &QuantMatrix, r: usize, xr: &[f32]| {
+                vnni::kquants::scalar_dot(m.ty(), &m.row(r), &vnni::kquants::quantize_row(xr))
+            };
             // Alone and stacked.
             for range in [0..1, 1..2, 0..3] {
                 let y = product(&parts[range.clone()], &x, rows, Kernel::detect(), Activations::Int16);
-                let out: usize = plain[range.clone()].iter().map(QuantMatrix::rows).sum();
-                for (j, xr) in x.chunks(cols).enumerate() {
-                    let a = vnni::kquants::quantize_row(xr);
-                    let want = plain[range.clone()].iter().flat_map(|m| {
-                        (0..m.rows())
-                            .map(|r| vnni::kquants::scalar_dot(m.ty(), &m.row(r), &a))
-                            .collect::<Vec<_>>()
-                    });
-                    for (o, w) in want.enumerate() {
-                        let got = y[j * out + o];
-                        assert!(
-                            (got - w).abs() <= 1e-3 * w.abs().max(1.0),
-                            "{range:?}, {cols} columns, row {j} of {rows}, output {o}: {got} vs {w}"
-                        );
-                    }
-                }
+                assert_products(
+                    &y,
+                    &plain[range.clone()],
+                    &x,
+                    dot,
+                    &format!("{range:?}, {cols} columns, {rows} rows"),
+                );
             }
         }
         let x = random_row(40 * cols, &mut rng);

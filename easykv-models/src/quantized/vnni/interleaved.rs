@@ -33,6 +33,7 @@ use core::arch::x86_64::{
 };
 
 use super::super::{ActBlock, ActInt, BLOCK};
+use super::bytes;
 use super::gemm::Avx512Vnni;
 use crate::gguf::GgmlType;
 
@@ -298,16 +299,4 @@ pub(super) fn prefetch_next_block(b: &[u8]) {
         // any address (here possibly past the matrix) is sound.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast()) }
     }
-}
-
-/// `N` bytes from the start of `b` as a register (zeros where `b` is shorter).
-#[inline(always)]
-fn bytes<const N: usize, V: pulp::bytemuck::AnyBitPattern>(b: &[u8]) -> V
-where
-    [u8; N]: pulp::bytemuck::Pod,
-{
-    pulp::cast(match b.first_chunk::<N>() {
-        Some(a) => *a,
-        None => [0u8; N],
-    })
 }

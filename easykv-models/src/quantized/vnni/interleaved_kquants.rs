@@ -27,6 +27,7 @@ use core::arch::x86_64::{
 };
 
 use super::super::chunks::scale_min_k4;
+use super::bytes;
 use super::gemm::Avx512Vnni;
 use super::interleaved::GROUP;
 use super::kquants::{SuperBlock, SUPER};
@@ -348,16 +349,4 @@ fn q6k_block(gb: &[u8], a: &SplitSuper, acc: __m512) -> __m512 {
     let prods = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high), _mm512_set1_ps(256.0), _mm512_cvtepi32_ps(low));
     let centred = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(-32.0), prods);
     _mm512_fmadd_ps(centred, _mm512_mul_ps(d, _mm512_set1_ps(a.d)), acc)
-}
-
-/// `N` bytes from the start of `b` as a register (zeros where `b` is shorter).
-#[inline(always)]
-fn bytes<const N: usize, V: pulp::bytemuck::AnyBitPattern>(b: &[u8]) -> V
-where
-    [u8; N]: pulp::bytemuck::Pod,
-{
-    pulp::cast(match b.first_chunk::<N>() {
-        Some(a) => *a,
-        None => [0u8; N],
-    })
 }
