@@ -3,9 +3,9 @@
 //! A decode step makes ~120 products of tens of microseconds each, with the rest of the step
 //! (norms, attention) in between. rayon's workers fall asleep in those gaps and are woken by a
 //! system call for the next product: on a 2-core virtual machine measured here the futex
-//! wait and wake held about a fifth of a SmolLM2 decode's samples (`perf`). These workers spin (yielding now and
-//! then) for a while after each task, so the next one starts without a system call, and park
-//! only after [`SPIN`] without work.
+//! wait and wake held about a fifth of a SmolLM2 decode's samples (`perf`). These workers
+//! spin (yielding now and then) for a while after each task, so the next one starts without a
+//! system call, and park only after [`SPIN`] without work.
 //!
 //! Tasks own what they read (`'static`: weights behind `Arc`s, activations in an `Arc`): the
 //! workspace allows no `unsafe` here, so a task cannot borrow the caller's stack. One caller at
