@@ -478,13 +478,9 @@ fn panels_of<B: Backend>(w: &Param<Tensor<B, 2>>) -> Option<PanelMatrix> {
 }
 
 /// `matrix` stored for the fastest decode product of its activations: sixteen rows interleaved
-/// where the CPU's decode kernel takes them ([`QuantMatrix::interleaved`]; integer
-/// activations only: f32 ones read rows one by one).
+/// where the CPU's decode kernels take them ([`QuantMatrix::interleaved`]), else as it is.
 fn decode_layout(matrix: QuantMatrix, activations: Activations) -> QuantMatrix {
-    match activations {
-        Activations::F32 => matrix,
-        Activations::Int8 | Activations::Int16 => matrix.interleaved(activations).unwrap_or(matrix),
-    }
+    matrix.interleaved(activations).unwrap_or(matrix)
 }
 
 /// `x·Wᵀ` of f32 rows `x` (`[rows, in]`, host memory) and weights in a host layout: `[rows, out]`.

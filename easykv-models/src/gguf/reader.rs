@@ -126,10 +126,18 @@ enum Data {
     Disk(std::fs::File),
 }
 
-/// The most of a file read to parse its header before the whole file is read instead (the
-/// header holds the tokenizer's vocabulary: a few MiB).
+/// The first part of a file read for its header (doubled while the header does not fit: it
+/// holds the tokenizer's vocabulary, a few MiB).
 #[cfg(unix)]
-const HEADER_READ: u64 = 64 << 20;
+const HEADER_FIRST_READ: u64 = 1 << 20;
+
+/// What [`GgufFile::parse_header`] reads.
+struct Header {
+    version: u32,
+    metadata: BTreeMap<String, MetaValue>,
+    tensors: Vec<TensorInfo>,
+    data_start: usize,
+}
 
 /// A tensor's encoded bytes, as [`GgufFile::tensor_blocks`] hands them over.
 pub enum TensorBlocks {
@@ -148,43 +156,42 @@ impl GgufFile {
             use std::os::unix::fs::FileExt;
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-            let mut head = vec![0u8; len.min(HEADER_READ) as usize];
-            file.read_exact_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
-            match Self::parse_header(&head, len) {
-                Ok((version, metadata, tensors, data_start)) => {
-                    return Ok(Self {
-                        version,
-                        metadata,
-                        tensors,
-                        data_start,
-                        data: Data::Disk(file),
-                    })
+            // The header's length is not known before it is parsed: a first part of the file,
+            // doubled until the header fits in it (or it is the whole file, whose error counts).
+            let mut want = len.min(HEADER_FIRST_READ);
+            loop {
+                let mut head = vec![0u8; want as usize];
+                file.read_exact_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
+                match Self::parse_header(&head, len) {
+                    Ok(header) => return Ok(Self::with_data(header, Data::Disk(file))),
+                    Err(_) if want < len => want = want.saturating_mul(2).min(len),
+                    Err(e) => return Err(e),
                 }
-                // The whole file tells what is wrong (or holds a header longer than `head`).
-                Err(_) if (head.len() as u64) < len => {}
-                Err(e) => return Err(e),
             }
         }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(bytes)
+        #[cfg(not(unix))]
+        Self::parse(std::fs::read(path).map_err(|e| Error::io(path, e))?)
     }
 
     /// Parses GGUF bytes (the whole file).
     pub fn parse(bytes: Vec<u8>) -> Result<Self> {
-        let (version, metadata, tensors, data_start) = Self::parse_header(&bytes, bytes.len() as u64)?;
-        Ok(Self {
-            version,
-            metadata,
-            tensors,
-            data_start,
-            data: Data::Memory(std::sync::Arc::new(bytes)),
-        })
+        let header = Self::parse_header(&bytes, bytes.len() as u64)?;
+        Ok(Self::with_data(header, Data::Memory(std::sync::Arc::new(bytes))))
+    }
+
+    fn with_data(h: Header, data: Data) -> Self {
+        Self {
+            version: h.version,
+            metadata: h.metadata,
+            tensors: h.tensors,
+            data_start: h.data_start,
+            data,
+        }
     }
 
     /// The header at the start of `bytes` (all of the file, or its first part) of a file of
     /// `len` bytes: every tensor is checked to lie inside those `len`.
-    #[allow(clippy::type_complexity)]
-    fn parse_header(bytes: &[u8], len: u64) -> Result<(u32, BTreeMap<String, MetaValue>, Vec<TensorInfo>, usize)> {
+    fn parse_header(bytes: &[u8], len: u64) -> Result<Header> {
         let mut cur = Cursor { bytes, pos: 0 };
         let magic = cur.take(4, "magic")?;
         if magic != MAGIC {
@@ -294,7 +301,12 @@ impl GgufFile {
                 }
             }
         }
-        Ok((version, metadata, infos, data_start as usize))
+        Ok(Header {
+            version,
+            metadata,
+            tensors: infos,
+            data_start: data_start as usize,
+        })
     }
 
     pub fn meta(&self, key: &str) -> Option<&MetaValue> {

@@ -281,6 +281,7 @@ impl QuantMatrix {
                 });
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
         let _ = activations;
         None
     }
@@ -538,15 +539,14 @@ fn interleaved_product(parts: &[QuantMatrix], x: &[f32], rows: usize, activation
         Activations::Int16 => true,
         _ => return None,
     };
-    let rows_of = |f: &dyn Fn(&[f32]) -> Vec<_>| -> Vec<_> { x.chunks_exact(cols).map(f).collect() };
+    let rows_in = x.chunks_exact(cols);
     let small = match (any_small, wide) {
         (false, _) => Vec::new(),
-        (true, false) => rows_of(&|r| split_row(&quantize_row::<i8>(r))),
-        (true, true) => rows_of(&|r| split_row(&quantize_row::<i16>(r))),
+        (true, false) => rows_in.clone().map(|r| split_row(&quantize_row::<i8>(r))).collect(),
+        (true, true) => rows_in.clone().map(|r| split_row(&quantize_row::<i16>(r))).collect(),
     };
     let per256 = match any_k {
-        true => x
-            .chunks_exact(cols)
+        true => rows_in
             .map(|r| kq::split_row(&vnni::kquants::quantize_row(r)))
             .collect(),
         false => Vec::new(),

@@ -223,13 +223,22 @@ fn products<Q: ActInt>(w: Weights, x: &ActBlock<Q>, split: bool) -> __m256i {
     )
 }
 
-/// Asks for the cache line [`kquants::AHEAD`] bytes past `b`'s start (see `kquants::prefetch`).
+/// How far ahead of the block being read [`prefetch`] asks, where it asks a fixed distance
+/// (rows and groups are read in order, one thread's contiguous in memory: each thread's stream
+/// from memory keeps more requests in flight than the hardware prefetcher alone).
+const AHEAD: usize = 1024;
+
+/// Asks for `lines` cache lines from `skip` bytes past `b`'s start.
 #[inline(always)]
-fn prefetch_line(b: &[u8]) {
-    let ahead = b.as_ptr().wrapping_add(kquants::AHEAD);
-    // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so any
-    // address (here possibly past the matrix) is sound.
-    unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(ahead.cast()) }
+fn prefetch(b: &[u8], skip: usize, lines: usize) {
+    let at = b.as_ptr().wrapping_add(skip);
+    for line in 0..lines {
+        // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so
+        // any address (here possibly past the matrix) is sound.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(at.wrapping_add(64 * line).cast())
+        }
+    }
 }
 
 /// `[f16 at b[0..2], f16 at b[2..4]]` as f32 (a block's scale and minimum; zeros past `b`'s end).
@@ -302,7 +311,7 @@ fn row_dots<const N: usize, Q: ActInt>(ty: GgmlType, row: &[u8], xs: [&[ActBlock
             let pairs = row.chunks_exact(2 * size);
             let rest = pairs.remainder();
             for (i, pair) in pairs.enumerate() {
-                prefetch_line(pair);
+                prefetch(pair, AHEAD, 1);
                 let (first, second) = pair.split_at(size);
                 small_block::<0, N, Q>(ty, &mut s, 2 * i, first, &xs);
                 small_block::<1, N, Q>(ty, &mut s, 2 * i + 1, second, &xs);

@@ -28,8 +28,7 @@
 use core::arch::x86_64::{
     __m256i, __m512i, _mm512_add_epi32, _mm512_add_ps, _mm512_and_si512, _mm512_cvtepi32_ps, _mm512_cvtph_ps,
     _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_epi8, _mm512_set1_ps,
-    _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32, _mm512_srli_epi16, _mm512_xor_si512, _mm_prefetch,
-    _MM_HINT_T0,
+    _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32, _mm512_srli_epi16, _mm512_xor_si512,
 };
 
 use super::super::{ActBlock, ActInt, BLOCK};
@@ -70,13 +69,26 @@ pub fn interleave(ty: GgmlType, rows: usize, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Byte offsets in a group block: the scales of lane `r`, its minimum, code byte `i` of it.
-fn offsets(ty: GgmlType, r: usize) -> (usize, usize, impl Fn(usize) -> usize) {
-    let (head, _) = parts(ty);
-    let codes = GROUP * head;
-    (2 * r, 2 * GROUP + 2 * r, move |i: usize| {
-        codes + 64 * (i / 4) + 4 * r + i % 4
-    })
+/// Where byte `i` of lane `r`'s run of code bytes lies in the 64-byte words from `base`:
+/// word `i / 4`, lane `r`.
+pub(super) fn word_byte(base: usize, r: usize, i: usize) -> usize {
+    base + 64 * (i / 4) + 4 * r + i % 4
+}
+
+/// Appends lane `r`'s `len` code bytes from the words at `base` of a group block, four at a
+/// time (a row handed back in GGUF order).
+pub(super) fn lane_bytes(out: &mut Vec<u8>, gb: &[u8], base: usize, r: usize, len: usize) {
+    for t in 0..len / 4 {
+        let at = word_byte(base, r, 4 * t);
+        out.extend_from_slice(&gb[at..at + 4]);
+    }
+}
+
+/// Writes a group's sixteen dots with activation row `j` (of `n`) to `outs[r·n + j]`.
+pub(super) fn store_lanes(sums: [f32; GROUP], outs: &mut [f32], n: usize, j: usize) {
+    for (r, s) in sums.iter().enumerate() {
+        outs[r * n + j] = *s;
+    }
 }
 
 /// Where row `r`'s block `c` starts its group block.
@@ -84,24 +96,26 @@ fn group_block(ty: GgmlType, row_bytes: usize, r: usize, c: usize) -> usize {
     (r / GROUP) * GROUP * row_bytes + c * GROUP * ty.block_bytes()
 }
 
+/// Row `r`'s block `c` (GGUF) into its place: scale at `2l`, minimum at `32 + 2l`, codes
+/// in the words after the scales (lane `l = r mod 16`).
 fn place(ty: GgmlType, out: &mut [u8], row_bytes: usize, r: usize, c: usize, blk: &[u8]) {
     let at = group_block(ty, row_bytes, r, c);
     let (head, code_bytes) = parts(ty);
-    let (d, m, code) = offsets(ty, r % GROUP);
-    out[at + d..at + d + 2].copy_from_slice(&blk[..2]);
+    let l = r % GROUP;
+    out[at + 2 * l..at + 2 * l + 2].copy_from_slice(&blk[..2]);
     if head == 4 {
-        out[at + m..at + m + 2].copy_from_slice(&blk[2..4]);
+        out[at + 2 * GROUP + 2 * l..at + 2 * GROUP + 2 * l + 2].copy_from_slice(&blk[2..4]);
     }
     for i in 0..code_bytes {
         let v = blk[head + i];
-        out[at + code(i)] = if ty == GgmlType::Q8_0 { v ^ 0x80 } else { v };
+        out[at + word_byte(GROUP * head, l, i)] = if ty == GgmlType::Q8_0 { v ^ 0x80 } else { v };
     }
 }
 
 /// Row `r` of an interleaved matrix back in GGUF blocks.
 pub fn row(ty: GgmlType, data: &[u8], row_bytes: usize, r: usize) -> Vec<u8> {
     let (head, code_bytes) = parts(ty);
-    let (d, m, code) = offsets(ty, r % GROUP);
+    let l = r % GROUP;
     let mut out = Vec::with_capacity(row_bytes);
     for c in 0..row_bytes / ty.block_bytes() {
         let at = group_block(ty, row_bytes, r, c);
@@ -109,17 +123,14 @@ pub fn row(ty: GgmlType, data: &[u8], row_bytes: usize, r: usize) -> Vec<u8> {
             out.resize(row_bytes, 0);
             return out;
         };
-        out.extend_from_slice(&gb[d..d + 2]);
+        out.extend_from_slice(&gb[2 * l..2 * l + 2]);
         if head == 4 {
-            out.extend_from_slice(&gb[m..m + 2]);
+            out.extend_from_slice(&gb[2 * GROUP + 2 * l..2 * GROUP + 2 * l + 2]);
         }
-        // Four bytes at a time: a lane of each code word.
-        for t in 0..code_bytes / 4 {
-            let word = &gb[code(4 * t)..code(4 * t) + 4];
-            match ty {
-                GgmlType::Q8_0 => out.extend(word.iter().map(|b| b ^ 0x80)),
-                _ => out.extend_from_slice(word),
-            }
+        let codes = out.len();
+        lane_bytes(&mut out, gb, GROUP * head, l, code_bytes);
+        if ty == GgmlType::Q8_0 {
+            out[codes..].iter_mut().for_each(|b| *b ^= 0x80);
         }
     }
     out
@@ -208,7 +219,7 @@ fn group_on<const WIDE: bool, const Q8: bool, const MIN: bool>(
         let mut acc = _mm512_setzero_ps();
         let mut offsets = _mm512_setzero_ps();
         for (gb, a) in group.chunks_exact(block_bytes).zip(x) {
-            prefetch(gb);
+            super::prefetch(gb, super::AHEAD, 5);
             let d = _mm512_cvtph_ps(bytes::<32, __m256i>(gb));
             let m = match (MIN, Q8) {
                 (true, _) => _mm512_cvtph_ps(bytes::<32, __m256i>(gb.get(32..).unwrap_or(&[]))),
@@ -223,10 +234,7 @@ fn group_on<const WIDE: bool, const Q8: bool, const MIN: bool>(
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(d, _mm512_set1_ps(a.d)), acc);
             offsets = _mm512_fmadd_ps(m, _mm512_set1_ps(a.dsum), offsets);
         }
-        let sums: [f32; GROUP] = pulp::cast(_mm512_add_ps(acc, offsets));
-        for (r, s) in sums.iter().enumerate() {
-            outs[r * n + j] = *s;
-        }
+        store_lanes(pulp::cast(_mm512_add_ps(acc, offsets)), outs, n, j);
     }
 }
 
@@ -271,32 +279,4 @@ fn codes_dots<const WIDE: bool, const Q8: bool, const WORDS: usize>(codes: &[u8]
         false => low,
     };
     _mm512_add_epi32(_mm512_slli_epi32::<8>(high), low)
-}
-
-/// Asks for the bytes [`super::kquants::AHEAD`] past `b`'s start (one group's blocks are read
-/// in order, as a row's are).
-#[inline(always)]
-fn prefetch(b: &[u8]) {
-    let ahead = b.as_ptr().wrapping_add(super::kquants::AHEAD);
-    for line in 0..5 {
-        // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so
-        // any address (here possibly past the matrix) is sound.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast()) }
-    }
-}
-
-/// Asks for every cache line of the `b.len()` bytes that follow `b` (the next block): a
-/// group's blocks are read in order, and a block of a K-quant group (2–3 KiB) takes long
-/// enough that the next one, requested whole, arrives in time (a few lines ahead left most
-/// of each block to the hardware prefetcher: Qwen2.5-1.5B decoded at 14.4–15.2 tok/s instead
-/// of 20.1–20.9). The small types' blocks (288–544 bytes) keep [`prefetch`]'s few lines 1 KiB
-/// ahead: whole next blocks measured no faster for SmolLM2.
-#[inline(always)]
-pub(super) fn prefetch_next_block(b: &[u8]) {
-    let next = b.as_ptr().wrapping_add(b.len());
-    for line in (0..b.len()).step_by(64) {
-        // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so
-        // any address (here possibly past the matrix) is sound.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast()) }
-    }
 }

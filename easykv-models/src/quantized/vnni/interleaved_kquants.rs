@@ -29,7 +29,7 @@ use core::arch::x86_64::{
 use super::super::chunks::scale_min_k4;
 use super::bytes;
 use super::gemm::Avx512Vnni;
-use super::interleaved::GROUP;
+use super::interleaved::{lane_bytes, store_lanes, word_byte, GROUP};
 use super::kquants::{SuperBlock, SUPER};
 use crate::gguf::GgmlType;
 
@@ -54,11 +54,6 @@ const K4_CODES: usize = K4_MIN + 8 * GROUP;
 const K6_SC: usize = 2 * GROUP;
 const K6_QL: usize = K6_SC + 16 * GROUP;
 const K6_QH: usize = K6_QL + 128 * GROUP;
-
-/// Where byte `i` of a row's run of code bytes lands: word `i / 4`, lane `r`.
-fn word_byte(base: usize, r: usize, i: usize) -> usize {
-    base + 64 * (i / 4) + 4 * r + i % 4
-}
 
 /// `rows` rows of `ty` (a whole number of groups; `bytes` row-major GGUF blocks) interleaved.
 pub fn interleave(ty: GgmlType, rows: usize, bytes: &[u8]) -> Vec<u8> {
@@ -122,25 +117,17 @@ pub fn row(ty: GgmlType, data: &[u8], blocks: usize, r: usize) -> Vec<u8> {
                 let sc: [u8; 8] = std::array::from_fn(|j| gb[K4_SC + GROUP * j + l]);
                 let m: [u8; 8] = std::array::from_fn(|j| gb[K4_MIN + GROUP * j + l]);
                 out.extend_from_slice(&pack_scales(&sc, &m));
-                lanes_of(&mut out, gb, K4_CODES, l, 128);
+                lane_bytes(&mut out, gb, K4_CODES, l, 128);
             }
             _ => {
-                lanes_of(&mut out, gb, K6_QL, l, 128);
-                lanes_of(&mut out, gb, K6_QH, l, 64);
+                lane_bytes(&mut out, gb, K6_QL, l, 128);
+                lane_bytes(&mut out, gb, K6_QH, l, 64);
                 out.extend((0..16).map(|k| gb[K6_SC + GROUP * k + l]));
                 out.extend_from_slice(&gb[2 * l..2 * l + 2]);
             }
         }
     }
     out
-}
-
-/// Appends lane `l` of the code words from `base` (`bytes` of them), four bytes at a time.
-fn lanes_of(out: &mut Vec<u8>, gb: &[u8], base: usize, l: usize, bytes: usize) {
-    for t in 0..bytes / 4 {
-        let at = word_byte(base, l, 4 * t);
-        out.extend_from_slice(&gb[at..at + 4]);
-    }
 }
 
 /// The 12 bytes Q4_K packs eight 6-bit scales and minimums into ([`scale_min_k4`]'s inverse).
@@ -203,16 +190,17 @@ fn group_on<const Q6: bool>(group: &[u8], acts: &[Vec<SplitSuper>], outs: &mut [
     for (j, x) in acts.iter().enumerate() {
         let mut acc = _mm512_setzero_ps();
         for (gb, a) in group.chunks_exact(group_block_bytes(ty)).zip(x) {
-            super::interleaved::prefetch_next_block(gb);
+            // The whole next group block: one of 2–3 KiB takes long enough that it arrives in
+            // time (four lines 1 KiB ahead left most of each to the hardware prefetcher: Qwen2.5
+            // decoded at 14.4–15.2 tok/s instead of 20.1–20.9; the small types' blocks keep a
+            // few lines 1 KiB ahead, whole next blocks measured no faster for SmolLM2).
+            super::prefetch(gb, gb.len(), gb.len().div_ceil(64));
             acc = match Q6 {
                 true => q6k_block(gb, a, acc),
                 false => q4k_block(gb, a, acc),
             };
         }
-        let sums: [f32; GROUP] = pulp::cast(acc);
-        for (r, s) in sums.iter().enumerate() {
-            outs[r * n + j] = *s;
-        }
+        store_lanes(pulp::cast(acc), outs, n, j);
     }
 }
 

@@ -13,7 +13,7 @@ use core::arch::x86_64::{
     __m256i, __m512i, _mm512_add_epi32, _mm512_and_si512, _mm512_cvtepi32_ps, _mm512_cvtepu8_epi16,
     _mm512_dpwssd_epi32, _mm512_fmadd_ps, _mm512_loadu_si512, _mm512_mask_blend_epi16, _mm512_mullo_epi16,
     _mm512_or_si512, _mm512_reduce_add_ps, _mm512_set1_epi16, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
-    _mm512_slli_epi16, _mm512_srli_epi16, _mm512_sub_epi16, _mm_prefetch, _MM_HINT_T0,
+    _mm512_slli_epi16, _mm512_srli_epi16, _mm512_sub_epi16,
 };
 
 use super::super::chunks::f16_at;
@@ -73,7 +73,7 @@ fn q4k_on(row: &[u8], x: &[SuperBlock]) -> f32 {
     let mut offset = 0f32;
     let low4 = _mm512_set1_epi16(0x0F);
     for (blk, a) in row.chunks_exact(GgmlType::Q4K.block_bytes()).zip(x) {
-        prefetch(blk);
+        super::prefetch(blk, super::AHEAD, 3);
         let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
         let sc = scales_mins(blk.get(4..16).and_then(|s| s.first_chunk::<12>()).unwrap_or(&[0; 12]));
         let mut dots = _mm512_setzero_si512();
@@ -99,7 +99,7 @@ fn q6k_on(row: &[u8], x: &[SuperBlock]) -> f32 {
     let mut acc = _mm512_setzero_ps();
     let (low4, low2, centre) = (_mm512_set1_epi16(0x0F), _mm512_set1_epi16(0x03), _mm512_set1_epi16(32));
     for (blk, a) in row.chunks_exact(GgmlType::Q6K.block_bytes()).zip(x) {
-        prefetch(blk);
+        super::prefetch(blk, super::AHEAD, 3);
         let d = f16_at(blk, 208);
         // Two accumulators: a lane gains up to 2·32·128·32767 per chunk.
         let mut dots = [_mm512_setzero_si512(); 2];
@@ -149,24 +149,6 @@ fn scales_mins(s: &[u8; 12]) -> [(i16, i16); 8] {
         (sc as i16, m as i16)
     })
 }
-
-/// Asks for the weights [`AHEAD`] bytes past `blk`'s start (rows are read in order, one
-/// thread's rows contiguous in memory): each thread's stream from memory keeps more requests
-/// in flight than the hardware prefetcher alone.
-#[inline(always)]
-fn prefetch(blk: &[u8]) {
-    let ahead = blk.as_ptr().wrapping_add(AHEAD);
-    // SAFETY: a prefetch is a hint: it never faults and reads nothing into the program, so any
-    // address (here possibly past the matrix) is sound.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.cast()) }
-    // SAFETY: as above.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast()) }
-    // SAFETY: as above.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128).cast()) }
-}
-
-/// How far ahead [`prefetch`] asks.
-pub(super) const AHEAD: usize = 1024;
 
 /// 32 bytes from the start of `b` (zeros where `b` is shorter).
 #[inline(always)]
