@@ -431,12 +431,6 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
     let vnni_here = matches!(kernel, Kernel::Vnni(..)) && parts.iter().all(|p| vnni::handles(p.ty));
     #[cfg(not(target_arch = "x86_64"))]
     let vnni_here = false;
-    // 16-bit activations only where the VNNI kernels take them; elsewhere f32 ones (the same
-    // products but for 16-bit rounding).
-    let activations = match activations {
-        Activations::Int16 if !vnni_here => Activations::F32,
-        a => a,
-    };
     // One row of 16-bit activations against K-quants only (a decode step of Qwen's Q4_K_M):
     // one activation scale per 256 values, the sub-block scales applied as integers
     // (`vnni::kquants`). More rows keep the kernels below, which unpack each weight chunk once
@@ -451,6 +445,17 @@ pub fn product(parts: &[QuantMatrix], x: &[f32], rows: usize, kernel: Kernel, ac
             vnni::gemm::Avx512Vnni::detect()
         }
         _ => None,
+    };
+    // 16-bit activations only where the VNNI kernels take them (the AVX-512 K-quant kernel
+    // above, or the AVX-VNNI ones below, which AMD's Zen 4 lacks); elsewhere f32 ones (the same
+    // products but for 16-bit rounding).
+    #[cfg(target_arch = "x86_64")]
+    let kquants_here = kquants.is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    let kquants_here = false;
+    let activations = match activations {
+        Activations::Int16 if !vnni_here && !kquants_here => Activations::F32,
+        a => a,
     };
     #[cfg(target_arch = "x86_64")]
     let per256: Vec<Vec<vnni::kquants::SuperBlock>> = match kquants {

@@ -9,9 +9,11 @@
 //!   bytes, `[sub-block][row]` (8 × 16 each: 64 bytes more than the packed 12 per row, +2.8 %);
 //!   then the codes in 64-byte words, word `8g + t` lane `r` = bytes `32g + 4t..+4` of row
 //!   `r`'s `qs` (low nibbles weights `64g + i`, high nibbles `64g + 32 + i`).
-//! - Q6_K (same size as its blocks): `d` × 16; the signed scales `[k][row]` (16 × 16); `ql`
-//!   words (word `16n + t`, lane `r` = `ql` bytes `64n + 4t..+4`), then `qh` words (word
-//!   `8n + t` = `qh` bytes `32n + 4t..+4`).
+//! - Q6_K (same size as its blocks): `d` × 16; the signed scales `[k][row]` (16 × 16); then
+//!   the codes in the order the kernel reads them ([`k6_code_byte`]): for each half `n` and
+//!   step `t` < 8, three words — `ql` bytes `64n + 4t..+4`, `ql` bytes `64n + 32 + 4t..+4`,
+//!   `qh` bytes `32n + 4t..+4` — so a block is read front to back (with `qh` after all of
+//!   `ql`, its first reads missed the cache in every block: a fifth of Qwen2.5's decode).
 //!
 //! # Arithmetic
 //! Each 16-bit activation is split into a signed high byte and an unsigned low byte, as in
@@ -52,8 +54,25 @@ const K4_MIN: usize = K4_SC + 8 * GROUP;
 const K4_CODES: usize = K4_MIN + 8 * GROUP;
 // Offsets in a Q6_K group block.
 const K6_SC: usize = 2 * GROUP;
-const K6_QL: usize = K6_SC + 16 * GROUP;
-const K6_QH: usize = K6_QL + 128 * GROUP;
+const K6_CODES: usize = K6_SC + 16 * GROUP;
+
+/// Where lane `l`'s code byte `i` of a Q6_K block (`ql` 0..128, then `qh` 128..192, GGUF's
+/// order) lies in its group block: words in the kernel's reading order, three per step.
+fn k6_code_byte(l: usize, i: usize) -> usize {
+    let (word, step) = match i {
+        // `ql` word `m`: half `m / 16`, step `m mod 8`; the first or second of the step.
+        0..128 => {
+            let m = i / 4;
+            (m % 16 / 8, 8 * (m / 16) + m % 8)
+        }
+        // `qh` word `m`: half `m / 8`, step `m mod 8`; the third of the step.
+        _ => {
+            let m = (i - 128) / 4;
+            (2, m)
+        }
+    };
+    K6_CODES + 64 * (3 * step + word) + 4 * l + i % 4
+}
 
 /// `rows` rows of `ty` (a whole number of groups; `bytes` row-major GGUF blocks) interleaved.
 pub fn interleave(ty: GgmlType, rows: usize, bytes: &[u8]) -> Vec<u8> {
@@ -87,11 +106,8 @@ pub fn interleave(ty: GgmlType, rows: usize, bytes: &[u8]) -> Vec<u8> {
                     for k in 0..16 {
                         gb[K6_SC + GROUP * k + l] = blk[192 + k];
                     }
-                    for i in 0..128 {
-                        gb[word_byte(K6_QL, l, i)] = blk[i];
-                    }
-                    for i in 0..64 {
-                        gb[word_byte(K6_QH, l, i)] = blk[128 + i];
+                    for (i, &b) in blk[..192].iter().enumerate() {
+                        gb[k6_code_byte(l, i)] = b;
                     }
                 }
             }
@@ -120,8 +136,10 @@ pub fn row(ty: GgmlType, data: &[u8], blocks: usize, r: usize) -> Vec<u8> {
                 lane_bytes(&mut out, gb, K4_CODES, l, 128);
             }
             _ => {
-                lane_bytes(&mut out, gb, K6_QL, l, 128);
-                lane_bytes(&mut out, gb, K6_QH, l, 64);
+                for i in (0..192).step_by(4) {
+                    let at = k6_code_byte(l, i);
+                    out.extend_from_slice(&gb[at..at + 4]);
+                }
                 out.extend((0..16).map(|k| gb[K6_SC + GROUP * k + l]));
                 out.extend_from_slice(&gb[2 * l..2 * l + 2]);
             }
@@ -190,11 +208,11 @@ fn group_on<const Q6: bool>(group: &[u8], acts: &[Vec<SplitSuper>], outs: &mut [
     for (j, x) in acts.iter().enumerate() {
         let mut acc = _mm512_setzero_ps();
         for (gb, a) in group.chunks_exact(group_block_bytes(ty)).zip(x) {
-            // The whole next group block: one of 2–3 KiB takes long enough that it arrives in
-            // time (four lines 1 KiB ahead left most of each to the hardware prefetcher: Qwen2.5
-            // decoded at 14.4–15.2 tok/s instead of 20.1–20.9; the small types' blocks keep a
-            // few lines 1 KiB ahead, whole next blocks measured no faster for SmolLM2).
-            super::prefetch(gb, gb.len(), gb.len().div_ceil(64));
+            // The whole next group block, where that pays ([`super::prefetch_next_blocks`]): one
+            // of 2–3 KiB takes long enough that it arrives in time.
+            if super::prefetch_next_blocks() {
+                super::prefetch(gb, gb.len(), gb.len().div_ceil(64));
+            }
             acc = match Q6 {
                 true => q6k_block(gb, a, acc),
                 false => q4k_block(gb, a, acc),
@@ -292,7 +310,7 @@ fn q6k_block(gb: &[u8], a: &SplitSuper, acc: __m512) -> __m512 {
     let (low4, low2) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x03));
     let zero = _mm512_setzero_si512();
     let (mut high, mut low, mut sums) = (zero, zero, zero);
-    let word_at = |base: usize, w: usize| -> __m512i { bytes::<64, _>(gb.get(base + 64 * w..).unwrap_or(&[])) };
+    let word_at = |w: usize| -> __m512i { bytes::<64, _>(gb.get(K6_CODES + 64 * w..).unwrap_or(&[])) };
     for half in 0..2 {
         // Quarter `s` of the half's 32 `ql`/`qh` byte offsets: sixteen weights of each of the
         // four runs of 32, one scale each.
@@ -300,11 +318,9 @@ fn q6k_block(gb: &[u8], a: &SplitSuper, acc: __m512) -> __m512 {
             let mut h = [zero; 4];
             let mut l = [zero; 4];
             for t in 4 * s..4 * s + 4 {
-                let (qa, qb, qh) = (
-                    word_at(K6_QL, 16 * half + t),
-                    word_at(K6_QL, 16 * half + 8 + t),
-                    word_at(K6_QH, 8 * half + t),
-                );
+                // The step's three words ([`k6_code_byte`]).
+                let step = 3 * (8 * half + t);
+                let (qa, qb, qh) = (word_at(step), word_at(step + 1), word_at(step + 2));
                 let top = |shift: __m512i| _mm512_slli_epi16::<4>(_mm512_and_si512(shift, low2));
                 let u = [
                     _mm512_or_si512(_mm512_and_si512(qa, low4), top(qh)),
