@@ -231,8 +231,8 @@ const AHEAD: usize = 1024;
 /// Whether the K-quant decode kernels ask for each next group block while they read one. On
 /// an Intel Xeon (family 6 model 207) that took Qwen2.5-1.5B's decode from 14.4–15.2 to
 /// 20.1–20.9 tok/s; on an AMD EPYC (Zen 4, family 25 model 17), whose hardware prefetcher keeps
-/// up with blocks read front to back, the same prefetches cost half the speed (11.3–11.7 against
-/// 13.3–19.2 tok/s). So: everywhere but on AMD's CPUs.
+/// up with blocks read front to back, the same prefetches cost half the speed (15.4–16.2 against
+/// 26.8–34.5 tok/s). So: everywhere but on AMD's CPUs.
 fn prefetch_next_blocks() -> bool {
     static AHEAD_OF_HARDWARE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AHEAD_OF_HARDWARE.get_or_init(|| {
