@@ -666,18 +666,28 @@ pub fn product_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) ->
                 vnni::gemm::tile_product(token, tile, &acts, o);
             },
         );
-    // The result is `[activation row, output]`.
+    // The result is `[activation row, output]`, gathered on all threads (one thread took a
+    // twentieth of a Qwen2.5 prefill doing it alone).
+    let firsts: Vec<usize> = tiles
+        .iter()
+        .scan(0, |o, &(m, first)| {
+            let at = *o;
+            *o += TILE_ROWS.min(m.rows - first);
+            Some(at)
+        })
+        .collect();
+    // Sixteen activation rows per task: each tile row's sixteen products are one cache line.
     let mut y = vec![0f32; rows * out];
-    let mut o = 0;
-    for (&(m, first), p) in tiles.iter().zip(products.chunks(TILE_ROWS * width)) {
-        let n = TILE_ROWS.min(m.rows - first);
-        for (j, y) in y.chunks_exact_mut(out).enumerate() {
-            for t in 0..n {
-                y[o + t] = p[t * width + j];
+    y.par_chunks_mut(LANES * out).enumerate().for_each(|(g, y)| {
+        for ((&(m, first), p), &o) in tiles.iter().zip(products.chunks(TILE_ROWS * width)).zip(&firsts) {
+            for t in 0..TILE_ROWS.min(m.rows - first) {
+                let from = &p[t * width + g * LANES..];
+                for (y, &v) in y.chunks_exact_mut(out).zip(from) {
+                    y[o + t] = v;
+                }
             }
         }
-        o += n;
-    }
+    });
     if products.capacity() <= RETAINED_PRODUCTS_MAX {
         PRODUCTS.with(|p| *p.borrow_mut() = products);
     }

@@ -227,24 +227,23 @@ impl DecodedTile {
 
     /// Rows `first..first + TILE_ROWS` of `m` (those that exist).
     pub fn decode(&mut self, m: &QuantMatrix, first: usize) {
-        self.u.fill([0; TILE_ROWS]);
-        self.a.fill([[0.0; TILE_ROWS]; 2]);
-        self.b.fill([[0.0; TILE_ROWS]; 2]);
+        let rows = TILE_ROWS.min(m.rows().saturating_sub(first));
+        // Rows past the matrix stay zeros; the others are overwritten chunk by chunk.
+        if rows < TILE_ROWS {
+            self.u.fill([0; TILE_ROWS]);
+            self.a.fill([[0.0; TILE_ROWS]; 2]);
+            self.b.fill([[0.0; TILE_ROWS]; 2]);
+        }
         self.whole_chunks = m.ty() != GgmlType::Q6K;
-        let (chunks, words) = (self.chunks, words(self.wide));
-        let wide = self.wide;
-        let mut row_words = vec![0i32; words];
-        for t in 0..TILE_ROWS.min(m.rows().saturating_sub(first)) {
+        let (chunks, wide) = (self.chunks, self.wide);
+        for t in 0..rows {
             let row = m.row(first + t);
             let (u, a, b) = (&mut self.u, &mut self.a, &mut self.b);
             let mut put = |c: usize, w: &[u8; BLOCK], scale: [f32; 2], offset: [f32; 2]| {
                 if c >= chunks {
                     return;
                 }
-                pack_words(w, wide, |v: u8| v as u32, &mut row_words);
-                for (p, &v) in row_words.iter().enumerate() {
-                    u[c * words + p][t] = v;
-                }
+                put_words(&mut u[c * words(wide)..(c + 1) * words(wide)], t, w, wide);
                 for h in 0..2 {
                     a[c][h][t] = scale[h];
                     b[c][h][t] = offset[h];
@@ -260,6 +259,24 @@ impl DecodedTile {
                 continue;
             }
             for_each_chunk(m.ty(), &row, |c, chunk| put(c, &chunk.u, chunk.a, chunk.b));
+        }
+    }
+}
+
+/// Tile row `t`'s words of one chunk of unsigned weights `w` into `dst` (`[word][row]`): pairs
+/// of 16-bit values (`wide`) or quads of bytes, little-endian.
+#[inline]
+fn put_words(dst: &mut [[i32; TILE_ROWS]], t: usize, w: &[u8; BLOCK], wide: bool) {
+    match wide {
+        true => {
+            for (d, p) in dst.iter_mut().zip(w.chunks_exact(2)) {
+                d[t] = p[0] as i32 | (p[1] as i32) << 16;
+            }
+        }
+        false => {
+            for (d, p) in dst.iter_mut().zip(w.chunks_exact(4)) {
+                d[t] = i32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+            }
         }
     }
 }
