@@ -646,7 +646,7 @@ pub fn product_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) ->
         .iter()
         .flat_map(|m| (0..m.rows).step_by(TILE_ROWS).map(move |first| (m, first)))
         .collect();
-    // Every tile's products in a slot of `TILE_ROWS` rows, `[tile row, activation row]`: a
+    // Every tile's products in a slot of `[activation row, tile row]`: a
     // buffer kept from call to call up to [`RETAINED_PRODUCTS_MAX`] (a fresh one is zeroed page
     // by page by the kernel on first touch, which `perf` showed among a prefill's largest
     // costs); larger ones are freed, so a long prompt's chunk leaves no memory held.
@@ -676,14 +676,17 @@ pub fn product_many<Q: ActInt>(parts: &[QuantMatrix], x: &[f32], rows: usize) ->
             Some(at)
         })
         .collect();
-    // Sixteen activation rows per task: each tile row's sixteen products are one cache line.
+    // Sixteen activation rows per task: a tile's runs for them are contiguous.
     let mut y = vec![0f32; rows * out];
     y.par_chunks_mut(LANES * out).enumerate().for_each(|(g, y)| {
         for ((&(m, first), p), &o) in tiles.iter().zip(products.chunks(TILE_ROWS * width)).zip(&firsts) {
-            for t in 0..TILE_ROWS.min(m.rows - first) {
-                let from = &p[t * width + g * LANES..];
-                for (y, &v) in y.chunks_exact_mut(out).zip(from) {
-                    y[o + t] = v;
+            let n = TILE_ROWS.min(m.rows - first);
+            let runs = p[g * LANES * TILE_ROWS..].chunks_exact(TILE_ROWS);
+            for (y, run) in y.chunks_exact_mut(out).zip(runs) {
+                // A whole tile's run as a constant-size copy (inlined moves, not a call).
+                match (y[o..].first_chunk_mut::<TILE_ROWS>(), run.first_chunk::<TILE_ROWS>()) {
+                    (Some(y), Some(run)) if n == TILE_ROWS => *y = *run,
+                    _ => y[o..o + n].copy_from_slice(&run[..n]),
                 }
             }
         }

@@ -281,9 +281,10 @@ fn put_words(dst: &mut [[i32; TILE_ROWS]], t: usize, w: &[u8; BLOCK], wide: bool
     }
 }
 
-/// `out[t][j] = Σ w_t·x_j` for the tile's rows `t` and every activation row `j` of `acts`
-/// (`out`: [`TILE_ROWS`] rows of `acts.rows()` rounded up to [`LANES`]); nothing where the
-/// tile and the activations were made for different widths.
+/// `out[j][t] = Σ w_t·x_j` for every activation row `j` of `acts` (rounded up to [`LANES`]) and
+/// the tile's rows `t` (`out`: that many rows of [`TILE_ROWS`]), so that each activation row's
+/// outputs are one contiguous run; nothing where the tile and the activations were made for
+/// different widths.
 pub fn tile_product(token: Avx512Vnni, tile: &DecodedTile, acts: &PackedActs, out: &mut [f32]) {
     let _ = token;
     // SAFETY: `tile_on` needs AVX-512 F, BW and VNNI; an `Avx512Vnni` token exists only where
@@ -330,7 +331,6 @@ fn groups_on<const WIDE: bool, const WORDS: usize, const G: usize>(
     out: &mut [f32],
 ) {
     let chunks = tile.chunks.min(acts.chunks);
-    let width = acts.groups() * LANES;
     let mut acc = [[_mm512_setzero_ps(); TILE_ROWS]; G];
     for c in 0..chunks {
         let at: [usize; G] = std::array::from_fn(|i| (first + i) * acts.chunks + c);
@@ -358,11 +358,20 @@ fn groups_on<const WIDE: bool, const WORDS: usize, const G: usize>(
             }
         }
     }
+    // Each group's sixteen rows × the tile's rows, turned to `[row][tile row]` through the
+    // stack (the gather into `[row, output]` then copies runs instead of single values).
     for (i, acc) in acc.iter().enumerate() {
-        for (t, acc) in acc.iter().enumerate() {
-            let at = t * width + (first + i) * LANES;
-            if let Some(o) = out.get_mut(at..at + LANES).and_then(|o| o.first_chunk_mut::<LANES>()) {
-                store_ps(o, *acc);
+        let mut lanes = [[0f32; LANES]; TILE_ROWS];
+        for (l, acc) in lanes.iter_mut().zip(acc) {
+            store_ps(l, *acc);
+        }
+        let at = (first + i) * LANES * TILE_ROWS;
+        let Some(o) = out.get_mut(at..at + LANES * TILE_ROWS) else {
+            continue;
+        };
+        for (j, o) in o.chunks_exact_mut(TILE_ROWS).enumerate() {
+            for (t, o) in o.iter_mut().enumerate() {
+                *o = lanes[t][j];
             }
         }
     }
