@@ -55,183 +55,47 @@ impl HeadAttention<'_> {
         out: &mut [f32],
     ) {
         let slots = keys.len() / d;
+        let qs: [(&[S::f32s], &[f32]); R] = std::array::from_fn(|r| S::as_simd_f32s(&q[r * d..(r + 1) * d]));
         let (probs, _) = probs.split_at_mut(R * slots);
-        scores_rows::<S, R>(simd, q, keys, d, probs);
+        for (j, k) in keys.chunks_exact(d).enumerate() {
+            let (kv, kt) = S::as_simd_f32s(k);
+            let mut acc = [simd.splat_f32s(0.0); R];
+            for (i, k) in kv.iter().enumerate() {
+                for r in 0..R {
+                    acc[r] = simd.mul_add_f32s(qs[r].0[i], *k, acc[r]);
+                }
+            }
+            for r in 0..R {
+                let tail: f32 = qs[r].1.iter().zip(kt).map(|(a, b)| a * b).sum();
+                probs[r * slots + j] = simd.reduce_sum_f32s(acc[r]) + tail;
+            }
+        }
         for row in probs.chunks_exact_mut(slots) {
             super::softmax_row(row);
         }
-        values_rows::<S, R>(simd, probs, values, d, out);
-    }
-}
-
-/// `scores[r·slots + j] = q_r·k_j` for `R` query rows (`q`: `[R, d]`) and every key of `keys`
-/// (`[slots, d]`): each key row is read once for all of them.
-#[inline(always)]
-fn scores_rows<S: pulp::Simd, const R: usize>(simd: S, q: &[f32], keys: &[f32], d: usize, scores: &mut [f32]) {
-    let slots = keys.len() / d;
-    let qs: [(&[S::f32s], &[f32]); R] = std::array::from_fn(|r| S::as_simd_f32s(&q[r * d..(r + 1) * d]));
-    for (j, k) in keys.chunks_exact(d).enumerate() {
-        let (kv, kt) = S::as_simd_f32s(k);
-        let mut acc = [simd.splat_f32s(0.0); R];
-        for (i, k) in kv.iter().enumerate() {
-            for r in 0..R {
-                acc[r] = simd.mul_add_f32s(qs[r].0[i], *k, acc[r]);
-            }
-        }
-        for r in 0..R {
-            let tail: f32 = qs[r].1.iter().zip(kt).map(|(a, b)| a * b).sum();
-            scores[r * slots + j] = simd.reduce_sum_f32s(acc[r]) + tail;
-        }
-    }
-}
-
-/// `out[r] = Σ_j probs[r·slots + j]·v_j` for `R` rows of `probs` and the value rows of `values`
-/// (`[slots, d]`; `out`: `[R, d]`): each value row is read once for all of them.
-#[inline(always)]
-fn values_rows<S: pulp::Simd, const R: usize>(simd: S, probs: &[f32], values: &[f32], d: usize, out: &mut [f32]) {
-    let slots = values.len() / d;
-    let mut outs: [(&mut [S::f32s], &mut [f32]); R] = {
-        let mut rest = &mut out[..R * d];
-        std::array::from_fn(|_| {
-            let (row, tail) = std::mem::take(&mut rest).split_at_mut(d);
-            rest = tail;
-            row.fill(0.0);
-            S::as_mut_simd_f32s(row)
-        })
-    };
-    for (j, v) in values.chunks_exact(d).enumerate() {
-        let (vv, vt) = S::as_simd_f32s(v);
-        for (r, (ov, ot)) in outs.iter_mut().enumerate() {
-            let p = probs[r * slots + j];
-            let pv = simd.splat_f32s(p);
-            for (o, x) in ov.iter_mut().zip(vv) {
-                *o = simd.mul_add_f32s(pv, *x, *o);
-            }
-            for (o, x) in ot.iter_mut().zip(vt) {
-                *o += p * x;
-            }
-        }
-    }
-}
-
-/// One KV head's part of [`attention_scores`] (`keys` `[slots, d]`, `scores` `[rows, slots]`) or
-/// of [`attention_values`] (`keys` holding the value rows, `q` the probabilities `[rows,
-/// slots]`, `scores` the outputs `[rows, d]`), four query rows at a time.
-struct HeadProduct<'a> {
-    q: &'a [f32],
-    keys: &'a [f32],
-    d: usize,
-    scores: &'a mut [f32],
-    values: bool,
-}
-
-impl pulp::WithSimd for HeadProduct<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, simd: S) {
-        let (d, slots) = (self.d, self.keys.len() / self.d);
-        let (q_row, out_row) = match self.values {
-            true => (slots, d),
-            false => (d, slots),
+        let mut outs: [(&mut [S::f32s], &mut [f32]); R] = {
+            let mut rest = &mut out[..R * d];
+            std::array::from_fn(|_| {
+                let (row, tail) = std::mem::take(&mut rest).split_at_mut(d);
+                rest = tail;
+                row.fill(0.0);
+                S::as_mut_simd_f32s(row)
+            })
         };
-        for (q, out) in self.q.chunks(4 * q_row).zip(self.scores.chunks_mut(4 * out_row)) {
-            macro_rules! rows {
-                ($r:literal) => {
-                    match self.values {
-                        true => values_rows::<S, $r>(simd, q, self.keys, d, out),
-                        false => scores_rows::<S, $r>(simd, q, self.keys, d, out),
-                    }
-                };
-            }
-            match q.len() / q_row {
-                1 => rows!(1),
-                2 => rows!(2),
-                3 => rows!(3),
-                _ => rows!(4),
+        for (j, v) in values.chunks_exact(d).enumerate() {
+            let (vv, vt) = S::as_simd_f32s(v);
+            for (r, (ov, ot)) in outs.iter_mut().enumerate() {
+                let p = probs[r * slots + j];
+                let pv = simd.splat_f32s(p);
+                for (o, x) in ov.iter_mut().zip(vv) {
+                    *o = simd.mul_add_f32s(pv, *x, *o);
+                }
+                for (o, x) in ot.iter_mut().zip(vt) {
+                    *o += p * x;
+                }
             }
         }
     }
-}
-
-/// `q·keysᵀ` (`values`: false) or `q·values` (true; `q` then holds probabilities over the
-/// slots) over the first `slots` slots of a cache's f32 buffer in host memory (`buffer`:
-/// `[1, kv_heads, capacity, d]`), split over the threads by KV head; `q` back where the tensors
-/// are not that.
-fn head_products<B: Backend>(
-    q: Tensor<B, 4>,
-    buffer: &Tensor<B, 4>,
-    slots: usize,
-    values: bool,
-) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    let [qb, h, rows, width] = q.dims();
-    let [kb, kh, capacity, d] = buffer.dims();
-    let width_fits = match values {
-        true => width == slots,
-        false => width == d,
-    };
-    let fits = q.dtype() == DType::F32
-        && buffer.dtype() == DType::F32
-        && [qb, kb, kh] == [1, 1, h]
-        && width_fits
-        && d > 0
-        && (1..=capacity).contains(&slots);
-    let Some(buffer_tensor) = fits.then(|| flex_tensor(buffer)).flatten() else {
-        return Err(q);
-    };
-    let Some(all) = buffer_tensor.as_slice::<f32>() else {
-        return Err(q);
-    };
-    let device = q.device();
-    let q_data = q.into_data();
-    let q_values = f32_values(&q_data);
-    let out_width = if values { d } else { slots };
-    let mut out = vec![0f32; h * rows * out_width];
-    let arch = pulp::Arch::new();
-    out.par_chunks_mut(rows * out_width)
-        .enumerate()
-        .for_each(|(head, scores)| {
-            let at = head * capacity * d;
-            arch.dispatch(HeadProduct {
-                q: &q_values[head * rows * width..(head + 1) * rows * width],
-                keys: &all[at..at + slots * d],
-                d,
-                scores,
-                values,
-            });
-        });
-    Ok(Tensor::from_data(
-        TensorData::new(out, [1, h, rows, out_width]),
-        &device,
-    ))
-}
-
-/// Attention scores `q·keysᵀ` over the first `slots` slots of a cache's f32 key buffer in host
-/// memory: no copy of the slots in use, no packing of the product's operands, no output
-/// allocated by the backend (flex's product copied its fresh output once more to align it).
-///
-/// # Shapes
-/// - `q`: `[1, kv_heads, rows, d]`; `keys`: `[1, kv_heads, capacity, d]` → `[1, kv_heads, rows, slots]`
-pub fn attention_scores<B: Backend>(
-    q: Tensor<B, 4>,
-    keys: &Tensor<B, 4>,
-    slots: usize,
-) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    head_products(q, keys, slots, false)
-}
-
-/// Attention values `probs·values` over the first `slots` slots of a cache's f32 value buffer
-/// in host memory ([`attention_scores`]'s other half).
-///
-/// # Shapes
-/// - `probs`: `[1, kv_heads, rows, slots]`; `values`: `[1, kv_heads, capacity, d]` →
-///   `[1, kv_heads, rows, d]`
-pub fn attention_values<B: Backend>(
-    probs: Tensor<B, 4>,
-    values: &Tensor<B, 4>,
-    slots: usize,
-) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    head_products(probs, values, slots, true)
 }
 
 /// `softmax(q·keysᵀ)·values` over the first `slots` slots of a cache's f32 buffers in host
@@ -367,30 +231,6 @@ mod tests {
                 .unwrap();
             assert_eq!(&all[i * alone.len()..(i + 1) * alone.len()], &alone[..], "sequence {i}");
         }
-    }
-
-    /// The scores and the values products over the slots in use equal burn's, and hand back
-    /// what they cannot take.
-    #[test]
-    fn scores_and_values_equal_burns_over_the_slots_in_use() {
-        let dev = Default::default();
-        for (d, slots, rows) in [(64, 37, 24), (13, 5, 5), (64, 1, 1), (64, 200, 6)] {
-            let q = Tensor::<Flex, 4>::random([1, 3, rows, d], Distribution::Normal(0.0, 1.0), &dev);
-            let k = Tensor::<Flex, 4>::random([1, 3, 256, d], Distribution::Normal(0.0, 1.0), &dev);
-            let scores = attention_scores(q.clone(), &k, slots).unwrap();
-            let want = q.matmul(k.clone().slice_dim(2, 0..slots).swap_dims(2, 3));
-            let diff = (scores.clone() - want).abs().max().into_scalar();
-            assert!(diff < 1e-4, "scores: d {d}, {slots} slots, {rows} rows: {diff}");
-            let probs = softmax(scores, 3);
-            let got = attention_values(probs.clone(), &k, slots).unwrap();
-            let want = probs.matmul(k.clone().slice_dim(2, 0..slots));
-            let diff = (got - want).abs().max().into_scalar();
-            assert!(diff < 1e-5, "values: d {d}, {slots} slots, {rows} rows: {diff}");
-        }
-        let q = Tensor::<Flex, 4>::random([1, 3, 2, 8], Distribution::Default, &dev);
-        let k = Tensor::<Flex, 4>::random([1, 3, 10, 8], Distribution::Default, &dev);
-        assert!(attention_scores(q.clone(), &k, 11).is_err());
-        assert!(attention_values(q, &k, 5).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 mod attention;
 mod panels;
 
-pub use attention::{attention_scores, attention_values, decode_attention, decode_attention_batch};
+pub use attention::{decode_attention, decode_attention_batch};
 pub use panels::PanelMatrix;
 
 /// Elements below which a kernel stays on the calling thread (spawning costs more).

@@ -135,8 +135,7 @@ pub fn decode_attention_batch<B: Backend>(
 ///
 /// `buffers`: `keys` are the cache's buffers (`[batch, kv_heads, capacity, d]`, `slots` of
 /// them in use), which kernels read in place; otherwise `keys` holds exactly the slots. On
-/// GPUs an attention kernel, else an exact-f32 product (burn's run f32 as TF32); in host memory
-/// a host kernel over the buffers; else burn's.
+/// GPUs an attention kernel, else an exact-f32 product (burn's run f32 as TF32), else burn's.
 ///
 /// # Shapes
 /// - `q`: `[batch, kv_heads, rows, d]` → `[batch, kv_heads, rows, slots]`
@@ -149,11 +148,7 @@ pub fn attention_scores<B: Backend>(
 ) -> Tensor<B, 4> {
     let q = match buffers {
         true => cube!(p, Kernel::Attention, q => crate::gpu_kernels::launch::attention_scores(q, keys, slots))
-            .or_else(|q| cube!(p, Kernel::Matmul, q => crate::gpu_kernels::launch::matmul_f32(q, keys, true, slots)))
-            .or_else(|q| match p.host_resident() {
-                true => crate::host_kernels::attention_scores(q, keys, slots),
-                false => Err(q),
-            }),
+            .or_else(|q| cube!(p, Kernel::Matmul, q => crate::gpu_kernels::launch::matmul_f32(q, keys, true, slots))),
         false => Err(q),
     };
     q.unwrap_or_else(|q| q.matmul(first_slots(keys, slots).swap_dims(2, 3)))
@@ -174,11 +169,7 @@ pub fn attention_values<B: Backend>(
     let d = values.dims()[3];
     let probs = match buffers {
         true => cube!(p, Kernel::Attention, probs => crate::gpu_kernels::launch::attention_values(probs, values, slots, &p.tuning))
-            .or_else(|probs| cube!(p, Kernel::Matmul, probs => crate::gpu_kernels::launch::matmul_f32(probs, values, false, d)))
-            .or_else(|probs| match p.host_resident() {
-                true => crate::host_kernels::attention_values(probs, values, slots),
-                false => Err(probs),
-            }),
+            .or_else(|probs| cube!(p, Kernel::Matmul, probs => crate::gpu_kernels::launch::matmul_f32(probs, values, false, d))),
         false => Err(probs),
     };
     probs.unwrap_or_else(|probs| probs.matmul(first_slots(values, slots)))
