@@ -47,10 +47,10 @@ pub struct ModelArgs {
     /// the memory and memory traffic), native (CPU: a GGUF file's quantized matrices kept in
     /// their blocks — 4–5 bits per weight in memory — and multiplied with f32 activations, each
     /// block widened in registers: the f32 result up to rounding), q16 (as native, activations
-    /// quantized to 16 bits for integer dots on CPUs with AVX-VNNI: native's greedy tokens at
-    /// about q8's decode speed, faster for K-quant files; native's kernels elsewhere) or q8 (activations quantized to
-    /// 8 bits, llama.cpp's way: the fastest prefill, slightly different results). With native,
-    /// q16 and q8 the KV
+    /// quantized to 16 bits for integer dots on CPUs with AVX-VNNI or AVX-512 VNNI: native's
+    /// greedy tokens at about q8's decode speed; native's kernels elsewhere) or q8 (activations
+    /// quantized to 8 bits, llama.cpp's way: the fastest prefill, slightly different results;
+    /// a decode step's K-quant products take q16's kernel). With native, q16 and q8 the KV
     /// cache is f32. Norms and softmax run in f32, and so does the residual stream on the CPU
     /// (on GPUs it is half precision too). Default: q16 on the CPU for one sequence at a time
     /// (generate, score, eval, bench), f32 for batches (serve, --requests-file, bench

@@ -31,11 +31,13 @@ pub enum WeightDType {
     /// order); everything else, and the KV cache, in f32.
     Native,
     /// As `Native`, with activations quantized to 8-bit blocks for integer dots (llama.cpp's
-    /// way: fewer instructions per weight, a small error of its own).
+    /// way: fewer instructions per weight, a small error of its own). Where K-quant matrices
+    /// are stored interleaved (AVX-512 VNNI), products of up to 32 rows against them take
+    /// `Q16`'s kernel, whose 16-bit activations per 256 are its only width.
     Q8,
-    /// As `Native`, with activations quantized to 16-bit blocks for integer dots (AVX-VNNI):
-    /// nearly `Q8`'s speed and nearly `Native`'s products (the CPU's default for one sequence;
-    /// `Native`'s kernels where the CPU lacks AVX-VNNI).
+    /// As `Native`, with activations quantized to 16-bit blocks for integer dots (AVX-VNNI or
+    /// AVX-512 VNNI): nearly `Q8`'s speed and nearly `Native`'s products (the CPU's default
+    /// for one sequence; `Native`'s kernels where the CPU has neither).
     Q16,
 }
 

@@ -264,7 +264,7 @@ impl QuantMatrix {
             use vnni::{interleaved, interleaved_kquants};
             let kernel = match activations {
                 Activations::Int8 | Activations::Int16 if interleaved::handles(self.ty) => Some(false),
-                Activations::Int16 if interleaved_kquants::handles(self.ty) => Some(true),
+                Activations::Int8 | Activations::Int16 if interleaved_kquants::handles(self.ty) => Some(true),
                 _ => None,
             };
             let fits = !self.interleaved && self.rows.is_multiple_of(interleaved::GROUP) && self.rows > 0;
@@ -539,10 +539,13 @@ fn interleaved_product(parts: &[QuantMatrix], x: &[f32], rows: usize, activation
     let cols = parts.first()?.cols;
     let any_k = parts.iter().any(|p| kq::handles(p.ty));
     let any_small = parts.iter().any(|p| !kq::handles(p.ty));
+    // The small types take the activations' width; K-quant groups always take 16-bit ones
+    // quantized per 256 (`kq`'s only kernel; `q8`'s decode of a K-quant file then reads the
+    // interleaved groups too, where the row kernels' 8-bit dots ran at a fifth of the speed).
     let wide = match activations {
-        Activations::Int8 if !any_k => false,
+        Activations::Int8 => false,
         Activations::Int16 => true,
-        _ => return None,
+        Activations::F32 => return None,
     };
     let rows_in = x.chunks_exact(cols);
     let small = match (any_small, wide) {

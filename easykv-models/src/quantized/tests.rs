@@ -524,9 +524,10 @@ fn interleaved_products_equal_the_scalar_ones() {
     }
 }
 
-/// Q4_K and Q6_K matrices stored sixteen rows to a group (16-bit activations only) give back
-/// their rows as they were, and their decode dots — alone and stacked with each other — equal
-/// the scalar K-quant dots of those rows.
+/// Q4_K and Q6_K matrices stored sixteen rows to a group give back their rows as they were,
+/// and their decode dots — alone and stacked with each other, for `q16` and `q8` alike (the
+/// K-quant groups take 16-bit activations per 256 either way) — equal the scalar K-quant dots
+/// of those rows.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn interleaved_kquant_products_equal_the_scalar_ones() {
@@ -542,7 +543,8 @@ fn interleaved_kquant_products_equal_the_scalar_ones() {
                 QuantMatrix::new(ty, rows, cols, &random_blocks(ty, rows * cols / 256, &mut rng)).unwrap()
             })
             .collect();
-        assert!(plain[0].interleaved(Activations::Int8).is_none());
+        assert!(plain[0].interleaved(Activations::Int8).is_some());
+        assert!(plain[0].interleaved(Activations::F32).is_none());
         let parts: Vec<QuantMatrix> = plain
             .iter()
             .map(|m| m.interleaved(Activations::Int16).unwrap())
@@ -554,18 +556,22 @@ fn interleaved_kquant_products_equal_the_scalar_ones() {
                 vnni::kquants::scalar_dot(m.ty(), &m.row(r), &vnni::kquants::quantize_row(xr))
             };
             // Alone and stacked.
-            for range in [0..1, 1..2, 0..3] {
-                let y = product(&parts[range.clone()], &x, rows, Kernel::detect(), Activations::Int16);
+            for (range, activations) in [0..1, 1..2, 0..3]
+                .into_iter()
+                .flat_map(|r| [(r.clone(), Activations::Int16), (r, Activations::Int8)])
+            {
+                let y = product(&parts[range.clone()], &x, rows, Kernel::detect(), activations);
                 assert_products(
                     &y,
                     &plain[range.clone()],
                     &x,
                     dot,
-                    &format!("{range:?}, {cols} columns, {rows} rows"),
+                    &format!("{range:?}, {cols} columns, {rows} rows, {activations:?}"),
                 );
             }
         }
         let x = random_row(40 * cols, &mut rng);
         assert_eq!(product_many::<i16>(&parts, &x, 40), product_many::<i16>(&plain, &x, 40));
+        assert_eq!(product_many::<i8>(&parts, &x, 40), product_many::<i8>(&plain, &x, 40));
     }
 }
