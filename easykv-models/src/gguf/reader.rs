@@ -121,9 +121,10 @@ enum Data {
     Memory(std::sync::Arc<Vec<u8>>),
     /// On disk, each tensor read when asked for: a model's matrices are read one at a time,
     /// so a quantized model's peak memory is its matrices (a matrix stored reordered for the
-    /// decode kernels replaces its read copy at once), not the whole file and the copies.
+    /// decode kernels replaces its read copy at once), not the whole file and the copies. The
+    /// file's length as its header was checked against.
     #[cfg(unix)]
-    Disk(std::fs::File),
+    Disk(std::fs::File, u64),
 }
 
 /// The first part of a file read for its header (doubled while the header does not fit: it
@@ -163,7 +164,7 @@ impl GgufFile {
                 let mut head = vec![0u8; want as usize];
                 file.read_exact_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
                 match Self::parse_header(&head, len) {
-                    Ok(header) => return Ok(Self::with_data(header, Data::Disk(file))),
+                    Ok(header) => return Ok(Self::with_data(header, Data::Disk(file, len))),
                     Err(_) if want < len => want = want.saturating_mul(2).min(len),
                     Err(e) => return Err(e),
                 }
@@ -344,7 +345,7 @@ impl GgufFile {
         Ok(match &self.data {
             Data::Memory(bytes) => std::borrow::Cow::Borrowed(&bytes[self.byte_range(info, bytes.len() as u64)]),
             #[cfg(unix)]
-            Data::Disk(file) => std::borrow::Cow::Owned(self.read_tensor(file, info)?),
+            Data::Disk(file, len) => std::borrow::Cow::Owned(self.read_tensor(file, *len, info)?),
         })
     }
 
@@ -354,7 +355,7 @@ impl GgufFile {
         Ok(match &self.data {
             Data::Memory(bytes) => TensorBlocks::Shared(bytes.clone(), self.byte_range(info, bytes.len() as u64)),
             #[cfg(unix)]
-            Data::Disk(file) => TensorBlocks::Read(self.read_tensor(file, info)?),
+            Data::Disk(file, len) => TensorBlocks::Read(self.read_tensor(file, *len, info)?),
         })
     }
 
@@ -369,10 +370,11 @@ impl GgufFile {
         }
     }
 
+    /// A tensor's bytes read from `file` (`len` bytes when its header was checked; a file cut
+    /// shorter since is an error of the read).
     #[cfg(unix)]
-    fn read_tensor(&self, file: &std::fs::File, info: &TensorInfo) -> Result<Vec<u8>> {
+    fn read_tensor(&self, file: &std::fs::File, len: u64, info: &TensorInfo) -> Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let range = self.byte_range(info, len);
         let mut v = vec![0u8; range.len()];
         file.read_exact_at(&mut v, range.start as u64).map_err(|e| {

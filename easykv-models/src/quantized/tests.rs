@@ -238,14 +238,23 @@ fn stacked_products_equal_row_dots() {
     }
 }
 
+/// This CPU's AVX-512 VNNI token; `None`, saying that the test is skipped, where it lacks it.
+#[cfg(target_arch = "x86_64")]
+fn avx512_vnni() -> Option<vnni::gemm::Avx512Vnni> {
+    let token = vnni::gemm::Avx512Vnni::detect();
+    if token.is_none() {
+        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+    }
+    token
+}
+
 /// The AVX-512 product of many rows equals the scalar dots with 16-bit activations, for every
 /// type, stacked parts whose row counts are not whole tiles, and activation row counts that are
 /// not whole registers.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn many_row_products_equal_the_scalar_ones() {
-    if vnni::gemm::Avx512Vnni::detect().is_none() {
-        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+    if avx512_vnni().is_none() {
         return;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
@@ -276,8 +285,7 @@ fn many_row_products_equal_the_scalar_ones() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn avx512_quantizer_equals_the_scalar_one() {
-    let Some(token) = vnni::gemm::Avx512Vnni::detect() else {
-        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+    let Some(token) = avx512_vnni() else {
         return;
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(13);
@@ -305,8 +313,7 @@ fn avx512_quantizer_equals_the_scalar_one() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn kquant_dots_equal_the_scalar_ones() {
-    let Some(token) = vnni::gemm::Avx512Vnni::detect() else {
-        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+    let Some(token) = avx512_vnni() else {
         return;
     };
     use vnni::kquants;
@@ -487,8 +494,7 @@ fn assert_same_rows(parts: &[QuantMatrix], plain: &[QuantMatrix]) {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn interleaved_products_equal_the_scalar_ones() {
-    if vnni::gemm::Avx512Vnni::detect().is_none() {
-        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+    if avx512_vnni().is_none() {
         return;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(19);
@@ -531,8 +537,7 @@ fn interleaved_products_equal_the_scalar_ones() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn interleaved_kquant_products_equal_the_scalar_ones() {
-    if vnni::gemm::Avx512Vnni::detect().is_none() {
-        eprintln!("skipped: this CPU lacks AVX-512 VNNI");
+    if avx512_vnni().is_none() {
         return;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
