@@ -55,8 +55,11 @@ declare -A ROW=(
   [h2o50]="--policy h2o --budget 0.5 --stride 64"
   [roco25]="--policy roco --budget 0.25 --stride 64"
   [h2o25]="--policy h2o --budget 0.25 --stride 64"
-  # A quarter of the 4096-token prompt that generated tokens do not grow (evicted while decoding).
+  # A quarter of the 4096-token prompt that generated tokens do not grow (evicted while decoding:
+  # a slot per step, or 64 every 64 steps, which the pool's attention launch observes).
   [roco25auto]="--policy roco --budget 1024 --mode auto --stride 64"
+  [roco25auto64]="--policy roco --budget 1024 --mode auto --stride 64 --decode-stride 64"
+  [h2o25auto64]="--policy h2o --budget 1024 --mode auto --stride 64 --decode-stride 64"
   [snapkv25]="--policy snapkv --budget 0.25 --mode once"
   [knorm25]="--policy knorm --budget 0.25 --mode once"
   [pyramidkv25]="--policy pyramidkv --budget 0.25 --mode once"

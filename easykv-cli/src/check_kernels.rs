@@ -16,7 +16,9 @@ pub struct CheckKernelsArgs {
     #[arg(long, value_delimiter = ',', default_value = "f32,f16")]
     pub dtype: Vec<WeightDType>,
     /// Random-weight model shapes run end to end with each kernel alone and all together,
-    /// against burn's operations (logits over a prefill and three decode steps).
+    /// against burn's operations (logits over a prefill and three decode steps), and through
+    /// the batched engine with a KV pool against the engine without one (greedy tokens of
+    /// requests evicting while they decode).
     #[arg(long, value_delimiter = ',', default_value = "smollm2,qwen2.5-1.5b")]
     pub models: Vec<String>,
     #[arg(long)]
@@ -54,7 +56,7 @@ pub fn run(args: CheckKernelsArgs) -> CliResult {
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod gpu {
     use burn::prelude::*;
-    use easykv_models::gpu_kernels::{check_kernels, check_model, time_kernels};
+    use easykv_models::gpu_kernels::{check_engine, check_kernels, check_model, time_kernels};
     use easykv_models::linear::WeightDType;
 
     use super::CheckKernelsArgs;
@@ -122,8 +124,35 @@ mod gpu {
                 }
             }
         }
+        // The batched engine with a KV pool (sequences attended together, evicting caches
+        // observing that launch) against the engine without one: the same greedy tokens in
+        // f32; half precision's count of equal tokens is reported.
+        let mut engine_json = Vec::new();
+        for shape in args.models.iter().filter(|m| !m.is_empty()) {
+            for dtype in &args.dtype {
+                let name = format!("{dtype:?}").to_lowercase();
+                let Some(rows) = check_engine::<B>(shape, *dtype, device) else {
+                    failed.push(format!("{shape} engine ({dtype:?}): failed to run"));
+                    outln!("{name:<6} {shape} engine        failed to run")?;
+                    continue;
+                };
+                for (setting, tokens, equal) in rows {
+                    if *dtype == WeightDType::F32 && equal < tokens {
+                        failed.push(format!("{shape} engine {setting} ({dtype:?})"));
+                    }
+                    if args.json {
+                        engine_json.push(serde_json::json!({"model": shape, "dtype": name, "request": setting, "tokens": tokens, "equal_to_unpooled": equal}));
+                    } else {
+                        outln!("{name:<6} {shape} engine, {setting:<24} {tokens} tokens, {equal} equal to the unpooled run's")?;
+                    }
+                }
+            }
+        }
         if args.json {
-            outln!("{}", serde_json::json!({"kernels": kernel_json, "models": model_json}))?;
+            outln!(
+                "{}",
+                serde_json::json!({"kernels": kernel_json, "models": model_json, "engine": engine_json})
+            )?;
         }
         if failed.is_empty() {
             Ok(())

@@ -54,6 +54,11 @@ pub struct GenerateArgs {
     /// With --requests-file: sequences decoded together at most.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// With --requests-file: bytes of KV cache all running sequences may hold together
+    /// (64MiB, 40GiB); default: half the memory available on the CPU, unlimited on a GPU (a
+    /// size puts every sequence's cache in one pool, attended in one launch per layer).
+    #[arg(long, value_name = "SIZE", requires = "requests_file")]
+    pub kv_pool: Option<String>,
     #[command(flatten)]
     pub eviction: EvictionArgs,
     /// With --json: the N most likely tokens and their log-probabilities at every step.

@@ -63,6 +63,7 @@ fn read_lines(path: &Path) -> CliResult<Vec<Line>> {
 
 pub fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs, path: &Path) -> CliResult {
     let lines = read_lines(path)?;
+    let pool = crate::bench::kv_pool(args.kv_pool.as_deref())?;
     let loaded = args.model.load_for_batches::<B>(device)?;
     let mut requests = Vec::with_capacity(lines.len());
     for (n, line) in lines.iter().enumerate() {
@@ -106,7 +107,7 @@ pub fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs, path: &Path) 
     }
     let (config, dtype, tokenizer) = (loaded.config.clone(), loaded.dtype, loaded.tokenizer);
     let model: Box<dyn CausalLm<B>> = loaded.model;
-    let pool_bytes = crate::bench::pool_bytes(None, model.as_ref());
+    let pool_bytes = crate::bench::pool_bytes(pool, model.as_ref());
     let mut engine = Engine::new(
         model,
         config,

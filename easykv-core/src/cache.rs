@@ -104,6 +104,17 @@ pub trait KvCache<B: Backend> {
         Ok(())
     }
 
+    /// A one-token step's attention of every layer at once, as a step that attends many
+    /// sequences of a memory pool together observes it: row `l` of `probs` is layer `l`'s
+    /// [`observe`](Self::observe) for this cache's slots (its first columns), given where
+    /// `layers[l]` says the step observed that layer. By default handed on layer by layer.
+    ///
+    /// # Shapes
+    /// - `probs`: `[layers, kv_heads, columns]` (f32), `columns` ≥ any layer's slots
+    fn observe_pooled(&mut self, probs: Tensor<B, 3>, layers: &[bool]) -> Result<()> {
+        observe_rows(self, probs, layers)
+    }
+
     /// An additive bias over the slots `append` just returned for `layer`, `[batch, kv_heads,
     /// 1, slots]` (0 or −∞), that the model adds to every query's scores: −∞ masks slots that
     /// were evicted but are not yet compacted away. `None`: attend everything.
@@ -249,6 +260,25 @@ pub struct RegionSlots<B: Backend> {
     pub start: usize,
     pub len: usize,
     pub capacity: usize,
+}
+
+/// [`KvCache::observe_pooled`]'s rows handed to [`KvCache::observe`] one layer at a time.
+pub(crate) fn observe_rows<B: Backend, C: KvCache<B> + ?Sized>(
+    cache: &mut C,
+    probs: Tensor<B, 3>,
+    layers: &[bool],
+) -> Result<()> {
+    let [rows, heads, columns] = probs.dims();
+    for (l, _) in layers.iter().enumerate().filter(|(l, o)| **o && *l < rows) {
+        // The slots the step attended: a region's slots in use (any marked evicted included).
+        let n = cache.region_slots(l).map_or_else(|| cache.slots(l), |r| r.len);
+        if !cache.wants_attention(l) || n > columns {
+            continue;
+        }
+        let row = probs.clone().slice_dim(0, l..l + 1).slice_dim(2, 0..n);
+        cache.observe(l, row.reshape([1, heads, 1, n]))?;
+    }
+    Ok(())
 }
 
 /// `len` split into chunks of `chunk` (the last one shorter).

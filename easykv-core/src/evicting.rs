@@ -117,6 +117,9 @@ pub struct EvictingCache<B: Backend> {
     /// [`ObservationWriter`](crate::ObservationWriter): sums, sums of squares, last rows
     /// (`[layers·batch, heads, slots]` each), and which layers' rows are written.
     written: Option<([Tensor<B, 3>; 3], Vec<bool>)>,
+    /// A decode step's attention of every layer, `[layers, heads, slots]`, observed at once by
+    /// a step over a memory pool ([`KvCache::observe_pooled`]).
+    pooled: Option<Tensor<B, 3>>,
     progress: Vec<LayerProgress>,
     /// [`Self::dead_slot_bias`] for the next decode step, `[layers·batch, heads, 1, slots + 1]`.
     bias: Option<Tensor<B, 4>>,
@@ -167,6 +170,7 @@ impl<B: Backend> EvictingCache<B> {
             stats: Stats::Stacked(None),
             pending: vec![None; n_layers],
             written: None,
+            pooled: None,
             progress: vec![LayerProgress::default(); n_layers],
             bias: None,
             policy,
@@ -476,11 +480,18 @@ impl<B: Backend> EvictingCache<B> {
             .iter_mut()
             .filter_map(Option::take)
             .collect();
+        // A pooled step's rows are the stack of one-query observations already.
+        let whole = layers == (0..self.n_layers());
+        let pooled = self.pooled.take().filter(|_| s == 1 && whole).map(|t| {
+            let window = (self.policy.query_window() > 0).then(|| t.clone());
+            (t.clone(), t.clone().square(), t, window)
+        });
         // One update for every layer: `[layers·batch, heads, slots]`.
-        let stacked = match written {
-            Some(w) => Some(w),
-            None if observed.len() == layers.len() && !observed.is_empty() => Some(Observed::stack(observed)),
-            None => None,
+        let stacked = match (written, pooled) {
+            (Some(w), _) => Some(w),
+            (None, Some(p)) => Some(p),
+            (None, None) if observed.len() == layers.len() && !observed.is_empty() => Some(Observed::stack(observed)),
+            (None, None) => None,
         };
         if let Some((sum, sum_sq, last, window)) = stacked {
             let n = st.sum.dims()[2];
@@ -969,6 +980,31 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         Ok(())
     }
 
+    fn observe_pooled(&mut self, probs: Tensor<B, 3>, layers: &[bool]) -> Result<()> {
+        // Kept whole where it is every layer's one-query observation over the same slots (the
+        // decode steps of layers in step); otherwise layer by layer.
+        let [rows, _, columns] = probs.dims();
+        let n = self.n_layers();
+        let whole = rows == n
+            && self.batch() == 1
+            && layers.len() == n
+            && layers.iter().all(|o| *o)
+            && matches!(self.stats, Stats::Stacked(_))
+            && (0..n).all(|l| {
+                self.wants_attention(l)
+                    && self.progress[l].chunk == 1
+                    && self.progress[l].dead == 0
+                    && !self.kv.is_ragged(l)
+                    && self.kv.physical_slots(l) == self.kv.physical_slots(0)
+            });
+        let slots = self.kv.physical_slots(0);
+        if !whole || slots > columns {
+            return crate::cache::observe_rows(self, probs, layers);
+        }
+        self.pooled = Some(probs.slice_dim(2, 0..slots));
+        Ok(())
+    }
+
     fn end_chunk(&mut self) -> Result<()> {
         let layers = 0..self.n_layers();
         if self.progress.iter().any(|p| p.seen != self.progress[0].seen) {
@@ -993,6 +1029,8 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         let stats = self.finish_chunk(stats, layers);
         self.stats = Stats::Stacked(stats);
         self.bias = self.dead_slot_bias();
+        // Only ever for the step it was observed in.
+        self.pooled = None;
         Ok(())
     }
 
@@ -1057,8 +1095,13 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
                 .map_or(sched.prompt_len, |c| c + sched.stride.max(1)),
         };
         let generated = tokens.saturating_sub(sched.prompt_len);
+        // Evictions of at least DEAD_SLOTS_BEFORE_COMPACTION slots are compacted at once.
+        let awaiting = match sched.decode_stride >= DEAD_SLOTS_BEFORE_COMPACTION {
+            true => 0,
+            false => DEAD_SLOTS_BEFORE_COMPACTION,
+        };
         let decode_peak = match sched.decode_capacity {
-            Some(c) => (c + sched.decode_stride + DEAD_SLOTS_BEFORE_COMPACTION).min(kept + generated),
+            Some(c) => (c + sched.decode_stride + awaiting).min(kept + generated),
             None => kept + generated,
         };
         prefill_peak.max(decode_peak)
@@ -1101,6 +1144,7 @@ impl<B: Backend> KvCache<B> for EvictingCache<B> {
         self.kv.clear();
         self.pending.iter_mut().for_each(|e| *e = None);
         self.written = None;
+        self.pooled = None;
         self.stats = Stats::Stacked(None);
         self.bias = None;
         self.progress.iter_mut().for_each(|p| *p = LayerProgress::default());

@@ -526,6 +526,89 @@ fn layer_by_layer_prefill_matches_chunk_by_chunk() {
     assert!(ran >= 50, "only {ran} cases ran");
 }
 
+/// A decode step's attention handed over for every layer at once (as a step over a memory
+/// pool observes it, with columns beyond the cache's slots) keeps what layer-by-layer
+/// observation keeps, for every attention policy and decode stride; steps whose evicted slots
+/// await compaction are observed layer by layer, as the pooled step does.
+#[test]
+fn pooled_observation_matches_layer_by_layer() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let dev = Default::default();
+    for case in 0..8u64 {
+        for policy in ["roco", "h2o", "tova"] {
+            let cfg = EvictionConfig {
+                budget: Budget::Tokens(rng.random_range(30..50)),
+                mode: Mode::Auto,
+                stride: rng.random_range(1..6),
+                decode_stride: [1, 8, 32, 40][case as usize % 4],
+                ..Default::default()
+            };
+            let (layers, heads, prompt) = (3, 2, rng.random_range(60..90));
+            let sched = cfg.schedule(prompt, 16, 1).unwrap();
+            let new = || EvictingCache::<B>::new(layers, build(policy), sched.clone(), CacheKernels::host());
+            let (mut one_by_one, mut pooled) = (new(), new());
+            for (c, &s) in one_by_one.prefill_chunks(prompt, 16).iter().enumerate() {
+                for cache in [&mut one_by_one, &mut pooled] {
+                    for l in 0..layers {
+                        feed_layer(cache, l, heads, s, case, c);
+                    }
+                    cache.end_chunk().unwrap();
+                }
+            }
+            let mut whole = 0;
+            for _ in 0..90 {
+                let mut rows = Vec::new();
+                let mut masked = false;
+                for l in 0..layers {
+                    let k = Tensor::<B, 4>::zeros([1, heads, 1, 2], &dev);
+                    let (keys, _) = one_by_one.append(l, k.clone(), k.clone()).unwrap();
+                    pooled.append(l, k.clone(), k).unwrap();
+                    masked |= one_by_one.slot_bias(l).is_some();
+                    rows.push(random_probs(&mut rng, heads, 1, keys.dims()[2]));
+                }
+                let n = rows[0][0][0].len();
+                for (l, r) in rows.iter().enumerate() {
+                    let flat: Vec<f32> = r.iter().flatten().flatten().copied().collect();
+                    let p = Tensor::<B, 4>::from_data(TensorData::new(flat, [1, heads, 1, n]), &dev);
+                    one_by_one.observe(l, p.clone()).unwrap();
+                    if masked {
+                        pooled.observe(l, p).unwrap();
+                    }
+                }
+                if !masked {
+                    // Three columns past the cache's slots, as a pool's next sequence would be.
+                    let flat: Vec<f32> = rows
+                        .iter()
+                        .flatten()
+                        .flat_map(|r| r[0].iter().copied().chain([7.0; 3]))
+                        .collect();
+                    let p = Tensor::<B, 3>::from_data(TensorData::new(flat, [layers, heads, n + 3]), &dev);
+                    pooled.observe_pooled(p, &[true; 3]).unwrap();
+                    whole += 1;
+                }
+                one_by_one.end_chunk().unwrap();
+                pooled.end_chunk().unwrap();
+            }
+            assert!(whole > 0 && one_by_one.evicted() > 0, "{policy} case {case}");
+            assert_eq!(one_by_one.evicted(), pooled.evicted());
+            for l in 0..layers {
+                assert_eq!(
+                    one_by_one.kept_positions(l),
+                    pooled.kept_positions(l),
+                    "{policy} case {case} layer {l}"
+                );
+                let (a, b) = (one_by_one.stats(l).unwrap(), pooled.stats(l).unwrap());
+                a.sum
+                    .into_data()
+                    .assert_approx_eq::<f32>(&b.sum.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+                a.sum_sq
+                    .into_data()
+                    .assert_approx_eq::<f32>(&b.sum_sq.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+            }
+        }
+    }
+}
+
 /// Random has no reference draw order; check its invariants and that a seed reproduces it.
 #[test]
 fn random_policy_keeps_invariants_and_is_reproducible() {

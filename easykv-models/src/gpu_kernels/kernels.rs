@@ -653,7 +653,9 @@ pub const DECODE_SPLIT: u32 = 256;
 /// their maximum and the sum of exponentials, and the exponentials' weighted sum of values
 /// (`groups` slot groups × the head dimension's vectors). Writes the range's maximum, sum and
 /// unnormalized output to `partial` (`[bh·rows, splits, 2 + d]`, f32) for [`combine_ranges`]:
-/// where nobody reads the probabilities, the scores never reach memory.
+/// where nobody reads the probabilities, the scores never reach memory. `observe` (pools
+/// only): the scores are also written to `scores` (`[kv_heads·rows, score_row]`, a row per
+/// query head, each slot at its place in the pool) for [`observe_pool`].
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
@@ -662,6 +664,7 @@ pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
     values: &Tensor<Vector<F, N>>,
     partial: &mut Tensor<A>,
     table: &Tensor<I>,
+    scores_out: &mut Tensor<A>,
     rows: u32,
     slots: u32,
     kv_heads: u32,
@@ -670,9 +673,11 @@ pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
     slot_stride: u32,
     starts_at: u32,
     lens_at: u32,
+    score_row: u32,
     #[comptime] groups: u32,
     #[comptime] ragged: bool,
     #[comptime] coalesced: bool,
+    #[comptime] observe: bool,
     #[define(F, A, I)] _dtypes: [StorageType; 3],
 ) {
     let tid = UNIT_POS as usize;
@@ -688,12 +693,15 @@ pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
     let head = bh % kv_heads as usize;
     let mut kv_base = batch * batch_stride as usize + head * head_stride as usize;
     let mut n = slots as usize;
+    // Where this row's scores go when observed: its query head's row, at the pool's slots.
+    let mut score_base = 0usize;
     // Ragged (sequences of a pool): batch `batch` holds `len` slots from the pool's `start`;
     // ranges past its slots write an empty partial (its maximum the floor, its sums 0).
     if ragged {
         let start = u32::cast_from(table[starts_at as usize + batch]) as usize;
         n = u32::cast_from(table[lens_at as usize + batch]) as usize;
         kv_base = head * head_stride as usize + start * slot_stride as usize;
+        score_base = (head * rows as usize + bh_row % rows as usize) * score_row as usize + start + first;
     }
     let mut count = 0usize;
     if n > first {
@@ -753,6 +761,9 @@ pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
             }
         }
         score = acc;
+    }
+    if observe && tid < count {
+        scores_out[score_base + tid] = score;
     }
     let max = cube_max::<A>(score);
     let mut p = A::new(0.0);
@@ -842,6 +853,62 @@ pub fn combine_ranges<F: Float, A: Float>(
         den += w * partial[base + 1];
     }
     out[idx] = F::cast_from(num / den);
+}
+
+/// What a pooled decode step's attention paid each slot, as the cache observes it: for
+/// sequence `batch` and KV head `head` (`CUBE_POS_X` = batch·kv_heads + head) and slot `j` of
+/// its own (`CUBE_POS_Y`·256 + thread), the mean over the head's `rows` query rows of
+/// `e^(score − M)/L`, with `M` and `L` the row's maximum and sum of exponentials joined from
+/// [`decode_attention`]'s `partial` ranges (`splits` of `width` values) and the score from its
+/// `scores`; written to `obs[obs_at + head·obs_row + start + j]` (the pool's slot).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn observe_pool<A: Float, I: Int>(
+    scores: &Tensor<A>,
+    partial: &Tensor<A>,
+    table: &Tensor<I>,
+    obs: &mut Tensor<A>,
+    rows: u32,
+    kv_heads: u32,
+    splits: u32,
+    width: u32,
+    score_row: u32,
+    obs_row: u32,
+    obs_at: u32,
+    starts_at: u32,
+    lens_at: u32,
+    #[define(A, I)] _dtypes: [StorageType; 2],
+) {
+    let bh = CUBE_POS_X as usize;
+    let batch = bh / kv_heads as usize;
+    let head = bh % kv_heads as usize;
+    let j = CUBE_POS_Y as usize * 256 + UNIT_POS as usize;
+    let len = u32::cast_from(table[lens_at as usize + batch]) as usize;
+    if j >= len {
+        terminate!();
+    }
+    let start = u32::cast_from(table[starts_at as usize + batch]) as usize;
+    let n = splits as usize;
+    let w = width as usize;
+    let mut p = A::new(0.0);
+    for r in 0..rows as usize {
+        let row = bh * rows as usize + r;
+        let mut m = A::new(-3.0e38);
+        for s in 0..n {
+            let ms = partial[(row * n + s) * w];
+            if ms > m {
+                m = ms;
+            }
+        }
+        let mut l = A::new(0.0);
+        for s in 0..n {
+            let base = (row * n + s) * w;
+            l += (partial[base] - m).exp() * partial[base + 1];
+        }
+        let score = scores[(head * rows as usize + r) * score_row as usize + start + j];
+        p += (score - m).exp() / l;
+    }
+    obs[obs_at as usize + head * obs_row as usize + start + j] = p / A::cast_from(rows);
 }
 
 /// For every slot of every row of `n` keys, how many slots of its row come before it in

@@ -793,19 +793,26 @@ pub fn decode_attention<B: Backend>(
     values: &Tensor<B, 4>,
     slots: usize,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    on_runtime!(decode_attention_on::<B>(q, keys, values, slots, None), q)
+    on_runtime!(decode_attention_on::<B>(q, keys, values, slots, None, None), q)
 }
 
 /// [`decode_attention`] for `n` sequences of a memory pool at once: batch row `i` of `q`
 /// (`[n, kv_heads, rows, d]`) attends over its own slots of the pool's `[1, kv_heads,
-/// pool_slots, d]` tensors, as `rows` lists them.
+/// pool_slots, d]` tensors, as `rows` lists them. With `observe` (`(probs, layer)`), the
+/// probabilities each sequence's slots received, averaged over a KV head's query rows, are
+/// written in place to `probs[layer, head, slot]` (`[layers, kv_heads, pool_slots]`, f32) at
+/// the sequence's slots of the pool — what a cache that scores by attention observes.
 pub fn decode_attention_pool<B: Backend>(
     q: Tensor<B, 4>,
     keys: &Tensor<B, 4>,
     values: &Tensor<B, 4>,
     rows: &PoolRows<'_, B>,
+    observe: Option<(&Tensor<B, 3>, usize)>,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    on_runtime!(decode_attention_on::<B>(q, keys, values, rows.longest, Some(rows)), q)
+    on_runtime!(
+        decode_attention_on::<B>(q, keys, values, rows.longest, Some(rows), observe),
+        q
+    )
 }
 
 fn decode_attention_on<B: Backend, R: CubeRuntime>(
@@ -814,10 +821,32 @@ fn decode_attention_on<B: Backend, R: CubeRuntime>(
     values: &Tensor<B, 4>,
     n: usize,
     pool: Option<&PoolRows<'_, B>>,
+    observe: Option<(&Tensor<B, 3>, usize)>,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let [b, h, r, d] = q.dims();
     let [kb, kh, capacity, kd] = keys.dims();
     let ragged = pool.is_some();
+    // The observation's buffer: every layer's `[kv_heads, pool_slots]` rows, written where its
+    // strides say (CUDA may pad rows).
+    let observed = match observe {
+        None => None,
+        Some((probs, layer)) => {
+            let [layers, oh, os] = probs.dims();
+            let view = cube_view::<B, R, 3>(probs.clone());
+            let [ls, rs, ss] = [0, 1, 2].map(|i| view.meta.strides()[i]);
+            let fits = ragged
+                && probs.dtype() == DType::F32
+                && [oh, os] == [h, capacity]
+                && layer < layers
+                && ss == 1
+                && (layers * ls).max(oh * rs) <= u32::MAX as usize
+                && h * r * capacity <= u32::MAX as usize;
+            if !fits {
+                return Err(q);
+            }
+            Some((view, layer * ls, rs))
+        }
+    };
     let vector = vector_size(d, q.dtype());
     let lanes = d / vector;
     if !floats(&[q.dtype(), keys.dtype(), values.dtype()])
@@ -851,6 +880,11 @@ fn decode_attention_on<B: Backend, R: CubeRuntime>(
     let (table, starts_at, lens_at) = pool_table::<B, R>(pool, &q);
     let client = q.client.clone();
     let groups = (256 / lanes) as u32;
+    // Observed: every query head's scores at the pool's slots (`[kv_heads·rows, pool_slots]`).
+    let scores = match observed {
+        Some(_) => empty_like(&q, vec![h * r, capacity], DType::F32),
+        None => empty_like(&q, vec![1], DType::F32),
+    };
     kernels::decode_attention::launch::<R>(
         &client,
         CubeCount::Static(rows as u32, splits as u32, 1),
@@ -861,6 +895,7 @@ fn decode_attention_on<B: Backend, R: CubeRuntime>(
         v.into_tensor_arg(),
         partial.clone().into_tensor_arg(),
         table.clone().into_tensor_arg(),
+        scores.clone().into_tensor_arg(),
         r as u32,
         n as u32,
         h as u32,
@@ -869,13 +904,36 @@ fn decode_attention_on<B: Backend, R: CubeRuntime>(
         slot_stride,
         starts_at,
         lens_at,
+        capacity as u32,
         groups,
         ragged,
         // A key read by its group's lanes together where a plane holds whole groups (both
         // powers of two: `lanes` divides 256).
         planes_hold(&client, lanes),
+        observed.is_some(),
         [q.dtype.into(), DType::F32.into(), table.dtype.into()],
     );
+    if let Some((probs, at, row)) = observed {
+        kernels::observe_pool::launch::<R>(
+            &client,
+            CubeCount::Static((b * h) as u32, splits as u32, 1),
+            CubeDim::new_1d(kernels::DECODE_SPLIT),
+            scores.into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            table.clone().into_tensor_arg(),
+            probs.into_tensor_arg(),
+            r as u32,
+            h as u32,
+            splits as u32,
+            (2 + d) as u32,
+            capacity as u32,
+            row as u32,
+            at as u32,
+            starts_at,
+            lens_at,
+            [DType::F32.into(), table.dtype.into()],
+        );
+    }
     let total = rows * d;
     let cube_dim = CubeDim::new_1d(256);
     kernels::combine_ranges::launch::<R>(

@@ -22,7 +22,7 @@ pub(crate) mod launch;
 mod timing;
 
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-pub use check::{check_kernels, check_model, KernelCheck};
+pub use check::{check_engine, check_kernels, check_model, KernelCheck};
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub use timing::{time_kernels, KernelTiming};
 

@@ -269,9 +269,9 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             lens_at: seqs,
             longest: lens.iter().copied().max().unwrap_or(each),
         };
-        if launch::decode_attention_pool(q.clone(), &keys, &values, &rows).is_ok() {
+        if launch::decode_attention_pool(q.clone(), &keys, &values, &rows, None).is_ok() {
             let us = time::<B, _>(device, reps, || {
-                launch::decode_attention_pool(q.clone(), &keys, &values, &rows)
+                launch::decode_attention_pool(q.clone(), &keys, &values, &rows, None)
             });
             let moved = (2 * heads * lens.iter().sum::<usize>() * d) as f64 * bytes;
             push(

@@ -8,6 +8,8 @@ use easykv_core::{CachedKv, KvCache};
 
 use crate::gpu_kernels::PoolRows;
 
+use super::pooled::PooledStep;
+
 use super::rope::{ChunkAngles, Rope, RopeAngles};
 use crate::backend::BackendProfile;
 use crate::error::Result;
@@ -411,7 +413,8 @@ impl<B: Backend> Attention<B> {
 
     /// A decode step of `n` sequences whose caches of `layer` lie in one memory pool (`pool`,
     /// `rows`): one launch writes every sequence's key and value into its slots of the pool
-    /// and one attends each over its own slots — instead of launches per sequence. `qkv` back
+    /// and one attends each over its own slots — instead of launches per sequence — writing
+    /// what it paid each slot into `step`'s observation where a cache wants it. `qkv` back
     /// where the split kernel does not run (nothing was written then).
     ///
     /// # Shapes
@@ -426,6 +429,7 @@ impl<B: Backend> Attention<B> {
         angles: &ChunkAngles<B>,
         pool: (&Tensor<B, 4>, &Tensor<B, 4>),
         rows: &PoolRows<'_, B>,
+        step: &PooledStep<B>,
         caches: &mut [&mut dyn KvCache<B>],
     ) -> Result<std::result::Result<Tensor<B, 4>, Tensor<B, 3>>> {
         let (hq, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -453,8 +457,24 @@ impl<B: Backend> Attention<B> {
         }
         let n = q.dims()[0];
         let q = q.reshape([n, hkv, hq / hkv, d]);
-        match ops::decode_attention_pool(p, q, pool.0, pool.1, rows) {
-            Ok(out) => Ok(Ok(out.reshape([n, hq, 1, d]))),
+        // Slots evicted but not compacted away are masked one sequence at a time; the
+        // attention a cache observes is written by the launch.
+        let masked = caches.iter().any(|c| c.slot_bias(layer).is_some());
+        let observe = match caches.iter().any(|c| c.wants_attention(layer)) {
+            true => step.observation(layer),
+            false => None,
+        };
+        let pooled = match masked {
+            true => Err(q),
+            false => ops::decode_attention_pool(p, q, pool.0, pool.1, rows, observe),
+        };
+        match pooled {
+            Ok(out) => {
+                if observe.is_some() {
+                    step.observed(layer);
+                }
+                Ok(Ok(out.reshape([n, hq, 1, d])))
+            }
             // Each sequence on its own over the slots just committed.
             Err(q) => {
                 let mut outs = Vec::with_capacity(n);

@@ -217,10 +217,10 @@ impl<B: Backend> Llama<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             let mut qkv = layer.attn.qkv.forward_normed(p, x.clone(), None, &layer.attn_norm);
             if let (Some(step), Some(angles)) = (&pooled, &pool_angles) {
-                if let Some((pool, rows)) = step.layer(l, caches) {
+                if let Some((pool, rows)) = step.layer(l) {
                     match layer
                         .attn
-                        .attend_pool(p, l, qkv, angles, (&pool.0, &pool.1), &rows, caches)?
+                        .attend_pool(p, l, qkv, angles, (&pool.0, &pool.1), &rows, step, caches)?
                     {
                         Ok(out) => {
                             x = layer.finish(p, x, out, Needed::All, None).0;
@@ -264,6 +264,9 @@ impl<B: Backend> Llama<B> {
                 }
             }
             x = layer.finish(p, x, Tensor::cat(outs, 0), Needed::All, None).0;
+        }
+        if let Some(step) = &pooled {
+            step.hand_observations(caches)?;
         }
         for cache in caches.iter_mut() {
             cache.end_chunk()?;

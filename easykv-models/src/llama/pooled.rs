@@ -1,11 +1,15 @@
 //! A batched decode step over caches that lie in one memory pool (the engine's arena on GPUs):
 //! where each sequence's slots are, uploaded once per step for the kernels that attend every
-//! sequence in one launch per layer.
+//! sequence in one launch per layer, and the attention those launches observe for caches that
+//! score by it.
+
+use std::cell::{Cell, OnceCell};
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorCreationOptions, TensorData};
 use easykv_core::KvCache;
 
+use crate::error::Result;
 use crate::gpu_kernels::PoolRows;
 
 /// A layer's keys and values.
@@ -21,6 +25,11 @@ pub(super) struct PooledStep<B: Backend> {
     /// cache's slots of that layer lie in the pool with room for the new token.
     layers: Vec<Option<(KeysValues<B>, usize)>>,
     n: usize,
+    /// What the step's attention paid every slot of the pool, `[layers, kv_heads, pool_slots]`
+    /// (f32), made when a layer's caches first want it.
+    observed: OnceCell<Tensor<B, 3>>,
+    /// Which layers' attention was written into `observed`.
+    observed_layers: Vec<Cell<bool>>,
 }
 
 impl<B: Backend> PooledStep<B> {
@@ -56,16 +65,14 @@ impl<B: Backend> PooledStep<B> {
             table: Tensor::from_data(TensorData::new(table, [n_layers * 2 * n]), device),
             layers,
             n,
+            observed: OnceCell::new(),
+            observed_layers: (0..n_layers).map(|_| Cell::new(false)).collect(),
         })
     }
 
-    /// Layer `l`'s pool and rows, if its caches lie in the pool and none observes attention
-    /// or masks evicted slots in it (those go one sequence at a time).
-    pub(super) fn layer(&self, l: usize, caches: &[&mut dyn KvCache<B>]) -> Option<(&KeysValues<B>, PoolRows<'_, B>)> {
+    /// Layer `l`'s pool and rows, if its caches lie in the pool.
+    pub(super) fn layer(&self, l: usize) -> Option<(&KeysValues<B>, PoolRows<'_, B>)> {
         let (pool, longest) = self.layers.get(l)?.as_ref()?;
-        if caches.iter().any(|c| c.wants_attention(l) || c.slot_bias(l).is_some()) {
-            return None;
-        }
         let n = self.n;
         Some((
             pool,
@@ -76,5 +83,51 @@ impl<B: Backend> PooledStep<B> {
                 longest: *longest,
             },
         ))
+    }
+
+    /// The buffer layer `l`'s attention is observed into, and `l`; `None` where the layer does
+    /// not lie in the pool.
+    pub(super) fn observation(&self, l: usize) -> Option<(&Tensor<B, 3>, usize)> {
+        let ((keys, _), _) = self.layers.get(l)?.as_ref()?;
+        let [_, heads, slots, _] = keys.dims();
+        let layers = self.layers.len();
+        let buffer = self.observed.get_or_init(|| {
+            let options = TensorCreationOptions::new(keys.device()).with_dtype(DType::F32);
+            Tensor::empty([layers, heads, slots], options)
+        });
+        Some((buffer, l))
+    }
+
+    /// Records that layer `l`'s attention is in the observation buffer.
+    pub(super) fn observed(&self, l: usize) {
+        if let Some(c) = self.observed_layers.get(l) {
+            c.set(true);
+        }
+    }
+
+    /// Hands every cache its slots' rows of the observed layers (after the step's last layer,
+    /// before the caches end their chunk).
+    pub(super) fn hand_observations(&self, caches: &mut [&mut dyn KvCache<B>]) -> Result<()> {
+        let Some(observed) = self.observed.get() else {
+            return Ok(());
+        };
+        let layers: Vec<bool> = self.observed_layers.iter().map(Cell::get).collect();
+        let slots = observed.dims()[2];
+        for cache in caches.iter_mut() {
+            // A cache's region starts at one slot for every layer; its layers may hold
+            // different counts.
+            let Some(start) = cache.region_slots(0).map(|r| r.start) else {
+                continue;
+            };
+            let len = (0..layers.len())
+                .filter_map(|l| cache.region_slots(l).map(|r| r.len))
+                .max()
+                .unwrap_or(0);
+            if len == 0 || start + len > slots {
+                continue;
+            }
+            cache.observe_pooled(observed.clone().slice_dim(2, start..start + len), &layers)?;
+        }
+        Ok(())
     }
 }

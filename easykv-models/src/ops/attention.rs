@@ -74,8 +74,9 @@ pub fn decode_attention_pool<B: Backend>(
     keys: &Tensor<B, 4>,
     values: &Tensor<B, 4>,
     rows: &PoolRows<'_, B>,
+    observe: Option<(&Tensor<B, 3>, usize)>,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    cube!(p, Kernel::Attention, q => crate::gpu_kernels::launch::decode_attention_pool(q, keys, values, rows))
+    cube!(p, Kernel::Attention, q => crate::gpu_kernels::launch::decode_attention_pool(q, keys, values, rows, observe))
 }
 
 /// Slots `start..start + len` of a pool's tensor (`[1, heads, pool_slots, d]`) as a view that
