@@ -57,7 +57,7 @@ pub struct GenerateArgs {
     /// With --requests-file: bytes of KV cache all running sequences may hold together
     /// (64MiB, 40GiB); default: half the memory available on the CPU, unlimited on a GPU (a
     /// size puts every sequence's cache in one pool, attended in one launch per layer).
-    #[arg(long, value_name = "SIZE", requires = "requests_file")]
+    #[arg(long, value_name = "SIZE")]
     pub kv_pool: Option<String>,
     #[command(flatten)]
     pub eviction: EvictionArgs,
@@ -101,6 +101,12 @@ fn prompt_ids_file(path: &std::path::Path) -> CliResult<Vec<u32>> {
 
 fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
     args.eviction.validate()?;
+    // (clap's `requires` gives way to the prompt flags' conflicts with --requests-file.)
+    if args.kv_pool.is_some() && args.requests_file.is_none() {
+        return Err(CliError(
+            "--kv-pool needs --requests-file (one sequence holds its own cache)".into(),
+        ));
+    }
     if let Some(path) = &args.requests_file {
         if args.concurrency == 0 {
             return Err(CliError("--concurrency must be ≥ 1".into()));

@@ -47,6 +47,10 @@ impl Fixtures {
             ),
             ("requests-neither.jsonl", b"{\"max_new_tokens\": 3}\n".to_vec()),
             (
+                "requests-one.jsonl",
+                b"{\"prompt\": \"hi\", \"max_new_tokens\": 1}\n".to_vec(),
+            ),
+            (
                 "requests-unknown-field.jsonl",
                 b"{\"prompt\": \"hi\", \"colour\": \"red\"}\n".to_vec(),
             ),
@@ -217,6 +221,21 @@ fn every_bad_input_is_one_line_and_exit_2() {
             "0",
         ]),
         cmd(&["generate", "--requests-file", &p("short.txt"), "--prompt", "hi"]),
+        cmd(&[
+            "generate",
+            "--requests-file",
+            &p("requests-one.jsonl"),
+            "--kv-pool",
+            "0.5",
+        ]),
+        cmd(&[
+            "generate",
+            "--requests-file",
+            &p("requests-one.jsonl"),
+            "--kv-pool",
+            "0B",
+        ]),
+        cmd(&["generate", "--prompt", "hi", "--kv-pool", "1GiB"]),
         // score
         cmd(&["score", "--text-file", "/no/such/text.txt"]),
         cmd(&["score", "--text-file", &p("empty.txt")]),
