@@ -817,6 +817,20 @@ pub fn decode_attention<F: Float, A: Float, I: Int, N: Size>(
     }
 }
 
+/// The largest of row `row`'s `n` range maxima in [`decode_attention`]'s `partial` (ranges of
+/// `width` values, the maximum first).
+#[cube]
+fn ranges_max<A: Float>(partial: &Tensor<A>, row: usize, n: usize, width: usize) -> A {
+    let mut m = A::new(-3.0e38);
+    for s in 0..n {
+        let ms = partial[(row * n + s) * width];
+        if ms > m {
+            m = ms;
+        }
+    }
+    m
+}
+
 /// Joins [`decode_attention`]'s ranges: `out[row, k] = Σ_s e^(m_s − M)·acc_s[k] / Σ_s
 /// e^(m_s − M)·l_s` with `M` the largest range maximum (thread = output element).
 #[cube(launch)]
@@ -837,13 +851,7 @@ pub fn combine_ranges<F: Float, A: Float>(
     let row = idx / dd;
     let k = idx % dd;
     let n = splits as usize;
-    let mut m = A::new(-3.0e38);
-    for s in 0..n {
-        let ms = partial[(row * n + s) * width];
-        if ms > m {
-            m = ms;
-        }
-    }
+    let m = ranges_max::<A>(partial, row, n, width);
     let mut num = A::new(0.0);
     let mut den = A::new(0.0);
     for s in 0..n {
@@ -893,13 +901,7 @@ pub fn observe_pool<A: Float, I: Int>(
     let mut p = A::new(0.0);
     for r in 0..rows as usize {
         let row = bh * rows as usize + r;
-        let mut m = A::new(-3.0e38);
-        for s in 0..n {
-            let ms = partial[(row * n + s) * w];
-            if ms > m {
-                m = ms;
-            }
-        }
+        let m = ranges_max::<A>(partial, row, n, w);
         let mut l = A::new(0.0);
         for s in 0..n {
             let base = (row * n + s) * w;
