@@ -613,8 +613,9 @@ fn copied<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
 
 /// Three sequences of one memory pool: their keys and values written and their queries
 /// rotated by one launch, attended by one launch, against each alone over a copy of its
-/// region (`split_rope_into`, `decode_attention`), which both must equal exactly; and slots
-/// written through a region's view reaching the pool.
+/// region (`split_rope_into`, `decode_attention`), which both must equal exactly; the same
+/// attention observed (each slot's probability averaged over a KV head's query rows) against
+/// the host's softmax; and slots written through a region's view reaching the pool.
 fn pool_case<B: Backend>(dtype: DType, device: &B::Device) -> Option<Diff> {
     let (hq, hkv, d, pool_slots) = (8usize, 2usize, 128usize, 3000usize);
     // (first slot, capacity, slots held before this step)

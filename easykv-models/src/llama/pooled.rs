@@ -114,15 +114,13 @@ impl<B: Backend> PooledStep<B> {
         let layers: Vec<bool> = self.observed_layers.iter().map(Cell::get).collect();
         let slots = observed.dims()[2];
         for cache in caches.iter_mut() {
-            // A cache's region starts at one slot for every layer; its layers may hold
-            // different counts.
-            let Some(start) = cache.region_slots(0).map(|r| r.start) else {
+            // A cache's region starts at one slot for every layer in it; its layers may hold
+            // different counts (and a layer that left the region was not observed here).
+            let regions: Vec<_> = (0..layers.len()).filter_map(|l| cache.region_slots(l)).collect();
+            let (Some(start), Some(len)) = (regions.first().map(|r| r.start), regions.iter().map(|r| r.len).max())
+            else {
                 continue;
             };
-            let len = (0..layers.len())
-                .filter_map(|l| cache.region_slots(l).map(|r| r.len))
-                .max()
-                .unwrap_or(0);
             if len == 0 || start + len > slots {
                 continue;
             }

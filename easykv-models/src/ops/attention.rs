@@ -64,10 +64,13 @@ pub fn split_rope_pool<B: Backend>(
 }
 
 /// [`decode_attention`] for `n` sequences of a memory pool in one launch (and its join):
-/// row `i` of `q` over its own slots of the pool's tensors; `q` back where no kernel runs.
+/// row `i` of `q` over its own slots of the pool's tensors, observed into `observe`'s
+/// `(buffer, layer)` where given (see the launch's documentation); `q` back where no kernel
+/// runs.
 ///
 /// # Shapes
 /// - `q`: `[n, kv_heads, rows, d]`; `keys`, `values`: `[1, kv_heads, pool_slots, d]` → `q`'s
+///   shape and dtype; `observe`'s buffer: `[layers, kv_heads, pool_slots]` (f32)
 pub fn decode_attention_pool<B: Backend>(
     p: &BackendProfile,
     q: Tensor<B, 4>,
