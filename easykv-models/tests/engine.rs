@@ -192,17 +192,25 @@ fn random_traffic_keeps_every_bound_and_finishes() {
             if submitted < 12 && rng.random_bool(0.4) {
                 let policy = policies[rng.random_range(0..policies.len())];
                 let len = rng.random_range(20..200);
+                // Some evict while decoding too (a budget in tokens for prompt and generation),
+                // a slot per step or in strides, below and above the compaction threshold.
+                let auto = policy != "ada-snapkv" && policy != "full" && rng.random_bool(0.4);
                 let eviction = EvictionConfig {
-                    budget: Budget::Ratio(rng.random_range(0.3..0.9)),
+                    budget: match auto {
+                        true => Budget::Tokens(rng.random_range(16..64)),
+                        false => Budget::Ratio(rng.random_range(0.3..0.9)),
+                    },
                     stride: rng.random_range(1..8),
+                    decode_stride: [1, 4, 32, 40][rng.random_range(0..4)],
                     // Per-head budgets apply to the one cut: heads of different sizes after it.
-                    mode: match policy {
-                        "ada-snapkv" => Mode::Once,
+                    mode: match (policy, auto) {
+                        ("ada-snapkv", _) => Mode::Once,
+                        (_, true) => Mode::Auto,
                         _ => Mode::Encoding,
                     },
                     ..Default::default()
                 };
-                let max_new = rng.random_range(0..20);
+                let max_new = rng.random_range(0..if auto { 90 } else { 20 });
                 let prompt = (0..len).map(|_| rng.random_range(0..256u32)).collect();
                 let request = Request {
                     prompt,
