@@ -654,7 +654,7 @@ pub const DECODE_SPLIT: u32 = 256;
 /// (`groups` slot groups × the head dimension's vectors). Writes the range's maximum, sum and
 /// unnormalized output to `partial` (`[bh·rows, splits, 2 + d]`, f32) for [`combine_ranges`]:
 /// where nobody reads the probabilities, the scores never reach memory. `observe` (pools
-/// only): the scores are also written to `scores` (`[kv_heads·rows, score_row]`, a row per
+/// only): the scores are also written to `scores_out` (`[kv_heads·rows, score_row]`, a row per
 /// query head, each slot at its place in the pool) for [`observe_pool`].
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -868,7 +868,7 @@ pub fn combine_ranges<F: Float, A: Float>(
 /// its own (`CUBE_POS_Y`·256 + thread), the mean over the head's `rows` query rows of
 /// `e^(score − M)/L`, with `M` and `L` the row's maximum and sum of exponentials joined from
 /// [`decode_attention`]'s `partial` ranges (`splits` of `width` values) and the score from its
-/// `scores`; written to `obs[obs_at + head·obs_row + start + j]` (the pool's slot).
+/// `scores_out`; written to `obs[obs_at + head·obs_row + start + j]` (the pool's slot).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn observe_pool<A: Float, I: Int>(
