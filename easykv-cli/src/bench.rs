@@ -432,6 +432,7 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
             max_running: args.concurrency,
             chunk_size: args.chunk_size,
             max_queued: None,
+            mixed_passes: None,
         },
     )?;
     let eviction = args.eviction.config()?;

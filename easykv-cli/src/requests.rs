@@ -117,6 +117,7 @@ pub fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs, path: &Path) 
             max_running: args.concurrency,
             chunk_size: args.chunk_size,
             max_queued: None,
+            mixed_passes: None,
         },
     )?;
     let mut ids = Vec::with_capacity(requests.len());

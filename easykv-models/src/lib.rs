@@ -40,7 +40,7 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use generate::{generate, prefill, score, top_logprobs, GenerateConfig, Generation, Score, StopReason};
 pub use linear::WeightDType;
-pub use llama::{Llama, Logits};
+pub use llama::{BatchPart, Llama, Logits};
 pub use loader::LoadedModel;
 pub use model::{load_model, CausalLm};
 pub use random_weights::{RandomModel, RANDOM_MODELS};

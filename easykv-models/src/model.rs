@@ -8,7 +8,7 @@ use crate::backend::BackendProfile;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
 use crate::linear::WeightDType;
-use crate::llama::{Llama, Logits};
+use crate::llama::{BatchPart, Llama, Logits};
 use crate::weights::WeightSource;
 
 /// A causal language model: chunks of token ids in, logits out, each layer's keys and values
@@ -42,6 +42,13 @@ pub trait CausalLm<B: Backend>: Send + Sync {
     /// [`forward`](Self::forward) of its token alone where the backend's products are the same
     /// sums whatever the number of rows (the CPU in f32).
     fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut dyn KvCache<B>]) -> Result<Tensor<B, 2>>;
+
+    /// One pass of several sequences, each with its own cache and its own part (a decode
+    /// step's token or a prompt chunk): every product runs once over all the rows, and each
+    /// cache ends its chunk as after a pass of its part alone. Returns the logits of the parts
+    /// that want them, in order (`[wanted, vocab]`), `None` when none does.
+    fn forward_batch(&self, parts: &[BatchPart<'_>], caches: &mut [&mut dyn KvCache<B>])
+        -> Result<Option<Tensor<B, 2>>>;
 
     fn vocab_size(&self) -> usize;
 
@@ -84,6 +91,14 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
 
     fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut dyn KvCache<B>]) -> Result<Tensor<B, 2>> {
         Llama::decode_batch(self, tokens, caches)
+    }
+
+    fn forward_batch(
+        &self,
+        parts: &[BatchPart<'_>],
+        caches: &mut [&mut dyn KvCache<B>],
+    ) -> Result<Option<Tensor<B, 2>>> {
+        Llama::forward_batch(self, parts, caches)
     }
 
     fn vocab_size(&self) -> usize {
@@ -137,6 +152,14 @@ impl<B: Backend, M: CausalLm<B> + ?Sized> CausalLm<B> for Box<M> {
 
     fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut dyn KvCache<B>]) -> Result<Tensor<B, 2>> {
         (**self).decode_batch(tokens, caches)
+    }
+
+    fn forward_batch(
+        &self,
+        parts: &[BatchPart<'_>],
+        caches: &mut [&mut dyn KvCache<B>],
+    ) -> Result<Option<Tensor<B, 2>>> {
+        (**self).forward_batch(parts, caches)
     }
 
     fn vocab_size(&self) -> usize {

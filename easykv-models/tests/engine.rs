@@ -92,6 +92,9 @@ fn alone_with_logprobs(
     (g.ids, g.top_logprobs)
 }
 
+/// Both ways of running prompts beside decode steps: passes of their own (chunk groups layer by
+/// layer, the CPU's default) and one chunk per prompt riding in the decode step's pass (the
+/// GPU's default).
 #[test]
 fn a_batch_decodes_what_each_sequence_decodes_alone() {
     let chunk = 64;
@@ -100,54 +103,60 @@ fn a_batch_decodes_what_each_sequence_decodes_alone() {
     let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&m, r, chunk)).collect();
     let config = m.config.clone();
     let per_token = config.kv_bytes_per_token(4);
-    let model: Box<dyn CausalLm<Flex>> = m.model;
-    // A pool for about three sequences at a time: admission waits, memory is reused.
-    let pool = 220 * per_token;
-    let mut engine = Engine::new(
-        model,
-        config,
-        WeightDType::F32,
-        EngineConfig {
-            pool_bytes: pool,
-            max_running: 8,
-            chunk_size: chunk,
-            max_queued: None,
-        },
-    )
-    .unwrap();
-    let ids: Vec<u64> = reqs.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
-    let mut got: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
-    let (mut finished, mut steps, mut max_running) = (0, 0, 0);
-    while !engine.is_idle() {
-        for e in engine.step().unwrap() {
-            match e {
-                Event::Token { id, token, .. } => got.entry(id).or_default().push(token),
-                Event::Finished { .. } => finished += 1,
+    let mut model: Option<Box<dyn CausalLm<Flex>>> = Some(m.model);
+    for mixed in [false, true] {
+        let model = model
+            .take()
+            .unwrap_or_else(|| load_model("smollm2", WeightDType::F32).model);
+        // A pool for about three sequences at a time: admission waits, memory is reused.
+        let pool = 220 * per_token;
+        let mut engine = Engine::new(
+            model,
+            config.clone(),
+            WeightDType::F32,
+            EngineConfig {
+                pool_bytes: pool,
+                max_running: 8,
+                chunk_size: chunk,
+                max_queued: None,
+                mixed_passes: Some(mixed),
+            },
+        )
+        .unwrap();
+        let ids: Vec<u64> = reqs.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
+        let mut got: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+        let (mut finished, mut steps, mut max_running) = (0, 0, 0);
+        while !engine.is_idle() {
+            for e in engine.step().unwrap() {
+                match e {
+                    Event::Token { id, token, .. } => got.entry(id).or_default().push(token),
+                    Event::Finished { .. } => finished += 1,
+                }
             }
+            let stats = engine.stats();
+            assert!(stats.reserved_bytes <= pool, "{stats:?}");
+            for (id, bytes, footprint) in engine.running() {
+                assert!(
+                    bytes <= footprint,
+                    "mixed {mixed}, request {id}: {bytes} bytes held, {footprint} set aside"
+                );
+            }
+            max_running = max_running.max(stats.running);
+            steps += 1;
+            assert!(steps < 1000, "mixed {mixed}: the engine does not finish");
         }
-        let stats = engine.stats();
-        assert!(stats.reserved_bytes <= pool, "{stats:?}");
-        for (id, bytes, footprint) in engine.running() {
-            assert!(
-                bytes <= footprint,
-                "request {id}: {bytes} bytes held, {footprint} set aside"
+        assert_eq!(finished, reqs.len());
+        assert!(max_running >= 2, "sequences ran together");
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                got.get(id).cloned().unwrap_or_default(),
+                want[i],
+                "mixed {mixed}, request {i} ({})",
+                reqs[i].policy
             );
         }
-        max_running = max_running.max(stats.running);
-        steps += 1;
-        assert!(steps < 1000, "the engine does not finish");
+        assert_eq!(engine.stats().reserved_bytes, 0);
     }
-    assert_eq!(finished, reqs.len());
-    assert!(max_running >= 2, "sequences ran together");
-    for (i, id) in ids.iter().enumerate() {
-        assert_eq!(
-            got.get(id).cloned().unwrap_or_default(),
-            want[i],
-            "request {i} ({})",
-            reqs[i].policy
-        );
-    }
-    assert_eq!(engine.stats().reserved_bytes, 0);
 }
 
 /// Random arrivals, prompt lengths, token limits, policies and budgets on a tiny random model,
@@ -180,6 +189,7 @@ fn random_traffic_keeps_every_bound_and_finishes() {
                 max_running: rng.random_range(1..6),
                 chunk_size: rng.random_range(8..64),
                 max_queued: None,
+                mixed_passes: Some(seed % 2 == 1),
             },
         )
         .unwrap();
@@ -314,6 +324,7 @@ fn the_handle_streams_each_request_its_own_tokens() {
                 max_running: 8,
                 chunk_size: chunk,
                 max_queued: Some(6),
+                mixed_passes: Some(true),
             },
         )
         .unwrap(),

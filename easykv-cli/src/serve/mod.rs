@@ -182,6 +182,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &ServeArgs) -> CliResult {
             max_running: args.max_concurrent,
             chunk_size: args.chunk_size,
             max_queued: Some(args.max_queue),
+            mixed_passes: None,
         },
     )?;
     let state = Arc::new(AppState {

@@ -32,7 +32,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{check_ids, chunk_groups, row, token_tensor, top_logprobs, StopReason};
 use crate::linear::WeightDType;
-use crate::llama::Logits;
+use crate::llama::{BatchPart, Logits};
 use crate::model::CausalLm;
 use crate::sampling::{Sampler, SamplingConfig};
 
@@ -94,6 +94,11 @@ pub struct EngineConfig {
     pub chunk_size: usize,
     /// Requests waiting for room, at most (a full queue refuses new ones); `None`: no limit.
     pub max_queued: Option<usize>,
+    /// Prompt chunks ride in the decode step's pass — one product over both, each prompt one
+    /// chunk per pass — instead of passes of their own after it, where whole chunk groups run
+    /// layer by layer. `None`: on GPUs (where a pass's launches and weight reads dominate), not
+    /// on the CPU (whose strided prefill shares its products layer by layer).
+    pub mixed_passes: Option<bool>,
 }
 
 /// The share of the memory available now that a pool takes when no size is given.
@@ -437,58 +442,18 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Admits what fits, prefills up to one chunk of the oldest prompts still prefilling, and
-    /// decodes one token for every other running sequence in one batched pass.
+    /// Admits what fits, prefills up to one chunk's tokens of the oldest prompts still
+    /// prefilling, and decodes one token for every other running sequence — in one batched
+    /// pass where prompt chunks ride with the decode step ([`EngineConfig::mixed_passes`]),
+    /// else a decode pass, then the prompts' chunk groups.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         self.admit()?;
         let mut events = Vec::new();
-        let context = self.model.context_length();
-        let device = self.model.device();
-        // Decode first: the sequences whose prefill finished in an earlier step.
-        let (mut decoding, mut tokens, mut caches) = (Vec::new(), Vec::new(), Vec::<&mut dyn KvCache<B>>::new());
-        for (i, seq) in self.running.iter_mut().enumerate() {
-            if let Some(token) = seq.pending {
-                decoding.push(i);
-                tokens.push(token);
-                caches.push(seq.cache.as_mut());
-            }
-        }
-        if !decoding.is_empty() {
-            let logits = self.model.decode_batch(&tokens, &mut caches)?;
-            drop(caches);
-            let vocab = logits.dims()[1];
-            let rows = row(logits)?;
-            for (r, &i) in decoding.iter().enumerate() {
-                let seq = &mut self.running[i];
-                seq.pending = None;
-                Self::next_token(seq, &rows[r * vocab..(r + 1) * vocab], context, &mut events);
-            }
-        }
-        // Prefill groups of the oldest prompts still prefilling, in order, up to `chunk_size`
-        // tokens in all (at least one group): several short prompts start decoding together
-        // instead of one per step, and the others never wait longer than one chunk.
-        let mut room = self.config.chunk_size;
-        let mut any = false;
-        'prefill: for seq in self.running.iter_mut() {
-            while let Some(len) = seq.groups.front().map(|g| g.iter().sum::<usize>()) {
-                if any && len > room {
-                    break 'prefill;
-                }
-                let Some(group) = seq.groups.pop_front() else { break };
-                let ids = &seq.request.prompt[seq.prefilled..seq.prefilled + len];
-                let tokens = token_tensor::<B>(ids, &device);
-                seq.prefilled += len;
-                self.prompt_tokens += len as u64;
-                room = room.saturating_sub(len);
-                any = true;
-                if seq.groups.is_empty() {
-                    let logits = self
-                        .model
-                        .forward_chunks(tokens, &group, seq.cache.as_mut(), Logits::Last)?;
-                    Self::next_token(seq, &row(logits)?, context, &mut events);
-                } else {
-                    self.model.fill_cache_chunks(tokens, &group, seq.cache.as_mut())?;
-                }
+        match self.mixed_passes() {
+            true => self.mixed_pass(&mut events)?,
+            false => {
+                self.decode_pass(&mut events)?;
+                self.prefill_groups(&mut events)?;
             }
         }
         // Finished sequences return their memory now.
@@ -507,6 +472,152 @@ impl<B: Backend> Engine<B> {
         }
         self.generated_tokens += events.iter().filter(|e| matches!(e, Event::Token { .. })).count() as u64;
         Ok(events)
+    }
+
+    /// Whether prompt chunks ride with decode steps in one pass (see [`EngineConfig`]).
+    fn mixed_passes(&self) -> bool {
+        self.config
+            .mixed_passes
+            .unwrap_or_else(|| !self.model.profile().host_resident())
+    }
+
+    /// One token for every sequence whose prefill finished in an earlier step, in one pass.
+    fn decode_pass(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        let context = self.model.context_length();
+        let (mut decoding, mut tokens, mut caches) = (Vec::new(), Vec::new(), Vec::<&mut dyn KvCache<B>>::new());
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            if let Some(token) = seq.pending {
+                decoding.push(i);
+                tokens.push(token);
+                caches.push(seq.cache.as_mut());
+            }
+        }
+        if decoding.is_empty() {
+            return Ok(());
+        }
+        let logits = self.model.decode_batch(&tokens, &mut caches)?;
+        drop(caches);
+        let vocab = logits.dims()[1];
+        let rows = row(logits)?;
+        for (r, &i) in decoding.iter().enumerate() {
+            let seq = &mut self.running[i];
+            seq.pending = None;
+            Self::next_token(seq, &rows[r * vocab..(r + 1) * vocab], context, events);
+        }
+        Ok(())
+    }
+
+    /// Prefill groups of the oldest prompts still prefilling, in order, up to `chunk_size`
+    /// tokens in all (at least one group), each through its own passes: several short prompts
+    /// start decoding together instead of one per step, and the others never wait longer than
+    /// one chunk.
+    fn prefill_groups(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        let context = self.model.context_length();
+        let device = self.model.device();
+        let mut room = self.config.chunk_size;
+        let mut any = false;
+        'prefill: for seq in self.running.iter_mut() {
+            while let Some(len) = seq.groups.front().map(|g| g.iter().sum::<usize>()) {
+                if any && len > room {
+                    break 'prefill;
+                }
+                let Some(group) = seq.groups.pop_front() else { break };
+                let ids = &seq.request.prompt[seq.prefilled..seq.prefilled + len];
+                let tokens = token_tensor::<B>(ids, &device);
+                seq.prefilled += len;
+                self.prompt_tokens += len as u64;
+                room = room.saturating_sub(len);
+                any = true;
+                if seq.groups.is_empty() {
+                    let logits = self
+                        .model
+                        .forward_chunks(tokens, &group, seq.cache.as_mut(), Logits::Last)?;
+                    Self::next_token(seq, &row(logits)?, context, events);
+                } else {
+                    self.model.fill_cache_chunks(tokens, &group, seq.cache.as_mut())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass: a token for every decoding sequence, and the next chunk of the oldest prompts
+    /// still prefilling (one chunk each: the next waits for the cache to end this one), up to
+    /// `chunk_size` prompt tokens in all (at least one chunk). The weights are read once for
+    /// both, and a prompt never stalls the decoding sequences for longer than that pass.
+    fn mixed_pass(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        let context = self.model.context_length();
+        // Per part: the sequence, and the prompt tokens it feeds (0: a decode step).
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        let mut room = self.config.chunk_size;
+        let mut prefilling = false;
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.pending.is_some() {
+                plan.push((i, 0));
+                continue;
+            }
+            let Some(&len) = seq.groups.front().and_then(|g| g.first()) else {
+                continue;
+            };
+            if prefilling && len > room {
+                // The oldest prompts go first; decoding sequences after them still step.
+                room = 0;
+                continue;
+            }
+            plan.push((i, len));
+            room = room.saturating_sub(len);
+            prefilling = true;
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let mut parts = Vec::with_capacity(plan.len());
+        let mut caches = Vec::<&mut dyn KvCache<B>>::with_capacity(plan.len());
+        let mut planned = plan.iter().peekable();
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            let Some(&(_, len)) = planned.next_if(|&&(j, _)| j == i) else {
+                continue;
+            };
+            let tokens = match (len, &seq.pending) {
+                (0, Some(token)) => std::slice::from_ref(token),
+                _ => &seq.request.prompt[seq.prefilled..seq.prefilled + len],
+            };
+            // A decode step wants its logits, and so does a prompt's last chunk.
+            let last = seq.groups.len() == 1 && seq.groups.front().is_some_and(|g| g.len() == 1);
+            parts.push(BatchPart {
+                tokens,
+                logits: len == 0 || last,
+            });
+            caches.push(seq.cache.as_mut());
+        }
+        let logits = self.model.forward_batch(&parts, &mut caches)?;
+        let wanted: Vec<bool> = parts.iter().map(|part| part.logits).collect();
+        drop((parts, caches));
+        let rows = logits.map(row).transpose()?.unwrap_or_default();
+        let vocab = self.model.vocab_size();
+        let mut next_row = 0;
+        for (&(i, len), wants) in plan.iter().zip(wanted) {
+            let seq = &mut self.running[i];
+            if len > 0 {
+                if let Some(group) = seq.groups.front_mut() {
+                    group.remove(0);
+                    if group.is_empty() {
+                        seq.groups.pop_front();
+                    }
+                }
+                seq.prefilled += len;
+                self.prompt_tokens += len as u64;
+            }
+            seq.pending = None;
+            if wants {
+                let Some(logits) = rows.get(next_row * vocab..(next_row + 1) * vocab) else {
+                    return Err(Error::InvalidInput("a batched pass returned too few logits".into()));
+                };
+                next_row += 1;
+                Self::next_token(seq, logits, context, events);
+            }
+        }
+        Ok(())
     }
 
     /// Samples `seq`'s next token from `logits` as [`crate::generate`] does: a stop id ends it

@@ -923,6 +923,7 @@ pub fn check_engine<B: Backend>(
             max_running: requests.len(),
             chunk_size: 64,
             max_queued: None,
+            mixed_passes: None,
         };
         let mut engine = Engine::new(Box::new(model), random.config(), dtype, config).ok()?;
         let mut ids = Vec::new();

@@ -7,14 +7,15 @@
 //! its forward passes). Every operation goes through [`crate::ops`].
 
 mod attention;
+mod batch;
 mod block;
 mod pooled;
 pub(crate) mod rope;
 mod weights;
 
 pub use attention::Attention;
+pub use batch::BatchPart;
 pub use block::{DecoderLayer, FeedForward};
-use pooled::PooledStep;
 pub use rope::{Rope, RopeAngles, RopeLayoutAxes};
 pub(crate) use weights::{deinterleave_rows, ParamSource};
 
@@ -168,113 +169,6 @@ impl<B: Backend> Llama<B> {
             tracing::debug!(target: "easykv::chunks", tokens = s, slots = cache.slots(0), layers_ms, cache_ms, "chunk");
         }
         Ok(x)
-    }
-
-    /// One decode step of several sequences, each with its own cache (its own policy, budget,
-    /// slot count and position): every product runs once over all the sequences' rows — the
-    /// weights are read once per step for all of them — and attention runs per sequence over
-    /// its own cache. Each cache ends its chunk (and may evict) as after a step alone.
-    ///
-    /// # Shapes
-    /// - `tokens`: one id per sequence, `caches[i]` the cache of sequence `i`
-    /// - returns the logits `[sequences, vocab]` (f32)
-    pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut dyn KvCache<B>]) -> Result<Tensor<B, 2>> {
-        let n = tokens.len();
-        if n == 0 || caches.len() != n {
-            return Err(Error::InvalidInput(format!(
-                "a batched step needs one cache per token, got {n} tokens and {} caches",
-                caches.len()
-            )));
-        }
-        let p = &self.profile;
-        let device = self.embed.weight.device();
-        // Each sequence's position, rotation and mask (a sliding window may hide its first slots).
-        // Its own rotation is made only where a layer attends it alone: a pooled step rotates
-        // every sequence from one table.
-        let mut positions = Vec::with_capacity(n);
-        let mut rotated_slots = Vec::with_capacity(n);
-        let mut masks = Vec::with_capacity(n);
-        for cache in caches.iter() {
-            positions.push(self.first_position(&**cache, 1)?);
-            rotated_slots.push(cache.compact_positions().then(|| cache.slots(0) + 1));
-            masks.push(self.attention_mask(1, 1, cache.slots(0) + 1, &device));
-        }
-        let angles: Vec<std::cell::OnceCell<rope::ChunkAngles<B>>> = (0..n).map(|_| Default::default()).collect();
-        let angles_of = |i: usize| angles[i].get_or_init(|| self.chunk_angles(1, positions[i], 1, rotated_slots[i]));
-        // Without a kernel that writes keys and values into each cache, queries and keys of all
-        // the sequences are split and rotated at once (each row at its own position).
-        let shared = (!p.runs(crate::backend::Kernel::SplitRope) && caches.iter().all(|c| !c.compact_positions()))
-            .then(|| self.decode_angles(&positions));
-        // Caches that lie in one memory pool are attended together, one launch per layer.
-        let pooled = match masks.iter().all(Option::is_none) && caches.iter().all(|c| !c.compact_positions()) {
-            true => PooledStep::plan(caches, self.layers.len(), &device),
-            false => None,
-        };
-        let pool_angles = pooled.as_ref().map(|_| self.decode_angles(&positions));
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
-        let mut x = self.embed.embed(ids).cast(self.activation_dtype());
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut qkv = layer.attn.qkv.forward_normed(p, x.clone(), None, &layer.attn_norm);
-            if let (Some(step), Some(angles)) = (&pooled, &pool_angles) {
-                if let Some((pool, rows)) = step.layer(l) {
-                    match layer
-                        .attn
-                        .attend_pool(p, l, qkv, angles, (&pool.0, &pool.1), &rows, step, caches)?
-                    {
-                        Ok(out) => {
-                            x = layer.finish(p, x, out, Needed::All, None).0;
-                            continue;
-                        }
-                        Err(back) => qkv = back,
-                    }
-                }
-            }
-            let mut outs = Vec::with_capacity(n);
-            match &shared {
-                Some(all) => {
-                    let width = qkv.dims()[2];
-                    let (q, k, v) = layer.attn.split_positions_first(qkv.reshape([1, n, width]), all);
-                    if let Some(out) = layer.attn.attend_batch_on_host(p, l, (&q, &k, &v), &masks, caches)? {
-                        x = layer.finish(p, x, out, Needed::All, None).0;
-                        continue;
-                    }
-                    let row = attention::sequence_row::<B>;
-                    for (i, cache) in caches.iter_mut().enumerate() {
-                        let (qi, ki, vi) = (row(&q, i), row(&k, i), row(&v, i));
-                        outs.push(
-                            layer
-                                .attn
-                                .attend(p, l, qi, ki, vi, None, masks[i].as_ref(), &mut **cache)?,
-                        );
-                    }
-                }
-                None => {
-                    for (i, cache) in caches.iter_mut().enumerate() {
-                        let row = qkv.clone().slice_dim(0, i..i + 1);
-                        outs.push(layer.attn.attend_projected(
-                            p,
-                            l,
-                            row,
-                            angles_of(i),
-                            masks[i].as_ref(),
-                            &mut **cache,
-                        )?);
-                    }
-                }
-            }
-            x = layer.finish(p, x, Tensor::cat(outs, 0), Needed::All, None).0;
-        }
-        if let Some(step) = &pooled {
-            step.hand_observations(caches)?;
-        }
-        for cache in caches.iter_mut() {
-            cache.end_chunk()?;
-        }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = head.logits(p, ops::rms_norm(p, &self.norm, x));
-        let vocab = logits.dims()[2];
-        Ok(logits.reshape([n, vocab]))
     }
 
     /// The position of the first of `len` new tokens, if all of them fit in the context.
