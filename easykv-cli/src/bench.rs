@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// a fixed seed) instead of all at the start; time to first token counts from arrival.
     #[arg(long, value_name = "PER_SECOND")]
     pub arrival_rate: Option<f64>,
+    /// With `--requests`: how prompts share passes with decode steps: mixed (a chunk of each prompt rides in the
+    /// decode step's pass, one product for both) or separate (passes of their own after it);
+    /// default: mixed on GPUs, separate on the CPU.
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub prefill_passes: Option<crate::common::PrefillPasses>,
     /// With `--requests`: untimed requests (each the prompt's length, 2 new tokens) run
     /// first so kernels are compiled and buffers allocated before the clock starts.
     #[arg(long, default_value_t = 2)]
@@ -432,7 +437,7 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
             max_running: args.concurrency,
             chunk_size: args.chunk_size,
             max_queued: None,
-            mixed_passes: None,
+            mixed_passes: crate::common::PrefillPasses::mixed(args.prefill_passes),
         },
     )?;
     let eviction = args.eviction.config()?;

@@ -143,7 +143,7 @@ mod gpu {
                     if args.json {
                         engine_json.push(serde_json::json!({"model": shape, "dtype": name, "request": setting, "tokens": tokens, "equal_to_unpooled": equal}));
                     } else {
-                        outln!("{name:<6} {shape} engine, {setting:<24} {tokens} tokens, {equal} equal to the unpooled run's")?;
+                        outln!("{name:<6} {shape} engine, {setting:<44} {tokens} tokens, {equal} equal to the unpooled run's")?;
                     }
                 }
             }

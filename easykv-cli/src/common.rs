@@ -421,3 +421,19 @@ impl EvictionArgs {
         )?)
     }
 }
+
+/// How prompts share the batched engine's passes with decode steps (`--prefill-passes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrefillPasses {
+    /// A chunk of each prompt rides in the decode step's pass: one product for both.
+    Mixed,
+    /// Prompts in passes of their own after the decode step, chunk groups layer by layer.
+    Separate,
+}
+
+impl PrefillPasses {
+    /// The engine's setting (`None`: the backend's default).
+    pub fn mixed(choice: Option<Self>) -> Option<bool> {
+        choice.map(|c| c == Self::Mixed)
+    }
+}

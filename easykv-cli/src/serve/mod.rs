@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 32)]
     pub max_concurrent: usize,
+    /// How prompts share passes with decode steps: mixed (a chunk of each prompt rides in the
+    /// decode step's pass, one product for both) or separate (passes of their own after it);
+    /// default: mixed on GPUs, separate on the CPU.
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub prefill_passes: Option<crate::common::PrefillPasses>,
     /// Requests waiting for room at most; more get 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -182,7 +187,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &ServeArgs) -> CliResult {
             max_running: args.max_concurrent,
             chunk_size: args.chunk_size,
             max_queued: Some(args.max_queue),
-            mixed_passes: None,
+            mixed_passes: crate::common::PrefillPasses::mixed(args.prefill_passes),
         },
     )?;
     let state = Arc::new(AppState {
