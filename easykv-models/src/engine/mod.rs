@@ -4,10 +4,11 @@
 //! A request is admitted when the pool can set aside its cache's peak footprint (what its
 //! budget lets it hold at most, or prompt + new tokens for the full cache; see
 //! [`KvCache::peak_slots`]); its cache then allocates exactly that, once. Every
-//! [`step`](Engine::step) prefills the oldest waiting prompts' chunk groups up to one chunk's
-//! tokens in all (so a long prompt never stalls the others for more than a chunk, and short
-//! prompts start together) and advances every decoding sequence by one
-//! token in a single batched forward pass, which reads the weights once for all of them.
+//! [`step`](Engine::step) advances every decoding sequence by one token and prefills up to one
+//! chunk's tokens of the oldest waiting prompts (so a long prompt never stalls the others for
+//! more than a chunk, and short prompts start together): on GPUs in one batched pass, a chunk
+//! of each prompt beside the decode rows, which reads the weights once for all of them; on the
+//! CPU a decode pass, then each prompt's chunk group in passes of its own (layer by layer).
 //! Finished and cancelled sequences hand their memory back at once.
 //!
 //! Why one contiguous range of slots per sequence rather than fixed-size blocks: a budgeted
