@@ -60,6 +60,9 @@ declare -A ROW=(
   [roco25auto]="--policy roco --budget 1024 --mode auto --stride 64"
   [roco25auto64]="--policy roco --budget 1024 --mode auto --stride 64 --decode-stride 64"
   [h2o25auto64]="--policy h2o --budget 1024 --mode auto --stride 64 --decode-stride 64"
+  # The engine's prompts in passes of their own instead of riding in the decode steps' passes.
+  [fullsep]="--prefill-passes separate"
+  [roco25auto64sep]="--policy roco --budget 1024 --mode auto --stride 64 --decode-stride 64 --prefill-passes separate"
   [snapkv25]="--policy snapkv --budget 0.25 --mode once"
   [knorm25]="--policy knorm --budget 0.25 --mode once"
   [pyramidkv25]="--policy pyramidkv --budget 0.25 --mode once"
