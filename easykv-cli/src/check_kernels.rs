@@ -141,9 +141,9 @@ mod gpu {
                         failed.push(format!("{shape} engine {setting} ({dtype:?})"));
                     }
                     if args.json {
-                        engine_json.push(serde_json::json!({"model": shape, "dtype": name, "request": setting, "tokens": tokens, "equal_to_unpooled": equal}));
+                        engine_json.push(serde_json::json!({"model": shape, "dtype": name, "request": setting, "tokens": tokens, "equal_to_reference": equal}));
                     } else {
-                        outln!("{name:<6} {shape} engine, {setting:<44} {tokens} tokens, {equal} equal to the unpooled run's")?;
+                        outln!("{name:<6} {shape} engine, {setting:<44} {tokens} tokens, {equal} equal to the reference run's (no pool, separate passes)")?;
                     }
                 }
             }

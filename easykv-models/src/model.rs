@@ -47,8 +47,11 @@ pub trait CausalLm<B: Backend>: Send + Sync {
     /// step's token or a prompt chunk): every product runs once over all the rows, and each
     /// cache ends its chunk as after a pass of its part alone. Returns the logits of the parts
     /// that want them, in order (`[wanted, vocab]`), `None` when none does.
-    fn forward_batch(&self, parts: &[BatchPart<'_>], caches: &mut [&mut dyn KvCache<B>])
-        -> Result<Option<Tensor<B, 2>>>;
+    fn forward_batch(
+        &self,
+        parts: &[BatchPart<'_>],
+        caches: &mut [&mut dyn KvCache<B>],
+    ) -> Result<Option<Tensor<B, 2>>>;
 
     fn vocab_size(&self) -> usize;
 

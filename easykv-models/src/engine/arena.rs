@@ -53,6 +53,11 @@ impl<B: Backend> SlotArena<B> {
         }
     }
 
+    /// Slots per layer in all.
+    pub(super) fn capacity(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[2])
+    }
+
     /// The first free range of `len` slots, taken; `None` if no range is that long.
     pub(super) fn take(&mut self, len: usize) -> Option<usize> {
         let i = self.free.iter().position(|r| r.len() >= len)?;
@@ -133,5 +138,6 @@ mod tests {
         assert_eq!(arena.free, vec![0..10]);
         assert_eq!(arena.free_slots(), 10);
         assert_eq!(arena.take(10), Some(0));
+        assert_eq!(arena.capacity(), 10);
     }
 }

@@ -230,13 +230,32 @@ impl<B: Backend> Engine<B> {
             .iter()
             .all(|k| p.runs(*k));
         let per_token = config.kv_bytes_per_token(kv_dtype.size()).max(1);
-        let slots = usize::try_from(engine.pool_bytes / per_token).ok()?;
-        // Kernels index a layer's tensor with 32-bit offsets.
-        let elements = slots.checked_mul(config.n_kv_heads)?.checked_mul(config.head_dim)?;
-        if p.memory != easykv_core::Memory::Gpu || !kernels || slots == 0 || elements > u32::MAX as usize {
+        let mut slots = usize::try_from(engine.pool_bytes / per_token).ok()?;
+        if p.memory != easykv_core::Memory::Gpu || !kernels || slots == 0 {
             return None;
         }
         let device = model.device();
+        // Kernels index a layer's tensor with 32-bit offsets (an unlimited pool: none).
+        let elements = slots.checked_mul(config.n_kv_heads)?.checked_mul(config.head_dim)?;
+        if elements > u32::MAX as usize {
+            return None;
+        }
+        // A layer's tensor must stay within what one kernel binding reads whole (wgpu: the
+        // adapter's storage-buffer limit, 128 MiB on some): past it, reads go wrong, so the
+        // pool takes fewer slots and admission waits for them instead.
+        let slot_bytes = (config.n_kv_heads * config.head_dim * kv_dtype.size()).max(1) as u64;
+        if let Some(max) = crate::ops::max_pool_tensor_bytes::<B>(p, &device) {
+            let most = usize::try_from(max / slot_bytes).unwrap_or(usize::MAX);
+            if slots > most {
+                tracing::warn!(
+                    "the KV pool holds {most} slots per layer, not {slots}: the device binds at most {max} bytes per tensor"
+                );
+                slots = most;
+            }
+        }
+        if slots == 0 {
+            return None;
+        }
         let (layers, heads, d) = (config.n_layers, config.n_kv_heads, config.head_dim);
         // An allocation the device cannot make panics inside burn: the engine then keeps
         // per-sequence buffers.
@@ -396,6 +415,9 @@ impl<B: Backend> Engine<B> {
             let region = match (self.arena.as_mut(), self.queue.front()) {
                 (Some(arena), Some(q)) => match arena.take(q.slots) {
                     Some(start) => Some((start, q.slots)),
+                    // Longer than the whole arena (capped by the device's binding limit):
+                    // buffers of its own rather than a wait that never ends.
+                    None if q.slots > arena.capacity() => None,
                     None => break,
                 },
                 _ => None,

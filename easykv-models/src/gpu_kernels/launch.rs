@@ -1522,6 +1522,18 @@ fn slot_view_on<B: Backend, R: CubeRuntime>(
     Ok(Some(pool.clone().slice_dim(2, start..start + len)))
 }
 
+/// The most bytes one tensor of `device` may span and still be read whole by a kernel: the
+/// runtime's largest page (wgpu: the adapter's storage-buffer binding limit; a buffer past it
+/// is bound cut short, and kernels then read wrong values past the limit).
+pub fn max_binding_bytes<B: Backend>(device: &B::Device) -> Result<u64, ()> {
+    on_runtime!(max_binding_bytes_on::<B>(device), ())
+}
+
+fn max_binding_bytes_on<B: Backend, R: CubeRuntime>(device: &B::Device) -> Result<u64, ()> {
+    let probe = Tensor::<B, 1>::empty([1], device);
+    Ok(cube_view::<B, R, 1>(probe).client.properties().memory.max_page_size)
+}
+
 /// The true slots of every row of `mask`, ascending, `count` per row, as the cache's
 /// [`easykv_core::SlotLister`]: one launch (and a cast of the mask) instead of a prefix sum
 /// and a scatter.

@@ -104,7 +104,10 @@ impl<B: Backend> SingleRows<B> {
             Some(all) => {
                 let width = qkv.dims()[2];
                 let (q, k, v) = layer.attn.split_positions_first(qkv.reshape([1, n, width]), all);
-                if let Some(out) = layer.attn.attend_batch_on_host(p, l, (&q, &k, &v), &self.masks, caches)? {
+                if let Some(out) = layer
+                    .attn
+                    .attend_batch_on_host(p, l, (&q, &k, &v), &self.masks, caches)?
+                {
                     return Ok(out);
                 }
                 for (i, cache) in caches.iter_mut().enumerate() {
@@ -158,7 +161,10 @@ impl<B: Backend> Llama<B> {
     pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut dyn KvCache<B>]) -> Result<Tensor<B, 2>> {
         let parts: Vec<BatchPart<'_>> = tokens
             .chunks(1)
-            .map(|t| BatchPart { tokens: t, logits: true })
+            .map(|t| BatchPart {
+                tokens: t,
+                logits: true,
+            })
             .collect();
         self.forward_batch(&parts, caches)?
             .ok_or_else(|| Error::InvalidInput("a batched step needs at least one token".into()))

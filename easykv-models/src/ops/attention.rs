@@ -96,6 +96,15 @@ pub fn pool_view<B: Backend>(
     view.ok().flatten()
 }
 
+/// The most bytes one pool tensor may span on `device` where kernels run (see
+/// [`crate::gpu_kernels::launch::max_binding_bytes`]); `None` where nothing limits it.
+pub fn max_pool_tensor_bytes<B: Backend>(p: &BackendProfile, device: &B::Device) -> Option<u64> {
+    let none = ();
+    let max: Result<u64, ()> =
+        cube!(p, Kernel::Attention, none => crate::gpu_kernels::launch::max_binding_bytes::<B>(device));
+    max.ok()
+}
+
 /// `softmax(q·keysᵀ)·values` over the first `slots` slots of a cache's buffers, read in place
 /// and never writing the scores out (for steps nobody observes); `q` back where no kernel runs.
 ///
