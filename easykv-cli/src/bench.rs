@@ -506,6 +506,8 @@ fn serve_requests<B: Backend>(loaded: Subject<B>, args: &BenchArgs, requests: us
         "concurrency": args.concurrency,
         "arrival_rate": args.arrival_rate,
         "kv_pool_bytes": pool,
+        // null: the engine's default (mixed on GPUs, separate on the CPU).
+        "prefill_passes": args.prefill_passes.map(|h| format!("{h:?}").to_lowercase()),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "output_tokens": tokens,

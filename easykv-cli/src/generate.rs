@@ -59,6 +59,11 @@ pub struct GenerateArgs {
     /// size puts every sequence's cache in one pool, attended in one launch per layer).
     #[arg(long, value_name = "SIZE")]
     pub kv_pool: Option<String>,
+    /// With --requests-file: how prompts share passes with decode steps: mixed (a chunk of
+    /// each prompt rides in the decode step's pass, one product for both) or separate (passes
+    /// of their own after it); default: mixed on GPUs, separate on the CPU.
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub prefill_passes: Option<crate::common::PrefillPasses>,
     #[command(flatten)]
     pub eviction: EvictionArgs,
     /// With --json: the N most likely tokens and their log-probabilities at every step.
@@ -105,6 +110,11 @@ fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs) -> CliResult {
     if args.kv_pool.is_some() && args.requests_file.is_none() {
         return Err(CliError(
             "--kv-pool needs --requests-file (one sequence holds its own cache)".into(),
+        ));
+    }
+    if args.prefill_passes.is_some() && args.requests_file.is_none() {
+        return Err(CliError(
+            "--prefill-passes needs --requests-file (one sequence has no decode steps to share)".into(),
         ));
     }
     if let Some(path) = &args.requests_file {

@@ -117,7 +117,7 @@ pub fn run_on<B: Backend>(device: &B::Device, args: &GenerateArgs, path: &Path) 
             max_running: args.concurrency,
             chunk_size: args.chunk_size,
             max_queued: None,
-            mixed_passes: None,
+            mixed_passes: crate::common::PrefillPasses::mixed(args.prefill_passes),
         },
     )?;
     let mut ids = Vec::with_capacity(requests.len());

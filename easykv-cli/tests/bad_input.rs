@@ -236,6 +236,14 @@ fn every_bad_input_is_one_line_and_exit_2() {
             "0B",
         ]),
         cmd(&["generate", "--prompt", "hi", "--kv-pool", "1GiB"]),
+        cmd(&["generate", "--prompt", "hi", "--prefill-passes", "mixed"]),
+        cmd(&[
+            "generate",
+            "--requests-file",
+            &p("requests-one.jsonl"),
+            "--prefill-passes",
+            "often",
+        ]),
         // score
         cmd(&["score", "--text-file", "/no/such/text.txt"]),
         cmd(&["score", "--text-file", &p("empty.txt")]),
