@@ -152,8 +152,8 @@ struct ChunkRows<B: Backend> {
 }
 
 impl<B: Backend> Llama<B> {
-    /// One decode step of several sequences, each with its own cache: [`forward_batch`]
-    /// (Self::forward_batch) of one token each, every one's logits wanted.
+    /// One decode step of several sequences, each with its own cache:
+    /// [`forward_batch`](Self::forward_batch) of one token each, every one's logits wanted.
     ///
     /// # Shapes
     /// - `tokens`: one id per sequence, `caches[i]` the cache of sequence `i`
