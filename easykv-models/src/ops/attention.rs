@@ -96,8 +96,8 @@ pub fn pool_view<B: Backend>(
     view.ok().flatten()
 }
 
-/// The most bytes one pool tensor may span on `device` where kernels run (see
-/// [`crate::gpu_kernels::launch::max_binding_bytes`]); `None` where nothing limits it.
+/// The most bytes one pool tensor may span on `device` where kernels run (the runtime's
+/// largest page: wgpu's storage-buffer binding limit); `None` where nothing limits it.
 pub fn max_pool_tensor_bytes<B: Backend>(p: &BackendProfile, device: &B::Device) -> Option<u64> {
     let none = ();
     let max: Result<u64, ()> =
