@@ -616,8 +616,13 @@ impl<B: Backend> Engine<B> {
         let logits = self.model.forward_batch(&parts, &mut caches)?;
         let wanted: Vec<bool> = parts.iter().map(|part| part.logits).collect();
         drop((parts, caches));
-        let rows = logits.map(row).transpose()?.unwrap_or_default();
-        let vocab = self.model.vocab_size();
+        let (rows, vocab) = match logits {
+            Some(logits) => {
+                let vocab = logits.dims()[1];
+                (row(logits)?, vocab)
+            }
+            None => (Vec::new(), 1),
+        };
         let mut next_row = 0;
         for (&(i, len), wants) in plan.iter().zip(wanted) {
             let seq = &mut self.running[i];
