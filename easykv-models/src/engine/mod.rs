@@ -240,10 +240,13 @@ impl<B: Backend> Engine<B> {
         if elements > u32::MAX as usize {
             return None;
         }
-        // A layer's tensor must stay within what one kernel binding reads whole (wgpu: the
-        // adapter's storage-buffer limit, 128 MiB on some): past it, reads go wrong, so the
-        // pool takes fewer slots and admission waits for them instead.
-        let slot_bytes = (config.n_kv_heads * config.head_dim * kv_dtype.size()).max(1) as u64;
+        // A layer's tensor, and a decode step's observation of every layer's slots
+        // (`[layers, kv_heads, slots]` f32), must stay within what one kernel binding reads
+        // whole (wgpu: the adapter's storage-buffer limit, 128 MiB on some): past it, reads go
+        // wrong, so the pool takes fewer slots and admission waits for them instead.
+        let tensor_bytes = config.n_kv_heads * config.head_dim * kv_dtype.size();
+        let observed_bytes = config.n_layers * config.n_kv_heads * 4;
+        let slot_bytes = tensor_bytes.max(observed_bytes).max(1) as u64;
         if let Some(max) = crate::ops::max_pool_tensor_bytes::<B>(p, &device) {
             let most = usize::try_from(max / slot_bytes).unwrap_or(usize::MAX);
             if slots > most {
