@@ -13,6 +13,10 @@
 #                            summarize, f16 chat)
 #   scripts/gpu.sh hf        HF transformers with a static cache (bench/hf_baseline.py)
 #   scripts/gpu.sh trace     where a roco 0.25 run's prefill chunks and decode steps go
+#   scripts/gpu.sh prefill   one 7B-shape layer's prefill operations at PREFILL_ROWS (4096) tokens
+#                            (check-kernels --time --prefill), PyTorch's on the same shapes and HF
+#                            transformers' whole prefill (bench/prefill_torch.py), and the whole
+#                            prefill's layers and cache steps for the full cache and roco 0.25
 #   scripts/gpu.sh engine    REQUESTS (64) requests of 4096 + NEW (256) tokens through the batched
 #                            engine in a 40 GiB KV pool, CONCURRENCY (64) at a time at most: full,
 #                            roco 0.5, roco 0.25, h2o 0.25 (ENGINE_ROWS picks them; ENGINE_BINS
@@ -183,8 +187,20 @@ EOF2
       RUST_LOG=easykv::chunks=debug timeout 200 "$BIN/easykv" bench --device "${DEV:-cuda}" --random-weights llama2-7b \
         --dtype f16 --prompt-tokens 4096 --new-tokens 24 --chunk-size 4096 --repeat 1 --policy roco --budget 0.25 \
         --stride 64 2>&1 | grep -E "chunk" | tail -8 ;;
+    prefill)
+      timeout 300 "$BIN/easykv" check-kernels --device "${DEV:-cuda}" --time --prefill "${PREFILL_ROWS:-4096}" --dtype f16
+      timeout 300 python3 bench/prefill_torch.py --rows "${PREFILL_ROWS:-4096}" --model
+      for row in full roco25; do
+        echo "-- $row: prefill chunks (layers_ms, cache_ms)"
+        # shellcheck disable=SC2086
+        RUST_LOG=easykv::chunks=debug timeout 200 "$BIN/easykv" bench --device "${DEV:-cuda}" --random-weights llama2-7b \
+          --dtype f16 --prompt-tokens 4096 --new-tokens 2 --chunk-size 4096 --repeat 1 ${ROW[$row]} ${EXTRA:-} 2>&1 \
+          | grep -E " chunk " | awk '{n++; for (i = 1; i <= NF; i++) { split($i, kv, "=");
+              if (kv[1] == "layers_ms") l += kv[2]; if (kv[1] == "cache_ms") c += kv[2] } }
+              END { printf "%d chunk records: layers %.1f ms, cache steps %.1f ms\n", n, l, c }'
+      done ;;
     *)
-      echo "unknown configuration '$config' (table, once, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve)"; exit 2 ;;
+      echo "unknown configuration '$config' (table, once, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve, prefill)"; exit 2 ;;
   esac
 done
 if [ -n "$OUT" ] && [ -d "$EASYKV_HOME/kernels" ]; then tar -C "$EASYKV_HOME" -cJf "$OUT/kernels.tar.xz" kernels; fi

@@ -33,6 +33,11 @@ pub struct CheckKernelsArgs {
     /// Cache lengths the attention and ranking kernels are timed at (with `--time`).
     #[arg(long, value_delimiter = ',', default_value = "2112,4112")]
     pub slots: Vec<usize>,
+    /// With `--time`: time one 7B-shape layer's prefill operations on a chunk of this many
+    /// tokens instead (products, attention's parts, burn's fused attention) and report the
+    /// arithmetic rate reached.
+    #[arg(long, requires = "time", value_parser = clap::value_parser!(u32).range(1..=16384))]
+    pub prefill: Option<u32>,
 }
 
 pub fn run(args: CheckKernelsArgs) -> CliResult {
@@ -56,7 +61,7 @@ pub fn run(args: CheckKernelsArgs) -> CliResult {
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod gpu {
     use burn::prelude::*;
-    use easykv_models::gpu_kernels::{check_engine, check_kernels, check_model, time_kernels};
+    use easykv_models::gpu_kernels::{check_engine, check_kernels, check_model, time_kernels, time_prefill};
     use easykv_models::linear::WeightDType;
 
     use super::CheckKernelsArgs;
@@ -165,6 +170,9 @@ mod gpu {
         if args.slots.iter().any(|&n| n == 0 || n > 4352) {
             return Err(CliError("--slots: each between 1 and 4352".into()));
         }
+        if let Some(rows) = args.prefill {
+            return time_prefill_on::<B>(device, args, rows as usize);
+        }
         for dtype in &args.dtype {
             let timings = time_kernels::<B>(dtype.dtype(), &args.slots, device);
             if args.json {
@@ -203,6 +211,37 @@ mod gpu {
                     t.kernel,
                     t.shape,
                     t.micros_per_launch
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn time_prefill_on<B: Backend>(device: &B::Device, args: &CheckKernelsArgs, rows: usize) -> CliResult {
+        for dtype in &args.dtype {
+            let timings = time_prefill::<B>(dtype.dtype(), rows, device);
+            if args.json {
+                outln!("{}", serde_json::json!({"dtype": dtype, "prefill": timings}))?;
+                continue;
+            }
+            outln!(
+                "{:<6} {:<36} {:<28} {:>10} {:>9} {:>7}",
+                "dtype",
+                "operation",
+                "shape",
+                "µs",
+                "TFLOP/s",
+                "GB/s"
+            )?;
+            let dt = format!("{dtype:?}").to_lowercase();
+            for t in timings {
+                let tf = t.teraflops_per_second.map_or(String::new(), |f| format!("{f:.1}"));
+                let gbs = t.gigabytes_per_second.map_or(String::new(), |g| format!("{g:.0}"));
+                outln!(
+                    "{dt:<6} {:<36} {:<28} {:>10.1} {tf:>9} {gbs:>7}",
+                    t.operation,
+                    t.shape,
+                    t.micros
                 )?;
             }
         }

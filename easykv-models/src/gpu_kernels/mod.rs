@@ -24,7 +24,7 @@ mod timing;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub use check::{check_engine, check_kernels, check_model, KernelCheck};
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-pub use timing::{time_kernels, KernelTiming};
+pub use timing::{time_kernels, time_prefill, KernelTiming, PrefillTiming};
 
 /// A fingerprint of the kernels' source. cubecl caches compiled kernels on disk by the kernel's
 /// name and types, not its code: a cache kept across easykv builds would run a changed kernel's

@@ -347,3 +347,134 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
     }
     out
 }
+
+/// One operation of a prefill chunk at one shape, with the arithmetic rate it reached.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrefillTiming {
+    pub operation: String,
+    pub shape: String,
+    pub micros: f64,
+    /// Floating-point operations ÷ time; `None` for operations that only move bytes.
+    pub teraflops_per_second: Option<f64>,
+    /// Bytes the operation must move ÷ time.
+    pub gigabytes_per_second: Option<f64>,
+}
+
+/// Times one 7B-shape layer's prefill operations on a chunk of `rows` tokens attending over
+/// as many slots (a whole prompt in one chunk): the weights' products as the model runs them
+/// (`x·Wᵀ` with `W` stored `[out, in]`) and with `W` stored transposed, attention's scores,
+/// softmax and values as the model runs them (the probabilities written out, what the cache
+/// observes summed), and burn's fused attention where the backend has one.
+pub fn time_prefill<B: Backend>(dtype: DType, rows: usize, device: &B::Device) -> Vec<PrefillTiming> {
+    let mut out = Vec::new();
+    let reps = 10;
+    let bytes = dtype.size() as f64;
+    let mut push = |operation: &str, shape: String, micros: f64, flops: Option<f64>, moved: Option<f64>| {
+        out.push(PrefillTiming {
+            operation: operation.to_string(),
+            shape,
+            micros,
+            teraflops_per_second: flops.map(|f| f / micros / 1e6),
+            gigabytes_per_second: moved.map(|b| b / micros / 1e3),
+        })
+    };
+    let products = [
+        ("qkv", 12288usize, 4096usize),
+        ("o", 4096, 4096),
+        ("gate_up", 22016, 4096),
+        ("down", 4096, 11008),
+    ];
+    for (name, w_rows, cols) in products {
+        let x = random::<B, 2>([rows, cols], dtype, device);
+        let w = random::<B, 2>([w_rows, cols], dtype, device);
+        let flops = Some(2.0 * (rows * w_rows * cols) as f64);
+        let shape = format!("{rows} × [{w_rows}, {cols}]");
+        let wt = w.clone().transpose();
+        let us = time::<B, _>(device, reps, || x.clone().matmul(wt.clone()));
+        push(&format!("matmul {name}, W [out, in]"), shape.clone(), us, flops, None);
+        // The operands swapped: `W·xᵀ`, `[out, rows]` (its transpose is the product).
+        let xt = x.clone().transpose();
+        let us = time::<B, _>(device, reps, || w.clone().matmul(xt.clone()));
+        push(&format!("matmul {name}, W·xᵀ"), shape.clone(), us, flops, None);
+        let w_in_out = random::<B, 2>([cols, w_rows], dtype, device);
+        let us = time::<B, _>(device, reps, || x.clone().matmul(w_in_out.clone()));
+        push(&format!("matmul {name}, W [in, out]"), shape, us, flops, None);
+    }
+
+    // Attention of 32 heads of 128 over a cache buffer of `rows` + 256 slots, `rows` in use.
+    let (heads, d) = (32usize, 128usize);
+    let capacity = rows + 256;
+    let q = random::<B, 4>([1, heads, rows, d], dtype, device);
+    let keys = random::<B, 4>([1, heads, capacity, d], dtype, device);
+    let values = random::<B, 4>([1, heads, capacity, d], dtype, device);
+    let k_used = keys.clone().slice_dim(2, 0..rows);
+    let v_used = values.clone().slice_dim(2, 0..rows);
+    let square = (heads * rows * rows) as f64;
+    let shape = format!("{heads} heads × {rows} × {rows}");
+    let scores_of = || q.clone().matmul(k_used.clone().swap_dims(2, 3));
+    let us = time::<B, _>(device, reps, scores_of);
+    push(
+        "scores q·Kᵀ (burn matmul)",
+        shape.clone(),
+        us,
+        Some(2.0 * square * d as f64),
+        None,
+    );
+    let causal = Tensor::<B, 2>::ones([rows, rows], device)
+        .triu(1)
+        .mul_scalar(f32::NEG_INFINITY)
+        .reshape([1, 1, rows, rows])
+        .repeat(&[1, heads, 1, 1]);
+    let scores = scores_of();
+    let softmax = || launch::softmax_rows(scores.clone(), Some(&causal), None, dtype);
+    if softmax().is_ok() {
+        let us = time::<B, _>(device, reps, softmax);
+        // Scores and mask read, f32 and product probabilities written.
+        let moved = square * (bytes + 4.0 + 4.0 + bytes);
+        push("softmax + mask (kernel)", shape.clone(), us, None, Some(moved));
+    }
+    let (probs, product_probs) = match softmax() {
+        Ok(p) => p,
+        Err(_) => {
+            let p = burn::tensor::activation::softmax(scores.clone().cast(DType::F32) + causal.clone(), 3);
+            (p.clone(), p.cast(dtype))
+        }
+    };
+    let us = time::<B, _>(device, reps, || probs.clone().sum_dim(2));
+    push(
+        "observe: sum over queries (burn)",
+        shape.clone(),
+        us,
+        None,
+        Some(square * 4.0),
+    );
+    let us = time::<B, _>(device, reps, || product_probs.clone().matmul(v_used.clone()));
+    push(
+        "values P·V (burn matmul)",
+        shape.clone(),
+        us,
+        Some(2.0 * square * d as f64),
+        None,
+    );
+    // burn's fused attention (flash attention on cubecl backends), causal, nothing observed.
+    let (qc, kc, vc) = (
+        random::<B, 4>([1, heads, rows, d], dtype, device),
+        random::<B, 4>([1, heads, rows, d], dtype, device),
+        random::<B, 4>([1, heads, rows, d], dtype, device),
+    );
+    let options = burn::tensor::ops::AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    let fused = || burn::tensor::module::attention(qc.clone(), kc.clone(), vc.clone(), None, None, options);
+    let us = time::<B, _>(device, reps, fused);
+    push(
+        "burn attention (fused, causal)",
+        shape,
+        us,
+        Some(2.0 * square * d as f64),
+        None,
+    );
+    out
+}
