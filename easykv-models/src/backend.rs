@@ -32,10 +32,13 @@ pub enum Kernel {
     Attention,
     /// Ranking slots for eviction.
     Rank,
+    /// A whole prompt's attention that nobody observes by burn's fused (flash) attention,
+    /// never writing the scores out.
+    Flash,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::Matmul,
         Kernel::Rows,
         Kernel::Gather,
@@ -47,6 +50,7 @@ impl Kernel {
         Kernel::Gemv,
         Kernel::Attention,
         Kernel::Rank,
+        Kernel::Flash,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +66,7 @@ impl Kernel {
             Kernel::Gemv => "gemv",
             Kernel::Attention => "attention",
             Kernel::Rank => "rank",
+            Kernel::Flash => "flash",
         }
     }
 

@@ -139,19 +139,30 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
     });
     record("swiglu", swiglu.into());
 
-    // Rows of 4 heads; the mask made at full shape or repeated over the heads (what the model
-    // does); references computed on the host, so a wrong burn operation cannot hide a kernel's
-    // mistake or fake one.
+    // Rows of 4 heads; the mask made per head, repeated over the heads, or one chunk's rows for
+    // every head (what the model hands the kernel); rows held in registers (up to 8,192 slots)
+    // and read in a loop (longer); the f32 probabilities kept or not. References computed on
+    // the host, so a wrong burn operation cannot hide a kernel's mistake or fake one.
+    #[derive(Clone, Copy, PartialEq)]
+    enum MaskShape {
+        PerHead,
+        Repeated,
+        Chunk,
+    }
+    use MaskShape::*;
     let softmax = [
-        (1usize, 64usize, false, false, false),
-        (1, 4352, false, true, false),
-        (8, 1000, true, false, false),
-        (64, 1000, true, false, false),
-        (64, 1000, true, false, true),
-        (64, 1000, false, true, false),
-        (64, 1000, true, true, true),
+        (1usize, 64usize, None, false, true),
+        (1, 4352, None, true, true),
+        (8, 1000, Some(PerHead), false, true),
+        (64, 1000, Some(PerHead), false, false),
+        (64, 1000, Some(Repeated), false, true),
+        (64, 1000, None, true, true),
+        (64, 1000, Some(Repeated), true, true),
+        (64, 1000, Some(Chunk), true, false),
+        (16, 8192, Some(Chunk), false, true),
+        (4, 9000, Some(Chunk), true, true),
     ]
-    .map(|(rows, slots, masked, biased, repeated)| {
+    .map(|(rows, slots, masked, biased, keep_f32)| {
         let scores = random::<B, 4>([1, 4, rows, slots], dtype, device).mul_scalar(4.0);
         let bias = biased.then(|| {
             let values: Vec<f32> = (0..4 * slots)
@@ -160,8 +171,8 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
             Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(values, [1, 4, 1, slots]), device)
         });
         // Causal: query row r sees the first slots − rows + r + 1 slots.
-        let mask = masked.then(|| {
-            let heads = if repeated { 1 } else { 4 };
+        let mask = masked.map(|shape| {
+            let heads = if shape == PerHead { 4 } else { 1 };
             let values: Vec<f32> = (0..heads * rows * slots)
                 .map(|i| {
                     let (r, j) = ((i / slots) % rows, i % slots);
@@ -173,20 +184,23 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
                 })
                 .collect();
             let m = Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(values, [1, heads, rows, slots]), device);
-            if repeated {
-                m.repeat_dim(1, 4)
-            } else {
-                m
+            match shape {
+                Repeated => m.repeat_dim(1, 4),
+                _ => m,
             }
         });
         let (s, m, b) = (host(&scores), mask.as_ref().map(host), bias.as_ref().map(host));
+        let mask_at = |row: usize, j: usize| match masked {
+            Some(Chunk) => (row % rows) * slots + j,
+            _ => row * slots + j,
+        };
         let want: Vec<f32> = (0..4 * rows)
             .flat_map(|row| {
                 let logits: Vec<f64> = (0..slots)
                     .map(|j| {
                         let i = row * slots + j;
                         s[i] as f64
-                            + m.as_ref().map_or(0.0, |m| m[i] as f64)
+                            + m.as_ref().map_or(0.0, |m| m[mask_at(row, j)] as f64)
                             + b.as_ref().map_or(0.0, |b| b[(row / rows) * slots + j] as f64)
                     })
                     .collect();
@@ -195,9 +209,17 @@ pub fn check_kernels<B: Backend>(dtype: DType, device: &B::Device) -> Vec<Kernel
                 logits.into_iter().map(move |l| ((l - max).exp() / sum) as f32)
             })
             .collect();
-        launch::softmax_rows(scores, mask.as_ref(), bias.as_ref(), dtype)
+        launch::softmax_rows(scores, mask.as_ref(), bias.as_ref(), dtype, keep_f32)
             .ok()
-            .map(|(p, q)| compare_host(p, &want).and(compare_host(q, &want)))
+            .map(|(p, q)| match (p, keep_f32) {
+                (Some(p), true) => compare_host(p, &want).and(compare_host(q, &want)),
+                (None, false) => compare_host(q, &want),
+                // The f32 probabilities kept exactly when asked for.
+                (p, _) => Diff {
+                    max: f32::INFINITY,
+                    detail: format!("f32 probabilities asked for: {keep_f32}, returned: {}", p.is_some()),
+                },
+            })
     });
     record("softmax", softmax.into());
 

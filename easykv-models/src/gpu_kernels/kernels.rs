@@ -80,10 +80,11 @@ pub fn rms_norm<F: Float, W: Float, A: Float>(
     }
 }
 
-/// Softmax of each row of `n` scores (cube = row), after adding an optional full-shape mask
-/// and an optional bias shared by `rows_per_bias` consecutive rows. Writes the probabilities in
-/// `A` and, when `write_product`, again in `P` (the precision the next product runs in). A row
-/// with nothing visible becomes zeros.
+/// Softmax of each row of `n` scores (cube = row), after adding an optional mask (score row
+/// `r` takes mask row `r % mask_rows`) and an optional bias shared by `rows_per_bias`
+/// consecutive rows. Writes the probabilities in `A` when `write_f32` and in `P` when
+/// `write_product` (the precision the next product runs in). A row with nothing visible
+/// becomes zeros.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_rows<F: Float, A: Float, P: Float>(
@@ -94,14 +95,17 @@ pub fn softmax_rows<F: Float, A: Float, P: Float>(
     probs_product: &mut Tensor<P>,
     n: u32,
     rows_per_bias: u32,
+    mask_rows: u32,
     #[comptime] has_mask: bool,
     #[comptime] has_bias: bool,
+    #[comptime] write_f32: bool,
     #[comptime] write_product: bool,
     #[define(F, A, P)] _dtypes: [StorageType; 3],
 ) {
     let len = n as usize;
     let row = CUBE_POS_X as usize;
     let base = row * len;
+    let mask_base = (CUBE_POS_X % mask_rows) as usize * len;
     let bias_base = (CUBE_POS_X / rows_per_bias) as usize * len;
     let tid = UNIT_POS_X as usize;
     // Below every finite score; a row whose maximum stays here shows nothing.
@@ -111,7 +115,7 @@ pub fn softmax_rows<F: Float, A: Float, P: Float>(
     while i < len {
         let mut v = A::cast_from(scores[base + i]);
         if has_mask {
-            v += mask[base + i];
+            v += mask[mask_base + i];
         }
         if has_bias {
             v += bias[bias_base + i];
@@ -128,7 +132,7 @@ pub fn softmax_rows<F: Float, A: Float, P: Float>(
     while j < len {
         let mut v = A::cast_from(scores[base + j]);
         if has_mask {
-            v += mask[base + j];
+            v += mask[mask_base + j];
         }
         if has_bias {
             v += bias[bias_base + j];
@@ -141,7 +145,7 @@ pub fn softmax_rows<F: Float, A: Float, P: Float>(
     while k < len {
         let mut v = A::cast_from(scores[base + k]);
         if has_mask {
-            v += mask[base + k];
+            v += mask[mask_base + k];
         }
         if has_bias {
             v += bias[bias_base + k];
@@ -150,11 +154,93 @@ pub fn softmax_rows<F: Float, A: Float, P: Float>(
         if visible {
             p = (v - max).exp() / sum;
         }
-        probs[base + k] = p;
+        if write_f32 {
+            probs[base + k] = p;
+        }
         if write_product {
             probs_product[base + k] = P::cast_from(p);
         }
         k += 256usize;
+    }
+}
+
+/// [`softmax_rows`] for rows of at most `256·held` values, each read once into the threads'
+/// registers (the loop kernel reads every row three times). The mask's row of score row `r`
+/// is row `r % mask_rows` (a chunk's `[s, n]` causal mask serves every head and query group);
+/// `write_f32`: also write the probabilities in `A` (what a cache observes).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_rows_held<F: Float, A: Float, P: Float>(
+    scores: &Tensor<F>,
+    mask: &Tensor<A>,
+    bias: &Tensor<A>,
+    probs: &mut Tensor<A>,
+    probs_product: &mut Tensor<P>,
+    n: u32,
+    rows_per_bias: u32,
+    mask_rows: u32,
+    #[comptime] held: usize,
+    #[comptime] has_mask: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] write_f32: bool,
+    #[comptime] write_product: bool,
+    #[define(F, A, P)] _dtypes: [StorageType; 3],
+) {
+    let len = n as usize;
+    let row = CUBE_POS_X as usize;
+    let base = row * len;
+    let mask_base = (CUBE_POS_X % mask_rows) as usize * len;
+    let bias_base = (CUBE_POS_X / rows_per_bias) as usize * len;
+    let tid = UNIT_POS_X as usize;
+    // Below every finite score; a row whose maximum stays here shows nothing.
+    let floor = A::new(-3.0e38);
+    let mut values = Array::<A>::new(held);
+    let mut m = floor;
+    #[unroll]
+    for k in 0..held {
+        let i = tid + k * 256usize;
+        let mut v = floor;
+        if i < len {
+            v = A::cast_from(scores[base + i]);
+            if has_mask {
+                v += mask[mask_base + i];
+            }
+            if has_bias {
+                v += bias[bias_base + i];
+            }
+        }
+        values[k] = v;
+        if v > m {
+            m = v;
+        }
+    }
+    let max = cube_max::<A>(m);
+    let visible = max > A::new(-1.0e38);
+    let mut acc = A::new(0.0);
+    #[unroll]
+    for k in 0..held {
+        let e = (values[k] - max).exp();
+        values[k] = e;
+        if tid + k * 256usize < len {
+            acc += e;
+        }
+    }
+    let sum = cube_sum::<A>(acc);
+    #[unroll]
+    for k in 0..held {
+        let i = tid + k * 256usize;
+        if i < len {
+            let mut p = A::new(0.0);
+            if visible {
+                p = values[k] / sum;
+            }
+            if write_f32 {
+                probs[base + i] = p;
+            }
+            if write_product {
+                probs_product[base + i] = P::cast_from(p);
+            }
+        }
     }
 }
 

@@ -154,68 +154,131 @@ fn swiglu_on<B: Backend, R: CubeRuntime, const D: usize>(x: Tensor<B, D>) -> Res
 }
 
 /// Softmax over the last axis of attention scores `[batch, kv_heads, rows, slots]` (any float
-/// dtype), after adding `mask` (the scores' shape) and `bias` (`[batch, kv_heads, 1, slots]`,
-/// shared by a head's rows) where given. Returns the probabilities in f32 and in `product`.
+/// dtype), after adding `mask` and `bias` (`[batch, kv_heads, 1, slots]`, shared by a head's
+/// rows) where given. The mask has the scores' shape, or `[1, 1, m, slots]` with `m` dividing
+/// `rows` (score row `r` takes mask row `r % m`: a chunk's causal mask for every head and
+/// query group). Returns the probabilities in `product`, and in f32 when `keep_f32` (what a
+/// cache observes; the same tensor when `product` is f32).
 pub fn softmax_rows<B: Backend>(
     scores: Tensor<B, 4>,
     mask: Option<&Tensor<B, 4>>,
     bias: Option<&Tensor<B, 4>>,
     product: DType,
-) -> Result<(Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4>> {
-    on_runtime!(softmax_rows_on::<B>(scores, mask, bias, product), scores)
+    keep_f32: bool,
+) -> Result<(Option<Tensor<B, 4>>, Tensor<B, 4>), Tensor<B, 4>> {
+    on_runtime!(softmax_rows_on::<B>(scores, mask, bias, product, keep_f32), scores)
 }
+
+/// Values per thread above which a row is read in a loop instead of held in registers.
+const SOFTMAX_HELD_MAX: usize = 32;
 
 fn softmax_rows_on<B: Backend, R: CubeRuntime>(
     scores: Tensor<B, 4>,
     mask: Option<&Tensor<B, 4>>,
     bias: Option<&Tensor<B, 4>>,
     product: DType,
-) -> Result<(Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4>> {
+    keep_f32: bool,
+) -> Result<(Option<Tensor<B, 4>>, Tensor<B, 4>), Tensor<B, 4>> {
     let dims = scores.dims();
     let [b, h, r, n] = dims;
     let mut dtypes = vec![scores.dtype(), product];
     dtypes.extend(mask.map(|m| m.dtype()));
     dtypes.extend(bias.map(|m| m.dtype()));
-    let shapes_fit = mask.is_none_or(|m| m.dims() == dims) && bias.is_none_or(|x| x.dims() == [b, h, 1, n]);
-    if !floats(&dtypes) || !shapes_fit || b * h * r == 0 || n == 0 {
+    // Rows of the scores per mask row period: every row its own, or a chunk's rows repeated.
+    let mask_rows = match mask.map(|m| m.dims()) {
+        None => Some(1),
+        Some(d) if d == dims => Some(b * h * r),
+        Some([1, 1, m, mn]) if mn == n && m > 0 && r.is_multiple_of(m) => Some(m),
+        Some(_) => None,
+    };
+    let shapes_fit = mask_rows.is_some() && bias.is_none_or(|x| x.dims() == [b, h, 1, n]);
+    let rows = b * h * r;
+    if !floats(&dtypes)
+        || !shapes_fit
+        || rows == 0
+        || n == 0
+        || rows > u32::MAX as usize
+        || rows * n > u32::MAX as usize
+    {
         return Err(scores);
     }
+    let mask_rows = mask_rows.unwrap_or(1);
     let scores = cube(scores);
     let f32_input = |t: Option<&Tensor<B, 4>>| t.map(|t| cube(t.clone().cast(DType::F32)));
     let (mask, bias) = (f32_input(mask), f32_input(bias));
-    let probs = empty_like(&scores, dims.to_vec(), DType::F32);
     let write_product = product != DType::F32;
-    let probs_product = if write_product {
-        empty_like(&scores, dims.to_vec(), product)
-    } else {
-        probs.clone()
-    };
-    // Absent inputs get a stand-in the kernel never reads.
+    let write_f32 = keep_f32 || !write_product;
+    // Absent inputs and outputs get a stand-in the kernel never touches.
     let stand_in = || empty_like(&scores, vec![1], DType::F32);
+    let probs = match write_f32 {
+        true => empty_like(&scores, dims.to_vec(), DType::F32),
+        false => stand_in(),
+    };
+    let probs_product = match write_product {
+        true => empty_like(&scores, dims.to_vec(), product),
+        false => probs.clone(),
+    };
+    let product_arg = match write_product {
+        true => probs_product.clone(),
+        false => stand_in(),
+    };
     let (has_mask, has_bias) = (mask.is_some(), bias.is_some());
     let dtypes = [scores.dtype.into(), DType::F32.into(), product.into()];
-    let product_arg = if write_product {
-        probs_product.clone()
-    } else {
-        empty_like(&scores, vec![1], DType::F32)
-    };
-    kernels::softmax_rows::launch::<R>(
-        &scores.client.clone(),
-        CubeCount::Static((b * h * r) as u32, 1, 1),
-        CubeDim::new_1d(ROW_BLOCK),
+    let client = scores.client.clone();
+    let (count, dim) = (CubeCount::Static(rows as u32, 1, 1), CubeDim::new_1d(ROW_BLOCK));
+    let (scores_arg, mask_arg, bias_arg, probs_arg) = (
         scores.clone().into_tensor_arg(),
         mask.unwrap_or_else(stand_in).into_tensor_arg(),
         bias.unwrap_or_else(stand_in).into_tensor_arg(),
         probs.clone().into_tensor_arg(),
-        product_arg.into_tensor_arg(),
-        n as u32,
-        r as u32,
-        has_mask,
-        has_bias,
-        write_product,
-        dtypes,
     );
-    Ok((tensor(probs), tensor(probs_product)))
+    let held = n.div_ceil(ROW_BLOCK as usize).next_power_of_two();
+    match held <= SOFTMAX_HELD_MAX {
+        true => kernels::softmax_rows_held::launch::<R>(
+            &client,
+            count,
+            dim,
+            scores_arg,
+            mask_arg,
+            bias_arg,
+            probs_arg,
+            product_arg.into_tensor_arg(),
+            n as u32,
+            r as u32,
+            mask_rows as u32,
+            held,
+            has_mask,
+            has_bias,
+            write_f32,
+            write_product,
+            dtypes,
+        ),
+        false => kernels::softmax_rows::launch::<R>(
+            &client,
+            count,
+            dim,
+            scores_arg,
+            mask_arg,
+            bias_arg,
+            probs_arg,
+            product_arg.into_tensor_arg(),
+            n as u32,
+            r as u32,
+            mask_rows as u32,
+            has_mask,
+            has_bias,
+            write_f32,
+            write_product,
+            dtypes,
+        ),
+    }
+    let probs_product = tensor(probs_product);
+    let probs = match (keep_f32, write_product) {
+        (false, _) => None,
+        (true, true) => Some(tensor(probs)),
+        (true, false) => Some(probs_product.clone()),
+    };
+    Ok((probs, probs_product))
 }
 
 /// Splits a stacked q|k|v projection `[batch, s, (hq + 2·hkv)·d]` into heads-first q

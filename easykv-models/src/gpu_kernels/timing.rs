@@ -302,9 +302,11 @@ pub fn time_kernels<B: Backend>(dtype: DType, slots: &[usize], device: &B::Devic
             us,
             kv_bytes,
         );
-        let us = time::<B, _>(device, reps, || launch::softmax_rows(scores.clone(), None, None, dtype));
+        let us = time::<B, _>(device, reps, || {
+            launch::softmax_rows(scores.clone(), None, None, dtype, true)
+        });
         push("softmax", format!("{heads} heads × {n} slots"), None, us, None);
-        let Ok((_, probs)) = launch::softmax_rows(scores, None, None, dtype) else {
+        let Ok((_, probs)) = launch::softmax_rows(scores, None, None, dtype, true) else {
             break;
         };
         for splits in [1u32, 4, 8, 16, 0] {
@@ -420,34 +422,36 @@ pub fn time_prefill<B: Backend>(dtype: DType, rows: usize, device: &B::Device) -
         Some(2.0 * square * d as f64),
         None,
     );
+    // The chunk's causal mask as the model hands it to the kernel: `[1, 1, s, n]`, its rows
+    // read for every head.
     let causal = Tensor::<B, 2>::ones([rows, rows], device)
         .triu(1)
         .mul_scalar(f32::NEG_INFINITY)
-        .reshape([1, 1, rows, rows])
-        .repeat(&[1, heads, 1, 1]);
+        .reshape([1, 1, rows, rows]);
     let scores = scores_of();
-    let softmax = || launch::softmax_rows(scores.clone(), Some(&causal), None, dtype);
-    if softmax().is_ok() {
-        let us = time::<B, _>(device, reps, softmax);
-        // Scores and mask read, f32 and product probabilities written.
-        let moved = square * (bytes + 4.0 + 4.0 + bytes);
-        push("softmax + mask (kernel)", shape.clone(), us, None, Some(moved));
+    for observed in [false, true] {
+        let softmax = || launch::softmax_rows(scores.clone(), Some(&causal), None, dtype, observed);
+        if softmax().is_ok() {
+            let us = time::<B, _>(device, reps, softmax);
+            // Scores read, probabilities written (in f32 too where observed).
+            let moved = square * (2.0 * bytes + if observed { 4.0 } else { 0.0 });
+            let what = match observed {
+                true => "softmax + mask, f32 kept (kernel)",
+                false => "softmax + mask (kernel)",
+            };
+            push(what, shape.clone(), us, None, Some(moved));
+        }
     }
-    let (probs, product_probs) = match softmax() {
-        Ok(p) => p,
-        Err(_) => {
-            let p = burn::tensor::activation::softmax(scores.clone().cast(DType::F32) + causal.clone(), 3);
+    let (probs, product_probs) = match launch::softmax_rows(scores.clone(), Some(&causal), None, dtype, true) {
+        Ok((Some(p), q)) => (p, q),
+        _ => {
+            let full = causal.clone().repeat_dim(1, heads);
+            let p = burn::tensor::activation::softmax(scores.clone().cast(DType::F32) + full, 3);
             (p.clone(), p.cast(dtype))
         }
     };
     let us = time::<B, _>(device, reps, || probs.clone().sum_dim(2));
-    push(
-        "observe: sum over queries (burn)",
-        shape.clone(),
-        us,
-        None,
-        Some(square * 4.0),
-    );
+    push("observe: sum over queries (burn)", shape.clone(), us, None, Some(square * 4.0));
     let us = time::<B, _>(device, reps, || product_probs.clone().matmul(v_used.clone()));
     push(
         "values P·V (burn matmul)",

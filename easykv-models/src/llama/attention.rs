@@ -309,11 +309,21 @@ impl<B: Backend> Attention<B> {
         // Kernels read the cache's buffers in place; burn's products need the slots in use
         // cut out (StreamingLLM: keys are stored unrotated and rotated by their slot index).
         let in_place = slot_angles.is_none() && product == kv_dtype;
+        let observed = cache.wants_attention(layer) || cache.slot_bias(layer).is_some();
+        // A whole prompt in one chunk that nobody observes (the causal mask then hides exactly
+        // the future): fused attention, the scores never written out.
+        let q = match in_place && n == s && self.window == 0 && !observed {
+            true => match ops::prompt_attention(p, q.cast(product), &cached.keys, &cached.values) {
+                Ok(out) => return Ok(out.cast(activation)),
+                Err(q) => q,
+            },
+            false => q,
+        };
         // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
         // repeating K and V.
         let q = q.reshape([b, hkv, g * s, d]).cast(product);
         // Nothing to mask and nobody observing: one pass that never writes the scores out.
-        let q = match in_place && mask.is_none() && !cache.wants_attention(layer) && cache.slot_bias(layer).is_none() {
+        let q = match in_place && mask.is_none() && !observed {
             true => match ops::decode_attention(p, q, &cached.keys, &cached.values, n) {
                 Ok(out) => return Ok(out.cast(activation).reshape([b, hq, s, d])),
                 Err(q) => q,
@@ -334,8 +344,9 @@ impl<B: Backend> Attention<B> {
         };
         // Slots the cache evicted but has not compacted away yet.
         let bias = cache.slot_bias(layer);
-        let (probs, product_probs) = ops::attention_softmax(p, scores, mask, bias.as_ref(), product);
-        if cache.wants_attention(layer) {
+        let wants = cache.wants_attention(layer);
+        let (probs, product_probs) = ops::attention_softmax(p, scores, mask, bias.as_ref(), product, wants);
+        if let Some(probs) = probs {
             let grouped = match g {
                 1 => probs,
                 _ => probs.reshape([b, hkv, g, s, n]).mean_dim(2).reshape([b, hkv, s, n]),

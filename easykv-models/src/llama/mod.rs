@@ -190,9 +190,9 @@ impl<B: Backend> Llama<B> {
         Ok(start)
     }
 
-    /// The additive mask of `s` new queries over `slots` slots, in the scores' shape
-    /// `[batch, kv_heads, group·s, slots]`: causal, plus the sliding window of windowed models;
-    /// `None` when it hides nothing.
+    /// The additive mask of `s` new queries over `slots` slots in the shape attention takes it
+    /// ([`ops::chunk_mask`]): causal, plus the sliding window of windowed models; `None` when it
+    /// hides nothing.
     fn attention_mask(&self, b: usize, s: usize, slots: usize, device: &B::Device) -> Option<Tensor<B, 4>> {
         let rows = self.layers.first().map_or(1, |l| l.attn.n_heads);
         let heads = self.layers.first().map_or(1, |l| l.attn.n_kv_heads);
@@ -201,11 +201,8 @@ impl<B: Backend> Llama<B> {
         if s == 1 && (window == 0 || slots <= window) {
             return None;
         }
-        let mask = causal_mask::<B>(s, slots, window, device)
-            .reshape([1, 1, s, slots])
-            .repeat(&[b, rows, 1, 1])
-            .reshape([b, heads, rows / heads * s, slots]);
-        Some(mask)
+        let mask = causal_mask::<B>(s, slots, window, device);
+        Some(ops::chunk_mask(&self.profile, mask, b, (rows, heads)))
     }
 
     /// Runs consecutive chunks of tokens through the model, evicting between chunks exactly as

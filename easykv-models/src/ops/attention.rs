@@ -144,6 +144,61 @@ pub fn decode_attention_batch<B: Backend>(
     }
 }
 
+/// `softmax(q·keysᵀ + causal mask)·values` of a whole prompt — `s` queries over the `s`
+/// slots they fill, nothing cached before them — by burn's fused (flash) attention, which
+/// never writes the scores out; `q` back where it does not run (no cube backend, one query,
+/// f32, whose fused products would run as TF32).
+///
+/// # Shapes
+/// - `q`: `[batch, heads, s, d]`, scaled by 1/√d; `keys`, `values`: `[batch, kv_heads,
+///   capacity, d]`, their first `s` slots in use → `[batch, heads, s, d]`
+pub fn prompt_attention<B: Backend>(
+    p: &BackendProfile,
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    cube!(p, Kernel::Flash, q => fused_causal(q, keys, values))
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn fused_causal<B: Backend>(
+    q: Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let [b, hq, s, d] = q.dims();
+    let [kb, hkv, capacity, kd] = keys.dims();
+    let fits = kb == b && kd == d && values.dims() == keys.dims() && capacity >= s && hkv > 0 && hq % hkv == 0;
+    if !fits || s < 2 || q.dtype() == DType::F32 || q.dtype() != keys.dtype() || q.dtype() != values.dtype() {
+        return Err(q);
+    }
+    // Query heads h·g..h·g+g share KV head h: the kernel takes as many KV heads as queries.
+    let heads = |t: &Tensor<B, 4>| {
+        let t = t.clone().slice_dim(2, 0..s);
+        match hq / hkv {
+            1 => t,
+            g => t.unsqueeze_dim::<5>(2).repeat_dim(2, g).reshape([b, hq, s, d]),
+        }
+    };
+    // The kernel scales by 1/√d itself (a scale of its own would send burn to its unfused
+    // path); the queries arrive scaled.
+    let q = q.mul_scalar((d as f64).sqrt());
+    let options = burn::tensor::ops::AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    Ok(burn::tensor::module::attention(
+        q,
+        heads(keys),
+        heads(values),
+        None,
+        None,
+        options,
+    ))
+}
+
 /// Attention scores `q·keysᵀ` over the first `slots` slots of `keys`.
 ///
 /// `buffers`: `keys` are the cache's buffers (`[batch, kv_heads, capacity, d]`, `slots` of
@@ -196,35 +251,76 @@ fn first_slots<B: Backend>(t: &Tensor<B, 4>, slots: usize) -> Tensor<B, 4> {
     }
 }
 
-/// Softmax over the slots of attention `scores` plus the additive `mask` (the scores' shape)
-/// and slot `bias` (`[batch, kv_heads, 1, slots]`, repeated over the rows): the probabilities
-/// in f32 (what the cache observes) and in `product` (what multiplies the values).
+/// Softmax over the slots of attention `scores` plus the additive `mask` (the scores' shape,
+/// or a chunk's `[1, 1, s, slots]` for every head and query group — see [`chunk_mask`]) and
+/// slot `bias` (`[batch, kv_heads, 1, slots]`, repeated over the rows): the probabilities in
+/// `product` (what multiplies the values) and, when `observed`, in f32 (what the cache
+/// observes).
 ///
 /// # Shapes
-/// - `scores`: `[batch, kv_heads, rows, slots]` → twice the same
+/// - `scores`: `[batch, kv_heads, rows, slots]` → the same
 pub fn attention_softmax<B: Backend>(
     p: &BackendProfile,
     scores: Tensor<B, 4>,
     mask: Option<&Tensor<B, 4>>,
     bias: Option<&Tensor<B, 4>>,
     product: DType,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let scores = match cube!(p, Kernel::Softmax, scores => crate::gpu_kernels::launch::softmax_rows(scores, mask, bias, product))
+    observed: bool,
+) -> (Option<Tensor<B, 4>>, Tensor<B, 4>) {
+    let scores = match cube!(p, Kernel::Softmax, scores => crate::gpu_kernels::launch::softmax_rows(scores, mask, bias, product, observed))
     {
         Ok(probs) => return probs,
         Err(scores) => scores.cast(DType::F32),
     };
-    let rows = scores.dims()[2];
-    // The mask has the scores' full shape: flex adds equal shapes far faster than it broadcasts.
+    let dims = scores.dims();
+    let rows = dims[2];
     let scores = match mask {
-        Some(m) => scores + m.clone(),
+        // Repeated to the scores' shape: flex adds equal shapes far faster than it broadcasts.
+        Some(m) => scores + full_mask(m, dims),
         None => scores,
     };
     let scores = match bias {
-        // Repeated to the scores' shape: flex adds equal shapes ~30× faster than it broadcasts.
         Some(bias) => scores + bias.clone().repeat_dim(2, rows),
         None => scores,
     };
     let probs = super::softmax_last(p, scores);
-    (probs.clone(), probs.cast(product))
+    (observed.then(|| probs.clone()), probs.cast(product))
+}
+
+/// A mask in the scores' shape `dims`: itself, or a chunk's `[1, 1, s, slots]` repeated over
+/// batches, heads and query groups (rows `g·s` per head).
+fn full_mask<B: Backend>(mask: &Tensor<B, 4>, dims: [usize; 4]) -> Tensor<B, 4> {
+    let [b, h, r, n] = dims;
+    match mask.dims() {
+        d if d == dims => mask.clone(),
+        [_, _, s, _] => mask
+            .clone()
+            .reshape([1, 1, s, n])
+            .repeat(&[b, h * (r / s.max(1)), 1, 1])
+            .reshape(dims),
+    }
+}
+
+/// The additive mask of a chunk of `s` queries over `slots` slots whose last `s` are the
+/// chunk's (`rows`: `[s, slots]`, 0 or −∞) in the shape attention takes it: as it is,
+/// `[1, 1, s, slots]`, where the softmax kernel runs (it reads a chunk's rows for every head
+/// and query group); repeated to the scores' `[batch, kv_heads, group·s, slots]` elsewhere
+/// (flex adds equal shapes far faster than it broadcasts: once per chunk, not per layer).
+pub fn chunk_mask<B: Backend>(
+    p: &BackendProfile,
+    rows: Tensor<B, 2>,
+    batch: usize,
+    heads: (usize, usize),
+) -> Tensor<B, 4> {
+    let [s, slots] = rows.dims();
+    let (q_heads, kv_heads) = heads;
+    let compact = rows.reshape([1, 1, s, slots]);
+    match p.runs(Kernel::Softmax) && !p.host_resident() {
+        true => compact,
+        false => {
+            compact
+                .repeat(&[batch, q_heads, 1, 1])
+                .reshape([batch, kv_heads, q_heads / kv_heads.max(1) * s, slots])
+        }
+    }
 }
