@@ -39,13 +39,13 @@ def main():
         x = torch.randn(n, inp, device=dev, dtype=dt) * 0.02
         w = torch.randn(out, inp, device=dev, dtype=dt) * 0.02
         us = timed(lambda: x @ w.t())
-        print(f"{'torch matmul ' + name + ', W [out, in]':<36} {f'{n} × [{out}, {inp}]':<28} {us:>10.1} {2 * n * out * inp / us / 1e6:>9.1}")
+        print(f"{'torch matmul ' + name + ', W [out, in]':<36} {f'{n} × [{out}, {inp}]':<28} {us:>10.1f} {2 * n * out * inp / us / 1e6:>9.1f}")
     h, d = 32, 128
     q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=dt) for _ in range(3))
     us = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
-    print(f"{'torch sdpa (causal)':<36} {f'{h} heads × {n} × {n}':<28} {us:>10.1} {2 * h * n * n * d / us / 1e6:>9.1}")
+    print(f"{'torch sdpa (causal)':<36} {f'{h} heads × {n} × {n}':<28} {us:>10.1f} {2 * h * n * n * d / us / 1e6:>9.1f}")
     us = timed(lambda: q @ k.transpose(2, 3))
-    print(f"{'torch scores q·Kᵀ':<36} {f'{h} heads × {n} × {n}':<28} {us:>10.1} {2 * h * n * n * d / us / 1e6:>9.1}")
+    print(f"{'torch scores q·Kᵀ':<36} {f'{h} heads × {n} × {n}':<28} {us:>10.1f} {2 * h * n * n * d / us / 1e6:>9.1f}")
     if args.model:
         from transformers import LlamaConfig, LlamaForCausalLM
         cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -56,7 +56,7 @@ def main():
         ids = torch.randint(0, 32000, (1, n), device=dev)
         with torch.no_grad():
             us = timed(lambda: model(ids, logits_to_keep=1), reps=5)
-        print(f"{'HF transformers prefill (sdpa)':<36} {f'{n} tokens':<28} {us:>10.1} {'':>9}")
+        print(f"{'HF transformers prefill (sdpa)':<36} {f'{n} tokens':<28} {us:>10.1f} {'':>9}")
 
 
 if __name__ == "__main__":
