@@ -70,7 +70,7 @@ pub struct ModelArgs {
 pub struct KernelArgs {
     /// GPU kernels allowed to run: all, none, a list (gemv,softmax) or all but a list
     /// (-gemv,-softmax). Names: matmul, rows, gather, observe, rms_norm, softmax, swiglu,
-    /// split_rope, gemv, attention, rank, flash.
+    /// split_rope, gemv, attention, rank.
     #[arg(long, default_value = "all", value_parser = parse_kernels)]
     pub kernels: KernelSet,
     /// GEMV launch shape ROWS,PLANE,NORM: output rows per cube (1–8), plane reduction (0/1),

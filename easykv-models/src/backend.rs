@@ -32,13 +32,10 @@ pub enum Kernel {
     Attention,
     /// Ranking slots for eviction.
     Rank,
-    /// A whole prompt's attention that nobody observes by burn's fused (flash) attention,
-    /// never writing the scores out.
-    Flash,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Matmul,
         Kernel::Rows,
         Kernel::Gather,
@@ -50,7 +47,6 @@ impl Kernel {
         Kernel::Gemv,
         Kernel::Attention,
         Kernel::Rank,
-        Kernel::Flash,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,7 +62,6 @@ impl Kernel {
             Kernel::Gemv => "gemv",
             Kernel::Attention => "attention",
             Kernel::Rank => "rank",
-            Kernel::Flash => "flash",
         }
     }
 

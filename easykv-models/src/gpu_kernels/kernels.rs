@@ -80,97 +80,40 @@ pub fn rms_norm<F: Float, W: Float, A: Float>(
     }
 }
 
-/// Softmax of each row of `n` scores (cube = row), after adding an optional mask (score row
-/// `r` takes mask row `r % mask_rows`) and an optional bias shared by `rows_per_bias`
-/// consecutive rows. Writes the probabilities in `A` when `write_f32` and in `P` when
-/// `write_product` (the precision the next product runs in). A row with nothing visible
-/// becomes zeros.
-#[cube(launch)]
+/// Score `at` of a row plus its mask and bias where given.
+#[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn softmax_rows<F: Float, A: Float, P: Float>(
+fn masked_score<F: Float, A: Float>(
     scores: &Tensor<F>,
     mask: &Tensor<A>,
     bias: &Tensor<A>,
-    probs: &mut Tensor<A>,
-    probs_product: &mut Tensor<P>,
-    n: u32,
-    rows_per_bias: u32,
-    mask_rows: u32,
+    base: usize,
+    mask_base: usize,
+    bias_base: usize,
+    at: usize,
     #[comptime] has_mask: bool,
     #[comptime] has_bias: bool,
-    #[comptime] write_f32: bool,
-    #[comptime] write_product: bool,
-    #[define(F, A, P)] _dtypes: [StorageType; 3],
-) {
-    let len = n as usize;
-    let row = CUBE_POS_X as usize;
-    let base = row * len;
-    let mask_base = (CUBE_POS_X % mask_rows) as usize * len;
-    let bias_base = (CUBE_POS_X / rows_per_bias) as usize * len;
-    let tid = UNIT_POS_X as usize;
-    // Below every finite score; a row whose maximum stays here shows nothing.
-    let floor = A::new(-3.0e38);
-    let mut m = floor;
-    let mut i = tid;
-    while i < len {
-        let mut v = A::cast_from(scores[base + i]);
-        if has_mask {
-            v += mask[mask_base + i];
-        }
-        if has_bias {
-            v += bias[bias_base + i];
-        }
-        if v > m {
-            m = v;
-        }
-        i += 256usize;
+) -> A {
+    let mut v = A::cast_from(scores[base + at]);
+    if has_mask {
+        v += mask[mask_base + at];
     }
-    let max = cube_max::<A>(m);
-    let visible = max > A::new(-1.0e38);
-    let mut acc = A::new(0.0);
-    let mut j = tid;
-    while j < len {
-        let mut v = A::cast_from(scores[base + j]);
-        if has_mask {
-            v += mask[mask_base + j];
-        }
-        if has_bias {
-            v += bias[bias_base + j];
-        }
-        acc += (v - max).exp();
-        j += 256usize;
+    if has_bias {
+        v += bias[bias_base + at];
     }
-    let sum = cube_sum::<A>(acc);
-    let mut k = tid;
-    while k < len {
-        let mut v = A::cast_from(scores[base + k]);
-        if has_mask {
-            v += mask[mask_base + k];
-        }
-        if has_bias {
-            v += bias[bias_base + k];
-        }
-        let mut p = A::new(0.0);
-        if visible {
-            p = (v - max).exp() / sum;
-        }
-        if write_f32 {
-            probs[base + k] = p;
-        }
-        if write_product {
-            probs_product[base + k] = P::cast_from(p);
-        }
-        k += 256usize;
-    }
+    v
 }
 
-/// [`softmax_rows`] for rows of at most `256·held` values, each read once into the threads'
-/// registers (the loop kernel reads every row three times). The mask's row of score row `r`
-/// is row `r % mask_rows` (a chunk's `[s, n]` causal mask serves every head and query group);
-/// `write_f32`: also write the probabilities in `A` (what a cache observes).
+/// Softmax of each row of `n` scores (cube = row of 256 threads), after adding an optional mask
+/// (score row `r` takes mask row `r % mask_rows`: a chunk's `[s, n]` causal mask serves every
+/// head and query group) and an optional bias shared by `rows_per_bias` consecutive rows.
+/// Writes the probabilities in `A` when `write_f32` (what a cache observes) and in `P` when
+/// `write_product` (the precision the next product runs in). A row with nothing visible
+/// becomes zeros. With `held` > 0 (rows of at most `256·held` scores) each thread keeps its
+/// `held` values in registers and the row is read once; with 0 it is read three times.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn softmax_rows_held<F: Float, A: Float, P: Float>(
+pub fn softmax_rows<F: Float, A: Float, P: Float>(
     scores: &Tensor<F>,
     mask: &Tensor<A>,
     bias: &Tensor<A>,
@@ -187,60 +130,101 @@ pub fn softmax_rows_held<F: Float, A: Float, P: Float>(
     #[define(F, A, P)] _dtypes: [StorageType; 3],
 ) {
     let len = n as usize;
-    let row = CUBE_POS_X as usize;
-    let base = row * len;
+    let base = CUBE_POS_X as usize * len;
     let mask_base = (CUBE_POS_X % mask_rows) as usize * len;
     let bias_base = (CUBE_POS_X / rows_per_bias) as usize * len;
     let tid = UNIT_POS_X as usize;
     // Below every finite score; a row whose maximum stays here shows nothing.
     let floor = A::new(-3.0e38);
-    let mut values = Array::<A>::new(held);
+    let mut values = Array::<A>::new(comptime![if held > 0 { held } else { 1usize }]);
     let mut m = floor;
-    #[unroll]
-    for k in 0..held {
-        let i = tid + k * 256usize;
-        let mut v = floor;
-        if i < len {
-            v = A::cast_from(scores[base + i]);
-            if has_mask {
-                v += mask[mask_base + i];
+    if comptime![held > 0] {
+        #[unroll]
+        for k in 0..held {
+            let i = tid + k * 256usize;
+            let mut v = floor;
+            if i < len {
+                v = masked_score::<F, A>(scores, mask, bias, base, mask_base, bias_base, i, has_mask, has_bias);
             }
-            if has_bias {
-                v += bias[bias_base + i];
+            values[k] = v;
+            if v > m {
+                m = v;
             }
         }
-        values[k] = v;
-        if v > m {
-            m = v;
+    } else {
+        let mut i = tid;
+        while i < len {
+            let v = masked_score::<F, A>(scores, mask, bias, base, mask_base, bias_base, i, has_mask, has_bias);
+            if v > m {
+                m = v;
+            }
+            i += 256usize;
         }
     }
     let max = cube_max::<A>(m);
     let visible = max > A::new(-1.0e38);
     let mut acc = A::new(0.0);
-    #[unroll]
-    for k in 0..held {
-        let e = (values[k] - max).exp();
-        values[k] = e;
-        if tid + k * 256usize < len {
-            acc += e;
+    if comptime![held > 0] {
+        #[unroll]
+        for k in 0..held {
+            let e = (values[k] - max).exp();
+            values[k] = e;
+            if tid + k * 256usize < len {
+                acc += e;
+            }
+        }
+    } else {
+        let mut j = tid;
+        while j < len {
+            acc += (masked_score::<F, A>(scores, mask, bias, base, mask_base, bias_base, j, has_mask, has_bias) - max)
+                .exp();
+            j += 256usize;
         }
     }
     let sum = cube_sum::<A>(acc);
-    #[unroll]
-    for k in 0..held {
-        let i = tid + k * 256usize;
-        if i < len {
-            let mut p = A::new(0.0);
-            if visible {
-                p = values[k] / sum;
-            }
-            if write_f32 {
-                probs[base + i] = p;
-            }
-            if write_product {
-                probs_product[base + i] = P::cast_from(p);
+    // Nothing visible: zeros (the exponentials are then meaningless).
+    let scale = if visible { A::new(1.0) / sum } else { A::new(0.0) };
+    if comptime![held > 0] {
+        #[unroll]
+        for k in 0..held {
+            let i = tid + k * 256usize;
+            if i < len {
+                write_probability::<A, P>(
+                    probs,
+                    probs_product,
+                    base + i,
+                    values[k] * scale,
+                    write_f32,
+                    write_product,
+                );
             }
         }
+    } else {
+        let mut i = tid;
+        while i < len {
+            let e = (masked_score::<F, A>(scores, mask, bias, base, mask_base, bias_base, i, has_mask, has_bias) - max)
+                .exp();
+            write_probability::<A, P>(probs, probs_product, base + i, e * scale, write_f32, write_product);
+            i += 256usize;
+        }
+    }
+}
+
+/// A probability written in f32 and/or the product's precision.
+#[cube]
+fn write_probability<A: Float, P: Float>(
+    probs: &mut Tensor<A>,
+    probs_product: &mut Tensor<P>,
+    at: usize,
+    p: A,
+    #[comptime] write_f32: bool,
+    #[comptime] write_product: bool,
+) {
+    if write_f32 {
+        probs[at] = p;
+    }
+    if write_product {
+        probs_product[at] = P::cast_from(p);
     }
 }
 

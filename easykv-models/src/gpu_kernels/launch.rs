@@ -232,46 +232,30 @@ fn softmax_rows_on<B: Backend, R: CubeRuntime>(
         bias.unwrap_or_else(stand_in).into_tensor_arg(),
         probs.clone().into_tensor_arg(),
     );
-    let held = n.div_ceil(ROW_BLOCK as usize).next_power_of_two();
-    match held <= SOFTMAX_HELD_MAX {
-        true => kernels::softmax_rows_held::launch::<R>(
-            &client,
-            count,
-            dim,
-            scores_arg,
-            mask_arg,
-            bias_arg,
-            probs_arg,
-            product_arg.into_tensor_arg(),
-            n as u32,
-            r as u32,
-            mask_rows as u32,
-            held,
-            has_mask,
-            has_bias,
-            write_f32,
-            write_product,
-            dtypes,
-        ),
-        false => kernels::softmax_rows::launch::<R>(
-            &client,
-            count,
-            dim,
-            scores_arg,
-            mask_arg,
-            bias_arg,
-            probs_arg,
-            product_arg.into_tensor_arg(),
-            n as u32,
-            r as u32,
-            mask_rows as u32,
-            has_mask,
-            has_bias,
-            write_f32,
-            write_product,
-            dtypes,
-        ),
-    }
+    // Rows short enough are held in registers (read once); longer ones are read in a loop.
+    let held = match n.div_ceil(ROW_BLOCK as usize).next_power_of_two() {
+        h if h <= SOFTMAX_HELD_MAX => h,
+        _ => 0,
+    };
+    kernels::softmax_rows::launch::<R>(
+        &client,
+        count,
+        dim,
+        scores_arg,
+        mask_arg,
+        bias_arg,
+        probs_arg,
+        product_arg.into_tensor_arg(),
+        n as u32,
+        r as u32,
+        mask_rows as u32,
+        held,
+        has_mask,
+        has_bias,
+        write_f32,
+        write_product,
+        dtypes,
+    );
     let probs_product = tensor(probs_product);
     let probs = match (keep_f32, write_product) {
         (false, _) => None,

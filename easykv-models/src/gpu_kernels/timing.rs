@@ -451,7 +451,13 @@ pub fn time_prefill<B: Backend>(dtype: DType, rows: usize, device: &B::Device) -
         }
     };
     let us = time::<B, _>(device, reps, || probs.clone().sum_dim(2));
-    push("observe: sum over queries (burn)", shape.clone(), us, None, Some(square * 4.0));
+    push(
+        "observe: sum over queries (burn)",
+        shape.clone(),
+        us,
+        None,
+        Some(square * 4.0),
+    );
     let us = time::<B, _>(device, reps, || product_probs.clone().matmul(v_used.clone()));
     push(
         "values P·V (burn matmul)",

@@ -310,15 +310,6 @@ impl<B: Backend> Attention<B> {
         // cut out (StreamingLLM: keys are stored unrotated and rotated by their slot index).
         let in_place = slot_angles.is_none() && product == kv_dtype;
         let observed = cache.wants_attention(layer) || cache.slot_bias(layer).is_some();
-        // A whole prompt in one chunk that nobody observes (the causal mask then hides exactly
-        // the future): fused attention, the scores never written out.
-        let q = match in_place && n == s && self.window == 0 && !observed {
-            true => match ops::prompt_attention(p, q.cast(product), &cached.keys, &cached.values) {
-                Ok(out) => return Ok(out.cast(activation)),
-                Err(q) => q,
-            },
-            false => q,
-        };
         // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
         // repeating K and V.
         let q = q.reshape([b, hkv, g * s, d]).cast(product);

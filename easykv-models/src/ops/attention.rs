@@ -144,61 +144,6 @@ pub fn decode_attention_batch<B: Backend>(
     }
 }
 
-/// `softmax(q·keysᵀ + causal mask)·values` of a whole prompt — `s` queries over the `s`
-/// slots they fill, nothing cached before them — by burn's fused (flash) attention, which
-/// never writes the scores out; `q` back where it does not run (no cube backend, one query,
-/// f32, whose fused products would run as TF32).
-///
-/// # Shapes
-/// - `q`: `[batch, heads, s, d]`, scaled by 1/√d; `keys`, `values`: `[batch, kv_heads,
-///   capacity, d]`, their first `s` slots in use → `[batch, heads, s, d]`
-pub fn prompt_attention<B: Backend>(
-    p: &BackendProfile,
-    q: Tensor<B, 4>,
-    keys: &Tensor<B, 4>,
-    values: &Tensor<B, 4>,
-) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    cube!(p, Kernel::Flash, q => fused_causal(q, keys, values))
-}
-
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn fused_causal<B: Backend>(
-    q: Tensor<B, 4>,
-    keys: &Tensor<B, 4>,
-    values: &Tensor<B, 4>,
-) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
-    let [b, hq, s, d] = q.dims();
-    let [kb, hkv, capacity, kd] = keys.dims();
-    let fits = kb == b && kd == d && values.dims() == keys.dims() && capacity >= s && hkv > 0 && hq % hkv == 0;
-    if !fits || s < 2 || q.dtype() == DType::F32 || q.dtype() != keys.dtype() || q.dtype() != values.dtype() {
-        return Err(q);
-    }
-    // Query heads h·g..h·g+g share KV head h: the kernel takes as many KV heads as queries.
-    let heads = |t: &Tensor<B, 4>| {
-        let t = t.clone().slice_dim(2, 0..s);
-        match hq / hkv {
-            1 => t,
-            g => t.unsqueeze_dim::<5>(2).repeat_dim(2, g).reshape([b, hq, s, d]),
-        }
-    };
-    // The kernel scales by 1/√d itself (a scale of its own would send burn to its unfused
-    // path); the queries arrive scaled.
-    let q = q.mul_scalar((d as f64).sqrt());
-    let options = burn::tensor::ops::AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: true,
-    };
-    Ok(burn::tensor::module::attention(
-        q,
-        heads(keys),
-        heads(values),
-        None,
-        None,
-        options,
-    ))
-}
-
 /// Attention scores `q·keysᵀ` over the first `slots` slots of `keys`.
 ///
 /// `buffers`: `keys` are the cache's buffers (`[batch, kv_heads, capacity, d]`, `slots` of

@@ -11,8 +11,7 @@ mod product;
 
 pub use attention::{
     attention_scores, attention_softmax, attention_values, chunk_mask, decode_attention, decode_attention_batch,
-    decode_attention_pool, max_pool_tensor_bytes, pool_view, prompt_attention, split_rope, split_rope_into,
-    split_rope_pool,
+    decode_attention_pool, max_pool_tensor_bytes, pool_view, split_rope, split_rope_into, split_rope_pool,
 };
 pub use product::{product, product_into_logits, product_residual_scaling, product_with, RowNorm};
 
