@@ -153,6 +153,9 @@ fn swiglu_on<B: Backend, R: CubeRuntime, const D: usize>(x: Tensor<B, D>) -> Res
     Ok(tensor(out))
 }
 
+/// Attention probabilities: in f32 where kept, and in the product's precision.
+pub type Probabilities<B> = (Option<Tensor<B, 4>>, Tensor<B, 4>);
+
 /// Softmax over the last axis of attention scores `[batch, kv_heads, rows, slots]` (any float
 /// dtype), after adding `mask` and `bias` (`[batch, kv_heads, 1, slots]`, shared by a head's
 /// rows) where given. The mask has the scores' shape, or `[1, 1, m, slots]` with `m` dividing
@@ -165,7 +168,7 @@ pub fn softmax_rows<B: Backend>(
     bias: Option<&Tensor<B, 4>>,
     product: DType,
     keep_f32: bool,
-) -> Result<(Option<Tensor<B, 4>>, Tensor<B, 4>), Tensor<B, 4>> {
+) -> Result<Probabilities<B>, Tensor<B, 4>> {
     on_runtime!(softmax_rows_on::<B>(scores, mask, bias, product, keep_f32), scores)
 }
 
@@ -178,7 +181,7 @@ fn softmax_rows_on<B: Backend, R: CubeRuntime>(
     bias: Option<&Tensor<B, 4>>,
     product: DType,
     keep_f32: bool,
-) -> Result<(Option<Tensor<B, 4>>, Tensor<B, 4>), Tensor<B, 4>> {
+) -> Result<Probabilities<B>, Tensor<B, 4>> {
     let dims = scores.dims();
     let [b, h, r, n] = dims;
     let mut dtypes = vec![scores.dtype(), product];
