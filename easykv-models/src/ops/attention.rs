@@ -269,3 +269,42 @@ pub fn chunk_mask<B: Backend>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, TensorData};
+
+    use super::*;
+
+    /// A chunk's `[1, 1, s, n]` mask, where no kernel takes it, gives the probabilities of the
+    /// mask repeated to the scores' shape (two batches, two KV heads, groups of three query
+    /// heads: rows `3·s` per head); the f32 probabilities come back only when observed.
+    #[test]
+    fn a_chunks_mask_serves_every_head_and_group() {
+        let device = Default::default();
+        let p = BackendProfile::host();
+        let (b, hq, hkv, s, n) = (2, 6, 2, 3, 5);
+        let rows: Vec<f32> = (0..s * n)
+            .map(|i| match i % n > n - s + i / n {
+                true => f32::NEG_INFINITY,
+                false => 0.0,
+            })
+            .collect();
+        let rows = Tensor::<Flex, 2>::from_data(TensorData::new(rows, [s, n]), &device);
+        let full = chunk_mask(&p, rows.clone(), b, (hq, hkv));
+        assert_eq!(full.dims(), [b, hkv, hq / hkv * s, n]);
+        let compact = rows.reshape([1, 1, s, n]);
+        let scores = Tensor::<Flex, 4>::random([b, hkv, hq / hkv * s, n], Distribution::Normal(0.0, 2.0), &device);
+        let (want, _) = attention_softmax(&p, scores.clone(), Some(&full), None, DType::F32, true);
+        let (got, product) = attention_softmax(&p, scores.clone(), Some(&compact), None, DType::F32, true);
+        let (want, got) = (want.expect("observed"), got.expect("observed"));
+        got.into_data()
+            .assert_approx_eq::<f32>(&want.clone().into_data(), Default::default());
+        product
+            .into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), Default::default());
+        let (unobserved, _) = attention_softmax(&p, scores, Some(&compact), None, DType::F32, false);
+        assert!(unobserved.is_none());
+    }
+}
