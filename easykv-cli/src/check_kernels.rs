@@ -36,7 +36,7 @@ pub struct CheckKernelsArgs {
     /// With `--time`: time one 7B-shape layer's prefill operations on a chunk of this many
     /// tokens instead (products, attention's parts, burn's fused attention) and report the
     /// arithmetic rate reached.
-    #[arg(long, requires = "time", value_parser = clap::value_parser!(u32).range(1..=16384))]
+    #[arg(long, requires = "time", value_parser = clap::value_parser!(u32).range(1..=8192))]
     pub prefill: Option<u32>,
 }
 

@@ -424,9 +424,10 @@ pub fn time_prefill<B: Backend>(dtype: DType, rows: usize, device: &B::Device) -
     );
     // The chunk's causal mask as the model hands it to the kernel: `[1, 1, s, n]`, its rows
     // read for every head.
-    let causal = Tensor::<B, 2>::ones([rows, rows], device)
-        .triu(1)
-        .mul_scalar(f32::NEG_INFINITY)
+    // True past the diagonal (burn's lower-triangle mask marks what lies outside it).
+    let future = Tensor::<B, 2, Bool>::tril_mask([rows, rows], 0, device);
+    let causal = Tensor::<B, 2>::zeros([rows, rows], device)
+        .mask_fill(future, f32::NEG_INFINITY)
         .reshape([1, 1, rows, rows]);
     let scores = scores_of();
     for observed in [false, true] {
