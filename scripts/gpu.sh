@@ -25,6 +25,10 @@
 #                            of `easykv bench serve` sending one request each (SERVE_ROWS)
 #   scripts/gpu.sh hfbatch   HF transformers, 16 sequences of 4096 + NEW tokens at once with a
 #                            static cache (the batched baseline)
+#   scripts/gpu.sh ruler     the RULER-style evaluation of every policy at budgets 0.25 and 0.5 on
+#                            RULER_MODEL (a .gguf; the model must be on the machine) at 4,096
+#                            tokens, SAMPLES (50) per task, f16, into RULER_OUT (/tmp/ruler);
+#                            results.json is saved after every cell, so a cut run resumes there
 #
 # Several names run in order: `scripts/gpu.sh check table`.
 #
@@ -199,8 +203,11 @@ EOF2
               if (kv[1] == "layers_ms") l += kv[2]; if (kv[1] == "cache_ms") c += kv[2] } }
               END { printf "%d chunk records: layers %.1f ms, cache steps %.1f ms\n", n, l, c }'
       done ;;
+    ruler)
+      "$BIN/easykv" eval ruler --device "${DEV:-cuda}" --dtype f16 --model "${RULER_MODEL:?a .gguf file}" \
+        --lengths 4096 --samples "${SAMPLES:-50}" --mode once --budgets 0.25,0.5 --out "${RULER_OUT:-/tmp/ruler}" ;;
     *)
-      echo "unknown configuration '$config' (table, once, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve, prefill)"; exit 2 ;;
+      echo "unknown configuration '$config' (table, once, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve, prefill, ruler)"; exit 2 ;;
   esac
 done
 if [ -n "$OUT" ] && [ -d "$EASYKV_HOME/kernels" ]; then tar -C "$EASYKV_HOME" -cJf "$OUT/kernels.tar.xz" kernels; fi
