@@ -102,3 +102,54 @@ fn ruler_samples_are_seeded_fit_their_length_and_hold_their_answers() {
         }
     }
 }
+
+/// RULER prompts are exactly their length in tokens, chat template included, so every sample
+/// of a length has one shape (a GPU compiles kernels per shape). The padding is words of the
+/// haystack in front of the task's text, which stays whole.
+#[test]
+fn ruler_prompts_have_exactly_their_length() {
+    use easykv_models::eval::matrix::build_samples;
+    use easykv_models::eval::{pad_to_length, EvalSettings, Sample, RULER_TASKS};
+    let loaded = common::load_model("smollm2", WeightDType::F32);
+    let settings = EvalSettings {
+        tasks: RULER_TASKS.iter().map(|t| t.to_string()).collect(),
+        model: "smollm2".into(),
+        dtype: "f32".into(),
+        policies: Vec::new(),
+        budgets: vec!["0.5".into()],
+        mode: "once".into(),
+        stride: 8,
+        samples: 2,
+        lengths: vec![512, 2048],
+        depths: vec![0.5],
+        ppl_tokens: 64,
+        new_tokens: 8,
+        text_file: Some(common::shared("data/last_of_the_mohicans.txt").display().to_string()),
+        seed: 5,
+    };
+    let samples = build_samples(&loaded, &settings, &mut |_| {}).unwrap();
+    assert_eq!(samples.len(), RULER_TASKS.len() * 2 * 2);
+    for (task, name, sample) in &samples {
+        let Sample::Ruler { ids, .. } = sample else {
+            panic!("{task}: not a RULER sample")
+        };
+        let length: usize = name.split(' ').nth(1).unwrap().parse().unwrap();
+        assert_eq!(ids.len(), length, "{task} {name}");
+    }
+
+    let tok = &loaded.tokenizer;
+    let text = "Whither wilt thou lead me? Speak, I'll go no further. ".repeat(200);
+    let filler: Vec<&str> = text.split_whitespace().collect();
+    let mut render = |pad: &str| tok.encode(&format!("{pad}What is the special magic number?"));
+    let unpadded = render("").unwrap();
+    for length in [unpadded.len() + 8, 300, 1000] {
+        let ids = pad_to_length(&mut render, &filler, length).unwrap();
+        assert_eq!(ids.len(), length);
+        let text = tok.decode(&ids, false).unwrap();
+        assert!(text.ends_with("\n\nWhat is the special magic number?"), "{text}");
+    }
+    // A prompt already at or over the length is left as it is, and so is one that a word and
+    // the blank line after it would take past the length.
+    assert_eq!(pad_to_length(&mut render, &filler, 3).unwrap(), unpadded);
+    assert_eq!(pad_to_length(&mut render, &filler, unpadded.len() + 1).unwrap(), unpadded);
+}

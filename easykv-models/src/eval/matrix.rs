@@ -388,11 +388,17 @@ pub fn build_samples<B: Backend>(
                         // The haystack: a different play for each sample.
                         let (_, text) = &texts[i % texts.len()];
                         let r = crate::eval::ruler::ruler_sample(t, tok, text, len, &mut rng)?;
-                        let prompt = match &loaded.chat_template {
-                            Some(template) => template.render(&[ChatMessage::new("user", &r.question)], true)?,
-                            None => format!("{}\n", r.question),
+                        let filler = crate::eval::ruler::filler_words(text, len, &mut rng);
+                        let mut render = |pad: &str| -> Result<Vec<u32>> {
+                            let question = format!("{pad}{}", r.question);
+                            let prompt = match &loaded.chat_template {
+                                Some(template) => template.render(&[ChatMessage::new("user", &question)], true)?,
+                                None => format!("{question}\n"),
+                            };
+                            tok.encode(&format!("{prompt}{}", r.answer_prefix))
                         };
-                        let ids = tok.encode(&format!("{prompt}{}", r.answer_prefix))?;
+                        // Exactly `len` tokens: one shape for every sample of the length.
+                        let ids = crate::eval::ruler::pad_to_length(&mut render, &filler, len)?;
                         out.push((
                             task.clone(),
                             format!("len {len} #{i}"),

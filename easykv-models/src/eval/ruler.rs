@@ -124,6 +124,68 @@ fn haystack(tok: &TextTokenizer, text: &str, tokens: usize, inserts: &[String], 
     Ok(out)
 }
 
+/// `length` words of `text` from a random word on (wrapping around): what
+/// [`pad_to_length`] pads a prompt with.
+pub fn filler_words<'t>(text: &'t str, length: usize, rng: &mut StdRng) -> Vec<&'t str> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.is_empty() {
+        return Vec::new();
+    }
+    let start = rng.random_range(0..words.len());
+    words.iter().cycle().skip(start).take(length).copied().collect()
+}
+
+/// A prompt's ids padded to exactly `length` tokens with words of `filler` before the task's
+/// text: `render(pad)` gives the whole prompt's ids with `pad` (empty, or words and a blank
+/// line) at the start of the user's message. Every sample of one length then has one shape,
+/// so a GPU build compiles its kernels for the first sample only (each new sequence length
+/// costs compilations there: about a minute a sample for Qwen2.5-1.5B on an H100). A prompt
+/// already at or over `length`, or one no word brings exactly to it, comes back as the longest
+/// that fits.
+pub fn pad_to_length(
+    render: &mut dyn FnMut(&str) -> Result<Vec<u32>>,
+    filler: &[&str],
+    length: usize,
+) -> Result<Vec<u32>> {
+    let pad = |words: &[&str]| match words.is_empty() {
+        true => String::new(),
+        false => format!("{}\n\n", words.join(" ")),
+    };
+    let mut best = render("")?;
+    if best.len() >= length {
+        return Ok(best);
+    }
+    // A word is at least one token, so `length - tokens` words always reach the length; the
+    // most that fit, by bisection (tokens grow with words).
+    let words = &filler[..filler.len().min(length - best.len())];
+    let (mut lo, mut hi) = (0, words.len());
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        let ids = render(&pad(&words[..mid]))?;
+        if ids.len() <= length {
+            (lo, best) = (mid, ids);
+        } else {
+            hi = mid - 1;
+        }
+    }
+    // Then single words from further on, each kept if it stays within the length: the next
+    // word may take two tokens where one is missing.
+    let mut chosen = words[..lo].to_vec();
+    for &w in filler.iter().skip(lo + 1).take(256) {
+        if best.len() == length {
+            break;
+        }
+        chosen.push(w);
+        let ids = render(&pad(&chosen))?;
+        if ids.len() <= length {
+            best = ids;
+        } else {
+            chosen.pop();
+        }
+    }
+    Ok(best)
+}
+
 /// Tokens the fixed parts of a prompt take, so the haystack fills the rest of `length`.
 fn room(tok: &TextTokenizer, length: usize, fixed: &[&str]) -> Result<usize> {
     let taken: usize = fixed
