@@ -151,5 +151,8 @@ fn ruler_prompts_have_exactly_their_length() {
     // A prompt already at or over the length is left as it is, and so is one that a word and
     // the blank line after it would take past the length.
     assert_eq!(pad_to_length(&mut render, &filler, 3).unwrap(), unpadded);
-    assert_eq!(pad_to_length(&mut render, &filler, unpadded.len() + 1).unwrap(), unpadded);
+    assert_eq!(
+        pad_to_length(&mut render, &filler, unpadded.len() + 1).unwrap(),
+        unpadded
+    );
 }
