@@ -8,9 +8,11 @@
 //! (tested against running each cell alone).
 
 use burn::prelude::*;
+use burn::tensor::TensorCreationOptions;
 use easykv_core::{CachedKv, KvCache};
 
 use super::matrix::{decode_config, sample_prompt, scored_cell, Cell, EvalSettings, Sample, CHUNK};
+use crate::backend::BackendProfile;
 use crate::error::Result;
 use crate::generate::{decode_together, prefill, reserve_for};
 use crate::loader::LoadedModel;
@@ -55,6 +57,13 @@ impl<B: Backend> KvCache<B> for FanOut<B> {
         keys: Tensor<B, 4>,
         values: Tensor<B, 4>,
     ) -> easykv_core::Result<CachedKv<B>> {
+        // Host tensors: the chunk's keys and values arrive as strided views, which every
+        // cache would copy element by element; made contiguous once, each cache copies bytes.
+        let (keys, values) = match self.caches.len() > 1 && BackendProfile::detect::<B>(&keys.device()).host_resident()
+        {
+            true => (contiguous(keys), contiguous(values)),
+            false => (keys, values),
+        };
         let mut first = None;
         for cache in &mut self.caches {
             let cached = cache.append_in_place(layer, keys.clone(), values.clone())?;
@@ -127,6 +136,12 @@ impl<B: Backend> KvCache<B> for FanOut<B> {
     fn clear(&mut self) {
         self.caches.iter_mut().for_each(|c| c.clear());
     }
+}
+
+/// `t` with its elements in order in a buffer of its own (a host tensor's strided view copied).
+fn contiguous<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
+    let (device, dtype) = (t.device(), t.dtype());
+    Tensor::from_data(t.into_data(), TensorCreationOptions::new(device).with_dtype(dtype))
 }
 
 /// Runs the cells `cells` (policy, budget) of one decoding `sample`, whose `caches` (one per
