@@ -309,12 +309,14 @@ impl<B: Backend> Attention<B> {
         // Kernels read the cache's buffers in place; burn's products need the slots in use
         // cut out (StreamingLLM: keys are stored unrotated and rotated by their slot index).
         let in_place = slot_angles.is_none() && product == kv_dtype;
-        let observed = cache.wants_attention(layer) || cache.slot_bias(layer).is_some();
+        // Slots the cache evicted but has not compacted away yet.
+        let bias = cache.slot_bias(layer);
+        let wants = cache.wants_attention(layer);
         // Query heads h·g..h·g+g share KV head h: fold them into the row axis instead of
         // repeating K and V.
         let q = q.reshape([b, hkv, g * s, d]).cast(product);
         // Nothing to mask and nobody observing: one pass that never writes the scores out.
-        let q = match in_place && mask.is_none() && !observed {
+        let q = match in_place && mask.is_none() && !wants && bias.is_none() {
             true => match ops::decode_attention(p, q, &cached.keys, &cached.values, n) {
                 Ok(out) => return Ok(out.cast(activation).reshape([b, hq, s, d])),
                 Err(q) => q,
@@ -333,9 +335,6 @@ impl<B: Backend> Attention<B> {
                 ops::attention_scores(p, q, &keys, n, false)
             }
         };
-        // Slots the cache evicted but has not compacted away yet.
-        let bias = cache.slot_bias(layer);
-        let wants = cache.wants_attention(layer);
         let (probs, product_probs) = ops::attention_softmax(p, scores, mask, bias.as_ref(), product, wants);
         if let Some(probs) = probs {
             let grouped = match g {
