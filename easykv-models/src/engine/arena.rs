@@ -15,14 +15,17 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorCreationOptions};
 use easykv_core::{PoolRegion, RegionLayer};
 
-use crate::backend::BackendProfile;
+use crate::backend::{BackendProfile, Kernel};
+use crate::config::ModelConfig;
+use crate::linear::WeightDType;
+use crate::model::CausalLm;
 use crate::ops;
 
 /// Distinguishes pools, so regions of two engines are never read together.
 static NEXT_POOL: AtomicU64 = AtomicU64::new(0);
 
 /// Slots of every layer for all running sequences (see the module's documentation).
-pub(super) struct SlotArena<B: Backend> {
+pub(crate) struct SlotArena<B: Backend> {
     id: u64,
     /// Per layer: keys and values, `[1, kv_heads, slots, head_dim]`.
     layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
@@ -31,6 +34,65 @@ pub(super) struct SlotArena<B: Backend> {
 }
 
 impl<B: Backend> SlotArena<B> {
+    /// An arena of up to `slots` slots per layer for `model` (of shape `config`, caching in
+    /// `kv_dtype`), where one launch can attend it: GPUs with easykv's kernels, a size the
+    /// kernels can index and the device can allocate. `None` elsewhere (each cache then
+    /// allocates its own buffers).
+    pub(crate) fn for_model(
+        model: &dyn CausalLm<B>,
+        config: &ModelConfig,
+        kv_dtype: WeightDType,
+        mut slots: usize,
+    ) -> Option<Self> {
+        let p = model.profile();
+        let kernels = [Kernel::SplitRope, Kernel::Attention, Kernel::Gather]
+            .iter()
+            .all(|k| p.runs(*k));
+        if p.memory != easykv_core::Memory::Gpu || !kernels || slots == 0 {
+            return None;
+        }
+        let device = model.device();
+        // Kernels index a layer's tensor with 32-bit offsets.
+        let elements = slots.checked_mul(config.n_kv_heads)?.checked_mul(config.head_dim)?;
+        if elements > u32::MAX as usize {
+            return None;
+        }
+        // A layer's tensor, and a decode step's observation of every layer's slots
+        // (`[layers, kv_heads, slots]` f32), must stay within what one kernel binding reads
+        // whole (wgpu: the adapter's storage-buffer limit, 128 MiB on some): past it, reads go
+        // wrong, so the arena takes fewer slots and admission waits for them instead.
+        let tensor_bytes = config.n_kv_heads * config.head_dim * kv_dtype.size();
+        let observed_bytes = config.n_layers * config.n_kv_heads * 4;
+        let slot_bytes = tensor_bytes.max(observed_bytes).max(1) as u64;
+        if let Some(max) = ops::max_pool_tensor_bytes::<B>(p, &device) {
+            let most = usize::try_from(max / slot_bytes).unwrap_or(usize::MAX);
+            if slots > most {
+                tracing::warn!(
+                    "the KV pool holds {most} slots per layer, not {slots}: the device binds at most {max} bytes per tensor"
+                );
+                slots = most;
+            }
+        }
+        if slots == 0 {
+            return None;
+        }
+        let (layers, heads, d) = (config.n_layers, config.n_kv_heads, config.head_dim);
+        // An allocation the device cannot make panics inside burn: callers then keep
+        // per-sequence buffers.
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::new(layers, heads, d, slots, kv_dtype.dtype(), &device)
+        }));
+        match made {
+            Ok(arena) => Some(arena),
+            Err(_) => {
+                tracing::warn!(
+                    "a KV pool of {slots} slots per layer could not be allocated; sequences keep their own buffers"
+                );
+                None
+            }
+        }
+    }
+
     /// `slots` slots of `layers` layers of `kv_heads × head_dim` in `dtype` on `device`.
     pub(super) fn new(
         layers: usize,
@@ -54,12 +116,12 @@ impl<B: Backend> SlotArena<B> {
     }
 
     /// Slots per layer in all.
-    pub(super) fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.layers.first().map_or(0, |(k, _)| k.dims()[2])
     }
 
     /// The first free range of `len` slots, taken; `None` if no range is that long.
-    pub(super) fn take(&mut self, len: usize) -> Option<usize> {
+    pub(crate) fn take(&mut self, len: usize) -> Option<usize> {
         let i = self.free.iter().position(|r| r.len() >= len)?;
         let start = self.free[i].start;
         self.free[i].start += len;
@@ -70,7 +132,7 @@ impl<B: Backend> SlotArena<B> {
     }
 
     /// Returns `start..start + len` (taken before) to the free list.
-    pub(super) fn give_back(&mut self, start: usize, len: usize) {
+    pub(crate) fn give_back(&mut self, start: usize, len: usize) {
         if len == 0 {
             return;
         }
@@ -87,7 +149,7 @@ impl<B: Backend> SlotArena<B> {
 
     /// Slots `start..start + len` of every layer as a region a cache can be placed in; `None`
     /// where the backend cannot view them in place.
-    pub(super) fn region(&self, p: &BackendProfile, start: usize, len: usize) -> Option<PoolRegion<B>> {
+    pub(crate) fn region(&self, p: &BackendProfile, start: usize, len: usize) -> Option<PoolRegion<B>> {
         let layers = self
             .layers
             .iter()

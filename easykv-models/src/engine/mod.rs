@@ -19,7 +19,7 @@
 //! sequence in one launch per layer; on the CPU each sequence's cache holds its own buffers
 //! (host kernels have no launches to save) and the pool only accounts them.
 
-mod arena;
+pub(crate) mod arena;
 mod handle;
 
 use std::collections::VecDeque;
@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use burn::prelude::*;
 use easykv_core::{EvictionConfig, KvCache};
 
-use crate::backend::{BackendProfile, Kernel};
+use crate::backend::BackendProfile;
 use crate::cache::build_cache;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -225,55 +225,9 @@ impl<B: Backend> Engine<B> {
         kv_dtype: WeightDType,
         engine: &EngineConfig,
     ) -> Option<arena::SlotArena<B>> {
-        let p = model.profile();
-        let kernels = [Kernel::SplitRope, Kernel::Attention, Kernel::Gather]
-            .iter()
-            .all(|k| p.runs(*k));
         let per_token = config.kv_bytes_per_token(kv_dtype.size()).max(1);
-        let mut slots = usize::try_from(engine.pool_bytes / per_token).ok()?;
-        if p.memory != easykv_core::Memory::Gpu || !kernels || slots == 0 {
-            return None;
-        }
-        let device = model.device();
-        // Kernels index a layer's tensor with 32-bit offsets (an unlimited pool: none).
-        let elements = slots.checked_mul(config.n_kv_heads)?.checked_mul(config.head_dim)?;
-        if elements > u32::MAX as usize {
-            return None;
-        }
-        // A layer's tensor, and a decode step's observation of every layer's slots
-        // (`[layers, kv_heads, slots]` f32), must stay within what one kernel binding reads
-        // whole (wgpu: the adapter's storage-buffer limit, 128 MiB on some): past it, reads go
-        // wrong, so the pool takes fewer slots and admission waits for them instead.
-        let tensor_bytes = config.n_kv_heads * config.head_dim * kv_dtype.size();
-        let observed_bytes = config.n_layers * config.n_kv_heads * 4;
-        let slot_bytes = tensor_bytes.max(observed_bytes).max(1) as u64;
-        if let Some(max) = crate::ops::max_pool_tensor_bytes::<B>(p, &device) {
-            let most = usize::try_from(max / slot_bytes).unwrap_or(usize::MAX);
-            if slots > most {
-                tracing::warn!(
-                    "the KV pool holds {most} slots per layer, not {slots}: the device binds at most {max} bytes per tensor"
-                );
-                slots = most;
-            }
-        }
-        if slots == 0 {
-            return None;
-        }
-        let (layers, heads, d) = (config.n_layers, config.n_kv_heads, config.head_dim);
-        // An allocation the device cannot make panics inside burn: the engine then keeps
-        // per-sequence buffers.
-        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            arena::SlotArena::new(layers, heads, d, slots, kv_dtype.dtype(), &device)
-        }));
-        match made {
-            Ok(arena) => Some(arena),
-            Err(_) => {
-                tracing::warn!(
-                    "a KV pool of {slots} slots per layer could not be allocated; sequences keep their own buffers"
-                );
-                None
-            }
-        }
+        let slots = usize::try_from(engine.pool_bytes / per_token).ok()?;
+        arena::SlotArena::for_model(model, config, kv_dtype, slots)
     }
 
     fn profile(&self) -> BackendProfile {

@@ -13,6 +13,7 @@ use easykv_core::{CachedKv, KvCache};
 
 use super::matrix::{decode_config, sample_prompt, scored_cell, Cell, EvalSettings, Sample, CHUNK};
 use crate::backend::BackendProfile;
+use crate::engine::arena::SlotArena;
 use crate::error::Result;
 use crate::generate::{decode_together, prefill, reserve_for};
 use crate::loader::LoadedModel;
@@ -138,6 +139,32 @@ impl<B: Backend> KvCache<B> for FanOut<B> {
     }
 }
 
+/// On GPUs, the caches placed side by side in one arena sized to their peaks over `tokens`
+/// tokens, so that each decode step attends them in one launch per layer rather than one per
+/// cache and layer (the launches' host time bounded a sample's cells). Returns the arena (its
+/// memory lives as long as the caches' views of it); a cache it cannot hold keeps its own
+/// buffers. `None` on host backends.
+fn place_in_arena<B: Backend>(
+    loaded: &LoadedModel<B>,
+    caches: &mut [Box<dyn KvCache<B>>],
+    tokens: usize,
+) -> Option<SlotArena<B>> {
+    let tokens = tokens.min(loaded.model.context_length());
+    let peaks: Vec<usize> = caches.iter().map(|c| c.peak_slots(tokens)).collect();
+    let total = peaks.iter().try_fold(0usize, |a, &p| a.checked_add(p))?;
+    let mut arena = SlotArena::for_model(loaded.model.as_ref(), &loaded.config, loaded.dtype, total)?;
+    let profile = *loaded.model.profile();
+    for (cache, &slots) in caches.iter_mut().zip(&peaks) {
+        let Some(start) = arena.take(slots) else {
+            continue;
+        };
+        if !arena.region(&profile, start, slots).is_some_and(|r| cache.place_in(r)) {
+            arena.give_back(start, slots);
+        }
+    }
+    Some(arena)
+}
+
 /// `t` with its elements in order in a buffer of its own (a host tensor's strided view copied).
 fn contiguous<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
     let (device, dtype) = (t.device(), t.dtype());
@@ -161,14 +188,17 @@ pub fn run_shared<B: Backend>(
     if matches!(sample, Sample::Perplexity { .. }) || caches.len() != cells.len() {
         return Ok(None);
     }
+    let cfg = decode_config(loaded, settings, sample);
+    let mut caches = caches;
+    let _arena = place_in_arena(loaded, &mut caches, prompt.len().saturating_add(cfg.max_new_tokens));
     let Some(mut fan) = FanOut::new(caches, prompt.len()) else {
         return Ok(None);
     };
-    let cfg = decode_config(loaded, settings, sample);
     reserve_for(&loaded.model, &mut fan, prompt, &cfg)?;
     let t = std::time::Instant::now();
     let logits = prefill(&loaded.model, &mut fan, prompt, cfg.chunk_size)?;
-    let prefill_share = t.elapsed().as_secs_f64() / cells.len() as f64;
+    let prefill_seconds = t.elapsed().as_secs_f64();
+    let prefill_share = prefill_seconds / cells.len() as f64;
     // Then the cells decode together, one batched step for all (the same tokens as one at a
     // time where products are the same sums at any row count: the CPU).
     let t = std::time::Instant::now();
@@ -183,7 +213,16 @@ pub fn run_shared<B: Backend>(
         &cfg,
         &mut samplers,
     )?;
-    let seconds = prefill_share + t.elapsed().as_secs_f64() / cells.len() as f64;
+    let decode_seconds = t.elapsed().as_secs_f64();
+    let seconds = prefill_share + decode_seconds / cells.len() as f64;
+    // `RUST_LOG=easykv::eval=debug`: where a sample's time goes.
+    tracing::debug!(
+        target: "easykv::eval",
+        cells = cells.len(),
+        in_arena = caches.iter().filter(|c| c.region_slots(0).is_some()).count(),
+        steps = decoded.iter().map(|d| d.ids.len()).max().unwrap_or(0),
+        "a sample's prefill (and cuts) {prefill_seconds:.3} s, decode {decode_seconds:.3} s"
+    );
     let outputs: Vec<(Vec<u32>, f64)> = decoded.into_iter().map(|d| (d.ids, seconds)).collect();
     // The full cache's output first: the others' fidelity is scored against it.
     let mut scored: Vec<Option<Cell>> = vec![None; cells.len()];

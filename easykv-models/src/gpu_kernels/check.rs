@@ -912,18 +912,27 @@ pub fn check_engine<B: Backend>(
     let random = RandomModel::by_name(shape).ok()?;
     let vocab = random.config().vocab_size as u32;
     // Evicting while decoding: every 24 steps (observed by the pooled launch) and every
-    // step (evicted slots awaiting compaction: those steps go one sequence at a time).
-    let settings = [("roco", 24), ("h2o", 24), ("tova", 1), ("roco", 1), ("full", 1)];
+    // step (evicted slots awaiting compaction: those steps go one sequence at a time); and
+    // per-head budgets cut once, whose heads then hold different counts outside the pool
+    // (attended on their own beside the pooled launch).
+    let settings = [
+        ("roco", 24, Mode::Auto),
+        ("h2o", 24, Mode::Auto),
+        ("tova", 1, Mode::Auto),
+        ("roco", 1, Mode::Auto),
+        ("full", 1, Mode::Auto),
+        ("ada-snapkv", 1, Mode::Once),
+    ];
     let requests: Vec<(String, Request)> = settings
         .iter()
         .enumerate()
-        .map(|(i, &(policy, decode_stride))| {
+        .map(|(i, &(policy, decode_stride, mode))| {
             let prompt: Vec<u32> = (0..150 + 40 * i as u32)
                 .map(|t| (t * 7919 + 13 * i as u32) % vocab)
                 .collect();
             let eviction = EvictionConfig {
                 budget: Budget::Tokens(96),
-                mode: Mode::Auto,
+                mode,
                 stride: 8,
                 decode_stride,
                 ..Default::default()
@@ -937,7 +946,11 @@ pub fn check_engine<B: Backend>(
                 stop_ids: Vec::new(),
                 logprobs: None,
             };
-            (format!("{policy}, decode stride {decode_stride}"), request)
+            let name = match mode {
+                Mode::Once => format!("{policy}, cut once"),
+                _ => format!("{policy}, decode stride {decode_stride}"),
+            };
+            (name, request)
         })
         .collect();
     let generate = |pool_bytes: u64, mixed: bool| -> Option<Vec<Vec<u32>>> {

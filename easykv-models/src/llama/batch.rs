@@ -62,7 +62,10 @@ impl<B: Backend> SingleRows<B> {
             true => PooledStep::plan(caches, model.layers.len(), &device),
             false => None,
         };
-        let pooled = pooled.map(|step| (step, model.decode_angles(&positions)));
+        let pooled = pooled.map(|step| {
+            let members: Vec<usize> = step.members().iter().map(|&i| positions[i]).collect();
+            (step, model.decode_angles(&members))
+        });
         Ok(Self {
             angles: (0..n).map(|_| OnceCell::new()).collect(),
             positions,
@@ -89,12 +92,17 @@ impl<B: Backend> SingleRows<B> {
         let p = &model.profile;
         if let Some((step, angles)) = &self.pooled {
             if let Some((pool, rows)) = step.layer(l) {
-                match layer
-                    .attn
-                    .attend_pool(p, l, qkv, angles, (&pool.0, &pool.1), &rows, step, caches)?
-                {
-                    Ok(out) => return Ok(out),
-                    Err(back) => qkv = back,
+                let members = step.members();
+                if members.len() == caches.len() {
+                    match layer
+                        .attn
+                        .attend_pool(p, l, qkv, angles, (&pool.0, &pool.1), &rows, step, caches)?
+                    {
+                        Ok(out) => return Ok(out),
+                        Err(back) => qkv = back,
+                    }
+                } else {
+                    return self.attend_members_apart(model, l, layer, qkv, caches, (step, angles));
                 }
             }
         }
@@ -121,18 +129,89 @@ impl<B: Backend> SingleRows<B> {
             }
             None => {
                 for (i, cache) in caches.iter_mut().enumerate() {
-                    let angles = self.angles[i]
-                        .get_or_init(|| model.chunk_angles(1, self.positions[i], 1, self.rotated_slots[i]));
-                    let row = qkv.clone().slice_dim(0, i..i + 1);
-                    outs.push(
-                        layer
-                            .attn
-                            .attend_projected(p, l, row, angles, self.masks[i].as_ref(), &mut **cache)?,
-                    );
+                    outs.push(self.attend_alone(model, l, layer, &qkv, i, &mut **cache)?);
                 }
             }
         }
         Ok(Tensor::cat(outs, 0))
+    }
+
+    /// Layer `l`'s attention where only some caches lie in the pool: the members in one
+    /// launch, each other cache on its own, the rows put back in the caches' order.
+    ///
+    /// # Shapes
+    /// - `qkv`: `[n, 1, (hq + 2·hkv)·d]`, row `i` of `caches[i]`
+    /// - returns `[n, n_heads, 1, head_dim]`
+    fn attend_members_apart(
+        &self,
+        model: &Llama<B>,
+        l: usize,
+        layer: &DecoderLayer<B>,
+        qkv: Tensor<B, 3>,
+        caches: &mut [&mut dyn KvCache<B>],
+        (step, angles): (&PooledStep<B>, &ChunkAngles<B>),
+    ) -> Result<Tensor<B, 4>> {
+        let p = &model.profile;
+        let device = qkv.device();
+        let n = caches.len();
+        let members = step.members();
+        let is_member = |i: usize| members.binary_search(&i).is_ok();
+        let others: Vec<usize> = (0..n).filter(|&i| !is_member(i)).collect();
+        let rows_of = |ids: &[usize]| {
+            let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ids.clone(), [ids.len()]), &device)
+        };
+        let (mut pooled, mut apart) = (Vec::<&mut dyn KvCache<B>>::new(), Vec::<&mut dyn KvCache<B>>::new());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            match is_member(i) {
+                true => pooled.push(&mut **cache),
+                false => apart.push(&mut **cache),
+            }
+        }
+        let mut outs = Vec::with_capacity(1 + others.len());
+        let own = qkv.clone().select(0, rows_of(members));
+        let (pool, rows) = step
+            .layer(l)
+            .ok_or_else(|| Error::InvalidInput(format!("layer {l} has no pool")))?;
+        match layer
+            .attn
+            .attend_pool(p, l, own, angles, (&pool.0, &pool.1), &rows, step, &mut pooled)?
+        {
+            Ok(out) => outs.push(out),
+            // No pooled kernel: every member on its own as well.
+            Err(_) => {
+                for (&i, cache) in members.iter().zip(pooled.iter_mut()) {
+                    outs.push(self.attend_alone(model, l, layer, &qkv, i, &mut **cache)?);
+                }
+            }
+        }
+        for (&i, cache) in others.iter().zip(apart.iter_mut()) {
+            outs.push(self.attend_alone(model, l, layer, &qkv, i, &mut **cache)?);
+        }
+        // Rows now lie members first, then the others: back to the caches' order.
+        let order: Vec<usize> = members.iter().chain(&others).copied().collect();
+        let mut back = vec![0; n];
+        for (at, &i) in order.iter().enumerate() {
+            back[i] = at;
+        }
+        Ok(Tensor::cat(outs, 0).select(0, rows_of(&back)))
+    }
+
+    /// Row `i` of `qkv` attended over `cache` alone.
+    fn attend_alone(
+        &self,
+        model: &Llama<B>,
+        l: usize,
+        layer: &DecoderLayer<B>,
+        qkv: &Tensor<B, 3>,
+        i: usize,
+        cache: &mut dyn KvCache<B>,
+    ) -> Result<Tensor<B, 4>> {
+        let angles = self.angles[i].get_or_init(|| model.chunk_angles(1, self.positions[i], 1, self.rotated_slots[i]));
+        let row = qkv.clone().slice_dim(0, i..i + 1);
+        layer
+            .attn
+            .attend_projected(&model.profile, l, row, angles, self.masks[i].as_ref(), cache)
     }
 
     /// After the last layer: the attention the pooled launches observed, to each cache.

@@ -15,15 +15,17 @@ use crate::gpu_kernels::PoolRows;
 /// A layer's keys and values.
 pub(super) type KeysValues<B> = (Tensor<B, 4>, Tensor<B, 4>);
 
-/// A batched decode step's plan for caches that lie in one memory pool: every layer's pool
-/// tensors and a table of each sequence's first slot and slot count (counting the new token),
-/// uploaded once for the step.
+/// A batched decode step's plan for the caches that lie in one memory pool (its members):
+/// every layer's pool tensors and a table of each member's first slot and slot count (counting
+/// the new token), uploaded once for the step. The other caches of the step (per-head budgets,
+/// or a layer that left its region) attend on their own.
 pub(super) struct PooledStep<B: Backend> {
-    /// `[layers · 2 · n]`: per layer, the sequences' first slots, then their slot counts.
+    /// `[layers · 2 · n]`: per layer, the members' first slots, then their slot counts.
     table: Tensor<B, 1, Int>,
-    /// Per layer: the pool's keys and values and the most slots of any sequence, where every
-    /// cache's slots of that layer lie in the pool with room for the new token.
-    layers: Vec<Option<(KeysValues<B>, usize)>>,
+    /// Per layer: the pool's keys and values and the most slots of any member.
+    layers: Vec<(KeysValues<B>, usize)>,
+    /// Which of the step's caches are members, in order; `n` of them.
+    members: Vec<usize>,
     n: usize,
     /// What the step's attention paid every slot of the pool, `[layers, kv_heads, pool_slots]`
     /// (f32), made when a layer's caches first want it.
@@ -33,46 +35,60 @@ pub(super) struct PooledStep<B: Backend> {
 }
 
 impl<B: Backend> PooledStep<B> {
-    /// `None` unless some layer of every cache lies in one pool.
+    /// `None` unless some cache lies in a pool with every layer and room for the new token:
+    /// those of the first such cache's pool are the members.
     pub(super) fn plan(caches: &[&mut dyn KvCache<B>], n_layers: usize, device: &B::Device) -> Option<Self> {
-        let n = caches.len();
-        let pool = caches.first()?.region_slots(0)?.pool;
+        if n_layers == 0 {
+            return None;
+        }
+        let fits = |v: usize| i32::try_from(v).ok();
+        let in_pool = |c: &dyn KvCache<B>, pool: Option<u64>| {
+            (0..n_layers)
+                .map(|l| {
+                    c.region_slots(l).filter(|r| {
+                        pool.is_none_or(|p| r.pool == p)
+                            && r.len < r.capacity
+                            && fits(r.start).is_some()
+                            && fits(r.len + 1).is_some()
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+        };
+        let pool = caches.iter().find_map(|c| in_pool(&**c, None))?.first()?.pool;
+        let regions: Vec<_> = caches.iter().map(|c| in_pool(&**c, Some(pool))).collect();
+        let members: Vec<usize> = (0..caches.len()).filter(|&i| regions[i].is_some()).collect();
+        let n = members.len();
+        let member_regions: Vec<Vec<_>> = regions.into_iter().flatten().collect();
         let mut table = vec![0i32; n_layers * 2 * n];
         let mut layers = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
-            let regions: Option<Vec<_>> = caches
-                .iter()
-                .map(|c| c.region_slots(l).filter(|r| r.pool == pool && r.len < r.capacity))
-                .collect();
-            let Some(regions) = regions else {
-                layers.push(None);
-                continue;
-            };
-            let fits = |v: usize| i32::try_from(v).ok();
             let mut longest = 0;
-            for (i, r) in regions.iter().enumerate() {
-                let (Some(start), Some(len)) = (fits(r.start), fits(r.len + 1)) else {
-                    return None;
-                };
-                table[l * 2 * n + i] = start;
-                table[l * 2 * n + n + i] = len;
+            for (i, r) in member_regions.iter().map(|m| &m[l]).enumerate() {
+                table[l * 2 * n + i] = fits(r.start)?;
+                table[l * 2 * n + n + i] = fits(r.len + 1)?;
                 longest = longest.max(r.len + 1);
             }
-            let first = regions.into_iter().next()?;
-            layers.push(Some(((first.pool_keys, first.pool_values), longest)));
+            let first = &member_regions.first()?[l];
+            layers.push(((first.pool_keys.clone(), first.pool_values.clone()), longest));
         }
-        layers.iter().any(Option::is_some).then(|| Self {
+        Some(Self {
             table: Tensor::from_data(TensorData::new(table, [n_layers * 2 * n]), device),
             layers,
+            members,
             n,
             observed: OnceCell::new(),
             observed_layers: (0..n_layers).map(|_| Cell::new(false)).collect(),
         })
     }
 
+    /// Which of the step's caches lie in the pool, in order.
+    pub(super) fn members(&self) -> &[usize] {
+        &self.members
+    }
+
     /// Layer `l`'s pool and rows, if its caches lie in the pool.
     pub(super) fn layer(&self, l: usize) -> Option<(&KeysValues<B>, PoolRows<'_, B>)> {
-        let (pool, longest) = self.layers.get(l)?.as_ref()?;
+        let (pool, longest) = self.layers.get(l)?;
         let n = self.n;
         Some((
             pool,
@@ -88,7 +104,7 @@ impl<B: Backend> PooledStep<B> {
     /// The buffer layer `l`'s attention is observed into, and `l`; `None` where the layer does
     /// not lie in the pool.
     pub(super) fn observation(&self, l: usize) -> Option<(&Tensor<B, 3>, usize)> {
-        let ((keys, _), _) = self.layers.get(l)?.as_ref()?;
+        let ((keys, _), _) = self.layers.get(l)?;
         let [_, heads, slots, _] = keys.dims();
         let layers = self.layers.len();
         let buffer = self.observed.get_or_init(|| {
@@ -105,15 +121,20 @@ impl<B: Backend> PooledStep<B> {
         }
     }
 
-    /// Hands every cache its slots' rows of the observed layers (after the step's last layer,
-    /// before the caches end their chunk).
+    /// Hands every member its slots' rows of the observed layers (after the step's last layer,
+    /// before the caches end their chunk); `caches` are all the step's caches.
     pub(super) fn hand_observations(&self, caches: &mut [&mut dyn KvCache<B>]) -> Result<()> {
         let Some(observed) = self.observed.get() else {
             return Ok(());
         };
         let layers: Vec<bool> = self.observed_layers.iter().map(Cell::get).collect();
         let slots = observed.dims()[2];
-        for cache in caches.iter_mut() {
+        for cache in caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| self.members.binary_search(i).is_ok())
+            .map(|(_, c)| c)
+        {
             // A cache's region starts at one slot for every layer in it; its layers may hold
             // different counts (and a layer that left the region was not observed here).
             let regions: Vec<_> = (0..layers.len()).filter_map(|l| cache.region_slots(l)).collect();
