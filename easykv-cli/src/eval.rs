@@ -77,9 +77,17 @@ pub struct EvalArgs {
     /// Recompute every cell instead of resuming.
     #[arg(long)]
     pub force: bool,
+    /// Only write results.md, results.csv and the plots from the results.json already in
+    /// --out (a run copied from another machine, or cut short): no model is loaded, no cell
+    /// runs, and the task and size flags are ignored (the file's settings hold).
+    #[arg(long, conflicts_with = "force")]
+    pub report: bool,
 }
 
 pub fn run(args: EvalArgs) -> CliResult {
+    if args.report {
+        return report(&args.out);
+    }
     let settings = validate(&args)?;
     let device = args.model.device.clone();
     with_backend!(&device, run_on(&args, settings))
@@ -229,15 +237,36 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: EvalSetting
     )?;
     bar.finish_and_clear();
     results.save(&results_path)?;
-    let policies = settings.policies_with_full();
-    write_atomic(&args.out.join("results.csv"), &to_csv(&results))?;
-    let md = to_markdown(&results, &policies, &settings.budgets, &loaded.name);
-    write_atomic(&args.out.join("results.md"), &md)?;
-    let plots = plot(&results, &policies, &settings.budgets, &args.out)?;
-    args.model.log(&format!("{} plots", plots.len()));
-    outln!("{md}")?;
+    let plots = write_tables(&results, &loaded.name, &args.out)?;
+    args.model.log(&format!("{plots} plots"));
     args.model.log(&format!("results in {}", args.out.display()));
     Ok(())
+}
+
+/// `--report`: the tables and plots of `out`'s results.json.
+fn report(out: &Path) -> CliResult {
+    let path = out.join("results.json");
+    let results = Results::load(&path)?;
+    // The model as the run named it (a file's name without its folders).
+    let model = Path::new(&results.settings.model)
+        .file_name()
+        .map_or_else(|| results.settings.model.clone(), |n| n.to_string_lossy().into_owned());
+    let plots = write_tables(&results, &model, out)?;
+    eprintln!("{} cells, {plots} plots; results in {}", results.cells.len(), out.display());
+    Ok(())
+}
+
+/// Writes results.csv, results.md (printed too) and the plots of `results` into `out`;
+/// returns how many plots.
+fn write_tables(results: &Results, model: &str, out: &Path) -> CliResult<usize> {
+    let settings = &results.settings;
+    let policies = settings.policies_with_full();
+    write_atomic(&out.join("results.csv"), &to_csv(results))?;
+    let md = to_markdown(results, &policies, &settings.budgets, model);
+    write_atomic(&out.join("results.md"), &md)?;
+    let plots = plot(results, &policies, &settings.budgets, out)?;
+    outln!("{md}")?;
+    Ok(plots.len())
 }
 
 /// Writes `text` next to `path` and renames it into place: a reader never sees half a file.
@@ -269,11 +298,11 @@ fn to_markdown(results: &Results, policies: &[&str], budgets: &[String], model: 
         .tasks
         .iter()
         .map(String::as_str)
-        .filter(|t| RULER_TASKS.contains(t))
+        .filter(|t| RULER_TASKS.contains(t) && results.cells.iter().any(|c| c.task == *t))
         .collect();
     if ruler.len() > 1 {
         let title = format!(
-            "RULER average ({} tasks, every sample counted once): score",
+            "RULER average ({} tasks with results, every sample counted once): score",
             ruler.len()
         );
         table(&mut md, &title, policies, budgets, |p, b| {

@@ -129,13 +129,8 @@ impl Results {
     /// settings and model (resuming); an error when `path` holds other results.
     pub fn open(path: &Path, settings: &EvalSettings, model_sha256: &str, fresh: bool) -> Result<Self> {
         if path.is_file() && !fresh {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let previous: Results = serde_json::from_str(&text).map_err(|e| {
-                Error::InvalidInput(format!(
-                    "{}: not an easykv results file ({e}); use --force",
-                    path.display()
-                ))
-            })?;
+            let previous = Self::load(path)
+                .map_err(|e| Error::InvalidInput(format!("{e}; use --force to replace it")))?;
             if previous.settings != *settings || previous.model_sha256 != model_sha256 {
                 return Err(Error::InvalidInput(format!(
                     "{} holds results of other settings; use --force to replace them or choose another --out",
@@ -150,6 +145,13 @@ impl Results {
             settings: settings.clone(),
             cells: Vec::new(),
         })
+    }
+
+    /// The results in `path`, whatever their settings.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidInput(format!("{}: not an easykv results file ({e})", path.display())))
     }
 
     /// Writes the results as JSON, atomically (a reader never sees half a file).
