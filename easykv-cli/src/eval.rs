@@ -252,7 +252,11 @@ fn report(out: &Path) -> CliResult {
         .file_name()
         .map_or_else(|| results.settings.model.clone(), |n| n.to_string_lossy().into_owned());
     let plots = write_tables(&results, &model, out)?;
-    eprintln!("{} cells, {plots} plots; results in {}", results.cells.len(), out.display());
+    eprintln!(
+        "{} cells, {plots} plots; results in {}",
+        results.cells.len(),
+        out.display()
+    );
     Ok(())
 }
 

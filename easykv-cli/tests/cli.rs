@@ -392,6 +392,16 @@ fn eval_writes_tables_and_resumes() {
     assert!(stderr(&o).contains("resuming: 3 finished cells kept"), "{}", stderr(&o));
     assert_eq!(before, std::fs::read_to_string(out.join("results.json")).unwrap());
 
+    // `--report` rewrites the tables from results.json alone, whatever the other flags say.
+    std::fs::remove_file(out.join("results.md")).unwrap();
+    let o = easykv(&["eval", "passkey", "--report", "--out", &out.display().to_string()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The same tables; only the title's model name comes from the settings, not the file.
+    let reported = std::fs::read_to_string(out.join("results.md")).unwrap();
+    let tables = |md: &str| md.lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert_eq!(tables(&md), tables(&reported));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("## ppl: perplexity"));
+
     // Other settings in the same folder are refused, not mixed.
     let o = run("passkey");
     assert_one_line_error(&o, "other settings");
@@ -421,6 +431,14 @@ fn eval_bad_input_is_a_one_line_error() {
         "empty",
     );
     let _ = std::fs::remove_file(empty);
+    // A report needs a results file, and one that is one.
+    assert_one_line_error(&easykv(&["eval", "ruler", "--report", "--out", &o]), "results.json");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("results.json"), "{\"cells\": 3}").unwrap();
+    assert_one_line_error(
+        &easykv(&["eval", "ruler", "--report", "--out", &o]),
+        "not an easykv results file",
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -129,8 +129,8 @@ impl Results {
     /// settings and model (resuming); an error when `path` holds other results.
     pub fn open(path: &Path, settings: &EvalSettings, model_sha256: &str, fresh: bool) -> Result<Self> {
         if path.is_file() && !fresh {
-            let previous = Self::load(path)
-                .map_err(|e| Error::InvalidInput(format!("{e}; use --force to replace it")))?;
+            let previous =
+                Self::load(path).map_err(|e| Error::InvalidInput(format!("{e}; use --force to replace it")))?;
             if previous.settings != *settings || previous.model_sha256 != model_sha256 {
                 return Err(Error::InvalidInput(format!(
                     "{} holds results of other settings; use --force to replace them or choose another --out",
