@@ -210,11 +210,17 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, settings: EvalSetting
             .log(&format!("resuming: {} finished cells kept", results.cells.len()));
     }
     let quiet = args.model.quiet;
+    let started = std::time::Instant::now();
     let samples = eval::matrix::build_samples(&loaded, &settings, &mut |m| {
         if !quiet {
             eprintln!("{m}")
         }
     })?;
+    args.model.log(&format!(
+        "{} samples built in {:.1} s",
+        samples.len(),
+        started.elapsed().as_secs_f64()
+    ));
     let pending = eval::matrix::pending_cells(&settings, &samples, &results).len();
     let bar = if quiet {
         ProgressBar::hidden()

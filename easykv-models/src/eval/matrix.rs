@@ -9,6 +9,7 @@ use std::path::Path;
 use burn::prelude::Backend;
 use easykv_core::{Budget, EvictionConfig};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{answer_found, bleu, exact_match, fetch_corpus, first_divergence, niah_prompt, passkey_prompt, rouge_l};
@@ -385,32 +386,44 @@ pub fn build_samples<B: Backend>(
                 }
             }
             t if crate::eval::ruler::RULER_TASKS.contains(&t) => {
+                // Samples drawn in order (one seeded generator), then each padded to exactly
+                // its length on its own thread: a pad costs up to hundreds of tokenizations.
+                let mut drawn = Vec::new();
                 for &len in &settings.lengths {
                     for i in 0..settings.samples {
                         // The haystack: a different play for each sample.
                         let (_, text) = &texts[i % texts.len()];
                         let r = crate::eval::ruler::ruler_sample(t, tok, text, len, &mut rng)?;
                         let filler = crate::eval::ruler::filler_words(text, len, &mut rng);
+                        drawn.push((len, i, r, filler));
+                    }
+                }
+                let template = &loaded.chat_template;
+                let padded: Vec<Result<Vec<u32>>> = drawn
+                    .par_iter()
+                    .map(|(len, _, r, filler)| {
                         let mut render = |pad: &str| -> Result<Vec<u32>> {
                             let question = format!("{pad}{}", r.question);
-                            let prompt = match &loaded.chat_template {
+                            let prompt = match template {
                                 Some(template) => template.render(&[ChatMessage::new("user", &question)], true)?,
                                 None => format!("{question}\n"),
                             };
                             tok.encode(&format!("{prompt}{}", r.answer_prefix))
                         };
                         // Exactly `len` tokens: one shape for every sample of the length.
-                        let ids = crate::eval::ruler::pad_to_length(&mut render, &filler, len)?;
-                        out.push((
-                            task.clone(),
-                            format!("len {len} #{i}"),
-                            Sample::Ruler {
-                                ids,
-                                answers: r.answers,
-                                new_tokens: r.new_tokens,
-                            },
-                        ));
-                    }
+                        crate::eval::ruler::pad_to_length(&mut render, filler, *len)
+                    })
+                    .collect();
+                for ((len, i, r, _), ids) in drawn.into_iter().zip(padded) {
+                    out.push((
+                        task.clone(),
+                        format!("len {len} #{i}"),
+                        Sample::Ruler {
+                            ids: ids?,
+                            answers: r.answers,
+                            new_tokens: r.new_tokens,
+                        },
+                    ));
                 }
             }
             "fidelity" => {
