@@ -204,7 +204,7 @@ EOF2
               END { printf "%d chunk records: layers %.1f ms, cache steps %.1f ms\n", n, l, c }'
       done ;;
     ruler)
-      "$BIN/easykv" eval ruler --device "${DEV:-cuda}" --dtype f16 --model "${RULER_MODEL:?a .gguf file}" \
+      RUST_LOG=${RUST_LOG:-easykv::eval=debug} "$BIN/easykv" eval ruler --device "${DEV:-cuda}" --dtype f16 --model "${RULER_MODEL:?a .gguf file}" \
         --lengths 4096 --samples "${SAMPLES:-50}" --mode once --budgets 0.25,0.5 --out "${RULER_OUT:-/tmp/ruler}" ;;
     *)
       echo "unknown configuration '$config' (table, once, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve, prefill, ruler)"; exit 2 ;;
