@@ -158,8 +158,8 @@ impl<B: Backend> SingleRows<B> {
         let is_member = |i: usize| members.binary_search(&i).is_ok();
         let others: Vec<usize> = (0..n).filter(|&i| !is_member(i)).collect();
         let rows_of = |ids: &[usize]| {
-            let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-            Tensor::<B, 1, Int>::from_data(TensorData::new(ids.clone(), [ids.len()]), &device)
+            let rows: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [ids.len()]), &device)
         };
         let (mut pooled, mut apart) = (Vec::<&mut dyn KvCache<B>>::new(), Vec::<&mut dyn KvCache<B>>::new());
         for (i, cache) in caches.iter_mut().enumerate() {
