@@ -29,6 +29,8 @@
 #                            RULER_MODEL (a .gguf; the model must be on the machine) at 4,096
 #                            tokens, SAMPLES (50) per task, f16, into RULER_OUT (/tmp/ruler);
 #                            results.json is saved after every cell, so a cut run resumes there
+#   scripts/gpu.sh ruler-ab  AB_SAMPLES (3) niah_single samples of RULER_MODEL with easykv-base and
+#                            easykv, two rounds: wall time, per-sample lines, outputs compared
 #
 # Several names run in order: `scripts/gpu.sh check table`.
 #
@@ -206,8 +208,32 @@ EOF2
     ruler)
       RUST_LOG=${RUST_LOG:-easykv::eval=debug} "$BIN/easykv" eval ruler --device "${DEV:-cuda}" --dtype f16 --model "${RULER_MODEL:?a .gguf file}" \
         --lengths 4096 --samples "${SAMPLES:-50}" --mode once --budgets 0.25,0.5 --out "${RULER_OUT:-/tmp/ruler}" ;;
+    ruler-ab)
+      # The same AB_SAMPLES (3) niah_single samples with easykv-base and easykv, alternating:
+      # wall time, each sample's prefill/decode line, and whether every cell's output agrees.
+      unpack easykv-base
+      for round in 1 2; do
+        for bin in easykv-base easykv; do
+          rm -rf "/tmp/ab.$bin"
+          start=$(date +%s%N)
+          RUST_LOG=easykv::eval=debug,easykv_models::eval=debug "$BIN/$bin" eval niah_single --device "${DEV:-cuda}" \
+            --dtype f16 --model "${RULER_MODEL:?a .gguf file}" --lengths 4096 --samples "${AB_SAMPLES:-3}" --mode once \
+            --budgets 0.25,0.5 --out "/tmp/ab.$bin" -q > /dev/null 2> "/tmp/ab.$bin.log"
+          echo "$bin round $round: rc=$? $(( ($(date +%s%N) - start) / 1000000 )) ms"
+          grep -a "prefill (and" "/tmp/ab.$bin.log" | sed 's/^.*DEBUG //' | cut -c1-160
+        done
+      done
+      python3 - <<'EOF2'
+import json
+a, b = (json.load(open(f"/tmp/ab.{n}/results.json"))["cells"] for n in ("easykv-base", "easykv"))
+key = lambda c: (c["task"], c["sample"], c["policy"], c["budget"])
+b = {key(c): c["output"] for c in b}
+same = sum(b.get(key(c)) == c["output"] for c in a)
+print(f"outputs equal in {same} of {len(a)} cells")
+EOF2
+      ;;
     *)
-      echo "unknown configuration '$config' (table, once, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve, prefill, ruler)"; exit 2 ;;
+      echo "unknown configuration '$config' (table, once, compare, check, time, smollm2, hf, hfbatch, trace, engine, serve, prefill, ruler, ruler-ab)"; exit 2 ;;
   esac
 done
 if [ -n "$OUT" ] && [ -d "$EASYKV_HOME/kernels" ]; then tar -C "$EASYKV_HOME" -cJf "$OUT/kernels.tar.xz" kernels; fi
