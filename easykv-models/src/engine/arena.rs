@@ -60,7 +60,8 @@ impl<B: Backend> SlotArena<B> {
         // A layer's tensor, and a decode step's observation of every layer's slots
         // (`[layers, kv_heads, slots]` f32), must stay within what one kernel binding reads
         // whole (wgpu: the adapter's storage-buffer limit, 128 MiB on some): past it, reads go
-        // wrong, so the arena takes fewer slots and admission waits for them instead.
+        // wrong, so the arena takes fewer slots (the engine's admission then waits for them; a cache
+        // without a range keeps its own buffers).
         let tensor_bytes = config.n_kv_heads * config.head_dim * kv_dtype.size();
         let observed_bytes = config.n_layers * config.n_kv_heads * 4;
         let slot_bytes = tensor_bytes.max(observed_bytes).max(1) as u64;

@@ -181,7 +181,7 @@ pub fn run_shared<B: Backend>(
     settings: &EvalSettings,
     sample: &Sample,
     cells: &[(String, String)],
-    caches: Vec<Box<dyn KvCache<B>>>,
+    mut caches: Vec<Box<dyn KvCache<B>>>,
     reference: Option<&Cell>,
 ) -> Result<Option<Vec<Cell>>> {
     let prompt = sample_prompt(sample);
@@ -189,7 +189,6 @@ pub fn run_shared<B: Backend>(
         return Ok(None);
     }
     let cfg = decode_config(loaded, settings, sample);
-    let mut caches = caches;
     let _arena = place_in_arena(loaded, &mut caches, prompt.len().saturating_add(cfg.max_new_tokens));
     let Some(mut fan) = FanOut::new(caches, prompt.len()) else {
         return Ok(None);

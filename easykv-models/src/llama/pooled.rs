@@ -42,23 +42,26 @@ impl<B: Backend> PooledStep<B> {
             return None;
         }
         let fits = |v: usize| i32::try_from(v).ok();
-        let in_pool = |c: &dyn KvCache<B>, pool: Option<u64>| {
-            (0..n_layers)
-                .map(|l| {
-                    c.region_slots(l).filter(|r| {
-                        pool.is_none_or(|p| r.pool == p)
-                            && r.len < r.capacity
-                            && fits(r.start).is_some()
-                            && fits(r.len + 1).is_some()
+        // Each cache's regions where every layer lies in a pool with room and 32-bit offsets.
+        let regions: Vec<Option<Vec<_>>> = caches
+            .iter()
+            .map(|c| {
+                (0..n_layers)
+                    .map(|l| {
+                        c.region_slots(l)
+                            .filter(|r| r.len < r.capacity && fits(r.start).is_some() && fits(r.len + 1).is_some())
                     })
-                })
-                .collect::<Option<Vec<_>>>()
+                    .collect()
+            })
+            .collect();
+        // The members: caches whose every layer lies in the first such cache's pool.
+        let pool = regions.iter().flatten().next()?.first()?.pool;
+        let in_pool = |r: &Option<Vec<easykv_core::RegionSlots<B>>>| {
+            r.as_ref().is_some_and(|layers| layers.iter().all(|l| l.pool == pool))
         };
-        let pool = caches.iter().find_map(|c| in_pool(&**c, None))?.first()?.pool;
-        let regions: Vec<_> = caches.iter().map(|c| in_pool(&**c, Some(pool))).collect();
-        let members: Vec<usize> = (0..caches.len()).filter(|&i| regions[i].is_some()).collect();
+        let members: Vec<usize> = (0..caches.len()).filter(|&i| in_pool(&regions[i])).collect();
         let n = members.len();
-        let member_regions: Vec<Vec<_>> = regions.into_iter().flatten().collect();
+        let member_regions: Vec<Vec<_>> = regions.into_iter().filter(|r| in_pool(r)).flatten().collect();
         let mut table = vec![0i32; n_layers * 2 * n];
         let mut layers = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
